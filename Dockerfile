@@ -1,0 +1,29 @@
+# One image for every streamagent service; compose picks the role with the command.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /app
+
+COPY pyproject.toml README.md ./
+COPY streamagent ./streamagent
+COPY processors ./processors
+COPY tools ./tools
+COPY schemas ./schemas
+
+RUN pip install . \
+    && useradd --system --uid 10001 --home-dir /app streamagent
+
+# The codec finds schemas/ beside the streamagent package (streamagent/codec.py: SCHEMA_DIR), which a
+# site-packages install does not have; import the package from the source tree instead.
+ENV PYTHONPATH=/app \
+    STREAMAGENT_DATA_DIR=/tmp/streamagent
+
+USER streamagent
+EXPOSE 9100 8765
+
+ENTRYPOINT ["streamagent"]
+CMD ["--help"]

@@ -1,0 +1,218 @@
+"""The decision processor: one snapshot in, at most one recorded decision and its follow-up out.
+
+Invariant: one decision per (run, state version). The decision and its follow-up event (a tool
+command or the run's end) are written to PostgreSQL before they are produced, so a redelivered
+snapshot re-emits exactly the recorded bytes and never asks the decider again. A snapshot older
+than one already seen for the run is superseded: nothing is decided on stale state.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+from confluent_kafka import Producer
+
+from processors.decision.decider import Decider, Decision
+from processors.workflow import ONBOARDING
+from streamagent import codec, db
+from streamagent.config import Settings
+from streamagent.events import (
+    DecisionAction,
+    DecisionRecorded,
+    Event,
+    FailureStatus,
+    RunCompleted,
+    RunFailed,
+    StateSnapshot,
+    ToolCommand,
+    now,
+    stable_id,
+)
+from streamagent.metrics import DECISIONS
+from streamagent.runtime import ConsumerRuntime, Incoming, Unprocessable
+from streamagent.topics import RUN_EVENTS, RUN_STATE, command_topic
+
+log = logging.getLogger(__name__)
+PROCESSOR = "decision"
+
+
+def command_id(run_id: str, step: str, operation: str = "execute") -> str:
+    """Stable per (run, step, operation): however often a step is decided, its effect has one key."""
+    return stable_id(run_id, step, operation)
+
+
+def follow_up(
+    settings: Settings, snap: StateSnapshot, decision: Decision, decision_id: str
+) -> tuple[str, Event]:
+    """The event a decision sends into the world, and the topic it goes to."""
+    if decision.action is DecisionAction.dispatch:
+        assert decision.step is not None and decision.tool is not None
+        cid = command_id(snap.run_id, decision.step)
+        deadline = min(snap.deadline_at, now() + timedelta(seconds=settings.command_deadline_s))
+        command = ToolCommand(
+            event_id=stable_id(cid, "command"),
+            run_id=snap.run_id,
+            causation_id=decision_id,
+            command_id=cid,
+            decision_id=decision_id,
+            tool=decision.tool,
+            step=decision.step,
+            arguments=decision.arguments,
+            deadline_at=deadline,
+        )
+        return settings.topic(command_topic(decision.tool)), command
+    if decision.action is DecisionAction.complete:
+        done = RunCompleted(
+            event_id=stable_id(snap.run_id, "completed"),
+            run_id=snap.run_id,
+            causation_id=decision_id,
+            decision_id=decision_id,
+            results=snap.results(),
+            reason=decision.reason,
+        )
+        return settings.topic(RUN_EVENTS), done
+    status = FailureStatus.escalated if decision.action is DecisionAction.escalate else FailureStatus.failed
+    ended = RunFailed(
+        event_id=stable_id(snap.run_id, "ended"),
+        run_id=snap.run_id,
+        causation_id=decision_id,
+        decision_id=decision_id,
+        status=status,
+        reason=decision.reason,
+        failed_step=decision.step,
+        results=snap.results(),
+    )
+    return settings.topic(RUN_EVENTS), ended
+
+
+class DecisionHandler:
+    def __init__(self, settings: Settings, decider: Decider, producer: Producer) -> None:
+        self.settings = settings
+        self.decider = decider
+        self.producer = producer
+        self.conn = db.connect(settings)
+
+    def __call__(self, incoming: Incoming) -> None:
+        snap = incoming.event
+        if not isinstance(snap, StateSnapshot):
+            raise Unprocessable("unexpected-event", f"{type(snap).__name__} on the snapshot topic")
+        recorded = self._recorded(snap)
+        if recorded is not None:
+            DECISIONS.labels(self.decider.name, "replayed").inc()
+            self._emit(snap.run_id, *recorded)
+            return
+        if snap.version > 1 and not self._known(snap.run_id):
+            # Snapshots of a run start at version 1 and arrive in order on one partition, so a
+            # later version of a run this processor never saw did not come from the state processor.
+            raise Unprocessable(
+                "unknown-run", f"snapshot v{snap.version} of run {snap.run_id} never seen before"
+            )
+        if self._superseded(snap):
+            DECISIONS.labels(self.decider.name, "superseded").inc()
+            log.info("snapshot superseded", extra={"run_id": snap.run_id, "version": snap.version})
+            return
+        decision = self.decider.decide(snap)
+        if decision is None:
+            DECISIONS.labels(self.decider.name, "waiting").inc()
+            return
+        decision_id = stable_id(snap.run_id, "decision", str(snap.version))
+        topic, event = follow_up(self.settings, snap, decision, decision_id)
+        record = DecisionRecorded(
+            event_id=decision_id,
+            run_id=snap.run_id,
+            causation_id=snap.last_event_id,
+            decision_id=decision_id,
+            based_on_version=snap.version,
+            action=decision.action,
+            step=decision.step,
+            tool=decision.tool,
+            command_id=getattr(event, "command_id", None),
+            arguments=decision.arguments,
+            reason=decision.reason,
+            decider=self.decider.name,
+            context=decision.context,
+            prompt_tokens=decision.prompt_tokens,
+            completion_tokens=decision.completion_tokens,
+            cost_usd=decision.cost_usd,
+        )
+        stored = self._store(snap, record, topic, codec.encode(event))
+        DECISIONS.labels(self.decider.name, "recorded").inc()
+        log.info(
+            "decided %s %s",
+            decision.action.value,
+            decision.step or "",
+            extra={"run_id": snap.run_id, "version": snap.version, "decision_id": decision_id},
+        )
+        self._emit(snap.run_id, *stored)
+
+    def _recorded(self, snap: StateSnapshot) -> tuple[bytes, str | None, bytes | None] | None:
+        row = self.conn.execute(
+            "SELECT decision_event, follow_up_topic, follow_up_event FROM decisions"
+            " WHERE run_id = %s AND based_on_version = %s",
+            (snap.run_id, snap.version),
+        ).fetchone()
+        return (bytes(row[0]), row[1], bytes(row[2]) if row[2] is not None else None) if row else None
+
+    def _known(self, run_id: str) -> bool:
+        row = self.conn.execute("SELECT 1 FROM decision_progress WHERE run_id = %s", (run_id,)).fetchone()
+        return row is not None
+
+    def _superseded(self, snap: StateSnapshot) -> bool:
+        row = self.conn.execute(
+            "INSERT INTO decision_progress (run_id, latest_version) VALUES (%s, %s)"
+            " ON CONFLICT (run_id) DO UPDATE SET latest_version ="
+            " GREATEST(decision_progress.latest_version, EXCLUDED.latest_version),"
+            " superseded = decision_progress.superseded"
+            " + CASE WHEN decision_progress.latest_version > EXCLUDED.latest_version THEN 1 ELSE 0 END"
+            " RETURNING latest_version",
+            (snap.run_id, snap.version),
+        ).fetchone()
+        assert row is not None
+        return int(row[0]) > snap.version
+
+    def _store(
+        self, snap: StateSnapshot, record: DecisionRecorded, topic: str, follow: bytes
+    ) -> tuple[bytes, str | None, bytes | None]:
+        encoded = codec.encode(record)
+        inserted = self.conn.execute(
+            "INSERT INTO decisions (run_id, based_on_version, decision_id, action, step,"
+            " decision_event, follow_up_topic, follow_up_event) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+            " ON CONFLICT DO NOTHING RETURNING 1",
+            (
+                snap.run_id,
+                snap.version,
+                record.decision_id,
+                record.action.value,
+                record.step,
+                encoded,
+                topic,
+                follow,
+            ),
+        ).fetchone()
+        if inserted is None:  # another instance recorded it first: emit theirs, not ours
+            existing = self._recorded(snap)
+            assert existing is not None
+            return existing
+        return encoded, topic, follow
+
+    def _emit(self, run_id: str, decision: bytes, topic: str | None, follow: bytes | None) -> None:
+        key = run_id.encode()
+        self.producer.produce(self.settings.topic(RUN_EVENTS), key=key, value=decision)
+        if topic is not None and follow is not None:
+            self.producer.produce(topic, key=key, value=follow)
+
+
+def make_decider(settings: Settings) -> Decider:
+    if settings.decider == "rules":
+        from processors.decision.rules import RulesDecider
+
+        return RulesDecider(ONBOARDING)
+    raise ValueError(f"unknown decider {settings.decider!r} (known: rules)")
+
+
+def build(settings: Settings) -> ConsumerRuntime:
+    db.migrate(settings)
+    runtime = ConsumerRuntime(settings, PROCESSOR, [settings.topic(RUN_STATE)], lambda _: None)
+    runtime.handler = DecisionHandler(settings, make_decider(settings), runtime.producer)
+    return runtime

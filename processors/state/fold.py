@@ -1,0 +1,189 @@
+"""The fold: a run's events, applied in order, give its state. Pure; no I/O.
+
+Every applied event bumps the version by one. Applying an event twice is a no-op (its id is
+remembered), which is what makes at-least-once delivery safe: after a crash the state processor
+re-reads events its changelog already reflects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from processors.workflow import ONBOARDING, Workflow
+from streamagent.events import (
+    DecisionAction,
+    DecisionRecorded,
+    Event,
+    OnboardingRequest,
+    RunCompleted,
+    RunDeadlineExceeded,
+    RunFailed,
+    RunRequested,
+    RunStatus,
+    StateSnapshot,
+    StepState,
+    StepStatus,
+    ToolResult,
+    ToolStatus,
+)
+
+# How many applied event ids a run remembers; a run has a few dozen events, so this is "all".
+MAX_REMEMBERED = 1000
+
+
+class Unprocessable(Exception):
+    """A well-formed event this state cannot take (e.g. an unknown run). Goes to the dead letters."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class RunState(BaseModel):
+    """What the state table holds per run: the snapshot plus the ids of applied events."""
+
+    model_config = ConfigDict(frozen=True)
+
+    snapshot: StateSnapshot
+    applied: list[str] = Field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Applied:
+    state: RunState
+    changed: bool
+
+
+def apply(
+    state: RunState | None, event: Event, default_deadline_s: float, workflow: Workflow = ONBOARDING
+) -> Applied:
+    if state is not None and event.event_id in state.applied:
+        return Applied(state, changed=False)
+    if isinstance(event, RunRequested):
+        if state is not None:
+            raise Unprocessable("duplicate-run", f"run {event.run_id} was already requested")
+        return Applied(_start(event, default_deadline_s, workflow), changed=True)
+    if state is None:
+        raise Unprocessable("unknown-run", f"{event.type} for run {event.run_id} that was never requested")
+    snap = _next(state.snapshot, event)
+    if isinstance(event, DecisionRecorded):
+        snap = _decision(snap, event)
+    elif isinstance(event, ToolResult):
+        snap = _result(snap, event)
+    elif isinstance(event, RunCompleted):
+        snap = _end(snap, RunStatus.completed, event.reason)
+    elif isinstance(event, RunFailed):
+        snap = _end(snap, RunStatus(event.status.value), event.reason)
+    elif isinstance(event, RunDeadlineExceeded):
+        if snap.status is RunStatus.running:
+            snap = snap.model_copy(update={"deadline_exceeded": True})
+    else:
+        raise Unprocessable("unexpected-event", f"{event.type} is not a run event")
+    applied = [*state.applied, event.event_id][-MAX_REMEMBERED:]
+    return Applied(RunState(snapshot=snap, applied=applied), changed=True)
+
+
+def _start(event: RunRequested, default_deadline_s: float, workflow: Workflow) -> RunState:
+    request = OnboardingRequest(
+        company_name=event.company_name,
+        company_domain=event.company_domain,
+        contact_name=event.contact_name,
+        contact_email=event.contact_email,
+        goal=event.goal,
+        requested_by=event.requested_by,
+        labels=event.labels,
+    )
+    deadline = event.occurred_at + timedelta(seconds=event.deadline_s or default_deadline_s)
+    snap = StateSnapshot(
+        run_id=event.run_id,
+        version=1,
+        status=RunStatus.running,
+        request=request,
+        steps=[StepState(name=name) for name in workflow.step_names],
+        created_at=event.occurred_at,
+        updated_at=event.occurred_at,
+        deadline_at=deadline,
+        last_event_id=event.event_id,
+    )
+    return RunState(snapshot=snap, applied=[event.event_id])
+
+
+def _next(snap: StateSnapshot, event: Event) -> StateSnapshot:
+    return snap.model_copy(
+        update={"version": snap.version + 1, "updated_at": event.occurred_at, "last_event_id": event.event_id}
+    )
+
+
+def _replace_step(snap: StateSnapshot, step: StepState) -> StateSnapshot:
+    return snap.model_copy(update={"steps": [step if s.name == step.name else s for s in snap.steps]})
+
+
+def _superseded(snap: StateSnapshot) -> StateSnapshot:
+    return snap.model_copy(update={"superseded_decisions": snap.superseded_decisions + 1})
+
+
+def _decision(snap: StateSnapshot, event: DecisionRecorded) -> StateSnapshot:
+    """Take a decision if it still applies to the run; otherwise count it as superseded.
+
+    Commands carry a stable id per (run, step), so a superseded dispatch that reached its tool
+    anyway is deduplicated there; here it only must not move the run.
+    """
+    if snap.status.terminal:
+        return _superseded(snap)
+    if event.action is not DecisionAction.dispatch or event.step is None:
+        return snap  # terminal actions take effect through RunCompleted / RunFailed
+    step = snap.step(event.step)
+    if step.status is StepStatus.pending:
+        return _replace_step(
+            snap,
+            step.model_copy(
+                update={
+                    "status": StepStatus.dispatched,
+                    "command_id": event.command_id,
+                    "decision_id": event.decision_id,
+                    "attempts": step.attempts + 1,
+                }
+            ),
+        )
+    if step.command_id == event.command_id and step.decision_id is None:
+        # The tool's result was folded before the decision that caused it (they travel on two
+        # topics): the decision is the one that ran, not a stale one.
+        return _replace_step(snap, step.model_copy(update={"decision_id": event.decision_id}))
+    return _superseded(snap)
+
+
+def _result(snap: StateSnapshot, event: ToolResult) -> StateSnapshot:
+    try:
+        step = snap.step(event.step)
+    except KeyError as exc:
+        raise Unprocessable("unknown-step", f"run {snap.run_id} has no step {event.step!r}") from exc
+    if event.operation == "compensate":
+        if event.status is ToolStatus.succeeded:
+            return _replace_step(snap, step.model_copy(update={"status": StepStatus.compensated}))
+        return snap
+    if step.status in (StepStatus.succeeded, StepStatus.failed) and step.command_id == event.command_id:
+        return snap  # the same outcome, delivered again under a new event id
+    if step.command_id not in (None, event.command_id):
+        raise Unprocessable("unknown-command", f"{event.command_id} is not the command of step {step.name}")
+    ok = event.status is ToolStatus.succeeded
+    return _replace_step(
+        snap,
+        step.model_copy(
+            update={
+                "status": StepStatus.succeeded if ok else StepStatus.failed,
+                "command_id": event.command_id,
+                "output": event.output,
+                "error": None if ok else f"{event.error_kind or 'error'}: {event.error}",
+            }
+        ),
+    )
+
+
+def _end(snap: StateSnapshot, status: RunStatus, reason: str) -> StateSnapshot:
+    if snap.status.terminal:
+        return snap
+    return snap.model_copy(update={"status": status, "reason": reason})

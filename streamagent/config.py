@@ -1,0 +1,73 @@
+"""The one place that reads the environment.
+
+Every interval and timeout a test might want to shrink lives here, so tests set an environment
+variable instead of sleeping. Values left empty (bootstrap servers, database URL, sandbox URL)
+mean "start the embedded component".
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ENV_PREFIX = "STREAMAGENT_"
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    bootstrap_servers: str = Field("", description="Kafka bootstrap servers; empty: embedded broker")
+    database_url: str = Field("", description="PostgreSQL URL; empty starts embedded PostgreSQL")
+    sandbox_url: str = Field("", description="Base URL of the SaaS sandbox; empty starts it")
+    topic_prefix: str = Field("", description="Prefix for every topic and group id (test isolation)")
+    partitions: int = Field(8, ge=1, description="Partition count for topics created by `topics create`")
+    data_dir: Path = Field(Path(".streamagent"), description="Where the embedded stack keeps its files")
+
+    # Client tuning. The embedded broker answers a fetch only after half its max wait, and joins
+    # a group after half the session timeout, so both are short here; production sets Kafka's
+    # defaults through the environment.
+    fetch_wait_ms: int = Field(10, ge=1)
+    session_timeout_ms: int = Field(6000, ge=1000)
+    heartbeat_interval_ms: int = Field(1000, ge=100)
+    max_event_bytes: int = Field(512 * 1024, description="Larger events are dead-lettered")
+
+    decider: str = Field("rules", description="rules | openai")
+    run_deadline_s: float = Field(600.0, description="Default deadline of a run")
+    command_deadline_s: float = Field(120.0, description="How long a tool may keep retrying a command")
+    tool_timeout_s: float = Field(5.0, description="HTTP timeout of one tool call")
+    metrics_port: int = Field(0, description="Prometheus port of this process; 0 picks a free one")
+    log_level: str = Field("INFO")
+    log_format: str = Field("json", description="json | text")
+
+    def topic(self, name: str) -> str:
+        return f"{self.topic_prefix}{name}"
+
+    def group(self, name: str) -> str:
+        return f"{self.topic_prefix}streamagent.{name}"
+
+
+def _from_env(environ: dict[str, str]) -> dict[str, str]:
+    values: dict[str, str] = {}
+    for field in Settings.model_fields:
+        key = ENV_PREFIX + field.upper()
+        if key in environ:
+            values[field] = environ[key]
+    return values
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings.model_validate(_from_env(dict(os.environ)))
+
+
+def settings_from(environ: dict[str, str]) -> Settings:
+    """Settings for an explicit environment (child processes, tests)."""
+    return Settings.model_validate(_from_env(environ))
+
+
+def to_env(settings: Settings) -> dict[str, str]:
+    """The environment that reproduces ``settings`` in a child process."""
+    return {ENV_PREFIX + name.upper(): str(value) for name, value in settings.model_dump().items()}

@@ -1,0 +1,101 @@
+"""Dead letters: what a processor could not decode or process, kept byte for byte with the reason."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from confluent_kafka import Message, Producer
+
+from streamagent.config import Settings
+from streamagent.metrics import DEAD_LETTERS
+from streamagent.topics import DEAD_LETTERS as DLQ_TOPIC
+
+log = logging.getLogger(__name__)
+
+# Header names. The value is the original message value, untouched, so `dlq replay` can put it
+# back exactly as it was.
+H_REASON = "dlq.reason"
+H_ERROR = "dlq.error"
+H_PROCESSOR = "dlq.processor"
+H_TOPIC = "dlq.source.topic"
+H_PARTITION = "dlq.source.partition"
+H_OFFSET = "dlq.source.offset"
+H_AT = "dlq.at"
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    reason: str
+    error: str
+    processor: str
+    source_topic: str
+    source_partition: int
+    source_offset: int
+    key: bytes | None
+    value: bytes | None
+    at_ms: int
+    dlq_offset: int = -1
+    dlq_partition: int = -1
+
+    @classmethod
+    def from_message(cls, msg: Message) -> DeadLetter:
+        headers = {k: (v or b"").decode(errors="replace") for k, v in (msg.headers() or [])}
+        return cls(
+            reason=headers.get(H_REASON, "?"),
+            error=headers.get(H_ERROR, ""),
+            processor=headers.get(H_PROCESSOR, "?"),
+            source_topic=headers.get(H_TOPIC, "?"),
+            source_partition=int(headers.get(H_PARTITION, "-1")),
+            source_offset=int(headers.get(H_OFFSET, "-1")),
+            key=msg.key(),
+            value=msg.value(),
+            at_ms=int(headers.get(H_AT, "0")),
+            dlq_offset=msg.offset(),
+            dlq_partition=msg.partition(),
+        )
+
+
+def headers_for(
+    reason: str, error: str, processor: str, topic: str, partition: int, offset: int
+) -> list[tuple[str, bytes]]:
+    return [
+        (H_REASON, reason.encode()),
+        (H_ERROR, error[:4000].encode()),
+        (H_PROCESSOR, processor.encode()),
+        (H_TOPIC, topic.encode()),
+        (H_PARTITION, str(partition).encode()),
+        (H_OFFSET, str(offset).encode()),
+        (H_AT, str(int(time.time() * 1000)).encode()),
+    ]
+
+
+class DeadLetterSink:
+    def __init__(self, settings: Settings, producer: Producer, processor: str) -> None:
+        self.topic = settings.topic(DLQ_TOPIC)
+        self.producer = producer
+        self.processor = processor
+
+    def send(self, msg: Message, reason: str, error: str) -> None:
+        """Dead-letter ``msg``. The caller flushes before committing the source offset."""
+        record(self.processor, msg.topic(), msg.partition(), msg.offset(), reason, error)
+        self.producer.produce(
+            self.topic,
+            key=msg.key(),
+            value=msg.value(),
+            headers=headers_for(reason, error, self.processor, msg.topic(), msg.partition(), msg.offset()),
+        )
+
+
+def record(processor: str, topic: str, partition: int, offset: int, reason: str, error: str) -> None:
+    """Count and log a dead letter, naming where it came from."""
+    DEAD_LETTERS.labels(processor, reason).inc()
+    log.warning(
+        "dead-lettered %s[%s]@%s: %s",
+        topic,
+        partition,
+        offset,
+        reason,
+        extra={"reason": reason, "error": error[:500], "processor": processor},
+    )

@@ -1,0 +1,248 @@
+"""Pydantic models of every event; the Avro schemas in ``schemas/`` are their wire contract.
+
+Field names match the Avro field names one to one. Fields that carry free-form JSON objects on the
+wire (tool arguments, outputs, the decider's context) are dicts here; the codec turns them into
+JSON strings so the Avro schemas stay flat and readable by any consumer.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, EmailStr, Field, field_validator
+
+_DOMAIN_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-.")
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def stable_id(*parts: str) -> str:
+    """A deterministic id: the same inputs give the same id in every process and every replay."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, "streamagent:" + ":".join(parts)))
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Event(BaseModel):
+    """The envelope every event carries."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    SCHEMA_NAME: ClassVar[str] = ""
+    JSON_FIELDS: ClassVar[tuple[str, ...]] = ()
+
+    event_id: str = Field(default_factory=new_id)
+    run_id: str = Field(min_length=1)
+    causation_id: str | None = None
+    occurred_at: datetime = Field(default_factory=now)
+    schema_version: int = 1
+
+    @property
+    def type(self) -> str:
+        return type(self).__name__
+
+
+class RunRequested(Event):
+    SCHEMA_NAME = "io.streamagent.events.RunRequested"
+
+    schema_version: int = 2
+    company_name: str = Field(min_length=1, max_length=200)
+    company_domain: str = Field(min_length=3, max_length=253)
+    contact_name: str = Field(min_length=1, max_length=200)
+    contact_email: EmailStr
+    goal: str = Field(default="onboard new client", min_length=1, max_length=2000)
+    requested_by: str = Field(min_length=1, max_length=200)
+    deadline_s: float | None = Field(default=None, gt=0)
+    labels: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("company_domain")
+    @classmethod
+    def _domain(cls, value: str) -> str:
+        value = value.strip().lower()
+        if "." not in value or not set(value) <= _DOMAIN_CHARS or value.startswith((".", "-")):
+            raise ValueError("must be a DNS domain such as acme.io")
+        return value
+
+
+class DecisionAction(StrEnum):
+    dispatch = "dispatch"
+    complete = "complete"
+    fail = "fail"
+    escalate = "escalate"
+    compensate = "compensate"
+
+
+class DecisionRecorded(Event):
+    SCHEMA_NAME = "io.streamagent.events.DecisionRecorded"
+    JSON_FIELDS = ("arguments", "context")
+
+    decision_id: str
+    based_on_version: int
+    action: DecisionAction
+    step: str | None = None
+    tool: str | None = None
+    command_id: str | None = None
+    arguments: dict[str, Any] = Field(default_factory=dict)
+    reason: str
+    decider: str
+    context: dict[str, Any] = Field(default_factory=dict)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+
+
+class ToolCommand(Event):
+    SCHEMA_NAME = "io.streamagent.events.ToolCommand"
+    JSON_FIELDS = ("arguments",)
+
+    command_id: str
+    decision_id: str
+    tool: str
+    step: str
+    operation: str = "execute"
+    arguments: dict[str, Any] = Field(default_factory=dict)
+    deadline_at: datetime
+
+
+class ToolStatus(StrEnum):
+    succeeded = "succeeded"
+    failed = "failed"
+
+
+class ToolResult(Event):
+    SCHEMA_NAME = "io.streamagent.events.ToolResult"
+    JSON_FIELDS = ("output",)
+
+    command_id: str
+    tool: str
+    step: str
+    operation: str = "execute"
+    status: ToolStatus
+    output: dict[str, Any] = Field(default_factory=dict)
+    error: str | None = None
+    error_kind: str | None = None
+    attempts: int = 1
+    duration_ms: int = 0
+
+
+class RunCompleted(Event):
+    SCHEMA_NAME = "io.streamagent.events.RunCompleted"
+    JSON_FIELDS = ("results",)
+
+    decision_id: str
+    results: dict[str, Any] = Field(default_factory=dict)
+    reason: str
+
+
+class FailureStatus(StrEnum):
+    failed = "failed"
+    escalated = "escalated"
+
+
+class RunFailed(Event):
+    SCHEMA_NAME = "io.streamagent.events.RunFailed"
+    JSON_FIELDS = ("results",)
+
+    decision_id: str
+    status: FailureStatus
+    reason: str
+    failed_step: str | None = None
+    results: dict[str, Any] = Field(default_factory=dict)
+
+
+class RunDeadlineExceeded(Event):
+    SCHEMA_NAME = "io.streamagent.events.RunDeadlineExceeded"
+
+    deadline_at: datetime
+
+
+class RunStatus(StrEnum):
+    running = "running"
+    completed = "completed"
+    failed = "failed"
+    escalated = "escalated"
+
+    @property
+    def terminal(self) -> bool:
+        return self is not RunStatus.running
+
+
+class StepStatus(StrEnum):
+    pending = "pending"
+    dispatched = "dispatched"
+    succeeded = "succeeded"
+    failed = "failed"
+    compensated = "compensated"
+
+
+class StepState(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    status: StepStatus = StepStatus.pending
+    command_id: str | None = None
+    decision_id: str | None = None
+    attempts: int = 0
+    output: dict[str, Any] = Field(default_factory=dict)
+    error: str | None = None
+
+
+class OnboardingRequest(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    company_name: str
+    company_domain: str
+    contact_name: str
+    contact_email: str
+    goal: str
+    requested_by: str
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class StateSnapshot(BaseModel):
+    """A run's state at one version. Not an ``Event``: it is derived, and replay rebuilds it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    SCHEMA_NAME: ClassVar[str] = "io.streamagent.events.StateSnapshot"
+    JSON_FIELDS: ClassVar[tuple[str, ...]] = ()
+
+    run_id: str
+    version: int
+    status: RunStatus
+    request: OnboardingRequest
+    steps: list[StepState]
+    created_at: datetime
+    updated_at: datetime
+    deadline_at: datetime
+    last_event_id: str
+    deadline_exceeded: bool = False
+    reason: str | None = None
+    superseded_decisions: int = 0
+    schema_version: int = 1
+
+    def step(self, name: str) -> StepState:
+        for step in self.steps:
+            if step.name == name:
+                return step
+        raise KeyError(name)
+
+    def results(self) -> dict[str, dict[str, Any]]:
+        return {s.name: s.output for s in self.steps if s.status is StepStatus.succeeded}
+
+
+RUN_EVENTS: tuple[type[Event], ...] = (
+    RunRequested,
+    DecisionRecorded,
+    RunCompleted,
+    RunFailed,
+    RunDeadlineExceeded,
+)
+ALL_MODELS: tuple[type[BaseModel], ...] = (*RUN_EVENTS, ToolCommand, ToolResult, StateSnapshot)

@@ -1,0 +1,79 @@
+"""Read side: runs and their timelines from the PostgreSQL projection."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel
+
+from streamagent import db
+from streamagent.config import Settings
+
+
+class RunRow(BaseModel):
+    run_id: str
+    company_name: str | None
+    status: str
+    steps_done: int
+    failed_step: str | None
+    reason: str | None
+    created_at: datetime | None
+    ended_at: datetime | None
+
+    @property
+    def duration_s(self) -> float | None:
+        if self.created_at is None or self.ended_at is None:
+            return None
+        return (self.ended_at - self.created_at).total_seconds()
+
+
+class TimelineEntry(BaseModel):
+    occurred_at: datetime
+    type: str
+    step: str | None
+    summary: str
+    event_id: str
+    causation_id: str | None
+    payload: dict[str, Any]
+
+
+def runs(settings: Settings, status: str | None = None, limit: int = 1000) -> list[RunRow]:
+    with db.connect(settings) as conn:
+        rows = conn.execute(
+            "SELECT run_id, company_name, status, steps_done, failed_step, reason, created_at, ended_at"
+            " FROM runs WHERE (%(status)s::text IS NULL OR status = %(status)s)"
+            " ORDER BY created_at NULLS LAST, run_id LIMIT %(limit)s",
+            {"status": status, "limit": limit},
+        ).fetchall()
+    fields = list(RunRow.model_fields)
+    return [RunRow.model_validate(dict(zip(fields, row, strict=True))) for row in rows]
+
+
+def run(settings: Settings, run_id: str) -> RunRow | None:
+    with db.connect(settings) as conn:
+        row = conn.execute(
+            "SELECT run_id, company_name, status, steps_done, failed_step, reason, created_at, ended_at"
+            " FROM runs WHERE run_id = %s",
+            (run_id,),
+        ).fetchone()
+    return RunRow.model_validate(dict(zip(RunRow.model_fields, row, strict=True))) if row else None
+
+
+def timeline(settings: Settings, run_id: str) -> list[TimelineEntry]:
+    with db.connect(settings) as conn:
+        rows = conn.execute(
+            "SELECT occurred_at, type, step, summary, event_id, causation_id, payload FROM run_events"
+            " WHERE run_id = %s ORDER BY occurred_at, recorded_at",
+            (run_id,),
+        ).fetchall()
+    fields = list(TimelineEntry.model_fields)
+    return [TimelineEntry.model_validate(dict(zip(fields, row, strict=True))) for row in rows]
+
+
+def status_counts(settings: Settings, run_ids: list[str]) -> dict[str, int]:
+    with db.connect(settings) as conn:
+        rows = conn.execute(
+            "SELECT status, count(*) FROM runs WHERE run_id = ANY(%s) GROUP BY status", (run_ids,)
+        ).fetchall()
+    return {status: int(count) for status, count in rows}

@@ -1,0 +1,70 @@
+"""Producing onboarding requests, as an upstream system (a CRM, a signup form) would."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from streamagent import codec
+from streamagent.config import Settings
+from streamagent.events import RunRequested, new_id
+from streamagent.kafka import producer
+from streamagent.topics import RUN_EVENTS
+
+
+class InvalidRequest(ValueError):
+    """A request that must not be produced; the message names every bad field."""
+
+
+def describe(exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors():
+        field = ".".join(str(p) for p in error["loc"]) or "request"
+        parts.append(f"{field}: {error['msg']}")
+    return "; ".join(parts)
+
+
+def build_request(fields: dict[str, Any]) -> RunRequested:
+    data = {k: v for k, v in fields.items() if v is not None}
+    data.setdefault("run_id", new_id())
+    try:
+        return RunRequested.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidRequest(describe(exc)) from exc
+
+
+def read_jsonl(path: Path) -> list[RunRequested]:
+    """Every line must be valid, or nothing is produced."""
+    requests, problems = [], []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            fields = json.loads(line)
+            if not isinstance(fields, dict):
+                raise InvalidRequest("a line must hold a JSON object")
+            requests.append(build_request(fields))
+        except json.JSONDecodeError as exc:
+            problems.append(f"line {number}: not JSON ({exc.msg})")
+        except InvalidRequest as exc:
+            problems.append(f"line {number}: {exc}")
+    if problems:
+        raise InvalidRequest("\n".join(problems))
+    return requests
+
+
+def produce_requests(settings: Settings, requests: Iterable[RunRequested]) -> list[str]:
+    p = producer(settings)
+    run_ids = []
+    for request in requests:
+        p.produce(settings.topic(RUN_EVENTS), key=request.run_id.encode(), value=codec.encode(request))
+        run_ids.append(request.run_id)
+        p.poll(0)
+    remaining = p.flush(30)
+    if remaining:
+        raise RuntimeError(f"{remaining} requests were not acknowledged by the broker")
+    return run_ids

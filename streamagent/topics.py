@@ -1,0 +1,50 @@
+"""Every topic the runtime uses, declared once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from streamagent.config import Settings
+
+RUN_EVENTS = "agent.run.events"
+TOOL_RESULTS = "agent.tool.results"
+RUN_STATE = "agent.run.state"
+TOOL_REGISTRY = "agent.tools.registry"
+DEAD_LETTERS = "agent.dlq"
+COMMANDS_PREFIX = "agent.tool.commands."
+
+TOOLS = ("enrich", "jira", "email", "slack")
+
+
+def command_topic(tool: str) -> str:
+    return COMMANDS_PREFIX + tool
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    compacted: bool = False
+    # Dead letters keep every byte of what failed, which can be large.
+    max_message_bytes: int = 8 * 1024 * 1024
+
+    def config(self) -> dict[str, str]:
+        return {
+            "cleanup.policy": "compact" if self.compacted else "delete",
+            "max.message.bytes": str(self.max_message_bytes),
+        }
+
+
+def all_topics(tools: tuple[str, ...] = TOOLS) -> list[TopicSpec]:
+    specs = [
+        TopicSpec(RUN_EVENTS),
+        TopicSpec(TOOL_RESULTS),
+        TopicSpec(RUN_STATE, compacted=True),
+        TopicSpec(TOOL_REGISTRY, compacted=True),
+        TopicSpec(DEAD_LETTERS),
+    ]
+    specs += [TopicSpec(command_topic(t)) for t in tools]
+    return specs
+
+
+def physical(settings: Settings, specs: list[TopicSpec]) -> list[TopicSpec]:
+    return [TopicSpec(settings.topic(s.name), s.compacted, s.max_message_bytes) for s in specs]

@@ -1,0 +1,116 @@
+"""What a tool author writes: a name, an input and output model, and one async call."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, ClassVar, Generic, TypeVar
+
+import httpx
+from pydantic import BaseModel, ValidationError
+
+from tools.sdk.errors import PermanentError, RetryableError
+from tools.sdk.retry import RetryPolicy
+
+In = TypeVar("In", bound=BaseModel)
+Out = TypeVar("Out", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class CallContext:
+    """Everything one attempt needs: an HTTP client already carrying the idempotency key."""
+
+    http: httpx.AsyncClient
+    run_id: str
+    command_id: str
+    attempt: int
+
+    @property
+    def headers(self) -> dict[str, str]:
+        # The command id is the idempotency key: an API that honours it turns a repeat of this
+        # call (after a crash between the call and the ledger write) into a replay, not an effect.
+        return {"Idempotency-Key": self.command_id, "X-Run-Id": self.run_id}
+
+    async def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        headers = {**self.headers, **kwargs.pop("headers", {})}
+        try:
+            response = await self.http.request(method, path, headers=headers, **kwargs)
+        except httpx.TimeoutException as exc:
+            raise RetryableError(f"{method} {path} timed out: {exc!r}") from exc
+        except httpx.TransportError as exc:
+            raise RetryableError(f"{method} {path} failed: {exc!r}") from exc
+        check(response)
+        return response
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("Retry-After")
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def check(response: httpx.Response) -> None:
+    """Class an HTTP status: 429 and 5xx are worth retrying, other 4xx are not."""
+    status = response.status_code
+    if status < 400:
+        return
+    detail = response.text[:300]
+    where = f"{response.request.method} {response.request.url.path}"
+    if status == 429:
+        raise RetryableError(f"{where} rate limited: {detail}", retry_after=_retry_after(response))
+    if status >= 500:
+        raise RetryableError(f"{where} answered {status}: {detail}", retry_after=_retry_after(response))
+    raise PermanentError(f"{where} answered {status}: {detail}")
+
+
+def body(response: httpx.Response) -> dict[str, Any]:
+    try:
+        data = response.json()
+    except json.JSONDecodeError as exc:
+        raise RetryableError(f"response was not JSON: {response.text[:200]!r}") from exc
+    if not isinstance(data, dict):
+        raise PermanentError(f"expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+class Tool(Generic[In, Out]):
+    """Subclass, set the class attributes, implement ``call`` (and ``compensate`` if it can be undone)."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    input_model: ClassVar[type[BaseModel]]
+    output_model: ClassVar[type[BaseModel]]
+    requires_approval: ClassVar[bool] = False
+    version: ClassVar[str] = "1"
+    retry: ClassVar[RetryPolicy] = RetryPolicy()
+
+    async def call(self, args: In, ctx: CallContext) -> Out:
+        raise NotImplementedError
+
+    async def compensate(self, args: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
+        raise PermanentError(f"tool {self.name} cannot be compensated")
+
+    def parse(self, arguments: dict[str, Any]) -> BaseModel:
+        try:
+            return self.input_model.model_validate(arguments)
+        except ValidationError as exc:
+            raise PermanentError(f"invalid arguments for {self.name}: {exc}") from exc
+
+    def output(self, data: dict[str, Any]) -> BaseModel:
+        try:
+            return self.output_model.model_validate(data)
+        except ValidationError as exc:
+            raise PermanentError(f"{self.name} API answered something unexpected: {exc}") from exc
+
+    def announcement(self) -> dict[str, Any]:
+        """What the tool publishes on the registry topic when it starts."""
+        return {
+            "name": self.name,
+            "description": self.description,
+            "input_schema": self.input_model.model_json_schema(),
+            "output_schema": self.output_model.model_json_schema(),
+            "requires_approval": self.requires_approval,
+            "version": self.version,
+        }
