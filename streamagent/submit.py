@@ -24,7 +24,7 @@ def describe(exc: ValidationError) -> str:
     parts = []
     for error in exc.errors():
         field = ".".join(str(p) for p in error["loc"]) or "request"
-        parts.append(f"{field}: {error['msg']}")
+        parts.append(f"{field} (--{field.replace('_', '-')}): {error['msg']}")
     return "; ".join(parts)
 
 

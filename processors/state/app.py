@@ -94,6 +94,8 @@ def build_app(settings: Settings) -> faust.App:
         if outcome.changed:
             table[event.run_id] = outcome.state.model_dump(mode="json")
             snap = outcome.state.snapshot
+            if state is None:
+                RUNS.labels(RunStatus.running.value).inc()
             if snap.status.terminal and (state is None or not state.snapshot.status.terminal):
                 RUNS.labels(snap.status.value).inc()
             log.debug("applied %s", event.type, extra={"run_id": event.run_id, "version": snap.version})

@@ -30,6 +30,12 @@ from streamagent.events import (
     ToolStatus,
 )
 
+_ENDINGS = {
+    DecisionAction.complete: RunStatus.completed,
+    DecisionAction.fail: RunStatus.failed,
+    DecisionAction.escalate: RunStatus.escalated,
+}
+
 # How many applied event ids a run remembers; a run has a few dozen events, so this is "all".
 MAX_REMEMBERED = 1000
 
@@ -134,8 +140,12 @@ def _decision(snap: StateSnapshot, event: DecisionRecorded) -> StateSnapshot:
     """
     if snap.status.terminal:
         return _superseded(snap)
+    if event.action in _ENDINGS:
+        # The run ends with the decision, not with the RunCompleted/RunFailed that announces it, so
+        # no snapshot in between invites the decider to decide the same ending again.
+        return snap.model_copy(update={"status": _ENDINGS[event.action], "reason": event.reason})
     if event.action is not DecisionAction.dispatch or event.step is None:
-        return snap  # terminal actions take effect through RunCompleted / RunFailed
+        return snap
     step = snap.step(event.step)
     if step.status is StepStatus.pending:
         return _replace_step(
