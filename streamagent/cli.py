@@ -72,7 +72,7 @@ def cmd_processor(args: argparse.Namespace) -> int:
         ("bootstrap_servers", "database_url") if args.name != "state" else ("bootstrap_servers",)
     )
     logs.configure(f"processor-{args.name}", settings.log_level, settings.log_format)
-    _serve_metrics(settings)
+    _serve_metrics(settings, f"processor-{args.name}")
     if args.name == "state":
         from processors.state.app import run
 
@@ -94,15 +94,15 @@ def cmd_tool(args: argparse.Namespace) -> int:
 
     settings = _settings(("bootstrap_servers", "database_url", "sandbox_url"))
     logs.configure(f"tool-{args.name}", settings.log_level, settings.log_format)
-    _serve_metrics(settings)
+    _serve_metrics(settings, f"tool-{args.name}")
     run_tool(settings, builtin_tools()[args.name]())
     return 0
 
 
-def _serve_metrics(settings: Settings) -> None:
+def _serve_metrics(settings: Settings, name: str) -> None:
     from streamagent.metrics import serve
 
-    serve(settings.metrics_port)
+    serve(settings.metrics_port, name, settings.data_dir / "metrics")
 
 
 # -- submit / inspect --------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
@@ -29,9 +30,31 @@ DECISIONS = Counter(
 )
 
 
-def serve(port: int) -> int:
-    """Start the metrics endpoint; port 0 asks the OS for a free one. Returns the bound port."""
+def serve(port: int, name: str, port_dir: Path | None = None) -> int:
+    """Start the metrics endpoint; port 0 asks the OS for a free one.
+
+    The bound port is also written to ``port_dir/<name>.port`` so that operators (and tests) can
+    find the endpoint of a process whose port the OS chose.
+    """
     server, _thread = start_http_server(port, addr="127.0.0.1" if port == 0 else "0.0.0.0")
     bound = int(server.server_address[1])
+    if port_dir is not None:
+        port_dir.mkdir(parents=True, exist_ok=True)
+        (port_dir / f"{name}.port").write_text(str(bound))
     log.info("metrics endpoint up", extra={"metrics_port": bound})
     return bound
+
+
+def scrape(port: int, metric: str, labels: dict[str, str] | None = None) -> float | None:
+    """Read one sample from a metrics endpoint (tests and the CLI)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == metric and all(sample.labels.get(k) == v for k, v in (labels or {}).items()):
+                return float(sample.value)
+    return None

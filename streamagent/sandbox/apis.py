@@ -237,7 +237,9 @@ class EmailApi:
         for address in recipients:
             if not _is_email(address):
                 return error(400, f"invalid recipient email {address!r}")
-            if _email_domain(address) == "bounce.invalid":
+            # A mailbox named "bounce" (at any domain) is rejected for good, the way a provider
+            # refuses a suppressed address: a dependable permanent error for tests and demos.
+            if _email_domain(address) == "bounce.invalid" or address.split("@", 1)[0].lower() == "bounce":
                 return error(400, "recipient rejected")
         sender = body.get("from")
         if not isinstance(sender, dict) or not _is_email(sender.get("email")):

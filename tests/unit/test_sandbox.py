@@ -52,9 +52,7 @@ def headers(key: str | None = None, run: str | None = None) -> dict[str, str]:
     return {name: value for name, value in found.items() if value is not None}
 
 
-def create_project(
-    http: httpx.Client, key: str = "ACME", idem: str | None = None, **extra: Any
-) -> httpx.Response:
+def create_project(http: httpx.Client, key: str = "ACME", idem: str | None = None, **extra: Any) -> httpx.Response:
     body = {"key": key, "name": "Acme Inc", "description": "d", "leadAccountEmail": "lead@acme.io", **extra}
     return http.post(PROJECT, json=body, headers=headers(idem))
 
@@ -117,9 +115,7 @@ def test_jira_requires_a_name(http: httpx.Client) -> None:
     assert "name" in response.json()["error"]
 
 
-def test_jira_key_collision_under_another_idempotency_key_is_409(
-    http: httpx.Client, client: SandboxClient
-) -> None:
+def test_jira_key_collision_under_another_idempotency_key_is_409(http: httpx.Client, client: SandboxClient) -> None:
     assert create_project(http, idem="run-1").status_code == 201
     assert create_project(http, idem="run-2").status_code == 409
     assert create_project(http, idem=None).status_code == 409
@@ -201,9 +197,7 @@ def test_effects_record_run_id_key_request_and_response(http: httpx.Client, clie
     assert [e.seq for e in client.effects(run_id="run-1")] == [1, 2]
 
 
-def test_repeated_idempotency_key_replays_without_a_new_effect(
-    http: httpx.Client, client: SandboxClient
-) -> None:
+def test_repeated_idempotency_key_replays_without_a_new_effect(http: httpx.Client, client: SandboxClient) -> None:
     first = http.post(MAIL, json=mail("jane@acme.io"), headers=headers("k-1"))
     again = http.post(MAIL, json=mail("jane@acme.io"), headers=headers("k-1"))
     assert "Idempotent-Replayed" not in first.headers
@@ -228,9 +222,7 @@ def test_failed_requests_are_not_stored_for_replay(http: httpx.Client) -> None:
     assert "Idempotent-Replayed" not in retried.headers
 
 
-def test_concurrent_requests_with_one_key_perform_one_effect(
-    server: SandboxServer, client: SandboxClient
-) -> None:
+def test_concurrent_requests_with_one_key_perform_one_effect(server: SandboxServer, client: SandboxClient) -> None:
     workers = 16
     barrier = threading.Barrier(workers)
     results: list[httpx.Response] = []
@@ -352,9 +344,7 @@ def test_hang_outlasts_the_client_timeout_and_does_not_block_stop() -> None:
         ({"error_rate": 0.6, "rate_429": 0.6}, "rate_429"),
     ],
 )
-def test_bad_fault_specs_are_400_naming_the_field(
-    http: httpx.Client, body: dict[str, Any], field: str
-) -> None:
+def test_bad_fault_specs_are_400_naming_the_field(http: httpx.Client, body: dict[str, Any], field: str) -> None:
     response = http.put("/_sandbox/faults/jira", json=body)
     assert response.status_code == 400
     assert field in response.json()["error"]
@@ -488,9 +478,7 @@ def test_cli_serve_runs_until_sigterm() -> None:
     )
     argv = ["sandbox", "--port", "0", "--fault", 'jira={"down": true}']
     env = {**os.environ, "STREAMAGENT_SANDBOX_FAULTS": '{"slack": {"fail_next": 1}}'}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", script, *argv], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True
-    )
+    proc = subprocess.Popen([sys.executable, "-c", script, *argv], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()  # blocks until the server prints its URL

@@ -8,11 +8,14 @@ closes the breaker, failure opens it again.
 from __future__ import annotations
 
 import asyncio
+import logging
 import contextlib
 import time
 from enum import IntEnum
 
 from streamagent.metrics import CIRCUIT_STATE
+
+log = logging.getLogger(__name__)
 
 
 class BreakerState(IntEnum):
@@ -34,6 +37,9 @@ class CircuitBreaker:
         CIRCUIT_STATE.labels(name).set(0)
 
     def _set(self, state: BreakerState) -> None:
+        if state is not self.state:
+            log.warning("circuit %s: %s -> %s", self.name, self.state.name, state.name,
+                        extra={"circuit": self.name, "state": state.name})
         self.state = state
         CIRCUIT_STATE.labels(self.name).set(int(state))
 

@@ -1,0 +1,21 @@
+"""Test helpers: polling with a deadline instead of sleeping."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def eventually(probe: Callable[[], T], timeout: float = 60.0, interval: float = 0.1, what: str = "condition") -> T:
+    """Call ``probe`` until it returns something truthy; fail with the last value at the deadline."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while time.monotonic() < deadline:
+        last = probe()
+        if last:
+            return last
+        time.sleep(interval)  # the poll interval of a deadline-bounded wait
+    raise AssertionError(f"{what} not reached within {timeout}s; last value: {last!r}")

@@ -1,0 +1,108 @@
+"""The walking skeleton on the real broker and PostgreSQL: 20 onboarding runs, end to end."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+from helpers import eventually
+
+from processors.workflow import project_key
+from streamagent import queries
+from streamagent.cli import main as cli
+from streamagent.config import Settings
+from streamagent.demo import sample_requests
+from streamagent.events import RunRequested
+from streamagent.sandbox import SandboxClient
+from streamagent.stack import Stack
+from streamagent.submit import produce_requests
+
+pytestmark = pytest.mark.integration
+
+STEPS = ["enrich", "jira", "email", "slack"]
+
+
+def _all_ended(settings: Settings, run_ids: list[str]) -> list[queries.RunRow] | None:
+    rows = [r for r in queries.runs(settings) if r.run_id in set(run_ids)]
+    return rows if len(rows) == len(run_ids) and all(r.status != "running" for r in rows) else None
+
+
+def test_twenty_runs_complete_with_one_effect_per_step(settings: Settings, capsys: pytest.CaptureFixture[str]) -> None:
+    requests = sample_requests(20)
+    with Stack(settings) as stack:
+        s = stack.settings
+        run_ids = produce_requests(s, requests)
+        rows = eventually(lambda: _all_ended(s, run_ids), timeout=120, what="all 20 runs ended")
+        assert Counter(r.status for r in rows) == {"completed": 20}
+        assert all(r.steps_done == 4 for r in rows)
+
+        effects = SandboxClient(s.sandbox_url).effects()
+        by_api = Counter(e.api for e in effects)
+        assert by_api == {"enrich": 20, "jira": 20, "email": 20, "slack": 20}
+        for request in requests:
+            _assert_effects_of(request, [e for e in effects if e.run_id == request.run_id])
+
+        for request in requests:
+            entries = queries.timeline(s, request.run_id)
+            types = [e.type for e in entries]
+            assert types[0] == "RunRequested" and "RunCompleted" in types
+            results = [e.step for e in entries if e.type == "ToolResult"]
+            assert results == STEPS, f"steps out of order for {request.run_id}: {results}"
+            # Every decision and command is caused by the event before it in the chain.
+            ids = {e.event_id for e in entries}
+            assert all(e.causation_id in ids for e in entries if e.type != "RunRequested")
+
+        # `streamagent show` prints the same steps, in order.
+        capsys.readouterr()
+        monkey_env = {"STREAMAGENT_DATABASE_URL": s.database_url}
+        with _env(monkey_env):
+            assert cli(["show", requests[0].run_id]) == 0
+        out = capsys.readouterr().out
+        positions = [out.index(f"ToolResult           {step}") for step in STEPS]
+        assert positions == sorted(positions)
+        assert "status=completed" in out
+
+
+def _assert_effects_of(request: RunRequested, effects: list) -> None:  # type: ignore[type-arg]
+    by_api = {e.api: e for e in effects}
+    assert sorted(by_api) == sorted(STEPS) and len(effects) == 4
+    key = project_key(request.company_name, request.run_id)
+    assert by_api["enrich"].request["domain"] == request.company_domain
+    jira = by_api["jira"].request
+    assert jira["key"] == key and request.company_name in jira["name"]
+    industry = by_api["enrich"].response["industry"]
+    assert industry in jira["description"]
+    mail = by_api["email"].request
+    assert mail["personalizations"][0]["to"][0]["email"] == request.contact_email
+    body = mail["content"][0]["value"]
+    assert key in body and request.contact_name in body
+    text = by_api["slack"].request["text"]
+    assert key in text and industry in text and by_api["email"].response["message_id"] in text
+    # The command id is the idempotency key every API call carried.
+    assert len({e.idempotency_key for e in effects}) == 4
+
+
+class _env:
+    def __init__(self, values: dict[str, str]) -> None:
+        self.values = values
+
+    def __enter__(self) -> None:
+        import os
+
+        from streamagent.config import get_settings
+
+        self.saved = {k: os.environ.get(k) for k in self.values}
+        os.environ.update(self.values)
+        get_settings.cache_clear()
+
+    def __exit__(self, *exc: object) -> None:
+        import os
+
+        from streamagent.config import get_settings
+
+        for k, v in self.saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        get_settings.cache_clear()

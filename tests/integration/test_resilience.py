@@ -1,0 +1,300 @@
+"""Failure is the normal case: faults, crashes, outages, permanent errors, poison messages.
+
+Every process here is a separate OS process supervised by ``Stack``; the broker and PostgreSQL are
+real. Figures worth quoting are printed (run with ``-s`` to see them).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+
+import psycopg
+import pytest
+from confluent_kafka import Producer
+from helpers import eventually
+
+from streamagent import codec, queries
+from streamagent.config import Settings
+from streamagent.demo import sample_requests
+from streamagent.dlq_ops import read_dead_letters, replay
+from streamagent.events import (
+    DecisionRecorded,
+    DecisionAction,
+    OnboardingRequest,
+    RunRequested,
+    RunStatus,
+    StateSnapshot,
+    StepState,
+    ToolCommand,
+    ToolResult,
+    ToolStatus,
+    new_id,
+    now,
+)
+from streamagent.metrics import scrape
+from streamagent.sandbox import FaultSpec, SandboxClient
+from streamagent.stack import Stack
+from streamagent.submit import produce_requests
+from streamagent.topics import RUN_EVENTS, RUN_STATE, TOOL_RESULTS, command_topic
+
+pytestmark = pytest.mark.integration
+
+APIS = ("enrich", "jira", "email", "slack")
+
+
+def ended(settings: Settings, run_ids: list[str]) -> list[queries.RunRow] | None:
+    wanted = set(run_ids)
+    rows = [r for r in queries.runs(settings, limit=100_000) if r.run_id in wanted]
+    return rows if len(rows) == len(run_ids) and all(r.status != "running" for r in rows) else None
+
+
+def steps_done(settings: Settings, run_ids: list[str]) -> int:
+    wanted = set(run_ids)
+    return sum(r.steps_done for r in queries.runs(settings, limit=100_000) if r.run_id in wanted)
+
+
+def assert_one_effect_per_run_and_step(sandbox: SandboxClient, run_ids: list[str]) -> None:
+    per = Counter((e.run_id, e.api) for e in sandbox.effects())
+    duplicated = {k: n for k, n in per.items() if n > 1}
+    assert not duplicated, f"duplicated effects: {duplicated}"
+    missing = [(r, a) for r in run_ids for a in APIS if per[(r, a)] != 1]
+    assert not missing, f"missing effects: {missing[:10]}"
+
+
+def test_hundred_runs_complete_through_5xx_and_429(settings: Settings) -> None:
+    with Stack(settings) as stack:
+        s = stack.settings
+        sandbox = SandboxClient(s.sandbox_url)
+        for api in APIS:
+            sandbox.set_faults(api, FaultSpec(error_rate=0.20, rate_429=0.05, retry_after_s=0.2))
+        run_ids = produce_requests(s, sample_requests(100))
+        rows = eventually(lambda: ended(s, run_ids), timeout=240, what="100 runs ended")
+        assert Counter(r.status for r in rows) == {"completed": 100}
+        assert_one_effect_per_run_and_step(sandbox, run_ids)
+        stats = sandbox.stats()
+        faults = {api: stats[api]["faults"] for api in APIS}
+        injected = sum(f["5xx"] + f["429"] for f in faults.values())
+        # Roughly a quarter of ~400+ calls were refused, and every one of them was retried.
+        assert injected >= 60, faults
+        print(f"\n[faults] 100/100 completed, 0 duplicated effects, {injected} injected faults retried: {faults}")
+
+
+def _restart_and_progress(stack: Stack, name: str, s: Settings, run_ids: list[str], progress_type: str) -> float:
+    """kill -9 a child, wait for the supervisor to restart it, return seconds to its first progress."""
+    old = stack.kill(name)
+    eventually(
+        lambda: stack.children[name].pid not in (None, old) and stack.children[name].alive(),
+        timeout=30,
+        what=f"{name} restarted",
+    )
+    restarted = time.time()
+    with psycopg.connect(s.database_url) as conn:
+
+        def progressed() -> bool:
+            row = conn.execute(
+                "SELECT count(*) FROM run_events WHERE type = %s AND occurred_at > to_timestamp(%s)",
+                (progress_type, restarted),
+            ).fetchone()
+            return bool(row and row[0] > 0)
+
+        eventually(progressed, timeout=90, interval=0.05, what=f"progress after restarting {name}")
+    return time.time() - restarted
+
+
+def test_kill_nine_each_process_mid_flight_resumes_without_repeating(settings: Settings) -> None:
+    with Stack(settings) as stack:
+        s = stack.settings
+        sandbox = SandboxClient(s.sandbox_url)
+        for api in APIS:  # slow the APIs a little so that many runs are mid-flight at each kill
+            sandbox.set_faults(api, FaultSpec(latency_ms=40))
+        run_ids = produce_requests(s, sample_requests(100))
+        figures = {}
+        eventually(lambda: steps_done(s, run_ids) >= 40, timeout=120, what="runs under way")
+        figures["processor-decision"] = _restart_and_progress(
+            stack, "processor-decision", s, run_ids, "DecisionRecorded"
+        )
+        eventually(lambda: steps_done(s, run_ids) >= 120, timeout=120, what="more progress")
+        figures["tool-jira"] = _restart_and_progress(stack, "tool-jira", s, run_ids, "ToolResult")
+        eventually(lambda: steps_done(s, run_ids) >= 200, timeout=120, what="more progress")
+        figures["processor-state"] = _restart_and_progress(stack, "processor-state", s, run_ids, "DecisionRecorded")
+        rows = eventually(lambda: ended(s, run_ids), timeout=240, what="100 runs ended")
+        assert Counter(r.status for r in rows) == {"completed": 100}
+        assert_one_effect_per_run_and_step(sandbox, run_ids)
+        with psycopg.connect(s.database_url) as conn:
+            # No step ran twice: one ledger row per (run, step), each finished once.
+            per_step = conn.execute(
+                "SELECT run_id, step, count(*) FROM tool_ledger GROUP BY run_id, step HAVING count(*) > 1"
+            ).fetchall()
+            assert per_step == []
+            results = conn.execute(
+                "SELECT count(DISTINCT payload->>'command_id') FROM run_events WHERE type='ToolResult'"
+            ).fetchone()
+            assert results is not None and results[0] == 400
+        print(
+            "\n[crash] seconds from restart to first progress: " + ", ".join(f"{k} {v:.2f}" for k, v in figures.items())
+        )
+
+
+def _metrics_port(s: Settings, process: str) -> int:
+    path = s.data_dir / "metrics" / f"{process}.port"
+    return int(eventually(lambda: path.exists() and path.read_text(), timeout=30, what=f"{path}"))
+
+
+def test_breaker_opens_while_api_is_down_and_runs_complete_when_it_returns(settings: Settings) -> None:
+    with Stack(settings) as stack:
+        s = stack.settings
+        sandbox = SandboxClient(s.sandbox_url)
+        sandbox.set_faults("jira", FaultSpec(down=True))
+        run_ids = produce_requests(s, sample_requests(10))
+        port = _metrics_port(s, "tool-jira")
+        eventually(
+            lambda: scrape(port, "streamagent_circuit_state", {"tool": "jira"}) == 2,
+            timeout=60,
+            what="jira breaker open",
+        )
+        # While it is open, commands wait: no run failed, and no jira effect happened.
+        assert all(r.status == "running" for r in queries.runs(s))
+        down_calls = sandbox.stats()["jira"]["faults"]["down"]
+        sandbox.set_faults("jira", FaultSpec())
+        rows = eventually(lambda: ended(s, run_ids), timeout=120, what="runs ended after the outage")
+        assert Counter(r.status for r in rows) == {"completed": 10}
+        assert_one_effect_per_run_and_step(sandbox, run_ids)
+        assert scrape(port, "streamagent_circuit_state", {"tool": "jira"}) == 0
+        # The breaker kept calls during the outage far below "every command retrying flat out".
+        print(f"\n[breaker] {down_calls} calls reached the API while it was down, for 10 waiting commands")
+
+
+def test_permanent_email_error_fails_the_run_and_keeps_partial_results(settings: Settings) -> None:
+    request = sample_requests(1)[0].model_copy(update={"contact_email": "bounce@acme-robotics.io"})
+    with Stack(settings) as stack:
+        s = stack.settings
+        run_ids = produce_requests(s, [request])
+        (row,) = eventually(lambda: ended(s, run_ids), timeout=60, what="run ended")
+        assert row.status == "failed" and row.failed_step == "email"
+        assert "recipient rejected" in (row.reason or "")
+        timeline = queries.timeline(s, request.run_id)
+        failed = [e for e in timeline if e.type == "RunFailed"]
+        assert len(failed) == 1
+        results = failed[0].payload["results"]
+        assert set(results) == {"enrich", "jira"} and results["jira"]["key"]
+        effects = Counter(e.api for e in SandboxClient(s.sandbox_url).effects())
+        assert effects == {"enrich": 1, "jira": 1}
+        # The email step was not retried: a permanent error is final.
+        email_result = [e for e in timeline if e.type == "ToolResult" and e.step == "email"]
+        assert email_result[0].payload["attempts"] == 1
+        assert email_result[0].payload["error_kind"] == "permanent"
+
+
+def _unknown_run_events(s: Settings) -> dict[str, bytes]:
+    ghost = "ghost-" + new_id()
+    request = OnboardingRequest(
+        company_name="Ghost",
+        company_domain="ghost.io",
+        contact_name="G",
+        contact_email="g@ghost.io",
+        goal="g",
+        requested_by="t",
+    )
+    snap = StateSnapshot(
+        run_id=ghost,
+        version=5,
+        status=RunStatus.running,
+        request=request,
+        steps=[StepState(name="enrich")],
+        created_at=now(),
+        updated_at=now(),
+        deadline_at=now(),
+        last_event_id=new_id(),
+    )
+    return {
+        s.topic(RUN_EVENTS): codec.encode(
+            DecisionRecorded(
+                run_id=ghost,
+                decision_id=new_id(),
+                based_on_version=3,
+                action=DecisionAction.dispatch,
+                step="enrich",
+                reason="forged",
+                decider="test",
+            )
+        ),
+        s.topic(TOOL_RESULTS): codec.encode(
+            ToolResult(run_id=ghost, command_id=new_id(), tool="enrich", step="enrich", status=ToolStatus.succeeded)
+        ),
+        s.topic(RUN_STATE): codec.encode(snap),
+        s.topic(command_topic("enrich")): codec.encode(
+            ToolCommand(
+                run_id=ghost,
+                command_id=new_id(),
+                decision_id=new_id(),
+                tool="enrich",
+                step="enrich",
+                arguments={"domain": "ghost.io"},
+                deadline_at=now(),
+            )
+        ),
+    }
+
+
+def test_poison_messages_land_in_the_dead_letter_topic_and_nothing_crashes(settings: Settings) -> None:
+    settings = settings.model_copy(update={"max_event_bytes": 64 * 1024})
+    with Stack(settings) as stack:
+        s = stack.settings
+        topics = [s.topic(RUN_EVENTS), s.topic(TOOL_RESULTS), s.topic(RUN_STATE), s.topic(command_topic("enrich"))]
+        unknown_fp = b"\xc3\x01" + os.urandom(8) + b"\x02\x04"
+        producer = Producer({"bootstrap.servers": s.bootstrap_servers, "message.max.bytes": 4 * 1024 * 1024})
+        unknown_run = _unknown_run_events(s)
+        for topic in topics:
+            producer.produce(topic, key=b"poison", value=b"\x00garbage\xff not avro")
+            producer.produce(topic, key=b"poison", value=unknown_fp)
+            producer.produce(topic, key=b"poison", value=unknown_run[topic])
+            producer.produce(topic, key=b"poison", value=b"\xc3\x01" + b"x" * (200 * 1024))
+        assert producer.flush(10) == 0
+        expected = {
+            ("state", s.topic(RUN_EVENTS)),
+            ("state", s.topic(TOOL_RESULTS)),
+            ("decision", s.topic(RUN_STATE)),
+            ("tool.enrich", s.topic(command_topic("enrich"))),
+        }
+        reasons = {"not-avro", "unknown-schema", "unknown-run", "oversized"}
+
+        def landed() -> set[tuple[str, str, str]]:
+            got = {(d.processor, d.source_topic, d.reason) for d in read_dead_letters(s)}
+            want = {(p, t, r) for p, t in expected for r in reasons}
+            return got if want <= got else set()
+
+        got = eventually(landed, timeout=90, interval=0.5, what="every poison message dead-lettered")
+        # The projection reads the same log and refuses the undecodable ones too.
+        assert {r for p, _t, r in got if p == "projection"} >= {"not-avro", "unknown-schema", "oversized"}
+        letters = read_dead_letters(s)
+        oversized = [d for d in letters if d.reason == "oversized"]
+        assert all(len(d.value or b"") == 2 + 200 * 1024 for d in oversized)  # the original bytes, kept
+        # Nothing crashed: no child was restarted, and a real run still goes through.
+        assert {n: c.restarts for n, c in stack.children.items() if c.restarts} == {}
+        run_ids = produce_requests(s, sample_requests(1))
+        (row,) = eventually(lambda: ended(s, run_ids), timeout=60, what="a normal run after the poison")
+        assert row.status == "completed"
+
+
+def test_dlq_replay_puts_letters_back_after_the_fix(settings: Settings) -> None:
+    """An oversized request is dead-lettered; after the limit is raised, replay runs it to completion."""
+    request = sample_requests(1)[0].model_copy(update={"labels": {f"k{i}": "v" * 100 for i in range(1000)}})
+    strict = settings.model_copy(update={"max_event_bytes": 64 * 1024})
+    with Stack(strict) as stack:
+        s = stack.settings
+        produce_requests(s, [request])
+        eventually(
+            lambda: {d.processor for d in read_dead_letters(s, reason="oversized")} >= {"state", "projection"},
+            timeout=60,
+            what="request dead-lettered by state and projection",
+        )
+        assert queries.run(s, request.run_id) is None
+    with Stack(settings) as stack:  # the fix: the default, larger limit; same topics and groups
+        s = stack.settings
+        letters = [d for d in read_dead_letters(s, reason="oversized") if d.processor == "state"]
+        assert len(letters) == 1 and letters[0].source_topic == s.topic(RUN_EVENTS)
+        assert replay(s, letters) == 1
+        (row,) = eventually(lambda: ended(s, [request.run_id]), timeout=60, what="replayed run ended")
+        assert row.status == "completed"
