@@ -48,10 +48,15 @@ class Workflow:
 
 
 def project_key(company_name: str, run_id: str) -> str:
-    """A Jira key unique per run: up to 4 letters of the company and 4 characters of the run id hash."""
+    """A Jira key unique per run: up to 4 letters of the company and 6 base-36 characters (31 bits)
+    of the run id's hash, within Jira's 10-character limit."""
     letters = re.sub(r"[^A-Z]", "", company_name.upper())[:4] or "CL"
-    digest = hashlib.sha256(run_id.encode()).hexdigest().upper()
-    return f"{letters}{digest[:4]}"
+    number = int.from_bytes(hashlib.sha256(run_id.encode()).digest()[:8], "big")
+    suffix = ""
+    for _ in range(6):
+        number, digit = divmod(number, 36)
+        suffix += "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"[digit]
+    return f"{letters}{suffix}"
 
 
 def _enrich_args(req: OnboardingRequest, _results: Results, _run_id: str) -> dict[str, Any]:

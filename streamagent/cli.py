@@ -68,9 +68,7 @@ def cmd_topics_create(args: argparse.Namespace) -> int:
 
 
 def cmd_processor(args: argparse.Namespace) -> int:
-    settings = _settings(
-        ("bootstrap_servers", "database_url") if args.name != "state" else ("bootstrap_servers",)
-    )
+    settings = _settings(("bootstrap_servers", "database_url") if args.name != "state" else ("bootstrap_servers",))
     logs.configure(f"processor-{args.name}", settings.log_level, settings.log_format)
     _serve_metrics(settings, f"processor-{args.name}")
     if args.name == "state":
@@ -182,9 +180,7 @@ def print_runs_table(rows: list[Any]) -> None:
     print(f"{'run id':<36}  {'company':<24} {'status':<10} {'steps':>5} {'duration':>9}")
     for r in rows:
         duration = f"{r.duration_s:.2f}s" if r.duration_s is not None else "-"
-        print(
-            f"{r.run_id:<36}  {(r.company_name or '?')[:24]:<24} {r.status:<10} {r.steps_done:>3}/4 {duration:>9}"
-        )
+        print(f"{r.run_id:<36}  {(r.company_name or '?')[:24]:<24} {r.status:<10} {r.steps_done:>3}/4 {duration:>9}")
 
 
 # -- dead letters ------------------------------------------------------------------------------------
@@ -239,15 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    demo = add(
-        "demo", cmd_demo, "Start the embedded stack, run onboarding requests end to end, print a summary"
-    )
-    demo.add_argument(
-        "--runs", type=int, default=5, help="how many onboarding requests to submit (default 5)"
-    )
-    demo.add_argument(
-        "--timeout", type=float, default=120.0, help="seconds to wait for every run (default 120)"
-    )
+    demo = add("demo", cmd_demo, "Start the embedded stack, run onboarding requests end to end, print a summary")
+    demo.add_argument("--runs", type=int, default=5, help="how many onboarding requests to submit (default 5)")
+    demo.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for every run (default 120)")
 
     add(
         "up",
@@ -284,9 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Create every topic (idempotent)",
         description="Create every topic the runtime uses; existing ones are left alone",
     )
-    create.add_argument(
-        "--partitions", type=int, help="partition count (default STREAMAGENT_PARTITIONS or 8)"
-    )
+    create.add_argument("--partitions", type=int, help="partition count (default STREAMAGENT_PARTITIONS or 8)")
     create.set_defaults(func=cmd_topics_create)
 
     processor = add("processor", cmd_processor, "Run one processor in the foreground")

@@ -32,6 +32,9 @@ class Settings(BaseModel):
     fetch_wait_ms: int = Field(10, ge=1)
     session_timeout_ms: int = Field(6000, ge=1000)
     heartbeat_interval_ms: int = Field(1000, ge=100)
+    # Static group membership: a restarted process that comes back under the same instance id
+    # takes its partitions back without waiting for its dead predecessor's session to expire.
+    group_instance_id: str = Field("", description="Kafka group.instance.id; empty: dynamic membership")
     max_event_bytes: int = Field(512 * 1024, description="Larger events are dead-lettered")
 
     decider: str = Field("rules", description="rules | openai")

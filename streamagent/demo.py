@@ -43,9 +43,7 @@ def sample_requests(count: int, requested_by: str = "demo-crm") -> list[RunReque
     return requests
 
 
-def wait_for_runs(
-    settings: Settings, run_ids: list[str], timeout_s: float, progress: bool = False
-) -> list[RunRow]:
+def wait_for_runs(settings: Settings, run_ids: list[str], timeout_s: float, progress: bool = False) -> list[RunRow]:
     """Poll the projection until every run has ended or the timeout passes; returns the final rows."""
     deadline = time.monotonic() + timeout_s
     wanted = set(run_ids)

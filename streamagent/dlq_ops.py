@@ -25,9 +25,7 @@ def _summary(letter: DeadLetter) -> dict[str, Any]:
 DeadLetter.summary = _summary  # type: ignore[attr-defined]
 
 
-def read_dead_letters(
-    settings: Settings, reason: str | None = None, timeout_s: float = 10.0
-) -> list[DeadLetter]:
+def read_dead_letters(settings: Settings, reason: str | None = None, timeout_s: float = 10.0) -> list[DeadLetter]:
     """Read the whole dead-letter topic from the beginning (assign, no group, nothing committed)."""
     topic = settings.topic(DEAD_LETTERS)
     meta = admin(settings).list_topics(topic, timeout=10).topics.get(topic)

@@ -27,7 +27,9 @@ def stable_id(*parts: str) -> str:
 
 
 def now() -> datetime:
-    return datetime.now(UTC)
+    """Wall-clock time at the wire's precision (Avro timestamp-millis), so events survive a round trip."""
+    moment = datetime.now(UTC)
+    return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
 
 
 class Event(BaseModel):
@@ -43,6 +45,12 @@ class Event(BaseModel):
     causation_id: str | None = None
     occurred_at: datetime = Field(default_factory=now)
     schema_version: int = 1
+
+    @field_validator("occurred_at")
+    @classmethod
+    def _millis(cls, value: datetime) -> datetime:
+        # The wire keeps milliseconds (Avro timestamp-millis); keep no more, so decode(encode(e)) == e.
+        return value.replace(microsecond=value.microsecond // 1000 * 1000)
 
     @property
     def type(self) -> str:

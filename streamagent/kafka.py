@@ -42,6 +42,8 @@ def consumer(settings: Settings, group: str, **overrides: Any) -> Consumer:
         "fetch.message.max.bytes": 16 * 1024 * 1024,
         "partition.assignment.strategy": "cooperative-sticky",
     }
+    if settings.group_instance_id:
+        conf["group.instance.id"] = f"{settings.group_instance_id}.{group}"
     conf.update(overrides)
     return Consumer(conf)
 

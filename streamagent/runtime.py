@@ -124,9 +124,7 @@ class ConsumerRuntime:
             log.error("producer could not flush %d messages; batch will be redelivered", remaining)
             return
         assert self._consumer is not None
-        self._consumer.commit(
-            offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()], asynchronous=False
-        )
+        self._consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()], asynchronous=False)
 
     def _one(self, msg: Message) -> None:
         EVENTS_PROCESSED.labels(self.name, msg.topic()).inc()

@@ -50,6 +50,7 @@ class Child:
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.env["STREAMAGENT_GROUP_INSTANCE_ID"] = f"{self.env.get('STREAMAGENT_TOPIC_PREFIX', '')}{self.name}"
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the child
         self.proc = subprocess.Popen(self.argv, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
         self.started_at = time.monotonic()
@@ -128,9 +129,7 @@ class Stack:
         logs = data / "logs"
         if sandbox_port is not None:
             faults = [
-                arg
-                for api, spec in self.sandbox_faults.items()
-                for arg in ("--fault", f"{api}={json.dumps(spec)}")
+                arg for api, spec in self.sandbox_faults.items() for arg in ("--fault", f"{api}={json.dumps(spec)}")
             ]
             self._add(
                 Child(
@@ -141,9 +140,7 @@ class Stack:
                 )
             )
         for name in self.processors:
-            self._add(
-                Child(f"processor-{name}", cli_argv("processor", name), env, logs / f"processor-{name}.log")
-            )
+            self._add(Child(f"processor-{name}", cli_argv("processor", name), env, logs / f"processor-{name}.log"))
         for name in self.tools:
             self._add(Child(f"tool-{name}", cli_argv("tool", name), env, logs / f"tool-{name}.log"))
         for child in self.children.values():
@@ -257,7 +254,5 @@ def discover(settings: Settings) -> Settings:
         os.kill(int(info["pid"]), 0)
     except (OSError, ValueError, KeyError):
         return settings  # left behind by a stack that is gone
-    updates = {
-        k: info[k] for k in ("bootstrap_servers", "database_url", "sandbox_url") if not getattr(settings, k)
-    }
+    updates = {k: info[k] for k in ("bootstrap_servers", "database_url", "sandbox_url") if not getattr(settings, k)}
     return settings.model_copy(update=updates)

@@ -16,8 +16,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from streamagent.config import Settings  # noqa: E402
-from streamagent.embedded import EmbeddedBroker, EmbeddedPostgres  # noqa: E402
+from streamagent.config import Settings
+from streamagent.embedded import EmbeddedBroker, EmbeddedPostgres
 
 
 def _containers() -> tuple[str, str, list[object]]:

@@ -28,4 +28,4 @@ class Enrich(Tool[EnrichInput, Company]):
 
     async def call(self, args: EnrichInput, ctx: CallContext) -> Company:
         response = await ctx.request("GET", "/enrich/v2/companies/find", params={"domain": args.domain})
-        return Company.model_validate(body(response))
+        return self.output(body(response))  # type: ignore[return-value]

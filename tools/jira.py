@@ -36,7 +36,7 @@ class Jira(Tool[ProjectRequest, Project]):
             "leadAccountEmail": args.lead_email,
         }
         data = body(await ctx.request("POST", "/jira/rest/api/3/project", json=payload))
-        return Project(id=str(data["id"]), key=data["key"], url=data.get("self", ""))
+        return self.output({"id": str(data.get("id", "")) or None, "key": data.get("key"), "url": data.get("self", "")})  # type: ignore[return-value]
 
     async def compensate(self, args: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
         await ctx.request("DELETE", f"/jira/rest/api/3/project/{args['key']}")

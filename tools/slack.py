@@ -28,4 +28,4 @@ class Slack(Tool[Post, Posted]):
         if not data.get("ok"):
             # Slack answers 200 with ok=false for a refused post.
             raise PermanentError(f"slack refused the post: {data.get('error', 'unknown error')}")
-        return Posted(channel=data["channel"], ts=data["ts"])
+        return self.output({"channel": data.get("channel"), "ts": data.get("ts")})  # type: ignore[return-value]

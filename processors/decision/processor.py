@@ -42,9 +42,7 @@ def command_id(run_id: str, step: str, operation: str = "execute") -> str:
     return stable_id(run_id, step, operation)
 
 
-def follow_up(
-    settings: Settings, snap: StateSnapshot, decision: Decision, decision_id: str
-) -> tuple[str, Event]:
+def follow_up(settings: Settings, snap: StateSnapshot, decision: Decision, decision_id: str) -> tuple[str, Event]:
     """The event a decision sends into the world, and the topic it goes to."""
     if decision.action is DecisionAction.dispatch:
         assert decision.step is not None and decision.tool is not None
@@ -105,9 +103,7 @@ class DecisionHandler:
         if snap.version > 1 and not self._known(snap.run_id):
             # Snapshots of a run start at version 1 and arrive in order on one partition, so a
             # later version of a run this processor never saw did not come from the state processor.
-            raise Unprocessable(
-                "unknown-run", f"snapshot v{snap.version} of run {snap.run_id} never seen before"
-            )
+            raise Unprocessable("unknown-run", f"snapshot v{snap.version} of run {snap.run_id} never seen before")
         if self._superseded(snap):
             DECISIONS.labels(self.decider.name, "superseded").inc()
             log.info("snapshot superseded", extra={"run_id": snap.run_id, "version": snap.version})

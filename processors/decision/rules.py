@@ -28,9 +28,7 @@ class RulesDecider:
             if state.status is StepStatus.failed:
                 step = self.workflow.step(state.name)
                 action = DecisionAction.escalate if step.on_failure == "escalate" else DecisionAction.fail
-                return Decision(
-                    action, f"step {step.name} failed: {state.error}", step=step.name, context=context
-                )
+                return Decision(action, f"step {step.name} failed: {state.error}", step=step.name, context=context)
         for state in snapshot.steps:
             if state.status is StepStatus.succeeded:
                 continue

@@ -54,12 +54,11 @@ def summarize(event: Event) -> tuple[str | None, str]:
             return event.step, f"command {event.operation} → {event.tool} {_short(event.arguments, 100)}"
         case ToolResult():
             outcome = (
-                _short(event.output)
-                if event.status.value == "succeeded"
-                else f"{event.error_kind}: {event.error}"
+                _short(event.output) if event.status.value == "succeeded" else f"{event.error_kind}: {event.error}"
             )
             return event.step, (
-                f"{event.tool} {event.status.value} after {event.attempts} attempt(s), {event.duration_ms} ms: {outcome}"
+                f"{event.tool} {event.status.value} after {event.attempts} attempt(s),"
+                f" {event.duration_ms} ms: {outcome}"
             )
         case RunCompleted():
             return None, f"completed: {event.reason}"

@@ -42,6 +42,7 @@ def build_app(settings: Settings) -> faust.App:
         producer_max_request_size=16 * 1024 * 1024,
         consumer_max_fetch_size=16 * 1024 * 1024,
         datadir=str(settings.data_dir / "faust"),
+        consumer_group_instance_id=settings.group_instance_id or None,
         key_serializer="json",
         value_serializer="json",
     )
@@ -79,9 +80,7 @@ def build_app(settings: Settings) -> faust.App:
         except codec.DecodeError as exc:
             await dead_letter(message, exc.reason, exc.detail)
             return
-        if not isinstance(event, Event) or (
-            message.topic.endswith(TOOL_RESULTS) != isinstance(event, ToolResult)
-        ):
+        if not isinstance(event, Event) or (message.topic.endswith(TOOL_RESULTS) != isinstance(event, ToolResult)):
             await dead_letter(message, "unexpected-event", f"{type(event).__name__} on {message.topic}")
             return
         current = table.get(event.run_id)

@@ -64,9 +64,7 @@ class Applied:
     changed: bool
 
 
-def apply(
-    state: RunState | None, event: Event, default_deadline_s: float, workflow: Workflow = ONBOARDING
-) -> Applied:
+def apply(state: RunState | None, event: Event, default_deadline_s: float, workflow: Workflow = ONBOARDING) -> Applied:
     if state is not None and event.event_id in state.applied:
         return Applied(state, changed=False)
     if isinstance(event, RunRequested):
@@ -128,6 +126,13 @@ def _replace_step(snap: StateSnapshot, step: StepState) -> StateSnapshot:
     return snap.model_copy(update={"steps": [step if s.name == step.name else s for s in snap.steps]})
 
 
+def _step(snap: StateSnapshot, name: str) -> StepState:
+    try:
+        return snap.step(name)
+    except KeyError as exc:
+        raise Unprocessable("unknown-step", f"run {snap.run_id} has no step {name!r}") from exc
+
+
 def _superseded(snap: StateSnapshot) -> StateSnapshot:
     return snap.model_copy(update={"superseded_decisions": snap.superseded_decisions + 1})
 
@@ -146,7 +151,7 @@ def _decision(snap: StateSnapshot, event: DecisionRecorded) -> StateSnapshot:
         return snap.model_copy(update={"status": _ENDINGS[event.action], "reason": event.reason})
     if event.action is not DecisionAction.dispatch or event.step is None:
         return snap
-    step = snap.step(event.step)
+    step = _step(snap, event.step)
     if step.status is StepStatus.pending:
         return _replace_step(
             snap,
@@ -167,10 +172,7 @@ def _decision(snap: StateSnapshot, event: DecisionRecorded) -> StateSnapshot:
 
 
 def _result(snap: StateSnapshot, event: ToolResult) -> StateSnapshot:
-    try:
-        step = snap.step(event.step)
-    except KeyError as exc:
-        raise Unprocessable("unknown-step", f"run {snap.run_id} has no step {event.step!r}") from exc
+    step = _step(snap, event.step)
     if event.operation == "compensate":
         if event.status is ToolStatus.succeeded:
             return _replace_step(snap, step.model_copy(update={"status": StepStatus.compensated}))

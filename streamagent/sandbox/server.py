@@ -103,9 +103,7 @@ class Sandbox:
     def effects(self, api: str | None = None, run_id: str | None = None) -> list[Effect]:
         with self._lock:
             return [
-                e
-                for e in self._effects
-                if (api is None or e.api == api) and (run_id is None or e.run_id == run_id)
+                e for e in self._effects if (api is None or e.api == api) and (run_id is None or e.run_id == run_id)
             ]
 
     def stats(self) -> dict[str, dict[str, Any]]:
@@ -212,9 +210,7 @@ class Sandbox:
                 self._replays[(api, op, key)] = response
         return Reply(response.status, response.body, dict(response.headers), "effect")
 
-    def _record(
-        self, api: str, op: str, request: ApiRequest, response: ApiResponse, run_id: str | None
-    ) -> None:
+    def _record(self, api: str, op: str, request: ApiRequest, response: ApiResponse, run_id: str | None) -> None:
         if request.body is not None:
             recorded_request: Any = request.body
         else:

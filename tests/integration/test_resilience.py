@@ -20,10 +20,9 @@ from streamagent.config import Settings
 from streamagent.demo import sample_requests
 from streamagent.dlq_ops import read_dead_letters, replay
 from streamagent.events import (
-    DecisionRecorded,
     DecisionAction,
+    DecisionRecorded,
     OnboardingRequest,
-    RunRequested,
     RunStatus,
     StateSnapshot,
     StepState,
@@ -81,7 +80,7 @@ def test_hundred_runs_complete_through_5xx_and_429(settings: Settings) -> None:
         print(f"\n[faults] 100/100 completed, 0 duplicated effects, {injected} injected faults retried: {faults}")
 
 
-def _restart_and_progress(stack: Stack, name: str, s: Settings, run_ids: list[str], progress_type: str) -> float:
+def _restart_and_progress(stack: Stack, name: str, s: Settings, progress_type: str, tool: str | None = None) -> float:
     """kill -9 a child, wait for the supervisor to restart it, return seconds to its first progress."""
     old = stack.kill(name)
     eventually(
@@ -94,12 +93,19 @@ def _restart_and_progress(stack: Stack, name: str, s: Settings, run_ids: list[st
 
         def progressed() -> bool:
             row = conn.execute(
-                "SELECT count(*) FROM run_events WHERE type = %s AND occurred_at > to_timestamp(%s)",
-                (progress_type, restarted),
+                "SELECT count(*) FROM run_events WHERE type = %s AND occurred_at > to_timestamp(%s)"
+                " AND (%s::text IS NULL OR payload->>'tool' = %s)",
+                (progress_type, restarted, tool, tool),
             ).fetchone()
             return bool(row and row[0] > 0)
 
-        eventually(progressed, timeout=90, interval=0.05, what=f"progress after restarting {name}")
+        try:
+            eventually(progressed, timeout=90, interval=0.05, what=f"progress after restarting {name}")
+        except AssertionError:
+            latest = conn.execute(
+                "SELECT max(occurred_at), max(recorded_at), count(*) FROM run_events WHERE type = %s", (progress_type,)
+            ).fetchone()
+            raise AssertionError(f"no {progress_type} after {restarted} (restart); latest: {latest}") from None
     return time.time() - restarted
 
 
@@ -112,13 +118,11 @@ def test_kill_nine_each_process_mid_flight_resumes_without_repeating(settings: S
         run_ids = produce_requests(s, sample_requests(100))
         figures = {}
         eventually(lambda: steps_done(s, run_ids) >= 40, timeout=120, what="runs under way")
-        figures["processor-decision"] = _restart_and_progress(
-            stack, "processor-decision", s, run_ids, "DecisionRecorded"
-        )
+        figures["processor-decision"] = _restart_and_progress(stack, "processor-decision", s, "DecisionRecorded")
         eventually(lambda: steps_done(s, run_ids) >= 120, timeout=120, what="more progress")
-        figures["tool-jira"] = _restart_and_progress(stack, "tool-jira", s, run_ids, "ToolResult")
+        figures["tool-jira"] = _restart_and_progress(stack, "tool-jira", s, "ToolResult", tool="jira")
         eventually(lambda: steps_done(s, run_ids) >= 200, timeout=120, what="more progress")
-        figures["processor-state"] = _restart_and_progress(stack, "processor-state", s, run_ids, "DecisionRecorded")
+        figures["processor-state"] = _restart_and_progress(stack, "processor-state", s, "DecisionRecorded")
         rows = eventually(lambda: ended(s, run_ids), timeout=240, what="100 runs ended")
         assert Counter(r.status for r in rows) == {"completed": 100}
         assert_one_effect_per_run_and_step(sandbox, run_ids)

@@ -8,8 +8,8 @@ closes the breaker, failure opens it again.
 from __future__ import annotations
 
 import asyncio
-import logging
 import contextlib
+import logging
 import time
 from enum import IntEnum
 
@@ -38,8 +38,13 @@ class CircuitBreaker:
 
     def _set(self, state: BreakerState) -> None:
         if state is not self.state:
-            log.warning("circuit %s: %s -> %s", self.name, self.state.name, state.name,
-                        extra={"circuit": self.name, "state": state.name})
+            log.warning(
+                "circuit %s: %s -> %s",
+                self.name,
+                self.state.name,
+                state.name,
+                extra={"circuit": self.name, "state": state.name},
+            )
         self.state = state
         CIRCUIT_STATE.labels(self.name).set(int(state))
 

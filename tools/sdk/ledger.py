@@ -57,9 +57,7 @@ class Ledger:
         )
 
     async def decision_known(self, decision_id: str) -> bool:
-        cur = await self.conn.execute(
-            "SELECT 1 FROM decisions WHERE decision_id = %s LIMIT 1", (decision_id,)
-        )
+        cur = await self.conn.execute("SELECT 1 FROM decisions WHERE decision_id = %s LIMIT 1", (decision_id,))
         return await cur.fetchone() is not None
 
     async def close(self) -> None:

@@ -14,9 +14,7 @@ class RetryPolicy:
     # 0 means "until the command's deadline", like Temporal's default activity policy.
     max_attempts: int = 0
 
-    def backoff(
-        self, attempt: int, retry_after: float | None = None, rng: random.Random | None = None
-    ) -> float:
+    def backoff(self, attempt: int, retry_after: float | None = None, rng: random.Random | None = None) -> float:
         """Delay before attempt ``attempt + 1``; ``attempt`` counts from 1."""
         base = min(self.max_backoff_s, self.initial_s * self.multiplier ** (attempt - 1))
         jittered = base * (rng or random).uniform(0.5, 1.0)

@@ -85,9 +85,7 @@ class ToolRunner:
         await self._announce()
         timeout = httpx.Timeout(self.settings.tool_timeout_s)
         limits = httpx.Limits(max_connections=self.max_in_flight, max_keepalive_connections=64)
-        async with httpx.AsyncClient(
-            base_url=self.settings.sandbox_url, timeout=timeout, limits=limits
-        ) as http:
+        async with httpx.AsyncClient(base_url=self.settings.sandbox_url, timeout=timeout, limits=limits) as http:
             self.http = http
             log.info("tool consuming", extra={"tool": self.tool.name, "topic": self.topic})
             last_commit = time.monotonic()
@@ -196,9 +194,7 @@ class ToolRunner:
         # The decision is stored before its command is produced, so a command without one was not
         # issued by the decision layer (a stale or forged message): refuse it rather than act.
         if not await self.ledger.decision_known(command.decision_id):
-            raise _Rejected(
-                "unknown-run", f"no recorded decision {command.decision_id} for run {command.run_id}"
-            )
+            raise _Rejected("unknown-run", f"no recorded decision {command.decision_id} for run {command.run_id}")
 
     async def _execute(self, command: ToolCommand) -> None:
         entry = await self.ledger.begin(command.command_id, self.tool.name, command.run_id, command.step)
@@ -208,9 +204,7 @@ class ToolRunner:
                 "command already done, republishing its result",
                 extra={"run_id": command.run_id, "command_id": command.command_id},
             )
-            await self._produce(
-                self.settings.topic(TOOL_RESULTS), command.run_id.encode(), entry.result_event
-            )
+            await self._produce(self.settings.topic(TOOL_RESULTS), command.run_id.encode(), entry.result_event)
             return
         result = await self._attempts(command, entry.attempts)
         encoded = codec.encode(result)
@@ -243,6 +237,13 @@ class ToolRunner:
             except PermanentError as exc:
                 await self.breaker.success()  # the API answered; it is up
                 error, kind = str(exc), "permanent"
+                break
+            except Exception as exc:
+                # A bug in the tool, not an outage: report it as the step's failure (the run ends
+                # visibly) and keep the breaker honest, never leave the command hanging.
+                await self.breaker.success()
+                log.exception("tool %s raised", self.tool.name, extra={"run_id": command.run_id})
+                error, kind = f"{type(exc).__name__}: {exc}", "tool-error"
                 break
             except RetryableError as exc:
                 await self.breaker.failure()

@@ -32,7 +32,7 @@ class CallContext:
         return {"Idempotency-Key": self.command_id, "X-Run-Id": self.run_id}
 
     async def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        headers = {**self.headers, **kwargs.pop("headers", {})}
+        headers = {**kwargs.pop("headers", {}), **self.headers}  # the SDK's keys win
         try:
             response = await self.http.request(method, path, headers=headers, **kwargs)
         except httpx.TimeoutException as exc:
@@ -54,7 +54,7 @@ def _retry_after(response: httpx.Response) -> float | None:
 def check(response: httpx.Response) -> None:
     """Class an HTTP status: 429 and 5xx are worth retrying, other 4xx are not."""
     status = response.status_code
-    if status < 400:
+    if status < 300:
         return
     detail = response.text[:300]
     where = f"{response.request.method} {response.request.url.path}"
@@ -62,6 +62,7 @@ def check(response: httpx.Response) -> None:
         raise RetryableError(f"{where} rate limited: {detail}", retry_after=_retry_after(response))
     if status >= 500:
         raise RetryableError(f"{where} answered {status}: {detail}", retry_after=_retry_after(response))
+    # Other 4xx, and 3xx (no redirects are followed: an API that moves is a configuration error).
     raise PermanentError(f"{where} answered {status}: {detail}")
 
 
