@@ -41,6 +41,9 @@ class Settings(BaseModel):
     run_deadline_s: float = Field(600.0, description="Default deadline of a run")
     command_deadline_s: float = Field(120.0, description="How long a tool may keep retrying a command")
     tool_timeout_s: float = Field(5.0, description="HTTP timeout of one tool call")
+    redrive_after_s: float = Field(
+        15.0, description="A running run idle this long gets its snapshot re-published (lost-message safety net)"
+    )
     metrics_port: int = Field(0, description="Prometheus port of this process; 0 picks a free one")
     log_level: str = Field("INFO")
     log_format: str = Field("json", description="json | text")

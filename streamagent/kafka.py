@@ -22,6 +22,10 @@ def producer(settings: Settings, **overrides: Any) -> Producer:
         "enable.idempotence": True,
         "acks": "all",
         "linger.ms": 2,
+        # Java's (and aiokafka's) partitioner, so that every producer (confluent here, aiokafka in
+        # faust) puts a run's events on the same partition number of every topic: the state table
+        # relies on that co-partitioning.
+        "partitioner": "murmur2_random",
         "message.max.bytes": 16 * 1024 * 1024,
     }
     conf.update(overrides)

@@ -23,6 +23,7 @@ TOOL_CALLS = Counter(
 TOOL_CALL_SECONDS = Histogram("streamagent_tool_call_seconds", "Duration of one external call", ["tool"])
 CIRCUIT_STATE = Gauge("streamagent_circuit_state", "0 closed, 1 half-open, 2 open", ["tool"])
 RUNS = Counter("streamagent_runs_total", "Runs that reached a status", ["status"])
+REDRIVES = Counter("streamagent_redrives_total", "Snapshots re-published for idle running runs")
 DECISIONS = Counter(
     "streamagent_decisions_total",
     "Decisions by outcome (recorded|replayed|superseded|waiting)",

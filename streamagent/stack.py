@@ -155,6 +155,15 @@ class Stack:
     def _add(self, child: Child) -> None:
         self.children[child.name] = child
 
+    def add_tool(self, name: str) -> Child:
+        """Deploy one more tool process (its own consumer group) into the running stack."""
+        env = {**os.environ, **to_env(self.settings)}
+        child = Child(f"tool-{name}", cli_argv("tool", name), env, self.settings.data_dir / "logs" / f"tool-{name}.log")
+        with self._lock:
+            self._add(child)
+            child.start()
+        return child
+
     def stop(self) -> None:
         self._stop.set()
         if self._supervisor is not None:

@@ -25,6 +25,7 @@ from streamagent.events import (
     RunCompleted,
     RunFailed,
     StateSnapshot,
+    StepStatus,
     ToolCommand,
     now,
     stable_id,
@@ -104,13 +105,17 @@ class DecisionHandler:
             # Snapshots of a run start at version 1 and arrive in order on one partition, so a
             # later version of a run this processor never saw did not come from the state processor.
             raise Unprocessable("unknown-run", f"snapshot v{snap.version} of run {snap.run_id} never seen before")
-        if self._superseded(snap):
+        latest, seen_before = self._progress(snap)
+        if latest > snap.version:
             DECISIONS.labels(self.decider.name, "superseded").inc()
             log.info("snapshot superseded", extra={"run_id": snap.run_id, "version": snap.version})
             return
         decision = self.decider.decide(snap)
         if decision is None:
-            DECISIONS.labels(self.decider.name, "waiting").inc()
+            if seen_before:
+                self._redrive(snap)
+            else:
+                DECISIONS.labels(self.decider.name, "waiting").inc()
             return
         decision_id = stable_id(snap.run_id, "decision", str(snap.version))
         topic, event = follow_up(self.settings, snap, decision, decision_id)
@@ -154,7 +159,11 @@ class DecisionHandler:
         row = self.conn.execute("SELECT 1 FROM decision_progress WHERE run_id = %s", (run_id,)).fetchone()
         return row is not None
 
-    def _superseded(self, snap: StateSnapshot) -> bool:
+    def _progress(self, snap: StateSnapshot) -> tuple[int, bool]:
+        """Record that this version was seen; returns (latest version seen, seen this one before)."""
+        previous = self.conn.execute(
+            "SELECT latest_version FROM decision_progress WHERE run_id = %s", (snap.run_id,)
+        ).fetchone()
         row = self.conn.execute(
             "INSERT INTO decision_progress (run_id, latest_version) VALUES (%s, %s)"
             " ON CONFLICT (run_id) DO UPDATE SET latest_version ="
@@ -165,7 +174,24 @@ class DecisionHandler:
             (snap.run_id, snap.version),
         ).fetchone()
         assert row is not None
-        return int(row[0]) > snap.version
+        return int(row[0]), previous is not None and int(previous[0]) >= snap.version
+
+    def _redrive(self, snap: StateSnapshot) -> None:
+        """A snapshot seen before, with a step still in flight: send that step's command again.
+
+        The state processor re-publishes the snapshot of a run that stopped moving; the command may
+        have been lost, or its result. The command keeps its id, so the tool either runs it (if it
+        never did) or republishes the result it recorded.
+        """
+        in_flight = [s.decision_id for s in snap.steps if s.status is StepStatus.dispatched and s.decision_id]
+        for decision_id in in_flight:
+            row = self.conn.execute(
+                "SELECT follow_up_topic, follow_up_event FROM decisions WHERE decision_id = %s", (decision_id,)
+            ).fetchone()
+            if row is not None and row[0] is not None:
+                self.producer.produce(row[0], key=snap.run_id.encode(), value=bytes(row[1]))
+                DECISIONS.labels(self.decider.name, "redriven").inc()
+                log.info("re-sent in-flight command", extra={"run_id": snap.run_id, "decision_id": decision_id})
 
     def _store(
         self, snap: StateSnapshot, record: DecisionRecorded, topic: str, follow: bytes

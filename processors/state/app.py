@@ -7,6 +7,7 @@ decision layer reads. Both are derived from ``agent.run.events`` + ``agent.tool.
 from __future__ import annotations
 
 import logging
+from datetime import datetime, timedelta
 from typing import Any
 
 import faust
@@ -17,7 +18,7 @@ from streamagent.config import Settings
 from streamagent.dlq import headers_for
 from streamagent.dlq import record as record_dead_letter
 from streamagent.events import Event, RunDeadlineExceeded, RunStatus, ToolResult, now, stable_id
-from streamagent.metrics import EVENTS_PROCESSED, RUNS
+from streamagent.metrics import EVENTS_PROCESSED, REDRIVES, RUNS
 from streamagent.topics import DEAD_LETTERS, RUN_EVENTS, RUN_STATE, TOOL_RESULTS
 
 log = logging.getLogger(__name__)
@@ -112,13 +113,31 @@ def build_app(settings: Settings) -> faust.App:
                 log.exception("state processor failed on an event")
                 await dead_letter(item.message, "processing-error", repr(exc))
 
+    redriven: dict[str, datetime] = {}
+
     @app.timer(interval=1.0)
-    async def deadlines() -> None:
-        """Emit RunDeadlineExceeded for local running runs past their deadline (once per run)."""
+    async def watch() -> None:
+        """Deadlines and re-drive, for the running runs of this worker's partitions.
+
+        Re-drive: a run that made no progress for ``redrive_after_s`` gets its snapshot published
+        again. The decision layer replays the decision recorded for that version, its tool
+        republishes the recorded result, and the run moves on; so a message lost anywhere in the
+        loop (a crash between two writes, a broker hiccup) costs time, never the run.
+        """
         moment = now()
+        idle = timedelta(seconds=settings.redrive_after_s)
         for run_id, value in list(table.items()):
-            snap = RunState.model_validate(value).snapshot
-            if snap.status is RunStatus.running and not snap.deadline_exceeded and snap.deadline_at < moment:
+            state = RunState.model_validate(value)
+            snap = state.snapshot
+            if snap.status is not RunStatus.running:
+                redriven.pop(run_id, None)
+                continue
+            if moment - max(snap.updated_at, redriven.get(run_id, snap.updated_at)) > idle:
+                redriven[run_id] = moment
+                REDRIVES.inc()
+                log.info("re-driving idle run", extra={"run_id": run_id, "version": snap.version})
+                await publish(state)
+            if not snap.deadline_exceeded and snap.deadline_at < moment:
                 event = RunDeadlineExceeded(
                     event_id=stable_id(run_id, "deadline-exceeded"),
                     run_id=run_id,

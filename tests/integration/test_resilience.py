@@ -302,3 +302,54 @@ def test_dlq_replay_puts_letters_back_after_the_fix(settings: Settings) -> None:
         assert replay(s, letters) == 1
         (row,) = eventually(lambda: ended(s, [request.run_id]), timeout=60, what="replayed run ended")
         assert row.status == "completed"
+
+
+def _skip_everything_in(s: Settings, topic: str, group: str) -> int:
+    """Commit a group's offsets to the end of a topic, as if its messages had been consumed: a loss."""
+    from confluent_kafka import Consumer, KafkaError, TopicPartition
+
+    c = Consumer(
+        {
+            "bootstrap.servers": s.bootstrap_servers,
+            "group.id": s.group(group),
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+            "fetch.wait.max.ms": 10,
+        }
+    )
+    try:
+        c.assign([TopicPartition(topic, p, 0) for p in range(s.partitions)])
+        left, ends, skipped = set(range(s.partitions)), {}, 0
+        while left:
+            msg = c.poll(1)
+            if msg is None:
+                continue
+            if msg.error():
+                if msg.error().code() == KafkaError._PARTITION_EOF:
+                    left.discard(msg.partition())
+                continue
+            ends[msg.partition()] = msg.offset() + 1
+            skipped += 1
+        c.commit(offsets=[TopicPartition(topic, p, o) for p, o in ends.items()], asynchronous=False)
+        return skipped
+    finally:
+        c.close()
+
+
+def test_a_lost_command_is_redriven_and_the_run_completes(settings: Settings) -> None:
+    settings = settings.model_copy(update={"redrive_after_s": 2.0})
+    with Stack(settings, tools=("enrich", "email", "slack")) as stack:
+        s = stack.settings
+        run_ids = produce_requests(s, sample_requests(3))
+        with psycopg.connect(s.database_url, autocommit=True) as conn:
+            eventually(
+                lambda: conn.execute("SELECT count(*) FROM decisions WHERE step='jira'").fetchone()[0] == 3,
+                timeout=60,
+                what="jira commands issued",
+            )
+        # The three jira commands are lost before any jira tool saw them.
+        assert _skip_everything_in(s, s.topic(command_topic("jira")), "tool.jira") == 3
+        stack.add_tool("jira")
+        rows = eventually(lambda: ended(s, run_ids), timeout=90, what="runs completed after the re-drive")
+        assert Counter(r.status for r in rows) == {"completed": 3}
+        assert_one_effect_per_run_and_step(SandboxClient(s.sandbox_url), run_ids)

@@ -14,7 +14,7 @@ import json
 import logging
 import signal
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
@@ -71,6 +71,7 @@ class ToolRunner:
         self._kafka = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kafka")
         self._offsets: dict[tuple[str, int], PartitionOffsets] = defaultdict(PartitionOffsets)
         self._run_locks: dict[str, asyncio.Lock] = {}
+        self._run_users: Counter[str] = Counter()
         self._tasks: set[asyncio.Task[None]] = set()
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -163,10 +164,7 @@ class ToolRunner:
         try:
             command = self._decode(msg)
             await self._check_known(command)
-            async with self._run_locks.setdefault(command.run_id, asyncio.Lock()):
-                await self._execute(command)
-            if not self._run_locks[command.run_id].locked():
-                self._run_locks.pop(command.run_id, None)
+            await self._in_run_order(command)
         except _Stopping:
             return  # not done: its offset stays uncommitted
         except _Rejected as exc:
@@ -177,6 +175,20 @@ class ToolRunner:
             self.dead_letters.send(msg, "processing-error", repr(exc))
             await self._flush()
         tracker.done(msg.offset())
+
+    async def _in_run_order(self, command: ToolCommand) -> None:
+        """Commands of one run execute one at a time, in arrival order; other runs are not held up."""
+        run_id = command.run_id
+        lock = self._run_locks.setdefault(run_id, asyncio.Lock())
+        self._run_users[run_id] += 1
+        try:
+            async with lock:
+                await self._execute(command)
+        finally:
+            self._run_users[run_id] -= 1
+            if self._run_users[run_id] == 0:
+                del self._run_users[run_id]
+                del self._run_locks[run_id]
 
     def _decode(self, msg: Message) -> ToolCommand:
         value = msg.value()
@@ -238,13 +250,6 @@ class ToolRunner:
                 await self.breaker.success()  # the API answered; it is up
                 error, kind = str(exc), "permanent"
                 break
-            except Exception as exc:
-                # A bug in the tool, not an outage: report it as the step's failure (the run ends
-                # visibly) and keep the breaker honest, never leave the command hanging.
-                await self.breaker.success()
-                log.exception("tool %s raised", self.tool.name, extra={"run_id": command.run_id})
-                error, kind = f"{type(exc).__name__}: {exc}", "tool-error"
-                break
             except RetryableError as exc:
                 await self.breaker.failure()
                 TOOL_CALLS.labels(self.tool.name, "retried").inc()
@@ -263,6 +268,13 @@ class ToolRunner:
                 )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stop_event.wait(), timeout=delay)
+            except Exception as exc:
+                # A bug in the tool, not an outage: report it as the step's failure (the run ends
+                # visibly) and keep the breaker honest, never leave the command hanging.
+                await self.breaker.success()
+                log.exception("tool %s raised", self.tool.name, extra={"run_id": command.run_id})
+                error, kind = f"{type(exc).__name__}: {exc}", "tool-error"
+                break
         return ToolResult(
             event_id=stable_id(command.command_id, "result"),
             run_id=command.run_id,
