@@ -35,6 +35,9 @@ class Step:
 class Workflow:
     name: str
     steps: tuple[Step, ...] = field(default_factory=tuple)
+    # A run that passed its deadline is abandoned: what it created is undone (in reverse order).
+    # A run that fails on a step keeps what it created and reports it (graceful degradation).
+    compensate_abandoned: bool = True
 
     def step(self, name: str) -> Step:
         for step in self.steps:

@@ -187,6 +187,7 @@ class StepStatus(StrEnum):
     dispatched = "dispatched"
     succeeded = "succeeded"
     failed = "failed"
+    compensating = "compensating"
     compensated = "compensated"
 
 
@@ -231,6 +232,7 @@ class StateSnapshot(BaseModel):
     updated_at: datetime
     deadline_at: datetime
     last_event_id: str
+    last_decision_id: str | None = None
     deadline_exceeded: bool = False
     reason: str | None = None
     superseded_decisions: int = 0

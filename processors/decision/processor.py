@@ -45,10 +45,13 @@ def command_id(run_id: str, step: str, operation: str = "execute") -> str:
 
 def follow_up(settings: Settings, snap: StateSnapshot, decision: Decision, decision_id: str) -> tuple[str, Event]:
     """The event a decision sends into the world, and the topic it goes to."""
-    if decision.action is DecisionAction.dispatch:
+    if decision.action in (DecisionAction.dispatch, DecisionAction.compensate):
         assert decision.step is not None and decision.tool is not None
-        cid = command_id(snap.run_id, decision.step)
-        deadline = min(snap.deadline_at, now() + timedelta(seconds=settings.command_deadline_s))
+        operation = "compensate" if decision.action is DecisionAction.compensate else "execute"
+        cid = command_id(snap.run_id, decision.step, operation)
+        # An undo runs after the run's deadline by definition; it gets its own.
+        limit = now() + timedelta(seconds=settings.command_deadline_s)
+        deadline = limit if operation == "compensate" else min(snap.deadline_at, limit)
         command = ToolCommand(
             event_id=stable_id(cid, "command"),
             run_id=snap.run_id,
@@ -57,6 +60,7 @@ def follow_up(settings: Settings, snap: StateSnapshot, decision: Decision, decis
             decision_id=decision_id,
             tool=decision.tool,
             step=decision.step,
+            operation=operation,
             arguments=decision.arguments,
             deadline_at=deadline,
         )
@@ -110,6 +114,16 @@ class DecisionHandler:
             DECISIONS.labels(self.decider.name, "superseded").inc()
             log.info("snapshot superseded", extra={"run_id": snap.run_id, "version": snap.version})
             return
+        pending = self._pending(snap)
+        if pending is not None:
+            # One decision in flight per run: the state has not taken the last one in yet, so this
+            # snapshot cannot show its effect, and deciding now would decide the same thing again.
+            if seen_before:
+                DECISIONS.labels(self.decider.name, "redriven").inc()
+                self._emit(snap.run_id, *pending)
+            else:
+                DECISIONS.labels(self.decider.name, "waiting").inc()
+            return
         decision = self.decider.decide(snap)
         if decision is None:
             if seen_before:
@@ -155,6 +169,16 @@ class DecisionHandler:
         ).fetchone()
         return (bytes(row[0]), row[1], bytes(row[2]) if row[2] is not None else None) if row else None
 
+    def _pending(self, snap: StateSnapshot) -> tuple[bytes, str | None, bytes | None] | None:
+        row = self.conn.execute(
+            "SELECT decision_id, decision_event, follow_up_topic, follow_up_event FROM decisions"
+            " WHERE run_id = %s ORDER BY based_on_version DESC LIMIT 1",
+            (snap.run_id,),
+        ).fetchone()
+        if row is None or row[0] == snap.last_decision_id:
+            return None
+        return bytes(row[1]), row[2], bytes(row[3]) if row[3] is not None else None
+
     def _known(self, run_id: str) -> bool:
         row = self.conn.execute("SELECT 1 FROM decision_progress WHERE run_id = %s", (run_id,)).fetchone()
         return row is not None
@@ -183,7 +207,8 @@ class DecisionHandler:
         have been lost, or its result. The command keeps its id, so the tool either runs it (if it
         never did) or republishes the result it recorded.
         """
-        in_flight = [s.decision_id for s in snap.steps if s.status is StepStatus.dispatched and s.decision_id]
+        waiting = (StepStatus.dispatched, StepStatus.compensating)
+        in_flight = [s.decision_id for s in snap.steps if s.status in waiting and s.decision_id]
         for decision_id in in_flight:
             row = self.conn.execute(
                 "SELECT follow_up_topic, follow_up_event FROM decisions WHERE decision_id = %s", (decision_id,)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from processors.decision.decider import Decision, context_of
 from processors.workflow import ONBOARDING, Workflow
 from streamagent.events import DecisionAction, RunStatus, StateSnapshot, StepStatus
@@ -14,9 +16,9 @@ class RulesDecider:
         self.workflow = workflow
 
     def decide(self, snapshot: StateSnapshot) -> Decision | None:
-        if snapshot.status is not RunStatus.running:
-            return None
         context = context_of(snapshot, sorted({s.tool for s in self.workflow.steps}))
+        if snapshot.status is not RunStatus.running:
+            return self._compensation(snapshot, context)
         if snapshot.deadline_exceeded:
             return Decision(
                 DecisionAction.escalate,
@@ -47,3 +49,25 @@ class RulesDecider:
                 context=context,
             )
         return Decision(DecisionAction.complete, "every step succeeded", context=context)
+
+    def _compensation(self, snapshot: StateSnapshot, context: dict[str, Any]) -> Decision | None:
+        """Undo, last step first, what an abandoned run (deadline passed) created."""
+        abandoned = snapshot.status is RunStatus.escalated and snapshot.deadline_exceeded
+        if not (abandoned and self.workflow.compensate_abandoned):
+            return None
+        if any(s.status is StepStatus.compensating for s in snapshot.steps):
+            return None  # one undo at a time
+        results = snapshot.results()
+        for state in reversed(snapshot.steps):
+            step = self.workflow.step(state.name)
+            if state.status is StepStatus.succeeded and step.compensation is not None:
+                tool, build = step.compensation
+                return Decision(
+                    DecisionAction.compensate,
+                    f"run abandoned after its deadline: undo {step.name}",
+                    step=step.name,
+                    tool=tool,
+                    arguments=build(snapshot.request, results, snapshot.run_id),
+                    context=context,
+                )
+        return None

@@ -17,7 +17,7 @@ from streamagent import codec, faust_compat
 from streamagent.config import Settings
 from streamagent.dlq import headers_for
 from streamagent.dlq import record as record_dead_letter
-from streamagent.events import Event, RunDeadlineExceeded, RunStatus, ToolResult, now, stable_id
+from streamagent.events import Event, RunDeadlineExceeded, RunStatus, StepStatus, ToolResult, now, stable_id
 from streamagent.metrics import EVENTS_PROCESSED, REDRIVES, RUNS
 from streamagent.topics import DEAD_LETTERS, RUN_EVENTS, RUN_STATE, TOOL_RESULTS
 
@@ -129,7 +129,8 @@ def build_app(settings: Settings) -> faust.App:
         for run_id, value in list(table.items()):
             state = RunState.model_validate(value)
             snap = state.snapshot
-            if snap.status is not RunStatus.running:
+            undoing = any(s.status is StepStatus.compensating for s in snap.steps)
+            if snap.status is not RunStatus.running and not undoing:
                 redriven.pop(run_id, None)
                 continue
             if moment - max(snap.updated_at, redriven.get(run_id, snap.updated_at)) > idle:
@@ -137,7 +138,7 @@ def build_app(settings: Settings) -> faust.App:
                 REDRIVES.inc()
                 log.info("re-driving idle run", extra={"run_id": run_id, "version": snap.version})
                 await publish(state)
-            if not snap.deadline_exceeded and snap.deadline_at < moment:
+            if snap.status is RunStatus.running and not snap.deadline_exceeded and snap.deadline_at < moment:
                 event = RunDeadlineExceeded(
                     event_id=stable_id(run_id, "deadline-exceeded"),
                     run_id=run_id,

@@ -36,6 +36,9 @@ _ENDINGS = {
     DecisionAction.escalate: RunStatus.escalated,
 }
 
+# Statuses a repeated result of the step's own command must not change.
+_SETTLED = (StepStatus.succeeded, StepStatus.failed, StepStatus.compensating, StepStatus.compensated)
+
 # How many applied event ids a run remembers; a run has a few dozen events, so this is "all".
 MAX_REMEMBERED = 1000
 
@@ -75,7 +78,7 @@ def apply(state: RunState | None, event: Event, default_deadline_s: float, workf
         raise Unprocessable("unknown-run", f"{event.type} for run {event.run_id} that was never requested")
     snap = _next(state.snapshot, event)
     if isinstance(event, DecisionRecorded):
-        snap = _decision(snap, event)
+        snap = _decision(snap, event).model_copy(update={"last_decision_id": event.decision_id})
     elif isinstance(event, ToolResult):
         snap = _result(snap, event)
     elif isinstance(event, RunCompleted):
@@ -143,6 +146,13 @@ def _decision(snap: StateSnapshot, event: DecisionRecorded) -> StateSnapshot:
     Commands carry a stable id per (run, step), so a superseded dispatch that reached its tool
     anyway is deduplicated there; here it only must not move the run.
     """
+    if event.action is DecisionAction.compensate and event.step is not None:
+        step = _step(snap, event.step)
+        if step.status is not StepStatus.succeeded:
+            return _superseded(snap)
+        # The step now points at the undo's decision, so a re-drive re-sends the undo.
+        update = {"status": StepStatus.compensating, "decision_id": event.decision_id}
+        return _replace_step(snap, step.model_copy(update=update))
     if snap.status.terminal:
         return _superseded(snap)
     if event.action in _ENDINGS:
@@ -176,12 +186,17 @@ def _result(snap: StateSnapshot, event: ToolResult) -> StateSnapshot:
     if event.operation == "compensate":
         if event.status is ToolStatus.succeeded:
             return _replace_step(snap, step.model_copy(update={"status": StepStatus.compensated}))
-        return snap
-    if step.status in (StepStatus.succeeded, StepStatus.failed) and step.command_id == event.command_id:
+        # A failed undo stays visible (status compensating, with the error) and is not retried.
+        return _replace_step(snap, step.model_copy(update={"error": f"compensation failed: {event.error}"}))
+    if step.status in _SETTLED and step.command_id == event.command_id:
         return snap  # the same outcome, delivered again under a new event id
     if step.command_id not in (None, event.command_id):
         raise Unprocessable("unknown-command", f"{event.command_id} is not the command of step {step.name}")
     ok = event.status is ToolStatus.succeeded
+    if not ok and event.error_kind == "deadline" and event.occurred_at >= snap.deadline_at:
+        # The tool gave up because the run's own deadline passed: the run is abandoned, whichever
+        # of this result and the deadline timer's event arrives first.
+        snap = snap.model_copy(update={"deadline_exceeded": True})
     return _replace_step(
         snap,
         step.model_copy(

@@ -353,3 +353,25 @@ def test_a_lost_command_is_redriven_and_the_run_completes(settings: Settings) ->
         rows = eventually(lambda: ended(s, run_ids), timeout=90, what="runs completed after the re-drive")
         assert Counter(r.status for r in rows) == {"completed": 3}
         assert_one_effect_per_run_and_step(SandboxClient(s.sandbox_url), run_ids)
+
+
+def test_an_abandoned_run_is_escalated_and_its_jira_project_closed(settings: Settings) -> None:
+    request = sample_requests(1)[0].model_copy(update={"deadline_s": 4.0})
+    with Stack(settings) as stack:
+        s = stack.settings
+        sandbox = SandboxClient(s.sandbox_url)
+        sandbox.set_faults("email", FaultSpec(down=True))  # the run cannot finish in time
+        produce_requests(s, [request])
+        (row,) = eventually(lambda: ended(s, [request.run_id]), timeout=60, what="run ended")
+        assert row.status == "escalated" and "deadline" in (row.reason or "")
+
+        def undone() -> list[object]:
+            return [e for e in sandbox.effects(api="jira") if e.op == "delete"]
+
+        (delete,) = eventually(undone, timeout=60, what="jira project closed")
+        created = [e for e in sandbox.effects(api="jira") if e.op == "create"]
+        assert len(created) == 1 and created[0].response["key"] in str(delete.request) + str(delete.response)
+        timeline = queries.timeline(s, request.run_id)
+        decisions = [e.payload["action"] for e in timeline if e.type == "DecisionRecorded"]
+        assert decisions[-2:] == ["escalate", "compensate"]
+        assert sandbox.effects(api="email") == []

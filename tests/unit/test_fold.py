@@ -248,12 +248,12 @@ def test_any_decision_on_a_terminal_run_is_superseded(action: DecisionAction) ->
     assert later.snapshot.steps == ended.snapshot.steps
 
 
-def test_a_compensate_decision_on_a_running_run_moves_nothing() -> None:
+def test_a_compensate_decision_for_a_step_that_did_not_succeed_moves_nothing() -> None:
     state = started()
     later = fold([decision(DecisionAction.compensate, "jira")], state)
     assert later.snapshot.steps == state.snapshot.steps
     assert later.snapshot.status is RunStatus.running
-    assert later.snapshot.superseded_decisions == 0
+    assert later.snapshot.superseded_decisions == 1
 
 
 # -- results -----------------------------------------------------------------------------------------
@@ -461,3 +461,40 @@ def test_results_before_decisions_reach_the_same_step_states() -> None:
             sb.decision_id,
             sb.output,
         )
+
+
+# -- compensation ------------------------------------------------------------------------------------
+def _abandoned_after_jira() -> RunState:
+    return fold(
+        [
+            requested(),
+            dispatch("enrich"),
+            result("enrich"),
+            dispatch("jira"),
+            result("jira", output={"key": "ACMEX1"}),
+            RunDeadlineExceeded(run_id=RUN, occurred_at=_at(), deadline_at=_at()),
+            decision(DecisionAction.escalate),
+        ]
+    )
+
+
+def test_an_undo_of_a_succeeded_step_runs_even_on_an_ended_run() -> None:
+    state = _abandoned_after_jira()
+    assert state.snapshot.status is RunStatus.escalated
+    undo = decision(DecisionAction.compensate, "jira", command_id="cmd-jira-undo")
+    undoing = fold([undo], state)
+    jira = undoing.snapshot.step("jira")
+    assert jira.status is StepStatus.compensating and jira.decision_id == undo.decision_id
+    assert jira.output == {"key": "ACMEX1"}  # what was created stays reported
+    done = fold([result("jira", command_id="cmd-jira-undo", operation="compensate")], undoing)
+    assert done.snapshot.step("jira").status is StepStatus.compensated
+    # A late repeat of the original create result does not resurrect the step.
+    again = fold([result("jira", output={"key": "ACMEX1"})], done)
+    assert again.snapshot.step("jira").status is StepStatus.compensated
+
+
+def test_a_failed_undo_stays_visible_and_is_not_marked_done() -> None:
+    undoing = fold([decision(DecisionAction.compensate, "jira")], _abandoned_after_jira())
+    failed = fold([result("jira", ok=False, error="boom", operation="compensate")], undoing)
+    jira = failed.snapshot.step("jira")
+    assert jira.status is StepStatus.compensating and "compensation failed: boom" in (jira.error or "")

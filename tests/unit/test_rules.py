@@ -341,3 +341,20 @@ def test_every_kind_of_decision_carries_the_context(kind: str) -> None:
     assert decision is not None and decision.action.value == kind
     assert {"request", "steps", "results", "available_tools"} <= set(decision.context)
     assert decision.context["steps"] == {s.name: s.status.value for s in run.snap.steps}
+
+
+def test_an_abandoned_run_undoes_its_jira_project_and_a_failed_one_keeps_it() -> None:
+    run = Run()
+    run.step_through(2)  # enrich and jira succeeded
+    key = run.snap.step("jira").output["key"]
+    abandoned = run.snap.model_copy(update={"status": RunStatus.escalated, "deadline_exceeded": True})
+    undo = DECIDER.decide(abandoned)
+    assert undo is not None and undo.action is DecisionAction.compensate
+    assert (undo.step, undo.tool, undo.arguments) == ("jira", "jira", {"key": key})
+    # A run that failed on a step keeps (and reports) what it created.
+    assert DECIDER.decide(run.snap.model_copy(update={"status": RunStatus.failed})) is None
+    # One undo at a time, and none once it is under way.
+    steps = [
+        s.model_copy(update={"status": StepStatus.compensating}) if s.name == "jira" else s for s in abandoned.steps
+    ]
+    assert DECIDER.decide(abandoned.model_copy(update={"steps": steps})) is None
