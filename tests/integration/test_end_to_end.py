@@ -10,7 +10,7 @@ from helpers import eventually
 from processors.workflow import project_key
 from streamagent import queries
 from streamagent.cli import main as cli
-from streamagent.config import Settings
+from streamagent.config import Settings, get_settings
 from streamagent.demo import sample_requests
 from streamagent.events import RunRequested
 from streamagent.sandbox import SandboxClient
@@ -27,7 +27,9 @@ def _all_ended(settings: Settings, run_ids: list[str]) -> list[queries.RunRow] |
     return rows if len(rows) == len(run_ids) and all(r.status != "running" for r in rows) else None
 
 
-def test_twenty_runs_complete_with_one_effect_per_step(settings: Settings, capsys: pytest.CaptureFixture[str]) -> None:
+def test_twenty_runs_complete_with_one_effect_per_step(
+    settings: Settings, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     requests = sample_requests(20)
     with Stack(settings) as stack:
         s = stack.settings
@@ -54,9 +56,12 @@ def test_twenty_runs_complete_with_one_effect_per_step(settings: Settings, capsy
 
         # `streamagent show` prints the same steps, in order.
         capsys.readouterr()
-        monkey_env = {"STREAMAGENT_DATABASE_URL": s.database_url}
-        with _env(monkey_env):
+        monkeypatch.setenv("STREAMAGENT_DATABASE_URL", s.database_url)
+        get_settings.cache_clear()
+        try:
             assert cli(["show", requests[0].run_id]) == 0
+        finally:
+            get_settings.cache_clear()
         out = capsys.readouterr().out
         positions = [out.index(f"ToolResult           {step}") for step in STEPS]
         assert positions == sorted(positions)
@@ -80,29 +85,3 @@ def _assert_effects_of(request: RunRequested, effects: list) -> None:  # type: i
     assert key in text and industry in text and by_api["email"].response["message_id"] in text
     # The command id is the idempotency key every API call carried.
     assert len({e.idempotency_key for e in effects}) == 4
-
-
-class _env:
-    def __init__(self, values: dict[str, str]) -> None:
-        self.values = values
-
-    def __enter__(self) -> None:
-        import os
-
-        from streamagent.config import get_settings
-
-        self.saved = {k: os.environ.get(k) for k in self.values}
-        os.environ.update(self.values)
-        get_settings.cache_clear()
-
-    def __exit__(self, *exc: object) -> None:
-        import os
-
-        from streamagent.config import get_settings
-
-        for k, v in self.saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        get_settings.cache_clear()
