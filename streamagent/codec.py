@@ -19,20 +19,14 @@ import fastavro
 import fastavro.schema
 from pydantic import BaseModel, ValidationError
 
+from streamagent.errors import DecodeError
 from streamagent.events import ALL_MODELS, StateSnapshot
+
+__all__ = ["DecodeError", "decode", "encode", "registry"]
 
 MAGIC = b"\xc3\x01"
 HEADER_LEN = len(MAGIC) + 8
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
-
-
-class DecodeError(ValueError):
-    """The bytes are not an event this runtime can read. ``reason`` is a short, stable tag."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -116,10 +110,15 @@ def peek_schema(data: bytes) -> SchemaEntry:
     return entry
 
 
-def decode(data: bytes | None) -> BaseModel:
-    """Decode any event; raises ``DecodeError`` with a reason tag for anything unreadable."""
+def decode(data: bytes | None, max_bytes: int | None = None) -> BaseModel:
+    """Decode any event; raises ``DecodeError`` with a reason tag for anything unreadable.
+
+    ``max_bytes`` refuses larger messages before any parsing (reason ``oversized``).
+    """
     if not data:
         raise DecodeError("empty", "message has no value")
+    if max_bytes is not None and len(data) > max_bytes:
+        raise DecodeError("oversized", f"{len(data)} bytes > {max_bytes}")
     writer = peek_schema(data)
     reader = registry().current.get(writer.name)
     if reader is None:

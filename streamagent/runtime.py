@@ -21,20 +21,14 @@ from pydantic import BaseModel
 from streamagent import codec
 from streamagent.config import Settings
 from streamagent.dlq import DeadLetterSink
+from streamagent.errors import Unprocessable
 from streamagent.kafka import consumer as make_consumer
 from streamagent.kafka import producer as make_producer
 from streamagent.metrics import EVENTS_PROCESSED
 
 log = logging.getLogger(__name__)
 
-
-class Unprocessable(Exception):
-    """The event is well formed but cannot be handled; it goes to the dead letters, not retried."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
+__all__ = ["ConsumerRuntime", "Incoming", "RetryPolicy", "Unprocessable", "run_until_signalled"]
 
 
 @dataclass(frozen=True)
@@ -128,12 +122,8 @@ class ConsumerRuntime:
 
     def _one(self, msg: Message) -> None:
         EVENTS_PROCESSED.labels(self.name, msg.topic()).inc()
-        value = msg.value()
-        if value is not None and len(value) > self.settings.max_event_bytes:
-            self.dead_letters.send(msg, "oversized", f"{len(value)} bytes > {self.settings.max_event_bytes}")
-            return
         try:
-            event = codec.decode(value)
+            event = codec.decode(msg.value(), self.settings.max_event_bytes)
         except codec.DecodeError as exc:
             self.dead_letters.send(msg, exc.reason, exc.detail)
             return

@@ -12,11 +12,12 @@ from typing import Any
 
 import faust
 
-from processors.state.fold import RunState, Unprocessable, apply
+from processors.state.fold import Applied, RunState, apply
 from streamagent import codec, faust_compat
 from streamagent.config import Settings
 from streamagent.dlq import headers_for
 from streamagent.dlq import record as record_dead_letter
+from streamagent.errors import Rejected, Unprocessable
 from streamagent.events import Event, RunDeadlineExceeded, RunStatus, StepStatus, ToolResult, now, stable_id
 from streamagent.metrics import EVENTS_PROCESSED, REDRIVES, RUNS
 from streamagent.topics import DEAD_LETTERS, RUN_EVENTS, RUN_STATE, TOOL_RESULTS
@@ -71,34 +72,28 @@ def build_app(settings: Settings) -> faust.App:
             headers=headers_for(reason, error, PROCESSOR, message.topic, message.partition, message.offset),
         )
 
-    async def handle(message: Any) -> None:
-        value: bytes | None = message.value
-        if value is not None and len(value) > settings.max_event_bytes:
-            await dead_letter(message, "oversized", f"{len(value)} bytes > {settings.max_event_bytes}")
-            return
-        try:
-            event = codec.decode(value)
-        except codec.DecodeError as exc:
-            await dead_letter(message, exc.reason, exc.detail)
-            return
+    def fold_one(message: Any) -> tuple[RunState | None, Applied]:
+        event = codec.decode(message.value, settings.max_event_bytes)
         if not isinstance(event, Event) or (message.topic.endswith(TOOL_RESULTS) != isinstance(event, ToolResult)):
-            await dead_letter(message, "unexpected-event", f"{type(event).__name__} on {message.topic}")
-            return
+            raise Unprocessable("unexpected-event", f"{type(event).__name__} on {message.topic}")
         current = table.get(event.run_id)
         state = RunState.model_validate(current) if current is not None else None
+        return state, apply(state, event, settings.run_deadline_s)
+
+    async def handle(message: Any) -> None:
         try:
-            outcome = apply(state, event, settings.run_deadline_s)
-        except Unprocessable as exc:
+            state, outcome = fold_one(message)
+        except Rejected as exc:
             await dead_letter(message, exc.reason, exc.detail)
             return
         if outcome.changed:
-            table[event.run_id] = outcome.state.model_dump(mode="json")
             snap = outcome.state.snapshot
+            table[snap.run_id] = outcome.state.model_dump(mode="json")
             if state is None:
                 RUNS.labels(RunStatus.running.value).inc()
             if snap.status.terminal and (state is None or not state.snapshot.status.terminal):
                 RUNS.labels(snap.status.value).inc()
-            log.debug("applied %s", event.type, extra={"run_id": event.run_id, "version": snap.version})
+            log.debug("applied event", extra={"run_id": snap.run_id, "version": snap.version})
         # A duplicate re-publishes the current snapshot: after a crash the changelog may hold a
         # version whose snapshot never left the producer. Readers dedupe by (run, version).
         await publish(outcome.state)

@@ -13,6 +13,7 @@ from datetime import timedelta
 from pydantic import BaseModel, ConfigDict, Field
 
 from processors.workflow import ONBOARDING, Workflow
+from streamagent.errors import Unprocessable
 from streamagent.events import (
     DecisionAction,
     DecisionRecorded,
@@ -41,15 +42,6 @@ _SETTLED = (StepStatus.succeeded, StepStatus.failed, StepStatus.compensating, St
 
 # How many applied event ids a run remembers; a run has a few dozen events, so this is "all".
 MAX_REMEMBERED = 1000
-
-
-class Unprocessable(Exception):
-    """A well-formed event this state cannot take (e.g. an unknown run). Goes to the dead letters."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 class RunState(BaseModel):

@@ -22,7 +22,9 @@ class SandboxError(RuntimeError):
 class SandboxClient:
     def __init__(self, base_url: str, timeout: float = 5.0) -> None:
         self.base_url = base_url.rstrip("/")
-        self._http = httpx.Client(base_url=self.base_url, timeout=timeout)
+        # Every admin call is idempotent, so a connection refused or reset while connecting (a busy
+        # machine, a server just started) is simply tried again.
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, transport=httpx.HTTPTransport(retries=3))
 
     def close(self) -> None:
         self._http.close()

@@ -25,6 +25,7 @@ from confluent_kafka import KafkaError, Message, TopicPartition
 from streamagent import codec, db
 from streamagent.config import Settings
 from streamagent.dlq import DeadLetterSink
+from streamagent.errors import Rejected
 from streamagent.events import ToolCommand, ToolResult, ToolStatus, stable_id
 from streamagent.kafka import consumer as make_consumer
 from streamagent.kafka import producer as make_producer
@@ -41,13 +42,6 @@ log = logging.getLogger(__name__)
 
 class _Stopping(Exception):
     """The tool is shutting down mid-retry: leave the command uncommitted for the next owner."""
-
-
-class _Rejected(Exception):
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
 
 
 class ToolRunner:
@@ -167,7 +161,7 @@ class ToolRunner:
             await self._in_run_order(command)
         except _Stopping:
             return  # not done: its offset stays uncommitted
-        except _Rejected as exc:
+        except Rejected as exc:
             self.dead_letters.send(msg, exc.reason, exc.detail)
             await self._flush()
         except Exception as exc:  # one bad command must never stop the tool
@@ -191,22 +185,16 @@ class ToolRunner:
                 del self._run_locks[run_id]
 
     def _decode(self, msg: Message) -> ToolCommand:
-        value = msg.value()
-        if value is not None and len(value) > self.settings.max_event_bytes:
-            raise _Rejected("oversized", f"{len(value)} bytes > {self.settings.max_event_bytes}")
-        try:
-            command = codec.decode(value)
-        except codec.DecodeError as exc:
-            raise _Rejected(exc.reason, exc.detail) from exc
+        command = codec.decode(msg.value(), self.settings.max_event_bytes)  # DecodeError is a Rejected
         if not isinstance(command, ToolCommand) or command.tool != self.tool.name:
-            raise _Rejected("unexpected-event", f"{type(command).__name__} is not a {self.tool.name} command")
+            raise Rejected("unexpected-event", f"{type(command).__name__} is not a {self.tool.name} command")
         return command
 
     async def _check_known(self, command: ToolCommand) -> None:
         # The decision is stored before its command is produced, so a command without one was not
         # issued by the decision layer (a stale or forged message): refuse it rather than act.
         if not await self.ledger.decision_known(command.decision_id):
-            raise _Rejected("unknown-run", f"no recorded decision {command.decision_id} for run {command.run_id}")
+            raise Rejected("unknown-run", f"no recorded decision {command.decision_id} for run {command.run_id}")
 
     async def _execute(self, command: ToolCommand) -> None:
         entry = await self.ledger.begin(command.command_id, self.tool.name, command.run_id, command.step)
