@@ -105,10 +105,6 @@ class DecisionHandler:
             DECISIONS.labels(self.decider.name, "replayed").inc()
             self._emit(snap.run_id, *recorded)
             return
-        if snap.version > 1 and not self._known(snap.run_id):
-            # Snapshots of a run start at version 1 and arrive in order on one partition, so a
-            # later version of a run this processor never saw did not come from the state processor.
-            raise Unprocessable("unknown-run", f"snapshot v{snap.version} of run {snap.run_id} never seen before")
         latest, seen_before = self._progress(snap)
         if latest > snap.version:
             DECISIONS.labels(self.decider.name, "superseded").inc()
@@ -179,15 +175,15 @@ class DecisionHandler:
             return None
         return bytes(row[1]), row[2], bytes(row[3]) if row[3] is not None else None
 
-    def _known(self, run_id: str) -> bool:
-        row = self.conn.execute("SELECT 1 FROM decision_progress WHERE run_id = %s", (run_id,)).fetchone()
-        return row is not None
-
     def _progress(self, snap: StateSnapshot) -> tuple[int, bool]:
         """Record that this version was seen; returns (latest version seen, seen this one before)."""
         previous = self.conn.execute(
             "SELECT latest_version FROM decision_progress WHERE run_id = %s", (snap.run_id,)
         ).fetchone()
+        if previous is None and snap.version > 1:
+            # Snapshots of a run start at version 1 and arrive in order on one partition, so a
+            # later version of a run this processor never saw did not come from the state processor.
+            raise Unprocessable("unknown-run", f"snapshot v{snap.version} of run {snap.run_id} never seen before")
         row = self.conn.execute(
             "INSERT INTO decision_progress (run_id, latest_version) VALUES (%s, %s)"
             " ON CONFLICT (run_id) DO UPDATE SET latest_version ="
