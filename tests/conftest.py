@@ -67,3 +67,15 @@ def settings(infra: dict[str, object], tmp_path: Path) -> Settings:
         data_dir=tmp_path / "data",
         log_format="json",
     )
+
+
+@pytest.fixture(autouse=True)
+def _restore_root_logger() -> Iterator[None]:
+    """``streamagent.cli.main`` configures logging for a process; in-process CLI tests must not leak it."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)

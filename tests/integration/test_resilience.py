@@ -389,3 +389,20 @@ def test_an_abandoned_run_is_escalated_and_its_jira_project_closed(settings: Set
         eventually(lambda: decided()[-2:] == ["escalate", "compensate"], timeout=30, what="undo in the timeline")
         assert decided().count("compensate") == 1
         assert sandbox.effects(api="email") == []
+
+
+def test_hangs_latency_and_a_burst_of_failures_are_ridden_out(settings: Settings) -> None:
+    """Calls that hang past the client timeout are abandoned and retried under the same key."""
+    settings = settings.model_copy(update={"tool_timeout_s": 0.5})
+    with Stack(settings) as stack:
+        s = stack.settings
+        sandbox = SandboxClient(s.sandbox_url)
+        for api in APIS:
+            sandbox.set_faults(api, FaultSpec(hang_rate=0.2, hang_s=2.0, latency_ms=30, fail_next=3))
+        run_ids = produce_requests(s, sample_requests(10))
+        rows = eventually(lambda: ended(s, run_ids), timeout=120, what="10 runs ended")
+        assert Counter(r.status for r in rows) == {"completed": 10}
+        assert_one_effect_per_run_and_step(sandbox, run_ids)
+        faults = {api: sandbox.stats()[api]["faults"] for api in APIS}
+        assert all(f["fail_next"] == 3 for f in faults.values())
+        assert sum(f["hang"] for f in faults.values()) > 0

@@ -1,0 +1,74 @@
+"""The operator CLI against a real broker and PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from streamagent.cli import main as cli
+from streamagent.config import Settings, get_settings, to_env
+from streamagent.demo import sample_requests
+from streamagent.stack import Stack
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def env(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settings]:
+    for key, value in to_env(settings).items():
+        monkeypatch.setenv(key, value)
+    get_settings.cache_clear()
+    yield settings
+    get_settings.cache_clear()
+
+
+def test_topics_create_is_idempotent(env: Settings, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli(["topics", "create"]) == 0
+    first = capsys.readouterr().out
+    assert "created 9 topic(s)" in first and env.topic("agent.run.state") in first
+    assert cli(["topics", "create"]) == 0
+    assert "created 0 topic(s): none, all existed" in capsys.readouterr().out
+
+
+def test_submit_wait_runs_show_and_dlq(
+    env: Settings, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    with Stack(env) as stack:
+        s = stack.settings
+        # The stack's own sandbox URL is what the CLI must see too.
+        monkeypatch.setenv("STREAMAGENT_SANDBOX_URL", s.sandbox_url)
+        get_settings.cache_clear()
+        requests = sample_requests(2)
+        lines = [json.dumps(r.model_dump(mode="json", include=set(_fields()))) for r in requests]
+        path = tmp_path / "requests.jsonl"
+        path.write_text("\n".join(lines) + "\n")
+        capsys.readouterr()
+        assert cli(["submit", "--file", str(path), "--wait", "--timeout", "90"]) == 0
+        out = capsys.readouterr().out
+        run_ids = [r.run_id for r in requests]
+        assert all(run_id in out for run_id in run_ids)
+
+        assert cli(["runs", "--status", "completed", "--json"]) == 0
+        listed = json.loads(capsys.readouterr().out)
+        assert {r["run_id"] for r in listed} == set(run_ids)
+
+        assert cli(["show", run_ids[0], "--json"]) == 0
+        shown = json.loads(capsys.readouterr().out)
+        assert shown["run"]["status"] == "completed"
+        steps = [e["step"] for e in shown["timeline"] if e["type"] == "ToolResult"]
+        assert steps == ["enrich", "jira", "email", "slack"]
+
+        assert cli(["sandbox", "effects", "--json"]) == 0
+        effects = json.loads(capsys.readouterr().out)
+        assert len(effects) == 8
+
+        assert cli(["show", "no-such-run"]) == 1
+        assert cli(["dlq", "list", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out) == []
+
+
+def _fields() -> list[str]:
+    return ["run_id", "company_name", "company_domain", "contact_name", "contact_email", "goal", "requested_by"]
