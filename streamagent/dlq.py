@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 from confluent_kafka import Message, Producer
 
@@ -38,6 +39,14 @@ class DeadLetter:
     at_ms: int
     dlq_offset: int = -1
     dlq_partition: int = -1
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready view for listings: the value's size, not its bytes."""
+        data = asdict(self)
+        data["key"] = self.key.decode(errors="replace") if self.key else None
+        data["value_bytes"] = len(self.value or b"")
+        data.pop("value")
+        return data
 
     @classmethod
     def from_message(cls, msg: Message) -> DeadLetter:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
-from typing import Any
 
 from confluent_kafka import KafkaError, TopicPartition
 
@@ -12,17 +10,6 @@ from streamagent.config import Settings
 from streamagent.dlq import DeadLetter
 from streamagent.kafka import admin, consumer, producer
 from streamagent.topics import DEAD_LETTERS
-
-
-def _summary(letter: DeadLetter) -> dict[str, Any]:
-    data = asdict(letter)
-    data["key"] = letter.key.decode(errors="replace") if letter.key else None
-    data["value_bytes"] = len(letter.value or b"")
-    data.pop("value")
-    return data
-
-
-DeadLetter.summary = _summary  # type: ignore[attr-defined]
 
 
 def read_dead_letters(settings: Settings, reason: str | None = None, timeout_s: float = 10.0) -> list[DeadLetter]:

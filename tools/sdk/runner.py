@@ -67,6 +67,7 @@ class ToolRunner:
         self._run_locks: dict[str, asyncio.Lock] = {}
         self._run_users: Counter[str] = Counter()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = False  # tells the producer-poll thread to flush and end
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -105,8 +106,6 @@ class ToolRunner:
 
     def stop(self) -> None:
         self.stop_event.set()
-
-    _stopping = False
 
     def _poll_producer(self) -> None:
         # Delivery callbacks fire from poll(); a thread keeps them flowing while the loop works.
