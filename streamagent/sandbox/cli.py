@@ -33,6 +33,7 @@ _FAULT_FLAGS: tuple[tuple[str, str, type, str, str], ...] = (
     ("--hang-rate", "hang_rate", float, "F", "share of requests that hang, then get 504, 0..1"),
     ("--hang-s", "hang_s", float, "S", "how long a hang lasts; make it exceed the caller's timeout"),
     ("--fail-next", "fail_next", int, "N", "answer the next N requests with 503"),
+    ("--lost-response-rate", "lost_response_rate", float, "F", "share of performed requests answered 504, 0..1"),
 )
 
 _SERVE_DESCRIPTION = """\

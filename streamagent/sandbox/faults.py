@@ -14,8 +14,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-FaultKind = Literal["5xx", "429", "hang", "down", "fail_next"]
-FAULT_KINDS: tuple[FaultKind, ...] = ("5xx", "429", "hang", "down", "fail_next")
+FaultKind = Literal["5xx", "429", "hang", "down", "fail_next", "lost_response"]
+FAULT_KINDS: tuple[FaultKind, ...] = ("5xx", "429", "hang", "down", "fail_next", "lost_response")
 
 
 class FaultSpec(BaseModel):
@@ -31,6 +31,12 @@ class FaultSpec(BaseModel):
     hang_s: float = Field(30.0, ge=0.0, description="How long a hang lasts; exceed the client timeout")
     fail_next: int = Field(0, ge=0, description="The next N requests are answered 503")
     down: bool = Field(False, description="Every request is answered 503 (an outage)")
+    lost_response_rate: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Share of performed requests whose answer is lost (504 after the effect happened)",
+    )
 
     @model_validator(mode="after")
     def _rates_fit(self) -> FaultSpec:
@@ -75,6 +81,9 @@ class FaultDecision:
     latency_s: float = 0.0
     retry_after_s: float = 0.0
     hang_s: float = 0.0
+    # Unlike the other faults, this one strikes after the API performed the request: the effect
+    # exists, but the caller only sees a 504 and cannot tell. Idempotency keys are the cure.
+    lose_response: bool = False
 
 
 class FaultState:
@@ -145,8 +154,9 @@ class FaultState:
                 return FaultDecision("fail_next", latency)
             if spec.down:
                 return FaultDecision("down", latency)
+            lose = spec.lost_response_rate > 0 and self._rngs[api].random() < spec.lost_response_rate
             if spec.hang_rate == spec.rate_429 == spec.error_rate == 0.0:
-                return FaultDecision(None, latency)
+                return FaultDecision(None, latency, lose_response=lose)
             draw = self._rngs[api].random()
         if draw < spec.hang_rate:
             return FaultDecision("hang", latency, hang_s=spec.hang_s)
@@ -154,4 +164,4 @@ class FaultState:
             return FaultDecision("429", latency, retry_after_s=spec.retry_after_s)
         if draw < spec.hang_rate + spec.rate_429 + spec.error_rate:
             return FaultDecision("5xx", latency)
-        return FaultDecision(None, latency)
+        return FaultDecision(None, latency, lose_response=lose)

@@ -177,7 +177,12 @@ class Sandbox:
             idempotency_key=headers.get(IDEMPOTENCY_HEADER) or None,
             base_url=base_url,
         )
-        return self._perform(api, op, request, headers.get(RUN_ID_HEADER) or None)
+        reply = self._perform(api, op, request, headers.get(RUN_ID_HEADER) or None)
+        if decision.lose_response and reply.outcome == "effect":
+            with self._lock:
+                self._stats[api]["faults"]["lost_response"] += 1
+            return _error(504, "gateway timeout after the request was performed (injected)", "fault:lost_response")
+        return reply
 
     def _fault_reply(self, decision: FaultDecision) -> Reply:
         outcome = f"fault:{decision.kind}"

@@ -406,3 +406,22 @@ def test_hangs_latency_and_a_burst_of_failures_are_ridden_out(settings: Settings
         faults = {api: sandbox.stats()[api]["faults"] for api in APIS}
         assert all(f["fail_next"] == 3 for f in faults.values())
         assert sum(f["hang"] for f in faults.values()) > 0
+
+
+def test_lost_responses_are_retried_under_the_same_key_without_a_second_effect(settings: Settings) -> None:
+    """The API did the work but the answer never came back: the retry must not do it again."""
+    with Stack(settings) as stack:
+        s = stack.settings
+        sandbox = SandboxClient(s.sandbox_url)
+        for api in ("jira", "email"):
+            sandbox.set_faults(api, FaultSpec(lost_response_rate=0.3))
+        run_ids = produce_requests(s, sample_requests(20))
+        rows = eventually(lambda: ended(s, run_ids), timeout=120, what="20 runs ended")
+        assert Counter(r.status for r in rows) == {"completed": 20}
+        assert_one_effect_per_run_and_step(sandbox, run_ids)
+        stats = sandbox.stats()
+        lost = {api: stats[api]["faults"]["lost_response"] for api in ("jira", "email")}
+        replayed = {api: stats[api]["replayed"] for api in ("jira", "email")}
+        # Every lost answer was followed by a retry that the API recognised by its key.
+        assert sum(lost.values()) > 0 and replayed == lost
+        print(f"\n[lost responses] {lost} answers lost after the effect; {replayed} retries replayed by key")

@@ -493,3 +493,18 @@ def test_cli_serve_runs_until_sigterm() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_lost_response_still_performs_the_effect_and_the_key_replays_it(
+    http: httpx.Client, client: SandboxClient
+) -> None:
+    client.set_faults("jira", FaultSpec(lost_response_rate=1.0))
+    project = {"key": "LOST1", "name": "Lost", "leadAccountEmail": "a@acme.io"}
+    first = http.post("/jira/rest/api/3/project", json=project, headers={"Idempotency-Key": "k-lost"})
+    assert first.status_code == 504  # the caller cannot tell that the project exists
+    assert [e.request["key"] for e in client.effects(api="jira")] == ["LOST1"]
+    client.set_faults("jira", FaultSpec())
+    retry = http.post("/jira/rest/api/3/project", json=project, headers={"Idempotency-Key": "k-lost"})
+    assert retry.status_code == 201 and retry.headers.get("Idempotent-Replayed") == "true"
+    assert len(client.effects(api="jira")) == 1
+    assert client.stats()["jira"]["faults"]["lost_response"] == 1
