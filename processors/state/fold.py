@@ -185,9 +185,10 @@ def _result(snap: StateSnapshot, event: ToolResult) -> StateSnapshot:
     if step.command_id not in (None, event.command_id):
         raise Unprocessable("unknown-command", f"{event.command_id} is not the command of step {step.name}")
     ok = event.status is ToolStatus.succeeded
-    if not ok and event.error_kind == "deadline" and event.occurred_at >= snap.deadline_at:
-        # The tool gave up because the run's own deadline passed: the run is abandoned, whichever
-        # of this result and the deadline timer's event arrives first.
+    if not ok and event.error_kind == "deadline":
+        # The step ran out of time (its command's deadline is at most the run's, and a tool gives up
+        # as soon as the next retry could not finish in time): the run is abandoned, not failed,
+        # whichever of this result and the deadline timer's event arrives first.
         snap = snap.model_copy(update={"deadline_exceeded": True})
     return _replace_step(
         snap,

@@ -378,8 +378,7 @@ def test_a_lost_command_is_redriven_and_the_run_completes(settings: Settings) ->
 
 
 def test_an_abandoned_run_is_escalated_and_its_jira_project_closed(settings: Settings) -> None:
-    warm_up, request = sample_requests(2)
-    request = request.model_copy(update={"deadline_s": 4.0})
+    warm_up, later = sample_requests(2)
     with Stack(settings) as stack:
         s = stack.settings
         # A first run to completion: every consumer group has joined before the 4 s deadline starts,
@@ -388,6 +387,8 @@ def test_an_abandoned_run_is_escalated_and_its_jira_project_closed(settings: Set
         eventually(lambda: ended(s, [warm_up.run_id]), timeout=60, what="warm-up run ended")
         sandbox = SandboxClient(s.sandbox_url)
         sandbox.set_faults("email", FaultSpec(down=True))  # the run cannot finish in time
+        # The deadline counts from the request's occurred_at, so the request is made now.
+        request = later.model_copy(update={"deadline_s": 4.0, "occurred_at": now()})
         produce_requests(s, [request])
         (row,) = eventually(lambda: ended(s, [request.run_id]), timeout=60, what="run ended")
         assert row.status == "escalated" and "deadline" in (row.reason or "")

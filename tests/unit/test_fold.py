@@ -498,3 +498,11 @@ def test_a_failed_undo_stays_visible_and_is_not_marked_done() -> None:
     failed = fold([result("jira", ok=False, error="boom", operation="compensate")], undoing)
     jira = failed.snapshot.step("jira")
     assert jira.status is StepStatus.compensating and "compensation failed: boom" in (jira.error or "")
+
+
+@pytest.mark.parametrize(("kind", "abandoned"), [("deadline", True), ("permanent", False), ("tool-error", False)])
+def test_a_step_that_ran_out_of_time_abandons_the_run(kind: str, abandoned: bool) -> None:
+    failed = result("email", ok=False, error="gave up", error_kind=kind)
+    snap = fold([requested(), dispatch("email"), failed]).snapshot
+    assert snap.step("email").status is StepStatus.failed
+    assert snap.deadline_exceeded is abandoned
