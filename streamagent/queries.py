@@ -38,26 +38,27 @@ class TimelineEntry(BaseModel):
     payload: dict[str, Any]
 
 
+_RUN_COLUMNS = ", ".join(RunRow.model_fields)
+
+
+def _run_row(row: tuple[Any, ...]) -> RunRow:
+    return RunRow.model_validate(dict(zip(RunRow.model_fields, row, strict=True)))
+
+
 def runs(settings: Settings, status: str | None = None, limit: int = 1000) -> list[RunRow]:
     with db.connect(settings) as conn:
         rows = conn.execute(
-            "SELECT run_id, company_name, status, steps_done, failed_step, reason, created_at, ended_at"
-            " FROM runs WHERE (%(status)s::text IS NULL OR status = %(status)s)"
+            f"SELECT {_RUN_COLUMNS} FROM runs WHERE (%(status)s::text IS NULL OR status = %(status)s)"
             " ORDER BY created_at NULLS LAST, run_id LIMIT %(limit)s",
             {"status": status, "limit": limit},
         ).fetchall()
-    fields = list(RunRow.model_fields)
-    return [RunRow.model_validate(dict(zip(fields, row, strict=True))) for row in rows]
+    return [_run_row(row) for row in rows]
 
 
 def run(settings: Settings, run_id: str) -> RunRow | None:
     with db.connect(settings) as conn:
-        row = conn.execute(
-            "SELECT run_id, company_name, status, steps_done, failed_step, reason, created_at, ended_at"
-            " FROM runs WHERE run_id = %s",
-            (run_id,),
-        ).fetchone()
-    return RunRow.model_validate(dict(zip(RunRow.model_fields, row, strict=True))) if row else None
+        row = conn.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id = %s", (run_id,)).fetchone()
+    return _run_row(row) if row else None
 
 
 def timeline(settings: Settings, run_id: str) -> list[TimelineEntry]:

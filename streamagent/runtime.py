@@ -9,7 +9,6 @@ delivered again, and handlers are written to be idempotent.
 from __future__ import annotations
 
 import logging
-import random
 import signal
 import threading
 from collections.abc import Callable, Iterable
@@ -25,6 +24,7 @@ from streamagent.errors import Unprocessable
 from streamagent.kafka import consumer as make_consumer
 from streamagent.kafka import producer as make_producer
 from streamagent.metrics import EVENTS_PROCESSED
+from streamagent.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -44,17 +44,8 @@ class Incoming:
 Handler = Callable[[Incoming], None]
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Retries of a handler that raised something other than ``Unprocessable`` (a database blip)."""
-
-    attempts: int = 8
-    first_delay_s: float = 0.1
-    max_delay_s: float = 5.0
-
-    def delay(self, attempt: int) -> float:
-        base = min(self.max_delay_s, self.first_delay_s * 2 ** (attempt - 1))
-        return base * random.uniform(0.5, 1.0)
+# Retries of a handler that raised something other than ``Unprocessable`` (a database blip).
+HANDLER_RETRY = RetryPolicy(initial_s=0.1, max_backoff_s=5.0, max_attempts=8)
 
 
 class ConsumerRuntime:
@@ -67,7 +58,7 @@ class ConsumerRuntime:
         *,
         producer: Producer | None = None,
         batch_size: int = 200,
-        retry: RetryPolicy = RetryPolicy(),
+        retry: RetryPolicy = HANDLER_RETRY,
     ) -> None:
         self.settings = settings
         self.name = name
@@ -128,7 +119,7 @@ class ConsumerRuntime:
             self.dead_letters.send(msg, exc.reason, exc.detail)
             return
         incoming = Incoming(msg, event)
-        for attempt in range(1, self.retry.attempts + 1):
+        for attempt in range(1, self.retry.max_attempts + 1):
             try:
                 self.handler(incoming)
                 return
@@ -136,11 +127,11 @@ class ConsumerRuntime:
                 self.dead_letters.send(msg, exc.reason, exc.detail)
                 return
             except Exception as exc:
-                if attempt == self.retry.attempts or self.stop_event.is_set():
+                if self.retry.exhausted(attempt) or self.stop_event.is_set():
                     log.exception("handler failed for good on %s", incoming.source)
                     self.dead_letters.send(msg, "processing-error", repr(exc))
                     return
-                delay = self.retry.delay(attempt)
+                delay = self.retry.backoff(attempt)
                 log.warning(
                     "handler failed on %s (attempt %d), retrying in %.2fs: %r",
                     incoming.source,

@@ -89,6 +89,14 @@ def follow_up(settings: Settings, snap: StateSnapshot, decision: Decision, decis
     return settings.topic(RUN_EVENTS), ended
 
 
+# A recorded decision as stored: its event, and the topic and bytes of the follow-up it caused.
+Stored = tuple[bytes, str | None, bytes | None]
+
+
+def _stored(decision: bytes, topic: str | None, follow: bytes | None) -> Stored:
+    return bytes(decision), topic, bytes(follow) if follow is not None else None
+
+
 class DecisionHandler:
     def __init__(self, settings: Settings, decider: Decider, producer: Producer) -> None:
         self.settings = settings
@@ -157,15 +165,15 @@ class DecisionHandler:
         )
         self._emit(snap.run_id, *stored)
 
-    def _recorded(self, snap: StateSnapshot) -> tuple[bytes, str | None, bytes | None] | None:
+    def _recorded(self, snap: StateSnapshot) -> Stored | None:
         row = self.conn.execute(
             "SELECT decision_event, follow_up_topic, follow_up_event FROM decisions"
             " WHERE run_id = %s AND based_on_version = %s",
             (snap.run_id, snap.version),
         ).fetchone()
-        return (bytes(row[0]), row[1], bytes(row[2]) if row[2] is not None else None) if row else None
+        return _stored(*row) if row else None
 
-    def _pending(self, snap: StateSnapshot) -> tuple[bytes, str | None, bytes | None] | None:
+    def _pending(self, snap: StateSnapshot) -> Stored | None:
         row = self.conn.execute(
             "SELECT decision_id, decision_event, follow_up_topic, follow_up_event FROM decisions"
             " WHERE run_id = %s ORDER BY based_on_version DESC LIMIT 1",
@@ -173,7 +181,7 @@ class DecisionHandler:
         ).fetchone()
         if row is None or row[0] == snap.last_decision_id:
             return None
-        return bytes(row[1]), row[2], bytes(row[3]) if row[3] is not None else None
+        return _stored(*row[1:])
 
     def _progress(self, snap: StateSnapshot) -> tuple[int, bool]:
         """Record that this version was seen; returns (latest version seen, seen this one before)."""
@@ -214,9 +222,7 @@ class DecisionHandler:
                 DECISIONS.labels(self.decider.name, "redriven").inc()
                 log.info("re-sent in-flight command", extra={"run_id": snap.run_id, "decision_id": decision_id})
 
-    def _store(
-        self, snap: StateSnapshot, record: DecisionRecorded, topic: str, follow: bytes
-    ) -> tuple[bytes, str | None, bytes | None]:
+    def _store(self, snap: StateSnapshot, record: DecisionRecorded, topic: str, follow: bytes) -> Stored:
         encoded = codec.encode(record)
         inserted = self.conn.execute(
             "INSERT INTO decisions (run_id, based_on_version, decision_id, action, step,"

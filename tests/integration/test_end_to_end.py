@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-from helpers import eventually
+from helpers import ended, eventually
 
 from processors.workflow import project_key
 from streamagent import queries
@@ -22,11 +22,6 @@ pytestmark = pytest.mark.integration
 STEPS = ["enrich", "jira", "email", "slack"]
 
 
-def _all_ended(settings: Settings, run_ids: list[str]) -> list[queries.RunRow] | None:
-    rows = [r for r in queries.runs(settings) if r.run_id in set(run_ids)]
-    return rows if len(rows) == len(run_ids) and all(r.status != "running" for r in rows) else None
-
-
 def test_twenty_runs_complete_with_one_effect_per_step(
     settings: Settings, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -34,7 +29,7 @@ def test_twenty_runs_complete_with_one_effect_per_step(
     with Stack(settings) as stack:
         s = stack.settings
         run_ids = produce_requests(s, requests)
-        rows = eventually(lambda: _all_ended(s, run_ids), timeout=120, what="all 20 runs ended")
+        rows = eventually(lambda: ended(s, run_ids), timeout=120, what="all 20 runs ended")
         assert Counter(r.status for r in rows) == {"completed": 20}
         assert all(r.steps_done == 4 for r in rows)
 

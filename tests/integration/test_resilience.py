@@ -13,7 +13,7 @@ from collections import Counter
 import psycopg
 import pytest
 from confluent_kafka import Producer
-from helpers import eventually
+from helpers import ended, eventually
 
 from streamagent import codec, queries
 from streamagent.config import Settings
@@ -41,12 +41,6 @@ from streamagent.topics import RUN_EVENTS, RUN_STATE, TOOL_RESULTS, command_topi
 pytestmark = pytest.mark.integration
 
 APIS = ("enrich", "jira", "email", "slack")
-
-
-def ended(settings: Settings, run_ids: list[str]) -> list[queries.RunRow] | None:
-    wanted = set(run_ids)
-    rows = [r for r in queries.runs(settings, limit=100_000) if r.run_id in wanted]
-    return rows if len(rows) == len(run_ids) and all(r.status != "running" for r in rows) else None
 
 
 def steps_done(settings: Settings, run_ids: list[str]) -> int:
