@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from streamagent.events import OnboardingRequest
+from streamagent.events import OnboardingRequest, RunStatus, StateSnapshot, StepStatus
 
 Results = Mapping[str, Mapping[str, Any]]
 ArgsBuilder = Callable[[OnboardingRequest, Results, str], dict[str, Any]]
@@ -48,6 +48,14 @@ class Workflow:
     @property
     def step_names(self) -> tuple[str, ...]:
         return tuple(s.name for s in self.steps)
+
+    def undo_pending(self, snapshot: StateSnapshot) -> bool:
+        """An abandoned run (escalated after its deadline) that created something it can undo."""
+        if not (self.compensate_abandoned and snapshot.status is RunStatus.escalated and snapshot.deadline_exceeded):
+            return False
+        return any(
+            s.status is StepStatus.succeeded and self.step(s.name).compensation is not None for s in snapshot.steps
+        )
 
 
 def project_key(company_name: str, run_id: str) -> str:

@@ -41,9 +41,20 @@ class Settings(BaseModel):
     run_deadline_s: float = Field(600.0, description="Default deadline of a run")
     command_deadline_s: float = Field(120.0, description="How long a tool may keep retrying a command")
     tool_timeout_s: float = Field(5.0, description="HTTP timeout of one tool call")
-    redrive_after_s: float = Field(
-        15.0, description="A running run idle this long gets its snapshot re-published (lost-message safety net)"
+    # The hot path: how much work moves per round trip, and how much may be in flight.
+    batch_size: int = Field(500, ge=1, description="Most messages a processor takes per poll (one DB round trip each)")
+    linger_ms: int = Field(5, ge=0, description="Producer linger: few, large record batches keep partitions short")
+    max_running_runs: int = Field(
+        1000,
+        ge=0,
+        description="Runs in flight per stack (split over partitions); more wait, admitted in order; 0: no bound",
     )
+    tool_max_in_flight: int = Field(256, ge=1, description="Commands one tool process works on at once")
+    # Re-drive: a command is re-sent only on evidence that it is lost (its tool's group consumed past
+    # it and no result came), checked first this long after dispatch, then with doubling backoff.
+    redrive_check_s: float = Field(5.0, gt=0, description="First loss check of an in-flight command after dispatch")
+    redrive_check_max_s: float = Field(60.0, gt=0, description="Cap of the loss check's backoff")
+    redrive_max: int = Field(3, ge=0, description="Re-sends of a lost command before its step fails")
     metrics_port: int = Field(0, description="Prometheus port of this process; 0 picks a free one")
     log_level: str = Field("INFO")
     log_format: str = Field("json", description="json | text")

@@ -88,12 +88,18 @@ class DeadLetterSink:
 
     def send(self, msg: Message, reason: str, error: str) -> None:
         """Dead-letter ``msg``. The caller flushes before committing the source offset."""
-        record(self.processor, msg.topic(), msg.partition(), msg.offset(), reason, error)
+        self.send_raw(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(), reason, error)
+
+    def send_raw(
+        self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None, reason: str, error: str
+    ) -> None:
+        """Dead-letter a message given by its parts (for clients other than confluent-kafka's)."""
+        record(self.processor, topic, partition, offset, reason, error)
         self.producer.produce(
             self.topic,
-            key=msg.key(),
-            value=msg.value(),
-            headers=headers_for(reason, error, self.processor, msg.topic(), msg.partition(), msg.offset()),
+            key=key,
+            value=value,
+            headers=headers_for(reason, error, self.processor, topic, partition, offset),
         )
 
 

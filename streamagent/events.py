@@ -104,6 +104,10 @@ class DecisionRecorded(Event):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = 0.0
+    # Where the command landed (its produce was acknowledged before this event was written): the
+    # state processor judges a command lost only once its tool's group has consumed past it.
+    command_partition: int | None = None
+    command_offset: int | None = None
 
 
 class ToolCommand(Event):
@@ -171,6 +175,32 @@ class RunDeadlineExceeded(Event):
     deadline_at: datetime
 
 
+class CommandLost(Event):
+    """Evidence that a command will not be answered; the fold re-drives it or fails its step."""
+
+    SCHEMA_NAME = "io.streamagent.events.CommandLost"
+
+    command_id: str
+    step: str
+    tool: str
+    redrive: int
+    give_up: bool = False
+    evidence: str
+
+
+class CommandResent(Event):
+    """A lost command was sent again; where the copy sits is what the next loss check looks at."""
+
+    SCHEMA_NAME = "io.streamagent.events.CommandResent"
+
+    command_id: str
+    step: str
+    tool: str
+    redrive: int
+    command_partition: int
+    command_offset: int
+
+
 class RunStatus(StrEnum):
     running = "running"
     completed = "completed"
@@ -201,6 +231,10 @@ class StepState(BaseModel):
     attempts: int = 0
     output: dict[str, Any] = Field(default_factory=dict)
     error: str | None = None
+    command_partition: int | None = None
+    command_offset: int | None = None
+    dispatched_at: datetime | None = None
+    redrives: int = 0
 
 
 class OnboardingRequest(BaseModel):
@@ -236,6 +270,7 @@ class StateSnapshot(BaseModel):
     deadline_exceeded: bool = False
     reason: str | None = None
     superseded_decisions: int = 0
+    redrive_command_id: str | None = None
     schema_version: int = 1
 
     def step(self, name: str) -> StepState:
@@ -254,5 +289,7 @@ RUN_EVENTS: tuple[type[Event], ...] = (
     RunCompleted,
     RunFailed,
     RunDeadlineExceeded,
+    CommandLost,
+    CommandResent,
 )
 ALL_MODELS: tuple[type[BaseModel], ...] = (*RUN_EVENTS, ToolCommand, ToolResult, StateSnapshot)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaException, Producer
+from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from streamagent.config import Settings
@@ -21,7 +21,10 @@ def producer(settings: Settings, **overrides: Any) -> Producer:
         # Apache Kafka and the embedded broker (BROKER-NOTES).
         "enable.idempotence": True,
         "acks": "all",
-        "linger.ms": 2,
+        # Few, large record batches: the embedded broker's fetch cost grows with the number of
+        # batches in a partition (BROKER-NOTES). Hot paths flush per batch, so this only adds
+        # latency to stray single messages.
+        "linger.ms": settings.linger_ms,
         # Java's (and aiokafka's) partitioner, so that every producer (confluent here, aiokafka in
         # faust) puts a run's events on the same partition number of every topic: the state table
         # relies on that co-partitioning.
@@ -82,3 +85,12 @@ def create_topics(settings: Settings, specs: list[TopicSpec] | None = None) -> l
                 raise
     log.info("topics created", extra={"topics": created})
     return created
+
+
+def group_offsets(
+    client: AdminClient, group: str, partitions: list[tuple[str, int]], timeout_s: float = 10.0
+) -> dict[tuple[str, int], int]:
+    """Committed offsets of another consumer group (no join, no side effect); -1 where none."""
+    request = [ConsumerGroupTopicPartitions(group, [TopicPartition(t, p) for t, p in partitions])]
+    result = client.list_consumer_group_offsets(request, request_timeout=timeout_s)[group].result(timeout_s)
+    return {(tp.topic, tp.partition): tp.offset for tp in result.topic_partitions or []}

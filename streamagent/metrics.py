@@ -23,7 +23,13 @@ TOOL_CALLS = Counter(
 TOOL_CALL_SECONDS = Histogram("streamagent_tool_call_seconds", "Duration of one external call", ["tool"])
 CIRCUIT_STATE = Gauge("streamagent_circuit_state", "0 closed, 1 half-open, 2 open", ["tool"])
 RUNS = Counter("streamagent_runs_total", "Runs that reached a status", ["status"])
-REDRIVES = Counter("streamagent_redrives_total", "Snapshots re-published for idle running runs")
+REDRIVES = Counter(
+    "streamagent_redrives_total", "Commands found lost (consumed past, no result): re-sent or given up", ["outcome"]
+)
+RESENT_COMMANDS = Counter("streamagent_resent_commands_total", "Commands produced again (re-drive or replay)", ["tool"])
+SNAPSHOTS = Counter("streamagent_snapshots_total", "Snapshots published for the decision layer")
+RUNS_ADMITTED = Gauge("streamagent_runs_admitted", "Runs in flight on this state worker (admitted, not yet over)")
+RUNS_WAITING = Gauge("streamagent_runs_waiting", "Requested runs waiting for room under max_running_runs")
 DECISIONS = Counter(
     "streamagent_decisions_total",
     "Decisions by outcome (recorded|replayed|superseded|waiting)",

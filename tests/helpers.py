@@ -6,6 +6,8 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
+from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
+
 from streamagent import queries
 from streamagent.config import Settings
 
@@ -29,3 +31,58 @@ def ended(settings: Settings, run_ids: list[str]) -> list[queries.RunRow] | None
     wanted = set(run_ids)
     rows = [r for r in queries.runs(settings, limit=100_000) if r.run_id in wanted]
     return rows if len(rows) == len(run_ids) and all(r.status != "running" for r in rows) else None
+
+
+def _eof_consumer(settings: Settings, group: str) -> Consumer:
+    return Consumer(
+        {
+            "bootstrap.servers": settings.bootstrap_servers,
+            "group.id": group,
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+            "fetch.wait.max.ms": 10,
+        }
+    )
+
+
+def read_topic(settings: Settings, topic: str) -> list[Message]:
+    """Every message of a topic, read to each partition's end (ListOffsets is wrong on the embedded broker)."""
+    c = _eof_consumer(settings, f"{settings.topic_prefix}test-reader")
+    try:
+        c.assign([TopicPartition(topic, p, 0) for p in range(settings.partitions)])
+        left, out = set(range(settings.partitions)), []
+        while left:
+            msg = c.poll(1)
+            if msg is None:
+                continue
+            if msg.error():
+                if msg.error().code() == KafkaError._PARTITION_EOF:
+                    left.discard(msg.partition())
+                continue
+            out.append(msg)
+        return out
+    finally:
+        c.close()
+
+
+def skip_to_end(s: Settings, topic: str, group: str) -> int:
+    """Commit a group's offsets to the end of a topic, as if its messages had been consumed: a loss."""
+    c = _eof_consumer(s, s.group(group))
+    try:
+        c.assign([TopicPartition(topic, p, 0) for p in range(s.partitions)])
+        left, ends, skipped = set(range(s.partitions)), {}, 0
+        while left:
+            msg = c.poll(1)
+            if msg is None:
+                continue
+            if msg.error():
+                if msg.error().code() == KafkaError._PARTITION_EOF:
+                    left.discard(msg.partition())
+                continue
+            ends[msg.partition()] = msg.offset() + 1
+            skipped += 1
+        if ends:
+            c.commit(offsets=[TopicPartition(topic, p, o) for p, o in ends.items()], asynchronous=False)
+        return skipped
+    finally:
+        c.close()

@@ -9,7 +9,11 @@ than one already seen for the run is superseded: nothing is decided on stale sta
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 from confluent_kafka import Producer
 
@@ -17,7 +21,9 @@ from processors.decision.decider import Decider, Decision
 from processors.workflow import ONBOARDING
 from streamagent import codec, db
 from streamagent.config import Settings
+from streamagent.errors import Rejected
 from streamagent.events import (
+    CommandResent,
     DecisionAction,
     DecisionRecorded,
     Event,
@@ -25,13 +31,12 @@ from streamagent.events import (
     RunCompleted,
     RunFailed,
     StateSnapshot,
-    StepStatus,
     ToolCommand,
     now,
     stable_id,
 )
-from streamagent.metrics import DECISIONS
-from streamagent.runtime import ConsumerRuntime, Incoming, Unprocessable
+from streamagent.metrics import DECISIONS, RESENT_COMMANDS
+from streamagent.runtime import Batch, ConsumerRuntime, Incoming, Unprocessable
 from streamagent.topics import RUN_EVENTS, RUN_STATE, command_topic
 
 log = logging.getLogger(__name__)
@@ -89,51 +94,108 @@ def follow_up(settings: Settings, snap: StateSnapshot, decision: Decision, decis
     return settings.topic(RUN_EVENTS), ended
 
 
-# A recorded decision as stored: its event, and the topic and bytes of the follow-up it caused.
-Stored = tuple[bytes, str | None, bytes | None]
+@dataclass
+class Emission:
+    """A decision on its way out: its record, and the follow-up it causes (a command or the run's end)."""
+
+    record: DecisionRecorded
+    topic: str | None
+    follow_up: bytes | None
+    is_command: bool
 
 
-def _stored(decision: bytes, topic: str | None, follow: bytes | None) -> Stored:
-    return bytes(decision), topic, bytes(follow) if follow is not None else None
+@dataclass
+class RunMemory:
+    """What the decision layer last did for a run: enough to answer the next snapshot without a query."""
+
+    version: int  # the state version of the latest recorded decision (0: none yet)
+    decision_id: str | None = None
+    emission: Emission | None = None
+
+
+def _emission(decision: bytes, topic: str | None, follow: bytes | None) -> Emission:
+    record = codec.decode(bytes(decision))
+    assert isinstance(record, DecisionRecorded)
+    is_command = record.action in (DecisionAction.dispatch, DecisionAction.compensate)
+    return Emission(record, topic, bytes(follow) if follow is not None else None, is_command)
 
 
 class DecisionHandler:
-    def __init__(self, settings: Settings, decider: Decider, producer: Producer) -> None:
+    """Decides a batch of snapshots with at most one database round trip in the steady state.
+
+    Per batch: decide every snapshot from memory (one query first only for runs this process has
+    not seen, e.g. after a restart), store all new decisions in one statement, produce their
+    commands, and once those are acknowledged produce each DecisionRecorded carrying where its
+    command landed (the state processor's evidence for re-drives), then the run endings.
+    """
+
+    def __init__(self, settings: Settings, decider: Decider, producer: Producer, *, memory_size: int = 100_000) -> None:
         self.settings = settings
         self.decider = decider
         self.producer = producer
         self.conn = db.connect(settings)
+        self.memory: OrderedDict[str, RunMemory] = OrderedDict()
+        self.memory_size = memory_size
+        self.round_trips = 0  # database round trips, for tests and the benchmark
 
-    def __call__(self, incoming: Incoming) -> None:
-        snap = incoming.event
-        if not isinstance(snap, StateSnapshot):
-            raise Unprocessable("unexpected-event", f"{type(snap).__name__} on the snapshot topic")
-        recorded = self._recorded(snap)
-        if recorded is not None:
+    def __call__(self, batch: Batch) -> None:
+        snaps: list[tuple[Incoming, StateSnapshot]] = []
+        for item in batch:
+            if isinstance(item.event, StateSnapshot):
+                snaps.append((item, item.event))
+            else:
+                batch.reject(item, "unexpected-event", f"{type(item.event).__name__} on the snapshot topic")
+        self._recall([snap for _, snap in snaps])
+        emissions: list[Emission] = []
+        new: list[tuple[StateSnapshot, Emission]] = []
+        resends: list[tuple[StateSnapshot, Emission]] = []
+        for item, snap in snaps:
+            try:
+                self._one(snap, emissions, new, resends)
+            except Rejected as exc:
+                batch.reject(item, exc.reason, exc.detail)
+        emissions += self._store(new)
+        self._emit(emissions, resends)
+
+    # -- per snapshot ----------------------------------------------------------------------------
+    def _one(
+        self,
+        snap: StateSnapshot,
+        emissions: list[Emission],
+        new: list[tuple[StateSnapshot, Emission]],
+        resends: list[tuple[StateSnapshot, Emission]],
+    ) -> None:
+        memory = self.memory.get(snap.run_id)
+        if memory is None:
+            if snap.version > 1:
+                # Snapshots of a run start at version 1 and arrive in order on one partition, so a
+                # later version of a run with no recorded decision did not come from the state processor.
+                raise Unprocessable("unknown-run", f"snapshot v{snap.version} of run {snap.run_id} never seen before")
+            memory = self._remember(snap.run_id, RunMemory(version=0))
+        if snap.redrive_command_id is not None:
+            self._resend(snap, memory, resends)
+            return
+        if snap.version == memory.version and memory.emission is not None:
             DECISIONS.labels(self.decider.name, "replayed").inc()
-            self._emit(snap.run_id, *recorded)
+            emissions.append(memory.emission)
             return
-        latest, seen_before = self._progress(snap)
-        if latest > snap.version:
-            DECISIONS.labels(self.decider.name, "superseded").inc()
-            log.info("snapshot superseded", extra={"run_id": snap.run_id, "version": snap.version})
+        if snap.version < memory.version:
+            recorded = self._recorded(snap)
+            if recorded is not None:
+                DECISIONS.labels(self.decider.name, "replayed").inc()
+                emissions.append(recorded)
+            else:
+                DECISIONS.labels(self.decider.name, "superseded").inc()
+                log.info("snapshot superseded", extra={"run_id": snap.run_id, "version": snap.version})
             return
-        pending = self._pending(snap)
-        if pending is not None:
+        if memory.decision_id is not None and memory.decision_id != snap.last_decision_id:
             # One decision in flight per run: the state has not taken the last one in yet, so this
             # snapshot cannot show its effect, and deciding now would decide the same thing again.
-            if seen_before:
-                DECISIONS.labels(self.decider.name, "redriven").inc()
-                self._emit(snap.run_id, *pending)
-            else:
-                DECISIONS.labels(self.decider.name, "waiting").inc()
+            DECISIONS.labels(self.decider.name, "waiting").inc()
             return
         decision = self.decider.decide(snap)
         if decision is None:
-            if seen_before:
-                self._redrive(snap)
-            else:
-                DECISIONS.labels(self.decider.name, "waiting").inc()
+            DECISIONS.labels(self.decider.name, "waiting").inc()
             return
         decision_id = stable_id(snap.run_id, "decision", str(snap.version))
         topic, event = follow_up(self.settings, snap, decision, decision_id)
@@ -155,101 +217,163 @@ class DecisionHandler:
             completion_tokens=decision.completion_tokens,
             cost_usd=decision.cost_usd,
         )
-        stored = self._store(snap, record, topic, codec.encode(event))
-        DECISIONS.labels(self.decider.name, "recorded").inc()
+        emission = Emission(record, topic, codec.encode(event), isinstance(event, ToolCommand))
+        new.append((snap, emission))
+        memory.version, memory.decision_id, memory.emission = snap.version, decision_id, emission
         log.info(
             "decided %s %s",
             decision.action.value,
             decision.step or "",
             extra={"run_id": snap.run_id, "version": snap.version, "decision_id": decision_id},
         )
-        self._emit(snap.run_id, *stored)
 
-    def _recorded(self, snap: StateSnapshot) -> Stored | None:
+    def _resend(self, snap: StateSnapshot, memory: RunMemory, resends: list[tuple[StateSnapshot, Emission]]) -> None:
+        """The state processor found this run's command lost: send the recorded command again."""
+        emission = memory.emission
+        if emission is None or emission.record.command_id != snap.redrive_command_id:
+            emission = self._by_command(snap.run_id, snap.redrive_command_id or "")
+        if emission is None or not emission.is_command:
+            log.error("asked to re-send an unknown command", extra={"run_id": snap.run_id})
+            return
+        DECISIONS.labels(self.decider.name, "redriven").inc()
+        resends.append((snap, emission))
+
+    # -- the database: one statement per batch ----------------------------------------------------
+    def _remember(self, run_id: str, memory: RunMemory) -> RunMemory:
+        self.memory[run_id] = memory
+        self.memory.move_to_end(run_id)
+        while len(self.memory) > self.memory_size:
+            self.memory.popitem(last=False)
+        return memory
+
+    def _recall(self, snaps: list[StateSnapshot]) -> None:
+        """Load the latest recorded decision of runs this process does not remember (after a restart)."""
+        unknown = sorted({s.run_id for s in snaps if s.run_id not in self.memory and s.version > 1})
+        for run_id in {s.run_id for s in snaps if s.run_id in self.memory}:
+            self.memory.move_to_end(run_id)
+        if not unknown:
+            return
+        self.round_trips += 1
+        rows = self.conn.execute(
+            "SELECT DISTINCT ON (run_id) run_id, based_on_version, decision_id, decision_event, follow_up_topic,"
+            " follow_up_event FROM decisions WHERE run_id = ANY(%s) ORDER BY run_id, based_on_version DESC",
+            (unknown,),
+        ).fetchall()
+        for run_id, version, decision_id, decision, topic, follow in rows:
+            self._remember(run_id, RunMemory(int(version), decision_id, _emission(decision, topic, follow)))
+
+    def _recorded(self, snap: StateSnapshot) -> Emission | None:
+        self.round_trips += 1
         row = self.conn.execute(
             "SELECT decision_event, follow_up_topic, follow_up_event FROM decisions"
             " WHERE run_id = %s AND based_on_version = %s",
             (snap.run_id, snap.version),
         ).fetchone()
-        return _stored(*row) if row else None
+        return _emission(*row) if row else None
 
-    def _pending(self, snap: StateSnapshot) -> Stored | None:
-        row = self.conn.execute(
-            "SELECT decision_id, decision_event, follow_up_topic, follow_up_event FROM decisions"
-            " WHERE run_id = %s ORDER BY based_on_version DESC LIMIT 1",
-            (snap.run_id,),
-        ).fetchone()
-        if row is None or row[0] == snap.last_decision_id:
-            return None
-        return _stored(*row[1:])
+    def _by_command(self, run_id: str, command_id: str) -> Emission | None:
+        self.round_trips += 1
+        rows = self.conn.execute(
+            "SELECT decision_event, follow_up_topic, follow_up_event FROM decisions WHERE run_id = %s"
+            " AND follow_up_topic IS NOT NULL ORDER BY based_on_version DESC",
+            (run_id,),
+        ).fetchall()
+        for row in rows:
+            emission = _emission(*row)
+            if emission.record.command_id == command_id:
+                return emission
+        return None
 
-    def _progress(self, snap: StateSnapshot) -> tuple[int, bool]:
-        """Record that this version was seen; returns (latest version seen, seen this one before)."""
-        previous = self.conn.execute(
-            "SELECT latest_version FROM decision_progress WHERE run_id = %s", (snap.run_id,)
-        ).fetchone()
-        if previous is None and snap.version > 1:
-            # Snapshots of a run start at version 1 and arrive in order on one partition, so a
-            # later version of a run this processor never saw did not come from the state processor.
-            raise Unprocessable("unknown-run", f"snapshot v{snap.version} of run {snap.run_id} never seen before")
-        row = self.conn.execute(
-            "INSERT INTO decision_progress (run_id, latest_version) VALUES (%s, %s)"
-            " ON CONFLICT (run_id) DO UPDATE SET latest_version ="
-            " GREATEST(decision_progress.latest_version, EXCLUDED.latest_version),"
-            " superseded = decision_progress.superseded"
-            " + CASE WHEN decision_progress.latest_version > EXCLUDED.latest_version THEN 1 ELSE 0 END"
-            " RETURNING latest_version",
-            (snap.run_id, snap.version),
-        ).fetchone()
-        assert row is not None
-        return int(row[0]), previous is not None and int(previous[0]) >= snap.version
+    def _store(self, new: list[tuple[StateSnapshot, Emission]]) -> list[Emission]:
+        """Record every new decision in one statement, before anything is produced.
 
-    def _redrive(self, snap: StateSnapshot) -> None:
-        """A snapshot seen before, with a step still in flight: send that step's command again.
-
-        The state processor re-publishes the snapshot of a run that stopped moving; the command may
-        have been lost, or its result. The command keeps its id, so the tool either runs it (if it
-        never did) or republishes the result it recorded.
+        A decision another instance recorded first (a rebalance) wins: its bytes are emitted, not ours.
         """
-        waiting = (StepStatus.dispatched, StepStatus.compensating)
-        in_flight = [s.decision_id for s in snap.steps if s.status in waiting and s.decision_id]
-        for decision_id in in_flight:
-            row = self.conn.execute(
-                "SELECT follow_up_topic, follow_up_event FROM decisions WHERE decision_id = %s", (decision_id,)
-            ).fetchone()
-            if row is not None and row[0] is not None:
-                self.producer.produce(row[0], key=snap.run_id.encode(), value=bytes(row[1]))
-                DECISIONS.labels(self.decider.name, "redriven").inc()
-                log.info("re-sent in-flight command", extra={"run_id": snap.run_id, "decision_id": decision_id})
-
-    def _store(self, snap: StateSnapshot, record: DecisionRecorded, topic: str, follow: bytes) -> Stored:
-        encoded = codec.encode(record)
-        inserted = self.conn.execute(
-            "INSERT INTO decisions (run_id, based_on_version, decision_id, action, step,"
-            " decision_event, follow_up_topic, follow_up_event) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
-            " ON CONFLICT DO NOTHING RETURNING 1",
+        if not new:
+            return []
+        self.round_trips += 1
+        records = [(snap, e, codec.encode(e.record)) for snap, e in new]
+        rows = self.conn.execute(
+            "INSERT INTO decisions (run_id, based_on_version, decision_id, action, step, decision_event,"
+            " follow_up_topic, follow_up_event)"
+            " SELECT * FROM unnest(%s::text[], %s::bigint[], %s::text[], %s::text[], %s::text[], %s::bytea[],"
+            " %s::text[], %s::bytea[]) ON CONFLICT DO NOTHING RETURNING run_id, based_on_version",
             (
-                snap.run_id,
-                snap.version,
-                record.decision_id,
-                record.action.value,
-                record.step,
-                encoded,
-                topic,
-                follow,
+                [s.run_id for s, _, _ in records],
+                [s.version for s, _, _ in records],
+                [e.record.decision_id for _, e, _ in records],
+                [e.record.action.value for _, e, _ in records],
+                [e.record.step for _, e, _ in records],
+                [encoded for _, _, encoded in records],
+                [e.topic for _, e, _ in records],
+                [e.follow_up for _, e, _ in records],
             ),
-        ).fetchone()
-        if inserted is None:  # another instance recorded it first: emit theirs, not ours
-            existing = self._recorded(snap)
-            assert existing is not None
-            return existing
-        return encoded, topic, follow
+        ).fetchall()
+        inserted = {(run_id, int(version)) for run_id, version in rows}
+        out: list[Emission] = []
+        for snap, emission, _ in records:
+            if (snap.run_id, snap.version) in inserted:
+                DECISIONS.labels(self.decider.name, "recorded").inc()
+                out.append(emission)
+                continue
+            theirs = self._recorded(snap)
+            assert theirs is not None
+            self._remember(snap.run_id, RunMemory(snap.version, theirs.record.decision_id, theirs))
+            DECISIONS.labels(self.decider.name, "replayed").inc()
+            out.append(theirs)
+        return out
 
-    def _emit(self, run_id: str, decision: bytes, topic: str | None, follow: bytes | None) -> None:
-        key = run_id.encode()
-        self.producer.produce(self.settings.topic(RUN_EVENTS), key=key, value=decision)
-        if topic is not None and follow is not None:
-            self.producer.produce(topic, key=key, value=follow)
+    # -- producing ---------------------------------------------------------------------------------
+    def _emit(self, emissions: list[Emission], resends: list[tuple[StateSnapshot, Emission]]) -> None:
+        """Commands first; once acknowledged, each decision with where its command landed, then endings."""
+        landed: dict[int, tuple[int, int]] = {}
+        pending = [(i, e) for i, e in enumerate(emissions) if e.is_command and e.topic and e.follow_up]
+        pending += [(len(emissions) + i, e) for i, (_, e) in enumerate(resends)]
+        for index, emission in pending:
+            self.producer.produce(
+                emission.topic,
+                key=emission.record.run_id.encode(),
+                value=emission.follow_up,
+                on_delivery=_landed(landed, index),
+            )
+        if pending:
+            remaining = self.producer.flush(30)
+            if remaining:
+                raise RuntimeError(f"{remaining} command(s) not acknowledged; the batch is retried")
+        events = self.settings.topic(RUN_EVENTS)
+        for index, emission in enumerate(emissions):
+            record = emission.record
+            if index in landed:
+                partition, offset = landed[index]
+                record = record.model_copy(update={"command_partition": partition, "command_offset": offset})
+            key = record.run_id.encode()
+            self.producer.produce(events, key=key, value=codec.encode(record))
+            if not emission.is_command and emission.topic and emission.follow_up:
+                self.producer.produce(emission.topic, key=key, value=emission.follow_up)
+        for i, (snap, emission) in enumerate(resends):
+            partition, offset = landed[len(emissions) + i]
+            step = snap.step(emission.record.step or "")
+            resent = CommandResent(
+                event_id=stable_id(emission.record.command_id or "", "resent", str(step.redrives)),
+                run_id=snap.run_id,
+                causation_id=snap.last_event_id,
+                command_id=emission.record.command_id or "",
+                step=step.name,
+                tool=emission.record.tool or "",
+                redrive=step.redrives,
+                command_partition=partition,
+                command_offset=offset,
+            )
+            RESENT_COMMANDS.labels(resent.tool).inc()
+            self.producer.produce(events, key=snap.run_id.encode(), value=codec.encode(resent))
+
+
+def _landed(landed: dict[int, tuple[int, int]], index: int) -> Callable[[Any, Any], None]:
+    def on_delivery(err: Any, msg: Any) -> None:
+        if err is None:
+            landed[index] = (msg.partition(), msg.offset())
+
+    return on_delivery
 
 
 def make_decider(settings: Settings) -> Decider:

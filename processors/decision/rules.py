@@ -52,8 +52,7 @@ class RulesDecider:
 
     def _compensation(self, snapshot: StateSnapshot, context: dict[str, Any]) -> Decision | None:
         """Undo, last step first, what an abandoned run (deadline passed) created."""
-        abandoned = snapshot.status is RunStatus.escalated and snapshot.deadline_exceeded
-        if not (abandoned and self.workflow.compensate_abandoned):
+        if not self.workflow.undo_pending(snapshot):
             return None
         if any(s.status is StepStatus.compensating for s in snapshot.steps):
             return None  # one undo at a time

@@ -9,12 +9,17 @@ from __future__ import annotations
 import json
 import logging
 import re
+from datetime import datetime
+from typing import Any
 
+import psycopg
 from psycopg.types.json import Jsonb
 
 from streamagent import db
 from streamagent.config import Settings
 from streamagent.events import (
+    CommandLost,
+    CommandResent,
     DecisionRecorded,
     Event,
     RunCompleted,
@@ -24,7 +29,7 @@ from streamagent.events import (
     ToolCommand,
     ToolResult,
 )
-from streamagent.runtime import ConsumerRuntime, Incoming, Unprocessable
+from streamagent.runtime import Batch, ConsumerRuntime
 from streamagent.topics import COMMANDS_PREFIX, RUN_EVENTS, TOOL_RESULTS
 
 log = logging.getLogger(__name__)
@@ -66,24 +71,39 @@ def summarize(event: Event) -> tuple[str | None, str]:
             return event.failed_step, f"{event.status.value}: {event.reason}"
         case RunDeadlineExceeded():
             return None, f"deadline {event.deadline_at.isoformat()} passed"
+        case CommandLost():
+            verdict = "giving up" if event.give_up else f"re-drive {event.redrive}"
+            return event.step, f"{event.tool} command lost ({verdict}): {event.evidence}"
+        case CommandResent():
+            return event.step, (
+                f"{event.tool} command re-sent ({event.redrive}) to partition {event.command_partition}"
+                f" @ {event.command_offset}"
+            )
     return None, event.type
 
 
 class ProjectionHandler:
+    """Projects a batch in one transaction, sent as one pipeline (one round trip in the steady state).
+
+    Every statement is idempotent (events by id, runs by upsert, counts recomputed), so a batch
+    delivered again after a crash changes nothing.
+    """
+
     def __init__(self, settings: Settings) -> None:
         self.conn = db.connect(settings, autocommit=False)
 
-    def __call__(self, incoming: Incoming) -> None:
-        event = incoming.event
-        if not isinstance(event, Event):
-            raise Unprocessable("unexpected-event", f"{type(event).__name__} is not a run event")
-        msg = incoming.message
-        step, summary = summarize(event)
-        with self.conn.transaction():
-            inserted = self.conn.execute(
-                "INSERT INTO run_events (event_id, run_id, type, occurred_at, causation_id, step, summary,"
-                " payload, topic, kafka_partition, kafka_offset) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
-                " ON CONFLICT (event_id) DO NOTHING RETURNING 1",
+    def __call__(self, batch: Batch) -> None:
+        rows: list[tuple[object, ...]] = []
+        events: list[Event] = []
+        for item in batch:
+            event = item.event
+            if not isinstance(event, Event):
+                batch.reject(item, "unexpected-event", f"{type(event).__name__} is not a run event")
+                continue
+            msg = item.message
+            step, summary = summarize(event)
+            payload = Jsonb(event.model_dump(mode="json"))
+            rows.append(
                 (
                     event.event_id,
                     event.run_id,
@@ -92,54 +112,65 @@ class ProjectionHandler:
                     event.causation_id,
                     step,
                     summary,
-                    Jsonb(event.model_dump(mode="json")),
+                    payload,
                     msg.topic(),
                     msg.partition(),
                     msg.offset(),
-                ),
-            ).fetchone()
-            if inserted is not None:
-                self._update_run(event)
-        self.conn.commit()
+                )
+            )
+            events.append(event)
+        if not rows:
+            return
+        with self.conn.transaction(), self.conn.pipeline(), self.conn.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO run_events (event_id, run_id, type, occurred_at, causation_id, step, summary,"
+                " payload, topic, kafka_partition, kafka_offset) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
+                " ON CONFLICT (event_id) DO NOTHING",
+                rows,
+            )
+            self._update_runs(cur, events)
 
-    def _update_run(self, event: Event) -> None:
+    def _update_runs(self, cur: psycopg.Cursor[Any], events: list[Event]) -> None:
         # Runs arrive on several topics, so any event may be the first one seen for its run.
-        self.conn.execute(
+        spans: dict[str, tuple[datetime, datetime]] = {}
+        for e in events:
+            first, last = spans.get(e.run_id, (e.occurred_at, e.occurred_at))
+            spans[e.run_id] = (min(first, e.occurred_at), max(last, e.occurred_at))
+        cur.executemany(
             "INSERT INTO runs (run_id, status, created_at, updated_at) VALUES (%s, 'running', %s, %s)"
             " ON CONFLICT (run_id) DO UPDATE SET updated_at = GREATEST(runs.updated_at, EXCLUDED.updated_at)",
-            (event.run_id, event.occurred_at, event.occurred_at),
+            [(run_id, first, last) for run_id, (first, last) in spans.items()],
         )
-        match event:
-            case RunRequested():
-                self.conn.execute(
-                    "UPDATE runs SET company_name=%s, company_domain=%s, contact_email=%s, requested_by=%s,"
-                    " created_at=LEAST(created_at, %s) WHERE run_id=%s",
-                    (
-                        event.company_name,
-                        event.company_domain,
-                        event.contact_email,
-                        event.requested_by,
-                        event.occurred_at,
-                        event.run_id,
-                    ),
-                )
-            case ToolResult() if event.operation == "execute":
-                self.conn.execute(
-                    "UPDATE runs SET steps_done = (SELECT count(DISTINCT step) FROM run_events"
-                    " WHERE run_id=%s AND type='ToolResult' AND payload->>'status'='succeeded'"
-                    " AND payload->>'operation'='execute') WHERE run_id=%s",
-                    (event.run_id, event.run_id),
-                )
-            case RunCompleted():
-                self.conn.execute(
-                    "UPDATE runs SET status='completed', reason=%s, ended_at=%s WHERE run_id=%s",
-                    (event.reason, event.occurred_at, event.run_id),
-                )
-            case RunFailed():
-                self.conn.execute(
-                    "UPDATE runs SET status=%s, reason=%s, failed_step=%s, ended_at=%s WHERE run_id=%s",
-                    (event.status.value, event.reason, event.failed_step, event.occurred_at, event.run_id),
-                )
+        requested = [e for e in events if isinstance(e, RunRequested)]
+        if requested:
+            cur.executemany(
+                "UPDATE runs SET company_name=%s, company_domain=%s, contact_email=%s, requested_by=%s,"
+                " created_at=LEAST(created_at, %s) WHERE run_id=%s",
+                [
+                    (e.company_name, e.company_domain, e.contact_email, e.requested_by, e.occurred_at, e.run_id)
+                    for e in requested
+                ],
+            )
+        counted = sorted({e.run_id for e in events if isinstance(e, ToolResult) and e.operation == "execute"})
+        if counted:
+            cur.execute(
+                "UPDATE runs SET steps_done = (SELECT count(DISTINCT step) FROM run_events"
+                " WHERE run_events.run_id=runs.run_id AND type='ToolResult' AND payload->>'status'='succeeded'"
+                " AND payload->>'operation'='execute') WHERE run_id = ANY(%s)",
+                (counted,),
+            )
+        completed = [e for e in events if isinstance(e, RunCompleted)]
+        if completed:
+            cur.executemany(
+                "UPDATE runs SET status='completed', reason=%s, ended_at=%s WHERE run_id=%s",
+                [(e.reason, e.occurred_at, e.run_id) for e in completed],
+            )
+        failed = [e for e in events if isinstance(e, RunFailed)]
+        if failed:
+            cur.executemany(
+                "UPDATE runs SET status=%s, reason=%s, failed_step=%s, ended_at=%s WHERE run_id=%s",
+                [(e.status.value, e.reason, e.failed_step, e.occurred_at, e.run_id) for e in failed],
+            )
 
 
 def build(settings: Settings) -> ConsumerRuntime:

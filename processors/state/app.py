@@ -2,28 +2,399 @@
 
 The table (backed by its changelog topic) is the working state; the snapshot topic is what the
 decision layer reads. Both are derived from ``agent.run.events`` + ``agent.tool.results``.
+
+Per batch of events (faust ``take_events``): fold each, write each changed run to the table once,
+publish one snapshot per run that now needs a decision, flush, and only then let faust ack the
+batch. A run gets a snapshot when the decider has something to decide (see ``fold.needs_decision``):
+one snapshot and one decision per step, never an echo of the decision just recorded.
+
+The timer looks only at what is due (``watch.DueQueue``): run deadlines, and loss checks of
+in-flight commands. A command is re-driven only on evidence that it is lost: its tool's consumer
+group has committed past it (a tool commits only after its result is acknowledged), and this
+processor has folded the results partition of the run up to a high-water mark read after that,
+and still no result. A command merely waiting in its topic is never re-sent.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from datetime import datetime, timedelta
+import time
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import faust
+from aiokafka.partitioner import DefaultPartitioner
+from confluent_kafka import Producer
 
-from processors.state.fold import Applied, RunState, apply
+from processors.state.fold import RunState, apply, in_flight, needs_decision
+from processors.state.watch import DEADLINE, REDRIVE, Admission, DueQueue
+from processors.workflow import ONBOARDING
 from streamagent import codec, faust_compat
 from streamagent.config import Settings
-from streamagent.dlq import headers_for
-from streamagent.dlq import record as record_dead_letter
+from streamagent.dlq import DeadLetterSink
 from streamagent.errors import Rejected, Unprocessable
-from streamagent.events import Event, RunDeadlineExceeded, RunStatus, StepStatus, ToolResult, now, stable_id
-from streamagent.metrics import EVENTS_PROCESSED, REDRIVES, RUNS
-from streamagent.topics import DEAD_LETTERS, RUN_EVENTS, RUN_STATE, TOOL_RESULTS
+from streamagent.events import (
+    CommandLost,
+    Event,
+    RunDeadlineExceeded,
+    RunStatus,
+    StateSnapshot,
+    StepState,
+    StepStatus,
+    ToolResult,
+    stable_id,
+)
+from streamagent.kafka import admin, group_offsets
+from streamagent.kafka import producer as make_producer
+from streamagent.metrics import EVENTS_PROCESSED, REDRIVES, RUNS, RUNS_ADMITTED, RUNS_WAITING, SNAPSHOTS
+from streamagent.topics import RUN_EVENTS, RUN_STATE, TOOL_RESULTS, command_topic
 
 log = logging.getLogger(__name__)
 PROCESSOR = "state"
+
+
+@dataclass
+class Suspect:
+    """A command its tool's group has consumed past: lost unless its result shows up by ``highwater``."""
+
+    highwater: int
+
+
+class StateWorker:
+    """The fold, the snapshots, admission and the timer; faust only feeds it and keeps the table."""
+
+    def __init__(self, settings: Settings, table: Any, producer: Producer, app: Any = None) -> None:
+        self.settings = settings
+        self.table = table
+        self.producer = producer
+        self.app = app
+        self.workflow = ONBOARDING
+        self.dead_letters = DeadLetterSink(settings, producer, PROCESSOR)
+        self.queue = DueQueue()
+        self.admission = Admission.for_stack(settings.max_running_runs, settings.partitions)
+        self.cache: dict[str, RunState] = {}
+        self.positions: dict[tuple[str, int], int] = {}  # folded up to (exclusive), per topic-partition
+        self.suspects: dict[str, Suspect] = {}  # by command id
+        self.checks: dict[str, int] = {}  # by command id: loss checks that found the command still queued
+        self.assigned: frozenset[int] | None = None
+        self._partitioner = DefaultPartitioner()
+        self._all = list(range(settings.partitions))
+        self._admin: Any = None
+        self.results_topic = settings.topic(TOOL_RESULTS)
+        self.events_topic = settings.topic(RUN_EVENTS)
+        self.snapshots_topic = settings.topic(RUN_STATE)
+
+    # -- state access ----------------------------------------------------------------------------
+    def partition(self, run_id: str) -> int:
+        return int(self._partitioner(run_id.encode(), self._all, self._all))
+
+    def state(self, run_id: str) -> RunState | None:
+        cached = self.cache.get(run_id)
+        if cached is not None:
+            return cached
+        value = self.table.get(run_id)
+        return RunState.model_validate(value) if value is not None else None
+
+    def _active(self, snap: StateSnapshot) -> bool:
+        return snap.status is RunStatus.running or bool(in_flight(snap)) or self.workflow.undo_pending(snap)
+
+    # -- partitions ------------------------------------------------------------------------------
+    def sync_assignment(self, assigned: frozenset[int]) -> None:
+        """Rebuild the due queue, admission and cache from the table when the assignment changed.
+
+        A scan of the whole table, once per rebalance: this is the "rebuilt from the table on
+        recovery" half of the timer's bargain. Runs waiting for a decision get their snapshot
+        again, in case the crash that caused the rebalance lost it (the decider dedupes).
+        """
+        if assigned == self.assigned:
+            return
+        self.assigned = assigned
+        self.cache.clear()
+        self.suspects.clear()
+        self.checks.clear()
+        self.queue.forget_partitions(assigned)
+        self.admission.reset()
+        waiting: list[tuple[datetime, str]] = []
+        republish: list[RunState] = []
+        for run_id, value in list(self.table.items()):
+            if not _maybe_active(value):
+                continue  # a finished run: skipped without parsing, so recovery stays cheap at scale
+            partition = self.partition(run_id)
+            if partition not in assigned:
+                continue
+            state = RunState.model_validate(value)
+            snap = state.snapshot
+            if not self._active(snap):
+                continue
+            self.cache[run_id] = state
+            if not state.admitted:
+                waiting.append((snap.created_at, run_id))
+            else:
+                self.admission.admit(partition, run_id)
+                if needs_decision(snap, self.workflow):
+                    republish.append(state)
+            self._schedule(partition, state)
+        for _, run_id in sorted(waiting):
+            self.admission.wait(self.partition(run_id), run_id)
+        for state in republish:
+            self._publish(state)
+        self.producer.flush(30)
+        self._gauges()
+        log.info(
+            "partitions assigned",
+            extra={"partitions": sorted(assigned), "active_runs": len(self.cache), "republished": len(republish)},
+        )
+
+    # -- the fold --------------------------------------------------------------------------------
+    def fold_batch(self, messages: list[Any]) -> None:
+        """Fold a batch; table writes and snapshots are collected and made once per run."""
+        dirty: dict[str, RunState] = {}
+        publish: dict[str, RunState] = {}
+        for message in messages:
+            EVENTS_PROCESSED.labels(PROCESSOR, message.topic).inc()
+            key = (message.topic, message.partition)
+            self.positions[key] = max(self.positions.get(key, 0), message.offset + 1)
+            try:
+                self._fold_one(message, dirty, publish)
+            except Rejected as exc:
+                self._dead_letter(message, exc.reason, exc.detail)
+            except Exception as exc:  # one bad message must never stop the fold
+                log.exception("state processor failed on an event")
+                self._dead_letter(message, "processing-error", repr(exc))
+        for run_id, state in dirty.items():
+            self.table[run_id] = state.model_dump(mode="json")
+        for state in publish.values():
+            self._publish(state)
+        self._gauges()
+
+    def _fold_one(self, message: Any, dirty: dict[str, RunState], publish: dict[str, RunState]) -> None:
+        event = codec.decode(message.value, self.settings.max_event_bytes)
+        if not isinstance(event, Event) or (message.topic == self.results_topic) != isinstance(event, ToolResult):
+            raise Unprocessable("unexpected-event", f"{type(event).__name__} on {message.topic}")
+        before = self.state(event.run_id)
+        outcome = apply(before, event, self.settings.run_deadline_s, self.workflow)
+        if not outcome.changed:
+            return
+        after, wants = outcome.state, outcome.publish
+        partition = message.partition
+        snap = after.snapshot
+        if before is None:
+            RUNS.labels(RunStatus.running.value).inc()
+            if self.admission.has_room(partition):
+                self.admission.admit(partition, snap.run_id)
+            else:
+                after, wants = after.model_copy(update={"admitted": False}), False
+                self.admission.wait(partition, snap.run_id)
+        elif not after.admitted:
+            if snap.deadline_exceeded or snap.status.terminal:
+                # It waited past its deadline: let the decider end it now, out of turn.
+                self.admission.withdraw(partition, snap.run_id)
+                self.admission.admit(partition, snap.run_id)
+                after = after.model_copy(update={"admitted": True})
+            else:
+                wants = False
+        if snap.status.terminal and (before is None or not before.snapshot.status.terminal):
+            RUNS.labels(snap.status.value).inc()
+        self._store(after, dirty)
+        if wants:
+            publish[snap.run_id] = after
+        if after.admitted and not self._active(snap):
+            self._finish(partition, snap.run_id, dirty, publish)
+        else:
+            self._schedule(partition, after)
+
+    def _store(self, state: RunState, dirty: dict[str, RunState]) -> None:
+        run_id = state.snapshot.run_id
+        dirty[run_id] = state
+        self.cache[run_id] = state
+
+    def _finish(self, partition: int, run_id: str, dirty: dict[str, RunState], publish: dict[str, RunState]) -> None:
+        """A run is over: free its slot, forget its timers, and admit the oldest waiting run."""
+        self.admission.finish(partition, run_id)
+        self.queue.cancel(run_id, DEADLINE)
+        self.queue.cancel(run_id, REDRIVE)
+        self.cache.pop(run_id, None)
+        while (next_id := self.admission.next_waiting(partition)) is not None:
+            waiting = self.state(next_id)
+            if waiting is None:
+                continue
+            admitted = waiting.model_copy(update={"admitted": True})
+            self.admission.admit(partition, next_id)
+            self._store(admitted, dirty)
+            publish[next_id] = admitted
+            self._schedule(partition, admitted)
+
+    def _schedule(self, partition: int, state: RunState) -> None:
+        snap = state.snapshot
+        run_id = snap.run_id
+        if snap.status is RunStatus.running and not snap.deadline_exceeded:
+            self.queue.schedule(partition, run_id, DEADLINE, snap.deadline_at.timestamp())
+        else:
+            self.queue.cancel(run_id, DEADLINE)
+        flights = in_flight(snap) if state.admitted else []
+        if flights:
+            self.queue.schedule(partition, run_id, REDRIVE, min(self._check_at(step) for step in flights))
+        else:
+            self.queue.cancel(run_id, REDRIVE)
+
+    def _check_at(self, step: StepState) -> float:
+        """When to next look for evidence that this step's command is lost: ``redrive_check_s`` after
+        dispatch, doubling with every re-send and every look that found it still queued."""
+        looks = self.checks.get(step.command_id or "", 0)
+        backoff = min(self.settings.redrive_check_s * 2 ** (step.redrives + looks), self.settings.redrive_check_max_s)
+        since = step.dispatched_at.timestamp() if step.dispatched_at is not None and not looks else time.time()
+        return since + backoff
+
+    def _publish(self, state: RunState) -> None:
+        snap = state.snapshot
+        SNAPSHOTS.inc()
+        self.producer.produce(self.snapshots_topic, key=snap.run_id.encode(), value=codec.encode(snap))
+
+    def _dead_letter(self, message: Any, reason: str, error: str) -> None:
+        self.dead_letters.send_raw(
+            message.topic, message.partition, message.offset, message.key, message.value, reason, error
+        )
+
+    def _gauges(self) -> None:
+        RUNS_ADMITTED.set(self.admission.running)
+        RUNS_WAITING.set(self.admission.queued)
+
+    # -- the timer -------------------------------------------------------------------------------
+    async def tick(self, now: float | None = None) -> None:
+        """Deadlines and loss checks that are due; nothing else is looked at.
+
+        Runs on the event loop like the fold; only the broker look-ups go to a thread.
+        """
+        moment = time.time() if now is None else now
+        checks: list[tuple[int, RunState, StepState]] = []
+        for partition, run_id, kind in self.queue.due(moment):
+            state = self.state(run_id)
+            if state is None:
+                continue
+            snap = state.snapshot
+            if kind == DEADLINE:
+                if snap.status is RunStatus.running and not snap.deadline_exceeded:
+                    self._emit(
+                        RunDeadlineExceeded(
+                            event_id=stable_id(run_id, "deadline-exceeded"),
+                            run_id=run_id,
+                            causation_id=snap.last_event_id,
+                            deadline_at=snap.deadline_at,
+                        )
+                    )
+            elif state.admitted:
+                checks.extend((partition, state, step) for step in in_flight(snap))
+        if checks:
+            await self._check_lost(checks, moment)
+        await _blocking(self.producer.flush, 30)
+
+    async def _check_lost(self, checks: list[tuple[int, RunState, StepState]], now: float) -> None:
+        """Judge in-flight commands by their tool group's committed offset (one request per tool)."""
+        by_tool: dict[str, list[tuple[int, RunState, StepState]]] = {}
+        for item in checks:
+            by_tool.setdefault(self._tool_of(item[2]), []).append(item)
+        for tool, items in by_tool.items():
+            topic = self.settings.topic(command_topic(tool))
+            wanted = sorted({(topic, s.command_partition) for _, _, s in items if s.command_partition is not None})
+            try:
+                committed = await _blocking(
+                    group_offsets, self._admin_client(), self.settings.group(f"tool.{tool}"), wanted
+                )
+            except Exception as exc:  # the broker is busy or away: assume nothing, look again later
+                log.warning("could not read the %s group's offsets: %r", tool, exc)
+                committed = {}
+            for partition, state, step in items:
+                await self._judge(
+                    partition, state, step, topic, committed.get((topic, step.command_partition or 0), -1), now
+                )
+
+    async def _judge(self, partition: int, state: RunState, step: StepState, topic: str, done: int, now: float) -> None:
+        run_id, command_id = state.snapshot.run_id, step.command_id or ""
+        if step.command_offset is None or done <= step.command_offset:
+            # Still in its topic, or being worked on (a tool commits only after its result is
+            # acknowledged): waiting, never lost. Look again later, less often. (A command without a
+            # recorded offset gives no evidence either way, so it is never judged lost.)
+            self.suspects.pop(command_id, None)
+            self.checks[command_id] = self.checks.get(command_id, 0) + 1
+            self.queue.schedule(partition, run_id, REDRIVE, self._check_at(step))
+            return
+        results = (self.results_topic, partition)
+        suspect = self.suspects.get(command_id)
+        if suspect is None:
+            # The tool is past it, so its result, if it made one, was acknowledged before now and
+            # sits below the results partition's end as read now. Fold up to there, then judge.
+            ends = await _blocking(faust_compat.true_highwaters, self.settings.bootstrap_servers, [results])
+            self.suspects[command_id] = Suspect(ends.get(results, 0))
+            self.queue.schedule(partition, run_id, REDRIVE, now + 1.0)
+            return
+        if await self._position(results) < suspect.highwater:
+            self.queue.schedule(partition, run_id, REDRIVE, now + 1.0)  # still folding up to it
+            return
+        del self.suspects[command_id]
+        redrive = step.redrives + 1
+        give_up = step.redrives >= self.settings.redrive_max
+        tool = self._tool_of(step)
+        evidence = (
+            f"the {tool} tool's group committed {topic}[{step.command_partition}] up to {done}, past the"
+            f" command at offset {step.command_offset}, and {self.results_topic}[{partition}] held no result"
+            f" for it up to offset {suspect.highwater}"
+        )
+        REDRIVES.labels("given-up" if give_up else "re-sent").inc()
+        log.warning(
+            "command lost: %s",
+            "giving up" if give_up else f"re-drive {redrive}",
+            extra={"run_id": run_id, "step": step.name, "command_id": command_id, "evidence": evidence},
+        )
+        self._emit(
+            CommandLost(
+                event_id=stable_id(command_id, "lost", str(redrive)),
+                run_id=run_id,
+                causation_id=state.snapshot.last_event_id,
+                command_id=command_id,
+                step=step.name,
+                tool=tool,
+                redrive=redrive,
+                give_up=give_up,
+                evidence=evidence,
+            )
+        )
+
+    async def _position(self, tp: tuple[str, int]) -> int:
+        """How far this processor has folded a partition (its committed offset if nothing came yet)."""
+        if tp not in self.positions:
+            done = await _blocking(group_offsets, self._admin_client(), self.settings.group(PROCESSOR), [tp])
+            self.positions[tp] = max(0, done.get(tp, 0))
+        return self.positions[tp]
+
+    def _tool_of(self, step: StepState) -> str:
+        declared = self.workflow.step(step.name)
+        if step.status is StepStatus.compensating and declared.compensation is not None:
+            return declared.compensation[0]
+        return declared.tool
+
+    def _admin_client(self) -> Any:
+        if self._admin is None:
+            self._admin = admin(self.settings)
+        return self._admin
+
+    def _emit(self, event: Event) -> None:
+        self.producer.produce(self.events_topic, key=event.run_id.encode(), value=codec.encode(event))
+
+
+def _maybe_active(value: dict[str, Any]) -> bool:
+    """A cheap look at a table value: could this run still need anything (see ``StateWorker._active``)?"""
+    snap = value["snapshot"]
+    if snap["status"] == RunStatus.running.value:
+        return True
+    if any(step["status"] in ("dispatched", "compensating") for step in snap["steps"]):
+        return True
+    return bool(snap["status"] == RunStatus.escalated.value and snap.get("deadline_exceeded"))
+
+
+async def _blocking(fn: Any, *args: Any) -> Any:
+    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
 
 def build_app(settings: Settings) -> faust.App:
@@ -40,9 +411,10 @@ def build_app(settings: Settings) -> faust.App:
         broker_session_timeout=settings.session_timeout_ms / 1000,
         broker_heartbeat_interval=settings.heartbeat_interval_ms / 1000,
         broker_commit_interval=0.5,
-        producer_linger=0.002,
+        producer_linger=settings.linger_ms / 1000,
         producer_max_request_size=16 * 1024 * 1024,
         consumer_max_fetch_size=16 * 1024 * 1024,
+        stream_buffer_maxsize=max(4096, settings.batch_size * 4),
         datadir=str(settings.data_dir / "faust"),
         consumer_group_instance_id=settings.group_instance_id or None,
         key_serializer="json",
@@ -55,93 +427,39 @@ def build_app(settings: Settings) -> faust.App:
         value_serializer="raw",
         partitions=settings.partitions,
     )
-    run_events = app.topic(settings.topic(RUN_EVENTS), key_serializer="raw", value_serializer="raw")
-    snapshots = app.topic(settings.topic(RUN_STATE), key_serializer="raw", value_serializer="raw")
-    dead_letters = app.topic(settings.topic(DEAD_LETTERS), key_serializer="raw", value_serializer="raw")
-    table = app.Table("runs", default=None, partitions=settings.partitions, key_type=str)
+    # The changelog partition of a run comes from the partitioner (murmur2, like every producer
+    # here), so a run's changelog lands on the partition number of its events, written per batch.
+    table = app.Table("runs", default=None, partitions=settings.partitions, key_type=str, use_partitioner=True)
+    worker = StateWorker(settings, table, make_producer(settings), app)
+    events_topic = settings.topic(RUN_EVENTS)
 
-    async def publish(state: RunState) -> None:
-        snap = state.snapshot
-        await snapshots.send(key=snap.run_id.encode(), value=codec.encode(snap))
+    async def settle() -> None:
+        """Everything this batch caused is acknowledged before faust may commit its offsets."""
+        remaining = await _blocking(worker.producer.flush, 30)
+        if remaining:
+            raise RuntimeError(f"{remaining} snapshot(s) not acknowledged; not acking the batch")
+        await app.producer.flush()  # the table's changelog
 
-    async def dead_letter(message: Any, reason: str, error: str) -> None:
-        record_dead_letter(PROCESSOR, message.topic, message.partition, message.offset, reason, error)
-        await dead_letters.send(
-            key=message.key,
-            value=message.value,
-            headers=headers_for(reason, error, PROCESSOR, message.topic, message.partition, message.offset),
-        )
-
-    def fold_one(message: Any) -> tuple[RunState | None, Applied]:
-        event = codec.decode(message.value, settings.max_event_bytes)
-        if not isinstance(event, Event) or (message.topic.endswith(TOOL_RESULTS) != isinstance(event, ToolResult)):
-            raise Unprocessable("unexpected-event", f"{type(event).__name__} on {message.topic}")
-        current = table.get(event.run_id)
-        state = RunState.model_validate(current) if current is not None else None
-        return state, apply(state, event, settings.run_deadline_s)
-
-    async def handle(message: Any) -> None:
-        try:
-            state, outcome = fold_one(message)
-        except Rejected as exc:
-            await dead_letter(message, exc.reason, exc.detail)
+    def sync() -> None:
+        if app.rebalancing or not app.tables.recovery.completed.is_set():
             return
-        if outcome.changed:
-            snap = outcome.state.snapshot
-            table[snap.run_id] = outcome.state.model_dump(mode="json")
-            if state is None:
-                RUNS.labels(RunStatus.running.value).inc()
-            if snap.status.terminal and (state is None or not state.snapshot.status.terminal):
-                RUNS.labels(snap.status.value).inc()
-            log.debug("applied event", extra={"run_id": snap.run_id, "version": snap.version})
-        # A duplicate re-publishes the current snapshot: after a crash the changelog may hold a
-        # version whose snapshot never left the producer. Readers dedupe by (run, version).
-        await publish(outcome.state)
+        assigned = frozenset(tp.partition for tp in app.consumer.assignment() if tp.topic == events_topic)
+        worker.sync_assignment(assigned)
 
     @app.agent(events)
     async def fold(stream: Any) -> None:
-        async for item in stream.events():
-            EVENTS_PROCESSED.labels(PROCESSOR, item.message.topic).inc()
-            try:
-                await handle(item.message)
-            except Exception as exc:  # one bad message must never stop the fold
-                log.exception("state processor failed on an event")
-                await dead_letter(item.message, "processing-error", repr(exc))
+        async for batch in stream.take_events(settings.batch_size, within=settings.fetch_wait_ms / 1000):
+            sync()
+            worker.fold_batch([event.message for event in batch])
+            await settle()
 
-    redriven: dict[str, datetime] = {}
-
-    @app.timer(interval=1.0)
+    @app.timer(interval=0.5)
     async def watch() -> None:
-        """Deadlines and re-drive, for the running runs of this worker's partitions.
+        sync()
+        if worker.assigned is not None:
+            await worker.tick()
 
-        Re-drive: a run that made no progress for ``redrive_after_s`` gets its snapshot published
-        again. The decision layer replays the decision recorded for that version, its tool
-        republishes the recorded result, and the run moves on; so a message lost anywhere in the
-        loop (a crash between two writes, a broker hiccup) costs time, never the run.
-        """
-        moment = now()
-        idle = timedelta(seconds=settings.redrive_after_s)
-        for run_id, value in list(table.items()):
-            state = RunState.model_validate(value)
-            snap = state.snapshot
-            undoing = any(s.status is StepStatus.compensating for s in snap.steps)
-            if snap.status is not RunStatus.running and not undoing:
-                redriven.pop(run_id, None)
-                continue
-            if moment - max(snap.updated_at, redriven.get(run_id, snap.updated_at)) > idle:
-                redriven[run_id] = moment
-                REDRIVES.inc()
-                log.info("re-driving idle run", extra={"run_id": run_id, "version": snap.version})
-                await publish(state)
-            if snap.status is RunStatus.running and not snap.deadline_exceeded and snap.deadline_at < moment:
-                event = RunDeadlineExceeded(
-                    event_id=stable_id(run_id, "deadline-exceeded"),
-                    run_id=run_id,
-                    causation_id=snap.last_event_id,
-                    deadline_at=snap.deadline_at,
-                )
-                await run_events.send(key=run_id.encode(), value=codec.encode(event))
-
+    app.worker_state = worker  # type: ignore[attr-defined]
     return app
 
 

@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from processors.workflow import ONBOARDING, Workflow
 from streamagent.errors import Unprocessable
 from streamagent.events import (
+    CommandLost,
+    CommandResent,
     DecisionAction,
     DecisionRecorded,
     Event,
@@ -45,18 +47,50 @@ MAX_REMEMBERED = 1000
 
 
 class RunState(BaseModel):
-    """What the state table holds per run: the snapshot plus the ids of applied events."""
+    """What the state table holds per run: the snapshot plus the ids of applied events.
+
+    ``admitted`` is False while the run waits for capacity (the stack's bound on runs in flight):
+    its request is folded and durable, but no snapshot goes to the decision layer yet.
+    """
 
     model_config = ConfigDict(frozen=True)
 
     snapshot: StateSnapshot
     applied: list[str] = Field(default_factory=list)
+    admitted: bool = True
 
 
 @dataclass(frozen=True)
 class Applied:
     state: RunState
     changed: bool
+    # The new state asks the decision layer for a decision: publish exactly one snapshot.
+    publish: bool = False
+
+
+_IN_FLIGHT = (StepStatus.dispatched, StepStatus.compensating)
+
+
+def in_flight(snap: StateSnapshot) -> list[StepState]:
+    """Steps whose command was sent and whose result has not been folded yet."""
+    return [s for s in snap.steps if s.status in _IN_FLIGHT and not (s.status is StepStatus.compensating and s.error)]
+
+
+def needs_decision(snap: StateSnapshot, workflow: Workflow = ONBOARDING) -> bool:
+    """Whether the decider has something to decide on this state.
+
+    Not while a command is in flight (its result will come), nor while a result waits for the
+    decision that caused it (the two travel on different topics), nor once the run is over unless
+    an abandoned run still has something to undo. This is what keeps the loop at one snapshot and
+    one decision per step: a recorded decision that only marks a step dispatched asks for nothing.
+    """
+    if in_flight(snap):
+        return False
+    if any(s.command_id is not None and s.decision_id is None for s in snap.steps):
+        return False
+    if snap.status is RunStatus.running:
+        return True
+    return workflow.undo_pending(snap)
 
 
 def apply(state: RunState | None, event: Event, default_deadline_s: float, workflow: Workflow = ONBOARDING) -> Applied:
@@ -65,25 +99,31 @@ def apply(state: RunState | None, event: Event, default_deadline_s: float, workf
     if isinstance(event, RunRequested):
         if state is not None:
             raise Unprocessable("duplicate-run", f"run {event.run_id} was already requested")
-        return Applied(_start(event, default_deadline_s, workflow), changed=True)
+        return Applied(_start(event, default_deadline_s, workflow), changed=True, publish=True)
     if state is None:
         raise Unprocessable("unknown-run", f"{event.type} for run {event.run_id} that was never requested")
-    snap = _next(state.snapshot, event)
-    if isinstance(event, DecisionRecorded):
-        snap = _decision(snap, event).model_copy(update={"last_decision_id": event.decision_id})
+    moved = _next(state.snapshot, event)
+    if isinstance(event, CommandLost):
+        snap = _lost(moved, event)
+    elif isinstance(event, CommandResent):
+        snap = _resent(moved, event)
+    elif isinstance(event, DecisionRecorded):
+        snap = _decision(moved, event).model_copy(update={"last_decision_id": event.decision_id})
     elif isinstance(event, ToolResult):
-        snap = _result(snap, event)
+        snap = _result(moved, event)
     elif isinstance(event, RunCompleted):
-        snap = _end(snap, RunStatus.completed, event.reason)
+        snap = _end(moved, RunStatus.completed, event.reason)
     elif isinstance(event, RunFailed):
-        snap = _end(snap, RunStatus(event.status.value), event.reason)
+        snap = _end(moved, RunStatus(event.status.value), event.reason)
     elif isinstance(event, RunDeadlineExceeded):
-        if snap.status is RunStatus.running:
-            snap = snap.model_copy(update={"deadline_exceeded": True})
+        snap = moved.model_copy(update={"deadline_exceeded": True}) if moved.status is RunStatus.running else moved
     else:
         raise Unprocessable("unexpected-event", f"{event.type} is not a run event")
     applied = [*state.applied, event.event_id][-MAX_REMEMBERED:]
-    return Applied(RunState(snapshot=snap, applied=applied), changed=True)
+    # Only an event that changed what the run is (not just its version: stale evidence, a repeated
+    # ending, a result delivered again) may ask for a decision.
+    publish = snap.redrive_command_id is not None or (snap is not moved and needs_decision(snap, workflow))
+    return Applied(state.model_copy(update={"snapshot": snap, "applied": applied}), changed=True, publish=publish)
 
 
 def _start(event: RunRequested, default_deadline_s: float, workflow: Workflow) -> RunState:
@@ -113,8 +153,40 @@ def _start(event: RunRequested, default_deadline_s: float, workflow: Workflow) -
 
 def _next(snap: StateSnapshot, event: Event) -> StateSnapshot:
     return snap.model_copy(
-        update={"version": snap.version + 1, "updated_at": event.occurred_at, "last_event_id": event.event_id}
+        update={
+            "version": snap.version + 1,
+            "updated_at": event.occurred_at,
+            "last_event_id": event.event_id,
+            "redrive_command_id": None,
+        }
     )
+
+
+def _lost(snap: StateSnapshot, event: CommandLost) -> StateSnapshot:
+    """A command found lost: ask for it again, or, past the bound, fail its step with the evidence."""
+    step = _step(snap, event.step)
+    if step.command_id != event.command_id or step not in in_flight(snap):
+        return snap  # answered meanwhile: the evidence is stale
+    if not event.give_up:
+        step = step.model_copy(update={"redrives": event.redrive})
+        return _replace_step(snap, step).model_copy(update={"redrive_command_id": event.command_id})
+    error = f"lost: no result after {step.redrives} re-send(s); {event.evidence}"
+    if step.status is StepStatus.compensating:
+        return _replace_step(snap, step.model_copy(update={"error": f"compensation failed: {error}"}))
+    return _replace_step(snap, step.model_copy(update={"status": StepStatus.failed, "error": error}))
+
+
+def _resent(snap: StateSnapshot, event: CommandResent) -> StateSnapshot:
+    """The copy of a lost command is on its way: judge the copy from now on."""
+    step = _step(snap, event.step)
+    if step.command_id != event.command_id or step not in in_flight(snap):
+        return snap
+    update = {
+        "command_partition": event.command_partition,
+        "command_offset": event.command_offset,
+        "dispatched_at": event.occurred_at,
+    }
+    return _replace_step(snap, step.model_copy(update=update))
 
 
 def _replace_step(snap: StateSnapshot, step: StepState) -> StateSnapshot:
@@ -142,8 +214,13 @@ def _decision(snap: StateSnapshot, event: DecisionRecorded) -> StateSnapshot:
         step = _step(snap, event.step)
         if step.status is not StepStatus.succeeded:
             return _superseded(snap)
-        # The step now points at the undo's decision, so a re-drive re-sends the undo.
-        update = {"status": StepStatus.compensating, "decision_id": event.decision_id}
+        # The step now points at the undo's command, so a re-drive re-sends the undo.
+        update = {
+            "status": StepStatus.compensating,
+            "decision_id": event.decision_id,
+            "command_id": event.command_id,
+            **_where(event),
+        }
         return _replace_step(snap, step.model_copy(update=update))
     if snap.status.terminal:
         return _superseded(snap)
@@ -163,6 +240,7 @@ def _decision(snap: StateSnapshot, event: DecisionRecorded) -> StateSnapshot:
                     "command_id": event.command_id,
                     "decision_id": event.decision_id,
                     "attempts": step.attempts + 1,
+                    **_where(event),
                 }
             ),
         )
@@ -171,6 +249,16 @@ def _decision(snap: StateSnapshot, event: DecisionRecorded) -> StateSnapshot:
         # topics): the decision is the one that ran, not a stale one.
         return _replace_step(snap, step.model_copy(update={"decision_id": event.decision_id}))
     return _superseded(snap)
+
+
+def _where(event: DecisionRecorded) -> dict[str, object]:
+    """Where the decision's command sits in its topic, and since when: the re-drive's evidence."""
+    return {
+        "command_partition": event.command_partition,
+        "command_offset": event.command_offset,
+        "dispatched_at": event.occurred_at,
+        "redrives": 0,
+    }
 
 
 def _result(snap: StateSnapshot, event: ToolResult) -> StateSnapshot:
@@ -182,6 +270,8 @@ def _result(snap: StateSnapshot, event: ToolResult) -> StateSnapshot:
         return _replace_step(snap, step.model_copy(update={"error": f"compensation failed: {event.error}"}))
     if step.status in _SETTLED and step.command_id == event.command_id:
         return snap  # the same outcome, delivered again under a new event id
+    if step.status in (StepStatus.compensating, StepStatus.compensated):
+        return snap  # a late copy of the result that the undo already acted on
     if step.command_id not in (None, event.command_id):
         raise Unprocessable("unknown-command", f"{event.command_id} is not the command of step {step.name}")
     ok = event.status is ToolStatus.succeeded

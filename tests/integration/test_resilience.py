@@ -13,7 +13,7 @@ from collections import Counter
 import psycopg
 import pytest
 from confluent_kafka import Producer
-from helpers import ended, eventually
+from helpers import ended, eventually, skip_to_end
 
 from streamagent import codec, queries
 from streamagent.config import Settings
@@ -320,40 +320,8 @@ def test_dlq_replay_puts_letters_back_after_the_fix(settings: Settings) -> None:
         assert row.status == "completed"
 
 
-def _skip_everything_in(s: Settings, topic: str, group: str) -> int:
-    """Commit a group's offsets to the end of a topic, as if its messages had been consumed: a loss."""
-    from confluent_kafka import Consumer, KafkaError, TopicPartition
-
-    c = Consumer(
-        {
-            "bootstrap.servers": s.bootstrap_servers,
-            "group.id": s.group(group),
-            "enable.auto.commit": False,
-            "enable.partition.eof": True,
-            "fetch.wait.max.ms": 10,
-        }
-    )
-    try:
-        c.assign([TopicPartition(topic, p, 0) for p in range(s.partitions)])
-        left, ends, skipped = set(range(s.partitions)), {}, 0
-        while left:
-            msg = c.poll(1)
-            if msg is None:
-                continue
-            if msg.error():
-                if msg.error().code() == KafkaError._PARTITION_EOF:
-                    left.discard(msg.partition())
-                continue
-            ends[msg.partition()] = msg.offset() + 1
-            skipped += 1
-        c.commit(offsets=[TopicPartition(topic, p, o) for p, o in ends.items()], asynchronous=False)
-        return skipped
-    finally:
-        c.close()
-
-
 def test_a_lost_command_is_redriven_and_the_run_completes(settings: Settings) -> None:
-    settings = settings.model_copy(update={"redrive_after_s": 2.0})
+    settings = settings.model_copy(update={"redrive_check_s": 1.0})
     with Stack(settings, tools=("enrich", "email", "slack")) as stack:
         s = stack.settings
         run_ids = produce_requests(s, sample_requests(3))
@@ -364,7 +332,7 @@ def test_a_lost_command_is_redriven_and_the_run_completes(settings: Settings) ->
                 what="jira commands issued",
             )
         # The three jira commands are lost before any jira tool saw them.
-        assert _skip_everything_in(s, s.topic(command_topic("jira")), "tool.jira") == 3
+        assert skip_to_end(s, s.topic(command_topic("jira")), "tool.jira") == 3
         stack.add_tool("jira")
         rows = eventually(lambda: ended(s, run_ids), timeout=90, what="runs completed after the re-drive")
         assert Counter(r.status for r in rows) == {"completed": 3}

@@ -17,6 +17,8 @@ from pydantic import BaseModel
 from streamagent import codec
 from streamagent.events import (
     ALL_MODELS,
+    CommandLost,
+    CommandResent,
     DecisionAction,
     DecisionRecorded,
     FailureStatus,
@@ -220,6 +222,27 @@ def sample_events() -> list[BaseModel]:
             run_id=RUN,
             occurred_at=T0 + timedelta(seconds=700),
             deadline_at=T0 + timedelta(seconds=600),
+        ),
+        CommandLost(
+            event_id="e-9",
+            run_id=RUN,
+            occurred_at=T0 + timedelta(seconds=30),
+            command_id="cmd-2",
+            step="jira",
+            tool="jira",
+            redrive=1,
+            evidence="the jira tool's group committed past offset 7 and no result came",
+        ),
+        CommandResent(
+            event_id="e-10",
+            run_id=RUN,
+            occurred_at=T0 + timedelta(seconds=31),
+            command_id="cmd-2",
+            step="jira",
+            tool="jira",
+            redrive=1,
+            command_partition=3,
+            command_offset=12,
         ),
         StateSnapshot(
             run_id=RUN,
