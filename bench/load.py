@@ -35,7 +35,7 @@ import psycopg
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from streamagent import codec, db
-from streamagent.config import Settings
+from streamagent.config import Settings, settings_from
 from streamagent.demo import sample_requests
 from streamagent.sandbox.apis import API_NAMES
 from streamagent.sandbox.client import SandboxClient
@@ -522,6 +522,8 @@ def print_header(settings: Settings, args: argparse.Namespace) -> None:
     print(f"machine: nproc {len(os.sched_getaffinity(0))}, python {platform.python_version()}, load average {load}")
     print(
         f"settings: partitions {settings.partitions}, fetch_wait_ms {settings.fetch_wait_ms},"
+        f" batch_size {settings.batch_size}, linger_ms {settings.linger_ms},"
+        f" max_running_runs {settings.max_running_runs},"
         f" session_timeout_ms {settings.session_timeout_ms}; mode {args.mode}"
         f" (tool latency {args.tool_latency_ms} ms), bursts {','.join(map(str, args.sizes))}"
     )
@@ -529,7 +531,9 @@ def print_header(settings: Settings, args: argparse.Namespace) -> None:
 
 def bench(args: argparse.Namespace, data_dir: Path) -> int:
     started = time.monotonic()
-    with Stack(Settings(data_dir=data_dir, partitions=args.partitions)) as stack:
+    # Every other setting comes from the environment (STREAMAGENT_*), so tuning runs need no code change.
+    base = settings_from(dict(os.environ)).model_copy(update={"data_dir": data_dir, "partitions": args.partitions})
+    with Stack(base) as stack:
         settings = stack.settings
         print_header(settings, args)
         print(f"stack up in {time.monotonic() - started:.1f} s", flush=True)

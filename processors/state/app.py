@@ -29,6 +29,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from confluent_kafka import Producer
 
 from processors.state.fold import RunState, apply, in_flight, needs_decision
+from processors.state.store import FaustTableStore, RunStore, maybe_active
 from processors.state.watch import DEADLINE, REDRIVE, Admission, DueQueue
 from processors.workflow import ONBOARDING
 from streamagent import codec, faust_compat
@@ -65,11 +66,10 @@ class Suspect:
 class StateWorker:
     """The fold, the snapshots, admission and the timer; faust only feeds it and keeps the table."""
 
-    def __init__(self, settings: Settings, table: Any, producer: Producer, app: Any = None) -> None:
+    def __init__(self, settings: Settings, store: RunStore, producer: Producer) -> None:
         self.settings = settings
-        self.table = table
+        self.store = store
         self.producer = producer
-        self.app = app
         self.workflow = ONBOARDING
         self.dead_letters = DeadLetterSink(settings, producer, PROCESSOR)
         self.queue = DueQueue()
@@ -92,10 +92,7 @@ class StateWorker:
 
     def state(self, run_id: str) -> RunState | None:
         cached = self.cache.get(run_id)
-        if cached is not None:
-            return cached
-        value = self.table.get(run_id)
-        return RunState.model_validate(value) if value is not None else None
+        return cached if cached is not None else self.store.get(run_id)
 
     def _active(self, snap: StateSnapshot) -> bool:
         return snap.status is RunStatus.running or bool(in_flight(snap)) or self.workflow.undo_pending(snap)
@@ -118,13 +115,13 @@ class StateWorker:
         self.admission.reset()
         waiting: list[tuple[datetime, str]] = []
         republish: list[RunState] = []
-        for run_id, value in list(self.table.items()):
-            if not _maybe_active(value):
+        for run_id, value in self.store.raw_items():
+            if not maybe_active(value):
                 continue  # a finished run: skipped without parsing, so recovery stays cheap at scale
             partition = self.partition(run_id)
             if partition not in assigned:
                 continue
-            state = RunState.model_validate(value)
+            state = RunState.model_validate_json(value)
             snap = state.snapshot
             if not self._active(snap):
                 continue
@@ -150,7 +147,7 @@ class StateWorker:
     # -- the fold --------------------------------------------------------------------------------
     def fold_batch(self, messages: list[Any]) -> None:
         """Fold a batch; table writes and snapshots are collected and made once per run."""
-        dirty: dict[str, RunState] = {}
+        dirty: dict[str, tuple[RunState, int]] = {}
         publish: dict[str, RunState] = {}
         for message in messages:
             EVENTS_PROCESSED.labels(PROCESSOR, message.topic).inc()
@@ -163,13 +160,13 @@ class StateWorker:
             except Exception as exc:  # one bad message must never stop the fold
                 log.exception("state processor failed on an event")
                 self._dead_letter(message, "processing-error", repr(exc))
-        for run_id, state in dirty.items():
-            self.table[run_id] = state.model_dump(mode="json")
+        for state, partition in dirty.values():
+            self.store.put(state, partition)
         for state in publish.values():
             self._publish(state)
         self._gauges()
 
-    def _fold_one(self, message: Any, dirty: dict[str, RunState], publish: dict[str, RunState]) -> None:
+    def _fold_one(self, message: Any, dirty: dict[str, tuple[RunState, int]], publish: dict[str, RunState]) -> None:
         event = codec.decode(message.value, self.settings.max_event_bytes)
         if not isinstance(event, Event) or (message.topic == self.results_topic) != isinstance(event, ToolResult):
             raise Unprocessable("unexpected-event", f"{type(event).__name__} on {message.topic}")
@@ -197,7 +194,7 @@ class StateWorker:
                 wants = False
         if snap.status.terminal and (before is None or not before.snapshot.status.terminal):
             RUNS.labels(snap.status.value).inc()
-        self._store(after, dirty)
+        self._store(after, partition, dirty)
         if wants:
             publish[snap.run_id] = after
         if after.admitted and not self._active(snap):
@@ -205,12 +202,14 @@ class StateWorker:
         else:
             self._schedule(partition, after)
 
-    def _store(self, state: RunState, dirty: dict[str, RunState]) -> None:
+    def _store(self, state: RunState, partition: int, dirty: dict[str, tuple[RunState, int]]) -> None:
         run_id = state.snapshot.run_id
-        dirty[run_id] = state
+        dirty[run_id] = (state, partition)
         self.cache[run_id] = state
 
-    def _finish(self, partition: int, run_id: str, dirty: dict[str, RunState], publish: dict[str, RunState]) -> None:
+    def _finish(
+        self, partition: int, run_id: str, dirty: dict[str, tuple[RunState, int]], publish: dict[str, RunState]
+    ) -> None:
         """A run is over: free its slot, forget its timers, and admit the oldest waiting run."""
         self.admission.finish(partition, run_id)
         self.queue.cancel(run_id, DEADLINE)
@@ -222,7 +221,7 @@ class StateWorker:
                 continue
             admitted = waiting.model_copy(update={"admitted": True})
             self.admission.admit(partition, next_id)
-            self._store(admitted, dirty)
+            self._store(admitted, partition, dirty)
             publish[next_id] = admitted
             self._schedule(partition, admitted)
 
@@ -383,16 +382,6 @@ class StateWorker:
         self.producer.produce(self.events_topic, key=event.run_id.encode(), value=codec.encode(event))
 
 
-def _maybe_active(value: dict[str, Any]) -> bool:
-    """A cheap look at a table value: could this run still need anything (see ``StateWorker._active``)?"""
-    snap = value["snapshot"]
-    if snap["status"] == RunStatus.running.value:
-        return True
-    if any(step["status"] in ("dispatched", "compensating") for step in snap["steps"]):
-        return True
-    return bool(snap["status"] == RunStatus.escalated.value and snap.get("deadline_exceeded"))
-
-
 async def _blocking(fn: Any, *args: Any) -> Any:
     return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
@@ -427,10 +416,14 @@ def build_app(settings: Settings) -> faust.App:
         value_serializer="raw",
         partitions=settings.partitions,
     )
-    # The changelog partition of a run comes from the partitioner (murmur2, like every producer
-    # here), so a run's changelog lands on the partition number of its events, written per batch.
-    table = app.Table("runs", default=None, partitions=settings.partitions, key_type=str, use_partitioner=True)
-    worker = StateWorker(settings, table, make_producer(settings), app)
+    # Written through ``FaustTableStore`` (changelog to the run's own partition, per batch); faust
+    # recovers it. ``use_partitioner`` only spares faust a lookup of the current event it never needs.
+    table = app.Table(
+        "runs", default=None, partitions=settings.partitions, key_type=str, value_type=bytes, use_partitioner=True
+    )
+    producer = make_producer(settings)
+    store = FaustTableStore(table, producer, table.changelog_topic.get_topic_name())
+    worker = StateWorker(settings, store, producer)
     events_topic = settings.topic(RUN_EVENTS)
 
     async def settle() -> None:
@@ -438,7 +431,7 @@ def build_app(settings: Settings) -> faust.App:
         remaining = await _blocking(worker.producer.flush, 30)
         if remaining:
             raise RuntimeError(f"{remaining} snapshot(s) not acknowledged; not acking the batch")
-        await app.producer.flush()  # the table's changelog
+        await app.producer.flush()  # anything faust itself sent
 
     def sync() -> None:
         if app.rebalancing or not app.tables.recovery.completed.is_set():

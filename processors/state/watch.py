@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from collections.abc import Iterable
 
 DEADLINE = "deadline"
@@ -25,6 +25,7 @@ class DueQueue:
     def __init__(self) -> None:
         self._heaps: dict[int, list[tuple[float, str, str]]] = defaultdict(list)
         self._current: dict[tuple[str, str], tuple[int, float]] = {}
+        self._live: Counter[int] = Counter()  # live entries per partition
         self.touched = 0  # heap items looked at by ``due`` (tests count work, not seconds)
 
     def __len__(self) -> int:
@@ -32,16 +33,22 @@ class DueQueue:
 
     def schedule(self, partition: int, run_id: str, kind: str, at: float) -> None:
         key = (run_id, kind)
-        if self._current.get(key) == (partition, at):
+        previous = self._current.get(key)
+        if previous == (partition, at):
             return
+        if previous is not None:
+            self._live[previous[0]] -= 1
         self._current[key] = (partition, at)
+        self._live[partition] += 1
         heap = self._heaps[partition]
         heapq.heappush(heap, (at, run_id, kind))
-        if len(heap) > 64 and len(heap) > 4 * self._live(partition):
+        if len(heap) > 64 and len(heap) > 4 * self._live[partition]:
             self._compact(partition)
 
     def cancel(self, run_id: str, kind: str) -> None:
-        self._current.pop((run_id, kind), None)
+        previous = self._current.pop((run_id, kind), None)
+        if previous is not None:
+            self._live[previous[0]] -= 1
 
     def scheduled(self, run_id: str, kind: str) -> float | None:
         entry = self._current.get((run_id, kind))
@@ -56,6 +63,7 @@ class DueQueue:
                 self.touched += 1
                 if self._current.get((run_id, kind)) == (partition, at):
                     del self._current[(run_id, kind)]
+                    self._live[partition] -= 1
                     out.append((partition, run_id, kind))
         return out
 
@@ -69,9 +77,7 @@ class DueQueue:
         for partition in [p for p in self._heaps if p not in kept]:
             del self._heaps[partition]
         self._current = {k: v for k, v in self._current.items() if v[0] in kept}
-
-    def _live(self, partition: int) -> int:
-        return sum(1 for p, _ in self._current.values() if p == partition)
+        self._live = Counter(p for p, _ in self._current.values())
 
     def _compact(self, partition: int) -> None:
         live = [(at, run_id, kind) for (run_id, kind), (p, at) in self._current.items() if p == partition]

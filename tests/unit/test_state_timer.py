@@ -11,22 +11,11 @@ from test_fold import DEFAULT_DEADLINE_S, T0, full_run, requested
 
 from processors.state.app import StateWorker
 from processors.state.fold import RunState, apply
+from processors.state.store import MemoryStore
 from processors.state.watch import DEADLINE, Admission, DueQueue
 from streamagent import codec
 from streamagent.config import Settings
 from streamagent.events import RunDeadlineExceeded
-
-
-class CountingTable(dict[str, Any]):
-    """The faust table's read side, counting every row looked at."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.reads = 0
-
-    def get(self, key: str, default: Any = None) -> Any:
-        self.reads += 1
-        return super().get(key, default)
 
 
 class RecordingProducer:
@@ -42,43 +31,41 @@ class RecordingProducer:
         return 0
 
 
-def _finished() -> dict[str, Any]:
+def _finished() -> bytes:
     state: RunState | None = None
     for event in full_run():
         state = apply(state, event, DEFAULT_DEADLINE_S).state
     assert state is not None
-    return state.model_dump(mode="json")
+    return state.model_dump_json().encode()
 
 
-def _running(run_id: str) -> dict[str, Any]:
-    return apply(None, requested(event_id=f"req-{run_id}", run_id=run_id), DEFAULT_DEADLINE_S).state.model_dump(
-        mode="json"
-    )
+def _running(run_id: str) -> RunState:
+    return apply(None, requested(event_id=f"req-{run_id}", run_id=run_id), DEFAULT_DEADLINE_S).state
 
 
-def _worker(finished: int, running: int) -> tuple[StateWorker, CountingTable, RecordingProducer]:
-    table = CountingTable()
+def _worker(finished: int, running: int) -> tuple[StateWorker, MemoryStore, RecordingProducer]:
+    store = MemoryStore()
     done = _finished()
     for i in range(finished):
-        table[f"done-{i}"] = done
+        store.data[f"done-{i}"] = done
     for i in range(running):
-        table[f"live-{i}"] = _running(f"live-{i}")
+        store.put(_running(f"live-{i}"), 0)
     producer = RecordingProducer()
     settings = Settings(partitions=4, max_running_runs=0)
-    worker = StateWorker(settings, table, producer)  # type: ignore[arg-type]
+    worker = StateWorker(settings, store, producer)  # type: ignore[arg-type]
     worker.sync_assignment(frozenset(range(4)))  # the one scan, at assignment
-    return worker, table, producer
+    return worker, store, producer
 
 
 @pytest.mark.parametrize("finished", [10, 100_000])
 def test_a_tick_touches_only_what_is_due_however_many_runs_finished(finished: int) -> None:
-    worker, table, producer = _worker(finished, running=5)
+    worker, store, producer = _worker(finished, running=5)
     producer.sent.clear()
-    table.reads = 0
+    store.reads = 0
     deadline = (T0 + timedelta(seconds=45)).timestamp()  # requested() gives each run a 45 s deadline
 
     asyncio.run(worker.tick(now=deadline - 1))
-    assert (worker.queue.touched, table.reads, producer.sent) == (0, 0, [])
+    assert (worker.queue.touched, store.reads, producer.sent) == (0, 0, [])
 
     asyncio.run(worker.tick(now=deadline + 1))
     assert worker.queue.touched == 5  # the five running runs' deadlines, nothing else
