@@ -109,3 +109,29 @@ def test_a_lost_command_is_redriven_with_backoff_and_given_up_after_the_bound(se
         # Backoff: each re-drive waited longer than the one before.
         gaps = [(b - a).total_seconds() for (_, a), (_, b) in itertools.pairwise(lost)]
         assert gaps == sorted(gaps) and gaps[0] < gaps[-1]
+
+
+def test_runs_beyond_the_bound_wait_in_order_and_all_complete(settings: Settings) -> None:
+    # One run in flight per partition (4 partitions): the others wait, folded and durable, and are
+    # admitted one after another as runs end.
+    settings = settings.model_copy(update={"max_running_runs": settings.partitions})
+    with Stack(settings) as stack:
+        s = stack.settings
+        run_ids = produce_requests(s, sample_requests(12))
+        rows = eventually(lambda: ended(s, run_ids), timeout=120, what="runs ended")
+        assert Counter(r.status for r in rows) == {"completed": 12}
+        with psycopg.connect(s.database_url) as conn:
+            spans = conn.execute(
+                "SELECT e.kafka_partition, d.run_id, min(d.created_at), max(d.created_at)"
+                " FROM decisions d JOIN run_events e ON e.run_id = d.run_id AND e.type = 'RunRequested'"
+                " WHERE d.run_id = ANY(%s) GROUP BY e.kafka_partition, d.run_id ORDER BY 1, 3",
+                (run_ids,),
+            ).fetchall()
+        by_partition: dict[int, list[tuple[datetime, datetime]]] = {}
+        for partition, _run, first, last in spans:
+            by_partition.setdefault(partition, []).append((first, last))
+        # Within a partition, a run's first decision comes after the previous run's last one.
+        for partition, runs in by_partition.items():
+            for (_, end), (start, _) in itertools.pairwise(runs):
+                assert start >= end, f"partition {partition} had two runs in flight at once"
+        assert max(len(runs) for runs in by_partition.values()) > 1  # the bound was actually hit
