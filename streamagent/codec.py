@@ -137,3 +137,30 @@ def decode(data: bytes | None, max_bytes: int | None = None) -> BaseModel:
         return _from_record(_MODELS[writer.name], record)  # type: ignore[arg-type]
     except (ValidationError, ValueError, KeyError) as exc:
         raise DecodeError("invalid-event", f"{writer.name}: {exc}") from exc
+
+
+def _zigzag_varint(n: int) -> bytes:
+    z = (n << 1) ^ (n >> 63)
+    out = bytearray()
+    while True:
+        byte = z & 0x7F
+        z >>= 7
+        if z:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def with_landing(decision: bytes, partition: int, offset: int) -> bytes:
+    """A DecisionRecorded stored before its command was produced, plus where that command landed.
+
+    ``command_partition`` and ``command_offset`` are the schema's last two fields, written as two
+    null branches (``00 00``) until the command's produce is acknowledged. Rewriting those two
+    bytes spares a second full encode per decision (the hot path encodes each decision once).
+    """
+    entry = peek_schema(decision)
+    if entry.name != "io.streamagent.events.DecisionRecorded" or not entry.current or decision[-2:] != b"\x00\x00":
+        record = decode(decision)
+        return encode(record.model_copy(update={"command_partition": partition, "command_offset": offset}))
+    return decision[:-2] + b"\x02" + _zigzag_varint(partition) + b"\x02" + _zigzag_varint(offset)

@@ -102,6 +102,7 @@ class Emission:
     topic: str | None
     follow_up: bytes | None
     is_command: bool
+    encoded: bytes = b""  # the record as stored (without where its command landed)
 
 
 @dataclass
@@ -117,7 +118,7 @@ def _emission(decision: bytes, topic: str | None, follow: bytes | None) -> Emiss
     record = codec.decode(bytes(decision))
     assert isinstance(record, DecisionRecorded)
     is_command = record.action in (DecisionAction.dispatch, DecisionAction.compensate)
-    return Emission(record, topic, bytes(follow) if follow is not None else None, is_command)
+    return Emission(record, topic, bytes(follow) if follow is not None else None, is_command, bytes(decision))
 
 
 class DecisionHandler:
@@ -220,7 +221,7 @@ class DecisionHandler:
         emission = Emission(record, topic, codec.encode(event), isinstance(event, ToolCommand))
         new.append((snap, emission))
         memory.version, memory.decision_id, memory.emission = snap.version, decision_id, emission
-        log.info(
+        log.debug(
             "decided %s %s",
             decision.action.value,
             decision.step or "",
@@ -293,6 +294,8 @@ class DecisionHandler:
             return []
         self.round_trips += 1
         records = [(snap, e, codec.encode(e.record)) for snap, e in new]
+        for _, emission, encoded in records:
+            emission.encoded = encoded
         rows = self.conn.execute(
             "INSERT INTO decisions (run_id, based_on_version, decision_id, action, step, decision_event,"
             " follow_up_topic, follow_up_event)"
@@ -342,12 +345,11 @@ class DecisionHandler:
                 raise RuntimeError(f"{remaining} command(s) not acknowledged; the batch is retried")
         events = self.settings.topic(RUN_EVENTS)
         for index, emission in enumerate(emissions):
-            record = emission.record
+            value = emission.encoded or codec.encode(emission.record)
             if index in landed:
-                partition, offset = landed[index]
-                record = record.model_copy(update={"command_partition": partition, "command_offset": offset})
-            key = record.run_id.encode()
-            self.producer.produce(events, key=key, value=codec.encode(record))
+                value = codec.with_landing(value, *landed[index])
+            key = emission.record.run_id.encode()
+            self.producer.produce(events, key=key, value=value)
             if not emission.is_command and emission.topic and emission.follow_up:
                 self.producer.produce(emission.topic, key=key, value=emission.follow_up)
         for i, (snap, emission) in enumerate(resends):

@@ -544,3 +544,12 @@ def test_avro_enum_symbols_match_the_python_enums(model: type[BaseModel], field:
     raw = json.loads((SCHEMA_DIR / f"{model.__name__}.avsc").read_text())
     kind = next(f["type"] for f in raw["fields"] if f["name"] == field)
     assert kind["symbols"] == [member.value for member in enum_type]
+
+
+@pytest.mark.parametrize(("partition", "offset"), [(0, 0), (3, 41), (7, 2**40 + 5), (63, 300)])
+def test_with_landing_equals_encoding_the_fields(partition: int, offset: int) -> None:
+    record = next(m for m in SAMPLES if isinstance(m, DecisionRecorded))
+    patched = codec.with_landing(codec.encode(record), partition, offset)
+    expected = record.model_copy(update={"command_partition": partition, "command_offset": offset})
+    assert patched == codec.encode(expected)
+    assert codec.decode(patched) == expected
