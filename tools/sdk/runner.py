@@ -4,17 +4,26 @@ Commands of one partition run concurrently, so a command that is backing off doe
 the others; commands of the same run still run one at a time, in order. An offset is committed
 only when every command before it has its ledger row final and its result acknowledged by the
 broker. A command seen again (redelivery, replay, restart) publishes its recorded result.
+
+The hot path is cheap: one database round trip per consumed batch checks every command's decision
+and claims its ledger row (``Ledger.claim``); attempt counts and final results of concurrent
+commands are group-committed (``LedgerWriter``); results and dead letters are acknowledged by
+delivery reports, handed to the event loop once per producer poll, never by flushing per message;
+offsets are committed every ``COMMIT_INTERVAL_S``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
+import math
 import signal
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
@@ -30,18 +39,75 @@ from streamagent.events import ToolCommand, ToolResult, ToolStatus, stable_id
 from streamagent.kafka import consumer as make_consumer
 from streamagent.kafka import producer as make_producer
 from streamagent.metrics import EVENTS_PROCESSED, TOOL_CALL_SECONDS, TOOL_CALLS
+from streamagent.retry import RetryPolicy
 from streamagent.topics import TOOL_REGISTRY, TOOL_RESULTS, command_topic
 from tools.sdk.breaker import CircuitBreaker
 from tools.sdk.errors import PermanentError, RetryableError
-from tools.sdk.ledger import Ledger
+from tools.sdk.ledger import Claimed, ClaimRequest, Ledger, LedgerEntry, LedgerWriter, Stopping
 from tools.sdk.offsets import PartitionOffsets
 from tools.sdk.tool import CallContext, Tool
 
 log = logging.getLogger(__name__)
 
+COMMIT_INTERVAL_S = 0.2
+# Connections per HTTP client (see ``_HttpClients``).
+HTTP_SHARD_CONNECTIONS = 16
+DEFAULT_MAX_IN_FLIGHT = 256
+DEFAULT_BATCH_SIZE = 500
+# Re-sends of a dead letter whose delivery failed (librdkafka already retried it for its message timeout).
+DEAD_LETTER_RETRY = RetryPolicy(initial_s=0.5, max_backoff_s=5.0)
 
-class _Stopping(Exception):
-    """The tool is shutting down mid-retry: leave the command uncommitted for the next owner."""
+_Stopping = Stopping  # the name this module used before the ledger could stop a retry too
+
+
+class DeliveryFailed(RuntimeError):
+    """The broker did not acknowledge a produced message."""
+
+
+class _AckedProducer:
+    """What the dead-letter sink produces through: each message gets a delivery future, ``last``."""
+
+    def __init__(self, runner: ToolRunner) -> None:
+        self._runner = runner
+        self.last: asyncio.Future[None] | None = None
+
+    def produce(self, topic: str, **kwargs: Any) -> None:
+        self.last = self._runner._produce_acked(topic, **kwargs)
+
+
+class _HttpClients:
+    """Several small httpx clients instead of one of ``max_in_flight`` connections.
+
+    httpcore's pool walks all its connections (checking each socket) on every request and response,
+    and counts its idle ones once per idle connection: with hundreds of connections that walk cost
+    more CPU than the rest of a command. Each attempt leases the least busy client, so no client
+    holds more than ``HTTP_SHARD_CONNECTIONS`` requests and the total stays ``max_in_flight``.
+    """
+
+    def __init__(self, settings: Settings, max_in_flight: int) -> None:
+        shards = max(1, math.ceil(max_in_flight / HTTP_SHARD_CONNECTIONS))
+        per_shard = math.ceil(max_in_flight / shards)
+        timeout = httpx.Timeout(settings.tool_timeout_s)
+        limits = httpx.Limits(max_connections=per_shard, max_keepalive_connections=per_shard)
+        verify = httpx.create_ssl_context()  # loading the CA bundle once, not once per client
+        self.clients = [
+            httpx.AsyncClient(base_url=settings.sandbox_url, timeout=timeout, limits=limits, verify=verify)
+            for _ in range(shards)
+        ]
+        self.busy = [0] * shards
+
+    @contextlib.contextmanager
+    def lease(self) -> Iterator[httpx.AsyncClient]:
+        index = min(range(len(self.busy)), key=self.busy.__getitem__)
+        self.busy[index] += 1
+        try:
+            yield self.clients[index]
+        finally:
+            self.busy[index] -= 1
+
+    async def aclose(self) -> None:
+        for client in self.clients:
+            await client.aclose()
 
 
 class ToolRunner:
@@ -50,54 +116,73 @@ class ToolRunner:
         settings: Settings,
         tool: Tool[Any, Any],
         *,
-        max_in_flight: int = 256,
+        max_in_flight: int | None = None,
         breaker: CircuitBreaker | None = None,
     ) -> None:
         self.settings = settings
         self.tool = tool
         self.topic = settings.topic(command_topic(tool.name))
-        self.max_in_flight = max_in_flight
+        self.max_in_flight = max(1, max_in_flight or getattr(settings, "tool_max_in_flight", DEFAULT_MAX_IN_FLIGHT))
+        self.batch_size = max(1, getattr(settings, "batch_size", DEFAULT_BATCH_SIZE))
+        # Under saturation, consume again once this many slots are free: batches stay batches.
+        self._resume_free = max(1, min(self.batch_size, self.max_in_flight // 8))
         self.breaker = breaker or CircuitBreaker(tool.name)
         self.processor = f"tool.{tool.name}"
         self.stop_event = asyncio.Event()
         self.producer = make_producer(settings)
-        self.dead_letters = DeadLetterSink(settings, self.producer, self.processor)
+        self._dlq_producer = _AckedProducer(self)
+        self.dead_letters = DeadLetterSink(settings, self._dlq_producer, self.processor)  # type: ignore[arg-type]
         self._kafka = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kafka")
         self._offsets: dict[tuple[str, int], PartitionOffsets] = defaultdict(PartitionOffsets)
-        self._run_locks: dict[str, asyncio.Lock] = {}
-        self._run_users: Counter[str] = Counter()
+        # The last command of each run accepted so far: the next one of that run waits for it.
+        self._run_tails: dict[str, asyncio.Future[None]] = {}
+        # Accepted, unfinished messages per command id; results of ids that have more than one.
+        self._active: Counter[str] = Counter()
+        self._recent: dict[str, bytes] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Event()
+        self._reports: list[tuple[asyncio.Future[None], Any]] = []  # delivery reports, poll thread only
+        self._results_topic = settings.topic(TOOL_RESULTS)
+        self._processed: dict[str, Any] = {}
+        self.claimed_batches = 0  # consumed batches that carried commands: one claim round trip each
         self._stopping = False  # tells the producer-poll thread to flush and end
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def run(self) -> None:
         db.migrate(self.settings)
-        self.ledger = await Ledger.open(self.settings)
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
+        self.ledger = await Ledger.open(self.settings, stop=self.stop_event)
+        self.writer = LedgerWriter(self.ledger, max_batch=max(self.max_in_flight, 1))
         consumer = make_consumer(self.settings, self.processor)
         consumer.subscribe([self.topic], on_revoke=self._revoked)
         self._consumer = consumer
         poller = loop.run_in_executor(None, self._poll_producer)
         await self._announce()
-        timeout = httpx.Timeout(self.settings.tool_timeout_s)
-        limits = httpx.Limits(max_connections=self.max_in_flight, max_keepalive_connections=64)
-        async with httpx.AsyncClient(base_url=self.settings.sandbox_url, timeout=timeout, limits=limits) as http:
-            self.http = http
+        self._http = _HttpClients(self.settings, self.max_in_flight)
+        self.http = self._http.clients[0]
+        try:
             log.info("tool consuming", extra={"tool": self.tool.name, "topic": self.topic})
             last_commit = time.monotonic()
             while not self.stop_event.is_set():
-                if len(self._tasks) >= self.max_in_flight:
-                    await asyncio.wait(self._tasks, timeout=0.1, return_when=asyncio.FIRST_COMPLETED)
-                    continue
-                batch = await loop.run_in_executor(self._kafka, consumer.consume, 100, 0.1)
-                for msg in batch:
-                    self._accept(msg)
-                if time.monotonic() - last_commit > 0.2:
+                free = self.max_in_flight - len(self._tasks)
+                if free < self._resume_free:
+                    self._slots.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._slots.wait(), timeout=0.1)
+                else:
+                    size = min(self.batch_size, free)
+                    batch = await loop.run_in_executor(self._kafka, consumer.consume, size, 0.1)
+                    if batch:
+                        self._accept(batch)
+                if time.monotonic() - last_commit >= COMMIT_INTERVAL_S:
                     await self._commit()
                     last_commit = time.monotonic()
             if self._tasks:
                 await asyncio.wait(self._tasks, timeout=10)
             await self._commit()
+        finally:
+            await self._http.aclose()
+        await self.writer.close()
         self._stopping = True
         await poller
         await loop.run_in_executor(self._kafka, consumer.close)
@@ -107,25 +192,23 @@ class ToolRunner:
     def stop(self) -> None:
         self.stop_event.set()
 
-    def _poll_producer(self) -> None:
-        # Delivery callbacks fire from poll(); a thread keeps them flowing while the loop works.
-        while not self._stopping:
-            self.producer.poll(0.05)
-        self.producer.flush(10)
-
     async def _announce(self) -> None:
         value = json.dumps(self.tool.announcement(), sort_keys=True).encode()
         await self._produce(self.settings.topic(TOOL_REGISTRY), self.tool.name.encode(), value)
 
     def _revoked(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
-        # Commands of revoked partitions may still finish here; the new owner finds them in the
-        # ledger (or re-runs them under the same idempotency key), so nothing runs twice.
-        for tp in partitions:
-            self._offsets.pop((tp.topic, tp.partition), None)
+        # Called from the Kafka thread. Commands of revoked partitions may still finish here; the new
+        # owner finds them in the ledger (or re-runs them under the same idempotency key), so nothing
+        # runs twice.
+        self._loop.call_soon_threadsafe(self._forget, [(tp.topic, tp.partition) for tp in partitions])
+
+    def _forget(self, partitions: list[tuple[str, int]]) -> None:
+        for key in partitions:
+            self._offsets.pop(key, None)
 
     async def _commit(self) -> None:
         offsets = []
-        for (topic, partition), tracker in self._offsets.items():
+        for (topic, partition), tracker in list(self._offsets.items()):
             offset = tracker.committable()
             if offset is not None:
                 offsets.append(TopicPartition(topic, partition, offset))
@@ -139,49 +222,61 @@ class ToolRunner:
             except Exception as exc:  # a rebalance can refuse a commit; the work is redone, safely
                 log.warning("commit failed: %r", exc)
 
-    # -- one command -----------------------------------------------------------------------------
-    def _accept(self, msg: Message) -> None:
-        err = msg.error()
-        if err is not None:
-            if err.code() != KafkaError._PARTITION_EOF:
-                log.warning("consumer error: %s", err)
+    # -- a consumed batch ------------------------------------------------------------------------
+    def _accept(self, batch: list[Message]) -> None:
+        """Start one task per message; the batch's commands share one claim round trip."""
+        commands: list[tuple[Message, PartitionOffsets, ToolCommand]] = []
+        for msg in batch:
+            err = msg.error()
+            if err is not None:
+                if err.code() != KafkaError._PARTITION_EOF:
+                    log.warning("consumer error: %s", err)
+                continue
+            topic = msg.topic()
+            counter = self._processed.get(topic)
+            if counter is None:
+                counter = self._processed[topic] = EVENTS_PROCESSED.labels(self.processor, topic)
+            counter.inc()
+            tracker = self._offsets[(topic, msg.partition())]
+            tracker.received(msg.offset())
+            try:
+                command = self._decode(msg)
+            except Rejected as exc:
+                self._spawn(self._refuse(msg, tracker, exc.reason, exc.detail))
+                continue
+            except Exception as exc:
+                log.exception("tool failed on %s[%s]@%s", topic, msg.partition(), msg.offset())
+                self._spawn(self._refuse(msg, tracker, "processing-error", repr(exc)))
+                continue
+            commands.append((msg, tracker, command))
+        if not commands:
             return
-        EVENTS_PROCESSED.labels(self.processor, msg.topic()).inc()
-        tracker = self._offsets[(msg.topic(), msg.partition())]
-        tracker.received(msg.offset())
-        task = asyncio.create_task(self._handle(msg, tracker))
+        self.claimed_batches += 1
+        requests = []
+        for _msg, _tracker, command in commands:
+            cid = command.command_id
+            # A command id already in flight here is not claimed again: that occurrence finishes
+            # first (same run, so in order) and this one then republishes its result.
+            first = self._active[cid] == 0
+            requests.append(ClaimRequest(cid, command.decision_id, command.run_id, command.step, claim=first))
+            self._active[cid] += 1
+        claims = asyncio.ensure_future(self.ledger.claim(self.tool.name, requests))
+        loop = asyncio.get_running_loop()
+        for index, (msg, tracker, command) in enumerate(commands):
+            previous = self._run_tails.get(command.run_id)
+            turn: asyncio.Future[None] = loop.create_future()
+            self._run_tails[command.run_id] = turn
+            self._spawn(self._handle(msg, tracker, command, claims, index, previous, turn))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
 
-    async def _handle(self, msg: Message, tracker: PartitionOffsets) -> None:
-        try:
-            command = self._decode(msg)
-            await self._check_known(command)
-            await self._in_run_order(command)
-        except _Stopping:
-            return  # not done: its offset stays uncommitted
-        except Rejected as exc:
-            self.dead_letters.send(msg, exc.reason, exc.detail)
-            await self._flush()
-        except Exception as exc:  # one bad command must never stop the tool
-            log.exception("tool failed on %s[%s]@%s", msg.topic(), msg.partition(), msg.offset())
-            self.dead_letters.send(msg, "processing-error", repr(exc))
-            await self._flush()
-        tracker.done(msg.offset())
-
-    async def _in_run_order(self, command: ToolCommand) -> None:
-        """Commands of one run execute one at a time, in arrival order; other runs are not held up."""
-        run_id = command.run_id
-        lock = self._run_locks.setdefault(run_id, asyncio.Lock())
-        self._run_users[run_id] += 1
-        try:
-            async with lock:
-                await self._execute(command)
-        finally:
-            self._run_users[run_id] -= 1
-            if self._run_users[run_id] == 0:
-                del self._run_users[run_id]
-                del self._run_locks[run_id]
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if self.max_in_flight - len(self._tasks) >= self._resume_free:
+            self._slots.set()
 
     def _decode(self, msg: Message) -> ToolCommand:
         command = codec.decode(msg.value(), self.settings.max_event_bytes)  # DecodeError is a Rejected
@@ -189,46 +284,130 @@ class ToolRunner:
             raise Rejected("unexpected-event", f"{type(command).__name__} is not a {self.tool.name} command")
         return command
 
-    async def _check_known(self, command: ToolCommand) -> None:
-        # The decision is stored before its command is produced, so a command without one was not
-        # issued by the decision layer (a stale or forged message): refuse it rather than act.
-        if not await self.ledger.decision_known(command.decision_id):
-            raise Rejected("unknown-run", f"no recorded decision {command.decision_id} for run {command.run_id}")
+    async def _refuse(self, msg: Message, tracker: PartitionOffsets, reason: str, detail: str) -> None:
+        with contextlib.suppress(Stopping):  # stopping: not done, its offset stays uncommitted
+            await self._dead_letter(msg, reason, detail)
+            tracker.done(msg.offset())
 
-    async def _execute(self, command: ToolCommand) -> None:
-        entry = await self.ledger.begin(command.command_id, self.tool.name, command.run_id, command.step)
-        if entry.final and entry.result_event is not None:
+    # -- one command -----------------------------------------------------------------------------
+    async def _handle(
+        self,
+        msg: Message,
+        tracker: PartitionOffsets,
+        command: ToolCommand,
+        claims: asyncio.Future[list[Claimed | Exception]],
+        index: int,
+        previous: asyncio.Future[None] | None,
+        turn: asyncio.Future[None],
+    ) -> None:
+        try:
+            try:
+                try:
+                    claimed = (await claims)[index]
+                    if isinstance(claimed, Exception):
+                        raise claimed
+                    # The decision is stored before its command is produced, so a command without
+                    # one was not issued by the decision layer (a stale or forged message): refuse it.
+                    if not claimed.known:
+                        raise Rejected(
+                            "unknown-run", f"no recorded decision {command.decision_id} for run {command.run_id}"
+                        )
+                    if previous is not None:
+                        await previous  # commands of one run execute one at a time, in arrival order
+                    await self._execute(command, claimed.entry)
+                finally:
+                    self._pass_turn(command.run_id, previous, turn)
+            except Rejected as exc:
+                await self._dead_letter(msg, exc.reason, exc.detail)
+            except Stopping:
+                raise
+            except Exception as exc:  # one bad command must never stop the tool
+                log.exception("tool failed on %s[%s]@%s", msg.topic(), msg.partition(), msg.offset())
+                await self._dead_letter(msg, "processing-error", repr(exc))
+        except Stopping:
+            return  # not done: its offset stays uncommitted
+        finally:
+            self._release(command.command_id)
+        tracker.done(msg.offset())
+
+    def _pass_turn(self, run_id: str, previous: asyncio.Future[None] | None, turn: asyncio.Future[None]) -> None:
+        """Let the run's next command go, but never before the ones ahead of this one are done."""
+
+        def release(_: Any = None) -> None:
+            if not turn.done():
+                turn.set_result(None)
+            if self._run_tails.get(run_id) is turn:
+                del self._run_tails[run_id]
+
+        if previous is None or previous.done():
+            release()
+        else:
+            previous.add_done_callback(release)
+
+    def _release(self, command_id: str) -> None:
+        self._active[command_id] -= 1
+        if self._active[command_id] <= 0:
+            del self._active[command_id]
+            self._recent.pop(command_id, None)
+
+    def _remember(self, command_id: str, result_event: bytes) -> None:
+        if self._active[command_id] > 1:  # another occurrence waits: it republishes this
+            self._recent[command_id] = result_event
+
+    async def _execute(self, command: ToolCommand, entry: LedgerEntry | None) -> None:
+        cid = command.command_id
+        recorded = self._recent.get(cid)
+        if recorded is None and entry is None:
+            # Not claimed with its batch (another occurrence was in flight) and that one left no
+            # result here: claim it now.
+            request = ClaimRequest(cid, command.decision_id, command.run_id, command.step)
+            (claimed,) = await self.ledger.claim(self.tool.name, [request])
+            if isinstance(claimed, Exception):
+                raise claimed
+            if claimed.entry is None:
+                raise Rejected("unknown-run", f"no recorded decision {command.decision_id} for run {command.run_id}")
+            entry = claimed.entry
+        if recorded is None and entry is not None and entry.final:
+            recorded = entry.result_event
+        if recorded is not None:
             TOOL_CALLS.labels(self.tool.name, "deduplicated").inc()
             log.info(
                 "command already done, republishing its result",
-                extra={"run_id": command.run_id, "command_id": command.command_id},
+                extra={"run_id": command.run_id, "command_id": cid},
             )
-            await self._produce(self.settings.topic(TOOL_RESULTS), command.run_id.encode(), entry.result_event)
+            self._remember(cid, recorded)
+            await self._produce(self._results_topic, command.run_id.encode(), recorded)
             return
+        assert entry is not None
         result = await self._attempts(command, entry.attempts)
         encoded = codec.encode(result)
-        await self.ledger.finish(command.command_id, result.status.value, encoded)
-        await self._produce(self.settings.topic(TOOL_RESULTS), command.run_id.encode(), encoded)
+        await self.writer.finish(cid, result.status.value, encoded)  # durable before it is published
+        self._remember(cid, encoded)
+        await self._produce(self._results_topic, command.run_id.encode(), encoded)
         TOOL_CALLS.labels(self.tool.name, result.status.value).inc()
 
-    async def _attempts(self, command: ToolCommand, previous_attempts: int) -> ToolResult:
+    async def _attempts(self, command: ToolCommand, recorded: int) -> ToolResult:
+        """Call until success, a permanent error or the deadline. ``recorded`` attempts are already in
+        the ledger, the last of them (counted by the claim) being the one about to be made."""
         started = time.monotonic()
         deadline = started + (command.deadline_at - datetime.now(UTC)).total_seconds()
-        attempt = previous_attempts
+        attempt = max(0, recorded - 1)
         error, kind = "", ""
         output: dict[str, Any] = {}
         status = ToolStatus.failed
         while True:
             if self.stop_event.is_set():
-                raise _Stopping
+                raise Stopping
             if not await self.breaker.acquire(deadline):
                 error, kind = f"circuit open past the deadline after {attempt} attempt(s)", "deadline"
                 break
             attempt += 1
-            await self.ledger.attempt(command.command_id)
-            ctx = CallContext(self.http, command.run_id, command.command_id, attempt)
+            if attempt > recorded:
+                await self.writer.attempt(command.command_id)
+                recorded = attempt
             try:
-                with TOOL_CALL_SECONDS.labels(self.tool.name).time():
+                with self._http.lease() as http, TOOL_CALL_SECONDS.labels(self.tool.name).time():
+                    ctx = CallContext(http, command.run_id, command.command_id, attempt)
                     output = await self._call_once(command, ctx)
                 await self.breaker.success()
                 status = ToolStatus.succeeded
@@ -290,26 +469,59 @@ class ToolRunner:
         return result.model_dump(mode="json")
 
     # -- producing -------------------------------------------------------------------------------
+    def _produce_acked(self, topic: str, **kwargs: Any) -> asyncio.Future[None]:
+        """Produce; the future settles when the broker acknowledges (or refuses) the message."""
+        delivered: asyncio.Future[None] = self._loop.create_future()
+        self.producer.produce(topic, on_delivery=functools.partial(self._reported, delivered), **kwargs)
+        return delivered
+
+    def _reported(self, delivered: asyncio.Future[None], err: Any, _msg: Any) -> None:
+        self._reports.append((delivered, err))  # in the poll thread; handed over after the poll
+
+    def _poll_producer(self) -> None:
+        # Delivery reports fire from poll(); a thread keeps them flowing while the loop works, and
+        # hands each poll's reports to the loop in one wake-up.
+        while not self._stopping:
+            self.producer.poll(0.05)
+            self._hand_over()
+        self.producer.flush(10)
+        self._hand_over()
+
+    def _hand_over(self) -> None:
+        if self._reports:
+            reports, self._reports = self._reports, []
+            self._loop.call_soon_threadsafe(self._settle, reports)
+
+    @staticmethod
+    def _settle(reports: list[tuple[asyncio.Future[None], Any]]) -> None:
+        for delivered, err in reports:
+            if delivered.done():
+                continue
+            if err is not None:
+                delivered.set_exception(DeliveryFailed(f"delivery failed: {err}"))
+            else:
+                delivered.set_result(None)
+
     async def _produce(self, topic: str, key: bytes, value: bytes) -> None:
-        loop = asyncio.get_running_loop()
-        delivered: asyncio.Future[None] = loop.create_future()
+        await self._produce_acked(topic, key=key, value=value)
 
-        def on_delivery(err: Any, _msg: Any) -> None:
-            def settle() -> None:
-                if delivered.done():
-                    return
-                if err is not None:
-                    delivered.set_exception(RuntimeError(f"delivery to {topic} failed: {err}"))
-                else:
-                    delivered.set_result(None)
-
-            loop.call_soon_threadsafe(settle)
-
-        self.producer.produce(topic, key=key, value=value, on_delivery=on_delivery)
-        await delivered
-
-    async def _flush(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, self.producer.flush, 10)
+    async def _dead_letter(self, msg: Message, reason: str, detail: str) -> None:
+        """Dead-letter ``msg`` and wait for the broker's acknowledgement (re-sent if it is refused)."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                self.dead_letters.send(msg, reason, detail)
+                assert self._dlq_producer.last is not None
+                await self._dlq_producer.last
+                return
+            except (DeliveryFailed, BufferError) as exc:
+                delay = DEAD_LETTER_RETRY.backoff(attempt)
+                log.error("dead letter not delivered (attempt %d), again in %.2fs: %r", attempt, delay, exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stop_event.wait(), timeout=delay)
+                if self.stop_event.is_set():
+                    raise Stopping from exc
 
 
 def run_tool(settings: Settings, tool: Tool[Any, Any]) -> None:
