@@ -58,9 +58,15 @@ PROCESSOR = "state"
 
 @dataclass
 class Suspect:
-    """A command its tool's group has consumed past: lost unless its result shows up by ``highwater``."""
+    """A command its tool's group has consumed past: lost unless its result shows up by ``highwater``.
 
-    highwater: int
+    ``highwater`` is read at the second look: by then nearly every such command's result has been
+    folded (it was only queued), so the broker is asked for the end of a results partition rarely,
+    and once per partition per tick.
+    """
+
+    partition: int  # the run's partition, and so the results partition its result would be on
+    highwater: int | None = None
 
 
 class StateWorker:
@@ -77,6 +83,7 @@ class StateWorker:
         self.cache: dict[str, RunState] = {}
         self.positions: dict[tuple[str, int], int] = {}  # folded up to (exclusive), per topic-partition
         self.suspects: dict[str, Suspect] = {}  # by command id
+        self._run_of: dict[str, str] = {}  # command id -> run id, for the commands being judged
         self.checks: dict[str, int] = {}  # by command id: loss checks that found the command still queued
         self.assigned: frozenset[int] | None = None
         self._partitioner = DefaultPartitioner()
@@ -176,6 +183,12 @@ class StateWorker:
             return
         after, wants = outcome.state, outcome.publish
         partition = message.partition
+        if before is not None:
+            still = {s.command_id for s in in_flight(after.snapshot)}
+            for answered in in_flight(before.snapshot):
+                if answered.command_id not in still:  # forget what the loss checks knew of it
+                    self.suspects.pop(answered.command_id or "", None)
+                    self.checks.pop(answered.command_id or "", None)
         snap = after.snapshot
         if before is None:
             RUNS.labels(RunStatus.running.value).inc()
@@ -284,9 +297,12 @@ class StateWorker:
                         )
                     )
             elif state.admitted:
-                checks.extend((partition, state, step) for step in in_flight(snap))
+                for step in in_flight(snap):
+                    self._run_of[step.command_id or ""] = run_id
+                    checks.append((partition, state, step))
         if checks:
             await self._check_lost(checks, moment)
+            self._run_of.clear()
         await _blocking(self.producer.flush, 30)
 
     async def _check_lost(self, checks: list[tuple[int, RunState, StepState]], now: float) -> None:
@@ -294,6 +310,7 @@ class StateWorker:
         by_tool: dict[str, list[tuple[int, RunState, StepState]]] = {}
         for item in checks:
             by_tool.setdefault(self._tool_of(item[2]), []).append(item)
+        judged: list[tuple[int, StepState, str, int]] = []
         for tool, items in by_tool.items():
             topic = self.settings.topic(command_topic(tool))
             wanted = sorted({(topic, s.command_partition) for _, _, s in items if s.command_partition is not None})
@@ -304,12 +321,34 @@ class StateWorker:
             except Exception as exc:  # the broker is busy or away: assume nothing, look again later
                 log.warning("could not read the %s group's offsets: %r", tool, exc)
                 committed = {}
-            for partition, state, step in items:
-                await self._judge(
-                    partition, state, step, topic, committed.get((topic, step.command_partition or 0), -1), now
-                )
+            judged += [(p, st, topic, committed.get((topic, st.command_partition or 0), -1)) for p, _, st in items]
+        probe: set[tuple[str, int]] = set()
+        for partition, step, topic, done in judged:
+            if (current := self._still_in_flight(step)) is not None:
+                probe |= await self._judge(partition, current, topic, done, now)
+            else:
+                self.suspects.pop(step.command_id or "", None)
+        if probe:
+            ends = await _blocking(faust_compat.true_highwaters, self.settings.bootstrap_servers, sorted(probe))
+            for suspect in self.suspects.values():
+                if suspect.highwater is None and (self.results_topic, suspect.partition) in ends:
+                    suspect.highwater = ends[(self.results_topic, suspect.partition)]
 
-    async def _judge(self, partition: int, state: RunState, step: StepState, topic: str, done: int, now: float) -> None:
+    def _still_in_flight(self, step: StepState) -> tuple[RunState, StepState] | None:
+        """The run and step as they stand now (the fold may have moved on while the broker answered)."""
+        state = self.cache.get(self._run_of.get(step.command_id or "", ""))
+        if state is None:
+            return None
+        for current in in_flight(state.snapshot):
+            if current.command_id == step.command_id:
+                return state, current
+        return None
+
+    async def _judge(
+        self, partition: int, current: tuple[RunState, StepState], topic: str, done: int, now: float
+    ) -> set[tuple[str, int]]:
+        """One command's verdict; returns the results partitions whose end must be read for it."""
+        state, step = current
         run_id, command_id = state.snapshot.run_id, step.command_id or ""
         if step.command_offset is None or done <= step.command_offset:
             # Still in its topic, or being worked on (a tool commits only after its result is
@@ -318,20 +357,21 @@ class StateWorker:
             self.suspects.pop(command_id, None)
             self.checks[command_id] = self.checks.get(command_id, 0) + 1
             self.queue.schedule(partition, run_id, REDRIVE, self._check_at(step))
-            return
+            return set()
         results = (self.results_topic, partition)
         suspect = self.suspects.get(command_id)
+        self.queue.schedule(partition, run_id, REDRIVE, now + 1.0)
         if suspect is None:
-            # The tool is past it, so its result, if it made one, was acknowledged before now and
-            # sits below the results partition's end as read now. Fold up to there, then judge.
-            ends = await _blocking(faust_compat.true_highwaters, self.settings.bootstrap_servers, [results])
-            self.suspects[command_id] = Suspect(ends.get(results, 0))
-            self.queue.schedule(partition, run_id, REDRIVE, now + 1.0)
-            return
+            # The tool is past it, so its result, if it made one, was acknowledged before now. Most
+            # such results are merely queued: look again in a second before asking the broker anything.
+            self.suspects[command_id] = Suspect(partition)
+            return set()
+        if suspect.highwater is None:
+            return {results}  # read the results partition's end once, for every suspect on it
         if await self._position(results) < suspect.highwater:
-            self.queue.schedule(partition, run_id, REDRIVE, now + 1.0)  # still folding up to it
-            return
+            return set()  # still folding up to it
         del self.suspects[command_id]
+        self.queue.cancel(run_id, REDRIVE)
         redrive = step.redrives + 1
         give_up = step.redrives >= self.settings.redrive_max
         tool = self._tool_of(step)
@@ -359,6 +399,7 @@ class StateWorker:
                 evidence=evidence,
             )
         )
+        return set()
 
     async def _position(self, tp: tuple[str, int]) -> int:
         """How far this processor has folded a partition (its committed offset if nothing came yet)."""
