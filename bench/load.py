@@ -86,7 +86,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--tool-latency-ms", type=int, default=0, help="W2: every sandbox API answers after this delay (default 0)"
     )
-    parser.add_argument("--partitions", type=int, default=8, help="partitions per topic (default 8)")
+    parser.add_argument(
+        "--partitions", type=int, default=Settings().partitions, help="partitions per topic (default: the setting's)"
+    )
     parser.add_argument(
         "--timeout", type=float, help="seconds each burst may take (default 60 + 0.5 s per run of the burst)"
     )

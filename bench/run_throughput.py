@@ -64,7 +64,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="End-to-end throughput of the embedded stack.")
     parser.add_argument("--runs", type=int, default=200, help="onboarding runs submitted at once (default 200)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for every run (default 300)")
-    parser.add_argument("--partitions", type=int, default=8, help="partitions per topic (default 8)")
+    parser.add_argument(
+        "--partitions", type=int, default=Settings().partitions, help="partitions per topic (default: the setting's)"
+    )
     parser.add_argument(
         "--warmup-timeout", type=float, default=120.0, help="seconds the warm-up run may take (default 120)"
     )

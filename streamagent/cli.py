@@ -274,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Create every topic (idempotent)",
         description="Create every topic the runtime uses; existing ones are left alone",
     )
-    create.add_argument("--partitions", type=int, help="partition count (default STREAMAGENT_PARTITIONS or 8)")
+    create.add_argument("--partitions", type=int, help="partition count (default STREAMAGENT_PARTITIONS or 4)")
     create.set_defaults(func=cmd_topics_create)
 
     processor = add("processor", cmd_processor, "Run one processor in the foreground")

@@ -482,7 +482,8 @@ def build_app(settings: Settings) -> faust.App:
 
     @app.agent(events)
     async def fold(stream: Any) -> None:
-        async for batch in stream.take_events(settings.batch_size, within=settings.fetch_wait_ms / 1000):
+        # A short gather window: under load batches fill at once; a lone event waits at most 5 ms.
+        async for batch in stream.take_events(settings.batch_size, within=0.005):
             sync()
             worker.fold_batch([event.message for event in batch])
             await settle()
