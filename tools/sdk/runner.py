@@ -52,12 +52,8 @@ log = logging.getLogger(__name__)
 COMMIT_INTERVAL_S = 0.2
 # Connections per HTTP client (see ``_HttpClients``).
 HTTP_SHARD_CONNECTIONS = 16
-DEFAULT_MAX_IN_FLIGHT = 256
-DEFAULT_BATCH_SIZE = 500
 # Re-sends of a dead letter whose delivery failed (librdkafka already retried it for its message timeout).
 DEAD_LETTER_RETRY = RetryPolicy(initial_s=0.5, max_backoff_s=5.0)
-
-_Stopping = Stopping  # the name this module used before the ledger could stop a retry too
 
 
 class DeliveryFailed(RuntimeError):
@@ -122,8 +118,8 @@ class ToolRunner:
         self.settings = settings
         self.tool = tool
         self.topic = settings.topic(command_topic(tool.name))
-        self.max_in_flight = max(1, max_in_flight or getattr(settings, "tool_max_in_flight", DEFAULT_MAX_IN_FLIGHT))
-        self.batch_size = max(1, getattr(settings, "batch_size", DEFAULT_BATCH_SIZE))
+        self.max_in_flight = max(1, max_in_flight or settings.tool_max_in_flight)
+        self.batch_size = settings.batch_size
         # Under saturation, consume again once this many slots are free: batches stay batches.
         self._resume_free = max(1, min(self.batch_size, self.max_in_flight // 8))
         self.breaker = breaker or CircuitBreaker(tool.name)
