@@ -115,11 +115,14 @@ def _restart_and_progress(stack: Stack, name: str, s: Settings, progress_type: s
 
 
 def test_kill_nine_each_process_mid_flight_resumes_without_repeating(settings: Settings) -> None:
+    # Each tool works on 4 commands at a time and jira takes 300 ms a call: the batched loop is fast
+    # enough that, without this, every jira command could be done before jira is killed.
+    settings = settings.model_copy(update={"tool_max_in_flight": 4})
     with Stack(settings) as stack:
         s = stack.settings
         sandbox = SandboxClient(s.sandbox_url)
-        for api in APIS:  # slow the APIs a little so that many runs are mid-flight at each kill
-            sandbox.set_faults(api, FaultSpec(latency_ms=80))
+        for api in APIS:  # slow the APIs so that many runs are mid-flight at each kill
+            sandbox.set_faults(api, FaultSpec(latency_ms=300 if api == "jira" else 80))
         run_ids = produce_requests(s, sample_requests(100))
         figures = {}
         eventually(lambda: results_of(s, "enrich") >= 10, timeout=120, what="runs under way")
