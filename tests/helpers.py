@@ -45,22 +45,27 @@ def _eof_consumer(settings: Settings, group: str) -> Consumer:
     )
 
 
+def _to_end(c: Consumer, settings: Settings, topic: str) -> list[Message]:
+    """Every message of ``topic`` from offset 0 to each partition's end (ListOffsets is wrong on Tansu)."""
+    c.assign([TopicPartition(topic, p, 0) for p in range(settings.partitions)])
+    left, out = set(range(settings.partitions)), []
+    while left:
+        msg = c.poll(1)
+        if msg is None:
+            continue
+        if msg.error():
+            if msg.error().code() == KafkaError._PARTITION_EOF:
+                left.discard(msg.partition())
+            continue
+        out.append(msg)
+    return out
+
+
 def read_topic(settings: Settings, topic: str) -> list[Message]:
-    """Every message of a topic, read to each partition's end (ListOffsets is wrong on the embedded broker)."""
+    """Every message of a topic, read to each partition's end."""
     c = _eof_consumer(settings, f"{settings.topic_prefix}test-reader")
     try:
-        c.assign([TopicPartition(topic, p, 0) for p in range(settings.partitions)])
-        left, out = set(range(settings.partitions)), []
-        while left:
-            msg = c.poll(1)
-            if msg is None:
-                continue
-            if msg.error():
-                if msg.error().code() == KafkaError._PARTITION_EOF:
-                    left.discard(msg.partition())
-                continue
-            out.append(msg)
-        return out
+        return _to_end(c, settings, topic)
     finally:
         c.close()
 
@@ -69,20 +74,10 @@ def skip_to_end(s: Settings, topic: str, group: str) -> int:
     """Commit a group's offsets to the end of a topic, as if its messages had been consumed: a loss."""
     c = _eof_consumer(s, s.group(group))
     try:
-        c.assign([TopicPartition(topic, p, 0) for p in range(s.partitions)])
-        left, ends, skipped = set(range(s.partitions)), {}, 0
-        while left:
-            msg = c.poll(1)
-            if msg is None:
-                continue
-            if msg.error():
-                if msg.error().code() == KafkaError._PARTITION_EOF:
-                    left.discard(msg.partition())
-                continue
-            ends[msg.partition()] = msg.offset() + 1
-            skipped += 1
+        messages = _to_end(c, s, topic)
+        ends = {m.partition(): m.offset() + 1 for m in messages}
         if ends:
             c.commit(offsets=[TopicPartition(topic, p, o) for p, o in ends.items()], asynchronous=False)
-        return skipped
+        return len(messages)
     finally:
         c.close()
