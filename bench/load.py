@@ -22,7 +22,6 @@ import os
 import platform
 import resource
 import sys
-import tempfile
 import time
 import uuid
 from collections import Counter
@@ -45,7 +44,7 @@ from streamagent.submit import produce_requests
 from streamagent.topics import COMMANDS_PREFIX
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run_throughput import percentile, warm_up  # a sibling script, not a package
+from run_throughput import in_data_dir, percentile, warm_up  # a sibling script, not a package
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SANDBOX = "sandbox"  # the stand-in for third-party SaaS APIs: reported, but not part of cpu_ms_per_run
@@ -561,15 +560,7 @@ def bench(args: argparse.Namespace, data_dir: Path) -> int:
 
 
 def main(argv: Iterable[str] | None = None) -> int:
-    args = parse_args(list(argv) if argv is not None else None)
-    if args.data_dir is not None:
-        # A reused dir would bring its PostgreSQL rows and topics along.
-        if args.data_dir.exists() and any(args.data_dir.iterdir()):
-            print(f"--data-dir {args.data_dir} must be new or empty", file=sys.stderr)
-            return 2
-        return bench(args, args.data_dir)
-    with tempfile.TemporaryDirectory(prefix="streamagent-load-") as tmp:
-        return bench(args, Path(tmp))
+    return in_data_dir(parse_args(list(argv) if argv is not None else None), bench, "streamagent-load-")
 
 
 if __name__ == "__main__":

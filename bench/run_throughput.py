@@ -20,7 +20,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -318,16 +318,20 @@ def bench(args: argparse.Namespace, data_dir: Path) -> int:
     return 0 if ok else 1
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+def in_data_dir(args: argparse.Namespace, run: Callable[[argparse.Namespace, Path], int], prefix: str) -> int:
+    """Run a benchmark in ``--data-dir`` (which must be new or empty) or in a temp dir removed after."""
     if args.data_dir is not None:
-        # A reused dir would bring its PostgreSQL rows along, and they would be counted again.
+        # A reused dir would bring its PostgreSQL rows and topics along, and they would be counted again.
         if args.data_dir.exists() and any(args.data_dir.iterdir()):
             print(f"--data-dir {args.data_dir} must be new or empty", file=sys.stderr)
             return 2
-        return bench(args, args.data_dir)
-    with tempfile.TemporaryDirectory(prefix="streamagent-bench-") as tmp:
-        return bench(args, Path(tmp))
+        return run(args, args.data_dir)
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        return run(args, Path(tmp))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return in_data_dir(parse_args(argv), bench, "streamagent-bench-")
 
 
 if __name__ == "__main__":

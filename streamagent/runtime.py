@@ -24,7 +24,7 @@ from pydantic import BaseModel
 from streamagent import codec
 from streamagent.config import Settings
 from streamagent.dlq import DeadLetterSink
-from streamagent.errors import Rejected, Unprocessable
+from streamagent.errors import Unprocessable
 from streamagent.kafka import consumer as make_consumer
 from streamagent.kafka import producer as make_producer
 from streamagent.metrics import EVENTS_PROCESSED
@@ -38,7 +38,6 @@ __all__ = [
     "Incoming",
     "RetryPolicy",
     "Unprocessable",
-    "one_at_a_time",
     "run_until_signalled",
 ]
 
@@ -76,19 +75,6 @@ class Batch:
 
 
 BatchHandler = Callable[[Batch], None]
-
-
-def one_at_a_time(handler: Callable[[Incoming], None]) -> BatchHandler:
-    """Adapt a per-message handler: its ``Unprocessable`` dead-letters that message only."""
-
-    def handle(batch: Batch) -> None:
-        for item in list(batch):
-            try:
-                handler(item)
-            except Rejected as exc:
-                batch.reject(item, exc.reason, exc.detail)
-
-    return handle
 
 
 # Retries of a handler that raised something other than ``Rejected`` (a database blip).
