@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -27,6 +28,10 @@ class Settings(BaseModel):
     # process per processor gains no parallelism from more (measured: bench/README.md).
     partitions: int = Field(4, ge=1, description="Partition count for topics created by `topics create`")
     data_dir: Path = Field(Path(".streamagent"), description="Where the embedded stack keeps its files")
+    # The embedded broker keeps its log in memory; "journal" puts a proxy in front of it that journals
+    # every acknowledged batch and committed offset under data_dir and restores them on start.
+    broker_storage: Literal["journal", "memory"] = Field("journal", description="Embedded broker storage")
+    broker_fsync: bool = Field(True, description="fsync the broker journal before acknowledging (power-cut safe)")
 
     # Client tuning. The embedded broker answers a fetch only after half its max wait, and joins
     # a group after half the session timeout, so both are short here; production sets Kafka's

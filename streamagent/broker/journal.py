@@ -1,0 +1,168 @@
+"""The broker journal: an append-only file of what the broker acknowledged.
+
+Three kinds of entry, each framed as ``length u32 | crc32 u32 | kind u8 | payload``:
+
+- ``records``: a record-batch blob exactly as the producer sent it, with its topic, partition and
+  the base offset the broker gave it;
+- ``offset``: one committed consumer-group offset;
+- ``admin``: a topic administration request (create, delete, alter configs), raw.
+
+A torn tail (the process died mid-write) fails its length or checksum; reading stops there and the
+writer truncates it away on open, so the file is always a clean sequence of whole entries.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+_FRAME = struct.Struct(">II")  # payload length (kind byte included), crc32 of kind + payload
+RECORDS, OFFSET, ADMIN = 1, 2, 3
+JOURNAL_FILE = "journal.log"
+
+
+@dataclass(frozen=True)
+class Records:
+    topic: str
+    partition: int
+    base_offset: int
+    blob: bytes
+
+
+@dataclass(frozen=True)
+class Offset:
+    group: str
+    topic: str
+    partition: int
+    offset: int
+    metadata: str | None
+
+
+@dataclass(frozen=True)
+class Admin:
+    api_key: int
+    api_version: int
+    body: bytes
+
+
+Entry = Records | Offset | Admin
+
+
+def _str(value: str | None) -> bytes:
+    if value is None:
+        return struct.pack(">i", -1)
+    raw = value.encode("utf-8")
+    return struct.pack(">i", len(raw)) + raw
+
+
+def _read_str(buf: memoryview, pos: int) -> tuple[str | None, int]:
+    (n,) = struct.unpack_from(">i", buf, pos)
+    pos += 4
+    if n < 0:
+        return None, pos
+    return bytes(buf[pos : pos + n]).decode("utf-8"), pos + n
+
+
+def encode(entry: Entry) -> bytes:
+    if isinstance(entry, Records):
+        payload = (
+            bytes([RECORDS])
+            + _str(entry.topic)
+            + struct.pack(">iqi", entry.partition, entry.base_offset, len(entry.blob))
+            + entry.blob
+        )
+    elif isinstance(entry, Offset):
+        payload = (
+            bytes([OFFSET])
+            + _str(entry.group)
+            + _str(entry.topic)
+            + struct.pack(">iq", entry.partition, entry.offset)
+            + _str(entry.metadata)
+        )
+    else:
+        payload = bytes([ADMIN]) + struct.pack(">hhi", entry.api_key, entry.api_version, len(entry.body)) + entry.body
+    return _FRAME.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+def _decode(payload: memoryview) -> Entry:
+    kind = payload[0]
+    if kind == RECORDS:
+        topic, pos = _read_str(payload, 1)
+        partition, base, n = struct.unpack_from(">iqi", payload, pos)
+        pos += 16
+        return Records(topic or "", partition, base, bytes(payload[pos : pos + n]))
+    if kind == OFFSET:
+        group, pos = _read_str(payload, 1)
+        topic, pos = _read_str(payload, pos)
+        partition, offset = struct.unpack_from(">iq", payload, pos)
+        metadata, _ = _read_str(payload, pos + 12)
+        return Offset(group or "", topic or "", partition, offset, metadata)
+    if kind == ADMIN:
+        api_key, api_version, n = struct.unpack_from(">hhi", payload, 1)
+        return Admin(api_key, api_version, bytes(payload[9 : 9 + n]))
+    raise ValueError(f"unknown journal entry kind {kind}")
+
+
+def scan(path: Path) -> tuple[list[Entry], int]:
+    """Every whole entry in the file, and the length of the clean prefix they fill."""
+    if not path.exists():
+        return [], 0
+    data = memoryview(path.read_bytes())
+    entries: list[Entry] = []
+    pos = 0
+    while pos + _FRAME.size <= len(data):
+        length, crc = _FRAME.unpack_from(data, pos)
+        end = pos + _FRAME.size + length
+        if length == 0 or end > len(data):
+            break
+        payload = data[pos + _FRAME.size : end]
+        if zlib.crc32(payload) != crc:
+            break
+        entries.append(_decode(payload))
+        pos = end
+    return entries, pos
+
+
+def iter_entries(path: Path) -> Iterator[Entry]:
+    yield from scan(path)[0]
+
+
+class JournalWriter:
+    """Appends entries; ``sync()`` makes what was appended durable (one fsync for many entries)."""
+
+    def __init__(self, path: Path, *, clean_length: int | None = None, fsync: bool = True) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if clean_length is None:
+            clean_length = scan(path)[1]
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+        os.ftruncate(self._fd, clean_length)  # drop a torn tail
+        os.lseek(self._fd, clean_length, os.SEEK_SET)
+        self._fsync = fsync
+        self._pending = bytearray()
+        self.bytes_written = clean_length
+        self.entries_written = 0
+
+    def append(self, entry: Entry) -> None:
+        self._pending += encode(entry)
+        self.entries_written += 1
+
+    def sync(self) -> None:
+        """Write what is pending; fsync it when asked to survive a power cut, not just a kill."""
+        if self._pending:
+            data, self._pending = bytes(self._pending), bytearray()
+            view = memoryview(data)
+            while view:
+                n = os.write(self._fd, view)
+                view = view[n:]
+            self.bytes_written += len(data)
+            if self._fsync:
+                os.fdatasync(self._fd)
+
+    def close(self) -> None:
+        self.sync()
+        os.close(self._fd)
