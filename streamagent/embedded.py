@@ -168,6 +168,19 @@ class EmbeddedBroker:
         )
         return self
 
+    def restart(self, timeout: float = 60.0) -> Self:
+        """Start again on the same port (clients keep their bootstrap address); the journal broker
+        restores its log first, so this can take a while on a long history."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self._start_once(max(1.0, deadline - time.monotonic()))
+                return self
+            except PortInUseError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)  # the dead broker's socket is still being torn down
+
     def _start_once(self, timeout: float) -> None:
         self.stop()  # reap a broker that died since the last start, and close its log
         if not _port_is_free(self.host, self.port):

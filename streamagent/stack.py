@@ -24,7 +24,7 @@ import httpx
 
 from streamagent import db
 from streamagent.config import Settings, to_env
-from streamagent.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
+from streamagent.embedded import EmbeddedBroker, EmbeddedPostgres, free_port, pid_alive
 from streamagent.kafka import create_topics
 from streamagent.topics import TOOLS
 
@@ -106,6 +106,7 @@ class Stack:
         self._stop = threading.Event()
         self._supervisor: threading.Thread | None = None
         self._lock = threading.Lock()
+        self.infra_restarts: dict[str, int] = {}
 
     # -- start / stop ----------------------------------------------------------------------------
     def start(self) -> Stack:
@@ -193,9 +194,31 @@ class Stack:
     # -- supervision -----------------------------------------------------------------------------
     def _supervise(self) -> None:
         while not self._stop.wait(0.2):
+            self._check_dependencies()
             with self._lock:
                 for child in self.children.values():
                     self._check(child)
+
+    def _check_dependencies(self) -> None:
+        """Restart a dead embedded broker or PostgreSQL in place: same port, same data dir, so the
+        processes (which retry through the outage) reconnect to the same address. The broker comes
+        back with its journal; PostgreSQL recovers from its WAL."""
+        if self.broker is not None and not self.broker.running and not self._stop.is_set():
+            log.warning("embedded broker died; restarting it on %s", self.broker.bootstrap_servers)
+            self.infra_restarts["broker"] = self.infra_restarts.get("broker", 0) + 1
+            try:
+                self.broker.restart()
+            except Exception:  # noqa: BLE001 - keep supervising; the next round tries again
+                log.exception("embedded broker did not restart; trying again")
+        pg = self.postgres
+        if pg is not None and (pg.pid is None or not pid_alive(pg.pid)) and not self._stop.is_set():
+            log.warning("embedded postgres died; restarting it in %s", pg.data_dir)
+            self.infra_restarts["postgres"] = self.infra_restarts.get("postgres", 0) + 1
+            try:
+                pg.stop()  # forgets the dead server's handle, so that start() initialises afresh
+                pg.start()
+            except Exception:  # noqa: BLE001 - keep supervising; the next round tries again
+                log.exception("embedded postgres did not restart; trying again")
 
     def _check(self, child: Child) -> None:
         if child.proc is None or child.alive():

@@ -92,6 +92,7 @@ class JournalProxy:
         self.commit = commit
         self._server: asyncio.AbstractServer | None = None
         self.connections = 0
+        self.requests: dict[int, int] = {}  # api key -> requests forwarded
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._client, *self.listen, reuse_address=True)
@@ -119,10 +120,16 @@ class JournalProxy:
             for task in rest:
                 task.cancel()
             for task in done:
+                if task.cancelled():
+                    continue
                 if task.exception() is not None and not isinstance(
                     task.exception(), (asyncio.IncompleteReadError, ConnectionError)
                 ):
                     log.error("proxy connection failed: %r", task.exception())
+        except asyncio.CancelledError:
+            for task in tasks:
+                task.cancel()
+            raise
         finally:
             for w in (c_writer, u_writer):
                 w.close()
@@ -137,7 +144,9 @@ class JournalProxy:
             if size <= 0 or size > _MAX_FRAME:
                 raise ConnectionError(f"bad request frame size {size}")
             frame = await c_reader.readexactly(size)
-            item = _describe(frame)
+            item, frame = _describe(frame)
+            key = struct.unpack_from(">h", frame, 0)[0]
+            self.requests[key] = self.requests.get(key, 0) + 1
             if item is not None:
                 pending.append(item)
             u_writer.write(size_bytes + frame)
@@ -163,17 +172,19 @@ class JournalProxy:
             await c_writer.drain()
 
 
-def _describe(frame: bytes) -> _Pending | None:
-    """What the proxy must remember about a request to journal its answer; None if no answer comes."""
+def _describe(frame: bytes) -> tuple[_Pending | None, bytes]:
+    """What the proxy must remember about a request to journal its answer (None if no answer comes),
+    and the frame to forward."""
     header = wire.request_header(frame)
     item = _Pending(header.correlation_id, -1, header.api_version)
     body = memoryview(frame)[header.body_offset :]
     try:
         if header.api_key == wire.PRODUCE:
             request = wire.parse_produce_request(body, header.api_version)
+            frame, request = _without_producer_ids(frame, header.body_offset, request)
             if request.acks == 0:
                 log.warning("acks=0 produce is not journaled (no acknowledgement to hold)")
-                return None
+                return None, frame
             item.api_key, item.produce = wire.PRODUCE, request
         elif header.api_key == wire.OFFSET_COMMIT:
             item.api_key, item.commits = wire.OFFSET_COMMIT, wire.parse_offset_commit_request(body, header.api_version)
@@ -182,7 +193,34 @@ def _describe(frame: bytes) -> _Pending | None:
     except wire.ProtocolError as exc:
         # Forwarded anyway: the broker is the judge of a request; only its journaling is lost.
         log.error("could not decode api %s v%s for the journal: %s", header.api_key, header.api_version, exc)
-    return item
+    return item, frame
+
+
+def _without_producer_ids(
+    frame: bytes, body_offset: int, request: wire.ProduceRequest
+) -> tuple[bytes, wire.ProduceRequest]:
+    """Idempotent producers' batches, made plain. A broker restarted from the journal has never
+    heard of the producer ids the running clients got from its predecessor and would refuse every
+    batch of theirs (UNKNOWN_PRODUCER_ID) until each client is restarted. Plain batches are accepted
+    by any broker generation; the client still orders its own retries, and a retry that duplicates a
+    record is absorbed downstream, where every event is deduplicated by its id."""
+    buf = bytearray(frame)
+    changed = False
+    for part in request.partitions:
+        start = body_offset + part.position
+        changed |= wire.clear_producer_ids(buf, start, start + len(part.records))
+    if not changed:
+        return frame, request
+    parts = [
+        wire.ProducedPartition(
+            p.topic,
+            p.partition,
+            bytes(buf[body_offset + p.position : body_offset + p.position + len(p.records)]),
+            p.position,
+        )
+        for p in request.partitions
+    ]
+    return bytes(buf), wire.ProduceRequest(request.acks, parts)
 
 
 def _entries(item: _Pending, body: memoryview) -> list[Entry]:

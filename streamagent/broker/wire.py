@@ -168,6 +168,7 @@ class ProducedPartition:
     topic: str
     partition: int
     records: bytes
+    position: int = 0  # where ``records`` starts in the request body
 
 
 @dataclass(frozen=True)
@@ -189,10 +190,12 @@ def parse_produce_request(body: memoryview | bytes, version: int) -> ProduceRequ
         topic = r.string(compact)
         for _ in range(r.array_len(compact)):
             index = r.int32()
-            records = r.nullable_bytes(compact)
+            n = r.uvarint() - 1 if compact else r.int32()
+            position = r.pos
+            records = bytes(r._take(n)) if n > 0 else b""
             r.tagged_fields(compact)
             if records:
-                parts.append(ProducedPartition(topic, index, records))
+                parts.append(ProducedPartition(topic, index, records, position))
         r.tagged_fields(compact)
     return ProduceRequest(acks, parts)
 
@@ -321,3 +324,29 @@ def parse_delete_topics_request(body: memoryview | bytes, version: int) -> list[
         if name is not None:
             names.append(name)
     return names
+
+
+# -- record batches (magic v2) ---------------------------------------------------------------------
+_BATCH_HEADER = 61  # bytes up to and including the record count
+_TRANSACTIONAL = 0x10
+
+
+def clear_producer_ids(buf: bytearray, start: int, end: int) -> bool:
+    """Clear the idempotent-producer fields (producer id, epoch, base sequence := -1) of every
+    non-transactional record batch in ``buf[start:end]`` and recompute its CRC-32C, in place.
+    Returns whether anything changed. The records, timestamps and offset deltas are untouched."""
+    from aiokafka.record.util import calc_crc32c  # C implementation, shipped with faust's client
+
+    changed = False
+    pos = start
+    while pos + _BATCH_HEADER <= end:
+        (length,) = struct.unpack_from(">i", buf, pos + 8)
+        batch_end = pos + 12 + length
+        (attributes,) = struct.unpack_from(">h", buf, pos + 21)
+        (producer_id,) = struct.unpack_from(">q", buf, pos + 43)
+        if producer_id != -1 and not attributes & _TRANSACTIONAL and batch_end <= end:
+            struct.pack_into(">qhi", buf, pos + 43, -1, -1, -1)
+            struct.pack_into(">I", buf, pos + 17, calc_crc32c(bytes(buf[pos + 21 : batch_end])))
+            changed = True
+        pos = batch_end
+    return changed
