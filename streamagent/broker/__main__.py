@@ -120,11 +120,17 @@ async def _serve(args: argparse.Namespace) -> int:
     serving = asyncio.create_task(proxy.serve_forever())
     tansu_exit = loop.run_in_executor(None, tansu.wait)
     stopping = asyncio.create_task(stop.wait())
-    await asyncio.wait([serving, tansu_exit, stopping], return_when=asyncio.FIRST_COMPLETED)
+    journal_failed = asyncio.create_task(commit.failed.wait())
+    await asyncio.wait([serving, tansu_exit, stopping, journal_failed], return_when=asyncio.FIRST_COMPLETED)
     code = 0
     if tansu_exit.done():
         log.error("tansu exited with %s; the journal broker stops so that both restart", tansu.returncode)
         code = 4
+    if journal_failed.done():
+        code = 5
+    proxy.close()
+    for task in (stopping, journal_failed):
+        task.cancel()
     log.info("requests forwarded by api key: %s; journal syncs: %d", proxy.requests, commit.syncs)
     serving.cancel()
     with contextlib.suppress(asyncio.CancelledError):

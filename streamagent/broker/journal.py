@@ -151,17 +151,25 @@ class JournalWriter:
         self._pending += encode(entry)
         self.entries_written += 1
 
+    def take(self) -> bytes:
+        """What was appended since the last take, to hand to ``write`` (on another thread)."""
+        data, self._pending = bytes(self._pending), bytearray()
+        return data
+
+    def write(self, data: bytes) -> None:
+        """Write ``data`` at the end; fsync it when asked to survive a power cut, not just a kill."""
+        if not data:
+            return
+        view = memoryview(data)
+        while view:
+            n = os.write(self._fd, view)
+            view = view[n:]
+        self.bytes_written += len(data)
+        if self._fsync:
+            os.fdatasync(self._fd)
+
     def sync(self) -> None:
-        """Write what is pending; fsync it when asked to survive a power cut, not just a kill."""
-        if self._pending:
-            data, self._pending = bytes(self._pending), bytearray()
-            view = memoryview(data)
-            while view:
-                n = os.write(self._fd, view)
-                view = view[n:]
-            self.bytes_written += len(data)
-            if self._fsync:
-                os.fdatasync(self._fd)
+        self.write(self.take())
 
     def close(self) -> None:
         self.sync()

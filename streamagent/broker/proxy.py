@@ -18,6 +18,7 @@ import struct
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import cast
 
 from streamagent.broker import wire
 from streamagent.broker.journal import Admin, Entry, JournalWriter, Offset, Records
@@ -25,6 +26,7 @@ from streamagent.broker.journal import Admin, Entry, JournalWriter, Offset, Reco
 log = logging.getLogger(__name__)
 
 _SIZE = struct.Struct(">i")
+_KEY = struct.Struct(">h")
 _MAX_FRAME = 256 * 1024 * 1024
 
 
@@ -39,7 +41,9 @@ class _Pending:
 
 
 class GroupCommit:
-    """Appends entries and lets many waiters share one write + fsync, done off the event loop."""
+    """Appends entries; many answers wait on one write + fsync, done off the event loop.
+
+    ``barrier()`` returns a future that resolves once everything appended so far is durable."""
 
     def __init__(self, journal: JournalWriter) -> None:
         self.journal = journal
@@ -48,31 +52,36 @@ class GroupCommit:
         self._flusher: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="journal-sync")
         self.syncs = 0
+        self.failed = asyncio.Event()  # the journal cannot be written: the broker must stop
 
     def append(self, entries: list[Entry]) -> None:
         for entry in entries:
             self.journal.append(entry)
 
-    async def durable(self) -> None:
+    def barrier(self) -> asyncio.Future[None]:
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[None] = loop.create_future()
         self._waiters.append(waiter)
         if not self._flushing:
             self._flushing = True
             self._flusher = loop.create_task(self._flush())
-        await waiter
+        return waiter
 
     async def _flush(self) -> None:
         loop = asyncio.get_running_loop()
         try:
             while self._waiters:
                 waiters, self._waiters = self._waiters, []
+                data = self.journal.take()  # on the loop thread, where entries are appended
                 try:
-                    await loop.run_in_executor(self._executor, self.journal.sync)
-                except OSError as exc:  # disk full or gone: the client must not be told "acknowledged"
+                    await loop.run_in_executor(self._executor, self.journal.write, data)
+                except OSError as exc:  # disk full or gone: no client may be told "acknowledged"
+                    log.critical("journal write failed, the broker stops: %s", exc)
                     for w in waiters:
-                        w.set_exception(exc)
-                    continue
+                        if not w.done():
+                            w.set_exception(exc)
+                    self.failed.set()
+                    return
                 self.syncs += 1
                 for w in waiters:
                     if not w.done():
@@ -85,91 +94,203 @@ class GroupCommit:
         self.journal.close()
 
 
+def _frames(buf: bytearray) -> list[bytes]:
+    """Cut every whole ``size | frame`` off the front of ``buf``; a partial frame stays."""
+    out: list[bytes] = []
+    pos = 0
+    while len(buf) - pos >= 4:
+        (size,) = _SIZE.unpack_from(buf, pos)
+        if size <= 0 or size > _MAX_FRAME:
+            raise ConnectionError(f"bad frame size {size}")
+        if len(buf) - pos - 4 < size:
+            break
+        out.append(bytes(buf[pos + 4 : pos + 4 + size]))
+        pos += 4 + size
+    if pos:
+        del buf[:pos]
+    return out
+
+
+class _Link:
+    """One client connection and its own upstream connection to the broker.
+
+    Requests go up as they arrive. Answers come back in request order (Kafka's rule per connection);
+    an answer that made journal entries is held, with every answer behind it, until those entries
+    are durable."""
+
+    def __init__(self, proxy: JournalProxy) -> None:
+        self.proxy = proxy
+        self.client: asyncio.Transport | None = None
+        self.upstream: asyncio.Transport | None = None
+        self.early: list[bytes] = []  # requests that arrived before the upstream connected
+        self.requests = bytearray()
+        self.answers = bytearray()
+        self.pending: deque[_Pending] = deque()
+        self.held: deque[tuple[bytes, asyncio.Future[None] | None]] = deque()
+        self.closed = False
+
+    # client side
+    def client_data(self, data: bytes) -> None:
+        self.requests += data
+        try:
+            frames = _frames(self.requests)
+        except ConnectionError as exc:
+            log.warning("client sent garbage: %s", exc)
+            self.close()
+            return
+        out = []
+        for frame in frames:
+            item, frame = _describe(frame)
+            key = _KEY.unpack_from(frame, 0)[0]
+            self.proxy.requests[key] = self.proxy.requests.get(key, 0) + 1
+            if item is not None:
+                self.pending.append(item)
+            out.append(_SIZE.pack(len(frame)) + frame)
+        if self.upstream is None:
+            self.early += out
+        else:
+            self.upstream.writelines(out)
+
+    def upstream_connected(self, transport: asyncio.Transport) -> None:
+        self.upstream = transport
+        if self.closed:
+            transport.close()
+            return
+        if self.early:
+            transport.writelines(self.early)
+            self.early = []
+
+    # broker side
+    def upstream_data(self, data: bytes) -> None:
+        self.answers += data
+        try:
+            frames = _frames(self.answers)
+        except ConnectionError as exc:
+            log.error("broker sent garbage: %s", exc)
+            self.close()
+            return
+        for frame in frames:
+            (correlation_id,) = _SIZE.unpack_from(frame, 0)
+            item = self.pending.popleft() if self.pending else None
+            if item is not None and item.correlation_id != correlation_id:
+                log.error("answer %s does not match request %s", correlation_id, item.correlation_id)
+                self.close()
+                return
+            barrier = None
+            if item is not None and item.api_key != -1:
+                body = memoryview(frame)[wire.response_body_offset(item.api_key, item.api_version) :]
+                entries = _entries(item, body)
+                if entries:
+                    self.proxy.commit.append(entries)
+                    barrier = self.proxy.commit.barrier()
+                    barrier.add_done_callback(self._release)
+            self.held.append((frame, barrier))
+        self._release()
+
+    def _release(self, _: object = None) -> None:
+        out = []
+        while self.held:
+            frame, barrier = self.held[0]
+            if barrier is not None:
+                if not barrier.done():
+                    break
+                if barrier.exception() is not None:
+                    self.close()  # never acknowledge what is not in the journal
+                    return
+            self.held.popleft()
+            out.append(_SIZE.pack(len(frame)) + frame)
+        if out and self.client is not None and not self.closed:
+            self.client.writelines(out)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for transport in (self.client, self.upstream):
+            if transport is not None:
+                transport.close()
+        self.proxy.links.discard(self)
+
+
+class _ClientSide(asyncio.Protocol):
+    def __init__(self, proxy: JournalProxy) -> None:
+        self.link = _Link(proxy)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
+        transport.set_write_buffer_limits(high=4 << 20)
+        self.link.client = transport
+        self.link.proxy.links.add(self.link)
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(loop.create_connection(lambda: _UpstreamSide(self.link), *self.link.proxy.upstream))
+        task.add_done_callback(self._connected)
+
+    def _connected(self, task: asyncio.Task[tuple[asyncio.BaseTransport, asyncio.BaseProtocol]]) -> None:
+        if task.cancelled() or task.exception() is not None:
+            log.warning("broker unreachable: %r", None if task.cancelled() else task.exception())
+            self.link.close()
+
+    def data_received(self, data: bytes) -> None:
+        self.link.client_data(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.link.close()
+
+    # Back-pressure: a slow client stops us reading the broker's answers, and the reverse.
+    def pause_writing(self) -> None:
+        if self.link.upstream is not None:
+            self.link.upstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.link.upstream is not None:
+            self.link.upstream.resume_reading()
+
+
+class _UpstreamSide(asyncio.Protocol):
+    def __init__(self, link: _Link) -> None:
+        self.link = link
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)
+        transport.set_write_buffer_limits(high=4 << 20)
+        self.link.upstream_connected(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.link.upstream_data(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.link.close()
+
+    def pause_writing(self) -> None:
+        if self.link.client is not None:
+            self.link.client.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.link.client is not None:
+            self.link.client.resume_reading()
+
+
 class JournalProxy:
     def __init__(self, listen: tuple[str, int], upstream: tuple[str, int], commit: GroupCommit) -> None:
         self.listen = listen
         self.upstream = upstream
         self.commit = commit
         self._server: asyncio.AbstractServer | None = None
-        self.connections = 0
+        self.links: set[_Link] = set()
         self.requests: dict[int, int] = {}  # api key -> requests forwarded
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._client, *self.listen, reuse_address=True)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _ClientSide(self), *self.listen, reuse_address=True)
 
     async def serve_forever(self) -> None:
         assert self._server is not None
         async with self._server:
             await self._server.serve_forever()
 
-    async def _client(self, c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        try:
-            u_reader, u_writer = await asyncio.open_connection(*self.upstream)
-        except OSError as exc:
-            log.warning("broker unreachable: %s", exc)
-            c_writer.close()
-            return
-        pending: deque[_Pending] = deque()
-        tasks = [
-            asyncio.create_task(self._requests(c_reader, u_writer, pending)),
-            asyncio.create_task(self._responses(u_reader, c_writer, pending)),
-        ]
-        try:
-            done, rest = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            for task in rest:
-                task.cancel()
-            for task in done:
-                if task.cancelled():
-                    continue
-                if task.exception() is not None and not isinstance(
-                    task.exception(), (asyncio.IncompleteReadError, ConnectionError)
-                ):
-                    log.error("proxy connection failed: %r", task.exception())
-        except asyncio.CancelledError:
-            for task in tasks:
-                task.cancel()
-            raise
-        finally:
-            for w in (c_writer, u_writer):
-                w.close()
-            self.connections -= 1
-
-    async def _requests(
-        self, c_reader: asyncio.StreamReader, u_writer: asyncio.StreamWriter, pending: deque[_Pending]
-    ) -> None:
-        while True:
-            size_bytes = await c_reader.readexactly(4)
-            (size,) = _SIZE.unpack(size_bytes)
-            if size <= 0 or size > _MAX_FRAME:
-                raise ConnectionError(f"bad request frame size {size}")
-            frame = await c_reader.readexactly(size)
-            item, frame = _describe(frame)
-            key = struct.unpack_from(">h", frame, 0)[0]
-            self.requests[key] = self.requests.get(key, 0) + 1
-            if item is not None:
-                pending.append(item)
-            u_writer.write(size_bytes + frame)
-            await u_writer.drain()
-
-    async def _responses(
-        self, u_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter, pending: deque[_Pending]
-    ) -> None:
-        while True:
-            size_bytes = await u_reader.readexactly(4)
-            (size,) = _SIZE.unpack(size_bytes)
-            frame = await u_reader.readexactly(size)
-            (correlation_id,) = _SIZE.unpack_from(frame, 0)
-            item = pending.popleft() if pending else None
-            if item is not None and item.correlation_id != correlation_id:
-                raise ConnectionError(f"response {correlation_id} does not answer request {item.correlation_id}")
-            if item is not None and item.api_key != -1:
-                entries = _entries(item, memoryview(frame)[wire.response_body_offset(item.api_key, item.api_version) :])
-                if entries:
-                    self.commit.append(entries)
-                    await self.commit.durable()
-            c_writer.write(size_bytes + frame)
-            await c_writer.drain()
+    def close(self) -> None:
+        for link in list(self.links):
+            link.close()
 
 
 def _describe(frame: bytes) -> tuple[_Pending | None, bytes]:
