@@ -8,14 +8,18 @@ all use it, so the tests exercise the same wiring a user runs.
 
 from __future__ import annotations
 
+import ctypes
+import fcntl
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -32,6 +36,180 @@ log = logging.getLogger(__name__)
 
 PROCESSORS = ("state", "decision", "projection")
 STACK_FILE = "stack.json"
+LOCK_FILE = "stack.lock"
+# A child that died this many times in a row, each soon after it started, is crash-looping.
+CRASH_LOOP_RESTARTS = 3
+
+
+class StackRunning(RuntimeError):
+    """Another process holds the data dir's lock: its stack is running."""
+
+    def __init__(self, data_dir: Path, pid: int | None) -> None:
+        self.data_dir = data_dir
+        self.pid = pid
+        who = f"pid {pid}" if pid else "pid unknown"
+        hint = f"`kill {pid}`" if pid else "stop it"
+        super().__init__(
+            f"a stack is already running in {data_dir} ({who}); stop it first (Ctrl-C in its terminal, or {hint}),"
+            " or give this one another data dir with STREAMAGENT_DATA_DIR"
+        )
+
+
+class StackStartError(RuntimeError):
+    """The stack could not start; the message says which part and why."""
+
+
+class StackLock:
+    """One stack per data dir: an exclusive ``flock`` on ``<data_dir>/stack.lock``, held for the life of
+    the stack. The kernel drops it when the holder dies, however it dies, so a lock file left behind by
+    ``kill -9`` is never mistaken for a running stack (and no pid, which the OS may reuse, is trusted).
+    The file holds the holder's pid, for messages only. It is never deleted: deleting a lock file lets
+    two processes lock two different files of the same name."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.path = data_dir / LOCK_FILE
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self, wait_s: float = 0.5) -> StackLock:
+        """Take the lock or raise StackRunning. ``wait_s`` covers another CLI command's brief probe."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    pid = _read_pid(fd)
+                    os.close(fd)
+                    raise StackRunning(self.data_dir, pid) from None
+                time.sleep(0.02)  # a probe holds the lock for microseconds
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        os.ftruncate(fd, 0)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        return int(os.pread(fd, 32, 0).decode().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def running_pid(data_dir: Path) -> int | None:
+    """The pid of the process whose stack runs in ``data_dir`` (0 if it holds the lock but its pid is not
+    written yet), or None if no stack runs there. Asks the kernel, not the pid."""
+    try:
+        fd = os.open(data_dir / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _read_pid(fd) or 0
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def read_stack_file(data_dir: Path) -> dict[str, object] | None:
+    """What a running ``up`` wrote about itself; None if nothing runs there (a file left by a dead stack
+    is stale and ignored)."""
+    path = data_dir / STACK_FILE
+    if not path.exists() or running_pid(data_dir) is None:
+        return None
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
+# -- child processes die with their parent -------------------------------------------------------
+_PR_SET_PDEATHSIG = 1
+try:
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux
+    _prctl = None
+
+
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    """A ``preexec_fn``: the child gets SIGTERM when the thread that started it dies, even by ``kill -9``,
+    so a restarted ``up`` never competes with orphans of the one before."""
+
+    def preexec() -> None:
+        if _prctl is not None:
+            _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
+
+
+def describe_exit(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+_ERROR_WORDS = re.compile(r"error|exception|fatal|panic|traceback|refused|denied|cannot|failed", re.IGNORECASE)
+
+
+def last_error_line(path: Path, since: int = 0, limit: int = 64 * 1024, width: int = 300) -> str:
+    """The most telling line a child wrote to its log since byte ``since``: the last error record of a
+    JSON log (with its exception's last line), else the last line that reads like an error (a
+    traceback's final line), else the last line."""
+    try:
+        with path.open("rb") as handle:
+            size = handle.seek(0, os.SEEK_END)
+            handle.seek(max(since, size - limit))
+            text = handle.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    lines = [line.rstrip() for line in text.splitlines() if line.strip()]
+    found = ""
+    for line in reversed(lines):
+        if line.startswith("{"):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if isinstance(record, dict):
+                if str(record.get("level", "")).lower() in ("error", "critical"):
+                    exc = str(record.get("exc") or "").strip().splitlines()
+                    msg = str(record.get("msg", ""))
+                    found = f"{msg}: {exc[-1]}" if exc else msg
+                    break
+                continue
+        if not line[0].isspace() and _ERROR_WORDS.search(line) and not line.startswith("Traceback"):
+            found = line
+            break
+    if not found and lines:
+        found = lines[-1]
+    found = found.strip()
+    return found if len(found) <= width else found[: width - 1] + "…"
 
 
 @dataclass
@@ -46,13 +224,27 @@ class Child:
     restarts: int = 0
     started_at: float = 0.0
     next_start: float = 0.0
+    last_exit: int | None = None
+    last_error: str = ""
+    log_offset: int = 0
     _log: IO[bytes] | None = field(default=None, repr=False)
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.env["STREAMAGENT_GROUP_INSTANCE_ID"] = f"{self.env.get('STREAMAGENT_TOPIC_PREFIX', '')}{self.name}"
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the child
-        self.proc = subprocess.Popen(self.argv, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.log_offset = self._log.tell()
+        self.proc = subprocess.Popen(
+            self.argv,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            # Its own process group: a Ctrl-C in the terminal reaches only the supervisor, which then
+            # stops the children in order instead of racing them.
+            process_group=0,
+            preexec_fn=_die_with_parent(os.getpid()),  # prctl only: takes no lock between fork and exec
+        )
         self.started_at = time.monotonic()
         log.info("started %s", self.name, extra={"child": self.name, "pid": self.proc.pid})
 
@@ -92,8 +284,12 @@ class Stack:
         sandbox_faults: dict[str, dict[str, object]] | None = None,
         restart_backoff_s: float = 0.5,
         max_backoff_s: float = 15.0,
+        report: Callable[[str], None] | None = None,
     ) -> None:
+        """``report`` gets one human line per event a user should see on the terminal (a child that
+        died, with its last error line); everything is logged either way."""
         self.requested = settings
+        self.report = report
         self.settings = settings
         self.tools = tools
         self.processors = processors
@@ -106,11 +302,21 @@ class Stack:
         self._stop = threading.Event()
         self._supervisor: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._data_lock: StackLock | None = None
 
     # -- start / stop ----------------------------------------------------------------------------
     def start(self) -> Stack:
+        """Start everything, or raise (StackRunning, StackStartError, …) having stopped what was started."""
         data = self.settings.data_dir.resolve()
-        data.mkdir(parents=True, exist_ok=True)
+        self._data_lock = StackLock(data).acquire()  # before anything else touches the data dir
+        try:
+            self._start(data)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self, data: Path) -> None:
         updates: dict[str, object] = {"data_dir": data}
         if not self.settings.bootstrap_servers:
             self.broker = EmbeddedBroker(data / "broker").start()
@@ -146,11 +352,11 @@ class Stack:
         for child in self.children.values():
             child.start()
         if sandbox_port is not None:
-            self._wait_http(self.settings.sandbox_url + "/_sandbox/health", timeout=20)
+            sandbox = self.children["sandbox"]
+            self._wait_http(self.settings.sandbox_url + "/_sandbox/health", timeout=20, child=sandbox)
         self._write_stack_file()
         self._supervisor = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
         self._supervisor.start()
-        return self
 
     def _add(self, child: Child) -> None:
         self.children[child.name] = child
@@ -164,23 +370,62 @@ class Stack:
             child.start()
         return child
 
-    def stop(self) -> None:
+    def stop(self) -> list[str]:
+        """Stop everything this stack started; returns what was running when asked to stop. Idempotent."""
         self._stop.set()
         if self._supervisor is not None:
             self._supervisor.join(5)
+        stopped: list[str] = []
         with self._lock:
             for child in self.children.values():
                 if child.alive() and child.proc is not None:
+                    stopped.append(child.name)
                     child.proc.send_signal(signal.SIGTERM)
             for child in self.children.values():
                 child.stop()
         if self.postgres is not None:
+            if self.postgres.pid is not None:
+                stopped.append("postgres")
             self.postgres.stop()
+            self.postgres = None
         if self.broker is not None:
+            if self.broker.running:
+                stopped.append("broker")
             self.broker.stop()
-        stack_file = self.settings.data_dir / STACK_FILE
-        if stack_file.exists():
-            stack_file.unlink()
+            self.broker = None
+        if self._data_lock is not None:
+            # Only the lock holder writes or removes the stack file.
+            (self.settings.data_dir / STACK_FILE).unlink(missing_ok=True)
+            self._data_lock.release()
+            self._data_lock = None
+        return stopped
+
+    def force_stop(self) -> list[str]:
+        """SIGKILL every process this stack started (a second Ctrl-C), without waiting or locking: safe from a
+        signal handler while ``stop`` is in progress. PostgreSQL gets an immediate shutdown (SIGQUIT), which
+        is crash-safe. The data dir lock dies with this process."""
+        killed = []
+        for child in list(self.children.values()):
+            proc = child.proc
+            if proc is not None and proc.poll() is None:
+                try:
+                    os.kill(proc.pid, signal.SIGKILL)
+                    killed.append(child.name)
+                except ProcessLookupError:
+                    pass
+        for name, pid, sig in (
+            ("broker", self.broker.pid if self.broker is not None else None, signal.SIGKILL),
+            ("postgres", self.postgres.pid if self.postgres is not None else None, signal.SIGQUIT),
+        ):
+            if pid is not None:
+                try:
+                    os.kill(pid, sig)
+                    killed.append(name)
+                except ProcessLookupError:
+                    pass
+        if self._data_lock is not None:
+            (self.settings.data_dir / STACK_FILE).unlink(missing_ok=True)
+        return killed
 
     def __enter__(self) -> Stack:
         return self.start()
@@ -205,18 +450,44 @@ class Stack:
                 child.restarts = 0
             delay = min(self.max_backoff_s, self.restart_backoff_s * 2**child.restarts)
             child.next_start = now + delay
+            child.last_exit = child.proc.returncode
+            child.last_error = last_error_line(child.log_path, child.log_offset)
             log.warning(
                 "%s exited with %s; restarting in %.1fs",
                 child.name,
                 child.proc.returncode,
                 delay,
-                extra={"child": child.name, "exit_code": child.proc.returncode, "restarts": child.restarts},
+                extra={
+                    "child": child.name,
+                    "exit_code": child.proc.returncode,
+                    "restarts": child.restarts,
+                    "last_error": child.last_error,
+                },
             )
+            if self.report is not None:
+                looping = " (crash loop)" if child.restarts + 1 >= CRASH_LOOP_RESTARTS else ""
+                self.report(
+                    f"{child.name} {describe_exit(child.proc.returncode)} after {now - child.started_at:.1f}s"
+                    f"{looping}: {child.last_error or '(its log is empty)'} — restarting in {delay:.1f}s;"
+                    f" log: {child.log_path}"
+                )
         if now >= child.next_start:
             child.restarts += 1
             child.next_start = 0.0
             child.stop()
             child.start()
+
+    def failing(self) -> str | None:
+        """Why the stack cannot make progress (a child that keeps crashing), or None."""
+        with self._lock:
+            for child in self.children.values():
+                if child.restarts >= CRASH_LOOP_RESTARTS and not child.alive():
+                    last = describe_exit(child.last_exit)
+                    return (
+                        f"{child.name} keeps crashing ({child.restarts} restarts, last {last}):"
+                        f" {child.last_error or '(its log is empty)'}; log: {child.log_path}"
+                    )
+        return None
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> int:
         """Kill a child (tests: crash it); the supervisor restarts it. Returns the killed pid."""
@@ -229,16 +500,21 @@ class Stack:
 
     # -- helpers ---------------------------------------------------------------------------------
     @staticmethod
-    def _wait_http(url: str, timeout: float) -> None:
+    def _wait_http(url: str, timeout: float, child: Child | None = None) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if child is not None and child.proc is not None and child.proc.poll() is not None:
+                error = last_error_line(child.log_path, child.log_offset)
+                raise StackStartError(
+                    f"{child.name} {describe_exit(child.proc.returncode)} during start: {error}; log: {child.log_path}"
+                )
             try:
                 if httpx.get(url, timeout=1).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(0.05)  # readiness probe interval, not synchronisation
-        raise TimeoutError(f"{url} did not answer within {timeout}s")
+        raise StackStartError(f"{url} did not answer within {timeout}s")
 
     def _write_stack_file(self) -> None:
         info = {
@@ -251,17 +527,18 @@ class Stack:
         (self.settings.data_dir / STACK_FILE).write_text(json.dumps(info, indent=2))
 
 
+ADDRESSES = ("bootstrap_servers", "database_url", "sandbox_url")
+
+
 def discover(settings: Settings) -> Settings:
-    """Fill unset addresses from a running ``streamagent up`` in the same data dir, if there is one."""
-    path = settings.data_dir / STACK_FILE
-    if settings.bootstrap_servers and settings.database_url:
+    """Fill unset addresses from a running ``streamagent up`` in the same data dir, if there is one.
+
+    A stack file is trusted only while its writer holds the data dir's lock: after a crash the file
+    may remain, and its pid may by now belong to anything."""
+    if all(getattr(settings, k) for k in ADDRESSES):
         return settings
-    if not path.exists():
+    info = read_stack_file(settings.data_dir)
+    if info is None:
         return settings
-    info = json.loads(path.read_text())
-    try:
-        os.kill(int(info["pid"]), 0)
-    except (OSError, ValueError, KeyError):
-        return settings  # left behind by a stack that is gone
-    updates = {k: info[k] for k in ("bootstrap_servers", "database_url", "sandbox_url") if not getattr(settings, k)}
+    updates = {k: str(info[k]) for k in ADDRESSES if not getattr(settings, k) and info.get(k)}
     return settings.model_copy(update=updates)
