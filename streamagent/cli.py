@@ -92,7 +92,14 @@ def _report(line: str) -> None:
 
 
 def _require_given(settings: Settings) -> None:
-    """``up`` and ``demo`` start what is unset; what is set must answer before anything starts."""
+    """``up`` and ``demo`` start what is unset; what is set must answer, and the sandbox's faults must
+    parse, before anything starts."""
+    from streamagent.sandbox.cli import FAULTS_ENV, load_faults
+
+    try:
+        load_faults([], os.environ.get(FAULTS_ENV, ""))
+    except ValueError as exc:
+        raise CliError(str(exc), code=2) from None
     if settings.bootstrap_servers:
         _require_broker(settings.bootstrap_servers, _ENV["bootstrap_servers"])
     if settings.database_url:
@@ -100,9 +107,12 @@ def _require_given(settings: Settings) -> None:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from streamagent.stack import Stack
+    from streamagent.stack import Stack, StackRunning, running_pid
 
     settings = get_settings()
+    pid = running_pid(settings.data_dir.resolve())
+    if pid is not None:  # said before anything else; Stack.start checks again under the lock
+        raise StackRunning(settings.data_dir.resolve(), pid)
     _require_given(settings)
     began = time.monotonic()
     print(f"starting the stack in {settings.data_dir.resolve()}…", flush=True)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import IO
 
 import httpx
+import psutil
 
 from streamagent import db
 from streamagent.config import Settings, to_env
@@ -161,6 +162,33 @@ def _die_with_parent(parent: int) -> Callable[[], None]:
             os.kill(os.getpid(), signal.SIGTERM)
 
     return preexec
+
+
+def _create_time(pid: int) -> float | None:
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+def _stop_leftover(pid: int, create_time: object, what: str, report: Callable[[str], None] | None) -> None:
+    if pid <= 0 or create_time is None:
+        return
+    try:
+        proc = psutil.Process(pid)
+        if proc.create_time() != create_time:
+            return  # the pid now belongs to another process
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except psutil.TimeoutExpired:
+            proc.kill()
+    except psutil.Error:
+        return
+    message = f"stopped the {what} (pid {pid}) left running by a stack that crashed"
+    log.warning(message)
+    if report is not None:
+        report(message)
 
 
 def describe_exit(code: int | None) -> str:
@@ -317,6 +345,7 @@ class Stack:
         return self
 
     def _start(self, data: Path) -> None:
+        self._reap_leftovers(data)
         updates: dict[str, object] = {"data_dir": data}
         if not self.settings.bootstrap_servers:
             self.broker = EmbeddedBroker(data / "broker").start()
@@ -517,14 +546,36 @@ class Stack:
         raise StackStartError(f"{url} did not answer within {timeout}s")
 
     def _write_stack_file(self) -> None:
-        info = {
+        info: dict[str, object] = {
             "bootstrap_servers": self.settings.bootstrap_servers,
             "database_url": self.settings.database_url,
             "sandbox_url": self.settings.sandbox_url,
             "topic_prefix": self.settings.topic_prefix,
             "pid": os.getpid(),
         }
-        (self.settings.data_dir / STACK_FILE).write_text(json.dumps(info, indent=2))
+        broker_pid = self.broker.pid if self.broker is not None else None
+        if broker_pid is not None:
+            # The broker runs in its own session, so it outlives a `kill -9` of this process; the next
+            # stack in this data dir stops it (see _reap_leftovers).
+            info["broker"] = {"pid": broker_pid, "create_time": _create_time(broker_pid)}
+        path = self.settings.data_dir / STACK_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(info, indent=2))
+        tmp.replace(path)  # readers never see half a file
+
+    def _reap_leftovers(self, data: Path) -> None:
+        """We hold the lock, so a stack file here is stale: its stack died without stopping. Stop the
+        embedded broker it left running, if that very process (same pid *and* start time) still runs."""
+        path = data / STACK_FILE
+        try:
+            info = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return
+        log.warning("found %s of a stack that did not stop (pid %s); not trusted", path, info.get("pid"))
+        broker = info.get("broker") if isinstance(info, dict) else None
+        if isinstance(broker, dict):
+            _stop_leftover(int(broker.get("pid", 0)), broker.get("create_time"), "embedded broker", self.report)
+        path.unlink(missing_ok=True)
 
 
 ADDRESSES = ("bootstrap_servers", "database_url", "sandbox_url")

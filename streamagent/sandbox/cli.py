@@ -66,7 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sandbox.add_argument("--host", default=DEFAULT_HOST, help="interface to bind (default: %(default)s)")
-    sandbox.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to bind, 0 picks a free one")
+    sandbox.add_argument("--port", type=_port, default=DEFAULT_PORT, help="port to bind, 0 picks a free one")
     sandbox.add_argument(
         "--fault",
         action="append",
@@ -216,6 +216,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 # --- commands against a running sandbox -------------------------------------------------------
 
 
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number 0..65535, got {text!r}")
+    return value
+
+
 def _http_url(text: str) -> str:
     if not text.startswith(("http://", "https://")) or len(text) <= len("https://"):
         raise argparse.ArgumentTypeError(f"expected an http:// or https:// URL, got {text!r}")
@@ -285,6 +295,11 @@ def cmd_faults_set(args: argparse.Namespace) -> int:
     updates = {name: getattr(args, name) for name in fields if getattr(args, name) is not None}
     if not updates:
         print("sandbox: give at least one fault option (see --help)", file=sys.stderr)
+        return 2
+    try:  # bad values are refused before the sandbox is asked anything
+        FaultSpec.model_validate(updates)
+    except ValidationError as exc:
+        print(f"sandbox: {describe_validation_error(exc)}", file=sys.stderr)
         return 2
 
     def run(client: SandboxClient) -> int:
