@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from collections.abc import Callable
@@ -112,7 +113,8 @@ def run_demo(settings: Settings, runs: int, timeout_s: float, report: Callable[[
         flush=True,
     )
     started = time.monotonic()
-    with start_own_stack(settings, report) as stack:
+    stack = start_own_stack(settings, report)
+    with contextlib.closing(stack):  # started already: stop it however the demo ends
         s = stack.settings
         print(f"  kafka {s.bootstrap_servers} | postgres {s.database_url} | sandbox {s.sandbox_url}")
         print(f"  stack up in {time.monotonic() - started:.1f}s; logs in {s.data_dir / 'logs'}")

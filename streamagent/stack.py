@@ -335,6 +335,8 @@ class Stack:
     # -- start / stop ----------------------------------------------------------------------------
     def start(self) -> Stack:
         """Start everything, or raise (StackRunning, StackStartError, …) having stopped what was started."""
+        if self._data_lock is not None:
+            raise RuntimeError("this stack is already started")
         data = self.settings.data_dir.resolve()
         self._data_lock = StackLock(data).acquire()  # before anything else touches the data dir
         try:
@@ -455,6 +457,9 @@ class Stack:
         if self._data_lock is not None:
             (self.settings.data_dir / STACK_FILE).unlink(missing_ok=True)
         return killed
+
+    def close(self) -> None:
+        self.stop()
 
     def __enter__(self) -> Stack:
         return self.start()
