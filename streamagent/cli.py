@@ -83,7 +83,7 @@ def _require_database(url: str, source: str) -> None:
 
 def _redact(url: str) -> str:
     """A URL fit for a message: no password."""
-    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
+    return re.sub(r"(://[^:/@]*:)[^@/]+@", r"\1***@", url)
 
 
 # -- stack -------------------------------------------------------------------------------------------
@@ -122,7 +122,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     stack = Stack(settings, report=_report).start()
     s = stack.settings
     print(f"bootstrap servers: {s.bootstrap_servers}")
-    print(f"database url:      {s.database_url}")
+    print(f"database url:      {_redact(s.database_url)}")
     print(f"sandbox url:       {s.sandbox_url}")
     print(f"logs:              {s.data_dir / 'logs'}")
     print(f"up in {time.monotonic() - began:.1f}s (pid {os.getpid()}); running: " + ", ".join(stack.children))

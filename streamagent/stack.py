@@ -576,8 +576,14 @@ class Stack:
             info = json.loads(path.read_text())
         except (OSError, ValueError):
             return
-        log.warning("found %s of a stack that did not stop (pid %s); not trusted", path, info.get("pid"))
-        broker = info.get("broker") if isinstance(info, dict) else None
+        if not isinstance(info, dict):
+            info = {}
+        pid = info.get("pid", "?")
+        message = f"the last stack in {data} (pid {pid}) did not stop cleanly; its stack.json is ignored"
+        log.warning(message)
+        if self.report is not None:
+            self.report(message)
+        broker = info.get("broker")
         if isinstance(broker, dict):
             _stop_leftover(int(broker.get("pid", 0)), broker.get("create_time"), "embedded broker", self.report)
         path.unlink(missing_ok=True)
