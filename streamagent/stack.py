@@ -152,8 +152,12 @@ except (OSError, AttributeError):  # not Linux
 
 
 def _die_with_parent(parent: int) -> Callable[[], None]:
-    """A ``preexec_fn``: the child gets SIGTERM when the thread that started it dies, even by ``kill -9``,
-    so a restarted ``up`` never competes with orphans of the one before."""
+    """A ``preexec_fn``: the child gets SIGTERM when its parent dies, even by ``kill -9``, so a restarted
+    ``up`` never competes with orphans of the one before.
+
+    Linux ties this to the *thread* that forked the child, not the process: start children only from
+    threads that live as long as the stack (the main thread, the supervisor), never from a short-lived
+    helper thread, or they get SIGTERM when that thread ends."""
 
     def preexec() -> None:
         if _prctl is not None:
