@@ -88,7 +88,8 @@ def _redact(url: str) -> str:
 
 # -- stack -------------------------------------------------------------------------------------------
 def _report(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+    """What the stack reports (a child that died, and why) on the terminal of `up` and `demo`."""
+    print(f"{time.strftime('%H:%M:%S')} {line}", file=sys.stderr, flush=True)
 
 
 def _require_given(settings: Settings) -> None:
@@ -100,6 +101,12 @@ def _require_given(settings: Settings) -> None:
         load_faults([], os.environ.get(FAULTS_ENV, ""))
     except ValueError as exc:
         raise CliError(str(exc), code=2) from None
+    if settings.metrics_port:
+        raise CliError(
+            f"STREAMAGENT_METRICS_PORT={settings.metrics_port} would give every process of the stack the same port;"
+            f" leave it unset here: each process picks a free one and writes it to {settings.data_dir / 'metrics'}",
+            code=2,
+        )
     if settings.bootstrap_servers:
         _require_broker(settings.bootstrap_servers, _ENV["bootstrap_servers"])
     if settings.database_url:

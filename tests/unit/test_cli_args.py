@@ -213,6 +213,18 @@ def test_an_unreachable_database_fails_fast_without_its_password(tmp_path: Path)
     assert "s3cret" not in err
 
 
+@pytest.mark.parametrize("argv", [["up"], ["demo"]], ids=lambda a: a[0])
+def test_one_metrics_port_for_a_whole_stack_is_refused(
+    argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    monkeypatch.setenv("STREAMAGENT_METRICS_PORT", "9100")
+    get_settings.cache_clear()
+    code, err = run_main(argv, capsys)
+    assert code == 2
+    assert_one_clear_line(err, "STREAMAGENT_METRICS_PORT=9100", "same port")
+    assert not (tmp_path / "data" / "stack.lock").exists()
+
+
 def test_up_with_an_invalid_setting_starts_nothing(tmp_path: Path) -> None:
     data = tmp_path / "up-data"
     code, _, err, _ = _cli(["up"], {"STREAMAGENT_DATA_DIR": str(data), "STREAMAGENT_PARTITIONS": "abc"})
