@@ -515,12 +515,14 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:  # the one place that turns any failure into one line
         message, code, expected = _describe(exc)
-        log.error("%s failed: %s", prog, message, exc_info=not expected)
+        log.error("%s failed: %s", prog, exc, exc_info=not expected)  # all of it, a log tail included
         if verbose and not expected:
             traceback.print_exc()
+        where = f"details in {log_path}" if log_path else "details in its log"
         if not expected:
-            where = f"details in {log_path}" if log_path else "details in its log"
             message += f" ({where}{'' if verbose else '; --verbose prints the traceback'})"
+        elif "\n" in str(exc).strip():
+            message = f"{message.rstrip(' :;')} ({where})"
         print(f"{prog}: error: {message}", file=sys.stderr)
         return code
 
@@ -534,6 +536,7 @@ def _describe(exc: Exception) -> tuple[str, int, bool]:
     from streamagent.stack import StackRunning, StackStartError
 
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    first = re.sub(r"[;,:]?\s*log tail:?\s*$", "", first)  # the tail itself goes to the log file
     if isinstance(exc, CliError):
         return str(exc), exc.code, True
     if isinstance(exc, SettingsError):
