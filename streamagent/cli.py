@@ -42,7 +42,7 @@ class CliError(Exception):
 def _settings(require: tuple[str, ...] = (), *, probe: bool = True) -> Settings:
     """The settings, with addresses filled in from a running ``streamagent up`` in the data dir; every
     address in ``require`` must be known and (broker, database) must answer within a few seconds."""
-    from streamagent.stack import discover
+    from streamagent.stackfile import discover
 
     given = get_settings()
     settings = discover(given)
@@ -529,7 +529,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _describe(exc: Exception) -> tuple[str, int, bool]:
     """(one line, exit code, whether the failure is an expected kind that needs no traceback)."""
-    import psycopg
+    if isinstance(exc, CliError):
+        return str(exc), exc.code, True
+    if isinstance(exc, SettingsError):
+        return str(exc), 2, True
+    import psycopg  # only now: a command that failed early need not pay for these imports
     from confluent_kafka import KafkaException
 
     from streamagent.embedded import EmbeddedStartError
@@ -537,10 +541,6 @@ def _describe(exc: Exception) -> tuple[str, int, bool]:
 
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     first = re.sub(r"[;,:]?\s*log tail:?\s*$", "", first)  # the tail itself goes to the log file
-    if isinstance(exc, CliError):
-        return str(exc), exc.code, True
-    if isinstance(exc, SettingsError):
-        return str(exc), 2, True
     if isinstance(exc, StackRunning | StackStartError | EmbeddedStartError):
         return first, 1, True
     if isinstance(exc, psycopg.OperationalError):

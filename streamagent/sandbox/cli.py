@@ -239,7 +239,7 @@ def _url(args: argparse.Namespace) -> tuple[str, str]:
     settings = get_settings()
     if settings.sandbox_url:
         return settings.sandbox_url, "STREAMAGENT_SANDBOX_URL"
-    from streamagent.stack import discover
+    from streamagent.stackfile import discover
 
     found = discover(settings).sandbox_url
     if found:

@@ -195,20 +195,29 @@ REQUEST = [
 ]
 
 
+@pytest.fixture(scope="module")
+def startup_s() -> float:
+    """What starting the CLI costs on this machine right now (``--help``: every import, no work)."""
+    return min(_cli(["--help"], {})[3] for _ in range(2))
+
+
 @pytest.mark.parametrize("argv", [["submit", *REQUEST], ["topics", "create"], ["dlq", "list"]], ids=lambda a: a[0])
-def test_an_unreachable_broker_fails_fast_naming_address_and_setting(argv: list[str], tmp_path: Path) -> None:
+def test_an_unreachable_broker_fails_fast_naming_address_and_setting(
+    argv: list[str], startup_s: float, tmp_path: Path
+) -> None:
     code, out, err, took = _cli(argv, {"STREAMAGENT_BOOTSTRAP_SERVERS": "127.0.0.1:1"})
     assert code == 1
-    assert took < 5.0, f"took {took:.1f}s"
+    # ~3 s on an idle machine; the bound leaves out interpreter start-up, which a loaded CI box stretches
+    assert took - startup_s < 4.0, f"took {took:.1f}s, of which start-up {startup_s:.1f}s"
     assert_one_clear_line(err, "127.0.0.1:1", "STREAMAGENT_BOOTSTRAP_SERVERS")
     # librdkafka's own lines ("%3|…|FAIL|rdkafka#…") go to the log file, not the terminal
     assert "rdkafka" not in err and "%3|" not in err and out == ""
 
 
-def test_an_unreachable_database_fails_fast_without_its_password(tmp_path: Path) -> None:
+def test_an_unreachable_database_fails_fast_without_its_password(startup_s: float, tmp_path: Path) -> None:
     url = "postgresql://app:s3cret@127.0.0.1:1/app"
     code, _, err, took = _cli(["runs", "--limit", "5"], {"STREAMAGENT_DATABASE_URL": url})
-    assert code == 1 and took < 5.0
+    assert code == 1 and took - startup_s < 4.0
     assert_one_clear_line(err, "postgresql://app:***@127.0.0.1:1/app", "STREAMAGENT_DATABASE_URL")
     assert "s3cret" not in err
 
