@@ -348,12 +348,10 @@ class Stack:
             if self.postgres.pid is not None:
                 stopped.append("postgres")
             self.postgres.stop()
-            self.postgres = None
         if self.broker is not None:
             if self.broker.running:
                 stopped.append("broker")
             self.broker.stop()
-            self.broker = None
         if self._data_lock is not None:
             # Only the lock holder writes or removes the stack file.
             (self.settings.data_dir / STACK_FILE).unlink(missing_ok=True)
