@@ -21,7 +21,7 @@ import pytest
 from streamagent.config import Settings, to_env
 from streamagent.demo import NoProgress, wait_for_runs
 from streamagent.embedded import pid_alive
-from streamagent.stack import Stack
+from streamagent.stack import Stack, StackLock, StackStartError
 
 pytestmark = pytest.mark.integration
 
@@ -218,3 +218,13 @@ def test_a_crash_looping_child_is_reported_and_ends_a_wait(settings: Settings) -
         with pytest.raises(NoProgress, match="tool-nosuch keeps crashing"):
             wait_for_runs(stack.settings, ["never-submitted"], timeout_s=120, stuck=stack.failing)
         assert time.monotonic() - began < 5
+
+
+def test_a_stack_that_cannot_start_says_why_and_leaves_the_data_dir_free(settings: Settings) -> None:
+    stack = Stack(settings, tools=(), processors=(), sandbox_faults={"fax": {"error_rate": 0.5}})
+    began = time.monotonic()
+    with pytest.raises(StackStartError, match=r"sandbox exit code 2 during start: .*unknown api 'fax'"):
+        stack.start()
+    assert time.monotonic() - began < 15  # not the 20 s health-check deadline
+    assert not (settings.data_dir / "stack.json").exists()
+    StackLock(settings.data_dir.resolve()).acquire().release()  # the lock was released
