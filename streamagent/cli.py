@@ -5,55 +5,164 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import re
 import signal
 import sys
 import threading
+import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from streamagent import logs
-from streamagent.config import Settings, get_settings
+from streamagent.config import Settings, SettingsError, get_settings
 
 log = logging.getLogger("streamagent")
 
+# How long a command a person runs waits for the broker or PostgreSQL to answer before saying it
+# cannot reach it (the whole command then fails within a few seconds, not after client timeouts).
+PROBE_TIMEOUT_S = 2.5
+_ENV = {
+    "bootstrap_servers": "STREAMAGENT_BOOTSTRAP_SERVERS",
+    "database_url": "STREAMAGENT_DATABASE_URL",
+    "sandbox_url": "STREAMAGENT_SANDBOX_URL",
+}
 
-def _settings(require: tuple[str, ...] = ()) -> Settings:
-    from streamagent.stack import discover
 
-    settings = discover(get_settings())
+class CliError(Exception):
+    """A user-facing failure: printed as one line, no traceback."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _settings(require: tuple[str, ...] = (), *, probe: bool = True) -> Settings:
+    """The settings, with addresses filled in from a running ``streamagent up`` in the data dir; every
+    address in ``require`` must be known and (broker, database) must answer within a few seconds."""
+    from streamagent.stackfile import discover
+
+    given = get_settings()
+    settings = discover(given)
     missing = [name for name in require if not getattr(settings, name)]
     if missing:
-        env = ", ".join("STREAMAGENT_" + m.upper() for m in missing)
-        raise SystemExit(f"error: set {env}, or start the embedded stack with `streamagent up` first")
+        env = ", ".join(_ENV[m] for m in missing)
+        raise CliError(
+            f"no running stack in {settings.data_dir.resolve()} (start one with `streamagent up`)"
+            f" and {env} {'is' if len(missing) == 1 else 'are'} not set"
+        )
+    for name in require if probe else ():
+        source = _ENV[name] if getattr(given, name) else f"from {settings.data_dir.resolve() / 'stack.json'}"
+        if name == "bootstrap_servers":
+            _require_broker(settings.bootstrap_servers, source)
+        elif name == "database_url":
+            _require_database(settings.database_url, source)
     return settings
 
 
+def _require_broker(bootstrap: str, source: str) -> None:
+    from streamagent.kafka import probe
+
+    problem = probe(bootstrap, PROBE_TIMEOUT_S)
+    if problem is not None:
+        raise CliError(f"cannot reach the Kafka broker at {bootstrap} ({source}) within {PROBE_TIMEOUT_S}s: {problem}")
+
+
+def _require_database(url: str, source: str) -> None:
+    import psycopg
+
+    try:
+        with psycopg.connect(url, connect_timeout=max(2, round(PROBE_TIMEOUT_S))) as conn:
+            conn.execute("SELECT 1")
+    except psycopg.Error as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CliError(f"cannot reach PostgreSQL at {_redact(url)} ({source}): {reason}") from None
+
+
+def _redact(url: str) -> str:
+    """A URL fit for a message: no password."""
+    return re.sub(r"(://[^:/@]*:)[^@/]+@", r"\1***@", url)
+
+
 # -- stack -------------------------------------------------------------------------------------------
+def _report(line: str) -> None:
+    """What the stack reports (a child that died, and why) on the terminal of `up` and `demo`."""
+    print(f"{time.strftime('%H:%M:%S')} {line}", file=sys.stderr, flush=True)
+
+
+def _require_given(settings: Settings) -> None:
+    """``up`` and ``demo`` start what is unset; what is set must answer, and the sandbox's faults must
+    parse, before anything starts."""
+    from streamagent.sandbox.cli import FAULTS_ENV, load_faults
+
+    try:
+        load_faults([], os.environ.get(FAULTS_ENV, ""))
+    except ValueError as exc:
+        raise CliError(str(exc), code=2) from None
+    if settings.metrics_port:
+        raise CliError(
+            f"STREAMAGENT_METRICS_PORT={settings.metrics_port} would give every process of the stack the same port;"
+            f" leave it unset here: each process picks a free one and writes it to {settings.data_dir / 'metrics'}",
+            code=2,
+        )
+    if settings.bootstrap_servers:
+        _require_broker(settings.bootstrap_servers, _ENV["bootstrap_servers"])
+    if settings.database_url:
+        _require_database(settings.database_url, _ENV["database_url"])
+
+
 def cmd_up(args: argparse.Namespace) -> int:
-    from streamagent.stack import Stack
+    from streamagent.stack import Stack, StackRunning, running_pid
 
     settings = get_settings()
-    stack = Stack(settings).start()
+    pid = running_pid(settings.data_dir.resolve())
+    if pid is not None:  # said before anything else; Stack.start checks again under the lock
+        raise StackRunning(settings.data_dir.resolve(), pid)
+    _require_given(settings)
+    began = time.monotonic()
+    print(f"starting the stack in {settings.data_dir.resolve()}…", flush=True)
+    # Until it is up, Ctrl-C or SIGTERM interrupts the start, which stops whatever was started.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGHUP, signal.default_int_handler)
+    stack = Stack(settings, report=_report).start()
     s = stack.settings
     print(f"bootstrap servers: {s.bootstrap_servers}")
-    print(f"database url:      {s.database_url}")
+    print(f"database url:      {_redact(s.database_url)}")
     print(f"sandbox url:       {s.sandbox_url}")
     print(f"logs:              {s.data_dir / 'logs'}")
-    print("running: " + ", ".join(stack.children) + " (Ctrl-C to stop)", flush=True)
-    stopped = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stopped.set())
-    stopped.wait()
-    print("stopping…", flush=True)
-    stack.stop()
+    print(f"up in {time.monotonic() - began:.1f}s (pid {os.getpid()}); running: " + ", ".join(stack.children))
+    print("Ctrl-C stops everything", flush=True)
+
+    stopping = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        if not stopping.is_set():
+            stopping.set()
+            return
+        killed = stack.force_stop()  # a second Ctrl-C: do not wait for anyone
+        print(f"forced: killed {', '.join(killed) or 'nothing'}", file=sys.stderr, flush=True)
+        os._exit(130)
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+    while not stopping.wait(1.0):  # a timed wait keeps the main thread responsive to signals
+        pass
+    print("stopping… (Ctrl-C again to force)", flush=True)
+    began = time.monotonic()
+    stopped = stack.stop()
+    print(f"stopped {len(stopped)} process(es) in {time.monotonic() - began:.1f}s: {', '.join(stopped)}", flush=True)
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from streamagent.demo import run_demo
 
-    return run_demo(get_settings(), runs=args.runs, timeout_s=args.timeout)
+    settings = get_settings()
+    _require_given(settings)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop the demo's stack as Ctrl-C does
+    return run_demo(settings, runs=args.runs, timeout_s=args.timeout, report=_report)
 
 
 def cmd_topics_create(args: argparse.Namespace) -> int:
@@ -68,7 +177,9 @@ def cmd_topics_create(args: argparse.Namespace) -> int:
 
 
 def cmd_processor(args: argparse.Namespace) -> int:
-    settings = _settings(("bootstrap_servers", "database_url") if args.name != "state" else ("bootstrap_servers",))
+    # No probe: a child of `up` that starts while the broker restarts waits in its client, not exits.
+    required = ("bootstrap_servers", "database_url") if args.name != "state" else ("bootstrap_servers",)
+    settings = _settings(required, probe=False)
     logs.configure(f"processor-{args.name}", settings.log_level, settings.log_format)
     _serve_metrics(settings, f"processor-{args.name}")
     if args.name == "state":
@@ -90,7 +201,7 @@ def cmd_tool(args: argparse.Namespace) -> int:
     from tools import builtin_tools
     from tools.sdk.runner import run_tool
 
-    settings = _settings(("bootstrap_servers", "database_url", "sandbox_url"))
+    settings = _settings(("bootstrap_servers", "database_url", "sandbox_url"), probe=False)
     logs.configure(f"tool-{args.name}", settings.log_level, settings.log_format)
     _serve_metrics(settings, f"tool-{args.name}")
     run_tool(settings, builtin_tools()[args.name]())
@@ -121,9 +232,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(f"error: invalid request, nothing was submitted:\n{exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    settings = _settings(("bootstrap_servers",))
+        raise CliError(f"cannot read {args.file}: {exc.strerror or exc}", code=2) from None
+    settings = _settings(("bootstrap_servers", "database_url") if args.wait else ("bootstrap_servers",))
     run_ids = produce_requests(settings, requests)
     for run_id in run_ids:
         print(run_id)
@@ -131,7 +241,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return 0
     from streamagent.demo import wait_for_runs
 
-    final = wait_for_runs(_settings(("database_url",)), run_ids, args.timeout, progress=True)
+    final = wait_for_runs(settings, run_ids, args.timeout, progress=True)
     return 0 if all(row.status == "completed" for row in final) and len(final) == len(run_ids) else 1
 
 
@@ -204,17 +314,60 @@ def cmd_dlq_list(args: argparse.Namespace) -> int:
 def cmd_dlq_replay(args: argparse.Namespace) -> int:
     from streamagent.dlq_ops import read_dead_letters, replay
 
+    if not args.offset and not args.reason and not args.all:
+        raise CliError("choose what to replay with --offset P:O, --reason R or --all", code=2)
     settings = _settings(("bootstrap_servers",))
     letters = read_dead_letters(settings, reason=args.reason)
     if args.offset:
         wanted = set(args.offset)
         letters = [x for x in letters if f"{x.dlq_partition}:{x.dlq_offset}" in wanted]
-    elif not args.reason and not args.all:
-        print("error: choose what to replay with --offset P:O, --reason R or --all", file=sys.stderr)
-        return 2
+        unknown = wanted - {f"{x.dlq_partition}:{x.dlq_offset}" for x in letters}
+        if unknown:
+            raise CliError(f"no dead letter at {', '.join(sorted(unknown))}; `streamagent dlq list` shows them", 2)
     count = replay(settings, letters)
     print(f"replayed {count} dead letter(s) to their source topics")
     return 0
+
+
+# -- argument checks ---------------------------------------------------------------------------------
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
+
+
+def non_empty(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+def dlq_offset(text: str) -> str:
+    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"expected PARTITION:OFFSET such as 0:12 (see `dlq list`), got {text!r}")
+    return f"{int(match[1])}:{int(match[2])}"
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument error is one line (no usage block), exit code 2."""
+
+    def error(self, message: str) -> Any:  # argparse's signature says NoReturn
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
 # -- parser ------------------------------------------------------------------------------------------
@@ -222,11 +375,17 @@ def build_parser() -> argparse.ArgumentParser:
     from streamagent.sandbox.cli import register as register_sandbox
     from streamagent.topics import TOOLS
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="streamagent",
         description="A durable, event-driven runtime for AI agents on Kafka. Addresses come from "
         "STREAMAGENT_BOOTSTRAP_SERVERS / STREAMAGENT_DATABASE_URL / STREAMAGENT_SANDBOX_URL; unset, "
         "the embedded broker and PostgreSQL are started (up, demo) or found (other commands).",
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="log to the terminal too (client libraries included), and print tracebacks of unexpected errors",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -236,8 +395,10 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     demo = add("demo", cmd_demo, "Start the embedded stack, run onboarding requests end to end, print a summary")
-    demo.add_argument("--runs", type=int, default=5, help="how many onboarding requests to submit (default 5)")
-    demo.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for every run (default 120)")
+    demo.add_argument("--runs", type=positive_int, default=5, help="how many onboarding requests to submit (default 5)")
+    demo.add_argument(
+        "--timeout", type=positive_float, default=120.0, help="seconds to wait for every run (default 120)"
+    )
 
     add(
         "up",
@@ -246,35 +407,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     submit = add("submit", cmd_submit, "Submit onboarding requests, as an upstream system would")
-    submit.add_argument("--company-name")
+    submit.add_argument("--company-name", help='quote names with spaces: --company-name "Pied Piper"')
     submit.add_argument("--company-domain", help="e.g. acme.io")
     submit.add_argument("--contact-name")
     submit.add_argument("--contact-email")
     submit.add_argument("--goal", default="onboard new client")
     submit.add_argument("--requested-by")
-    submit.add_argument("--run-id", help="defaults to a new uuid")
-    submit.add_argument("--deadline-s", type=float, help="seconds the run may take")
+    submit.add_argument("--run-id", type=non_empty, help="defaults to a new uuid")
+    submit.add_argument("--deadline-s", type=positive_float, help="seconds the run may take")
     submit.add_argument("--file", help="JSON-lines file, one request object per line (fields as the flags)")
     submit.add_argument("--wait", action="store_true", help="wait until every submitted run has ended")
-    submit.add_argument("--timeout", type=float, default=120.0, help="seconds --wait waits (default 120)")
+    submit.add_argument("--timeout", type=positive_float, default=120.0, help="seconds --wait waits (default 120)")
 
     show = add("show", cmd_show, "Print one run's timeline: request, decisions, commands, results")
-    show.add_argument("run_id")
+    show.add_argument("run_id", type=non_empty)
     show.add_argument("--json", action="store_true", help="machine-readable output")
 
     runs = add("runs", cmd_runs, "List runs with their status")
     runs.add_argument("--status", choices=["running", "completed", "failed", "escalated"])
-    runs.add_argument("--limit", type=int, default=1000)
+    runs.add_argument("--limit", type=positive_int, default=1000, help="at most this many runs (default 1000)")
     runs.add_argument("--json", action="store_true", help="machine-readable output")
 
-    topics = add("topics", lambda a: (topics.print_help(), 2)[1], "Manage the runtime's topics")
-    topics_sub = topics.add_subparsers(dest="topics_command", metavar="SUBCOMMAND")
+    topics = add("topics", lambda a: 2, "Manage the runtime's topics")
+    topics_sub = topics.add_subparsers(dest="topics_command", metavar="SUBCOMMAND", required=True)
     create = topics_sub.add_parser(
         "create",
         help="Create every topic (idempotent)",
         description="Create every topic the runtime uses; existing ones are left alone",
     )
-    create.add_argument("--partitions", type=int, help="partition count (default STREAMAGENT_PARTITIONS or 4)")
+    create.add_argument("--partitions", type=positive_int, help="partition count (default STREAMAGENT_PARTITIONS or 4)")
     create.set_defaults(func=cmd_topics_create)
 
     processor = add("processor", cmd_processor, "Run one processor in the foreground")
@@ -283,14 +444,14 @@ def build_parser() -> argparse.ArgumentParser:
     tool = add("tool", cmd_tool, "Run one tool (its own consumer group) in the foreground")
     tool.add_argument("name", choices=list(TOOLS))
 
-    dlq = add("dlq", lambda a: (dlq.print_help(), 2)[1], "Inspect and replay dead letters")
-    dlq_sub = dlq.add_subparsers(dest="dlq_command", metavar="SUBCOMMAND")
+    dlq = add("dlq", lambda a: 2, "Inspect and replay dead letters")
+    dlq_sub = dlq.add_subparsers(dest="dlq_command", metavar="SUBCOMMAND", required=True)
     dlq_list = dlq_sub.add_parser(
         "list",
         help="List dead letters with their reason and source",
         description="List dead letters with their reason and source",
     )
-    dlq_list.add_argument("--reason", help="only this reason")
+    dlq_list.add_argument("--reason", type=non_empty, help="only this reason")
     dlq_list.add_argument("--json", action="store_true", help="machine-readable output")
     dlq_list.set_defaults(func=cmd_dlq_list)
     dlq_replay = dlq_sub.add_parser(
@@ -298,8 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="Put dead letters back on their source topic",
         description="Put chosen dead letters back on their source topic, byte for byte",
     )
-    dlq_replay.add_argument("--offset", action="append", help="P:O of a dead letter (repeatable)")
-    dlq_replay.add_argument("--reason", help="every dead letter with this reason")
+    dlq_replay.add_argument("--offset", action="append", type=dlq_offset, help="P:O of a dead letter (repeatable)")
+    dlq_replay.add_argument("--reason", type=non_empty, help="every dead letter with this reason")
     dlq_replay.add_argument("--all", action="store_true", help="every dead letter")
     dlq_replay.set_defaults(func=cmd_dlq_replay)
 
@@ -307,13 +468,87 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def _subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    found = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                found += [child, *_subparsers(child)]
+    return found
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command in ("up", "demo", "submit", "topics", "show", "runs", "dlq"):
+    for child in _subparsers(parser):
+        # `streamagent runs --verbose` as well as `streamagent --verbose runs`; SUPPRESS keeps a
+        # subcommand from resetting a flag given before it.
+        child.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def _log_file(args: argparse.Namespace, settings: Settings) -> tuple[str, Path] | None:
+    """Where a command logs; None for the children of ``up`` (their stderr is their log file)."""
+    if args.command in ("processor", "tool") or (args.command == "sandbox" and not args.sandbox_command):
+        return None
+    name = args.command if args.command in ("up", "demo") else "cli"
+    return name, settings.data_dir / "logs" / f"{name}.log"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)  # a bad argument exits 2 with one line
+    verbose = bool(getattr(args, "verbose", False))
+    words = [args.command, *(getattr(args, f"{args.command}_command", None) or "",)]
+    prog = " ".join(["streamagent", *filter(None, words)])
+    try:
         settings = get_settings()
-        logs.configure(args.command, "WARNING" if args.command in ("demo",) else settings.log_level, "text")
-    return int(args.func(args) or 0)
+    except SettingsError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    target = _log_file(args, settings)
+    log_path = (
+        logs.configure_file(target[0], target[1], settings.log_level, settings.log_format, verbose) if target else None
+    )
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # the one place that turns any failure into one line
+        message, code, expected = _describe(exc)
+        log.error("%s failed: %s", prog, exc, exc_info=not expected)  # all of it, a log tail included
+        if verbose and not expected:
+            traceback.print_exc()
+        where = f"details in {log_path}" if log_path else "details in its log"
+        if not expected:
+            message += f" ({where}{'' if verbose else '; --verbose prints the traceback'})"
+        elif "\n" in str(exc).strip():
+            message = f"{message.rstrip(' :;')} ({where})"
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return code
+
+
+def _describe(exc: Exception) -> tuple[str, int, bool]:
+    """(one line, exit code, whether the failure is an expected kind that needs no traceback)."""
+    if isinstance(exc, CliError):
+        return str(exc), exc.code, True
+    if isinstance(exc, SettingsError):
+        return str(exc), 2, True
+    import psycopg  # only now: a command that failed early need not pay for these imports
+    from confluent_kafka import KafkaException
+
+    from streamagent.embedded import EmbeddedStartError
+    from streamagent.stack import StackRunning, StackStartError
+
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    first = re.sub(r"[;,:]?\s*log tail:?\s*$", "", first)  # the tail itself goes to the log file
+    if isinstance(exc, StackRunning | StackStartError | EmbeddedStartError):
+        return first, 1, True
+    if isinstance(exc, psycopg.OperationalError):
+        return f"PostgreSQL: {first}", 1, True
+    if isinstance(exc, KafkaException):
+        error = exc.args[0] if exc.args else None
+        return f"Kafka: {error.str() if hasattr(error, 'str') else first}", 1, True
+    return f"{type(exc).__name__}: {first}", 1, False
 
 
 if __name__ == "__main__":

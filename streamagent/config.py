@@ -10,11 +10,21 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 ENV_PREFIX = "STREAMAGENT_"
+
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+LogFormat = Literal["json", "text"]
+# Only the deciders the decision processor can build: a value it would refuse at start must be
+# refused here, before any process starts (add "openai" when processors/decision grows it).
+Decider = Literal["rules"]
+
+
+class SettingsError(ValueError):
+    """A setting from the environment has an invalid value; the message names the variable."""
 
 
 class Settings(BaseModel):
@@ -44,12 +54,12 @@ class Settings(BaseModel):
     # Static group membership: a restarted process that comes back under the same instance id
     # takes its partitions back without waiting for its dead predecessor's session to expire.
     group_instance_id: str = Field("", description="Kafka group.instance.id; empty: dynamic membership")
-    max_event_bytes: int = Field(512 * 1024, description="Larger events are dead-lettered")
+    max_event_bytes: int = Field(512 * 1024, ge=1, description="Larger events are dead-lettered")
 
-    decider: str = Field("rules", description="rules | openai")
-    run_deadline_s: float = Field(600.0, description="Default deadline of a run")
-    command_deadline_s: float = Field(120.0, description="How long a tool may keep retrying a command")
-    tool_timeout_s: float = Field(5.0, description="HTTP timeout of one tool call")
+    decider: Decider = Field("rules", description="Which decider the decision processor uses: rules")
+    run_deadline_s: float = Field(600.0, gt=0, description="Default deadline of a run")
+    command_deadline_s: float = Field(120.0, gt=0, description="How long a tool may keep retrying a command")
+    tool_timeout_s: float = Field(5.0, gt=0, description="HTTP timeout of one tool call")
     # The hot path: how much work moves per round trip, and how much may be in flight.
     batch_size: int = Field(500, ge=1, description="Most messages a processor takes per poll (one DB round trip each)")
     linger_ms: int = Field(5, ge=0, description="Producer linger: few, large record batches keep partitions short")
@@ -64,9 +74,19 @@ class Settings(BaseModel):
     redrive_check_s: float = Field(5.0, gt=0, description="First loss check of an in-flight command after dispatch")
     redrive_check_max_s: float = Field(60.0, gt=0, description="Cap of the loss check's backoff")
     redrive_max: int = Field(3, ge=0, description="Re-sends of a lost command before its step fails")
-    metrics_port: int = Field(0, description="Prometheus port of this process; 0 picks a free one")
-    log_level: str = Field("INFO")
-    log_format: str = Field("json", description="json | text")
+    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus port of this process; 0 picks a free one")
+    log_level: LogLevel = Field("INFO", description="DEBUG | INFO | WARNING | ERROR | CRITICAL (any case)")
+    log_format: LogFormat = Field("json", description="json | text")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level_any_case(cls, value: object) -> object:
+        return value.strip().upper() if isinstance(value, str) else value
+
+    @field_validator("log_format", "decider", mode="before")
+    @classmethod
+    def _lower_case(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
 
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}{name}"
@@ -84,14 +104,45 @@ def _from_env(environ: dict[str, str]) -> dict[str, str]:
     return values
 
 
+def _expected(field: str) -> str:
+    """What a field accepts, in words, for error messages."""
+    info = Settings.model_fields[field]
+    choices = get_args(info.annotation)
+    if choices and all(isinstance(c, str) for c in choices):
+        return "one of " + ", ".join(choices)
+    kind = {int: "a whole number", float: "a number", Path: "a path", str: "text"}.get(info.annotation, "a value")
+    bounds = []
+    for meta in info.metadata:
+        for attr, word in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+            if getattr(meta, attr, None) is not None:
+                bounds.append(f"{word} {getattr(meta, attr)}")
+    return kind + (" " + " and ".join(bounds) if bounds else "")
+
+
+def _validate(values: dict[str, Any]) -> Settings:
+    try:
+        return Settings.model_validate(values)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            field = str(error["loc"][0]) if error["loc"] else ""
+            if field not in Settings.model_fields:
+                problems.append(error["msg"])
+                continue
+            name, value = ENV_PREFIX + field.upper(), values.get(field)
+            problems.append(f"{name}={value!r} is invalid: expected {_expected(field)}")
+        raise SettingsError("; ".join(problems)) from None
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    return Settings.model_validate(_from_env(dict(os.environ)))
+    """The process's settings; raises SettingsError naming every invalid variable."""
+    return _validate(_from_env(dict(os.environ)))
 
 
 def settings_from(environ: dict[str, str]) -> Settings:
     """Settings for an explicit environment (child processes, tests)."""
-    return Settings.model_validate(_from_env(environ))
+    return _validate(_from_env(environ))
 
 
 def to_env(settings: Settings) -> dict[str, str]:

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from streamagent import queries
 from streamagent.config import Settings
 from streamagent.events import RunRequested, new_id
 from streamagent.queries import RunRow
 from streamagent.submit import produce_requests
+
+if TYPE_CHECKING:
+    from streamagent.stack import Stack
 
 COMPANIES = [
     ("Acme Robotics", "acme-robotics.io", "Ada Lovelace"),
@@ -43,12 +49,27 @@ def sample_requests(count: int, requested_by: str = "demo-crm") -> list[RunReque
     return requests
 
 
-def wait_for_runs(settings: Settings, run_ids: list[str], timeout_s: float, progress: bool = False) -> list[RunRow]:
-    """Poll the projection until every run has ended or the timeout passes; returns the final rows."""
+class NoProgress(RuntimeError):
+    """The runs cannot make progress (a process they need keeps crashing)."""
+
+
+def wait_for_runs(
+    settings: Settings,
+    run_ids: list[str],
+    timeout_s: float,
+    progress: bool = False,
+    stuck: Callable[[], str | None] | None = None,
+) -> list[RunRow]:
+    """Poll the projection until every run has ended or the timeout passes; returns the final rows.
+
+    ``stuck`` is asked on every poll; a message from it ends the wait at once with NoProgress."""
     deadline = time.monotonic() + timeout_s
     wanted = set(run_ids)
     last_line = ""
     while True:
+        reason = stuck() if stuck is not None else None
+        if reason:
+            raise NoProgress(reason)
         rows = [r for r in queries.runs(settings, limit=100_000) if r.run_id in wanted]
         ended = [r for r in rows if r.status != "running"]
         if progress:
@@ -67,16 +88,33 @@ def wait_for_runs(settings: Settings, run_ids: list[str], timeout_s: float, prog
         time.sleep(0.25)  # polling interval of a progress display
 
 
-def run_demo(settings: Settings, runs: int, timeout_s: float) -> int:
+def start_own_stack(settings: Settings, report: Callable[[str], None] | None = None) -> Stack:
+    """A stack for the demo. If ``up`` already runs in the data dir, the demo leaves it alone and runs
+    its own stack in ``<data_dir>/demo`` instead (and says so)."""
+    from streamagent.stack import Stack, StackRunning
+
+    try:
+        return Stack(settings, report=report).start()
+    except StackRunning as exc:
+        own = exc.data_dir / "demo"
+        print(
+            f"  a stack is already running in {exc.data_dir} (pid {exc.pid or '?'}); the demo leaves it alone"
+            f" and runs its own in {own}",
+            flush=True,
+        )
+        return Stack(settings.model_copy(update={"data_dir": own}), report=report).start()
+
+
+def run_demo(settings: Settings, runs: int, timeout_s: float, report: Callable[[str], None] | None = None) -> int:
     from streamagent.cli import print_runs_table
-    from streamagent.stack import Stack
 
     print(
         "starting the embedded stack (Kafka broker, PostgreSQL, SaaS sandbox, 3 processors, 4 tools)…",
         flush=True,
     )
     started = time.monotonic()
-    with Stack(settings) as stack:
+    stack = start_own_stack(settings, report)
+    with contextlib.closing(stack):  # started already: stop it however the demo ends
         s = stack.settings
         print(f"  kafka {s.bootstrap_servers} | postgres {s.database_url} | sandbox {s.sandbox_url}")
         print(f"  stack up in {time.monotonic() - started:.1f}s; logs in {s.data_dir / 'logs'}")
@@ -84,7 +122,11 @@ def run_demo(settings: Settings, runs: int, timeout_s: float) -> int:
         submitted = time.monotonic()
         run_ids = produce_requests(s, requests)
         print(f"submitted {len(run_ids)} onboarding requests to {s.topic('agent.run.events')}", flush=True)
-        rows = wait_for_runs(s, run_ids, timeout_s, progress=True)
+        try:
+            rows = wait_for_runs(s, run_ids, timeout_s, progress=True, stuck=stack.failing)
+        except NoProgress as exc:
+            print(f"demo FAILED, no run can finish: {exc}", file=sys.stderr)
+            return 1
         elapsed = time.monotonic() - submitted
         print()
         print_runs_table(rows)

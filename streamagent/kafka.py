@@ -12,11 +12,16 @@ from streamagent.config import Settings
 from streamagent.topics import TopicSpec, all_topics, physical
 
 log = logging.getLogger(__name__)
+# librdkafka's own log lines (connection refused, broker down, …) go through Python logging under this
+# name, to wherever the process logs (a log file for commands a person runs), instead of being
+# written straight to the terminal's stderr.
+CLIENT_LOG = logging.getLogger("librdkafka")
 
 
 def producer(settings: Settings, **overrides: Any) -> Producer:
     conf: dict[str, Any] = {
         "bootstrap.servers": settings.bootstrap_servers,
+        "logger": CLIENT_LOG,
         # Idempotence keeps a retried send from duplicating or reordering; it works on both
         # Apache Kafka and the embedded broker (BROKER-NOTES).
         "enable.idempotence": True,
@@ -38,6 +43,7 @@ def producer(settings: Settings, **overrides: Any) -> Producer:
 def consumer(settings: Settings, group: str, **overrides: Any) -> Consumer:
     conf: dict[str, Any] = {
         "bootstrap.servers": settings.bootstrap_servers,
+        "logger": CLIENT_LOG,
         "group.id": settings.group(group),
         "enable.auto.commit": False,
         "enable.auto.offset.store": False,
@@ -56,7 +62,27 @@ def consumer(settings: Settings, group: str, **overrides: Any) -> Consumer:
 
 
 def admin(settings: Settings) -> AdminClient:
-    return AdminClient({"bootstrap.servers": settings.bootstrap_servers})
+    return AdminClient({"bootstrap.servers": settings.bootstrap_servers, "logger": CLIENT_LOG})
+
+
+def probe(bootstrap_servers: str, timeout_s: float) -> str | None:
+    """One metadata round trip with a short deadline: None if a broker answers, else why not. Commands a
+    person runs call this first, so an unreachable address fails in seconds, not after a client's
+    default timeouts (and its retries' log lines)."""
+    client = AdminClient(
+        {
+            "bootstrap.servers": bootstrap_servers,
+            "logger": CLIENT_LOG,
+            "socket.connection.setup.timeout.ms": max(1000, int(timeout_s * 1000)),
+        }
+    )
+    try:
+        client.list_topics(timeout=timeout_s)
+    except KafkaException as exc:
+        return exc.args[0].str() if exc.args and hasattr(exc.args[0], "str") else str(exc)
+    finally:
+        del client
+    return None
 
 
 def create_topics(settings: Settings, specs: list[TopicSpec] | None = None) -> list[str]:

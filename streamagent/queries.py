@@ -46,6 +46,8 @@ def _run_row(row: tuple[Any, ...]) -> RunRow:
 
 
 def runs(settings: Settings, status: str | None = None, limit: int = 1000) -> list[RunRow]:
+    if limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
     with db.connect(settings) as conn:
         rows = conn.execute(
             f"SELECT {_RUN_COLUMNS} FROM runs WHERE (%(status)s::text IS NULL OR status = %(status)s)"

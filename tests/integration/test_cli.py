@@ -65,6 +65,12 @@ def test_submit_wait_runs_show_and_dlq(
         effects = json.loads(capsys.readouterr().out)
         assert len(effects) == 8
 
+        # Without --url or STREAMAGENT_SANDBOX_URL, the sandbox of the stack running in the data dir.
+        monkeypatch.setenv("STREAMAGENT_SANDBOX_URL", "")
+        get_settings.cache_clear()
+        assert cli(["sandbox", "effects", "--json"]) == 0
+        assert len(json.loads(capsys.readouterr().out)) == 8
+
         assert cli(["show", "no-such-run"]) == 1
         assert cli(["dlq", "list", "--json"]) == 0
         assert json.loads(capsys.readouterr().out) == []
