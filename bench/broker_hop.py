@@ -59,9 +59,7 @@ def measure(storage: str, history: list[int], pings: int, fetch_wait_ms: int) ->
             for f in AdminClient({"bootstrap.servers": bootstrap}).create_topics([NewTopic(TOPIC, 1, 1)]).values():
                 f.result()
             producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 0})
-            consumer = Consumer(
-                {"bootstrap.servers": bootstrap, "group.id": "hop", "fetch.wait.max.ms": fetch_wait_ms}
-            )
+            consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "hop", "fetch.wait.max.ms": fetch_wait_ms})
             filled = 0
             for target in history:
                 _fill(producer, target - filled)
@@ -79,9 +77,7 @@ def measure(storage: str, history: list[int], pings: int, fetch_wait_ms: int) ->
                     "mean_ms": round(statistics.fmean(hops), 2),
                 }
                 rows.append(row)
-                print(
-                    f"{storage:<8} {target:>8} {row['p50_ms']:>8} {row['p99_ms']:>8} {row['mean_ms']:>8}", flush=True
-                )
+                print(f"{storage:<8} {target:>8} {row['p50_ms']:>8} {row['p99_ms']:>8} {row['mean_ms']:>8}", flush=True)
                 print(json.dumps(row), flush=True)
             consumer.close()
         finally:

@@ -416,7 +416,7 @@ class Stack:
             started = time.monotonic()
             try:
                 self.broker.restart()
-            except Exception:  # noqa: BLE001 - keep supervising; the next round tries again
+            except Exception:  # keep supervising; the next round tries again
                 log.exception("embedded broker did not restart; trying again")
             else:
                 self._report_infra("broker", f"restarted on {self.broker.bootstrap_servers}", started)
@@ -428,7 +428,7 @@ class Stack:
             try:
                 pg.stop()  # forgets the dead server's handle, so that start() initialises afresh
                 pg.start()
-            except Exception:  # noqa: BLE001 - keep supervising; the next round tries again
+            except Exception:  # keep supervising; the next round tries again
                 log.exception("embedded postgres did not restart; trying again")
             else:
                 self._report_infra("postgres", f"restarted in {pg.data_dir}", started)
