@@ -86,7 +86,8 @@ async def _serve(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + 20
     while not _answers(host, private_port):
         if tansu.poll() is not None or time.monotonic() > deadline:
-            print(f"tansu did not start (exit {tansu.poll()}); see {data / 'tansu.log'}", file=sys.stderr)
+            tail = (data / "tansu.log").read_bytes()[-2000:].decode("utf-8", errors="replace")
+            print(f"tansu did not start (exit {tansu.poll()}); {data / 'tansu.log'} ends:\n{tail}", file=sys.stderr)
             tansu.kill()
             return 1
         await asyncio.sleep(0.02)  # readiness probe interval
