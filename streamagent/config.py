@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 ENV_PREFIX = "STREAMAGENT_"
 
@@ -56,6 +56,23 @@ class Settings(BaseModel):
     group_instance_id: str = Field("", description="Kafka group.instance.id; empty: dynamic membership")
     max_event_bytes: int = Field(512 * 1024, ge=1, description="Larger events are dead-lettered")
 
+    # Kafka security and replication, for a secured or managed cluster (the embedded broker is PLAINTEXT
+    # with one replica). Clients take them through streamagent.kafka.client_config (confluent) and
+    # faust_compat.broker_credentials (faust). Empty strings mean "not set"; secrets print as **********.
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="Kafka security.protocol"
+    )
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
+        "PLAIN", description="SASL mechanism (SASL_* protocols only)"
+    )
+    kafka_sasl_username: str = Field("", description="SASL username (SASL_* protocols only)")
+    kafka_sasl_password: SecretStr = Field(SecretStr(""), description="SASL password (never logged)")
+    kafka_ssl_ca_location: str = Field("", description="CA bundle (PEM) that signs the brokers; empty: system CAs")
+    kafka_ssl_certificate_location: str = Field("", description="Client certificate (PEM), mutual TLS")
+    kafka_ssl_key_location: str = Field("", description="Client private key (PEM), mutual TLS")
+    kafka_ssl_key_password: SecretStr = Field(SecretStr(""), description="Password of the client key (never logged)")
+    replication_factor: int = Field(1, ge=1, description="Replicas of every topic created; 3 on a real cluster")
+
     decider: Decider = Field("rules", description="Which decider the decision processor uses: rules")
     run_deadline_s: float = Field(600.0, gt=0, description="Default deadline of a run")
     command_deadline_s: float = Field(120.0, gt=0, description="How long a tool may keep retrying a command")
@@ -87,6 +104,42 @@ class Settings(BaseModel):
     @classmethod
     def _lower_case(cls, value: object) -> object:
         return value.strip().lower() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _kafka_security_consistent(self) -> Settings:
+        """Refuse, naming the variables, what a Kafka client would only fail on later."""
+
+        def var(name: str) -> str:
+            return ENV_PREFIX + name.upper()
+
+        protocol = self.kafka_security_protocol
+        sasl, tls = protocol.startswith("SASL_"), protocol.endswith("SSL")
+        proto = f"{var('kafka_security_protocol')}={protocol}"
+        user, password = var("kafka_sasl_username"), var("kafka_sasl_password")
+        cert, key = var("kafka_ssl_certificate_location"), var("kafka_ssl_key_location")
+        tls_set = {
+            var("kafka_ssl_ca_location"): self.kafka_ssl_ca_location,
+            cert: self.kafka_ssl_certificate_location,
+            key: self.kafka_ssl_key_location,
+            var("kafka_ssl_key_password"): self.kafka_ssl_key_password.get_secret_value(),
+        }
+        tls_set = {k: v for k, v in tls_set.items() if v}
+        problems: list[str] = []
+        if protocol != "PLAINTEXT" and not self.bootstrap_servers:
+            problems.append(f"{proto} needs {var('bootstrap_servers')}: the embedded broker is PLAINTEXT only")
+        if sasl and not (self.kafka_sasl_username and self.kafka_sasl_password.get_secret_value()):
+            problems.append(f"{proto} needs {user} and {password}")
+        if not sasl and (self.kafka_sasl_username or self.kafka_sasl_password.get_secret_value()):
+            problems.append(f"{user}/{password} set, but {proto} does not use SASL (SASL_SSL or SASL_PLAINTEXT)")
+        if not tls and tls_set:
+            problems.append(f"{', '.join(tls_set)} set, but {proto} does not use TLS (SSL or SASL_SSL)")
+        if (cert in tls_set) != (key in tls_set):
+            problems.append(f"{cert} and {key} go together (mutual TLS)")
+        if var("kafka_ssl_key_password") in tls_set and key not in tls_set:
+            problems.append(f"{var('kafka_ssl_key_password')} set without {key}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}{name}"
@@ -127,7 +180,7 @@ def _validate(values: dict[str, Any]) -> Settings:
         for error in exc.errors():
             field = str(error["loc"][0]) if error["loc"] else ""
             if field not in Settings.model_fields:
-                problems.append(error["msg"])
+                problems.append(str(error["msg"]).removeprefix("Value error, "))
                 continue
             name, value = ENV_PREFIX + field.upper(), values.get(field)
             problems.append(f"{name}={value!r} is invalid: expected {_expected(field)}")
@@ -146,5 +199,8 @@ def settings_from(environ: dict[str, str]) -> Settings:
 
 
 def to_env(settings: Settings) -> dict[str, str]:
-    """The environment that reproduces ``settings`` in a child process."""
-    return {ENV_PREFIX + name.upper(): str(value) for name, value in settings.model_dump().items()}
+    """The environment that reproduces ``settings`` in a child process (secrets included: not for logs)."""
+    return {
+        ENV_PREFIX + name.upper(): str(value.get_secret_value() if isinstance(value, SecretStr) else value)
+        for name, value in settings.model_dump().items()
+    }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -15,12 +16,13 @@ from typing import Any
 from confluent_kafka import Consumer, TopicPartition
 
 from streamagent.config import Settings
+from streamagent.kafka import client_config
 
 log = logging.getLogger(__name__)
 
 
 def true_highwaters(
-    bootstrap: str, partitions: Iterable[tuple[str, int]], timeout_s: float = 15.0
+    settings: Settings, partitions: Iterable[tuple[str, int]], timeout_s: float = 15.0
 ) -> dict[tuple[str, int], int]:
     """End offsets as carried in fetch responses.
 
@@ -30,7 +32,7 @@ def true_highwaters(
     """
     consumer = Consumer(
         {
-            "bootstrap.servers": bootstrap,
+            **client_config(settings),
             "group.id": "streamagent-highwater-probe",
             "enable.auto.commit": False,
             "fetch.wait.max.ms": 10,
@@ -73,6 +75,35 @@ def true_highwaters(
         consumer.close()
 
 
+def broker_credentials(settings: Settings) -> Any:
+    """faust's ``broker_credentials`` from the settings ``kafka.client_config`` maps; None for PLAINTEXT."""
+    import faust
+
+    protocol = settings.kafka_security_protocol
+    context = ssl_context(settings) if protocol.endswith("SSL") else None
+    if protocol.startswith("SASL_"):
+        return faust.SASLCredentials(
+            username=settings.kafka_sasl_username,
+            password=settings.kafka_sasl_password.get_secret_value(),
+            ssl_context=context,  # None: SASL_PLAINTEXT
+            mechanism=settings.kafka_sasl_mechanism,
+        )
+    return faust.SSLCredentials(context) if context is not None else None
+
+
+def ssl_context(settings: Settings) -> ssl.SSLContext:
+    """TLS as librdkafka does it: verify the brokers and their host names (the CA file, else the
+    system's), and present the client certificate if one is set."""
+    context = ssl.create_default_context(cafile=settings.kafka_ssl_ca_location or None)
+    if settings.kafka_ssl_certificate_location:
+        context.load_cert_chain(
+            settings.kafka_ssl_certificate_location,
+            settings.kafka_ssl_key_location or None,
+            settings.kafka_ssl_key_password.get_secret_value() or None,
+        )
+    return context
+
+
 def apply(settings: Settings) -> None:
     from faust.transport.drivers import aiokafka as driver
 
@@ -93,7 +124,7 @@ def apply(settings: Settings) -> None:
         ends = await loop.run_in_executor(
             None,
             true_highwaters,
-            settings.bootstrap_servers,
+            settings,
             [(tp.topic, tp.partition) for tp in partitions],
         )
         return {tp: ends[(tp.topic, tp.partition)] for tp in partitions}

@@ -18,9 +18,33 @@ log = logging.getLogger(__name__)
 CLIENT_LOG = logging.getLogger("librdkafka")
 
 
-def producer(settings: Settings, **overrides: Any) -> Producer:
+def client_config(settings: Settings) -> dict[str, Any]:
+    """What every confluent client needs to reach the cluster: servers and security (librdkafka keys).
+
+    The one place Kafka security is mapped; it carries the SASL and key passwords, so never log it.
+    """
     conf: dict[str, Any] = {
         "bootstrap.servers": settings.bootstrap_servers,
+        "security.protocol": settings.kafka_security_protocol,
+    }
+    if settings.kafka_security_protocol.startswith("SASL_"):
+        conf["sasl.mechanisms"] = settings.kafka_sasl_mechanism
+        conf["sasl.username"] = settings.kafka_sasl_username
+        conf["sasl.password"] = settings.kafka_sasl_password.get_secret_value()
+    if settings.kafka_security_protocol.endswith("SSL"):
+        tls = {
+            "ssl.ca.location": settings.kafka_ssl_ca_location,
+            "ssl.certificate.location": settings.kafka_ssl_certificate_location,
+            "ssl.key.location": settings.kafka_ssl_key_location,
+            "ssl.key.password": settings.kafka_ssl_key_password.get_secret_value(),
+        }
+        conf.update({k: v for k, v in tls.items() if v})
+    return conf
+
+
+def producer(settings: Settings, **overrides: Any) -> Producer:
+    conf: dict[str, Any] = {
+        **client_config(settings),
         "logger": CLIENT_LOG,
         # Idempotence keeps a retried send from duplicating or reordering; it works on both
         # Apache Kafka and the embedded broker (BROKER-NOTES).
@@ -42,7 +66,7 @@ def producer(settings: Settings, **overrides: Any) -> Producer:
 
 def consumer(settings: Settings, group: str, **overrides: Any) -> Consumer:
     conf: dict[str, Any] = {
-        "bootstrap.servers": settings.bootstrap_servers,
+        **client_config(settings),
         "logger": CLIENT_LOG,
         "group.id": settings.group(group),
         "enable.auto.commit": False,
@@ -62,7 +86,7 @@ def consumer(settings: Settings, group: str, **overrides: Any) -> Consumer:
 
 
 def admin(settings: Settings) -> AdminClient:
-    return AdminClient({"bootstrap.servers": settings.bootstrap_servers, "logger": CLIENT_LOG})
+    return AdminClient({**client_config(settings), "logger": CLIENT_LOG})
 
 
 def probe(bootstrap_servers: str, timeout_s: float) -> str | None:
@@ -95,7 +119,12 @@ def create_topics(settings: Settings, specs: list[TopicSpec] | None = None) -> l
     client = admin(settings)
     existing = set(client.list_topics(timeout=10).topics)
     new = [
-        NewTopic(s.name, num_partitions=settings.partitions, replication_factor=1, config=s.config())
+        NewTopic(
+            s.name,
+            num_partitions=settings.partitions,
+            replication_factor=settings.replication_factor,
+            config=s.config(),
+        )
         for s in wanted
         if s.name not in existing
     ]

@@ -329,7 +329,7 @@ class StateWorker:
             else:
                 self.suspects.pop(step.command_id or "", None)
         if probe:
-            ends = await _blocking(faust_compat.true_highwaters, self.settings.bootstrap_servers, sorted(probe))
+            ends = await _blocking(faust_compat.true_highwaters, self.settings, sorted(probe))
             for suspect in self.suspects.values():
                 if suspect.highwater is None and (self.results_topic, suspect.partition) in ends:
                     suspect.highwater = ends[(self.results_topic, suspect.partition)]
@@ -435,7 +435,8 @@ def build_app(settings: Settings) -> faust.App:
         broker=brokers,
         store="memory://",
         topic_partitions=settings.partitions,
-        topic_replication_factor=1,
+        topic_replication_factor=settings.replication_factor,
+        broker_credentials=faust_compat.broker_credentials(settings),
         web_enabled=False,
         consumer_auto_offset_reset="earliest",
         broker_session_timeout=settings.session_timeout_ms / 1000,

@@ -8,6 +8,7 @@ import pytest
 from confluent_kafka import TopicPartition
 
 from streamagent import faust_compat
+from streamagent.config import Settings
 
 
 class _FakeConsumer:
@@ -37,6 +38,6 @@ def test_a_partition_emptied_by_retention_ends_at_its_listed_end(monkeypatch: py
         return fake
 
     monkeypatch.setattr(faust_compat, "Consumer", make)
-    ends = faust_compat.true_highwaters("unused:9092", [("t", 0), ("t", 1)], timeout_s=0.2)
+    ends = faust_compat.true_highwaters(Settings(bootstrap_servers="unused:9092"), [("t", 0), ("t", 1)], timeout_s=0.2)
     assert ends == {("t", 0): 0, ("t", 1): 120}
     assert fake.assigned == []  # nothing to fetch, so no wait for a record that is gone
