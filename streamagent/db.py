@@ -1,6 +1,18 @@
-"""PostgreSQL: connections and the schema every process may need, applied idempotently."""
+"""PostgreSQL: connections and the schema every process may need, applied idempotently.
+
+Long-lived users (the decision and projection processors, the tool ledger) hold their connection in a
+``Reconnecting`` (or ``AsyncReconnecting``) holder: a connection that broke (PostgreSQL restarted,
+killed, or the network dropped) is replaced before the next use, in this one place. The statement or
+transaction that met the broken connection fails; its caller retries it as a whole (every write is
+idempotent: stable ids, ON CONFLICT), and ``streamagent.errors.outage`` classes the failure as an
+outage of ``postgres``, so it is retried for as long as the outage lasts and never dead-letters.
+"""
 
 from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
 
 import psycopg
 
@@ -77,8 +89,80 @@ CREATE TABLE IF NOT EXISTS tool_ledger (
 """
 
 
+log = logging.getLogger(__name__)
+
+# Connecting to a PostgreSQL that is down fails at once (refused) or after this many seconds (a
+# black-holed host); either way the caller backs off and tries again.
+CONNECT_TIMEOUT_S = 5
+
+
 def connect(settings: Settings, *, autocommit: bool = True) -> psycopg.Connection:
-    return psycopg.connect(settings.database_url, autocommit=autocommit)
+    return psycopg.connect(settings.database_url, autocommit=autocommit, connect_timeout=CONNECT_TIMEOUT_S)
+
+
+class Reconnecting:
+    """A connection that is (re)opened on use: ``conn`` returns a live connection, replacing a closed or
+    broken one first. Connecting is lazy, so a holder can be built while PostgreSQL is down."""
+
+    def __init__(self, database_url: str, *, autocommit: bool = True) -> None:
+        self.database_url = database_url
+        self.autocommit = autocommit
+        self.connects = 0  # connections opened, for tests
+        self._conn: psycopg.Connection[Any] | None = None
+
+    @property
+    def conn(self) -> psycopg.Connection[Any]:
+        current = self._conn
+        if current is not None and (current.closed or current.broken):
+            log.info("replacing a broken PostgreSQL connection")
+            self.discard()
+            current = None
+        if current is None:
+            current = psycopg.connect(self.database_url, autocommit=self.autocommit, connect_timeout=CONNECT_TIMEOUT_S)
+            self._conn = current
+            self.connects += 1
+        return current
+
+    def discard(self) -> None:
+        """Drop the connection (it is suspect); the next ``conn`` opens a new one."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+    close = discard
+
+
+class AsyncReconnecting:
+    """``Reconnecting`` for asyncio code (the tool ledger)."""
+
+    def __init__(self, database_url: str, *, autocommit: bool = True) -> None:
+        self.database_url = database_url
+        self.autocommit = autocommit
+        self.connects = 0
+        self.current: psycopg.AsyncConnection[Any] | None = None
+
+    async def conn(self) -> psycopg.AsyncConnection[Any]:
+        current = self.current
+        if current is not None and (current.closed or current.broken):
+            log.info("replacing a broken PostgreSQL connection")
+            await self.discard()
+            current = None
+        if current is None:
+            current = await psycopg.AsyncConnection.connect(
+                self.database_url, autocommit=self.autocommit, connect_timeout=CONNECT_TIMEOUT_S
+            )
+            self.current = current
+            self.connects += 1
+        return current
+
+    async def discard(self) -> None:
+        conn, self.current = self.current, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+    close = discard
 
 
 def migrate(settings: Settings) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from pathlib import Path
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
@@ -35,6 +37,64 @@ DECISIONS = Counter(
     "Decisions by outcome (recorded|replayed|superseded|waiting)",
     ["decider", "outcome"],
 )
+DEPENDENCY_UP = Gauge(
+    "streamagent_dependency_up",
+    "1 while a process reaches a dependency (postgres|kafka|sandbox), 0 during an outage",
+    ["process", "dependency"],
+)
+OUTAGE_RETRIES = Counter(
+    "streamagent_outage_retries_total",
+    "Work retried because a dependency was down (never dead-lettered)",
+    ["process", "dependency"],
+)
+
+
+class DependencyHealth:
+    """What one process knows of its dependencies: up or down, since when. Logs once per change of
+    state (not once per retry), and keeps ``streamagent_dependency_up`` current. Thread-safe."""
+
+    def __init__(self, process: str) -> None:
+        self.process = process
+        self._down: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def down(self, dependency: str, error: BaseException | str) -> None:
+        OUTAGE_RETRIES.labels(self.process, dependency).inc()
+        with self._lock:
+            if dependency in self._down:
+                return
+            self._down[dependency] = time.monotonic()
+        DEPENDENCY_UP.labels(self.process, dependency).set(0)
+        log.warning(
+            "%s unavailable, retrying until it is back: %s",
+            dependency,
+            error if isinstance(error, str) else repr(error),
+            extra={"processor": self.process, "dependency": dependency, "dependency_up": False},
+        )
+
+    def up(self, dependency: str) -> None:
+        with self._lock:
+            since = self._down.pop(dependency, None)
+        DEPENDENCY_UP.labels(self.process, dependency).set(1)
+        if since is not None:
+            log.warning(
+                "%s is back after %.1fs",
+                dependency,
+                time.monotonic() - since,
+                extra={"processor": self.process, "dependency": dependency, "dependency_up": True},
+            )
+
+    def is_down(self, dependency: str) -> bool:
+        return dependency in self._down
+
+    def all_up(self) -> None:
+        for dependency in self.degraded():
+            self.up(dependency)
+
+    def degraded(self) -> list[str]:
+        """Dependencies currently down (empty: healthy)."""
+        with self._lock:
+            return sorted(self._down)
 
 
 def serve(port: int, name: str, port_dir: Path | None = None) -> int:
