@@ -1,0 +1,147 @@
+"""PostgreSQL killed (kill -9) with runs in flight and started again 10 s later on the same data dir.
+
+An outage is not a poison message: every process waits it out and reconnects, nothing is
+dead-lettered, no child crashes, no effect happens twice, and every run ends (escalated with the
+reason if its deadline passed during the outage). Each stack here has its own embedded PostgreSQL
+(``database_url=""``), so killing it leaves the session's shared one alone.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import pytest
+from helpers import ended, eventually
+
+from streamagent.config import Settings
+from streamagent.demo import sample_requests
+from streamagent.dlq_ops import read_dead_letters
+from streamagent.events import now
+from streamagent.metrics import scrape
+from streamagent.sandbox import FaultSpec, SandboxClient
+from streamagent.stack import Stack
+from streamagent.submit import produce_requests
+
+pytestmark = pytest.mark.integration
+
+APIS = ("enrich", "jira", "email", "slack")
+OUTAGE_S = 10.0  # the outage being simulated, not a wait for anything
+WATCHED = ("processor-decision", "processor-projection", "tool-enrich", "tool-jira", "tool-email", "tool-slack")
+
+
+def _own_postgres(settings: Settings) -> Settings:
+    # Slow APIs keep many runs mid-flight when PostgreSQL dies.
+    return settings.model_copy(update={"database_url": "", "tool_max_in_flight": 16})
+
+
+def _ports(s: Settings) -> dict[str, int]:
+    folder = s.data_dir / "metrics"
+    found = eventually(
+        lambda: all((folder / f"{n}.port").exists() for n in WATCHED), timeout=30, what="metrics endpoints"
+    )
+    assert found
+    return {n: int((folder / f"{n}.port").read_text()) for n in WATCHED}
+
+
+def _postgres_down_in(ports: dict[str, int]) -> set[str]:
+    """The processes whose metrics say PostgreSQL is down."""
+    down = set()
+    for name, port in ports.items():
+        process = name.removeprefix("processor-").replace("tool-", "tool.")
+        if scrape(port, "streamagent_dependency_up", {"process": process, "dependency": "postgres"}) == 0:
+            down.add(name)
+    return down
+
+
+def _outage(stack: Stack, ports: dict[str, int]) -> tuple[set[str], float]:
+    """kill -9 PostgreSQL, keep it down for OUTAGE_S, start it again on the same data dir.
+
+    Returns the processes that reported the outage in their metrics, and the restart time."""
+    assert stack.postgres is not None
+    url = stack.postgres.url
+    stack.postgres.kill()
+    killed = time.monotonic()
+    reported: set[str] = set()
+    while time.monotonic() - killed < OUTAGE_S:  # the outage itself; metrics are sampled meanwhile
+        reported |= _postgres_down_in(ports)
+        time.sleep(0.5)
+    stack.postgres.start()
+    assert stack.postgres.url == url  # same socket: running processes reconnect to it
+    return reported, time.monotonic()
+
+
+def _no_duplicate_effects(sandbox: SandboxClient) -> Counter[tuple[str, str, str]]:
+    per = Counter((e.run_id, e.api, e.op) for e in sandbox.effects())
+    duplicated = {k: n for k, n in per.items() if n > 1}
+    assert not duplicated, f"duplicated effects: {duplicated}"
+    return per
+
+
+def _after_the_outage(stack: Stack, s: Settings, ports: dict[str, int]) -> None:
+    assert read_dead_letters(s) == [], "an outage dead-lettered messages"
+    assert {n: c.restarts for n, c in stack.children.items() if c.restarts} == {}, "a process died of the outage"
+    eventually(lambda: not _postgres_down_in(ports), timeout=30, what="every process sees PostgreSQL up again")
+
+
+def test_postgres_killed_mid_flight_every_run_completes_once(settings: Settings) -> None:
+    with Stack(_own_postgres(settings)) as stack:
+        s = stack.settings
+        sandbox = SandboxClient(s.sandbox_url)
+        for api in APIS:
+            sandbox.set_faults(api, FaultSpec(latency_ms=150 if api == "jira" else 40))
+        ports = _ports(s)
+        started = time.monotonic()
+        run_ids = produce_requests(s, sample_requests(150))
+        eventually(lambda: len(sandbox.effects()) >= 100, timeout=60, what="runs under way")
+        reported, restarted = _outage(stack, ports)
+        in_flight = 150 * len(APIS) - len(sandbox.effects())
+        assert in_flight > 100, "too little work left at the kill to prove anything"
+        assert reported, "no process reported the outage in streamagent_dependency_up"
+        rows = eventually(lambda: ended(s, run_ids), timeout=90, interval=0.5, what="150 runs ended")
+        recovered = time.monotonic() - restarted
+        assert Counter(r.status for r in rows) == {"completed": 150}
+        _no_duplicate_effects(sandbox)
+        per_step = Counter((e.run_id, e.api) for e in sandbox.effects())
+        missing = [(r, a) for r in run_ids for a in APIS if per_step[(r, a)] != 1]
+        assert not missing, f"not exactly one effect: {missing[:10]}"
+        _after_the_outage(stack, s, ports)
+        print(
+            f"\n[postgres outage] {in_flight} effects still to do at the kill; {OUTAGE_S:.0f}s outage;"
+            f" all 150 completed {recovered:.1f}s after the restart ({time.monotonic() - started:.1f}s in all);"
+            f" outage reported by {sorted(reported)}; 0 dead letters, 0 duplicates"
+        )
+
+
+def test_runs_whose_deadline_passes_during_the_outage_end_escalated(settings: Settings) -> None:
+    with Stack(_own_postgres(settings)) as stack:
+        s = stack.settings
+        sandbox = SandboxClient(s.sandbox_url)
+        for api in APIS:
+            sandbox.set_faults(api, FaultSpec(latency_ms=300 if api == "jira" else 40))
+        ports = _ports(s)
+        warm_up = sample_requests(1)
+        produce_requests(s, warm_up)  # every consumer group has joined before the deadlines start
+        eventually(lambda: ended(s, [warm_up[0].run_id]), timeout=60, what="warm-up run ended")
+        deadline_s = 6.0
+        requests = [r.model_copy(update={"deadline_s": deadline_s, "occurred_at": now()}) for r in sample_requests(60)]
+        run_ids = produce_requests(s, requests)
+        submitted = time.monotonic()
+        eventually(lambda: len(sandbox.effects()) >= 30, timeout=30, what="runs under way")
+        assert time.monotonic() - submitted < deadline_s, "too slow to kill PostgreSQL before the deadline"
+        reported, restarted = _outage(stack, ports)  # outlasts every run's deadline
+        assert reported
+        rows = eventually(lambda: ended(s, run_ids), timeout=90, interval=0.5, what="60 runs ended")
+        recovered = time.monotonic() - restarted
+        statuses = Counter(r.status for r in rows)
+        assert set(statuses) <= {"completed", "escalated"}, statuses
+        assert statuses["escalated"] > 0, statuses
+        for row in rows:
+            if row.status == "escalated":
+                assert "deadline" in (row.reason or ""), row
+        _no_duplicate_effects(sandbox)
+        _after_the_outage(stack, s, ports)
+        print(
+            f"\n[postgres outage past deadlines] {dict(statuses)} {recovered:.1f}s after the restart"
+            f" ({time.monotonic() - submitted:.1f}s after submitting); 0 dead letters, 0 duplicates"
+        )
