@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
+import time
 from typing import Any
 
 import psycopg
@@ -91,6 +93,9 @@ CREATE TABLE IF NOT EXISTS tool_ledger (
 
 log = logging.getLogger(__name__)
 
+# How long a long-running process waits at start for PostgreSQL: for as long as it takes.
+WAIT_FOREVER = float("inf")
+
 # Connecting to a PostgreSQL that is down fails at once (refused) or after this many seconds (a
 # black-holed host); either way the caller backs off and tries again.
 CONNECT_TIMEOUT_S = 5
@@ -165,8 +170,28 @@ class AsyncReconnecting:
     close = discard
 
 
-def migrate(settings: Settings) -> None:
-    with connect(settings, autocommit=False) as conn:
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
-        conn.execute(SCHEMA)
-        conn.commit()
+def migrate(settings: Settings, *, wait_s: float = 0.0, stop: threading.Event | None = None) -> None:
+    """Apply the schema. With ``wait_s`` > 0 an unreachable PostgreSQL is waited for that long (a
+    process started during an outage waits instead of crash-looping; ``math.inf``: until it is back
+    or ``stop`` is set)."""
+    from streamagent.errors import outage
+    from streamagent.retry import RetryPolicy
+
+    policy = RetryPolicy(initial_s=0.1, max_backoff_s=2.0)
+    waiting = stop or threading.Event()
+    give_up = time.monotonic() + wait_s
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            with connect(settings, autocommit=False) as conn:
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+                conn.execute(SCHEMA)
+                conn.commit()
+            return
+        except Exception as exc:
+            if outage(exc) is None or time.monotonic() >= give_up or waiting.is_set():
+                raise
+            if attempt == 1:
+                log.warning("PostgreSQL unavailable at start, waiting for it: %r", exc)
+            waiting.wait(policy.backoff(attempt))

@@ -177,7 +177,7 @@ class ProjectionHandler:
 
 
 def build(settings: Settings) -> ConsumerRuntime:
-    db.migrate(settings)
+    db.migrate(settings, wait_s=db.WAIT_FOREVER)  # started during an outage: wait, do not crash-loop
     commands = "^" + re.escape(settings.topic(COMMANDS_PREFIX)) + ".*"
     topics = [settings.topic(RUN_EVENTS), settings.topic(TOOL_RESULTS), commands]
     return ConsumerRuntime(settings, PROCESSOR, topics, ProjectionHandler(settings))

@@ -12,6 +12,7 @@ import pytest
 from confluent_kafka import KafkaError, KafkaException
 
 from streamagent.config import Settings
+from streamagent.db import WAIT_FOREVER, migrate
 from streamagent.errors import DependencyUnavailable, Unprocessable, outage
 from streamagent.metrics import DependencyHealth, scrape, serve
 from streamagent.retry import RetryPolicy
@@ -145,3 +146,15 @@ def test_dependency_health_is_exposed_as_a_gauge() -> None:
     health.up("postgres")
     assert scrape(port, "streamagent_dependency_up", labels) == 1
     assert health.degraded() == []
+
+
+def test_migrate_waits_for_an_unreachable_database_only_when_asked() -> None:
+    down = Settings(database_url="postgresql://nobody@127.0.0.1:1/down")
+    with pytest.raises(psycopg.OperationalError):
+        migrate(down)  # the CLI and the stack: fail at once
+    stop = threading.Event()
+    attempts = threading.Timer(0.5, stop.set)  # a process told to stop while it waits
+    attempts.start()
+    with pytest.raises(psycopg.OperationalError):
+        migrate(down, wait_s=WAIT_FOREVER, stop=stop)
+    assert stop.is_set()

@@ -145,7 +145,12 @@ class Ledger:
         cls, settings: Settings, *, stop: asyncio.Event | None = None, health: DependencyHealth | None = None
     ) -> Ledger:
         ledger = cls(settings.database_url, stop=stop, health=health)
-        await ledger._connection()
+        try:
+            await ledger._connection()
+        except Exception as exc:
+            if outage(exc) is None:
+                raise
+            ledger.health.down("postgres", exc)  # connected on first use, once it is back
         return ledger
 
     @property

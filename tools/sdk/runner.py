@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import signal
+import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -132,6 +133,7 @@ class ToolRunner:
         self.processor = f"tool.{tool.name}"
         self.health = DependencyHealth(self.processor)
         self.stop_event = asyncio.Event()
+        self._stopped = threading.Event()  # the same, for code waiting in a thread
         self.producer = make_producer(settings)
         self._dlq_producer = _AckedProducer(self)
         self.dead_letters = DeadLetterSink(settings, self._dlq_producer, self.processor)  # type: ignore[arg-type]
@@ -152,8 +154,10 @@ class ToolRunner:
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def run(self) -> None:
-        db.migrate(self.settings)
         loop = self._loop = asyncio.get_running_loop()
+        # Started during a PostgreSQL outage: wait for it (stoppable), do not crash-loop.
+        migrate = functools.partial(db.migrate, self.settings, wait_s=db.WAIT_FOREVER, stop=self._stopped)
+        await loop.run_in_executor(None, migrate)
         self.ledger = await Ledger.open(self.settings, stop=self.stop_event, health=self.health)
         self.writer = LedgerWriter(self.ledger, max_batch=max(self.max_in_flight, 1))
         consumer = make_consumer(self.settings, self.processor)
@@ -204,6 +208,7 @@ class ToolRunner:
 
     def stop(self) -> None:
         self.stop_event.set()
+        self._stopped.set()
 
     def _keepalive(self) -> list[TopicPartition]:
         """In the Kafka thread: pause every assigned partition and poll once. A message still comes
