@@ -67,6 +67,7 @@ def _outage(stack: Stack, ports: dict[str, int], crash: str | None = None) -> tu
     if crash is not None:
         old = stack.kill(crash)
         eventually(lambda: stack.children[crash].pid != old, timeout=5, what=f"{crash} restarted")
+        ports = {n: p for n, p in ports.items() if n != crash}  # its endpoint went with it
     while time.monotonic() - killed < OUTAGE_S:  # the outage itself; metrics are sampled meanwhile
         reported |= _postgres_down_in(ports)
         time.sleep(0.5)
