@@ -109,6 +109,7 @@ class ConsumerRuntime:
         batch_size: int | None = None,
         retry: RetryPolicy = HANDLER_RETRY,
         outage_retry: RetryPolicy = OUTAGE_RETRY,
+        dependencies: Iterable[str] = ("kafka",),
     ) -> None:
         self.settings = settings
         self.name = name
@@ -119,7 +120,7 @@ class ConsumerRuntime:
         self.batch_size = batch_size or settings.batch_size
         self.retry = retry
         self.outage_retry = outage_retry
-        self.health = DependencyHealth(name)
+        self.health = DependencyHealth(name, dependencies)
         self.stop_event = threading.Event()
         self._consumer: Consumer | None = None
 

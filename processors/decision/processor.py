@@ -419,6 +419,8 @@ def make_decider(settings: Settings) -> Decider:
 
 def build(settings: Settings) -> ConsumerRuntime:
     db.migrate(settings, wait_s=db.WAIT_FOREVER)  # started during an outage: wait, do not crash-loop
-    runtime = ConsumerRuntime(settings, PROCESSOR, [settings.topic(RUN_STATE)], lambda _: None)
+    runtime = ConsumerRuntime(
+        settings, PROCESSOR, [settings.topic(RUN_STATE)], lambda _: None, dependencies=("kafka", "postgres")
+    )
     runtime.handler = DecisionHandler(settings, make_decider(settings), runtime.producer)
     return runtime

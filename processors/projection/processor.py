@@ -180,4 +180,4 @@ def build(settings: Settings) -> ConsumerRuntime:
     db.migrate(settings, wait_s=db.WAIT_FOREVER)  # started during an outage: wait, do not crash-loop
     commands = "^" + re.escape(settings.topic(COMMANDS_PREFIX)) + ".*"
     topics = [settings.topic(RUN_EVENTS), settings.topic(TOOL_RESULTS), commands]
-    return ConsumerRuntime(settings, PROCESSOR, topics, ProjectionHandler(settings))
+    return ConsumerRuntime(settings, PROCESSOR, topics, ProjectionHandler(settings), dependencies=("kafka", "postgres"))

@@ -18,7 +18,7 @@ from streamagent.config import Settings
 from streamagent.demo import sample_requests
 from streamagent.dlq_ops import read_dead_letters
 from streamagent.events import now
-from streamagent.metrics import scrape
+from streamagent.metrics import health, scrape
 from streamagent.sandbox import FaultSpec, SandboxClient
 from streamagent.stack import Stack
 from streamagent.submit import produce_requests
@@ -69,7 +69,10 @@ def _outage(stack: Stack, ports: dict[str, int], crash: str | None = None) -> tu
         eventually(lambda: stack.children[crash].pid != old, timeout=5, what=f"{crash} restarted")
         ports = {n: p for n, p in ports.items() if n != crash}  # its endpoint went with it
     while time.monotonic() - killed < OUTAGE_S:  # the outage itself; metrics are sampled meanwhile
-        reported |= _postgres_down_in(ports)
+        down = _postgres_down_in(ports)
+        for name in down:  # the health endpoint says the same
+            assert health(ports[name])["status"] == "degraded"
+        reported |= down
         time.sleep(0.5)
     stack.postgres.start()
     assert stack.postgres.url == url  # same socket: running processes reconnect to it
@@ -89,6 +92,7 @@ def _after_the_outage(stack: Stack, s: Settings, ports: dict[str, int], crashed:
     assert restarts == ({crashed: 1} if crashed else {}), "a process died of the outage"
     ports = {n: p for n, p in ports.items() if n != crashed}  # a restarted process has a new endpoint
     eventually(lambda: not _postgres_down_in(ports), timeout=30, what="every process sees PostgreSQL up again")
+    assert all(health(port)["status"] == "ok" for port in ports.values())
 
 
 def test_postgres_killed_mid_flight_every_run_completes_once(settings: Settings) -> None:

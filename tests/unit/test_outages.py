@@ -15,6 +15,7 @@ from streamagent.config import Settings
 from streamagent.db import WAIT_FOREVER, migrate
 from streamagent.errors import DependencyUnavailable, Unprocessable, outage
 from streamagent.metrics import DependencyHealth, scrape, serve
+from streamagent.metrics import health as get_health
 from streamagent.retry import RetryPolicy
 from streamagent.runtime import Batch, ConsumerRuntime, Incoming
 
@@ -137,15 +138,20 @@ def test_only_the_message_that_can_never_succeed_is_dead_lettered() -> None:
 
 def test_dependency_health_is_exposed_as_a_gauge() -> None:
     port = serve(0, "unit-health")
-    health = DependencyHealth("unit-health")
+    health = DependencyHealth("unit-health", ("postgres", "kafka"))
+    assert scrape(port, "streamagent_dependency_up", {"process": "unit-health", "dependency": "kafka"}) == 1
     labels = {"process": "unit-health", "dependency": "postgres"}
     health.down("postgres", "gone")
     health.down("postgres", "still gone")
     assert scrape(port, "streamagent_dependency_up", labels) == 0
     assert scrape(port, "streamagent_outage_retries_total", labels) == 2
+    # One registry per process; other tests of this process may have left their own outages in it.
+    answer = get_health(port)
+    assert answer["status"] == "degraded" and answer["down"]["unit-health"] == ["postgres"]
     health.up("postgres")
     assert scrape(port, "streamagent_dependency_up", labels) == 1
     assert health.degraded() == []
+    assert "unit-health" not in get_health(port)["down"]
 
 
 def test_migrate_waits_for_an_unreachable_database_only_when_asked() -> None:

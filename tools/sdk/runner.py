@@ -131,7 +131,7 @@ class ToolRunner:
         self._resume_free = max(1, min(self.batch_size, self.max_in_flight // 8))
         self.breaker = breaker or CircuitBreaker(tool.name)
         self.processor = f"tool.{tool.name}"
-        self.health = DependencyHealth(self.processor)
+        self.health = DependencyHealth(self.processor, ("kafka", "postgres", "sandbox"))
         self.stop_event = asyncio.Event()
         self._stopped = threading.Event()  # the same, for code waiting in a thread
         self.producer = make_producer(settings)
