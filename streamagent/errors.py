@@ -53,6 +53,8 @@ def outage(exc: BaseException) -> str | None:
         # OperationalError: refused or lost connections, "the database system is starting up"
         # (CannotConnectNow), AdminShutdown/CrashShutdown, serialization failures, deadlocks.
         # InterfaceError: "the connection is closed" and other client-side connection states.
+        if (getattr(current, "sqlstate", None) or "").startswith("54"):
+            return None  # program limit exceeded (a statement too large or complex): the same every time
         if isinstance(current, psycopg.OperationalError | psycopg.InterfaceError):
             return "postgres"
         if isinstance(current, httpx.TransportError):

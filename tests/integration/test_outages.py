@@ -8,6 +8,8 @@ reason if its deadline passed during the outage). Each stack here has its own em
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections import Counter
 
@@ -157,3 +159,38 @@ def test_runs_whose_deadline_passes_during_the_outage_end_escalated(settings: Se
             f"\n[postgres outage past deadlines] {dict(statuses)} {recovered:.1f}s after the restart"
             f" ({time.monotonic() - submitted:.1f}s after submitting); 0 dead letters, 0 duplicates"
         )
+
+
+def test_sandbox_unresponsive_for_ten_seconds_every_run_completes_once(settings: Settings) -> None:
+    """The SaaS APIs stop answering (the sandbox is frozen with SIGSTOP, so it keeps its record of
+    effects): calls time out, are retried under the same idempotency key, and nothing is lost."""
+    settings = settings.model_copy(update={"tool_timeout_s": 1.0, "tool_max_in_flight": 16})
+    with Stack(settings) as stack:
+        s = stack.settings
+        sandbox = SandboxClient(s.sandbox_url)
+        for api in APIS:
+            sandbox.set_faults(api, FaultSpec(latency_ms=100 if api == "jira" else 20))
+        ports = _ports(s)
+        run_ids = produce_requests(s, sample_requests(40))
+        eventually(lambda: len(sandbox.effects()) >= 20, timeout=60, what="runs under way")
+        frozen = stack.children["sandbox"].pid
+        assert frozen is not None
+        os.kill(frozen, signal.SIGSTOP)
+        stopped = time.monotonic()
+        reported: set[str] = set()
+        try:
+            while time.monotonic() - stopped < OUTAGE_S:  # the outage itself; metrics sampled meanwhile
+                for name, port in ports.items():
+                    process = name.replace("tool-", "tool.")
+                    if scrape(port, "streamagent_dependency_up", {"process": process, "dependency": "sandbox"}) == 0:
+                        reported.add(name)
+                time.sleep(0.5)
+        finally:
+            os.kill(frozen, signal.SIGCONT)
+        assert reported, "no tool reported the sandbox outage"
+        rows = eventually(lambda: ended(s, run_ids), timeout=90, interval=0.5, what="40 runs ended")
+        assert Counter(r.status for r in rows) == {"completed": 40}
+        per_step = Counter((e.run_id, e.api) for e in sandbox.effects())
+        assert all(per_step[(r, a)] == 1 for r in run_ids for a in APIS), "an effect missing or repeated"
+        assert read_dead_letters(s) == []
+        print(f"\n[sandbox outage] 40/40 completed, 0 duplicates; outage reported by {sorted(reported)}")

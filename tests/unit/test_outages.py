@@ -42,6 +42,7 @@ def _chained(outer: Exception, cause: BaseException) -> Exception:
         # Never an outage: they fail the same way every time.
         (psycopg.errors.UniqueViolation("duplicate key"), None),
         (psycopg.DataError("invalid input"), None),
+        (psycopg.errors.StatementTooComplex("statement is too complex"), None),
         (Unprocessable("unknown-run", "never seen"), None),
         (KeyError("bug"), None),
         (KafkaException(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE)), None),

@@ -35,15 +35,12 @@ log = logging.getLogger(__name__)
 # Retries of a statement that failed transiently: until it succeeds or the tool stops.
 DB_RETRY = RetryPolicy(initial_s=0.05, multiplier=2.0, max_backoff_s=2.0, max_attempts=0)
 
-# Besides what ``errors.outage`` calls an outage of PostgreSQL (psycopg's OperationalError and
-# InterfaceError: lost and refused connections, restarts, serialization failures, deadlocks), a
-# socket error or a timeout is worth another try. Anything else (bad data, a bug in a statement)
-# fails the same way every time.
-TRANSIENT: tuple[type[BaseException], ...] = (psycopg.OperationalError, psycopg.InterfaceError, OSError, TimeoutError)
-
 
 def _transient(exc: BaseException) -> bool:
-    return isinstance(exc, TRANSIENT) or outage(exc) is not None
+    """An outage of PostgreSQL (``errors.outage``: lost and refused connections, restarts, serialization
+    failures, deadlocks), or a socket error or timeout: worth another try. Anything else (bad data, a
+    bug in a statement) fails the same way every time."""
+    return outage(exc) is not None or isinstance(exc, OSError | TimeoutError)
 
 
 class Stopping(Exception):
