@@ -110,6 +110,7 @@ class ConsumerRuntime:
         retry: RetryPolicy = HANDLER_RETRY,
         outage_retry: RetryPolicy = OUTAGE_RETRY,
         dependencies: Iterable[str] = ("kafka",),
+        consumer_config: dict[str, object] | None = None,
     ) -> None:
         self.settings = settings
         self.name = name
@@ -122,10 +123,11 @@ class ConsumerRuntime:
         self.outage_retry = outage_retry
         self.health = DependencyHealth(name, dependencies)
         self.stop_event = threading.Event()
+        self.consumer_config = consumer_config or {}
         self._consumer: Consumer | None = None
 
     def run(self) -> None:
-        consumer = make_consumer(self.settings, self.name)
+        consumer = make_consumer(self.settings, self.name, **self.consumer_config)
         self._consumer = consumer
         consumer.subscribe(self.topics)
         log.info("consuming", extra={"processor": self.name, "topics": self.topics})

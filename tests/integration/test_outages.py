@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from collections import Counter
 
+import psycopg
 import pytest
 from helpers import ended, eventually
 
@@ -20,10 +22,13 @@ from streamagent.config import Settings
 from streamagent.demo import sample_requests
 from streamagent.dlq_ops import read_dead_letters
 from streamagent.events import now
+from streamagent.kafka import admin, create_topics, group_offsets
 from streamagent.metrics import health, scrape
+from streamagent.runtime import Batch, ConsumerRuntime
 from streamagent.sandbox import FaultSpec, SandboxClient
 from streamagent.stack import Stack
 from streamagent.submit import produce_requests
+from streamagent.topics import DEAD_LETTERS, RUN_EVENTS, TopicSpec
 
 pytestmark = pytest.mark.integration
 
@@ -194,3 +199,48 @@ def test_sandbox_unresponsive_for_ten_seconds_every_run_completes_once(settings:
         assert all(per_step[(r, a)] == 1 for r in run_ids for a in APIS), "an effect missing or repeated"
         assert read_dead_letters(s) == []
         print(f"\n[sandbox outage] 40/40 completed, 0 duplicates; outage reported by {sorted(reported)}")
+
+
+def test_a_processor_waiting_out_an_outage_keeps_its_place_in_its_group(settings: Settings) -> None:
+    """An outage longer than max.poll.interval.ms: the runtime keeps polling (partitions paused), so it
+    is not thrown out of its group; the batch is handled once when the database is back, and committed."""
+    create_topics(settings, [TopicSpec(RUN_EVENTS), TopicSpec(DEAD_LETTERS)])
+    requests = sample_requests(10)
+    run_ids = produce_requests(settings, requests)
+    handled: Counter[str] = Counter()
+    outage_s = 7.0  # more than twice max.poll.interval.ms below
+    first_call: list[float] = []
+
+    def handler(batch: Batch) -> None:
+        first_call.append(time.monotonic())
+        if time.monotonic() - first_call[0] < outage_s:
+            raise psycopg.OperationalError("connection failed: the database system is starting up")
+        for item in batch:
+            handled[item.event.run_id] += 1  # type: ignore[attr-defined]
+
+    runtime = ConsumerRuntime(
+        settings,
+        "keepalive",
+        [settings.topic(RUN_EVENTS)],
+        handler,
+        dependencies=("kafka", "postgres"),
+        consumer_config={"max.poll.interval.ms": 3000, "session.timeout.ms": 2000, "heartbeat.interval.ms": 500},
+    )
+    thread = threading.Thread(target=runtime.run, name="keepalive-runtime")
+    thread.start()
+    try:
+        eventually(lambda: set(handled) == set(run_ids), timeout=60, what="every message handled")
+        group = settings.group("keepalive")
+        partitions = [(settings.topic(RUN_EVENTS), p) for p in range(settings.partitions)]
+
+        def committed() -> bool:
+            offsets = group_offsets(admin(settings), group, partitions)
+            return sum(max(o, 0) for o in offsets.values()) == len(run_ids)
+
+        eventually(committed, timeout=30, what="the batch committed by the member that handled it")
+    finally:
+        runtime.stop()
+        thread.join(20)
+    assert time.monotonic() - first_call[0] >= outage_s and len(first_call) > 3
+    assert set(handled.values()) == {1}, "a message was handled twice (the member lost its partitions)"
+    assert read_dead_letters(settings) == []
