@@ -80,8 +80,8 @@ class Batch:
         """Dead-letter one message; the rest of the batch goes on."""
         index = next(i for i, it in enumerate(self.items) if it is item)
         if index not in self._rejected:
+            self._sink.send(item.message, reason, detail)  # first: if the broker refuses, it is rejected again
             self._rejected.add(index)
-            self._sink.send(item.message, reason, detail)
 
 
 BatchHandler = Callable[[Batch], None]
