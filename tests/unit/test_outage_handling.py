@@ -74,6 +74,11 @@ class _Msg:
         return self._offset
 
 
+class _NoProducer:
+    def flush(self, _timeout: float = 0) -> int:
+        return 0
+
+
 def _runtime(handler: Any) -> tuple[ConsumerRuntime, _Sink]:
     runtime = ConsumerRuntime(
         Settings(bootstrap_servers="127.0.0.1:1"),
@@ -82,6 +87,7 @@ def _runtime(handler: Any) -> tuple[ConsumerRuntime, _Sink]:
         handler,
         retry=RetryPolicy(initial_s=0.001, max_backoff_s=0.001, max_attempts=3),
         outage_retry=RetryPolicy(initial_s=0.001, max_backoff_s=0.001),
+        producer=_NoProducer(),  # type: ignore[arg-type]
     )
     sink = _Sink()
     runtime.dead_letters = sink  # type: ignore[assignment]
