@@ -121,8 +121,10 @@ class ToolRunner:
         *,
         max_in_flight: int | None = None,
         breaker: CircuitBreaker | None = None,
+        consumer_config: dict[str, object] | None = None,
     ) -> None:
         self.settings = settings
+        self.consumer_config = consumer_config or {}
         self.tool = tool
         self.topic = settings.topic(command_topic(tool.name))
         self.max_in_flight = max(1, max_in_flight or settings.tool_max_in_flight)
@@ -160,7 +162,7 @@ class ToolRunner:
         await loop.run_in_executor(None, migrate)
         self.ledger = await Ledger.open(self.settings, stop=self.stop_event, health=self.health)
         self.writer = LedgerWriter(self.ledger, max_batch=max(self.max_in_flight, 1))
-        consumer = make_consumer(self.settings, self.processor)
+        consumer = make_consumer(self.settings, self.processor, **self.consumer_config)
         consumer.subscribe([self.topic], on_revoke=self._revoked)
         self._consumer = consumer
         poller = loop.run_in_executor(None, self._poll_producer)
