@@ -409,6 +409,23 @@ class EmbeddedPostgres:
             wait_until(lambda: all(_gone(p) for p in processes), 5.0, "killed postgres to exit")
         log.info("embedded postgres stopped pid=%s", pid)
 
+    def kill(self, timeout: float = 10.0) -> int:
+        """SIGKILL the postmaster and every backend at once (a power cut, an OOM kill), without the
+        shutdown checkpoint; ``start()`` then recovers the same data dir behind the same URL.
+        Returns the killed postmaster's pid."""
+        server = self._require_server()
+        pid = server.get_pid()
+        assert pid is not None
+        processes = _process_tree(pid)
+        for proc in processes:
+            _kill_quietly(proc)
+        wait_until(lambda: all(_gone(p) for p in processes), timeout, "killed postgres to exit")
+        atexit.unregister(self.stop)
+        _forget_server(server)
+        self._server = None
+        log.warning("embedded postgres pid=%s killed (SIGKILL) data=%s", pid, self.data_dir)
+        return pid
+
     def _require_server(self) -> PostgresServer:
         if self._server is None:
             raise RuntimeError("embedded postgres is not started")
@@ -447,12 +464,24 @@ def _remove_stale_pidfile(data_dir: Path) -> None:
             lock.unlink(missing_ok=True)
     pidfile = data_dir / "postmaster.pid"
     try:
-        pid = int(pidfile.read_text().split("\n", 1)[0])
+        lines = pidfile.read_text().split("\n")
+        pid = int(lines[0])
+    except (OSError, ValueError):
+        return
+    try:
         name = psutil.Process(pid).name()
-    except (OSError, ValueError, psutil.NoSuchProcess, psutil.AccessDenied):
+    except psutil.NoSuchProcess:
+        name = None
+    except psutil.AccessDenied:
         return
     if name != "postgres" or not pid_alive(pid):
         log.warning("removing stale %s: pid %s is %r and not a live postgres", pidfile, pid, name)
+        # The socket's lock file names the same pid; PostgreSQL takes a zombie for a live postmaster
+        # and refuses to start while it is there (seen after kill -9).
+        port = lines[3].strip() if len(lines) > 3 else "5432"
+        socket_dir = Path(lines[4].strip()) if len(lines) > 4 and lines[4].strip() else data_dir
+        for stale in (socket_dir / f".s.PGSQL.{port}.lock", socket_dir / f".s.PGSQL.{port}"):
+            stale.unlink(missing_ok=True)
         pidfile.unlink(missing_ok=True)
 
 

@@ -59,6 +59,10 @@ def producer(settings: Settings, **overrides: Any) -> Producer:
         # relies on that co-partitioning.
         "partitioner": "murmur2_random",
         "message.max.bytes": 16 * 1024 * 1024,
+        # Never expire a message the broker has not acknowledged (librdkafka's default gives up
+        # after 5 minutes): a broker outage is waited out, in order, however long it lasts. Callers
+        # bound their own waits (flush timeouts) and commit input offsets only once acknowledged.
+        "message.timeout.ms": 0,
     }
     conf.update(overrides)
     return Producer(conf)

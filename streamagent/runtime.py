@@ -8,26 +8,36 @@ delivered again, and handlers are written to be idempotent.
 Batches keep the hot path cheap: a handler makes one database round trip and one flush per batch
 instead of per message, and produce requests carry many records (few, large batches also keep the
 embedded broker's partitions short; see BROKER-NOTES).
+
+Failures are classed in one place (``streamagent.errors.outage``). A dependency outage (PostgreSQL
+restarting, the broker unreachable) retries the same batch with capped, jittered backoff for as long
+as it lasts: nothing is dead-lettered and nothing is committed meanwhile, the consumer keeps polling
+(its partitions paused) so it stays in its group, and the outage is logged once when it starts and
+once when it ends, and shown in ``streamagent_dependency_up``. Any other error is retried
+``HANDLER_RETRY`` times, then the batch is retried one message at a time so that only the message
+that can never be processed is dead-lettered, with its reason.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from pydantic import BaseModel
 
 from streamagent import codec
 from streamagent.config import Settings
 from streamagent.dlq import DeadLetterSink
-from streamagent.errors import Unprocessable
+from streamagent.errors import Unprocessable, outage
 from streamagent.kafka import consumer as make_consumer
 from streamagent.kafka import producer as make_producer
-from streamagent.metrics import EVENTS_PROCESSED
+from streamagent.metrics import EVENTS_PROCESSED, DependencyHealth
 from streamagent.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -70,15 +80,21 @@ class Batch:
         """Dead-letter one message; the rest of the batch goes on."""
         index = next(i for i, it in enumerate(self.items) if it is item)
         if index not in self._rejected:
+            self._sink.send(item.message, reason, detail)  # first: if the broker refuses, it is rejected again
             self._rejected.add(index)
-            self._sink.send(item.message, reason, detail)
 
 
 BatchHandler = Callable[[Batch], None]
 
 
-# Retries of a handler that raised something other than ``Rejected`` (a database blip).
+# Retries of a handler that raised something that is neither ``Rejected`` nor an outage (a bug, or a
+# message the handler chokes on): then the batch is split and the culprit dead-lettered.
 HANDLER_RETRY = RetryPolicy(initial_s=0.1, max_backoff_s=5.0, max_attempts=8)
+# Retries during a dependency outage: forever, capped so that work resumes within ~2 s of its end.
+OUTAGE_RETRY = RetryPolicy(initial_s=0.1, max_backoff_s=2.0, max_attempts=0)
+# While waiting out an outage the consumer is polled this often (partitions paused), so it keeps its
+# group membership however long the outage lasts (max.poll.interval.ms).
+_KEEPALIVE_S = 0.2
 
 
 class ConsumerRuntime:
@@ -92,6 +108,9 @@ class ConsumerRuntime:
         producer: Producer | None = None,
         batch_size: int | None = None,
         retry: RetryPolicy = HANDLER_RETRY,
+        outage_retry: RetryPolicy = OUTAGE_RETRY,
+        dependencies: Iterable[str] = ("kafka",),
+        consumer_config: dict[str, object] | None = None,
     ) -> None:
         self.settings = settings
         self.name = name
@@ -101,11 +120,14 @@ class ConsumerRuntime:
         self.dead_letters = DeadLetterSink(settings, self.producer, name)
         self.batch_size = batch_size or settings.batch_size
         self.retry = retry
+        self.outage_retry = outage_retry
+        self.health = DependencyHealth(name, dependencies)
         self.stop_event = threading.Event()
+        self.consumer_config = consumer_config or {}
         self._consumer: Consumer | None = None
 
     def run(self) -> None:
-        consumer = make_consumer(self.settings, self.name)
+        consumer = make_consumer(self.settings, self.name, **self.consumer_config)
         self._consumer = consumer
         consumer.subscribe(self.topics)
         log.info("consuming", extra={"processor": self.name, "topics": self.topics})
@@ -142,14 +164,31 @@ class ConsumerRuntime:
             return
         if items and not self._handle(Batch(items, self.dead_letters)):
             return  # stopping mid-retry: leave the batch uncommitted for the next owner
-        remaining = self.producer.flush(30)
-        if remaining:
-            # Not committing means the batch comes again; the handlers are idempotent.
-            log.error("producer could not flush %d messages; batch will be redelivered", remaining)
+        if not self._flush():
             return
         if self._consumer is not None:
             tps = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
-            self._consumer.commit(offsets=tps, asynchronous=False)
+            try:
+                self._consumer.commit(offsets=tps, asynchronous=False)
+            except KafkaException as exc:
+                # A rebalance during a long outage gave the partitions away: their new owner redoes
+                # the batch, which the handlers' idempotence makes harmless.
+                log.warning("commit refused (%s); the batch will be redelivered to the partitions' owner", exc)
+
+    def _flush(self) -> bool:
+        """Wait until the broker has acknowledged everything the handler produced (an outage of the
+        broker is waited out); False if stopping first, so the batch stays uncommitted."""
+        attempt = 0
+        while True:
+            remaining = self.producer.flush(5)
+            if not remaining:
+                if attempt:
+                    self.health.up("kafka")
+                return True
+            attempt += 1
+            self.health.down("kafka", f"{remaining} produced message(s) not acknowledged")
+            if not self._wait(self.outage_retry.backoff(attempt)):
+                return False
 
     def _handle(self, batch: Batch) -> bool:
         """Run the handler with retries; a batch that keeps failing is retried one message at a time,
@@ -169,13 +208,30 @@ class ConsumerRuntime:
         return True
 
     def _attempts(self, batch: Batch) -> Exception | None:
-        """Call the handler until it returns; the last error if it never did (or we are stopping)."""
-        for attempt in range(1, self.retry.max_attempts + 1):
+        """Call the handler until it returns; the last error if it never did (or we are stopping).
+
+        An outage (``errors.outage``) is retried until the dependency is back and does not count as
+        an attempt; other errors get ``self.retry.max_attempts`` attempts."""
+        attempt = 0
+        outages = 0
+        down: set[str] = set()
+        while True:
             try:
                 self.handler(batch)
-                return None
             except Exception as exc:
-                if self.retry.exhausted(attempt) or self.stop_event.is_set():
+                dependency = outage(exc)
+                if self.stop_event.is_set():
+                    return exc
+                if dependency is not None:
+                    outages += 1
+                    down.add(dependency)
+                    self.health.down(dependency, exc)
+                    log.debug("outage of %s on a batch of %d (retry %d): %r", dependency, len(batch), outages, exc)
+                    if not self._wait(self.outage_retry.backoff(outages)):
+                        return exc
+                    continue
+                attempt += 1
+                if self.retry.exhausted(attempt):
                     log.exception("handler failed on a batch of %d (attempt %d)", len(batch), attempt)
                     return exc
                 delay = self.retry.backoff(attempt)
@@ -186,8 +242,46 @@ class ConsumerRuntime:
                     delay,
                     exc,
                 )
-                self.stop_event.wait(delay)
-        return RuntimeError("no attempt made")
+                if not self._wait(delay):
+                    return exc
+            else:
+                for dependency in down:
+                    self.health.up(dependency)
+                return None
+
+    def _wait(self, delay: float) -> bool:
+        """Back off for ``delay`` seconds while keeping the consumer in its group: its partitions are
+        paused and it is polled every ``_KEEPALIVE_S``. False if the runtime is stopping."""
+        consumer = self._consumer
+        if consumer is None:
+            return not self.stop_event.wait(delay)
+        try:
+            paused = consumer.assignment()
+            consumer.pause(paused)
+        except KafkaException as exc:
+            log.debug("could not pause partitions: %s", exc)
+            return not self.stop_event.wait(delay)
+        until = time.monotonic() + delay
+        try:
+            while not self.stop_event.is_set():
+                left = until - time.monotonic()
+                if left <= 0:
+                    break
+                rewound: set[tuple[str, int]] = set()
+                for msg in consumer.consume(self.batch_size, timeout=min(left, _KEEPALIVE_S)) or []:
+                    # A partition assigned during the wait is not paused: give its messages back
+                    # (rewind to the first one of each partition) and pause it too.
+                    key = (msg.topic(), msg.partition())
+                    if msg.error() is None and key not in rewound:
+                        rewound.add(key)
+                        with contextlib.suppress(KafkaException):
+                            consumer.seek(TopicPartition(*key, msg.offset()))
+                            consumer.pause([TopicPartition(*key)])
+                        paused.append(TopicPartition(*key))
+        finally:
+            with contextlib.suppress(KafkaException):
+                consumer.resume(paused)
+        return not self.stop_event.is_set()
 
 
 def run_until_signalled(runtime: ConsumerRuntime) -> None:

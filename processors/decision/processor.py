@@ -21,7 +21,7 @@ from processors.decision.decider import Decider, Decision
 from processors.workflow import ONBOARDING
 from streamagent import codec, db
 from streamagent.config import Settings
-from streamagent.errors import Rejected
+from streamagent.errors import DependencyUnavailable, Rejected
 from streamagent.events import (
     CommandResent,
     DecisionAction,
@@ -128,18 +128,45 @@ class DecisionHandler:
     not seen, e.g. after a restart), store all new decisions in one statement, produce their
     commands, and once those are acknowledged produce each DecisionRecorded carrying where its
     command landed (the state processor's evidence for re-drives), then the run endings.
+
+    A batch that fails before its decisions are stored (PostgreSQL down) leaves no trace in memory:
+    the runtime retries it whole, and it is decided again as if for the first time.
     """
 
     def __init__(self, settings: Settings, decider: Decider, producer: Producer, *, memory_size: int = 100_000) -> None:
         self.settings = settings
         self.decider = decider
         self.producer = producer
-        self.conn = db.connect(settings)
+        self.db = db.Reconnecting(settings.database_url)
         self.memory: OrderedDict[str, RunMemory] = OrderedDict()
         self.memory_size = memory_size
         self.round_trips = 0  # database round trips, for tests and the benchmark
+        # What this batch changed in memory before its decisions were stored: undone if it fails.
+        self._undo: dict[str, RunMemory | None] = {}
+
+    @property
+    def conn(self) -> Any:
+        return self.db.conn
 
     def __call__(self, batch: Batch) -> None:
+        self._undo = {}
+        try:
+            self._decide(batch)
+        except BaseException:
+            self._forget_unstored()
+            raise
+
+    def _forget_unstored(self) -> None:
+        """Undo the memory of decisions that were not stored: otherwise a retried batch would emit a
+        decision from memory (and a command the tools cannot find a decision for) that no table holds."""
+        for run_id, previous in self._undo.items():
+            if previous is None:
+                self.memory.pop(run_id, None)
+            else:
+                self.memory[run_id] = previous
+        self._undo = {}
+
+    def _decide(self, batch: Batch) -> None:
         snaps: list[tuple[Incoming, StateSnapshot]] = []
         for item in batch:
             if isinstance(item.event, StateSnapshot):
@@ -156,6 +183,7 @@ class DecisionHandler:
             except Rejected as exc:
                 batch.reject(item, exc.reason, exc.detail)
         emissions += self._store(new)
+        self._undo = {}  # stored: memory and table agree from here on
         self._emit(emissions, resends)
 
     # -- per snapshot ----------------------------------------------------------------------------
@@ -172,6 +200,7 @@ class DecisionHandler:
                 # Snapshots of a run start at version 1 and arrive in order on one partition, so a
                 # later version of a run with no recorded decision did not come from the state processor.
                 raise Unprocessable("unknown-run", f"snapshot v{snap.version} of run {snap.run_id} never seen before")
+            self._undo.setdefault(snap.run_id, None)
             memory = self._remember(snap.run_id, RunMemory(version=0))
         if snap.redrive_command_id is not None:
             self._resend(snap, memory, resends)
@@ -220,6 +249,8 @@ class DecisionHandler:
         )
         emission = Emission(record, topic, codec.encode(event), isinstance(event, ToolCommand))
         new.append((snap, emission))
+        if snap.run_id not in self._undo:
+            self._undo[snap.run_id] = RunMemory(memory.version, memory.decision_id, memory.emission)
         memory.version, memory.decision_id, memory.emission = snap.version, decision_id, emission
         log.debug(
             "decided %s %s",
@@ -342,7 +373,7 @@ class DecisionHandler:
         if pending:
             remaining = self.producer.flush(30)
             if remaining:
-                raise RuntimeError(f"{remaining} command(s) not acknowledged; the batch is retried")
+                raise DependencyUnavailable("kafka", f"{remaining} command(s) not acknowledged; the batch is retried")
         events = self.settings.topic(RUN_EVENTS)
         for index, emission in enumerate(emissions):
             value = emission.encoded or codec.encode(emission.record)
@@ -387,7 +418,9 @@ def make_decider(settings: Settings) -> Decider:
 
 
 def build(settings: Settings) -> ConsumerRuntime:
-    db.migrate(settings)
-    runtime = ConsumerRuntime(settings, PROCESSOR, [settings.topic(RUN_STATE)], lambda _: None)
+    db.migrate(settings, wait_s=db.WAIT_FOREVER)  # started during an outage: wait, do not crash-loop
+    runtime = ConsumerRuntime(
+        settings, PROCESSOR, [settings.topic(RUN_STATE)], lambda _: None, dependencies=("kafka", "postgres")
+    )
     runtime.handler = DecisionHandler(settings, make_decider(settings), runtime.producer)
     return runtime

@@ -90,7 +90,9 @@ class ProjectionHandler:
     """
 
     def __init__(self, settings: Settings) -> None:
-        self.conn = db.connect(settings, autocommit=False)
+        # Reconnected on use after PostgreSQL restarts; a batch whose transaction failed is retried
+        # whole by the runtime.
+        self.db = db.Reconnecting(settings.database_url, autocommit=False)
 
     def __call__(self, batch: Batch) -> None:
         rows: list[tuple[object, ...]] = []
@@ -121,7 +123,8 @@ class ProjectionHandler:
             events.append(event)
         if not rows:
             return
-        with self.conn.transaction(), self.conn.pipeline(), self.conn.cursor() as cur:
+        conn = self.db.conn
+        with conn.transaction(), conn.pipeline(), conn.cursor() as cur:
             cur.executemany(
                 "INSERT INTO run_events (event_id, run_id, type, occurred_at, causation_id, step, summary,"
                 " payload, topic, kafka_partition, kafka_offset) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
@@ -174,7 +177,7 @@ class ProjectionHandler:
 
 
 def build(settings: Settings) -> ConsumerRuntime:
-    db.migrate(settings)
+    db.migrate(settings, wait_s=db.WAIT_FOREVER)  # started during an outage: wait, do not crash-loop
     commands = "^" + re.escape(settings.topic(COMMANDS_PREFIX)) + ".*"
     topics = [settings.topic(RUN_EVENTS), settings.topic(TOOL_RESULTS), commands]
-    return ConsumerRuntime(settings, PROCESSOR, topics, ProjectionHandler(settings))
+    return ConsumerRuntime(settings, PROCESSOR, topics, ProjectionHandler(settings), dependencies=("kafka", "postgres"))

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import psycopg
+import pytest
 from test_fold import DEFAULT_DEADLINE_S, requested
 
 from processors.decision.processor import DecisionHandler
@@ -81,3 +83,27 @@ def test_a_batch_costs_one_round_trip_and_a_redelivery_none(settings: Settings) 
     assert handler.round_trips == 1
     again = [codec.decode(v) for t, v in producer.sent if t == settings.topic(RUN_EVENTS)]
     assert [d.decision_id for d in again] == [d.decision_id for d in decisions]
+
+
+def test_a_batch_that_could_not_be_stored_leaves_no_decision_in_memory(settings: Settings) -> None:
+    """PostgreSQL went away before the decisions were stored: the retried batch must store them, not
+    replay them from memory (their commands would reach tools with no recorded decision)."""
+    db.migrate(settings)
+    producer = LandingProducer()
+    handler = DecisionHandler(settings, RulesDecider(), producer)  # type: ignore[arg-type]
+    snapshots = [
+        apply(None, requested(event_id=f"req-{i}", run_id=f"run-{i}"), DEFAULT_DEADLINE_S).state.snapshot
+        for i in range(3)
+    ]
+    handler.db.discard()
+    handler.db.database_url = "postgresql://nobody@127.0.0.1:1/down"  # the outage
+    with pytest.raises(psycopg.OperationalError):
+        handler(_batch(snapshots))
+    assert producer.sent == [] and handler.memory == {}
+
+    handler.db.database_url = settings.database_url  # back
+    handler(_batch(snapshots))
+    with db.connect(settings) as conn:
+        stored = conn.execute("SELECT count(*) FROM decisions WHERE run_id LIKE 'run-%'").fetchone()
+    assert stored == (3,)
+    assert len([t for t, _ in producer.sent if t != settings.topic(RUN_EVENTS)]) == 3

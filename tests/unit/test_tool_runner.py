@@ -424,3 +424,54 @@ def test_the_runner_claims_once_per_batch_and_keeps_every_guarantee(settings: Se
     assert ledger.round_trips_by["write"] == runner.writer.flushes
     assert ledger.round_trips == runner.claimed_batches + runner.writer.flushes
     assert ledger.round_trips < len(commands)  # the per-command path made 4 per command
+
+
+class Held(Flaky):
+    """The first call takes ``hold_s`` (a slow API, or a ledger write waiting out an outage)."""
+
+    def __init__(self, hold_s: float) -> None:
+        super().__init__()
+        self.hold_s = hold_s
+
+    async def call(self, args: Numbers, ctx: CallContext) -> Numbers:
+        self.calls.append((ctx.run_id, ctx.command_id, ctx.headers["Idempotency-Key"], ctx.attempt))
+        if len(self.calls) == 1:
+            await asyncio.sleep(self.hold_s)  # the simulated slow call
+        return Numbers(n=args.n)
+
+
+@pytest.mark.integration
+def test_a_saturated_runner_keeps_its_place_in_its_group(settings: Settings) -> None:
+    """Every slot busy for longer than max.poll.interval.ms: the runner still polls (partitions paused),
+    so it is not thrown out of its group; nothing is redelivered and every offset is committed."""
+    _decisions(settings, ["d"])
+    create_topics(settings)
+    topic = settings.topic(command_topic("enrich"))
+    commands = [_command(f"run-{i}", "s0", i) for i in range(3)]
+    producer = Producer({"bootstrap.servers": settings.bootstrap_servers})
+    for command in commands:
+        producer.produce(topic, key=command.run_id.encode(), value=codec.encode(command))
+    assert producer.flush(10) == 0
+    tool = Held(hold_s=7.0)  # more than twice max.poll.interval.ms below
+    poll_limits = {"max.poll.interval.ms": 3000, "session.timeout.ms": 2000, "heartbeat.interval.ms": 500}
+    runner = ToolRunner(settings, tool, max_in_flight=1, consumer_config=poll_limits)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_until_complete, args=(runner.run(),), daemon=True)
+    thread.start()
+    try:
+        results_topic = settings.topic(TOOL_RESULTS)
+        eventually(lambda: len(read_topic(settings, results_topic)) >= 3, timeout=60, what="every result")
+        ends = {m.partition(): m.offset() + 1 for m in read_topic(settings, topic)}
+        group = settings.group("tool.enrich")
+
+        def committed() -> bool:
+            offsets = group_offsets(admin(settings), group, [(topic, p) for p in range(settings.partitions)])
+            return {p: o for (_t, p), o in offsets.items() if o >= 0} == ends
+
+        eventually(committed, timeout=30, what="offsets committed past every command")
+    finally:
+        loop.call_soon_threadsafe(runner.stop)
+        thread.join(30)
+    published = [codec.decode(m.value()) for m in read_topic(settings, settings.topic(TOOL_RESULTS))]
+    assert sorted(r.command_id for r in published) == sorted(c.command_id for c in commands)  # none twice
+    assert Counter(cid for _run, cid, _key, _attempt in tool.calls) == {c.command_id: 1 for c in commands}

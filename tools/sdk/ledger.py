@@ -6,8 +6,10 @@ event is published instead.
 The hot path costs few round trips: ``Ledger.claim`` checks the decisions of a whole consumed
 batch and claims its ledger rows in one statement, and ``LedgerWriter`` group-commits the attempt
 counts and final results that concurrent commands write, one statement per flush. A transient
-database error (lost connection, restart, deadlock) is retried with backoff until the statement
-goes through or the tool stops; it never fails a command.
+database error (lost connection, restart, deadlock: ``streamagent.errors.outage``) is retried with
+backoff until the statement goes through or the tool stops, on a connection replaced in one place
+(``db.AsyncReconnecting``); it never fails, dead-letters or acknowledges a command. The outage is
+logged once and shown in ``streamagent_dependency_up``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ from typing import Any
 
 import psycopg
 
+from streamagent import db
 from streamagent.config import Settings
+from streamagent.errors import outage
+from streamagent.metrics import DependencyHealth
 from streamagent.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -30,10 +35,12 @@ log = logging.getLogger(__name__)
 # Retries of a statement that failed transiently: until it succeeds or the tool stops.
 DB_RETRY = RetryPolicy(initial_s=0.05, multiplier=2.0, max_backoff_s=2.0, max_attempts=0)
 
-# psycopg's OperationalError covers lost and refused connections, admin shutdown, serialization
-# failures, deadlocks and cancelled statements: worth another try. Anything else (bad data, a bug in
-# a statement) fails the same way every time.
-TRANSIENT: tuple[type[BaseException], ...] = (psycopg.OperationalError, OSError, TimeoutError)
+
+def _transient(exc: BaseException) -> bool:
+    """An outage of PostgreSQL (``errors.outage``: lost and refused connections, restarts, serialization
+    failures, deadlocks), or a socket error or timeout: worth another try. Anything else (bad data, a
+    bug in a statement) fails the same way every time."""
+    return outage(exc) is not None or isinstance(exc, OSError | TimeoutError)
 
 
 class Stopping(Exception):
@@ -118,9 +125,12 @@ class Ledger:
         *,
         stop: asyncio.Event | None = None,
         retry: RetryPolicy = DB_RETRY,
+        health: DependencyHealth | None = None,
     ) -> None:
         self.database_url = database_url
-        self.conn = conn
+        self._db = db.AsyncReconnecting(database_url)
+        self._db.current = conn
+        self.health = health or DependencyHealth("ledger")
         self.stop = stop or asyncio.Event()
         self.retry = retry
         self.round_trips = 0
@@ -128,16 +138,26 @@ class Ledger:
         self._closed = False
 
     @classmethod
-    async def open(cls, settings: Settings, *, stop: asyncio.Event | None = None) -> Ledger:
-        ledger = cls(settings.database_url, stop=stop)
-        await ledger._connection()
+    async def open(
+        cls, settings: Settings, *, stop: asyncio.Event | None = None, health: DependencyHealth | None = None
+    ) -> Ledger:
+        ledger = cls(settings.database_url, stop=stop, health=health)
+        try:
+            await ledger._connection()
+        except Exception as exc:
+            if outage(exc) is None:
+                raise
+            ledger.health.down("postgres", exc)  # connected on first use, once it is back
         return ledger
+
+    @property
+    def conn(self) -> psycopg.AsyncConnection[Any] | None:
+        """The current connection (None between a broken one and its replacement)."""
+        return self._db.current
 
     async def close(self) -> None:
         self._closed = True
-        conn, self.conn = self.conn, None
-        if conn is not None:
-            await conn.close()
+        await self._db.close()
 
     # -- the statements --------------------------------------------------------------------------
     async def claim(self, tool: str, requests: Sequence[ClaimRequest]) -> list[Claimed | Exception]:
@@ -191,13 +211,7 @@ class Ledger:
     async def _connection(self) -> psycopg.AsyncConnection[Any]:
         if self._closed:
             raise Stopping("ledger closed")
-        if self.conn is not None and (self.conn.closed or self.conn.broken):
-            with contextlib.suppress(Exception):
-                await self.conn.close()
-            self.conn = None
-        if self.conn is None:
-            self.conn = await psycopg.AsyncConnection.connect(self.database_url, autocommit=True, connect_timeout=5)
-        return self.conn
+        return await self._db.conn()
 
     async def _round_trip(self, kind: str, sql: str, params: Any) -> list[tuple[Any, ...]]:
         """Run one statement; retry a transient failure with backoff until it goes through or stop is set."""
@@ -209,14 +223,21 @@ class Ledger:
             try:
                 conn = await self._connection()
                 cur = await conn.execute(sql, params)
-                return await cur.fetchall() if cur.description is not None else []
-            except TRANSIENT as exc:
+                rows = await cur.fetchall() if cur.description is not None else []
+            except Exception as exc:
+                if not _transient(exc):
+                    raise
+                self.health.down("postgres", exc)
                 delay = self.retry.backoff(attempt)
-                log.warning("database round trip failed (attempt %d), retrying in %.2fs: %r", attempt, delay, exc)
+                log.debug("database round trip failed (attempt %d), retrying in %.2fs: %r", attempt, delay, exc)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stop.wait(), timeout=delay)
                 if self.stop.is_set():
                     raise Stopping from exc
+                continue
+            if attempt > 1:
+                self.health.up("postgres")
+            return rows
 
 
 @dataclass

@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import signal
+import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -29,16 +30,16 @@ from datetime import UTC, datetime
 from typing import Any
 
 import httpx
-from confluent_kafka import KafkaError, Message, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 
 from streamagent import codec, db
 from streamagent.config import Settings
 from streamagent.dlq import DeadLetterSink
-from streamagent.errors import Rejected
+from streamagent.errors import Rejected, outage
 from streamagent.events import ToolCommand, ToolResult, ToolStatus, stable_id
 from streamagent.kafka import consumer as make_consumer
 from streamagent.kafka import producer as make_producer
-from streamagent.metrics import EVENTS_PROCESSED, TOOL_CALL_SECONDS, TOOL_CALLS
+from streamagent.metrics import EVENTS_PROCESSED, TOOL_CALL_SECONDS, TOOL_CALLS, DependencyHealth
 from streamagent.retry import RetryPolicy
 from streamagent.topics import TOOL_REGISTRY, TOOL_RESULTS, command_topic
 from tools.sdk.breaker import CircuitBreaker
@@ -54,6 +55,12 @@ COMMIT_INTERVAL_S = 0.2
 HTTP_SHARD_CONNECTIONS = 16
 # Re-sends of a dead letter whose delivery failed (librdkafka already retried it for its message timeout).
 DEAD_LETTER_RETRY = RetryPolicy(initial_s=0.5, max_backoff_s=5.0)
+# A command that met an outage (its result not acknowledged by the broker, ...) is run again, not
+# dead-lettered: from its ledger row, so its effect is not repeated.
+OUTAGE_RETRY = RetryPolicy(initial_s=0.1, max_backoff_s=2.0)
+# Under saturation the consumer is still polled this often (its partitions paused), so it keeps its
+# group membership while commands wait out an outage (max.poll.interval.ms).
+KEEPALIVE_S = 1.0
 
 
 class DeliveryFailed(RuntimeError):
@@ -114,8 +121,10 @@ class ToolRunner:
         *,
         max_in_flight: int | None = None,
         breaker: CircuitBreaker | None = None,
+        consumer_config: dict[str, object] | None = None,
     ) -> None:
         self.settings = settings
+        self.consumer_config = consumer_config or {}
         self.tool = tool
         self.topic = settings.topic(command_topic(tool.name))
         self.max_in_flight = max(1, max_in_flight or settings.tool_max_in_flight)
@@ -124,7 +133,9 @@ class ToolRunner:
         self._resume_free = max(1, min(self.batch_size, self.max_in_flight // 8))
         self.breaker = breaker or CircuitBreaker(tool.name)
         self.processor = f"tool.{tool.name}"
+        self.health = DependencyHealth(self.processor, ("kafka", "postgres", "sandbox"))
         self.stop_event = asyncio.Event()
+        self._stopped = threading.Event()  # the same, for code waiting in a thread
         self.producer = make_producer(settings)
         self._dlq_producer = _AckedProducer(self)
         self.dead_letters = DeadLetterSink(settings, self._dlq_producer, self.processor)  # type: ignore[arg-type]
@@ -145,11 +156,13 @@ class ToolRunner:
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def run(self) -> None:
-        db.migrate(self.settings)
         loop = self._loop = asyncio.get_running_loop()
-        self.ledger = await Ledger.open(self.settings, stop=self.stop_event)
+        # Started during a PostgreSQL outage: wait for it (stoppable), do not crash-loop.
+        migrate = functools.partial(db.migrate, self.settings, wait_s=db.WAIT_FOREVER, stop=self._stopped)
+        await loop.run_in_executor(None, migrate)
+        self.ledger = await Ledger.open(self.settings, stop=self.stop_event, health=self.health)
         self.writer = LedgerWriter(self.ledger, max_batch=max(self.max_in_flight, 1))
-        consumer = make_consumer(self.settings, self.processor)
+        consumer = make_consumer(self.settings, self.processor, **self.consumer_config)
         consumer.subscribe([self.topic], on_revoke=self._revoked)
         self._consumer = consumer
         poller = loop.run_in_executor(None, self._poll_producer)
@@ -158,16 +171,26 @@ class ToolRunner:
         self.http = self._http.clients[0]
         try:
             log.info("tool consuming", extra={"tool": self.tool.name, "topic": self.topic})
-            last_commit = time.monotonic()
+            last_commit = last_poll = time.monotonic()
+            paused: list[TopicPartition] = []
             while not self.stop_event.is_set():
                 free = self.max_in_flight - len(self._tasks)
                 if free < self._resume_free:
                     self._slots.clear()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._slots.wait(), timeout=0.1)
+                    if time.monotonic() - last_poll >= KEEPALIVE_S:
+                        # Saturated for a while (commands waiting out an outage, or a slow API): poll
+                        # with the partitions paused to stay in the group.
+                        paused = await loop.run_in_executor(self._kafka, self._keepalive)
+                        last_poll = time.monotonic()
                 else:
+                    if paused:
+                        await loop.run_in_executor(self._kafka, self._resume, paused)
+                        paused = []
                     size = min(self.batch_size, free)
                     batch = await loop.run_in_executor(self._kafka, consumer.consume, size, 0.1)
+                    last_poll = time.monotonic()
                     if batch:
                         self._accept(batch)
                 if time.monotonic() - last_commit >= COMMIT_INTERVAL_S:
@@ -187,6 +210,22 @@ class ToolRunner:
 
     def stop(self) -> None:
         self.stop_event.set()
+        self._stopped.set()
+
+    def _keepalive(self) -> list[TopicPartition]:
+        """In the Kafka thread: pause every assigned partition and poll once. A message still comes
+        from a partition assigned since; it is accepted (slightly over ``max_in_flight``), not lost."""
+        paused = self._consumer.assignment()
+        with contextlib.suppress(KafkaException):
+            self._consumer.pause(paused)
+        batch = self._consumer.consume(self.batch_size, 0)
+        if batch:
+            self._loop.call_soon_threadsafe(self._accept, batch)
+        return paused
+
+    def _resume(self, paused: list[TopicPartition]) -> None:
+        with contextlib.suppress(KafkaException):
+            self._consumer.resume(paused)
 
     async def _announce(self) -> None:
         value = json.dumps(self.tool.announcement(), sort_keys=True).encode()
@@ -310,7 +349,7 @@ class ToolRunner:
                         )
                     if previous is not None:
                         await previous  # commands of one run execute one at a time, in arrival order
-                    await self._execute(command, claimed.entry)
+                    await self._execute_through_outages(command, claimed.entry)
                 finally:
                     self._pass_turn(command.run_id, previous, turn)
             except Rejected as exc:
@@ -325,6 +364,27 @@ class ToolRunner:
         finally:
             self._release(command.command_id)
         tracker.done(msg.offset())
+
+    async def _execute_through_outages(self, command: ToolCommand, entry: LedgerEntry | None) -> None:
+        """``_execute``, run again while a dependency is down (never dead-lettered, never committed
+        meanwhile). A retry claims the command afresh, so a result that was recorded is republished
+        and an effect already made is not made again."""
+        outages = 0
+        while True:
+            try:
+                await self._execute(command, entry)
+                return
+            except Exception as exc:
+                dependency = outage(exc)
+                if dependency is None:
+                    raise
+                outages += 1
+                self.health.down(dependency, exc)
+                entry = None
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stop_event.wait(), timeout=OUTAGE_RETRY.backoff(outages))
+                if self.stop_event.is_set():
+                    raise Stopping from exc
 
     def _pass_turn(self, run_id: str, previous: asyncio.Future[None] | None, turn: asyncio.Future[None]) -> None:
         """Let the run's next command go, but never before the ones ahead of this one are done."""
@@ -406,6 +466,8 @@ class ToolRunner:
                     ctx = CallContext(http, command.run_id, command.command_id, attempt)
                     output = await self._call_once(command, ctx)
                 await self.breaker.success()
+                if self.health.is_down("sandbox"):
+                    self.health.up("sandbox")
                 status = ToolStatus.succeeded
                 break
             except PermanentError as exc:
@@ -414,6 +476,8 @@ class ToolRunner:
                 break
             except RetryableError as exc:
                 await self.breaker.failure()
+                if outage(exc) == "sandbox":  # unreachable, not just an error answer
+                    self.health.down("sandbox", exc)
                 TOOL_CALLS.labels(self.tool.name, "retried").inc()
                 delay = self.tool.retry.backoff(attempt, exc.retry_after)
                 if self.tool.retry.exhausted(attempt):
@@ -494,7 +558,9 @@ class ToolRunner:
             if delivered.done():
                 continue
             if err is not None:
-                delivered.set_exception(DeliveryFailed(f"delivery failed: {err}"))
+                failed = DeliveryFailed(f"delivery failed: {err}")
+                failed.__cause__ = KafkaException(err)  # so that ``errors.outage`` can class it
+                delivered.set_exception(failed)
             else:
                 delivered.set_result(None)
 
