@@ -452,16 +452,7 @@ def _get_server(data_dir: Path) -> PostgresServer:
 def _remove_stale_pidfile(data_dir: Path) -> None:
     """The package takes any live pid in postmaster.pid for a running server. After a reboot that pid
     can belong to an unrelated process, and after a SIGKILL to an unreaped zombie: either way it would
-    hand out a URL nobody answers. PostgreSQL's own socket lock files have the same weakness: a
-    killed postmaster that is still an unreaped zombie makes the next one refuse to start."""
-    for lock in data_dir.glob(".s.PGSQL.*.lock"):
-        try:
-            pid = int(lock.read_text().split("\n", 1)[0])
-        except (OSError, ValueError):
-            continue
-        if not pid_alive(pid):
-            log.warning("removing stale %s: pid %s is not running", lock, pid)
-            lock.unlink(missing_ok=True)
+    hand out a URL nobody answers."""
     pidfile = data_dir / "postmaster.pid"
     try:
         lines = pidfile.read_text().split("\n")
