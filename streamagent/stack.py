@@ -243,6 +243,7 @@ class Stack:
         restart_backoff_s: float = 0.5,
         max_backoff_s: float = 15.0,
         report: Callable[[str], None] | None = None,
+        infra_restart_delay_s: float = 0.0,
     ) -> None:
         """``report`` gets one human line per event a user should see on the terminal (a child that
         died, with its last error line); everything is logged either way."""
@@ -261,6 +262,10 @@ class Stack:
         self._supervisor: threading.Thread | None = None
         self._lock = threading.Lock()
         self.infra_restarts: dict[str, int] = {}
+        # How long a dead broker or PostgreSQL stays down before the supervisor starts it again (tests
+        # hold an outage open with it; 0 restarts at once).
+        self.infra_restart_delay_s = infra_restart_delay_s
+        self._down_since: dict[str, float] = {}
         self._data_lock: StackLock | None = None
 
     # -- start / stop ----------------------------------------------------------------------------
@@ -410,7 +415,7 @@ class Stack:
         """Restart a dead embedded broker or PostgreSQL in place: same port, same data dir, so the
         processes (which retry through the outage) reconnect to the same address. The broker comes
         back with its journal; PostgreSQL recovers from its WAL."""
-        if self.broker is not None and not self.broker.running and not self._stop.is_set():
+        if self.broker is not None and self._due("broker", not self.broker.running):
             log.warning("embedded broker died; restarting it on %s", self.broker.bootstrap_servers)
             self.infra_restarts["broker"] = self.infra_restarts.get("broker", 0) + 1
             started = time.monotonic()
@@ -421,7 +426,7 @@ class Stack:
             else:
                 self._report_infra("broker", f"restarted on {self.broker.bootstrap_servers}", started)
         pg = self.postgres
-        if pg is not None and (pg.pid is None or not pid_alive(pg.pid)) and not self._stop.is_set():
+        if pg is not None and self._due("postgres", pg.pid is None or not pid_alive(pg.pid)):
             log.warning("embedded postgres died; restarting it in %s", pg.data_dir)
             self.infra_restarts["postgres"] = self.infra_restarts.get("postgres", 0) + 1
             started = time.monotonic()
@@ -432,6 +437,17 @@ class Stack:
                 log.exception("embedded postgres did not restart; trying again")
             else:
                 self._report_infra("postgres", f"restarted in {pg.data_dir}", started)
+
+    def _due(self, name: str, dead: bool) -> bool:
+        """Whether a dead dependency has been down long enough to be started again."""
+        if not dead or self._stop.is_set():
+            self._down_since.pop(name, None)
+            return False
+        since = self._down_since.setdefault(name, time.monotonic())
+        if time.monotonic() - since < self.infra_restart_delay_s:
+            return False
+        del self._down_since[name]
+        return True
 
     def _report_infra(self, name: str, what: str, started: float) -> None:
         line = f"embedded {name} died; {what} in {time.monotonic() - started:.1f}s"

@@ -81,8 +81,10 @@ def _outage(stack: Stack, ports: dict[str, int], crash: str | None = None) -> tu
             assert health(ports[name])["status"] == "degraded"
         reported |= down
         time.sleep(0.5)
-    stack.postgres.start()
-    assert stack.postgres.url == url  # same socket: running processes reconnect to it
+    # The stack's supervisor starts it again once it has been down OUTAGE_S (infra_restart_delay_s).
+    pg = stack.postgres
+    eventually(lambda: stack.infra_restarts.get("postgres") == 1 and pg.pid is not None, timeout=60, what="restart")
+    assert pg.url == url  # same socket: running processes reconnect to it
     return reported, time.monotonic()
 
 
@@ -103,7 +105,7 @@ def _after_the_outage(stack: Stack, s: Settings, ports: dict[str, int], crashed:
 
 
 def test_postgres_killed_mid_flight_every_run_completes_once(settings: Settings) -> None:
-    with Stack(_own_postgres(settings)) as stack:
+    with Stack(_own_postgres(settings), infra_restart_delay_s=OUTAGE_S) as stack:
         s = stack.settings
         sandbox = SandboxClient(s.sandbox_url)
         for api in APIS:
@@ -133,7 +135,7 @@ def test_postgres_killed_mid_flight_every_run_completes_once(settings: Settings)
 
 
 def test_runs_whose_deadline_passes_during_the_outage_end_escalated(settings: Settings) -> None:
-    with Stack(_own_postgres(settings)) as stack:
+    with Stack(_own_postgres(settings), infra_restart_delay_s=OUTAGE_S) as stack:
         s = stack.settings
         sandbox = SandboxClient(s.sandbox_url)
         for api in APIS:
