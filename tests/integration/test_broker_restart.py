@@ -10,6 +10,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +34,7 @@ from streamagent.topics import RUN_STATE
 pytestmark = pytest.mark.integration
 
 APIS = ("enrich", "jira", "email", "slack")
+OUTAGE_S = 10.0
 
 
 def _steps_done(s: Settings, run_ids: list[str]) -> int:
@@ -48,9 +50,10 @@ def _assert_one_effect_each(sandbox: SandboxClient, run_ids: list[str]) -> None:
     assert not missing, f"missing effects: {missing[:10]}"
 
 
-def test_broker_killed_with_runs_in_flight_is_restarted_and_every_run_completes(settings: Settings) -> None:
+def test_broker_killed_with_runs_in_flight_and_back_10s_later_every_run_completes(settings: Settings) -> None:
     own_broker = settings.model_copy(update={"bootstrap_servers": "", "broker_storage": "journal"})
-    with Stack(own_broker) as stack:
+    # The supervisor starts the killed broker again after 10 s: an outage every process must ride out.
+    with Stack(own_broker, infra_restart_delay_s=OUTAGE_S) as stack:
         s = stack.settings
         sandbox = SandboxClient(s.sandbox_url)
         sandbox.set_faults("jira", FaultSpec(latency_ms=100))  # keep runs in flight at the kill
@@ -59,12 +62,14 @@ def test_broker_killed_with_runs_in_flight_is_restarted_and_every_run_completes(
         assert stack.broker is not None and stack.broker.pid is not None
         killed = stack.broker.pid
         os.kill(killed, signal.SIGKILL)
+        killed_at = time.monotonic()
         # The supervisor notices and restarts it, with its journal, on the same address.
         eventually(
             lambda: stack.broker is not None and stack.broker.pid not in (None, killed) and stack.broker.running,
             timeout=60,
             what="broker restarted",
         )
+        assert time.monotonic() - killed_at >= OUTAGE_S
         rows = eventually(lambda: ended(s, run_ids), timeout=240, interval=0.5, what="100 runs ended")
         assert Counter(r.status for r in rows) == {"completed": 100}
         _assert_one_effect_each(sandbox, run_ids)
