@@ -56,7 +56,8 @@ def measure(storage: str, history: list[int], pings: int, fetch_wait_ms: int) ->
         broker = EmbeddedBroker(Path(tmp) / "broker", storage=storage).start()
         try:
             bootstrap = broker.bootstrap_servers
-            for f in AdminClient({"bootstrap.servers": bootstrap}).create_topics([NewTopic(TOPIC, 1, 1)]).values():
+            admin = AdminClient({"bootstrap.servers": bootstrap})  # kept alive until its futures resolve
+            for f in admin.create_topics([NewTopic(TOPIC, 1, 1)]).values():
                 f.result()
             producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 0})
             consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "hop", "fetch.wait.max.ms": fetch_wait_ms})
