@@ -1,43 +1,156 @@
-"""The onboarding workflow, declared as data: its steps, their order, and what each needs.
+"""Workflows are data: each file under ``workflows/`` declares one, and this module reads it.
 
-The rules decider walks this list; the state processor uses it to lay out a new run's steps.
-Arguments are built only from the request and earlier steps' outputs, so a decision is a pure
-function of the snapshot it was made on.
+A workflow names its goal, the tools it may use, its steps in order, which earlier steps each one
+needs, and how each step's arguments are built from the request and earlier steps' outputs. The
+rules decider walks it; the state processor lays out a new run's steps from it. Arguments are built
+only from the snapshot, so a decision is a pure function of the snapshot it was made on.
+
+An argument value is a template: literal text with ``{path | filter ...}`` placeholders, where a
+path is ``request.<field>``, ``run.id`` or ``steps.<step>.output[.<key>...]`` and the filters are
+``default: <text>`` (used when the path is missing) and ``run_key`` (a key unique per run, see
+``project_key``). A value that is one placeholder and nothing else keeps the type of what it names.
+Non-string TOML values (numbers, booleans) are taken as they are.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
 from typing import Any, Literal
 
-from streamagent.events import OnboardingRequest, RunStatus, StateSnapshot, StepStatus
+from streamagent.events import DEFAULT_WORKFLOW, OnboardingRequest, RunStatus, StateSnapshot, StepStatus
 
 Results = Mapping[str, Mapping[str, Any]]
-ArgsBuilder = Callable[[OnboardingRequest, Results, str], dict[str, Any]]
+# Whether a tool can take commands now; the live tool catalogue provides one. Default: every tool.
+ToolAvailability = Callable[[str], bool]
+
+_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+_PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
+_REQUEST_FIELDS = frozenset(OnboardingRequest.model_fields) - {"workflow"}
+
+
+def every_tool_available(_tool: str) -> bool:
+    return True
+
+
+class WorkflowError(ValueError):
+    """A workflow file that cannot be used; the message names the file, the field and the reason."""
+
+    def __init__(self, file: Path | str, where: str, reason: str) -> None:
+        self.file, self.where, self.reason = str(file), where, reason
+        super().__init__(f"{file}: {where}: {reason}")
+
+
+class UnknownWorkflow(KeyError):
+    def __init__(self, name: str, known: list[str]) -> None:
+        self.name = name
+        self.message = f"unknown workflow {name!r} (known: {', '.join(known) or 'none'})"
+        super().__init__(self.message)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def project_key(company_name: str, run_id: str) -> str:
+    """A key unique per run: up to 4 letters of the text and 6 base-36 characters (31 bits) of the
+    run id's hash, 10 characters at most."""
+    letters = re.sub(r"[^A-Z]", "", company_name.upper())[:4] or "CL"
+    number = int.from_bytes(hashlib.sha256(run_id.encode()).digest()[:8], "big")
+    suffix = ""
+    for _ in range(6):
+        number, digit = divmod(number, 36)
+        suffix += "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"[digit]
+    return f"{letters}{suffix}"
+
+
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class Placeholder:
+    path: tuple[str, ...]
+    default: str | None = None
+    run_key: bool = False
+
+    def value(self, request: OnboardingRequest, results: Results, run_id: str) -> Any:
+        root, rest = self.path[0], self.path[1:]
+        found: Any
+        if root == "request":
+            found = getattr(request, rest[0])
+        elif root == "run":
+            found = run_id
+        else:
+            found = results.get(rest[0], _MISSING)
+            for key in rest[2:]:
+                found = found.get(key, _MISSING) if isinstance(found, Mapping) else _MISSING
+        if found is _MISSING:
+            if self.default is None:
+                raise KeyError(f"{'.'.join(self.path)} is missing and has no default")
+            found = self.default
+        return project_key(str(found), run_id) if self.run_key else found
+
+
+@dataclass(frozen=True)
+class Template:
+    """Literal text and placeholders, parsed once when the workflow is loaded."""
+
+    parts: tuple[str | Placeholder, ...]
+
+    def render(self, request: OnboardingRequest, results: Results, run_id: str) -> Any:
+        if len(self.parts) == 1 and isinstance(self.parts[0], Placeholder):
+            return self.parts[0].value(request, results, run_id)
+        return "".join(p if isinstance(p, str) else str(p.value(request, results, run_id)) for p in self.parts)
+
+
+@dataclass(frozen=True)
+class Arguments:
+    """A step's argument mapping: name -> template (or a literal non-string value)."""
+
+    values: tuple[tuple[str, Template | Any], ...] = ()
+
+    def build(self, request: OnboardingRequest, results: Results, run_id: str) -> dict[str, Any]:
+        return {
+            name: value.render(request, results, run_id) if isinstance(value, Template) else value
+            for name, value in self.values
+        }
+
+
+@dataclass(frozen=True)
+class Compensation:
+    tool: str
+    args: Arguments
 
 
 @dataclass(frozen=True)
 class Step:
     name: str
     tool: str
-    build: ArgsBuilder
+    args: Arguments = field(default_factory=Arguments)
     needs: tuple[str, ...] = ()
     # What a permanent failure of this step does to the run: end it as failed, or hand it to a human.
     on_failure: Literal["fail", "escalate"] = "fail"
-    # Optional undo, run when the run ends without completing: (tool, arguments builder).
-    compensation: tuple[str, ArgsBuilder] | None = None
+    # Optional undo, run when the run is abandoned after its deadline.
+    compensation: Compensation | None = None
+
+    def build(self, request: OnboardingRequest, results: Results, run_id: str) -> dict[str, Any]:
+        return self.args.build(request, results, run_id)
 
 
 @dataclass(frozen=True)
 class Workflow:
     name: str
     steps: tuple[Step, ...] = field(default_factory=tuple)
+    goal: str = ""
+    tools: tuple[str, ...] = ()
     # A run that passed its deadline is abandoned: what it created is undone (in reverse order).
     # A run that fails on a step keeps what it created and reports it (graceful degradation).
     compensate_abandoned: bool = True
+    source: str = ""
 
     def step(self, name: str) -> Step:
         for step in self.steps:
@@ -58,69 +171,212 @@ class Workflow:
         )
 
 
-def project_key(company_name: str, run_id: str) -> str:
-    """A Jira key unique per run: up to 4 letters of the company and 6 base-36 characters (31 bits)
-    of the run id's hash, within Jira's 10-character limit."""
-    letters = re.sub(r"[^A-Z]", "", company_name.upper())[:4] or "CL"
-    number = int.from_bytes(hashlib.sha256(run_id.encode()).digest()[:8], "big")
-    suffix = ""
-    for _ in range(6):
-        number, digit = divmod(number, 36)
-        suffix += "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"[digit]
-    return f"{letters}{suffix}"
+Workflows = Mapping[str, Workflow]
 
 
-def _enrich_args(req: OnboardingRequest, _results: Results, _run_id: str) -> dict[str, Any]:
-    return {"domain": req.company_domain}
+def lookup(workflows: Workflows, name: str) -> Workflow:
+    try:
+        return workflows[name]
+    except KeyError:
+        raise UnknownWorkflow(name, sorted(workflows)) from None
 
 
-def _jira_args(req: OnboardingRequest, results: Results, run_id: str) -> dict[str, Any]:
-    company = results["enrich"]
-    return {
-        "key": project_key(req.company_name, run_id),
-        "name": f"{req.company_name} onboarding",
-        "description": (
-            f"Onboarding {req.company_name} ({company.get('industry', 'unknown industry')}, "
-            f"{company.get('employees', '?')} employees). Goal: {req.goal}"
-        ),
-        "lead_email": req.contact_email,
-    }
+# -- loading ---------------------------------------------------------------------------------------
+def load_workflows(directory: Path) -> dict[str, Workflow]:
+    """Every ``*.toml`` under ``directory``, by workflow name; raises ``WorkflowError`` on the first bad one."""
+    if not directory.is_dir():
+        raise WorkflowError(directory, "workflows_dir", "is not a directory")
+    workflows = {}
+    for path in sorted(directory.glob("*.toml")):
+        workflow = load_workflow(path)
+        workflows[workflow.name] = workflow
+    if not workflows:
+        raise WorkflowError(directory, "workflows_dir", "holds no *.toml workflow")
+    return workflows
 
 
-def _email_args(req: OnboardingRequest, results: Results, _run_id: str) -> dict[str, Any]:
-    company, project = results["enrich"], results["jira"]
-    return {
-        "to": req.contact_email,
-        "subject": f"Welcome to streamagent, {req.company_name}",
-        "body": (
-            f"Hello {req.contact_name},\n\nWelcome aboard! We set up Jira project {project['key']} "
-            f"for {req.company_name}, tailored to the {company.get('industry', 'your')} industry.\n"
-        ),
-    }
+def load_workflow(path: Path) -> Workflow:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise WorkflowError(path, "toml", str(exc)) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise WorkflowError(path, "file", str(exc)) from None
+    return _Loader(path).workflow(data)
 
 
-def _slack_args(req: OnboardingRequest, results: Results, _run_id: str) -> dict[str, Any]:
-    company, project, mail = results["enrich"], results["jira"], results["email"]
-    return {
-        "channel": "#onboarding",
-        "text": (
-            f"New client {req.company_name} ({company.get('industry', '?')}, "
-            f"{company.get('employees', '?')} employees): Jira {project['key']}, "
-            f"welcome mail {mail.get('message_id', '?')} sent to {req.contact_email}."
-        ),
-    }
+class _Loader:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def fail(self, where: str, reason: str) -> WorkflowError:
+        return WorkflowError(self.path, where, reason)
+
+    def keys(self, table: Mapping[str, Any], where: str, allowed: set[str], required: set[str]) -> None:
+        for key in table:
+            if key not in allowed:
+                raise self.fail(f"{where}{key}", f"unknown field (allowed: {', '.join(sorted(allowed))})")
+        for key in sorted(required):
+            if key not in table:
+                raise self.fail(f"{where}{key}", "is required")
+
+    def name(self, value: Any, where: str) -> str:
+        if not isinstance(value, str) or not _NAME.match(value):
+            raise self.fail(where, f"must be a name of lowercase letters, digits, '-' or '_', not {value!r}")
+        return value
+
+    def workflow(self, data: dict[str, Any]) -> Workflow:
+        self.keys(
+            data, "", {"name", "goal", "tools", "steps", "compensate_abandoned"}, {"name", "goal", "tools", "steps"}
+        )
+        name = self.name(data["name"], "name")
+        if name != self.path.stem:
+            raise self.fail("name", f"{name!r} must match the file name {self.path.stem!r}")
+        goal = data["goal"]
+        if not isinstance(goal, str) or not goal.strip():
+            raise self.fail("goal", "must be non-empty text")
+        tools = data["tools"]
+        if not isinstance(tools, list) or not tools:
+            raise self.fail("tools", "must be a non-empty list of tool names")
+        tools = [self.name(t, f"tools[{i}]") for i, t in enumerate(tools)]
+        compensate = data.get("compensate_abandoned", True)
+        if not isinstance(compensate, bool):
+            raise self.fail("compensate_abandoned", "must be true or false")
+        raw_steps = data["steps"]
+        if not isinstance(raw_steps, list) or not raw_steps or not all(isinstance(s, dict) for s in raw_steps):
+            raise self.fail("steps", "must be a non-empty array of tables ([[steps]])")
+        steps: list[Step] = []
+        for index, raw in enumerate(raw_steps):
+            steps.append(self.step(raw, index, steps, set(tools)))
+        return Workflow(
+            name=name,
+            steps=tuple(steps),
+            goal=goal,
+            tools=tuple(tools),
+            compensate_abandoned=compensate,
+            source=str(self.path),
+        )
+
+    def step(self, raw: dict[str, Any], index: int, earlier: list[Step], tools: set[str]) -> Step:
+        where = f"steps[{index}]."
+        self.keys(raw, where, {"name", "tool", "needs", "args", "on_failure", "compensate"}, {"name", "tool"})
+        name = self.name(raw["name"], where + "name")
+        if name in {s.name for s in earlier}:
+            raise self.fail(where + "name", f"step {name!r} is declared twice")
+        where = f"steps.{name}."
+        tool = self.tool(raw["tool"], where + "tool", tools)
+        needs = raw.get("needs", [])
+        if not isinstance(needs, list) or not all(isinstance(n, str) for n in needs):
+            raise self.fail(where + "needs", "must be a list of step names")
+        declared = {s.name for s in earlier}
+        for need in needs:
+            if need not in declared:
+                raise self.fail(where + "needs", f"{need!r} is not a step declared before {name!r}")
+        on_failure = raw.get("on_failure", "fail")
+        if on_failure not in ("fail", "escalate"):
+            raise self.fail(where + "on_failure", f"must be 'fail' or 'escalate', not {on_failure!r}")
+        args = self.arguments(raw.get("args", {}), where + "args", set(needs))
+        compensation = None
+        if "compensate" in raw:
+            comp = raw["compensate"]
+            if not isinstance(comp, dict):
+                raise self.fail(where + "compensate", "must be a table with tool and args")
+            self.keys(comp, where + "compensate.", {"tool", "args"}, {"tool"})
+            compensation = Compensation(
+                self.tool(comp["tool"], where + "compensate.tool", tools),
+                # An undo may use what its own step produced.
+                self.arguments(comp.get("args", {}), where + "compensate.args", {*needs, name}),
+            )
+        return Step(name, tool, args, tuple(needs), on_failure, compensation)
+
+    def tool(self, value: Any, where: str, tools: set[str]) -> str:
+        tool = self.name(value, where)
+        if tool not in tools:
+            raise self.fail(where, f"tool {tool!r} is not in the workflow's tools ({', '.join(sorted(tools))})")
+        return tool
+
+    def arguments(self, raw: Any, where: str, visible: set[str]) -> Arguments:
+        if not isinstance(raw, dict):
+            raise self.fail(where, "must be a table of argument = template")
+        values = []
+        for key, value in raw.items():
+            if isinstance(value, str):
+                values.append((key, self.template(value, f"{where}.{key}", visible)))
+            elif isinstance(value, (dict, list)):
+                raise self.fail(f"{where}.{key}", "must be text, a number or a boolean")
+            else:
+                values.append((key, value))
+        return Arguments(tuple(values))
+
+    def template(self, text: str, where: str, visible: set[str]) -> Template:
+        parts: list[str | Placeholder] = []
+        last = 0
+        for match in _PLACEHOLDER.finditer(text):
+            literal = text[last : match.start()]
+            last = match.end()
+            token = match.group(0)
+            if token in ("{{", "}}"):
+                literal += token[0]
+            elif match.group(1) is None:
+                raise self.fail(
+                    where, f"unbalanced {token!r} at character {match.start()} (write {token * 2} for a literal)"
+                )
+            if literal:
+                parts.append(literal)
+            if match.group(1) is not None:
+                parts.append(self.placeholder(match.group(1), where, visible))
+        if text[last:]:
+            parts.append(text[last:])
+        merged: list[str | Placeholder] = []
+        for part in parts:
+            if isinstance(part, str) and merged and isinstance(merged[-1], str):
+                merged[-1] += part
+            else:
+                merged.append(part)
+        return Template(tuple(merged) or ("",))
+
+    def placeholder(self, inner: str, where: str, visible: set[str]) -> Placeholder:
+        path_text, *filters = (p.strip() for p in inner.split("|"))
+        path = tuple(path_text.split("."))
+        shown = "{" + inner + "}"
+        if path[0] == "request":
+            if len(path) != 2 or path[1] not in _REQUEST_FIELDS:
+                fields = ", ".join(sorted(_REQUEST_FIELDS))
+                raise self.fail(where, f"{shown}: request has no field {'.'.join(path[1:])!r} (fields: {fields})")
+        elif path[0] == "run":
+            if path != ("run", "id"):
+                raise self.fail(where, f"{shown}: the run offers only run.id")
+        elif path[0] == "steps":
+            if len(path) < 3 or path[2] != "output":
+                raise self.fail(where, f"{shown}: write steps.<step>.output[.<key>...]")
+            if path[1] not in visible:
+                raise self.fail(where, f"{shown}: step {path[1]!r} is not in this step's needs")
+        else:
+            raise self.fail(where, f"{shown}: a path starts with request., run. or steps., not {path[0]!r}")
+        default, run_key = None, False
+        for item in filters:
+            name, _, arg = item.partition(":")
+            name = name.strip()
+            if name == "default" and _:
+                default = arg.strip()
+            elif name == "run_key" and not _:
+                run_key = True
+            else:
+                raise self.fail(where, f"{shown}: unknown filter {item!r} (known: default: <text>, run_key)")
+        return Placeholder(path, default, run_key)
 
 
-def _close_jira_args(_req: OnboardingRequest, results: Results, _run_id: str) -> dict[str, Any]:
-    return {"key": results["jira"]["key"]}
+@lru_cache(maxsize=1)
+def default_workflows() -> Workflows:
+    """The workflows of the repository's ``workflows/`` (the settings' default)."""
+    from streamagent.config import DEFAULT_WORKFLOWS_DIR
+
+    return load_workflows(DEFAULT_WORKFLOWS_DIR)
 
 
-ONBOARDING = Workflow(
-    name="onboarding",
-    steps=(
-        Step("enrich", "enrich", _enrich_args),
-        Step("jira", "jira", _jira_args, needs=("enrich",), compensation=("jira", _close_jira_args)),
-        Step("email", "email", _email_args, needs=("enrich", "jira")),
-        Step("slack", "slack", _slack_args, needs=("enrich", "jira", "email"), on_failure="escalate"),
-    ),
-)
+def __getattr__(name: str) -> Any:
+    # ONBOARDING: the default workflow, read on first use (not at import, so that a bad file is
+    # reported by whoever loads it, with its file, field and reason).
+    if name == "ONBOARDING":
+        return default_workflows()[DEFAULT_WORKFLOW]
+    raise AttributeError(name)

@@ -15,6 +15,8 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 ENV_PREFIX = "STREAMAGENT_"
+# The repository's workflows/ (the package is installed editable, like schemas/ in codec.py).
+DEFAULT_WORKFLOWS_DIR = Path(__file__).resolve().parent.parent / "workflows"
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 LogFormat = Literal["json", "text"]
@@ -74,6 +76,7 @@ class Settings(BaseModel):
     replication_factor: int = Field(1, ge=1, description="Replicas of every topic created; 3 on a real cluster")
 
     decider: Decider = Field("rules", description="Which decider the decision processor uses: rules")
+    workflows_dir: Path = Field(DEFAULT_WORKFLOWS_DIR, description="Folder of workflow files (*.toml)")
     run_deadline_s: float = Field(600.0, gt=0, description="Default deadline of a run")
     command_deadline_s: float = Field(120.0, gt=0, description="How long a tool may keep retrying a command")
     tool_timeout_s: float = Field(5.0, gt=0, description="HTTP timeout of one tool call")

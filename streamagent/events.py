@@ -15,6 +15,8 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, EmailStr, Field, field_validator
 
 _DOMAIN_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-.")
+# The workflow a request runs when it names none (a file under workflows/).
+DEFAULT_WORKFLOW = "onboarding"
 
 
 def new_id() -> str:
@@ -60,7 +62,7 @@ class Event(BaseModel):
 class RunRequested(Event):
     SCHEMA_NAME = "io.streamagent.events.RunRequested"
 
-    schema_version: int = 2
+    schema_version: int = 3
     company_name: str = Field(min_length=1, max_length=200)
     company_domain: str = Field(min_length=3, max_length=253)
     contact_name: str = Field(min_length=1, max_length=200)
@@ -69,6 +71,7 @@ class RunRequested(Event):
     requested_by: str = Field(min_length=1, max_length=200)
     deadline_s: float | None = Field(default=None, gt=0)
     labels: dict[str, str] = Field(default_factory=dict)
+    workflow: str = Field(default=DEFAULT_WORKFLOW, min_length=1, max_length=100)
 
     @field_validator("company_domain")
     @classmethod
@@ -85,6 +88,8 @@ class DecisionAction(StrEnum):
     fail = "fail"
     escalate = "escalate"
     compensate = "compensate"
+    # Nothing to do yet (e.g. the next step's tool is not available); the reason says what for.
+    wait = "wait"
 
 
 class DecisionRecorded(Event):
@@ -247,6 +252,7 @@ class OnboardingRequest(BaseModel):
     goal: str
     requested_by: str
     labels: dict[str, str] = Field(default_factory=dict)
+    workflow: str = DEFAULT_WORKFLOW
 
 
 class StateSnapshot(BaseModel):

@@ -18,7 +18,7 @@ from typing import Any
 from confluent_kafka import Producer
 
 from processors.decision.decider import Decider, Decision
-from processors.workflow import ONBOARDING
+from processors.workflow import ToolAvailability, every_tool_available, load_workflows
 from streamagent import codec, db
 from streamagent.config import Settings
 from streamagent.errors import DependencyUnavailable, Rejected
@@ -48,8 +48,12 @@ def command_id(run_id: str, step: str, operation: str = "execute") -> str:
     return stable_id(run_id, step, operation)
 
 
-def follow_up(settings: Settings, snap: StateSnapshot, decision: Decision, decision_id: str) -> tuple[str, Event]:
-    """The event a decision sends into the world, and the topic it goes to."""
+def follow_up(
+    settings: Settings, snap: StateSnapshot, decision: Decision, decision_id: str
+) -> tuple[str | None, Event | None]:
+    """The event a decision sends into the world, and the topic it goes to (none for a wait)."""
+    if decision.action is DecisionAction.wait:
+        return None, None
     if decision.action in (DecisionAction.dispatch, DecisionAction.compensate):
         assert decision.step is not None and decision.tool is not None
         operation = "compensate" if decision.action is DecisionAction.compensate else "execute"
@@ -247,7 +251,8 @@ class DecisionHandler:
             completion_tokens=decision.completion_tokens,
             cost_usd=decision.cost_usd,
         )
-        emission = Emission(record, topic, codec.encode(event), isinstance(event, ToolCommand))
+        encoded = codec.encode(event) if event is not None else None
+        emission = Emission(record, topic, encoded, isinstance(event, ToolCommand))
         new.append((snap, emission))
         if snap.run_id not in self._undo:
             self._undo[snap.run_id] = RunMemory(memory.version, memory.decision_id, memory.emission)
@@ -409,11 +414,12 @@ def _landed(landed: dict[int, tuple[int, int]], index: int) -> Callable[[Any, An
     return on_delivery
 
 
-def make_decider(settings: Settings) -> Decider:
+def make_decider(settings: Settings, available: ToolAvailability = every_tool_available) -> Decider:
+    """The configured decider; its workflows are read here, so a malformed file stops the processor at start."""
     if settings.decider == "rules":
         from processors.decision.rules import RulesDecider
 
-        return RulesDecider(ONBOARDING)
+        return RulesDecider(load_workflows(settings.workflows_dir), available)
     raise ValueError(f"unknown decider {settings.decider!r} (known: rules)")
 
 

@@ -1,24 +1,49 @@
-"""The deterministic decider: walks the declared workflow. No network, no randomness."""
+"""The deterministic decider: walks the run's workflow (data, see workflows/). No network, no randomness."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from processors.decision.decider import Decision, context_of
-from processors.workflow import ONBOARDING, Workflow
+from processors.workflow import (
+    ToolAvailability,
+    UnknownWorkflow,
+    Workflow,
+    Workflows,
+    default_workflows,
+    every_tool_available,
+    lookup,
+)
 from streamagent.events import DecisionAction, RunStatus, StateSnapshot, StepStatus
+
+
+def waiting_for(tool: str) -> str:
+    return f"waiting for tool {tool}"
 
 
 class RulesDecider:
     name = "rules"
 
-    def __init__(self, workflow: Workflow = ONBOARDING) -> None:
-        self.workflow = workflow
+    def __init__(
+        self,
+        workflows: Workflows | Workflow | None = None,
+        available: ToolAvailability = every_tool_available,
+    ) -> None:
+        if isinstance(workflows, Workflow):
+            workflows = {workflows.name: workflows}
+        self.workflows: Workflows = default_workflows() if workflows is None else workflows
+        self.available = available
 
     def decide(self, snapshot: StateSnapshot) -> Decision | None:
-        context = context_of(snapshot, sorted({s.tool for s in self.workflow.steps}))
+        try:
+            workflow = lookup(self.workflows, snapshot.request.workflow)
+        except UnknownWorkflow as exc:
+            if snapshot.status is not RunStatus.running:
+                return None
+            return Decision(DecisionAction.escalate, str(exc), context=context_of(snapshot, []))
+        context = context_of(snapshot, sorted(t for t in {s.tool for s in workflow.steps} if self.available(t)))
         if snapshot.status is not RunStatus.running:
-            return self._compensation(snapshot, context)
+            return self._compensation(workflow, snapshot, context)
         if snapshot.deadline_exceeded:
             return Decision(
                 DecisionAction.escalate,
@@ -28,7 +53,7 @@ class RulesDecider:
         results = snapshot.results()
         for state in snapshot.steps:
             if state.status is StepStatus.failed:
-                step = self.workflow.step(state.name)
+                step = workflow.step(state.name)
                 action = DecisionAction.escalate if step.on_failure == "escalate" else DecisionAction.fail
                 return Decision(action, f"step {step.name} failed: {state.error}", step=step.name, context=context)
         for state in snapshot.steps:
@@ -36,10 +61,15 @@ class RulesDecider:
                 continue
             if state.status is StepStatus.dispatched:
                 return None  # its result is on the way
-            step = self.workflow.step(state.name)
+            step = workflow.step(state.name)
             missing = [n for n in step.needs if n not in results]
             if missing:
                 return None
+            if not self.available(step.tool):
+                # Recorded, so the run shows what it waits for; it escalates at its deadline.
+                return Decision(
+                    DecisionAction.wait, waiting_for(step.tool), step=step.name, tool=step.tool, context=context
+                )
             return Decision(
                 DecisionAction.dispatch,
                 f"{step.name} is the next step and {', '.join(step.needs) or 'nothing'} it needs is done",
@@ -50,23 +80,22 @@ class RulesDecider:
             )
         return Decision(DecisionAction.complete, "every step succeeded", context=context)
 
-    def _compensation(self, snapshot: StateSnapshot, context: dict[str, Any]) -> Decision | None:
+    def _compensation(self, workflow: Workflow, snapshot: StateSnapshot, context: dict[str, Any]) -> Decision | None:
         """Undo, last step first, what an abandoned run (deadline passed) created."""
-        if not self.workflow.undo_pending(snapshot):
+        if not workflow.undo_pending(snapshot):
             return None
         if any(s.status is StepStatus.compensating for s in snapshot.steps):
             return None  # one undo at a time
         results = snapshot.results()
         for state in reversed(snapshot.steps):
-            step = self.workflow.step(state.name)
+            step = workflow.step(state.name)
             if state.status is StepStatus.succeeded and step.compensation is not None:
-                tool, build = step.compensation
                 return Decision(
                     DecisionAction.compensate,
                     f"run abandoned after its deadline: undo {step.name}",
                     step=step.name,
-                    tool=tool,
-                    arguments=build(snapshot.request, results, snapshot.run_id),
+                    tool=step.compensation.tool,
+                    arguments=step.compensation.args.build(snapshot.request, results, snapshot.run_id),
                     context=context,
                 )
         return None

@@ -31,7 +31,7 @@ from confluent_kafka import Producer
 from processors.state.fold import RunState, apply, in_flight, needs_decision
 from processors.state.store import FaustTableStore, RunStore, maybe_active
 from processors.state.watch import DEADLINE, REDRIVE, Admission, DueQueue
-from processors.workflow import ONBOARDING
+from processors.workflow import UnknownWorkflow, Workflow, Workflows, load_workflows, lookup
 from streamagent import codec, faust_compat
 from streamagent.config import Settings
 from streamagent.dlq import DeadLetterSink
@@ -40,6 +40,7 @@ from streamagent.events import (
     CommandLost,
     Event,
     RunDeadlineExceeded,
+    RunRequested,
     RunStatus,
     StateSnapshot,
     StepState,
@@ -72,11 +73,14 @@ class Suspect:
 class StateWorker:
     """The fold, the snapshots, admission and the timer; faust only feeds it and keeps the table."""
 
-    def __init__(self, settings: Settings, store: RunStore, producer: Producer) -> None:
+    def __init__(
+        self, settings: Settings, store: RunStore, producer: Producer, workflows: Workflows | None = None
+    ) -> None:
         self.settings = settings
         self.store = store
         self.producer = producer
-        self.workflow = ONBOARDING
+        # Read once at start: a malformed file stops the processor here, with its file, field and reason.
+        self.workflows = load_workflows(settings.workflows_dir) if workflows is None else workflows
         self.dead_letters = DeadLetterSink(settings, producer, PROCESSOR)
         self.queue = DueQueue()
         self.admission = Admission.for_stack(settings.max_running_runs, settings.partitions)
@@ -101,8 +105,18 @@ class StateWorker:
         cached = self.cache.get(run_id)
         return cached if cached is not None else self.store.get(run_id)
 
+    def workflow(self, name: str) -> Workflow:
+        """The named workflow; an unknown name is refused (reason ``unknown_workflow``, dead-lettered)."""
+        try:
+            return lookup(self.workflows, name)
+        except UnknownWorkflow as exc:
+            raise Unprocessable("unknown_workflow", str(exc)) from None
+
     def _active(self, snap: StateSnapshot) -> bool:
-        return snap.status is RunStatus.running or bool(in_flight(snap)) or self.workflow.undo_pending(snap)
+        if snap.status is RunStatus.running or in_flight(snap):
+            return True
+        workflow = self.workflows.get(snap.request.workflow)
+        return workflow is not None and workflow.undo_pending(snap)
 
     # -- partitions ------------------------------------------------------------------------------
     def sync_assignment(self, assigned: frozenset[int]) -> None:
@@ -137,7 +151,9 @@ class StateWorker:
                 waiting.append((snap.created_at, run_id))
             else:
                 self.admission.admit(partition, run_id)
-                if needs_decision(snap, self.workflow):
+                if snap.request.workflow in self.workflows and needs_decision(
+                    snap, self.workflows[snap.request.workflow]
+                ):
                     republish.append(state)
             self._schedule(partition, state)
         for _, run_id in sorted(waiting):
@@ -178,7 +194,12 @@ class StateWorker:
         if not isinstance(event, Event) or (message.topic == self.results_topic) != isinstance(event, ToolResult):
             raise Unprocessable("unexpected-event", f"{type(event).__name__} on {message.topic}")
         before = self.state(event.run_id)
-        outcome = apply(before, event, self.settings.run_deadline_s, self.workflow)
+        workflow = None  # an event of a run never requested: the fold refuses it
+        if before is not None:
+            workflow = self.workflow(before.snapshot.request.workflow)
+        elif isinstance(event, RunRequested):
+            workflow = self.workflow(event.workflow)
+        outcome = apply(before, event, self.settings.run_deadline_s, workflow)
         if not outcome.changed:
             return
         after, wants = outcome.state, outcome.publish
@@ -309,7 +330,7 @@ class StateWorker:
         """Judge in-flight commands by their tool group's committed offset (one request per tool)."""
         by_tool: dict[str, list[tuple[int, RunState, StepState]]] = {}
         for item in checks:
-            by_tool.setdefault(self._tool_of(item[2]), []).append(item)
+            by_tool.setdefault(self._tool_of(item[1].snapshot, item[2]), []).append(item)
         judged: list[tuple[int, StepState, str, int]] = []
         for tool, items in by_tool.items():
             topic = self.settings.topic(command_topic(tool))
@@ -374,7 +395,7 @@ class StateWorker:
         self.queue.cancel(run_id, REDRIVE)
         redrive = step.redrives + 1
         give_up = step.redrives >= self.settings.redrive_max
-        tool = self._tool_of(step)
+        tool = self._tool_of(state.snapshot, step)
         evidence = (
             f"the {tool} tool's group committed {topic}[{step.command_partition}] up to {done}, past the"
             f" command at offset {step.command_offset}, and {self.results_topic}[{partition}] held no result"
@@ -408,10 +429,10 @@ class StateWorker:
             self.positions[tp] = max(0, done.get(tp, 0))
         return self.positions[tp]
 
-    def _tool_of(self, step: StepState) -> str:
-        declared = self.workflow.step(step.name)
+    def _tool_of(self, snap: StateSnapshot, step: StepState) -> str:
+        declared = self.workflow(snap.request.workflow).step(step.name)
         if step.status is StepStatus.compensating and declared.compensation is not None:
-            return declared.compensation[0]
+            return declared.compensation.tool
         return declared.tool
 
     def _admin_client(self) -> Any:

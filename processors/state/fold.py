@@ -12,7 +12,7 @@ from datetime import timedelta
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from processors.workflow import ONBOARDING, Workflow
+from processors.workflow import Workflow, default_workflows
 from streamagent.errors import Unprocessable
 from streamagent.events import (
     CommandLost,
@@ -76,7 +76,7 @@ def in_flight(snap: StateSnapshot) -> list[StepState]:
     return [s for s in snap.steps if s.status in _IN_FLIGHT and not (s.status is StepStatus.compensating and s.error)]
 
 
-def needs_decision(snap: StateSnapshot, workflow: Workflow = ONBOARDING) -> bool:
+def needs_decision(snap: StateSnapshot, workflow: Workflow | None = None) -> bool:
     """Whether the decider has something to decide on this state.
 
     Not while a command is in flight (its result will come), nor while a result waits for the
@@ -90,15 +90,22 @@ def needs_decision(snap: StateSnapshot, workflow: Workflow = ONBOARDING) -> bool
         return False
     if snap.status is RunStatus.running:
         return True
-    return workflow.undo_pending(snap)
+    workflow = workflow or default_workflows().get(snap.request.workflow)
+    return workflow is not None and workflow.undo_pending(snap)
 
 
-def apply(state: RunState | None, event: Event, default_deadline_s: float, workflow: Workflow = ONBOARDING) -> Applied:
+def apply(state: RunState | None, event: Event, default_deadline_s: float, workflow: Workflow | None = None) -> Applied:
+    """Fold one event; ``workflow`` is the run's (default: the repository's workflow the request names)."""
+    if workflow is None:
+        name = event.workflow if isinstance(event, RunRequested) else state.snapshot.request.workflow if state else ""
+        workflow = default_workflows().get(name)
     if state is not None and event.event_id in state.applied:
         return Applied(state, changed=False)
     if isinstance(event, RunRequested):
         if state is not None:
             raise Unprocessable("duplicate-run", f"run {event.run_id} was already requested")
+        if workflow is None:
+            raise Unprocessable("unknown_workflow", f"run {event.run_id} names unknown workflow {event.workflow!r}")
         return Applied(_start(event, default_deadline_s, workflow), changed=True, publish=True)
     if state is None:
         raise Unprocessable("unknown-run", f"{event.type} for run {event.run_id} that was never requested")
@@ -122,7 +129,11 @@ def apply(state: RunState | None, event: Event, default_deadline_s: float, workf
     applied = [*state.applied, event.event_id][-MAX_REMEMBERED:]
     # Only an event that changed what the run is (not just its version: stale evidence, a repeated
     # ending, a result delivered again) may ask for a decision.
-    publish = snap.redrive_command_id is not None or (snap is not moved and needs_decision(snap, workflow))
+    # A recorded wait asks for nothing either: the next decision comes with the next event (or the deadline).
+    waited = isinstance(event, DecisionRecorded) and event.action is DecisionAction.wait
+    publish = snap.redrive_command_id is not None or (
+        snap is not moved and not waited and needs_decision(snap, workflow)
+    )
     return Applied(state.model_copy(update={"snapshot": snap, "applied": applied}), changed=True, publish=publish)
 
 
@@ -135,6 +146,7 @@ def _start(event: RunRequested, default_deadline_s: float, workflow: Workflow) -
         goal=event.goal,
         requested_by=event.requested_by,
         labels=event.labels,
+        workflow=workflow.name,
     )
     deadline = event.occurred_at + timedelta(seconds=event.deadline_s or default_deadline_s)
     snap = StateSnapshot(
@@ -228,8 +240,12 @@ def _decision(snap: StateSnapshot, event: DecisionRecorded) -> StateSnapshot:
         # The run ends with the decision, not with the RunCompleted/RunFailed that announces it, so
         # no snapshot in between invites the decider to decide the same ending again.
         return snap.model_copy(update={"status": _ENDINGS[event.action], "reason": event.reason})
+    if event.action is DecisionAction.wait:
+        return snap.model_copy(update={"reason": event.reason})  # what the run waits for, shown while running
     if event.action is not DecisionAction.dispatch or event.step is None:
         return snap
+    if snap.reason is not None:
+        snap = snap.model_copy(update={"reason": None})  # no longer waiting
     step = _step(snap, event.step)
     if step.status is StepStatus.pending:
         return _replace_step(
