@@ -101,6 +101,7 @@ def _require_given(settings: Settings) -> None:
         load_faults([], os.environ.get(FAULTS_ENV, ""))
     except ValueError as exc:
         raise CliError(str(exc), code=2) from None
+    _workflows(settings)  # a malformed workflow file is refused before anything starts
     if settings.metrics_port:
         raise CliError(
             f"STREAMAGENT_METRICS_PORT={settings.metrics_port} would give every process of the stack the same port;"
@@ -111,6 +112,23 @@ def _require_given(settings: Settings) -> None:
         _require_broker(settings.bootstrap_servers, _ENV["bootstrap_servers"])
     if settings.database_url:
         _require_database(settings.database_url, _ENV["database_url"])
+
+
+def _workflows(settings: Settings) -> dict[str, Any]:
+    """The workflows of ``workflows_dir``; a malformed file is one line naming file, field and reason."""
+    from processors.workflow import WorkflowError, load_workflows
+
+    try:
+        return load_workflows(settings.workflows_dir)
+    except WorkflowError as exc:
+        raise CliError(f"invalid workflow: {exc}", code=2) from None
+
+
+def cmd_workflows_check(args: argparse.Namespace) -> int:
+    for name, workflow in _workflows(get_settings()).items():
+        steps = " -> ".join(f"{s.name}({s.tool})" for s in workflow.steps)
+        print(f"ok  {name}: {steps}  [{workflow.source}]")
+    return 0
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -221,15 +239,17 @@ REQUEST_FIELDS = ("company_name", "company_domain", "contact_name", "contact_ema
 def cmd_submit(args: argparse.Namespace) -> int:
     from streamagent.submit import InvalidRequest, build_request, produce_requests, read_jsonl
 
+    known = set(_workflows(get_settings()))
     try:
         if args.file:
-            requests = read_jsonl(Path(args.file))
+            requests = read_jsonl(Path(args.file), known)
         else:
             fields: dict[str, Any] = {f: getattr(args, f) for f in REQUEST_FIELDS}
-            fields.update(run_id=args.run_id, deadline_s=args.deadline_s)
-            requests = [build_request(fields)]
+            fields.update(run_id=args.run_id, deadline_s=args.deadline_s, workflow=args.workflow)
+            requests = [build_request(fields, known)]
     except InvalidRequest as exc:
-        print(f"error: invalid request, nothing was submitted:\n{exc}", file=sys.stderr)
+        sep = "\n" if "\n" in str(exc) else " "  # one problem: one line
+        print(f"error: invalid request, nothing was submitted:{sep}{exc}", file=sys.stderr)
         return 2
     except OSError as exc:
         raise CliError(f"cannot read {args.file}: {exc.strerror or exc}", code=2) from None
@@ -415,6 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--requested-by")
     submit.add_argument("--run-id", type=non_empty, help="defaults to a new uuid")
     submit.add_argument("--deadline-s", type=positive_float, help="seconds the run may take")
+    submit.add_argument("--workflow", type=non_empty, help="workflow to run (default onboarding)")
     submit.add_argument("--file", help="JSON-lines file, one request object per line (fields as the flags)")
     submit.add_argument("--wait", action="store_true", help="wait until every submitted run has ended")
     submit.add_argument("--timeout", type=positive_float, default=120.0, help="seconds --wait waits (default 120)")
@@ -463,6 +484,15 @@ def build_parser() -> argparse.ArgumentParser:
     dlq_replay.add_argument("--reason", type=non_empty, help="every dead letter with this reason")
     dlq_replay.add_argument("--all", action="store_true", help="every dead letter")
     dlq_replay.set_defaults(func=cmd_dlq_replay)
+
+    workflows = add("workflows", lambda a: 2, "Inspect the workflows (files under workflows_dir)")
+    workflows_sub = workflows.add_subparsers(dest="workflows_command", metavar="SUBCOMMAND", required=True)
+    check = workflows_sub.add_parser(
+        "check",
+        help="Load every workflow file; a malformed one is named with its field and reason",
+        description="Load every workflow file; a malformed one is named with its field and reason (exit 2)",
+    )
+    check.set_defaults(func=cmd_workflows_check)
 
     register_sandbox(sub)
     return parser
@@ -533,6 +563,10 @@ def _describe(exc: Exception) -> tuple[str, int, bool]:
         return str(exc), exc.code, True
     if isinstance(exc, SettingsError):
         return str(exc), 2, True
+    from processors.workflow import WorkflowError
+
+    if isinstance(exc, WorkflowError):  # e.g. a processor reading a malformed workflow at start
+        return f"invalid workflow: {exc}", 2, True
     import psycopg  # only now: a command that failed early need not pay for these imports
     from confluent_kafka import KafkaException
 

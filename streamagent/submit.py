@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +28,21 @@ def describe(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def build_request(fields: dict[str, Any]) -> RunRequested:
+def build_request(fields: dict[str, Any], workflows: Collection[str] | None = None) -> RunRequested:
+    """A valid request; with ``workflows`` (the known names), one naming another workflow is refused."""
     data = {k: v for k, v in fields.items() if v is not None}
     data.setdefault("run_id", new_id())
     try:
-        return RunRequested.model_validate(data)
+        request = RunRequested.model_validate(data)
     except ValidationError as exc:
         raise InvalidRequest(describe(exc)) from exc
+    if workflows is not None and request.workflow not in workflows:
+        known = ", ".join(sorted(workflows)) or "none"
+        raise InvalidRequest(f"workflow (--workflow): unknown workflow {request.workflow!r} (known: {known})")
+    return request
 
 
-def read_jsonl(path: Path) -> list[RunRequested]:
+def read_jsonl(path: Path, workflows: Collection[str] | None = None) -> list[RunRequested]:
     """Every line must be valid, or nothing is produced."""
     requests, problems = [], []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
@@ -47,7 +52,7 @@ def read_jsonl(path: Path) -> list[RunRequested]:
             fields = json.loads(line)
             if not isinstance(fields, dict):
                 raise InvalidRequest("a line must hold a JSON object")
-            requests.append(build_request(fields))
+            requests.append(build_request(fields, workflows))
         except json.JSONDecodeError as exc:
             problems.append(f"line {number}: not JSON ({exc.msg})")
         except InvalidRequest as exc:
