@@ -46,7 +46,7 @@ def summarize(event: Event) -> tuple[str | None, str]:
     match event:
         case RunRequested():
             return None, (
-                f"{event.requested_by} requested onboarding of {event.company_name} ({event.company_domain}),"
+                f"{event.requested_by} requested {event.workflow} of {event.company_name} ({event.company_domain}),"
                 f" contact {event.contact_name} <{event.contact_email}>"
             )
         case DecisionRecorded():
@@ -162,6 +162,20 @@ class ProjectionHandler:
                 " AND payload->>'operation'='execute') WHERE run_id = ANY(%s)",
                 (counted,),
             )
+        # A running run shows what it waits for (e.g. "waiting for tool crm") until a step is dispatched.
+        last: dict[str, DecisionRecorded] = {}  # per run, its latest wait or dispatch in this batch
+        for e in events:
+            if isinstance(e, DecisionRecorded) and e.action.value in ("wait", "dispatch"):
+                last[e.run_id] = e
+        dispatched = sorted(r for r, e in last.items() if e.action.value == "dispatch")
+        if dispatched:  # one statement per batch; it touches only runs that were waiting
+            cur.execute(
+                "UPDATE runs SET reason=NULL WHERE run_id = ANY(%s) AND status='running' AND reason IS NOT NULL",
+                (dispatched,),
+            )
+        waits = [(e.reason, r) for r, e in last.items() if e.action.value == "wait"]
+        if waits:
+            cur.executemany("UPDATE runs SET reason=%s WHERE run_id=%s AND status='running'", waits)
         completed = [e for e in events if isinstance(e, RunCompleted)]
         if completed:
             cur.executemany(
