@@ -13,11 +13,12 @@ COPY streamagent ./streamagent
 COPY processors ./processors
 COPY tools ./tools
 COPY schemas ./schemas
+COPY workflows ./workflows
 
 RUN pip install . \
     && useradd --system --uid 10001 --home-dir /app streamagent
 
-# The codec finds schemas/ beside the streamagent package (streamagent/codec.py: SCHEMA_DIR), which a
+# The codec finds schemas/ (and the settings find workflows/) beside the streamagent package, which a
 # site-packages install does not have; import the package from the source tree instead.
 ENV PYTHONPATH=/app \
     STREAMAGENT_DATA_DIR=/tmp/streamagent
