@@ -336,3 +336,33 @@ def test_a_snapshot_of_a_workflow_the_decider_does_not_know_escalates() -> None:
     decision = RulesDecider(ONBOARDING).decide(stray)
     assert decision is not None and decision.action is DecisionAction.escalate
     assert "unknown workflow 'gone'" in decision.reason
+
+
+# -- compatibility: events written before requests named a workflow -----------------------------------
+def test_a_request_and_a_snapshot_written_with_the_previous_schemas_read_as_onboarding() -> None:
+    from streamagent import codec
+
+    registry = codec.registry()
+    old = {e.name: e for e in registry.by_fingerprint.values() if not e.current}
+    request = _requested()
+    v2 = next(
+        e
+        for e in registry.by_fingerprint.values()
+        if e.name.endswith("RunRequested") and not e.current and any(f["name"] == "labels" for f in e.parsed["fields"])
+    )
+    decoded = codec.decode(codec.encode(request, schema=v2))
+    assert isinstance(decoded, RunRequested) and decoded.workflow == "onboarding"
+    assert decoded.model_dump(exclude={"schema_version"}) == request.model_dump(exclude={"schema_version"})
+    snap = apply(None, request, 600.0).state.snapshot
+    snapshots = [e for e in registry.by_fingerprint.values() if e.name.endswith("StateSnapshot") and not e.current]
+    newest_old = max(snapshots, key=lambda e: len(str(e.parsed)))
+    again = codec.decode(codec.encode(snap, schema=newest_old))
+    assert isinstance(again, StateSnapshot) and again.request.workflow == "onboarding" and again == snap
+    assert old  # history is kept
+
+
+def test_a_processor_refusing_a_malformed_workflow_reports_one_line_without_traceback(tmp_path: Path) -> None:
+    from streamagent.cli import _describe
+
+    message, code, expected = _describe(WorkflowError(tmp_path / "x.toml", "steps.a.tool", "is required"))
+    assert (message, code, expected) == (f"invalid workflow: {tmp_path / 'x.toml'}: steps.a.tool: is required", 2, True)
