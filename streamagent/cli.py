@@ -198,6 +198,8 @@ def cmd_processor(args: argparse.Namespace) -> int:
     # No probe: a child of `up` that starts while the broker restarts waits in its client, not exits.
     required = ("bootstrap_servers", "database_url") if args.name != "state" else ("bootstrap_servers",)
     settings = _settings(required, probe=False)
+    if args.name in ("state", "decision"):
+        _workflows(settings)  # a malformed workflow file: one line, before anything connects
     logs.configure(f"processor-{args.name}", settings.log_level, settings.log_format)
     _serve_metrics(settings, f"processor-{args.name}")
     if args.name == "state":

@@ -424,9 +424,10 @@ def make_decider(settings: Settings, available: ToolAvailability = every_tool_av
 
 
 def build(settings: Settings) -> ConsumerRuntime:
+    decider = make_decider(settings)  # first: a malformed workflow file stops the start at once
     db.migrate(settings, wait_s=db.WAIT_FOREVER)  # started during an outage: wait, do not crash-loop
     runtime = ConsumerRuntime(
         settings, PROCESSOR, [settings.topic(RUN_STATE)], lambda _: None, dependencies=("kafka", "postgres")
     )
-    runtime.handler = DecisionHandler(settings, make_decider(settings), runtime.producer)
+    runtime.handler = DecisionHandler(settings, decider, runtime.producer)
     return runtime

@@ -110,3 +110,20 @@ def test_a_malformed_workflow_is_refused_in_one_line_with_file_field_and_reason(
     assert err.count("\n") == 1
     assert f"invalid workflow: {bad}: steps.s.tool: tool 'b' is not in the workflow's tools (a)" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("name", ["state", "decision"])
+def test_a_processor_refuses_a_malformed_workflow_at_start(
+    unroutable: None, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path, name: str
+) -> None:
+    folder = tmp_path / "workflows"
+    folder.mkdir()
+    (folder / "broken.toml").write_text('name = "broken"\ngoal = ""\ntools = ["a"]\n')
+    monkeypatch.setenv("STREAMAGENT_WORKFLOWS_DIR", str(folder))
+    monkeypatch.setenv("STREAMAGENT_DATABASE_URL", "postgresql://nobody@127.0.0.1:1/down")
+    get_settings.cache_clear()
+    assert main(["processor", name]) == 2
+    err = capsys.readouterr().err
+    assert f"streamagent processor: error: invalid workflow: {folder / 'broken.toml'}: steps: is required\n" in err
+    assert "Traceback" not in err
