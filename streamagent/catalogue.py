@@ -81,7 +81,8 @@ class Announcement(BaseModel):
         return registry_key(self.name, self.member_id)
 
     def encode(self) -> bytes:
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        # Not key-sorted: a schema's properties keep the model's field order (``schema_fingerprint`` sorts).
+        return json.dumps(self.model_dump(mode="json")).encode()
 
     @property
     def schema_fingerprint(self) -> str:

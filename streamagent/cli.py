@@ -320,6 +320,8 @@ def schema_summary(schema: dict[str, Any]) -> str:
     fields = []
     for name, spec in (schema.get("properties") or {}).items():
         kind = spec.get("type") or ("|".join(s.get("type", "?") for s in spec.get("anyOf", ())) or "?")
+        if spec.get("format"):
+            kind += f"({spec['format']})"
         fields.append(f"{name}{'' if name in required else '?'}: {kind}")
     return ", ".join(fields) or "(no fields)"
 
