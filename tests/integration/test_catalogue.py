@@ -10,9 +10,11 @@ from typing import Any
 import pytest
 from helpers import eventually, read_topic
 
-from streamagent.catalogue import Announcement, decode
+from streamagent.catalogue import Announcement, Catalogue, decode
 from streamagent.cli import main as cli
 from streamagent.config import Settings, get_settings, to_env
+from streamagent.dlq import DeadLetterSink
+from streamagent.kafka import producer as make_producer
 from streamagent.stack import Stack
 from streamagent.topics import TOOL_REGISTRY, TOOLS
 
@@ -60,10 +62,28 @@ def test_tools_lists_the_live_catalogue_and_a_stopped_tool_becomes_unavailable(
             assert tool["requires_approval"] is False
         assert set(tools["enrich"]["input_schema"]["properties"]) == {"domain"}
 
+        # A registry message that does not decode: refused with its reason, the last good entry kept;
+        # a catalogue given a dead-letter sink dead-letters it.
+        registry = env.topic(TOOL_REGISTRY)
+        producer = make_producer(env)
+        producer.produce(registry, key=f"enrich/{env.topic_prefix}tool-enrich".encode(), value=b"{not json")
+        producer.flush(10)
+        with Catalogue(env, dead_letters=DeadLetterSink(env, producer, "catalogue")) as catalogue:
+            assert [r[2] for r in catalogue.load().rejected] == ["not-json"]
+            assert catalogue.available("enrich") is not None
+        producer.flush(10)
+        assert listed(capsys)["enrich"]["status"] == "available"
+        assert cli(["dlq", "list", "--json"]) == 0
+        letters = json.loads(capsys.readouterr().out)
+        assert [(x["reason"], x["source_topic"], x["processor"]) for x in letters] == [
+            ("not-json", registry, "catalogue")
+        ]
+
         capsys.readouterr()
         assert cli(["tools"]) == 0
-        table = capsys.readouterr().out
-        assert "enrich" in table and "available" in table and "domain: string" in table
+        out = capsys.readouterr()
+        assert "enrich" in out.out and "available" in out.out and "domain: string" in out.out
+        assert "not readable (not-json)" in out.err
 
         # A graceful stop announces leaving: unavailable without waiting for the lease.
         stack.undeploy("tool-slack")
