@@ -62,6 +62,8 @@ OUTAGE_RETRY = RetryPolicy(initial_s=0.1, max_backoff_s=2.0)
 # Under saturation the consumer is still polled this often (its partitions paused), so it keeps its
 # group membership while commands wait out an outage (max.poll.interval.ms).
 KEEPALIVE_S = 1.0
+# How long a stopping tool waits for its leave announcement to be acknowledged.
+LEAVE_TIMEOUT_S = 2.0
 
 
 class DeliveryFailed(RuntimeError):
@@ -259,9 +261,12 @@ class ToolRunner:
                 log.warning("heartbeat not delivered: %r", exc, extra={"tool": self.tool.name})
 
     async def _leave(self) -> None:
-        """Tell the catalogue this member is gone (bounded: an outage at stop lets the lease lapse)."""
+        """Tell the catalogue this member is gone. Bounded, and skipped while the broker is down: the
+        lease then lapses instead, and the stop is not held up."""
+        if self.health.is_down("kafka"):
+            return
         try:
-            await asyncio.wait_for(self._announce("left"), timeout=5.0)
+            await asyncio.wait_for(self._announce("left"), timeout=LEAVE_TIMEOUT_S)
         except Exception as exc:
             log.warning("leave announcement not delivered: %r", exc, extra={"tool": self.tool.name})
 
