@@ -318,6 +318,18 @@ class CatalogueState:
         return [e for name in sorted(self._tools) if (e := self.entry(name, now_ms)) is not None]
 
 
+class ToolCatalogue(Protocol):
+    """What a consumer of the catalogue (the decision layer) needs; ``Catalogue`` is the Kafka-fed one.
+
+    ``available`` is ``None`` for a tool never announced and for one with no live member; ``entries``
+    lists every known tool, available or not, by name.
+    """
+
+    def available(self, name: str) -> ToolEntry | None: ...
+
+    def entries(self) -> list[ToolEntry]: ...
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 

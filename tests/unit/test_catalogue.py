@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from streamagent.catalogue import Announcement, Catalogue, CatalogueState
+from streamagent.catalogue import Announcement, Catalogue, CatalogueState, ToolCatalogue
 from streamagent.config import Settings
 from tools.enrich import Enrich
 
@@ -205,8 +205,9 @@ def test_the_catalogue_dead_letters_what_does_not_decode_and_keeps_the_last_good
 
 
 def test_available_answers_none_for_an_unknown_or_unavailable_tool() -> None:
-    catalogue = Catalogue(Settings())
+    catalogue: ToolCatalogue = Catalogue(Settings())
     assert catalogue.available("enrich") is None
     stale = up("m1", 1000)  # its lease ran out decades ago, by the wall clock
-    catalogue._fold([FakeMessage(stale.key(), stale.encode(), 0)])
-    assert catalogue.entry("enrich") is not None and catalogue.available("enrich") is None
+    catalogue._fold([FakeMessage(stale.key(), stale.encode(), 0)])  # type: ignore[attr-defined]
+    assert catalogue.available("enrich") is None
+    assert [(e.name, e.status) for e in catalogue.entries()] == [("enrich", "unavailable")]
