@@ -229,6 +229,8 @@ class CatalogueState:
         if tool is None:
             tool = self._tools[a.name] = _Tool(a)
         elif a.schema_fingerprint != tool.definition.schema_fingerprint:
+            if a.member_id is not None:  # a member has one schema at a time: this supersedes its last one
+                tool.members.pop(a.member_id, None)
             if a.member_id is None or a.state == "left" or self._owner_keeps(tool, a, now):
                 return self._refuse(tool, a, now)
             log.warning(

@@ -107,6 +107,16 @@ def test_another_schema_takes_a_name_over_once_the_owner_has_no_live_member() ->
     assert feed(state, up("m1", 2000 + LEASE)) == ["refused"]
 
 
+def test_a_member_restarted_with_another_schema_replaces_its_own_announcement() -> None:
+    # A crashed member (no leave) comes back under the same member id with an incompatible version:
+    # its own earlier announcement does not hold the name against it.
+    state = CatalogueState()
+    feed(state, up("m1", 1000))
+    assert feed(state, up("m1", 2000, tool=Impostor)) == ["ok"]
+    entry = state.entry("enrich", 2000)
+    assert entry is not None and entry.version == "9" and [m.member_id for m in entry.members] == ["m1"]
+
+
 def test_a_cold_read_reaches_the_same_table_as_a_live_reader() -> None:
     messages = [
         up("m1", 1000),
