@@ -315,6 +315,41 @@ def print_runs_table(rows: list[Any]) -> None:
         print(f"{r.run_id:<36}  {(r.company_name or '?')[:24]:<24} {r.status:<10} {r.steps_done:>3}/4 {duration:>9}")
 
 
+# -- the tool catalogue ------------------------------------------------------------------------------
+def cmd_tools(args: argparse.Namespace) -> int:
+    from streamagent.catalogue import Catalogue
+
+    with Catalogue(_settings(("bootstrap_servers",))) as catalogue:
+        entries = catalogue.load().entries()
+    for partition, offset, reason, _detail in catalogue.rejected:  # not in --json: stdout stays a list
+        print(f"warning: registry message {partition}:{offset} not readable ({reason}); skipped", file=sys.stderr)
+    if args.json:
+        print(json.dumps([e.summary() for e in entries], indent=2))
+        return 0
+    print(f"{'name':<12} {'version':<8} {'status':<12} {'approval':<8} {'members':<30} input schema")
+    for e in entries:
+        members = ", ".join(m.member_id for m in e.members) or "-"
+        print(
+            f"{e.name:<12} {e.version:<8} {e.status:<12} {'yes' if e.requires_approval else 'no':<8}"
+            f" {members[:30]:<30} {schema_summary(e.input_schema)}"
+        )
+        if e.refused:
+            print(f"{'':<12} refused (another input schema): {', '.join(e.refused)}")
+    return 0
+
+
+def schema_summary(schema: dict[str, Any]) -> str:
+    """``domain: string, employees?: integer``: the input fields, ``?`` marking optional ones."""
+    required = set(schema.get("required", ()))
+    fields = []
+    for name, spec in (schema.get("properties") or {}).items():
+        kind = spec.get("type") or ("|".join(s.get("type", "?") for s in spec.get("anyOf", ())) or "?")
+        if spec.get("format"):
+            kind += f"({spec['format']})"
+        fields.append(f"{name}{'' if name in required else '?'}: {kind}")
+    return ", ".join(fields) or "(no fields)"
+
+
 # -- dead letters ------------------------------------------------------------------------------------
 def cmd_dlq_list(args: argparse.Namespace) -> int:
     from streamagent.dlq_ops import read_dead_letters
@@ -466,6 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     tool = add("tool", cmd_tool, "Run one tool (its own consumer group) in the foreground")
     tool.add_argument("name", choices=list(TOOLS))
+
+    tools = add("tools", cmd_tools, "List the tool catalogue: name, version, status, members, approval, schema")
+    tools.add_argument("--json", action="store_true", help="machine-readable output (full JSON schemas)")
 
     dlq = add("dlq", lambda a: 2, "Inspect and replay dead letters")
     dlq_sub = dlq.add_subparsers(dest="dlq_command", metavar="SUBCOMMAND", required=True)

@@ -94,6 +94,10 @@ class Settings(BaseModel):
     redrive_check_s: float = Field(5.0, gt=0, description="First loss check of an in-flight command after dispatch")
     redrive_check_max_s: float = Field(60.0, gt=0, description="Cap of the loss check's backoff")
     redrive_max: int = Field(3, ge=0, description="Re-sends of a lost command before its step fails")
+    # The live tool catalogue: every tool process re-announces itself this often on the registry topic;
+    # a member unheard of for registry_lease_heartbeats intervals is gone (its tool unavailable if none is left).
+    registry_heartbeat_s: float = Field(5.0, gt=0, description="How often a tool process re-announces itself")
+    registry_lease_heartbeats: int = Field(3, ge=1, description="Missed heartbeats after which a tool member is gone")
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus port of this process; 0 picks a free one")
     log_level: LogLevel = Field("INFO", description="DEBUG | INFO | WARNING | ERROR | CRITICAL (any case)")
     log_format: LogFormat = Field("json", description="json | text")
@@ -143,6 +147,11 @@ class Settings(BaseModel):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    @property
+    def registry_lease_s(self) -> float:
+        """How long a tool member's announcement stays valid without a fresh one."""
+        return self.registry_heartbeat_s * self.registry_lease_heartbeats
 
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}{name}"

@@ -339,6 +339,14 @@ class Stack:
             child.start()
         return child
 
+    def undeploy(self, name: str, sig: int = signal.SIGTERM) -> None:
+        """Stop one child for good (not restarted): ``SIGTERM`` stops it gracefully, ``SIGKILL`` crashes it."""
+        with self._lock:
+            child = self.children.pop(name)
+        if child.alive() and child.proc is not None and sig != signal.SIGTERM:
+            child.proc.send_signal(sig)
+        child.stop()
+
     def stop(self) -> list[str]:
         """Stop everything this stack started; returns what was running when asked to stop. Idempotent."""
         self._stop.set()

@@ -17,10 +17,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
 import math
+import os
 import signal
+import socket
 import threading
 import time
 from collections import Counter, defaultdict
@@ -61,6 +62,8 @@ OUTAGE_RETRY = RetryPolicy(initial_s=0.1, max_backoff_s=2.0)
 # Under saturation the consumer is still polled this often (its partitions paused), so it keeps its
 # group membership while commands wait out an outage (max.poll.interval.ms).
 KEEPALIVE_S = 1.0
+# How long a stopping tool waits for its leave announcement to be acknowledged.
+LEAVE_TIMEOUT_S = 2.0
 
 
 class DeliveryFailed(RuntimeError):
@@ -87,10 +90,10 @@ class _HttpClients:
     holds more than ``HTTP_SHARD_CONNECTIONS`` requests and the total stays ``max_in_flight``.
     """
 
-    def __init__(self, settings: Settings, max_in_flight: int) -> None:
+    def __init__(self, settings: Settings, max_in_flight: int, timeout_s: float | None = None) -> None:
         shards = max(1, math.ceil(max_in_flight / HTTP_SHARD_CONNECTIONS))
         per_shard = math.ceil(max_in_flight / shards)
-        timeout = httpx.Timeout(settings.tool_timeout_s)
+        timeout = httpx.Timeout(timeout_s or settings.tool_timeout_s)
         limits = httpx.Limits(max_connections=per_shard, max_keepalive_connections=per_shard)
         verify = httpx.create_ssl_context()  # loading the CA bundle once, not once per client
         self.clients = [
@@ -153,6 +156,11 @@ class ToolRunner:
         self._processed: dict[str, Any] = {}
         self.claimed_batches = 0  # consumed batches that carried commands: one claim round trip each
         self._stopping = False  # tells the producer-poll thread to flush and end
+        # This process's key on the registry topic: stable across restarts when the supervisor gives
+        # it a group instance id, so a restarted member replaces its own announcement.
+        self.member_id = settings.group_instance_id or f"{socket.gethostname()}-{os.getpid()}"
+        self._started_at_ms = int(time.time() * 1000)
+        self.timeout_s = tool.call_timeout(settings.tool_timeout_s)
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -166,8 +174,9 @@ class ToolRunner:
         consumer.subscribe([self.topic], on_revoke=self._revoked)
         self._consumer = consumer
         poller = loop.run_in_executor(None, self._poll_producer)
-        await self._announce()
-        self._http = _HttpClients(self.settings, self.max_in_flight)
+        await self._announce("up")
+        heartbeat = asyncio.create_task(self._heartbeat())
+        self._http = _HttpClients(self.settings, self.max_in_flight, self.timeout_s)
         self.http = self._http.clients[0]
         try:
             log.info("tool consuming", extra={"tool": self.tool.name, "topic": self.topic})
@@ -200,7 +209,9 @@ class ToolRunner:
                 await asyncio.wait(self._tasks, timeout=10)
             await self._commit()
         finally:
+            heartbeat.cancel()
             await self._http.aclose()
+        await self._leave()
         await self.writer.close()
         self._stopping = True
         await poller
@@ -227,9 +238,37 @@ class ToolRunner:
         with contextlib.suppress(KafkaException):
             self._consumer.resume(paused)
 
-    async def _announce(self) -> None:
-        value = json.dumps(self.tool.announcement(), sort_keys=True).encode()
-        await self._produce(self.settings.topic(TOOL_REGISTRY), self.tool.name.encode(), value)
+    async def _announce(self, state: str) -> None:
+        announcement = self.tool.declaration(
+            member_id=self.member_id,
+            state=state,
+            at_ms=int(time.time() * 1000),
+            started_at_ms=self._started_at_ms,
+            lease_ms=int(self.settings.registry_lease_s * 1000),
+        )
+        await self._produce(self.settings.topic(TOOL_REGISTRY), announcement.key(), announcement.encode())
+
+    async def _heartbeat(self) -> None:
+        """Re-announce every ``registry_heartbeat_s`` while running: the member's lease in the catalogue."""
+        while not self.stop_event.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop_event.wait(), timeout=self.settings.registry_heartbeat_s)
+            if self.stop_event.is_set():
+                return
+            try:
+                await self._announce("up")
+            except Exception as exc:  # an outage: the lease may lapse; the next heartbeat renews it
+                log.warning("heartbeat not delivered: %r", exc, extra={"tool": self.tool.name})
+
+    async def _leave(self) -> None:
+        """Tell the catalogue this member is gone. Bounded, and skipped while the broker is down: the
+        lease then lapses instead, and the stop is not held up."""
+        if self.health.is_down("kafka"):
+            return
+        try:
+            await asyncio.wait_for(self._announce("left"), timeout=LEAVE_TIMEOUT_S)
+        except Exception as exc:
+            log.warning("leave announcement not delivered: %r", exc, extra={"tool": self.tool.name})
 
     def _revoked(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
         # Called from the Kafka thread. Commands of revoked partitions may still finish here; the new
@@ -518,7 +557,7 @@ class ToolRunner:
         )
 
     async def _call_once(self, command: ToolCommand, ctx: CallContext) -> dict[str, Any]:
-        timeout = self.settings.tool_timeout_s * 2  # the HTTP timeout fires first; this is a backstop
+        timeout = self.timeout_s * 2  # the HTTP timeout fires first; this is a backstop
         try:
             if command.operation == "compensate":
                 return await asyncio.wait_for(self.tool.compensate(command.arguments, ctx), timeout)

@@ -1,14 +1,20 @@
-"""What a tool author writes: a name, an input and output model, and one async call."""
+"""What a tool author writes: a name, an input and output model, and one async call.
+
+A tool describes itself by its class attributes; ``declaration()`` turns them into the announcement
+the runner publishes on the registry topic (the JSON Schemas derived from the models, never written
+by hand), and the live catalogue (``streamagent.catalogue``) is built from those announcements.
+"""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, Generic, TypeVar
 
 import httpx
 from pydantic import BaseModel, ValidationError
 
+from streamagent.catalogue import Announcement
 from tools.sdk.errors import PermanentError, RetryableError
 from tools.sdk.retry import RetryPolicy
 
@@ -77,7 +83,14 @@ def body(response: httpx.Response) -> dict[str, Any]:
 
 
 class Tool(Generic[In, Out]):
-    """Subclass, set the class attributes, implement ``call`` (and ``compensate`` if it can be undone)."""
+    """Subclass, set the class attributes, implement ``call`` (and ``compensate`` if it can be undone).
+
+    ``name``: lower case, the command topic and consumer group are named after it. ``description``:
+    written for a model choosing a tool. ``version``: change it with the behaviour; an incompatible
+    change of the input model is refused by the catalogue while the old version still runs.
+    ``timeout_s``: of one call (``None``: the ``tool_timeout_s`` setting). ``retry``: backoff between
+    retryable failures, until the command's deadline or ``max_attempts``.
+    """
 
     name: ClassVar[str]
     description: ClassVar[str]
@@ -85,6 +98,7 @@ class Tool(Generic[In, Out]):
     output_model: ClassVar[type[BaseModel]]
     requires_approval: ClassVar[bool] = False
     version: ClassVar[str] = "1"
+    timeout_s: ClassVar[float | None] = None
     retry: ClassVar[RetryPolicy] = RetryPolicy()
 
     async def call(self, args: In, ctx: CallContext) -> Out:
@@ -105,13 +119,38 @@ class Tool(Generic[In, Out]):
         except ValidationError as exc:
             raise PermanentError(f"{self.name} API answered something unexpected: {exc}") from exc
 
+    def call_timeout(self, default_s: float) -> float:
+        return self.timeout_s if self.timeout_s is not None else default_s
+
+    @classmethod
+    def declaration(cls, **member: Any) -> Announcement:
+        """The tool's announcement; ``member`` adds the process's part (member_id, state, at_ms, ...).
+
+        Raises ``TypeError`` naming what is missing or wrong, so a tool that cannot describe itself
+        fails at start, not in the catalogue.
+        """
+        missing = [a for a in ("name", "description", "input_model", "output_model") if not getattr(cls, a, None)]
+        if missing:
+            raise TypeError(f"tool {cls.__name__} does not declare {', '.join(missing)}")
+        for attr in ("input_model", "output_model"):
+            model = getattr(cls, attr)
+            if not (isinstance(model, type) and issubclass(model, BaseModel)):
+                raise TypeError(f"tool {cls.__name__}: {attr} must be a pydantic model, not {model!r}")
+        try:
+            return Announcement(
+                name=cls.name,
+                description=cls.description,
+                input_schema=cls.input_model.model_json_schema(),
+                output_schema=cls.output_model.model_json_schema(),
+                requires_approval=cls.requires_approval,
+                version=cls.version,
+                timeout_s=cls.timeout_s,
+                retry=asdict(cls.retry),
+                **member,
+            )
+        except ValidationError as exc:
+            raise TypeError(f"tool {cls.__name__} declares something invalid: {exc}") from exc
+
     def announcement(self) -> dict[str, Any]:
-        """What the tool publishes on the registry topic when it starts."""
-        return {
-            "name": self.name,
-            "description": self.description,
-            "input_schema": self.input_model.model_json_schema(),
-            "output_schema": self.output_model.model_json_schema(),
-            "requires_approval": self.requires_approval,
-            "version": self.version,
-        }
+        """The tool's description as JSON-ready data (what the registry carries, without a member)."""
+        return self.declaration().model_dump(mode="json", exclude_none=True, exclude={"state"})
