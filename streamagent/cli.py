@@ -430,7 +430,7 @@ class Parser(argparse.ArgumentParser):
 # -- parser ------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from streamagent.sandbox.cli import register as register_sandbox
-    from streamagent.topics import TOOLS
+    from tools import builtin_tools
 
     parser = Parser(
         prog="streamagent",
@@ -500,7 +500,8 @@ def build_parser() -> argparse.ArgumentParser:
     processor.add_argument("name", choices=["state", "decision", "projection"])
 
     tool = add("tool", cmd_tool, "Run one tool (its own consumer group) in the foreground")
-    tool.add_argument("name", choices=list(TOOLS))
+    # Any tool the tools package provides: a new tool deploys without editing a list here.
+    tool.add_argument("name", choices=sorted(builtin_tools()))
 
     tools = add("tools", cmd_tools, "List the tool catalogue: name, version, status, members, approval, schema")
     tools.add_argument("--json", action="store_true", help="machine-readable output (full JSON schemas)")

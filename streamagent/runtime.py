@@ -125,6 +125,9 @@ class ConsumerRuntime:
         self.stop_event = threading.Event()
         self.consumer_config = consumer_config or {}
         self._consumer: Consumer | None = None
+        # Called on the consuming thread after every poll, with or without messages (never during a
+        # batch): for work due without a new message, e.g. the decision layer waking waiting runs.
+        self.tick: Callable[[], None] | None = None
 
     def run(self) -> None:
         consumer = make_consumer(self.settings, self.name, **self.consumer_config)
@@ -136,6 +139,8 @@ class ConsumerRuntime:
                 messages = consumer.consume(self.batch_size, timeout=0.2)
                 if messages:
                     self.process(messages)
+                if self.tick is not None and not self.stop_event.is_set():
+                    self._tick()
         finally:
             self.producer.flush(10)
             consumer.close()
@@ -143,6 +148,13 @@ class ConsumerRuntime:
 
     def stop(self) -> None:
         self.stop_event.set()
+
+    def _tick(self) -> None:
+        assert self.tick is not None
+        try:
+            self.tick()
+        except Exception:  # the work is retried at the next tick
+            log.exception("tick failed; tried again at the next poll")
 
     def process(self, messages: list[Message]) -> None:
         """Decode, hand the batch over, flush, then commit (only after the durable effects)."""

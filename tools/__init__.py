@@ -8,9 +8,10 @@ from tools.sdk.tool import Tool
 
 
 def builtin_tools() -> dict[str, type[Tool[Any, Any]]]:
+    from tools.crm import Crm
     from tools.email import Email
     from tools.enrich import Enrich
     from tools.jira import Jira
     from tools.slack import Slack
 
-    return {t.name: t for t in (Enrich, Jira, Email, Slack)}
+    return {t.name: t for t in (Enrich, Jira, Email, Slack, Crm)}

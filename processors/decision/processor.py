@@ -4,11 +4,22 @@ Invariant: one decision per (run, state version). The decision and its follow-up
 command or the run's end) are written to PostgreSQL before they are produced, so a redelivered
 snapshot re-emits exactly the recorded bytes and never asks the decider again. A snapshot older
 than one already seen for the run is superseded: nothing is decided on stale state.
+
+Waiting runs. A run decided ``wait`` ("waiting for tool X") gets no new snapshot by itself: the
+state processor publishes none for a recorded wait. So this processor remembers each waiting run
+with the snapshot it waited on (version v) and, once the catalogue shows X available, decides the run
+again on the state the run has after that wait: snapshot v with version v+1 and the wait as its last
+decision, which is exactly what folding the recorded wait makes of it (only the version, the last
+event and the shown reason move). One decision per (run, state version) still holds: the wait stays
+the decision of v, the new one is the decision of v+1, stored and emitted like any other. If anything
+else happened to the run meanwhile (a newer decision, another instance deciding it), the memory no
+longer shows the wait at v and the run is not woken.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,10 +28,13 @@ from typing import Any
 
 from confluent_kafka import Producer
 
+from processors.decision.arguments import ArgumentCheck, catalogue_check, no_check
 from processors.decision.decider import Decider, Decision
 from processors.workflow import ToolAvailability, every_tool_available, load_workflows
 from streamagent import codec, db
+from streamagent.catalogue import Catalogue
 from streamagent.config import Settings
+from streamagent.dlq import DeadLetterSink
 from streamagent.errors import DependencyUnavailable, Rejected
 from streamagent.events import (
     CommandResent,
@@ -137,7 +151,15 @@ class DecisionHandler:
     the runtime retries it whole, and it is decided again as if for the first time.
     """
 
-    def __init__(self, settings: Settings, decider: Decider, producer: Producer, *, memory_size: int = 100_000) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        decider: Decider,
+        producer: Producer,
+        *,
+        memory_size: int = 100_000,
+        available: ToolAvailability | None = None,
+    ) -> None:
         self.settings = settings
         self.decider = decider
         self.producer = producer
@@ -147,6 +169,10 @@ class DecisionHandler:
         self.round_trips = 0  # database round trips, for tests and the benchmark
         # What this batch changed in memory before its decisions were stored: undone if it fails.
         self._undo: dict[str, RunMemory | None] = {}
+        # Runs whose latest decision is a wait: tool -> run -> the snapshot the wait was decided on.
+        self.available: ToolAvailability = available or getattr(decider, "available", every_tool_available)
+        self.waiting: dict[str, dict[str, StateSnapshot]] = {}
+        self._wake_not_before = 0.0
 
     @property
     def conn(self) -> Any:
@@ -212,6 +238,7 @@ class DecisionHandler:
         if snap.version == memory.version and memory.emission is not None:
             DECISIONS.labels(self.decider.name, "replayed").inc()
             emissions.append(memory.emission)
+            self._note_wait(snap, memory.emission.record)
             return
         if snap.version < memory.version:
             recorded = self._recorded(snap)
@@ -257,12 +284,70 @@ class DecisionHandler:
         if snap.run_id not in self._undo:
             self._undo[snap.run_id] = RunMemory(memory.version, memory.decision_id, memory.emission)
         memory.version, memory.decision_id, memory.emission = snap.version, decision_id, emission
+        self._note_wait(snap, record)
         log.debug(
             "decided %s %s",
             decision.action.value,
             decision.step or "",
             extra={"run_id": snap.run_id, "version": snap.version, "decision_id": decision_id},
         )
+
+    def _note_wait(self, snap: StateSnapshot, record: DecisionRecorded) -> None:
+        if record.action is DecisionAction.wait and record.tool is not None:
+            self.waiting.setdefault(record.tool, {})[snap.run_id] = snap
+
+    # -- waking waiting runs ---------------------------------------------------------------------
+    def wake(self) -> int:
+        """Decide again the waiting runs whose tool is now available; returns how many were decided.
+
+        Called between batches (the runtime's tick). A run is woken only while its latest decision is
+        still the wait recorded on the remembered snapshot; see the module's docstring.
+        """
+        if not self.waiting or time.monotonic() < self._wake_not_before:
+            return 0
+        woken: list[StateSnapshot] = []
+        for tool in [t for t in self.waiting if self.available(t)]:
+            for run_id, snap in self.waiting.pop(tool).items():
+                memory = self.memory.get(run_id)
+                record = memory.emission.record if memory is not None and memory.emission is not None else None
+                if memory is None or record is None or memory.version != snap.version:
+                    continue
+                if record.action is not DecisionAction.wait:
+                    continue
+                woken.append(
+                    snap.model_copy(
+                        update={
+                            "version": snap.version + 1,
+                            "last_event_id": record.event_id,
+                            "last_decision_id": record.decision_id,
+                            "reason": record.reason,
+                            "redrive_command_id": None,
+                        }
+                    )
+                )
+        if not woken:
+            return 0
+        log.info("waking %d run(s) waiting for tools now available", len(woken))
+        self._undo = {}
+        emissions: list[Emission] = []
+        new: list[tuple[StateSnapshot, Emission]] = []
+        try:
+            for snap in woken:
+                self._one(snap, emissions, new, [])
+            emissions += self._store(new)
+            self._undo = {}
+            self._emit(emissions, [])
+            self.producer.flush(30)
+        except Exception:
+            self._forget_unstored()
+            for snap in woken:  # tried again shortly, from the snapshot the wait was decided on
+                waited = snap.model_copy(update={"version": snap.version - 1})
+                memory = self.memory.get(snap.run_id)
+                if memory is not None and memory.version == waited.version and memory.emission is not None:
+                    self._note_wait(waited, memory.emission.record)
+            self._wake_not_before = time.monotonic() + 1.0
+            raise
+        return len(woken)
 
     def _resend(self, snap: StateSnapshot, memory: RunMemory, resends: list[tuple[StateSnapshot, Emission]]) -> None:
         """The state processor found this run's command lost: send the recorded command again."""
@@ -414,20 +499,39 @@ def _landed(landed: dict[int, tuple[int, int]], index: int) -> Callable[[Any, An
     return on_delivery
 
 
-def make_decider(settings: Settings, available: ToolAvailability = every_tool_available) -> Decider:
+def make_decider(
+    settings: Settings, available: ToolAvailability = every_tool_available, check: ArgumentCheck = no_check
+) -> Decider:
     """The configured decider; its workflows are read here, so a malformed file stops the processor at start."""
     if settings.decider == "rules":
         from processors.decision.rules import RulesDecider
 
-        return RulesDecider(load_workflows(settings.workflows_dir), available)
+        return RulesDecider(load_workflows(settings.workflows_dir), available, check)
     raise ValueError(f"unknown decider {settings.decider!r} (known: rules)")
 
 
 def build(settings: Settings) -> ConsumerRuntime:
-    decider = make_decider(settings)  # first: a malformed workflow file stops the start at once
+    """The decision processor, deciding with the live tool catalogue.
+
+    The catalogue follows the registry topic on a background thread (undecodable registry messages
+    dead-lettered); a step's tool must be available there, and its arguments must fit the input schema
+    that tool announced. After every poll the handler wakes the runs waiting for a tool that is now
+    available, so a run decided before its tool announced itself (at stack start, or a tool deployed
+    later) moves on as soon as the tool is there.
+    """
+    make_decider(settings)  # first: a malformed workflow file stops the start at once
     db.migrate(settings, wait_s=db.WAIT_FOREVER)  # started during an outage: wait, do not crash-loop
     runtime = ConsumerRuntime(
         settings, PROCESSOR, [settings.topic(RUN_STATE)], lambda _: None, dependencies=("kafka", "postgres")
     )
-    runtime.handler = DecisionHandler(settings, decider, runtime.producer)
+    catalogue = Catalogue(settings, dead_letters=DeadLetterSink(settings, runtime.producer, "catalogue"))
+    catalogue.start()  # read to its end first, then followed; stopped with the process (a daemon thread)
+
+    def available(name: str) -> bool:
+        return catalogue.available(name) is not None
+
+    decider = make_decider(settings, available, catalogue_check(catalogue.available))
+    handler = DecisionHandler(settings, decider, runtime.producer, available=available)
+    runtime.handler = handler
+    runtime.tick = handler.wake
     return runtime

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from processors.decision.arguments import ArgumentCheck, no_check
 from processors.decision.decider import Decision, context_of
 from processors.workflow import (
     ToolAvailability,
@@ -28,11 +29,15 @@ class RulesDecider:
         self,
         workflows: Workflows | Workflow | None = None,
         available: ToolAvailability = every_tool_available,
+        check: ArgumentCheck = no_check,
     ) -> None:
         if isinstance(workflows, Workflow):
             workflows = {workflows.name: workflows}
         self.workflows: Workflows = default_workflows() if workflows is None else workflows
         self.available = available
+        # Do a dispatch's arguments fit the input schema the tool's running version announced? If
+        # not, the run escalates with the reason (tool, version, mismatch): never a wrong call.
+        self.check = check
 
     def decide(self, snapshot: StateSnapshot) -> Decision | None:
         try:
@@ -70,12 +75,22 @@ class RulesDecider:
                 return Decision(
                     DecisionAction.wait, waiting_for(step.tool), step=step.name, tool=step.tool, context=context
                 )
+            arguments = step.build(snapshot.request, results, snapshot.run_id)
+            mismatch = self.check(step.tool, arguments)
+            if mismatch is not None:
+                return Decision(
+                    DecisionAction.escalate,
+                    f"step {step.name}: {mismatch}",
+                    step=step.name,
+                    tool=step.tool,
+                    context=context,
+                )
             return Decision(
                 DecisionAction.dispatch,
                 f"{step.name} is the next step and {', '.join(step.needs) or 'nothing'} it needs is done",
                 step=step.name,
                 tool=step.tool,
-                arguments=step.build(snapshot.request, results, snapshot.run_id),
+                arguments=arguments,
                 context=context,
             )
         return Decision(DecisionAction.complete, "every step succeeded", context=context)

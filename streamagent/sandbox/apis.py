@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
-API_NAMES: tuple[str, ...] = ("enrich", "jira", "email", "slack")
+API_NAMES: tuple[str, ...] = ("enrich", "jira", "email", "slack", "crm")
 
 
 class Effect(BaseModel):
@@ -282,6 +282,58 @@ class SlackApi:
         pass
 
 
+# --- crm --------------------------------------------------------------------------------------
+
+_CRM_ACCOUNTS = "/v1/accounts"
+
+
+class CrmApi:
+    """A HubSpot/Salesforce-like account API: ``PUT /v1/accounts/{domain}`` creates or updates.
+
+    The account is keyed by the company's domain, so a repeated call updates the one account instead
+    of creating a second; ``created`` says which happened. The sandbox replays a repeated
+    Idempotency-Key (and records no second effect) before this is asked.
+    """
+
+    name = "crm"
+    _FIRST_ID = 5001
+
+    def __init__(self) -> None:
+        self._accounts: dict[str, dict[str, Any]] = {}
+        self._ids = itertools.count(self._FIRST_ID)
+
+    def match(self, method: str, path: str) -> tuple[str, dict[str, str]] | None:
+        prefix = _CRM_ACCOUNTS + "/"
+        if method == "PUT" and path.startswith(prefix):
+            domain = path[len(prefix) :]
+            if domain and "/" not in domain:
+                return "upsert", {"domain": domain}
+        return None
+
+    def handle(self, op: str, request: ApiRequest) -> ApiResponse:
+        domain = request.params["domain"].strip().lower()
+        if not _DOMAIN.match(domain):
+            return error(400, f"invalid domain {domain!r}")
+        body = request.body
+        if not isinstance(body, dict):
+            return error(400, "body must be a JSON object")
+        name = body.get("name")
+        if not isinstance(name, str) or not name.strip():
+            return error(400, "name is required")
+        existing = self._accounts.get(domain)
+        fields = {k: body[k] for k in ("name", "industry", "employees", "country", "owner_email") if k in body}
+        if existing is None:
+            account = {"id": str(next(self._ids)), "domain": domain, **fields}
+            self._accounts[domain] = account
+            return ApiResponse(201, {**account, "created": True}, effect=True)
+        existing.update(fields)
+        return ApiResponse(200, {**existing, "created": False}, effect=True)
+
+    def reset(self) -> None:
+        self._accounts.clear()
+        self._ids = itertools.count(self._FIRST_ID)
+
+
 def make_apis() -> dict[str, FakeApi]:
-    apis: list[FakeApi] = [EnrichmentApi(), JiraApi(), EmailApi(), SlackApi()]
+    apis: list[FakeApi] = [EnrichmentApi(), JiraApi(), EmailApi(), SlackApi(), CrmApi()]
     return {api.name: api for api in apis}

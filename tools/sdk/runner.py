@@ -625,7 +625,23 @@ class ToolRunner:
                     raise Stopping from exc
 
 
+def ensure_command_topic(settings: Settings, name: str) -> None:
+    """Create the tool's command topic if missing, so a new tool deploys without ``topics create``.
+
+    Best effort: with the broker unreachable the runner still starts (and waits the outage out); the
+    topic is then created by whoever comes first (``topics create`` or this tool's next start).
+    """
+    from streamagent.kafka import create_topics
+    from streamagent.topics import TopicSpec, command_topic
+
+    try:
+        create_topics(settings, [TopicSpec(command_topic(name))])
+    except Exception as exc:  # any admin failure: start anyway, as above
+        log.warning("could not create the command topic of tool %s: %r", name, exc)
+
+
 def run_tool(settings: Settings, tool: Tool[Any, Any]) -> None:
+    ensure_command_topic(settings, tool.name)
     runner = ToolRunner(settings, tool)
 
     async def main() -> None:
