@@ -359,7 +359,7 @@ def test_faults_of_an_unknown_api_are_404_naming_the_known_ones(http: httpx.Clie
 def test_faults_are_listed_and_cleared(client: SandboxClient) -> None:
     client.set_faults("email", FaultSpec(down=True))
     faults = client.faults()
-    assert set(faults) == {"enrich", "jira", "email", "slack"}
+    assert set(faults) == {"enrich", "jira", "email", "slack", "crm"}
     assert faults["email"].down
     client.clear_faults()
     assert all(spec == FaultSpec() for spec in client.faults().values())

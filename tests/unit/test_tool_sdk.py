@@ -20,6 +20,7 @@ from pydantic import BaseModel
 
 from streamagent.sandbox.apis import ApiRequest, company_profile, make_apis
 from tools import builtin_tools
+from tools.crm import Crm
 from tools.email import SENDER, Email, Mail, Sent
 from tools.enrich import Company, Enrich, EnrichInput
 from tools.jira import Jira, Project, ProjectRequest
@@ -390,7 +391,7 @@ def test_output_rejects_an_unexpected_api_answer() -> None:
     assert Enrich().output(company_profile("acme.io")) == Company.model_validate(company_profile("acme.io"))
 
 
-@pytest.mark.parametrize("name", ["enrich", "jira", "email", "slack"])
+@pytest.mark.parametrize("name", ["enrich", "jira", "email", "slack", "crm"])
 def test_announcement_describes_the_tool(name: str) -> None:
     tool = builtin_tools()[name]()
     announcement = tool.announcement()
@@ -404,12 +405,13 @@ def test_announcement_describes_the_tool(name: str) -> None:
     json.dumps(announcement)  # goes on the registry topic as JSON
 
 
-def test_builtin_tools_are_the_four_onboarding_tools() -> None:
+def test_builtin_tools_are_the_four_onboarding_tools_and_crm() -> None:
     assert {name: cls for name, cls in builtin_tools().items()} == {
         "enrich": Enrich,
         "jira": Jira,
         "email": Email,
         "slack": Slack,
+        "crm": Crm,
     }
 
 
