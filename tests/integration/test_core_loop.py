@@ -16,13 +16,16 @@ import pytest
 from helpers import ended, eventually, read_topic, skip_to_end
 
 from streamagent import codec
+from streamagent.catalogue import now_ms
 from streamagent.config import Settings
 from streamagent.demo import sample_requests
 from streamagent.events import StateSnapshot, ToolCommand
+from streamagent.kafka import producer as make_producer
 from streamagent.sandbox import SandboxClient
 from streamagent.stack import Stack
 from streamagent.submit import produce_requests
-from streamagent.topics import RUN_STATE, command_topic
+from streamagent.topics import RUN_STATE, TOOL_REGISTRY, command_topic
+from tools.jira import Jira
 
 pytestmark = pytest.mark.integration
 
@@ -84,6 +87,11 @@ def test_a_lost_command_is_redriven_with_backoff_and_given_up_after_the_bound(se
     # No jira tool: a black hole in the jira tool's group consumes every jira command and answers none.
     with Stack(settings, tools=("enrich", "email", "slack")) as stack:
         s = stack.settings
+        # The black hole passes for a live jira tool in the catalogue, so the run is dispatched to it.
+        hole = Jira.declaration(member_id="black-hole", at_ms=now_ms(), started_at_ms=now_ms(), lease_ms=600_000)
+        registry = make_producer(s)
+        registry.produce(s.topic(TOOL_REGISTRY), key=hole.key(), value=hole.encode())
+        assert registry.flush(10) == 0
         (run_id,) = produce_requests(s, sample_requests(1))
         done = threading.Event()
 
