@@ -16,6 +16,7 @@ from confluent_kafka import Producer
 from helpers import ended, eventually, skip_to_end
 
 from streamagent import codec, queries
+from streamagent.catalogue import now_ms
 from streamagent.config import Settings
 from streamagent.demo import sample_requests
 from streamagent.dlq_ops import read_dead_letters, replay
@@ -32,11 +33,13 @@ from streamagent.events import (
     new_id,
     now,
 )
+from streamagent.kafka import producer as make_producer
 from streamagent.metrics import scrape
 from streamagent.sandbox import FaultSpec, SandboxClient
 from streamagent.stack import Stack
 from streamagent.submit import produce_requests
-from streamagent.topics import RUN_EVENTS, RUN_STATE, TOOL_RESULTS, command_topic
+from streamagent.topics import RUN_EVENTS, RUN_STATE, TOOL_REGISTRY, TOOL_RESULTS, command_topic
+from tools.jira import Jira
 
 pytestmark = pytest.mark.integration
 
@@ -327,10 +330,18 @@ def test_a_lost_command_is_redriven_and_the_run_completes(settings: Settings) ->
     settings = settings.model_copy(update={"redrive_check_s": 1.0})
     with Stack(settings, tools=("enrich", "email", "slack")) as stack:
         s = stack.settings
+        # A jira member that is announced but consumes nothing: the commands are dispatched and lost.
+        ghost = Jira.declaration(member_id="ghost", at_ms=now_ms(), started_at_ms=now_ms(), lease_ms=600_000)
+        registry = make_producer(s)
+        registry.produce(s.topic(TOOL_REGISTRY), key=ghost.key(), value=ghost.encode())
+        assert registry.flush(10) == 0
         run_ids = produce_requests(s, sample_requests(3))
         with psycopg.connect(s.database_url, autocommit=True) as conn:
             eventually(
-                lambda: conn.execute("SELECT count(*) FROM decisions WHERE step='jira'").fetchone()[0] == 3,
+                lambda: (
+                    conn.execute("SELECT count(*) FROM decisions WHERE step='jira' AND action='dispatch'").fetchone()[0]
+                    == 3
+                ),
                 timeout=60,
                 what="jira commands issued",
             )
