@@ -291,3 +291,13 @@ def test_last_error_line_finds_the_cause(tmp_path: Path) -> None:
     assert last_error_line(text_log) == "ImportError: cannot import x"
     assert last_error_line(text_log, since=len(old)) == "ImportError: cannot import x"
     assert last_error_line(tmp_path / "missing.log") == ""
+
+
+def test_tool_accepts_every_tool_the_tools_package_provides() -> None:
+    from streamagent.cli import build_parser
+    from streamagent.topics import TOOLS
+    from tools import builtin_tools
+
+    assert "crm" not in TOOLS  # not in the stack's default list, yet deployable
+    for name in builtin_tools():
+        assert build_parser().parse_args(["tool", name]).name == name
