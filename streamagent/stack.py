@@ -349,14 +349,17 @@ class Stack:
 
     def stop(self) -> list[str]:
         """Stop everything this stack started; returns what was running when asked to stop. Idempotent."""
+        # What runs is read before the supervisor thread ends: a child that thread restarted gets
+        # SIGTERM from the kernel when the thread exits (PR_SET_PDEATHSIG is per thread).
+        with self._lock:
+            running = [c.name for c in self.children.values() if c.alive()]
         self._stop.set()
         if self._supervisor is not None:
             self._supervisor.join(5)
-        stopped: list[str] = []
+        stopped: list[str] = list(running)
         with self._lock:
             for child in self.children.values():
                 if child.alive() and child.proc is not None:
-                    stopped.append(child.name)
                     child.proc.send_signal(signal.SIGTERM)
             for child in self.children.values():
                 child.stop()
