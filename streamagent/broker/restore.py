@@ -109,22 +109,11 @@ def offsets_spanned(blob: bytes) -> int:
 
 
 def without_producer(blob: bytes) -> bytes:
-    """The batches with their idempotent-producer fields cleared (producer id, epoch, sequence -1)
-    and their CRC-32C recomputed. A restarted broker knows no producer ids and refuses a batch that
-    names one (UNKNOWN_PRODUCER_ID); the records themselves, and each batch's timestamps and offset
-    deltas, stay byte for byte."""
-    from aiokafka.record.util import calc_crc32c  # C implementation, shipped with faust's client
-
+    """The batches with their idempotent-producer fields cleared (see ``wire.clear_producer_ids``). The
+    proxy clears them before journalling; this covers a journal written before it did. A restarted
+    broker knows no producer ids and refuses a batch that names one (UNKNOWN_PRODUCER_ID)."""
     out = bytearray(blob)
-    pos = 0
-    while pos + 61 <= len(out):
-        (length,) = struct.unpack_from(">i", out, pos + 8)
-        end = pos + 12 + length
-        (producer_id,) = struct.unpack_from(">q", out, pos + 43)
-        if producer_id != -1:
-            struct.pack_into(">qhi", out, pos + 43, -1, -1, -1)
-            struct.pack_into(">I", out, pos + 17, calc_crc32c(bytes(out[pos + 21 : end])))
-        pos = end
+    wire.clear_producer_ids(out, 0, len(out))
     return bytes(out)
 
 
