@@ -15,13 +15,12 @@ COPY tools ./tools
 COPY schemas ./schemas
 COPY workflows ./workflows
 
-RUN pip install . \
+RUN pip install -e . \
     && useradd --system --uid 10001 --home-dir /app streamagent
 
-# The codec finds schemas/ (and the settings find workflows/) beside the streamagent package, which a
-# site-packages install does not have; import the package from the source tree instead.
-ENV PYTHONPATH=/app \
-    STREAMAGENT_DATA_DIR=/tmp/streamagent
+# Installed in place (editable): the codec finds schemas/ and the settings find workflows/ beside the
+# package, and processors/ and tools/ import as streamagent.processors and streamagent.tools.
+ENV STREAMAGENT_DATA_DIR=/tmp/streamagent
 
 USER streamagent
 EXPOSE 9100 8765

@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from pydantic import BaseModel
+from streamagent.processors.workflow import project_key
+from streamagent.tools.sandbox.apis import company_profile
 
-from processors.workflow import project_key
 from streamagent import codec
-from streamagent.demo import sample_requests
+from streamagent.console.demo import sample_requests
 from streamagent.events import (
     OnboardingRequest,
     RunRequested,
@@ -37,7 +38,6 @@ from streamagent.events import (
     now,
     stable_id,
 )
-from streamagent.sandbox.apis import company_profile
 
 
 @dataclass(frozen=True)

@@ -32,14 +32,14 @@ from pathlib import Path
 
 import psycopg
 from confluent_kafka import Consumer, KafkaError, TopicPartition
+from streamagent.tools.sandbox.apis import API_NAMES
+from streamagent.tools.sandbox.client import SandboxClient
+from streamagent.tools.sandbox.faults import FaultSpec
 
 from streamagent import codec, db
-from streamagent.config import Settings, settings_from
-from streamagent.demo import sample_requests
-from streamagent.sandbox.apis import API_NAMES
-from streamagent.sandbox.client import SandboxClient
-from streamagent.sandbox.faults import FaultSpec
-from streamagent.stack import Stack
+from streamagent.config import Settings, get_settings
+from streamagent.console.demo import sample_requests
+from streamagent.console.stack import Stack
 from streamagent.submit import produce_requests
 from streamagent.topics import COMMANDS_PREFIX
 
@@ -533,7 +533,7 @@ def print_header(settings: Settings, args: argparse.Namespace) -> None:
 def bench(args: argparse.Namespace, data_dir: Path) -> int:
     started = time.monotonic()
     # Every other setting comes from the environment (STREAMAGENT_*), so tuning runs need no code change.
-    base = settings_from(dict(os.environ)).model_copy(update={"data_dir": data_dir, "partitions": args.partitions})
+    base = get_settings().model_copy(update={"data_dir": data_dir, "partitions": args.partitions})
     with Stack(base) as stack:
         settings = stack.settings
         print_header(settings, args)

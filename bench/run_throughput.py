@@ -26,16 +26,16 @@ from datetime import datetime
 from pathlib import Path
 
 from confluent_kafka import Consumer, KafkaError, TopicPartition
+from streamagent.processors.projection.queries import RunRow
+from streamagent.tools.sandbox.apis import API_NAMES
+from streamagent.tools.sandbox.client import SandboxClient
+from streamagent.tools.sandbox.faults import FaultSpec
 
 from streamagent import db
 from streamagent.config import Settings
-from streamagent.demo import sample_requests, wait_for_runs
+from streamagent.console.demo import sample_requests, wait_for_runs
+from streamagent.console.stack import Stack
 from streamagent.dlq import DeadLetter
-from streamagent.queries import RunRow
-from streamagent.sandbox.apis import API_NAMES
-from streamagent.sandbox.client import SandboxClient
-from streamagent.sandbox.faults import FaultSpec
-from streamagent.stack import Stack
 from streamagent.submit import produce_requests
 from streamagent.topics import DEAD_LETTERS as DLQ_TOPIC
 from streamagent.topics import all_topics, physical
@@ -156,7 +156,7 @@ def topic_fill(settings: Settings, timeout_s: float = 60.0) -> tuple[list[TopicF
     ListOffsets' high-water mark is wrong on the embedded broker (BROKER-NOTES), so the count comes
     from the fetch itself, which is also what a consumer pays for.
     """
-    topics = [spec.name for spec in physical(settings, all_topics())]
+    topics = [spec.name for spec in physical(settings, all_topics(tuple(API_NAMES)))]
     dlq_topic = settings.topic(DLQ_TOPIC)
     dead: list[DeadLetter] = []
     consumer = Consumer(

@@ -35,6 +35,10 @@ class Settings(BaseModel):
     bootstrap_servers: str = Field("", description="Kafka bootstrap servers; empty: embedded broker")
     database_url: str = Field("", description="PostgreSQL URL; empty starts embedded PostgreSQL")
     sandbox_url: str = Field("", description="Base URL of the SaaS sandbox; empty starts it")
+    # The sandbox (tools/sandbox) stands in for the SaaS APIs: its initial faults, as JSON {api: spec},
+    # and the seed of its random faults, so that a faulty run can be reproduced.
+    sandbox_faults: str = Field("", description='Sandbox faults at start, JSON {"api": spec}')
+    sandbox_seed: int = Field(0, description="Seed of the sandbox's random faults")
     topic_prefix: str = Field("", description="Prefix for every topic and group id (test isolation)")
     # 4, not more, on the embedded broker: every fetch pays for every partition it names, and one
     # process per processor gains no parallelism from more (measured: bench/README.md).
@@ -76,6 +80,12 @@ class Settings(BaseModel):
     replication_factor: int = Field(1, ge=1, description="Replicas of every topic created; 3 on a real cluster")
 
     decider: Decider = Field("rules", description="Which decider the decision processor uses: rules")
+    # Which tools `up` and `demo` start: a comma-separated list of tool names, "all" for every tool the
+    # tools package provides; empty: the tools the default workflow uses. Others deploy on their own
+    # (`streamagent tool NAME`) into a running stack.
+    stack_tools: str = Field(
+        "", description="Tools `up` starts (comma-separated, or all); empty: the default workflow's"
+    )
     workflows_dir: Path = Field(DEFAULT_WORKFLOWS_DIR, description="Folder of workflow files (*.toml)")
     run_deadline_s: float = Field(600.0, gt=0, description="Default deadline of a run")
     command_deadline_s: float = Field(120.0, gt=0, description="How long a tool may keep retrying a command")
@@ -216,3 +226,9 @@ def to_env(settings: Settings) -> dict[str, str]:
         ENV_PREFIX + name.upper(): str(value.get_secret_value() if isinstance(value, SecretStr) else value)
         for name, value in settings.model_dump().items()
     }
+
+
+def child_environ(settings: Settings | None = None, **extra: str) -> dict[str, str]:
+    """The environment of a child process: this one's (PATH, locale, ...), with ``settings`` written
+    over it so the child reads exactly these, and ``extra`` variables (say, ``NO_COLOR``)."""
+    return {**os.environ, **(to_env(settings) if settings is not None else {}), **extra}

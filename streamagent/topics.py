@@ -13,8 +13,6 @@ TOOL_REGISTRY = "agent.tools.registry"
 DEAD_LETTERS = "agent.dlq"
 COMMANDS_PREFIX = "agent.tool.commands."
 
-TOOLS = ("enrich", "jira", "email", "slack")
-
 
 def command_topic(tool: str) -> str:
     return COMMANDS_PREFIX + tool
@@ -34,7 +32,9 @@ class TopicSpec:
         }
 
 
-def all_topics(tools: tuple[str, ...] = TOOLS) -> list[TopicSpec]:
+def all_topics(tools: tuple[str, ...] = ()) -> list[TopicSpec]:
+    """The runtime's topics, and the command topics of ``tools`` (a tool also creates its own at start:
+    the runtime names no tool)."""
     specs = [
         TopicSpec(RUN_EVENTS),
         TopicSpec(TOOL_RESULTS),

@@ -41,7 +41,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from streamagent.config import Settings, settings_from
-from streamagent.embedded import EmbeddedBroker, EmbeddedPostgres
+from streamagent.console.embedded import EmbeddedBroker, EmbeddedPostgres
 
 BOOTSTRAP_ENV = "STREAMAGENT_TEST_BOOTSTRAP"
 DATABASE_ENV = "STREAMAGENT_TEST_DATABASE_URL"
@@ -285,7 +285,7 @@ def settings(infra: dict[str, object], tmp_path: Path) -> Settings:
 
 @pytest.fixture(autouse=True)
 def _restore_root_logger() -> Iterator[None]:
-    """``streamagent.cli.main`` configures logging for a process; in-process CLI tests must not leak it."""
+    """``streamagent.console.cli.main`` configures logging for a process; in-process CLI tests must not leak it."""
     import logging
 
     root = logging.getLogger()

@@ -7,8 +7,8 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
+from streamagent.processors.projection import queries
 
-from streamagent import queries
 from streamagent.config import Settings
 
 T = TypeVar("T")

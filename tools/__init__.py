@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from tools.sdk.tool import Tool
+from streamagent.tools.sdk.tool import Tool
 
 
 def builtin_tools() -> dict[str, type[Tool[Any, Any]]]:
-    from tools.crm import Crm
-    from tools.email import Email
-    from tools.enrich import Enrich
-    from tools.jira import Jira
-    from tools.slack import Slack
+    from streamagent.tools.crm import Crm
+    from streamagent.tools.email import Email
+    from streamagent.tools.enrich import Enrich
+    from streamagent.tools.jira import Jira
+    from streamagent.tools.slack import Slack
 
     return {t.name: t for t in (Enrich, Jira, Email, Slack, Crm)}

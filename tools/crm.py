@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from pydantic import BaseModel
-
-from tools.sdk import CallContext, Tool, body
+from streamagent.tools.sdk import CallContext, Tool, body
 
 
 class AccountInput(BaseModel):

@@ -5,8 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import BaseModel, Field
-
-from tools.sdk import CallContext, Tool, body
+from streamagent.tools.sdk import CallContext, Tool, body
 
 
 class ProjectRequest(BaseModel):

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from pydantic import BaseModel
-
-from tools.sdk import CallContext, PermanentError, Tool, body
+from streamagent.tools.sdk import CallContext, PermanentError, Tool, body
 
 
 class Post(BaseModel):

@@ -27,10 +27,10 @@ from datetime import timedelta
 from typing import Any
 
 from confluent_kafka import Producer
+from streamagent.processors.decision.arguments import ArgumentCheck, catalogue_check, no_check
+from streamagent.processors.decision.decider import Decider, Decision
+from streamagent.processors.workflow import ToolAvailability, every_tool_available, load_workflows
 
-from processors.decision.arguments import ArgumentCheck, catalogue_check, no_check
-from processors.decision.decider import Decider, Decision
-from processors.workflow import ToolAvailability, every_tool_available, load_workflows
 from streamagent import codec, db
 from streamagent.catalogue import Catalogue
 from streamagent.config import Settings
@@ -504,7 +504,7 @@ def make_decider(
 ) -> Decider:
     """The configured decider; its workflows are read here, so a malformed file stops the processor at start."""
     if settings.decider == "rules":
-        from processors.decision.rules import RulesDecider
+        from streamagent.processors.decision.rules import RulesDecider
 
         return RulesDecider(load_workflows(settings.workflows_dir), available, check)
     raise ValueError(f"unknown decider {settings.decider!r} (known: rules)")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from processors.decision.arguments import ArgumentCheck, no_check
-from processors.decision.decider import Decision, context_of
-from processors.workflow import (
+from streamagent.processors.decision.arguments import ArgumentCheck, no_check
+from streamagent.processors.decision.decider import Decision, context_of
+from streamagent.processors.workflow import (
     ToolAvailability,
     UnknownWorkflow,
     Workflow,
@@ -15,6 +15,7 @@ from processors.workflow import (
     every_tool_available,
     lookup,
 )
+
 from streamagent.events import DecisionAction, RunStatus, StateSnapshot, StepStatus
 
 

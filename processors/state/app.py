@@ -27,11 +27,11 @@ from typing import Any
 import faust
 from aiokafka.partitioner import DefaultPartitioner
 from confluent_kafka import Producer
+from streamagent.processors.state.fold import RunState, apply, in_flight, needs_decision
+from streamagent.processors.state.store import FaustTableStore, RunStore, maybe_active
+from streamagent.processors.state.watch import DEADLINE, REDRIVE, Admission, DueQueue
+from streamagent.processors.workflow import UnknownWorkflow, Workflow, Workflows, load_workflows, lookup
 
-from processors.state.fold import RunState, apply, in_flight, needs_decision
-from processors.state.store import FaustTableStore, RunStore, maybe_active
-from processors.state.watch import DEADLINE, REDRIVE, Admission, DueQueue
-from processors.workflow import UnknownWorkflow, Workflow, Workflows, load_workflows, lookup
 from streamagent import codec, faust_compat
 from streamagent.config import Settings
 from streamagent.dlq import DeadLetterSink

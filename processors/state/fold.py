@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from pydantic import BaseModel, ConfigDict, Field
+from streamagent.processors.workflow import Workflow, default_workflows
 
-from processors.workflow import Workflow, default_workflows
 from streamagent.errors import Unprocessable
 from streamagent.events import (
     CommandLost,

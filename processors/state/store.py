@@ -17,8 +17,7 @@ from collections.abc import Iterator
 from typing import Any, Protocol
 
 from confluent_kafka import Producer
-
-from processors.state.fold import RunState
+from streamagent.processors.state.fold import RunState
 
 
 class RunStore(Protocol):

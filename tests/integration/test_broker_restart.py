@@ -18,16 +18,16 @@ from pathlib import Path
 import psutil
 import pytest
 from helpers import ended, eventually, read_topic
+from streamagent.processors.projection import queries
+from streamagent.tools.sandbox import FaultSpec, SandboxClient
 
-from streamagent import queries
 from streamagent.config import Settings
-from streamagent.demo import sample_requests
+from streamagent.console.demo import sample_requests
+from streamagent.console.embedded import free_port, pid_alive
+from streamagent.console.stack import Stack, cli_argv
 from streamagent.dlq_ops import read_dead_letters
-from streamagent.embedded import free_port, pid_alive
 from streamagent.kafka import admin, group_offsets
 from streamagent.metrics import scrape
-from streamagent.sandbox import FaultSpec, SandboxClient
-from streamagent.stack import Stack, cli_argv
 from streamagent.submit import produce_requests
 from streamagent.topics import RUN_STATE
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from streamagent.cli import main as cli
 from streamagent.config import Settings, get_settings, to_env
-from streamagent.demo import sample_requests
-from streamagent.stack import Stack
+from streamagent.console.cli import main as cli
+from streamagent.console.demo import sample_requests
+from streamagent.console.stack import Stack
 
 pytestmark = pytest.mark.integration
 

@@ -14,18 +14,18 @@ from datetime import datetime
 import psycopg
 import pytest
 from helpers import ended, eventually, read_topic, skip_to_end
+from streamagent.tools.jira import Jira
+from streamagent.tools.sandbox import SandboxClient
 
 from streamagent import codec
 from streamagent.catalogue import now_ms
 from streamagent.config import Settings
-from streamagent.demo import sample_requests
+from streamagent.console.demo import sample_requests
+from streamagent.console.stack import Stack
 from streamagent.events import StateSnapshot, ToolCommand
 from streamagent.kafka import producer as make_producer
-from streamagent.sandbox import SandboxClient
-from streamagent.stack import Stack
 from streamagent.submit import produce_requests
 from streamagent.topics import RUN_STATE, TOOL_REGISTRY, command_topic
-from tools.jira import Jira
 
 pytestmark = pytest.mark.integration
 

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 from helpers import ended, eventually
+from streamagent.processors.projection import queries
+from streamagent.tools.sandbox import SandboxClient
 
-from streamagent import queries
 from streamagent.config import Settings
-from streamagent.demo import sample_requests
-from streamagent.sandbox import SandboxClient
-from streamagent.stack import Stack
+from streamagent.console.demo import sample_requests
+from streamagent.console.stack import Stack
 from streamagent.submit import produce_requests
 
 pytestmark = pytest.mark.integration

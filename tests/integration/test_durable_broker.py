@@ -13,7 +13,7 @@ import pytest
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from streamagent.embedded import EmbeddedBroker
+from streamagent.console.embedded import EmbeddedBroker
 
 pytestmark = pytest.mark.integration
 

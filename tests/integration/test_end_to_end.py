@@ -6,15 +6,15 @@ from collections import Counter
 
 import pytest
 from helpers import ended, eventually
+from streamagent.processors.projection import queries
+from streamagent.processors.workflow import project_key
+from streamagent.tools.sandbox import SandboxClient
 
-from processors.workflow import project_key
-from streamagent import queries
-from streamagent.cli import main as cli
 from streamagent.config import Settings, get_settings
-from streamagent.demo import sample_requests
+from streamagent.console.cli import main as cli
+from streamagent.console.demo import sample_requests
+from streamagent.console.stack import Stack
 from streamagent.events import RunRequested
-from streamagent.sandbox import SandboxClient
-from streamagent.stack import Stack
 from streamagent.submit import produce_requests
 
 pytestmark = pytest.mark.integration

@@ -17,16 +17,16 @@ from collections import Counter
 import psycopg
 import pytest
 from helpers import ended, eventually
+from streamagent.tools.sandbox import FaultSpec, SandboxClient
 
 from streamagent.config import Settings
-from streamagent.demo import sample_requests
+from streamagent.console.demo import sample_requests
+from streamagent.console.stack import Stack
 from streamagent.dlq_ops import read_dead_letters
 from streamagent.events import now
 from streamagent.kafka import admin, create_topics, group_offsets
 from streamagent.metrics import health, scrape
 from streamagent.runtime import Batch, ConsumerRuntime
-from streamagent.sandbox import FaultSpec, SandboxClient
-from streamagent.stack import Stack
 from streamagent.submit import produce_requests
 from streamagent.topics import DEAD_LETTERS, RUN_EVENTS, TopicSpec
 

@@ -14,11 +14,15 @@ import psycopg
 import pytest
 from confluent_kafka import Producer
 from helpers import ended, eventually, skip_to_end
+from streamagent.processors.projection import queries
+from streamagent.tools.jira import Jira
+from streamagent.tools.sandbox import FaultSpec, SandboxClient
 
-from streamagent import codec, queries
+from streamagent import codec
 from streamagent.catalogue import now_ms
 from streamagent.config import Settings
-from streamagent.demo import sample_requests
+from streamagent.console.demo import sample_requests
+from streamagent.console.stack import Stack
 from streamagent.dlq_ops import read_dead_letters, replay
 from streamagent.events import (
     DecisionAction,
@@ -35,11 +39,8 @@ from streamagent.events import (
 )
 from streamagent.kafka import producer as make_producer
 from streamagent.metrics import scrape
-from streamagent.sandbox import FaultSpec, SandboxClient
-from streamagent.stack import Stack
 from streamagent.submit import produce_requests
 from streamagent.topics import RUN_EVENTS, RUN_STATE, TOOL_REGISTRY, TOOL_RESULTS, command_topic
-from tools.jira import Jira
 
 pytestmark = pytest.mark.integration
 

@@ -11,12 +11,12 @@ import pytest
 from helpers import eventually, read_topic
 
 from streamagent.catalogue import Announcement, Catalogue, decode
-from streamagent.cli import main as cli
 from streamagent.config import Settings, get_settings, to_env
+from streamagent.console.cli import main as cli
+from streamagent.console.stack import Stack
 from streamagent.dlq import DeadLetterSink
 from streamagent.kafka import producer as make_producer
-from streamagent.stack import Stack
-from streamagent.topics import TOOL_REGISTRY, TOOLS
+from streamagent.topics import TOOL_REGISTRY
 
 pytestmark = pytest.mark.integration
 
@@ -52,7 +52,7 @@ def test_tools_lists_the_live_catalogue_and_a_stopped_tool_becomes_unavailable(
 
         def all_available() -> dict[str, dict[str, Any]] | None:
             tools = listed(capsys)
-            ok = set(tools) == set(TOOLS) and all(t["status"] == "available" for t in tools.values())
+            ok = set(tools) == set(stack.tools) and all(t["status"] == "available" for t in tools.values())
             return tools if ok else None
 
         tools = eventually(all_available, timeout=60, interval=0.3, what="the four tools available")

@@ -19,9 +19,9 @@ import psutil
 import pytest
 
 from streamagent.config import Settings, to_env
-from streamagent.demo import NoProgress, wait_for_runs
-from streamagent.embedded import pid_alive
-from streamagent.stack import Stack, StackLock, StackStartError
+from streamagent.console.demo import NoProgress, wait_for_runs
+from streamagent.console.embedded import pid_alive
+from streamagent.console.stack import Stack, StackLock, StackStartError
 
 pytestmark = pytest.mark.integration
 
@@ -55,7 +55,11 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 def cli(args: list[str], env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "streamagent.cli", *args], env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "streamagent.console.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -72,7 +76,7 @@ class Up:
     def start(self, timeout: float = 120) -> Up:
         with self.out_path.open("wb") as out, self.err_path.open("wb") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "streamagent.cli", "up"], env=self.env, stdout=out, stderr=err
+                [sys.executable, "-m", "streamagent.console.cli", "up"], env=self.env, stdout=out, stderr=err
             )
         eventually(lambda: READY in self.out or self.proc.poll() is not None, timeout, "up to be ready")
         assert self.proc.poll() is None, f"up exited {self.proc.returncode}: {self.out}{self.err}"
@@ -96,8 +100,8 @@ class Up:
         found = {}
         for child in psutil.Process(self.pid).children():
             argv = child.cmdline()
-            if "streamagent.cli" in argv:
-                rest = argv[argv.index("streamagent.cli") + 1 :]
+            if "streamagent.console.cli" in argv:
+                rest = argv[argv.index("streamagent.console.cli") + 1 :]
                 found[rest[0] if rest[0] == "sandbox" else f"{rest[0]}-{rest[1]}"] = child.pid
         return found
 

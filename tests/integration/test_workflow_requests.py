@@ -7,10 +7,10 @@ from helpers import ended, eventually
 
 from streamagent import codec
 from streamagent.config import Settings
-from streamagent.demo import sample_requests
+from streamagent.console.demo import sample_requests
+from streamagent.console.stack import Stack
 from streamagent.dlq import DeadLetter
 from streamagent.dlq_ops import read_dead_letters
-from streamagent.stack import Stack
 from streamagent.submit import produce_requests
 from streamagent.topics import RUN_EVENTS
 

@@ -32,6 +32,11 @@ from typing import Any
 
 import httpx
 from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
+from streamagent.tools.sdk.breaker import CircuitBreaker
+from streamagent.tools.sdk.errors import PermanentError, RetryableError
+from streamagent.tools.sdk.ledger import Claimed, ClaimRequest, Ledger, LedgerEntry, LedgerWriter, Stopping
+from streamagent.tools.sdk.offsets import PartitionOffsets
+from streamagent.tools.sdk.tool import CallContext, Tool
 
 from streamagent import codec, db
 from streamagent.config import Settings
@@ -43,11 +48,6 @@ from streamagent.kafka import producer as make_producer
 from streamagent.metrics import EVENTS_PROCESSED, TOOL_CALL_SECONDS, TOOL_CALLS, DependencyHealth
 from streamagent.retry import RetryPolicy
 from streamagent.topics import TOOL_REGISTRY, TOOL_RESULTS, command_topic
-from tools.sdk.breaker import CircuitBreaker
-from tools.sdk.errors import PermanentError, RetryableError
-from tools.sdk.ledger import Claimed, ClaimRequest, Ledger, LedgerEntry, LedgerWriter, Stopping
-from tools.sdk.offsets import PartitionOffsets
-from tools.sdk.tool import CallContext, Tool
 
 log = logging.getLogger(__name__)
 

@@ -13,10 +13,10 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 import httpx
 from pydantic import BaseModel, ValidationError
+from streamagent.tools.sdk.errors import PermanentError, RetryableError
+from streamagent.tools.sdk.retry import RetryPolicy
 
 from streamagent.catalogue import Announcement
-from tools.sdk.errors import PermanentError, RetryableError
-from tools.sdk.retry import RetryPolicy
 
 In = TypeVar("In", bound=BaseModel)
 Out = TypeVar("Out", bound=BaseModel)

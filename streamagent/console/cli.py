@@ -1,0 +1,636 @@
+"""``streamagent``: run the stack, submit work, inspect runs, operate topics and dead letters."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from streamagent import logs
+from streamagent.config import Settings, SettingsError, get_settings
+
+log = logging.getLogger("streamagent")
+
+# How long a command a person runs waits for the broker or PostgreSQL to answer before saying it
+# cannot reach it (the whole command then fails within a few seconds, not after client timeouts).
+PROBE_TIMEOUT_S = 2.5
+_ENV = {
+    "bootstrap_servers": "STREAMAGENT_BOOTSTRAP_SERVERS",
+    "database_url": "STREAMAGENT_DATABASE_URL",
+    "sandbox_url": "STREAMAGENT_SANDBOX_URL",
+}
+
+
+class CliError(Exception):
+    """A user-facing failure: printed as one line, no traceback."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _settings(require: tuple[str, ...] = (), *, probe: bool = True) -> Settings:
+    """The settings, with addresses filled in from a running ``streamagent up`` in the data dir; every
+    address in ``require`` must be known and (broker, database) must answer within a few seconds."""
+    from streamagent.console.stackfile import discover
+
+    given = get_settings()
+    settings = discover(given)
+    missing = [name for name in require if not getattr(settings, name)]
+    if missing:
+        env = ", ".join(_ENV[m] for m in missing)
+        raise CliError(
+            f"no running stack in {settings.data_dir.resolve()} (start one with `streamagent up`)"
+            f" and {env} {'is' if len(missing) == 1 else 'are'} not set"
+        )
+    for name in require if probe else ():
+        source = _ENV[name] if getattr(given, name) else f"from {settings.data_dir.resolve() / 'stack.json'}"
+        if name == "bootstrap_servers":
+            _require_broker(settings.bootstrap_servers, source)
+        elif name == "database_url":
+            _require_database(settings.database_url, source)
+    return settings
+
+
+def _require_broker(bootstrap: str, source: str) -> None:
+    from streamagent.kafka import probe
+
+    problem = probe(bootstrap, PROBE_TIMEOUT_S)
+    if problem is not None:
+        raise CliError(f"cannot reach the Kafka broker at {bootstrap} ({source}) within {PROBE_TIMEOUT_S}s: {problem}")
+
+
+def _require_database(url: str, source: str) -> None:
+    import psycopg
+
+    try:
+        with psycopg.connect(url, connect_timeout=max(2, round(PROBE_TIMEOUT_S))) as conn:
+            conn.execute("SELECT 1")
+    except psycopg.Error as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CliError(f"cannot reach PostgreSQL at {_redact(url)} ({source}): {reason}") from None
+
+
+def _redact(url: str) -> str:
+    """A URL fit for a message: no password."""
+    return re.sub(r"(://[^:/@]*:)[^@/]+@", r"\1***@", url)
+
+
+# -- stack -------------------------------------------------------------------------------------------
+def _report(line: str) -> None:
+    """What the stack reports (a child that died, and why) on the terminal of `up` and `demo`."""
+    print(f"{time.strftime('%H:%M:%S')} {line}", file=sys.stderr, flush=True)
+
+
+def _require_given(settings: Settings) -> None:
+    """``up`` and ``demo`` start what is unset; what is set must answer, and the sandbox's faults must
+    parse, before anything starts."""
+    from streamagent.tools.sandbox.cli import load_faults
+
+    try:
+        load_faults([], settings.sandbox_faults)
+    except ValueError as exc:
+        raise CliError(str(exc), code=2) from None
+    _workflows(settings)  # a malformed workflow file is refused before anything starts
+    from streamagent.console.stack import UnknownTool, stack_tools
+
+    try:
+        stack_tools(settings)
+    except UnknownTool as exc:
+        raise CliError(str(exc), code=2) from None
+    if settings.metrics_port:
+        raise CliError(
+            f"STREAMAGENT_METRICS_PORT={settings.metrics_port} would give every process of the stack the same port;"
+            f" leave it unset here: each process picks a free one and writes it to {settings.data_dir / 'metrics'}",
+            code=2,
+        )
+    if settings.bootstrap_servers:
+        _require_broker(settings.bootstrap_servers, _ENV["bootstrap_servers"])
+    if settings.database_url:
+        _require_database(settings.database_url, _ENV["database_url"])
+
+
+def _workflows(settings: Settings) -> dict[str, Any]:
+    """The workflows of ``workflows_dir``; a malformed file is one line naming file, field and reason."""
+    from streamagent.processors.workflow import WorkflowError, load_workflows
+
+    try:
+        return load_workflows(settings.workflows_dir)
+    except WorkflowError as exc:
+        raise CliError(f"invalid workflow: {exc}", code=2) from None
+
+
+def cmd_workflows_check(args: argparse.Namespace) -> int:
+    for name, workflow in _workflows(get_settings()).items():
+        steps = " -> ".join(f"{s.name}({s.tool})" for s in workflow.steps)
+        print(f"ok  {name}: {steps}  [{workflow.source}]")
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from streamagent.console.stack import Stack, StackRunning, running_pid
+
+    settings = get_settings()
+    pid = running_pid(settings.data_dir.resolve())
+    if pid is not None:  # said before anything else; Stack.start checks again under the lock
+        raise StackRunning(settings.data_dir.resolve(), pid)
+    _require_given(settings)
+    began = time.monotonic()
+    print(f"starting the stack in {settings.data_dir.resolve()}…", flush=True)
+    # Until it is up, Ctrl-C or SIGTERM interrupts the start, which stops whatever was started.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGHUP, signal.default_int_handler)
+    stack = Stack(settings, report=_report).start()
+    s = stack.settings
+    print(f"bootstrap servers: {s.bootstrap_servers}")
+    print(f"database url:      {_redact(s.database_url)}")
+    print(f"sandbox url:       {s.sandbox_url}")
+    print(f"logs:              {s.data_dir / 'logs'}")
+    print(f"up in {time.monotonic() - began:.1f}s (pid {os.getpid()}); running: " + ", ".join(stack.children))
+    print("Ctrl-C stops everything", flush=True)
+
+    stopping = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        if not stopping.is_set():
+            stopping.set()
+            return
+        killed = stack.force_stop()  # a second Ctrl-C: do not wait for anyone
+        print(f"forced: killed {', '.join(killed) or 'nothing'}", file=sys.stderr, flush=True)
+        os._exit(130)
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+    while not stopping.wait(1.0):  # a timed wait keeps the main thread responsive to signals
+        pass
+    print("stopping… (Ctrl-C again to force)", flush=True)
+    began = time.monotonic()
+    stopped = stack.stop()
+    print(f"stopped {len(stopped)} process(es) in {time.monotonic() - began:.1f}s: {', '.join(stopped)}", flush=True)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from streamagent.console.demo import run_demo
+
+    settings = get_settings()
+    _require_given(settings)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop the demo's stack as Ctrl-C does
+    return run_demo(settings, runs=args.runs, timeout_s=args.timeout, report=_report)
+
+
+def cmd_topics_create(args: argparse.Namespace) -> int:
+    from streamagent.console.stack import stack_tools
+    from streamagent.kafka import create_topics
+    from streamagent.topics import all_topics
+
+    settings = _settings(("bootstrap_servers",))
+    if args.partitions:
+        settings = settings.model_copy(update={"partitions": args.partitions})
+    # The runtime's topics and the command topics of the tools the stack runs (any other tool creates
+    # its own when it is deployed).
+    created = create_topics(settings, all_topics(stack_tools(settings)))
+    print(f"created {len(created)} topic(s): {', '.join(created) or 'none, all existed'}")
+    return 0
+
+
+def cmd_processor(args: argparse.Namespace) -> int:
+    # No probe: a child of `up` that starts while the broker restarts waits in its client, not exits.
+    required = ("bootstrap_servers", "database_url") if args.name != "state" else ("bootstrap_servers",)
+    settings = _settings(required, probe=False)
+    if args.name in ("state", "decision"):
+        _workflows(settings)  # a malformed workflow file: one line, before anything connects
+    logs.configure(f"processor-{args.name}", settings.log_level, settings.log_format)
+    _serve_metrics(settings, f"processor-{args.name}")
+    if args.name == "state":
+        from streamagent.processors.state.app import run
+
+        run(settings)
+        return 0
+    from streamagent.runtime import run_until_signalled
+
+    if args.name == "decision":
+        from streamagent.processors.decision.processor import build
+    else:
+        from streamagent.processors.projection.processor import build
+    run_until_signalled(build(settings))
+    return 0
+
+
+def cmd_tool(args: argparse.Namespace) -> int:
+    from streamagent.tools import builtin_tools
+    from streamagent.tools.sdk.runner import run_tool
+
+    settings = _settings(("bootstrap_servers", "database_url", "sandbox_url"), probe=False)
+    logs.configure(f"tool-{args.name}", settings.log_level, settings.log_format)
+    _serve_metrics(settings, f"tool-{args.name}")
+    run_tool(settings, builtin_tools()[args.name]())
+    return 0
+
+
+def _serve_metrics(settings: Settings, name: str) -> None:
+    from streamagent.metrics import serve
+
+    serve(settings.metrics_port, name, settings.data_dir / "metrics")
+
+
+# -- submit / inspect --------------------------------------------------------------------------------
+REQUEST_FIELDS = ("company_name", "company_domain", "contact_name", "contact_email", "goal", "requested_by")
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from streamagent.submit import InvalidRequest, build_request, produce_requests, read_jsonl
+
+    known = set(_workflows(get_settings()))
+    try:
+        if args.file:
+            requests = read_jsonl(Path(args.file), known)
+        else:
+            fields: dict[str, Any] = {f: getattr(args, f) for f in REQUEST_FIELDS}
+            fields.update(run_id=args.run_id, deadline_s=args.deadline_s, workflow=args.workflow)
+            requests = [build_request(fields, known)]
+    except InvalidRequest as exc:
+        sep = "\n" if "\n" in str(exc) else " "  # one problem: one line
+        print(f"error: invalid request, nothing was submitted:{sep}{exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        raise CliError(f"cannot read {args.file}: {exc.strerror or exc}", code=2) from None
+    settings = _settings(("bootstrap_servers", "database_url") if args.wait else ("bootstrap_servers",))
+    run_ids = produce_requests(settings, requests)
+    for run_id in run_ids:
+        print(run_id)
+    if not args.wait:
+        return 0
+    from streamagent.console.demo import wait_for_runs
+
+    final = wait_for_runs(settings, run_ids, args.timeout, progress=True)
+    return 0 if all(row.status == "completed" for row in final) and len(final) == len(run_ids) else 1
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from streamagent.processors.projection import queries
+
+    settings = _settings(("database_url",))
+    row = queries.run(settings, args.run_id)
+    if row is None:
+        print(f"error: no run {args.run_id}", file=sys.stderr)
+        return 1
+    entries = queries.timeline(settings, args.run_id)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "run": row.model_dump(mode="json"),
+                    "timeline": [e.model_dump(mode="json") for e in entries],
+                },
+                indent=2,
+            )
+        )
+        return 0
+    print(f"run {row.run_id}  {row.company_name or '?'}  status={row.status}  steps done={row.steps_done}/4")
+    if row.reason:
+        print(f"reason: {row.reason}")
+    start = entries[0].occurred_at if entries else None
+    for e in entries:
+        offset = (e.occurred_at - start).total_seconds() * 1000 if start else 0
+        print(f"  +{offset:8.0f} ms  {e.type:<20} {e.step or '':<7} {e.summary}")
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from streamagent.processors.projection import queries
+
+    rows = queries.runs(_settings(("database_url",)), status=args.status, limit=args.limit)
+    if args.json:
+        print(json.dumps([r.model_dump(mode="json") for r in rows], indent=2))
+        return 0
+    from streamagent.console.tables import print_runs_table
+
+    print_runs_table(rows)
+    return 0
+
+
+# -- the tool catalogue ------------------------------------------------------------------------------
+def cmd_tools(args: argparse.Namespace) -> int:
+    from streamagent.catalogue import Catalogue
+
+    with Catalogue(_settings(("bootstrap_servers",))) as catalogue:
+        entries = catalogue.load().entries()
+    for partition, offset, reason, _detail in catalogue.rejected:  # not in --json: stdout stays a list
+        print(f"warning: registry message {partition}:{offset} not readable ({reason}); skipped", file=sys.stderr)
+    if args.json:
+        print(json.dumps([e.summary() for e in entries], indent=2))
+        return 0
+    print(f"{'name':<12} {'version':<8} {'status':<12} {'approval':<8} {'members':<30} input schema")
+    for e in entries:
+        members = ", ".join(m.member_id for m in e.members) or "-"
+        print(
+            f"{e.name:<12} {e.version:<8} {e.status:<12} {'yes' if e.requires_approval else 'no':<8}"
+            f" {members[:30]:<30} {schema_summary(e.input_schema)}"
+        )
+        if e.refused:
+            print(f"{'':<12} refused (another input schema): {', '.join(e.refused)}")
+    return 0
+
+
+def schema_summary(schema: dict[str, Any]) -> str:
+    """``domain: string, employees?: integer``: the input fields, ``?`` marking optional ones."""
+    required = set(schema.get("required", ()))
+    fields = []
+    for name, spec in (schema.get("properties") or {}).items():
+        kind = spec.get("type") or ("|".join(s.get("type", "?") for s in spec.get("anyOf", ())) or "?")
+        if spec.get("format"):
+            kind += f"({spec['format']})"
+        fields.append(f"{name}{'' if name in required else '?'}: {kind}")
+    return ", ".join(fields) or "(no fields)"
+
+
+# -- dead letters ------------------------------------------------------------------------------------
+def cmd_dlq_list(args: argparse.Namespace) -> int:
+    from streamagent.dlq_ops import read_dead_letters
+
+    letters = read_dead_letters(_settings(("bootstrap_servers",)), reason=args.reason)
+    if args.json:
+        print(json.dumps([letter.summary() for letter in letters], indent=2))
+        return 0
+    print(f"{'offset':>8}  {'processor':<14} {'reason':<16} {'source':<40} error")
+    for letter in letters:
+        source = f"{letter.source_topic}[{letter.source_partition}]@{letter.source_offset}"
+        print(
+            f"{letter.dlq_partition}:{letter.dlq_offset:<6}  {letter.processor:<14} {letter.reason:<16} "
+            f"{source:<40} {letter.error[:80]}"
+        )
+    return 0
+
+
+def cmd_dlq_replay(args: argparse.Namespace) -> int:
+    from streamagent.dlq_ops import read_dead_letters, replay
+
+    if not args.offset and not args.reason and not args.all:
+        raise CliError("choose what to replay with --offset P:O, --reason R or --all", code=2)
+    settings = _settings(("bootstrap_servers",))
+    letters = read_dead_letters(settings, reason=args.reason)
+    if args.offset:
+        wanted = set(args.offset)
+        letters = [x for x in letters if f"{x.dlq_partition}:{x.dlq_offset}" in wanted]
+        unknown = wanted - {f"{x.dlq_partition}:{x.dlq_offset}" for x in letters}
+        if unknown:
+            raise CliError(f"no dead letter at {', '.join(sorted(unknown))}; `streamagent dlq list` shows them", 2)
+    count = replay(settings, letters)
+    print(f"replayed {count} dead letter(s) to their source topics")
+    return 0
+
+
+# -- argument checks ---------------------------------------------------------------------------------
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
+
+
+def non_empty(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+def dlq_offset(text: str) -> str:
+    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"expected PARTITION:OFFSET such as 0:12 (see `dlq list`), got {text!r}")
+    return f"{int(match[1])}:{int(match[2])}"
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument error is one line (no usage block), exit code 2."""
+
+    def error(self, message: str) -> Any:  # argparse's signature says NoReturn
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+# -- parser ------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    from streamagent.console.stackfile import discover
+    from streamagent.tools import builtin_tools
+    from streamagent.tools.sandbox.cli import register as register_sandbox
+
+    parser = Parser(
+        prog="streamagent",
+        description="A durable, event-driven runtime for AI agents on Kafka. Addresses come from "
+        "STREAMAGENT_BOOTSTRAP_SERVERS / STREAMAGENT_DATABASE_URL / STREAMAGENT_SANDBOX_URL; unset, "
+        "the embedded broker and PostgreSQL are started (up, demo) or found (other commands).",
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="log to the terminal too (client libraries included), and print tracebacks of unexpected errors",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(func=func)
+        return p
+
+    demo = add("demo", cmd_demo, "Start the embedded stack, run onboarding requests end to end, print a summary")
+    demo.add_argument("--runs", type=positive_int, default=5, help="how many onboarding requests to submit (default 5)")
+    demo.add_argument(
+        "--timeout", type=positive_float, default=120.0, help="seconds to wait for every run (default 120)"
+    )
+
+    add(
+        "up",
+        cmd_up,
+        "Run the whole embedded stack in the foreground until Ctrl-C, restarting children that die",
+    )
+
+    submit = add("submit", cmd_submit, "Submit onboarding requests, as an upstream system would")
+    submit.add_argument("--company-name", help='quote names with spaces: --company-name "Pied Piper"')
+    submit.add_argument("--company-domain", help="e.g. acme.io")
+    submit.add_argument("--contact-name")
+    submit.add_argument("--contact-email")
+    submit.add_argument("--goal", default="onboard new client")
+    submit.add_argument("--requested-by")
+    submit.add_argument("--run-id", type=non_empty, help="defaults to a new uuid")
+    submit.add_argument("--deadline-s", type=positive_float, help="seconds the run may take")
+    submit.add_argument("--workflow", type=non_empty, help="workflow to run (default onboarding)")
+    submit.add_argument("--file", help="JSON-lines file, one request object per line (fields as the flags)")
+    submit.add_argument("--wait", action="store_true", help="wait until every submitted run has ended")
+    submit.add_argument("--timeout", type=positive_float, default=120.0, help="seconds --wait waits (default 120)")
+
+    show = add("show", cmd_show, "Print one run's timeline: request, decisions, commands, results")
+    show.add_argument("run_id", type=non_empty)
+    show.add_argument("--json", action="store_true", help="machine-readable output")
+
+    runs = add("runs", cmd_runs, "List runs with their status")
+    runs.add_argument("--status", choices=["running", "completed", "failed", "escalated"])
+    runs.add_argument("--limit", type=positive_int, default=1000, help="at most this many runs (default 1000)")
+    runs.add_argument("--json", action="store_true", help="machine-readable output")
+
+    topics = add("topics", lambda a: 2, "Manage the runtime's topics")
+    topics_sub = topics.add_subparsers(dest="topics_command", metavar="SUBCOMMAND", required=True)
+    create = topics_sub.add_parser(
+        "create",
+        help="Create every topic (idempotent)",
+        description="Create every topic the runtime uses; existing ones are left alone",
+    )
+    create.add_argument("--partitions", type=positive_int, help="partition count (default STREAMAGENT_PARTITIONS or 4)")
+    create.set_defaults(func=cmd_topics_create)
+
+    processor = add("processor", cmd_processor, "Run one processor in the foreground")
+    processor.add_argument("name", choices=["state", "decision", "projection"])
+
+    tool = add("tool", cmd_tool, "Run one tool (its own consumer group) in the foreground")
+    # Any tool the tools package provides: a new tool deploys without editing a list here.
+    tool.add_argument("name", choices=sorted(builtin_tools()))
+
+    tools = add("tools", cmd_tools, "List the tool catalogue: name, version, status, members, approval, schema")
+    tools.add_argument("--json", action="store_true", help="machine-readable output (full JSON schemas)")
+
+    dlq = add("dlq", lambda a: 2, "Inspect and replay dead letters")
+    dlq_sub = dlq.add_subparsers(dest="dlq_command", metavar="SUBCOMMAND", required=True)
+    dlq_list = dlq_sub.add_parser(
+        "list",
+        help="List dead letters with their reason and source",
+        description="List dead letters with their reason and source",
+    )
+    dlq_list.add_argument("--reason", type=non_empty, help="only this reason")
+    dlq_list.add_argument("--json", action="store_true", help="machine-readable output")
+    dlq_list.set_defaults(func=cmd_dlq_list)
+    dlq_replay = dlq_sub.add_parser(
+        "replay",
+        help="Put dead letters back on their source topic",
+        description="Put chosen dead letters back on their source topic, byte for byte",
+    )
+    dlq_replay.add_argument("--offset", action="append", type=dlq_offset, help="P:O of a dead letter (repeatable)")
+    dlq_replay.add_argument("--reason", type=non_empty, help="every dead letter with this reason")
+    dlq_replay.add_argument("--all", action="store_true", help="every dead letter")
+    dlq_replay.set_defaults(func=cmd_dlq_replay)
+
+    workflows = add("workflows", lambda a: 2, "Inspect the workflows (files under workflows_dir)")
+    workflows_sub = workflows.add_subparsers(dest="workflows_command", metavar="SUBCOMMAND", required=True)
+    check = workflows_sub.add_parser(
+        "check",
+        help="Load every workflow file; a malformed one is named with its field and reason",
+        description="Load every workflow file; a malformed one is named with its field and reason (exit 2)",
+    )
+    check.set_defaults(func=cmd_workflows_check)
+
+    register_sandbox(sub, running_stack_url=lambda settings: discover(settings).sandbox_url or "")
+    return parser
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    found = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                found += [child, *_subparsers(child)]
+    return found
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    for child in _subparsers(parser):
+        # `streamagent runs --verbose` as well as `streamagent --verbose runs`; SUPPRESS keeps a
+        # subcommand from resetting a flag given before it.
+        child.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def _log_file(args: argparse.Namespace, settings: Settings) -> tuple[str, Path] | None:
+    """Where a command logs; None for the children of ``up`` (their stderr is their log file)."""
+    if args.command in ("processor", "tool") or (args.command == "sandbox" and not args.sandbox_command):
+        return None
+    name = args.command if args.command in ("up", "demo") else "cli"
+    return name, settings.data_dir / "logs" / f"{name}.log"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)  # a bad argument exits 2 with one line
+    verbose = bool(getattr(args, "verbose", False))
+    words = [args.command, *(getattr(args, f"{args.command}_command", None) or "",)]
+    prog = " ".join(["streamagent", *filter(None, words)])
+    try:
+        settings = get_settings()
+    except SettingsError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    target = _log_file(args, settings)
+    log_path = (
+        logs.configure_file(target[0], target[1], settings.log_level, settings.log_format, verbose) if target else None
+    )
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # the one place that turns any failure into one line
+        message, code, expected = _describe(exc)
+        log.error("%s failed: %s", prog, exc, exc_info=not expected)  # all of it, a log tail included
+        if verbose and not expected:
+            traceback.print_exc()
+        where = f"details in {log_path}" if log_path else "details in its log"
+        if not expected:
+            message += f" ({where}{'' if verbose else '; --verbose prints the traceback'})"
+        elif "\n" in str(exc).strip():
+            message = f"{message.rstrip(' :;')} ({where})"
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return code
+
+
+def _describe(exc: Exception) -> tuple[str, int, bool]:
+    """(one line, exit code, whether the failure is an expected kind that needs no traceback)."""
+    if isinstance(exc, CliError):
+        return str(exc), exc.code, True
+    if isinstance(exc, SettingsError):
+        return str(exc), 2, True
+    from streamagent.processors.workflow import WorkflowError
+
+    if isinstance(exc, WorkflowError):  # e.g. a processor reading a malformed workflow at start
+        return f"invalid workflow: {exc}", 2, True
+    import psycopg  # only now: a command that failed early need not pay for these imports
+    from confluent_kafka import KafkaException
+
+    from streamagent.console.embedded import EmbeddedStartError
+    from streamagent.console.stack import StackRunning, StackStartError
+
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    first = re.sub(r"[;,:]?\s*log tail:?\s*$", "", first)  # the tail itself goes to the log file
+    if isinstance(exc, StackRunning | StackStartError | EmbeddedStartError):
+        return first, 1, True
+    if isinstance(exc, psycopg.OperationalError):
+        return f"PostgreSQL: {first}", 1, True
+    if isinstance(exc, KafkaException):
+        error = exc.args[0] if exc.args else None
+        return f"Kafka: {error.str() if hasattr(error, 'str') else first}", 1, True
+    return f"{type(exc).__name__}: {first}", 1, False
+
+
+if __name__ == "__main__":
+    sys.exit(main())

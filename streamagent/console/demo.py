@@ -1,0 +1,140 @@
+"""The demo: the embedded stack, N onboarding requests, live progress, a summary table."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from streamagent.config import Settings
+from streamagent.events import RunRequested, new_id
+from streamagent.processors.projection import queries
+from streamagent.processors.projection.queries import RunRow
+from streamagent.submit import produce_requests
+
+if TYPE_CHECKING:
+    from streamagent.console.stack import Stack
+
+COMPANIES = [
+    ("Acme Robotics", "acme-robotics.io", "Ada Lovelace"),
+    ("Globex", "globex.com", "Hank Scorpio"),
+    ("Initech", "initech.com", "Peter Gibbons"),
+    ("Umbrella Health", "umbrella-health.eu", "Alice Abernathy"),
+    ("Stark Logistics", "stark-logistics.com", "Pepper Potts"),
+    ("Wayne Analytics", "wayne-analytics.io", "Lucius Fox"),
+    ("Cyberdyne", "cyberdyne.ai", "Miles Dyson"),
+    ("Tyrell Bio", "tyrell.bio", "Rachael Rosen"),
+]
+
+
+def sample_requests(count: int, requested_by: str = "demo-crm") -> list[RunRequested]:
+    requests = []
+    for i in range(count):
+        name, domain, contact = COMPANIES[i % len(COMPANIES)]
+        suffix = "" if i < len(COMPANIES) else f" {i // len(COMPANIES) + 1}"
+        first = contact.split()[0].lower()
+        requests.append(
+            RunRequested(
+                run_id=new_id(),
+                company_name=name + suffix,
+                company_domain=domain,
+                contact_name=contact,
+                contact_email=f"{first}@{domain}",
+                goal="onboard new B2B client",
+                requested_by=requested_by,
+            )
+        )
+    return requests
+
+
+class NoProgress(RuntimeError):
+    """The runs cannot make progress (a process they need keeps crashing)."""
+
+
+def wait_for_runs(
+    settings: Settings,
+    run_ids: list[str],
+    timeout_s: float,
+    progress: bool = False,
+    stuck: Callable[[], str | None] | None = None,
+) -> list[RunRow]:
+    """Poll the projection until every run has ended or the timeout passes; returns the final rows.
+
+    ``stuck`` is asked on every poll; a message from it ends the wait at once with NoProgress."""
+    deadline = time.monotonic() + timeout_s
+    wanted = set(run_ids)
+    last_line = ""
+    while True:
+        reason = stuck() if stuck is not None else None
+        if reason:
+            raise NoProgress(reason)
+        rows = [r for r in queries.runs(settings, limit=100_000) if r.run_id in wanted]
+        ended = [r for r in rows if r.status != "running"]
+        if progress:
+            counts = {s: sum(1 for r in rows if r.status == s) for s in ("completed", "failed", "escalated")}
+            steps = sum(r.steps_done for r in rows)
+            line = (
+                f"  {len(ended)}/{len(run_ids)} runs ended ({counts['completed']} completed, {counts['failed']} failed,"
+                f" {counts['escalated']} escalated), {steps}/{4 * len(run_ids)} steps done"
+            )
+            if line != last_line:
+                print(line, flush=True)
+                last_line = line
+        if len(ended) == len(run_ids) or time.monotonic() > deadline:
+            order = {run_id: i for i, run_id in enumerate(run_ids)}
+            return sorted(rows, key=lambda r: order[r.run_id])
+        time.sleep(0.25)  # polling interval of a progress display
+
+
+def start_own_stack(settings: Settings, report: Callable[[str], None] | None = None) -> Stack:
+    """A stack for the demo. If ``up`` already runs in the data dir, the demo leaves it alone and runs
+    its own stack in ``<data_dir>/demo`` instead (and says so)."""
+    from streamagent.console.stack import Stack, StackRunning
+
+    try:
+        return Stack(settings, report=report).start()
+    except StackRunning as exc:
+        own = exc.data_dir / "demo"
+        print(
+            f"  a stack is already running in {exc.data_dir} (pid {exc.pid or '?'}); the demo leaves it alone"
+            f" and runs its own in {own}",
+            flush=True,
+        )
+        return Stack(settings.model_copy(update={"data_dir": own}), report=report).start()
+
+
+def run_demo(settings: Settings, runs: int, timeout_s: float, report: Callable[[str], None] | None = None) -> int:
+    from streamagent.console.tables import print_runs_table
+
+    print(
+        "starting the embedded stack (Kafka broker, PostgreSQL, SaaS sandbox, 3 processors, 4 tools)…",
+        flush=True,
+    )
+    started = time.monotonic()
+    stack = start_own_stack(settings, report)
+    with contextlib.closing(stack):  # started already: stop it however the demo ends
+        s = stack.settings
+        print(f"  kafka {s.bootstrap_servers} | postgres {s.database_url} | sandbox {s.sandbox_url}")
+        print(f"  stack up in {time.monotonic() - started:.1f}s; logs in {s.data_dir / 'logs'}")
+        requests = sample_requests(runs)
+        submitted = time.monotonic()
+        run_ids = produce_requests(s, requests)
+        print(f"submitted {len(run_ids)} onboarding requests to {s.topic('agent.run.events')}", flush=True)
+        try:
+            rows = wait_for_runs(s, run_ids, timeout_s, progress=True, stuck=stack.failing)
+        except NoProgress as exc:
+            print(f"demo FAILED, no run can finish: {exc}", file=sys.stderr)
+            return 1
+        elapsed = time.monotonic() - submitted
+        print()
+        print_runs_table(rows)
+        completed = sum(1 for r in rows if r.status == "completed")
+        print(f"\n{completed}/{len(run_ids)} runs completed in {elapsed:.1f}s")
+        if rows:
+            print(f"see one run's timeline: streamagent show {rows[0].run_id}  (while `streamagent up` runs)")
+    ok = completed == len(run_ids)
+    if not ok:
+        print("demo FAILED: not every run completed", file=sys.stderr)
+    return 0 if ok else 1

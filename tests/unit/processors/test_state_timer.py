@@ -1,0 +1,117 @@
+"""The state processor's timer costs what is due, not what exists; admission keeps runs in order."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from streamagent.processors.state.app import StateWorker
+from streamagent.processors.state.fold import RunState, apply
+from streamagent.processors.state.store import MemoryStore
+from streamagent.processors.state.watch import DEADLINE, Admission, DueQueue
+from test_fold import DEFAULT_DEADLINE_S, T0, full_run, requested
+
+from streamagent import codec
+from streamagent.config import Settings
+from streamagent.events import RunDeadlineExceeded
+
+
+class RecordingProducer:
+    """Stands in for the Kafka producer in a broker-free unit test: keeps what would be sent."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes, bytes]] = []
+
+    def produce(self, topic: str, key: bytes, value: bytes, **_: Any) -> None:
+        self.sent.append((topic, key, value))
+
+    def flush(self, _timeout: float = 0) -> int:
+        return 0
+
+
+def _finished() -> bytes:
+    state: RunState | None = None
+    for event in full_run():
+        state = apply(state, event, DEFAULT_DEADLINE_S).state
+    assert state is not None
+    return state.model_dump_json().encode()
+
+
+def _running(run_id: str) -> RunState:
+    return apply(None, requested(event_id=f"req-{run_id}", run_id=run_id), DEFAULT_DEADLINE_S).state
+
+
+def _worker(finished: int, running: int) -> tuple[StateWorker, MemoryStore, RecordingProducer]:
+    store = MemoryStore()
+    done = _finished()
+    for i in range(finished):
+        store.data[f"done-{i}"] = done
+    for i in range(running):
+        store.put(_running(f"live-{i}"), 0)
+    producer = RecordingProducer()
+    settings = Settings(partitions=4, max_running_runs=0)
+    worker = StateWorker(settings, store, producer)  # type: ignore[arg-type]
+    worker.sync_assignment(frozenset(range(4)))  # the one scan, at assignment
+    return worker, store, producer
+
+
+@pytest.mark.parametrize("finished", [10, 100_000])
+def test_a_tick_touches_only_what_is_due_however_many_runs_finished(finished: int) -> None:
+    worker, store, producer = _worker(finished, running=5)
+    producer.sent.clear()
+    store.reads = 0
+    deadline = (T0 + timedelta(seconds=45)).timestamp()  # requested() gives each run a 45 s deadline
+
+    asyncio.run(worker.tick(now=deadline - 1))
+    assert (worker.queue.touched, store.reads, producer.sent) == (0, 0, [])
+
+    asyncio.run(worker.tick(now=deadline + 1))
+    assert worker.queue.touched == 5  # the five running runs' deadlines, nothing else
+    events = [codec.decode(value) for _, _, value in producer.sent]
+    assert sorted(e.run_id for e in events if isinstance(e, RunDeadlineExceeded)) == [f"live-{i}" for i in range(5)]
+
+
+def test_recovery_skips_finished_runs_without_parsing_them() -> None:
+    worker, _, producer = _worker(finished=1000, running=3)
+    assert len(worker.cache) == 3 and len(worker.queue) == 3
+    # Runs waiting for a decision get their snapshot again after a rebalance (a crash may have lost it).
+    assert len(producer.sent) == 3
+
+
+def test_due_queue_replaces_and_cancels_without_scanning() -> None:
+    queue = DueQueue()
+    queue.schedule(0, "a", DEADLINE, 10.0)
+    queue.schedule(0, "a", DEADLINE, 20.0)  # rescheduled: the first entry is stale
+    queue.schedule(1, "b", DEADLINE, 5.0)
+    queue.cancel("b", DEADLINE)
+    assert queue.due(15.0) == []
+    assert queue.due(25.0) == [(0, "a", DEADLINE)]
+    assert len(queue) == 0 and queue.touched == 3
+
+
+def test_due_queue_compacts_when_stale_entries_pile_up() -> None:
+    queue = DueQueue()
+    for at in range(1000):
+        queue.schedule(0, "a", DEADLINE, float(at))
+    assert len(queue._heaps[0]) < 100  # rescheduling one run a thousand times keeps the heap small
+    assert queue.due(2000.0) == [(0, "a", DEADLINE)]
+
+
+def test_admission_bounds_runs_per_partition_and_admits_in_arrival_order() -> None:
+    admission = Admission.for_stack(max_running_runs=4, partitions=2)  # 2 per partition
+    for run in ("r1", "r2"):
+        assert admission.has_room(0)
+        admission.admit(0, run)
+    assert not admission.has_room(0) and admission.has_room(1)
+    for run in ("r3", "r4", "r5"):
+        admission.wait(0, run)
+    assert admission.next_waiting(0) is None  # full
+    admission.finish(0, "r1")
+    assert admission.next_waiting(0) == "r3"
+    admission.admit(0, "r3")
+    admission.finish(0, "r2")
+    admission.withdraw(0, "r5")  # ended while waiting (deadline), so never admitted in turn
+    assert [admission.next_waiting(0), admission.next_waiting(0)] == ["r4", None]
+    assert (admission.running, admission.queued) == (1, 0)
