@@ -1,4 +1,11 @@
-"""PostgreSQL: connections and the schema every process may need, applied idempotently.
+"""PostgreSQL: connections, and the runner that applies each layer's own schema.
+
+Each layer owns its tables and declares them as a ``Schema`` next to its code: the projection
+(``streamagent.processors.projection.schema``), the decision processor (``...decision.schema``) and the
+tool ledger (``streamagent.tools.sdk.schema``). A process applies the schemas it uses at start;
+``migrate`` takes an advisory lock so that processes starting together do not race. Statements are
+idempotent (``IF NOT EXISTS``) and only ever added at the end of a schema, so applying an owner's list
+again, on an empty or an older database, brings it to the current shape.
 
 Long-lived users (the decision and projection processors, the tool ledger) hold their connection in a
 ``Reconnecting`` (or ``AsyncReconnecting``) holder: a connection that broke (PostgreSQL restarted,
@@ -14,6 +21,7 @@ import contextlib
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -23,72 +31,13 @@ from streamagent.config import Settings
 # Advisory lock so that processes starting together do not race on CREATE TABLE.
 _MIGRATION_LOCK = 7_311_042
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS runs (
-    run_id          text PRIMARY KEY,
-    company_name    text,
-    company_domain  text,
-    contact_email   text,
-    requested_by    text,
-    status          text NOT NULL,
-    failed_step     text,
-    reason          text,
-    steps_done      int  NOT NULL DEFAULT 0,
-    created_at      timestamptz,
-    updated_at      timestamptz,
-    ended_at        timestamptz
-);
-CREATE INDEX IF NOT EXISTS runs_status ON runs (status);
 
-CREATE TABLE IF NOT EXISTS run_events (
-    event_id      text PRIMARY KEY,
-    run_id        text NOT NULL,
-    type          text NOT NULL,
-    occurred_at   timestamptz NOT NULL,
-    causation_id  text,
-    step          text,
-    summary       text NOT NULL,
-    payload       jsonb NOT NULL,
-    topic         text NOT NULL,
-    kafka_partition int NOT NULL,
-    kafka_offset  bigint NOT NULL,
-    recorded_at   timestamptz NOT NULL DEFAULT now()
-);
-CREATE INDEX IF NOT EXISTS run_events_by_run ON run_events (run_id, occurred_at);
+@dataclass(frozen=True)
+class Schema:
+    """One layer's tables: idempotent statements, applied in order. New ones go at the end."""
 
-CREATE TABLE IF NOT EXISTS decisions (
-    run_id            text   NOT NULL,
-    based_on_version  bigint NOT NULL,
-    decision_id       text   NOT NULL,
-    action            text   NOT NULL,
-    step              text,
-    decision_event    bytea  NOT NULL,
-    follow_up_topic   text,
-    follow_up_event   bytea,
-    created_at        timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (run_id, based_on_version)
-);
-
-CREATE INDEX IF NOT EXISTS decisions_by_id ON decisions (decision_id);
-
-CREATE TABLE IF NOT EXISTS decision_progress (
-    run_id          text PRIMARY KEY,
-    latest_version  bigint NOT NULL,
-    superseded      int    NOT NULL DEFAULT 0
-);
-
-CREATE TABLE IF NOT EXISTS tool_ledger (
-    command_id   text PRIMARY KEY,
-    tool         text NOT NULL,
-    run_id       text NOT NULL,
-    step         text NOT NULL,
-    status       text NOT NULL,
-    attempts     int  NOT NULL DEFAULT 0,
-    result_event bytea,
-    created_at   timestamptz NOT NULL DEFAULT now(),
-    updated_at   timestamptz NOT NULL DEFAULT now()
-);
-"""
+    owner: str
+    statements: tuple[str, ...]
 
 
 log = logging.getLogger(__name__)
@@ -170,10 +119,10 @@ class AsyncReconnecting:
     close = discard
 
 
-def migrate(settings: Settings, *, wait_s: float = 0.0, stop: threading.Event | None = None) -> None:
-    """Apply the schema. With ``wait_s`` > 0 an unreachable PostgreSQL is waited for that long (a
-    process started during an outage waits instead of crash-looping; ``math.inf``: until it is back
-    or ``stop`` is set)."""
+def migrate(settings: Settings, *schemas: Schema, wait_s: float = 0.0, stop: threading.Event | None = None) -> None:
+    """Apply ``schemas`` (each owner's statements, in order) in one transaction. With ``wait_s`` > 0 an
+    unreachable PostgreSQL is waited for that long (a process started during an outage waits instead of
+    crash-looping; ``math.inf``: until it is back or ``stop`` is set)."""
     from streamagent.errors import outage
     from streamagent.retry import RetryPolicy
 
@@ -186,7 +135,9 @@ def migrate(settings: Settings, *, wait_s: float = 0.0, stop: threading.Event | 
         try:
             with connect(settings, autocommit=False) as conn:
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
-                conn.execute(SCHEMA)
+                for schema in schemas:
+                    for statement in schema.statements:
+                        conn.execute(statement)
                 conn.commit()
             return
         except Exception as exc:

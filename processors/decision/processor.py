@@ -29,6 +29,7 @@ from typing import Any
 from confluent_kafka import Producer
 from streamagent.processors.decision.arguments import ArgumentCheck, catalogue_check, no_check
 from streamagent.processors.decision.decider import Decider, Decision
+from streamagent.processors.decision.schema import SCHEMA
 from streamagent.processors.workflow import ToolAvailability, every_tool_available, load_workflows
 
 from streamagent import codec, db
@@ -520,7 +521,9 @@ def build(settings: Settings) -> ConsumerRuntime:
     later) moves on as soon as the tool is there.
     """
     make_decider(settings)  # first: a malformed workflow file stops the start at once
-    db.migrate(settings, wait_s=db.WAIT_FOREVER)  # started during an outage: wait, do not crash-loop
+    # The tool ledger still reads ``decisions`` to refuse commands no decision issued; until commands
+    # are signed, the decision processor's own tables are all it creates.
+    db.migrate(settings, SCHEMA, wait_s=db.WAIT_FOREVER)  # started during an outage: wait, do not crash-loop
     runtime = ConsumerRuntime(
         settings, PROCESSOR, [settings.topic(RUN_STATE)], lambda _: None, dependencies=("kafka", "postgres")
     )

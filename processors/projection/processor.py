@@ -14,6 +14,7 @@ from typing import Any
 
 import psycopg
 from psycopg.types.json import Jsonb
+from streamagent.processors.projection.schema import SCHEMA
 
 from streamagent import db
 from streamagent.config import Settings
@@ -147,10 +148,18 @@ class ProjectionHandler:
         requested = [e for e in events if isinstance(e, RunRequested)]
         if requested:
             cur.executemany(
-                "UPDATE runs SET company_name=%s, company_domain=%s, contact_email=%s, requested_by=%s,"
+                "UPDATE runs SET company_name=%s, company_domain=%s, contact_email=%s, requested_by=%s, workflow=%s,"
                 " created_at=LEAST(created_at, %s) WHERE run_id=%s",
                 [
-                    (e.company_name, e.company_domain, e.contact_email, e.requested_by, e.occurred_at, e.run_id)
+                    (
+                        e.company_name,
+                        e.company_domain,
+                        e.contact_email,
+                        e.requested_by,
+                        e.workflow,
+                        e.occurred_at,
+                        e.run_id,
+                    )
                     for e in requested
                 ],
             )
@@ -191,7 +200,7 @@ class ProjectionHandler:
 
 
 def build(settings: Settings) -> ConsumerRuntime:
-    db.migrate(settings, wait_s=db.WAIT_FOREVER)  # started during an outage: wait, do not crash-loop
+    db.migrate(settings, SCHEMA, wait_s=db.WAIT_FOREVER)  # started during an outage: wait, do not crash-loop
     commands = "^" + re.escape(settings.topic(COMMANDS_PREFIX)) + ".*"
     topics = [settings.topic(RUN_EVENTS), settings.topic(TOOL_RESULTS), commands]
     return ConsumerRuntime(settings, PROCESSOR, topics, ProjectionHandler(settings), dependencies=("kafka", "postgres"))

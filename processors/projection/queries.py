@@ -14,6 +14,7 @@ from streamagent.config import Settings
 class RunRow(BaseModel):
     run_id: str
     company_name: str | None
+    workflow: str | None = None
     status: str
     steps_done: int
     failed_step: str | None

@@ -310,13 +310,14 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_runs(args: argparse.Namespace) -> int:
     from streamagent.processors.projection import queries
 
-    rows = queries.runs(_settings(("database_url",)), status=args.status, limit=args.limit)
+    settings = _settings(("database_url",))
+    rows = queries.runs(settings, status=args.status, limit=args.limit)
     if args.json:
         print(json.dumps([r.model_dump(mode="json") for r in rows], indent=2))
         return 0
-    from streamagent.console.tables import print_runs_table
+    from streamagent.console.tables import print_runs_table, steps_per_workflow
 
-    print_runs_table(rows)
+    print_runs_table(rows, steps_per_workflow(settings))
     return 0
 
 

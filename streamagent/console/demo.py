@@ -106,10 +106,12 @@ def start_own_stack(settings: Settings, report: Callable[[str], None] | None = N
 
 
 def run_demo(settings: Settings, runs: int, timeout_s: float, report: Callable[[str], None] | None = None) -> int:
-    from streamagent.console.tables import print_runs_table
+    from streamagent.console.stack import stack_tools
+    from streamagent.console.tables import print_runs_table, steps_per_workflow
 
     print(
-        "starting the embedded stack (Kafka broker, PostgreSQL, SaaS sandbox, 3 processors, 4 tools)…",
+        "starting the embedded stack (Kafka broker, PostgreSQL, SaaS sandbox, 3 processors,"
+        f" tools: {', '.join(stack_tools(settings))})…",
         flush=True,
     )
     started = time.monotonic()
@@ -129,7 +131,7 @@ def run_demo(settings: Settings, runs: int, timeout_s: float, report: Callable[[
             return 1
         elapsed = time.monotonic() - submitted
         print()
-        print_runs_table(rows)
+        print_runs_table(rows, steps_per_workflow(s))
         completed = sum(1 for r in rows if r.status == "completed")
         print(f"\n{completed}/{len(run_ids)} runs completed in {elapsed:.1f}s")
         if rows:

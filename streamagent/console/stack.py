@@ -40,6 +40,9 @@ from streamagent.console.stackfile import (
     running_pid,
 )
 from streamagent.kafka import create_topics
+from streamagent.processors.decision.schema import SCHEMA as DECISION_SCHEMA
+from streamagent.processors.projection.schema import SCHEMA as PROJECTION_SCHEMA
+from streamagent.tools.sdk.schema import SCHEMA as LEDGER_SCHEMA
 from streamagent.topics import all_topics
 
 log = logging.getLogger(__name__)
@@ -228,6 +231,10 @@ class Child:
             self._log = None
 
 
+# Every layer's tables, created before any process starts so that readers (``runs``, ``show``) find them.
+SCHEMAS = (PROJECTION_SCHEMA, DECISION_SCHEMA, LEDGER_SCHEMA)
+
+
 def cli_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "streamagent.console.cli", *args]
 
@@ -327,7 +334,7 @@ class Stack:
             updates["sandbox_url"] = f"http://127.0.0.1:{sandbox_port}"
         self.settings = self.settings.model_copy(update=updates)
         create_topics(self.settings, all_topics(self.tools))
-        db.migrate(self.settings)
+        db.migrate(self.settings, *SCHEMAS)
         env = child_environ(self.settings)
         logs = data / "logs"
         if sandbox_port is not None:

@@ -47,7 +47,7 @@ def test_runs_waiting_for_crm_complete_once_the_crm_tool_is_deployed(settings: S
             return rows if ok else None
 
         rows = eventually(all_waiting, timeout=40, interval=0.2, what="the runs waiting for tool crm")
-        assert all(r.steps_done == 1 for r in rows)  # enrich done; nothing of crm or after it
+        assert all(r.steps_done == 1 and r.workflow == "onboarding-with-crm" for r in rows)  # enrich done, crm next
         assert {e.api for e in SandboxClient(s.sandbox_url).effects()} == {"enrich"}
         started = {name: child.pid for name, child in stack.children.items()}
 

@@ -36,6 +36,7 @@ from streamagent.tools.sdk.breaker import CircuitBreaker
 from streamagent.tools.sdk.errors import PermanentError, RetryableError
 from streamagent.tools.sdk.ledger import Claimed, ClaimRequest, Ledger, LedgerEntry, LedgerWriter, Stopping
 from streamagent.tools.sdk.offsets import PartitionOffsets
+from streamagent.tools.sdk.schema import SCHEMA as LEDGER_SCHEMA
 from streamagent.tools.sdk.tool import CallContext, Tool
 
 from streamagent import codec, db
@@ -166,7 +167,9 @@ class ToolRunner:
     async def run(self) -> None:
         loop = self._loop = asyncio.get_running_loop()
         # Started during a PostgreSQL outage: wait for it (stoppable), do not crash-loop.
-        migrate = functools.partial(db.migrate, self.settings, wait_s=db.WAIT_FOREVER, stop=self._stopped)
+        migrate = functools.partial(
+            db.migrate, self.settings, LEDGER_SCHEMA, wait_s=db.WAIT_FOREVER, stop=self._stopped
+        )
         await loop.run_in_executor(None, migrate)
         self.ledger = await Ledger.open(self.settings, stop=self.stop_event, health=self.health)
         self.writer = LedgerWriter(self.ledger, max_batch=max(self.max_in_flight, 1))

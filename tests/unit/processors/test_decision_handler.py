@@ -9,6 +9,7 @@ import psycopg
 import pytest
 from streamagent.processors.decision.processor import DecisionHandler
 from streamagent.processors.decision.rules import RulesDecider
+from streamagent.processors.decision.schema import SCHEMA as DECISION_SCHEMA
 from streamagent.processors.state.fold import apply
 from test_fold import DEFAULT_DEADLINE_S, requested
 
@@ -59,7 +60,7 @@ def _batch(snapshots: list[Any]) -> Batch:
 
 
 def test_a_batch_costs_one_round_trip_and_a_redelivery_none(settings: Settings) -> None:
-    db.migrate(settings)
+    db.migrate(settings, DECISION_SCHEMA)
     producer = LandingProducer()
     handler = DecisionHandler(settings, RulesDecider(), producer)  # type: ignore[arg-type]
     snapshots = [
@@ -88,7 +89,7 @@ def test_a_batch_costs_one_round_trip_and_a_redelivery_none(settings: Settings) 
 def test_a_batch_that_could_not_be_stored_leaves_no_decision_in_memory(settings: Settings) -> None:
     """PostgreSQL went away before the decisions were stored: the retried batch must store them, not
     replay them from memory (their commands would reach tools with no recorded decision)."""
-    db.migrate(settings)
+    db.migrate(settings, DECISION_SCHEMA)
     producer = LandingProducer()
     handler = DecisionHandler(settings, RulesDecider(), producer)  # type: ignore[arg-type]
     snapshots = [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from streamagent.processors.decision.processor import DecisionHandler
 from streamagent.processors.decision.rules import RulesDecider
+from streamagent.processors.decision.schema import SCHEMA as DECISION_SCHEMA
 from streamagent.processors.state.fold import apply
 from streamagent.processors.workflow import ONBOARDING
 from test_decision_handler import LandingProducer, _batch
@@ -16,7 +17,7 @@ from streamagent.topics import RUN_EVENTS
 
 
 def test_a_wait_is_stored_and_recorded_with_its_reason_and_produces_no_command(settings: Settings) -> None:
-    db.migrate(settings)
+    db.migrate(settings, DECISION_SCHEMA)
     producer = LandingProducer()
     decider = RulesDecider(ONBOARDING, available=lambda tool: tool != "enrich")
     handler = DecisionHandler(settings, decider, producer)  # type: ignore[arg-type]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from streamagent.processors.decision.processor import DecisionHandler
 from streamagent.processors.decision.rules import RulesDecider
+from streamagent.processors.decision.schema import SCHEMA as DECISION_SCHEMA
 from streamagent.processors.state.fold import apply
 from streamagent.processors.workflow import ONBOARDING
 from test_decision_handler import LandingProducer, _batch
@@ -21,7 +22,7 @@ def decoded(producer: LandingProducer) -> list[object]:
 def test_a_waiting_run_is_woken_once_its_tool_is_available_and_the_state_takes_the_new_decision(
     settings: Settings,
 ) -> None:
-    db.migrate(settings)
+    db.migrate(settings, DECISION_SCHEMA)
     present: set[str] = set()
     producer = LandingProducer()
     decider = RulesDecider(ONBOARDING, available=lambda tool: tool in present)
@@ -70,7 +71,7 @@ def test_a_waiting_run_is_woken_once_its_tool_is_available_and_the_state_takes_t
 
 
 def test_a_restarted_handler_wakes_a_run_whose_wait_it_replays(settings: Settings) -> None:
-    db.migrate(settings)
+    db.migrate(settings, DECISION_SCHEMA)
     present: set[str] = set()
     decider = RulesDecider(ONBOARDING, available=lambda tool: tool in present)
     first = DecisionHandler(settings, decider, LandingProducer())  # type: ignore[arg-type]

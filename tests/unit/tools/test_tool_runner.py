@@ -21,9 +21,11 @@ import pytest
 from confluent_kafka import Producer
 from helpers import eventually, read_topic
 from pydantic import BaseModel
+from streamagent.processors.decision.schema import SCHEMA as DECISION_SCHEMA
 from streamagent.tools.sdk import CallContext, PermanentError, RetryableError, RetryPolicy, Tool
 from streamagent.tools.sdk.ledger import ClaimRequest, Ledger, LedgerWriter, Stopping
 from streamagent.tools.sdk.runner import ToolRunner
+from streamagent.tools.sdk.schema import SCHEMA as LEDGER_SCHEMA
 
 from streamagent import codec, db
 from streamagent.config import Settings
@@ -36,7 +38,7 @@ STEP = "enrich"
 
 
 def _decisions(settings: Settings, decision_ids: list[str]) -> None:
-    db.migrate(settings)
+    db.migrate(settings, LEDGER_SCHEMA, DECISION_SCHEMA)  # the ledger checks the decisions table
     with db.connect(settings) as conn:
         for i, decision_id in enumerate(decision_ids):
             conn.execute(

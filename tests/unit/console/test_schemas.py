@@ -1,0 +1,39 @@
+"""Each layer owns its tables: applying one layer's schema creates that layer's tables and no other."""
+
+from __future__ import annotations
+
+from streamagent.processors.decision.schema import SCHEMA as DECISION
+from streamagent.processors.projection.schema import SCHEMA as PROJECTION
+from streamagent.tools.sdk.schema import SCHEMA as LEDGER
+
+from streamagent import db
+from streamagent.config import Settings
+from streamagent.console.stack import SCHEMAS
+
+
+def tables(settings: Settings) -> set[str]:
+    with db.connect(settings) as conn:
+        rows = conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'").fetchall()
+    return {r[0] for r in rows}
+
+
+def test_each_layer_creates_only_its_own_tables(settings: Settings) -> None:
+    db.migrate(settings, LEDGER)
+    assert tables(settings) == {"tool_ledger"}
+    db.migrate(settings, DECISION)
+    assert tables(settings) == {"tool_ledger", "decisions", "decision_progress"}
+    db.migrate(settings, PROJECTION)
+    assert tables(settings) == {"tool_ledger", "decisions", "decision_progress", "runs", "run_events"}
+    assert {s.owner for s in SCHEMAS} == {"projection", "decision", "tool_ledger"}  # the stack applies all
+
+
+def test_migrating_again_or_from_an_older_shape_reaches_the_current_one(settings: Settings) -> None:
+    first, *later = PROJECTION.statements
+    db.migrate(settings, db.Schema("projection", (first,)))  # a database from before `workflow` existed
+    db.migrate(settings, *SCHEMAS)
+    db.migrate(settings, *SCHEMAS)  # idempotent
+    with db.connect(settings) as conn:
+        columns = {
+            r[0] for r in conn.execute("SELECT column_name FROM information_schema.columns WHERE table_name='runs'")
+        }
+    assert "workflow" in columns and later

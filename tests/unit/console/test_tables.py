@@ -1,0 +1,51 @@
+"""What `runs` and the demo print: steps out of the run's own workflow, and what a running run waits for."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from streamagent.processors.projection.queries import RunRow
+
+from streamagent.config import Settings
+from streamagent.console.tables import print_runs_table, steps_per_workflow
+
+T0 = datetime(2026, 12, 2, tzinfo=UTC)
+
+
+def row(run_id: str, workflow: str | None, status: str, steps: int, reason: str | None = None) -> RunRow:
+    ended = T0 + timedelta(seconds=2) if status != "running" else None
+    return RunRow(
+        run_id=run_id,
+        company_name="Initech",
+        workflow=workflow,
+        status=status,
+        steps_done=steps,
+        failed_step=None,
+        reason=reason,
+        created_at=T0,
+        ended_at=ended,
+    )
+
+
+def test_steps_are_counted_against_each_runs_own_workflow(capsys: pytest.CaptureFixture[str]) -> None:
+    steps_of = steps_per_workflow(Settings())
+    assert steps_of["onboarding"] == 4 and steps_of["onboarding-with-crm"] == 5
+    print_runs_table(
+        [
+            row("r1", "onboarding", "completed", 4),
+            row("r2", "onboarding-with-crm", "running", 4, "waiting for tool crm"),
+            row("r3", "retired-workflow", "failed", 1),
+        ],
+        steps_of,
+    )
+    lines = capsys.readouterr().out.splitlines()
+    assert "workflow" in lines[0] and "steps" in lines[0]
+    assert lines[1].startswith("r1") and " 4/4 " in lines[1] and "2.00s" in lines[1]
+    assert lines[2].startswith("r2") and " 4/5 " in lines[2]
+    assert lines[3].strip() == "waiting for tool crm"  # the wait shows under its run
+    assert lines[4].startswith("r3") and " 1/? " in lines[4]  # a workflow no file defines any more
+
+
+def test_a_broken_workflows_folder_leaves_the_table_printable(tmp_path: object) -> None:
+    assert steps_per_workflow(Settings(workflows_dir=tmp_path)) == {}
