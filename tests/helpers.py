@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
@@ -81,3 +83,22 @@ def skip_to_end(s: Settings, topic: str, group: str) -> int:
         return len(messages)
     finally:
         c.close()
+
+
+def why_not_ended(settings: Settings, run_ids: list[str], logs: list[Path] = (), examples: int = 3) -> str:
+    """What a test that waited for runs to end prints when they did not: their statuses, the last
+    events of a few unfinished ones, and the tail of the given logs (a CI failure must explain itself)."""
+    wanted = set(run_ids)
+    rows = [r for r in queries.runs(settings, limit=100_000) if r.run_id in wanted]
+    lines = [f"statuses: {dict(Counter(r.status for r in rows))}, {len(wanted) - len(rows)} never projected"]
+    for r in [r for r in rows if r.ended_at is None][:examples]:
+        lines.append(f"run {r.run_id} ({r.status}, {r.steps_done} steps, reason {r.reason!r}) ends with:")
+        lines += [
+            f"    {e.occurred_at:%H:%M:%S.%f} {e.type} {e.step or ''} {e.summary[:140]}"
+            for e in queries.timeline(settings, r.run_id)[-6:]
+        ]
+    for log in logs:
+        if log.exists():
+            tail = log.read_text(errors="replace").splitlines()[-15:]
+            lines += [f"--- {log.name}:", *(f"    {line[:200]}" for line in tail)]
+    return "\n".join(lines)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import ended, eventually, read_topic
+from helpers import ended, eventually, read_topic, why_not_ended
 from streamagent.processors.projection import queries
 from streamagent.tools.sandbox import FaultSpec, SandboxClient
 
@@ -163,7 +163,11 @@ def test_power_cut_of_the_whole_stack_then_up_again_completes_every_run(
         s2 = again.settings
         restored = group_offsets(admin(s2), group, partitions)
         assert all(restored[k] >= committed_before[k] for k in partitions), (restored, committed_before)
-        rows = eventually(lambda: ended(s2, run_ids), timeout=240, interval=0.5, what="100 runs ended")
+        try:
+            rows = eventually(lambda: ended(s2, run_ids), timeout=240, interval=0.5, what="100 runs ended")
+        except AssertionError as exc:
+            logs = [s2.data_dir / "broker" / "broker.log", *sorted((s2.data_dir / "logs").glob("*.log"))]
+            raise AssertionError(f"{exc}\n{why_not_ended(s2, run_ids, logs)}") from None
         assert Counter(r.status for r in rows) == {"completed": 100}
         _assert_one_effect_each(sandbox, run_ids)
         assert len(sandbox.effects()) >= effects_before

@@ -10,9 +10,11 @@ import signal
 from pathlib import Path
 
 import pytest
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from streamagent.console.broker.journal import JOURNAL_FILE, JournalWriter, Offset, Records, scan
 from streamagent.console.embedded import EmbeddedBroker
 
 pytestmark = pytest.mark.integration
@@ -85,10 +87,10 @@ def _consume_and_commit(bootstrap: str, group: str, how_many: int) -> dict[tuple
         c.close()
 
 
-def _committed(bootstrap: str, group: str) -> dict[tuple[str, int], int]:
+def _committed(bootstrap: str, group: str, topics: dict[str, int] = TOPICS) -> dict[tuple[str, int], int]:
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
     try:
-        committed = c.committed([TopicPartition(t, p) for t, n in TOPICS.items() for p in range(n)], timeout=10)
+        committed = c.committed([TopicPartition(t, p) for t, n in topics.items() for p in range(n)], timeout=10)
         return {(tp.topic, tp.partition): tp.offset for tp in committed}
     finally:
         c.close()
@@ -138,3 +140,72 @@ def test_memory_storage_forgets_on_restart(tmp_path: Path) -> None:
         assert "durable.a" not in topics
     finally:
         broker.stop()
+
+
+def _one_batch(count: int, first: int) -> bytes:
+    builder = DefaultRecordBatchBuilder(
+        magic=2,
+        compression_type=0,
+        is_transactional=False,
+        producer_id=-1,
+        producer_epoch=-1,
+        base_sequence=-1,
+        batch_size=1 << 16,
+    )
+    for i in range(count):
+        builder.append(i, timestamp=1_700_000_000_000 + first + i, key=b"k", value=f"v{first + i}".encode(), headers=[])
+    return bytes(builder.build())
+
+
+def _values(bootstrap: str, topic: str) -> list[tuple[int, bytes]]:
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "hole-reader", "enable.partition.eof": True})
+    try:
+        c.assign([TopicPartition(topic, 0, 0)])
+        out = []
+        while True:
+            msg = c.poll(5)
+            assert msg is not None, "no end of partition reached"
+            if msg.error():
+                assert msg.error().code() == KafkaError._PARTITION_EOF, msg.error()
+                return out
+            out.append((msg.offset(), msg.value()))
+    finally:
+        c.close()
+
+
+def test_a_hole_in_the_journal_moves_later_batches_down_and_their_commits_with_them(tmp_path: Path) -> None:
+    """A cut can leave a later batch journalled and an earlier, never acknowledged one not. The later
+    batches are restored lower down; groups resume where their records now are, not past them; and
+    the journal is rewritten in the new numbering, so the next restart restores the same log."""
+    broker = EmbeddedBroker(tmp_path / "broker", storage="journal").start()
+    admin = AdminClient({"bootstrap.servers": broker.bootstrap_servers})
+    for future in admin.create_topics([NewTopic("holes", 1, 1)]).values():
+        future.result()
+    broker.stop()
+    journal = tmp_path / "broker" / JOURNAL_FILE
+    writer = JournalWriter(journal, fsync=False)
+    writer.append(Records("holes", 0, 0, _one_batch(3, 0)))  # offsets 0-2
+    writer.append(Records("holes", 0, 5, _one_batch(2, 5)))  # 5-6: 3-4 were never journalled
+    writer.append(Offset("behind-the-hole", "holes", 0, 6, None))  # read 5, next is 6
+    writer.append(Offset("in-the-hole", "holes", 0, 4, None))  # read up to 3 (never restored)
+    writer.append(Offset("read-everything", "holes", 0, 7, None))
+    writer.close()
+
+    for attempt in range(2):  # the second start restores the rewritten journal: same answer
+        restarted = EmbeddedBroker(tmp_path / "broker", storage="journal", port=broker.port).start()
+        try:
+            assert _values(restarted.bootstrap_servers, "holes") == [
+                (0, b"v0"),
+                (1, b"v1"),
+                (2, b"v2"),
+                (3, b"v5"),
+                (4, b"v6"),
+            ], attempt
+            for group, expected in (("behind-the-hole", 4), ("in-the-hole", 3), ("read-everything", 5)):
+                assert _committed(restarted.bootstrap_servers, group, {"holes": 1}) == {("holes", 0): expected}, (
+                    group,
+                    attempt,
+                )
+        finally:
+            restarted.stop()
+    assert [e.base_offset for e in scan(journal)[0] if isinstance(e, Records)] == [0, 3]

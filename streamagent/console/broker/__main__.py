@@ -21,7 +21,7 @@ from pathlib import Path
 
 from streamagent.config import child_environ
 from streamagent.console.broker import wire
-from streamagent.console.broker.journal import JOURNAL_FILE, JournalWriter, scan
+from streamagent.console.broker.journal import JOURNAL_FILE, JournalWriter, rewrite, scan
 from streamagent.console.broker.proxy import GroupCommit, JournalProxy
 from streamagent.console.broker.restore import restore
 
@@ -93,7 +93,11 @@ async def _serve(args: argparse.Namespace) -> int:
         await asyncio.sleep(0.02)  # readiness probe interval
     report = restore(entries, host, private_port)
     for gap in report.gaps:
-        log.error("restore: %s", gap)
+        log.warning("restore: %s (a batch never acknowledged left a hole; offsets moved down)", gap)
+    if report.gaps:
+        # New entries will carry the broker's new offsets: the journal must speak the same numbering.
+        clean_length = rewrite(journal_path, report.rewritten, fsync=args.fsync)
+        log.warning("journal rewritten in the restored numbering: %d entries", len(report.rewritten))
     commit = GroupCommit(JournalWriter(journal_path, clean_length=clean_length, fsync=args.fsync))
     proxy = JournalProxy((host, public_port), (host, private_port), commit)
     try:
@@ -103,13 +107,14 @@ async def _serve(args: argparse.Namespace) -> int:
         tansu.kill()
         return 3
     log.info(
-        "%s on %s: restored %d batches (%d bytes), %d group offsets, %d admin requests in %.2fs",
+        "%s on %s: restored %d batches (%d bytes), %d group offsets, %d admin requests, %d holes in %.2fs",
         READY_LINE,
         args.listen,
         report.batches,
         report.records_bytes,
         report.offsets,
         report.admin_requests,
+        len(report.gaps),
         time.monotonic() - started,
     )
     print(f"{READY_LINE} {args.listen}", flush=True)

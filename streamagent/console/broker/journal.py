@@ -131,6 +131,29 @@ def iter_entries(path: Path) -> Iterator[Entry]:
     yield from scan(path)[0]
 
 
+def rewrite(path: Path, entries: list[Entry], *, fsync: bool = True) -> int:
+    """Replace the journal by ``entries`` atomically (a new file renamed over the old); its length."""
+    tmp = path.with_name(path.name + ".rewrite")
+    data = b"".join(encode(e) for e in entries)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        if fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    if fsync:  # the rename itself must survive a power cut
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    return len(data)
+
+
 class JournalWriter:
     """Appends entries; ``sync()`` makes what was appended durable (one fsync for many entries)."""
 

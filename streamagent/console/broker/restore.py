@@ -1,8 +1,16 @@
 """Put a journal back into an empty broker: topics, then every record batch, then group offsets.
 
 Record batches are produced exactly as their producers sent them, each partition's in the order of
-the base offsets the broker gave them the first time, and every answer is checked: the broker must
+the base offsets the broker gave them the first time, and every answer is checked: the broker should
 give each batch the same base offset again, so the restored log has the same offsets and bytes.
+
+It may not, when the journal has a hole: the proxy journals a produce answer before the producer hears
+it, but answers on different connections arrive in any order, so a cut can leave a later batch
+journalled and an earlier one (never acknowledged) not. The later batches then move down. Nothing
+acknowledged is lost, and committed offsets are translated to where their records now are (a group
+that had read up to a moved batch resumes at its new place, not past it). The report's ``rewritten``
+holds the journal in the new numbering, so the broker can replace its journal before new entries,
+numbered the new way, are appended to it.
 """
 
 from __future__ import annotations
@@ -34,8 +42,13 @@ class RestoreReport:
     records_bytes: int = 0
     offsets: int = 0
     duplicates: int = 0
+    # The restored end of each partition (the next offset the broker will give).
     ends: dict[tuple[str, int], int] = field(default_factory=dict)
     gaps: list[str] = field(default_factory=list)
+    # Per partition: (offset in the journal, offset restored at, offsets spanned), one per batch.
+    placed: dict[tuple[str, int], list[tuple[int, int, int]]] = field(default_factory=dict)
+    # The journal as restored (admin requests, batches at their restored offsets, last group offsets).
+    rewritten: list[Entry] = field(default_factory=list)
     seconds: float = 0.0
 
 
@@ -88,9 +101,11 @@ def restore(entries: list[Entry], host: str, port: int) -> RestoreReport:
                 if entry.api_key == wire.DELETE_TOPICS:
                     gone = set(wire.parse_delete_topics_request(entry.body, entry.api_version))
                     report.ends = {k: v for k, v in report.ends.items() if k[0] not in gone}
+                    report.placed = {k: v for k, v in report.placed.items() if k[0] not in gone}
+                report.rewritten.append(entry)
                 report.admin_requests += 1
         _replay_records(conn, segment, report)
-        report.offsets = _replay_offsets(conn, [e for e in entries if isinstance(e, Offset)], report.ends)
+        report.offsets = _replay_offsets(conn, [e for e in entries if isinstance(e, Offset)], report)
     finally:
         conn.close()
     report.seconds = time.monotonic() - started
@@ -139,16 +154,21 @@ def _replay_records(conn: _Connection, batches: list[Records], report: RestoreRe
             raise RestoreError(f"{batch.topic}[{batch.partition}]: broker refused a batch (error {error})")
         if base != batch.base_offset:
             report.gaps.append(f"{batch.topic}[{batch.partition}] batch at {batch.base_offset} restored at {base}")
+        span = offsets_spanned(batch.blob)
+        key = (batch.topic, batch.partition)
+        report.placed.setdefault(key, []).append((batch.base_offset, base, span))
+        report.ends[key] = base + span
+        report.rewritten.append(Records(batch.topic, batch.partition, base, batch.blob))
 
     for (topic, partition), items in by_partition.items():
         items.sort(key=lambda b: b.base_offset)
-        next_offset = report.ends.get((topic, partition), 0)
+        placed = report.placed.get((topic, partition))
+        next_offset = placed[-1][0] + placed[-1][2] if placed else 0  # in the journal's numbering
         for batch in items:
             if batch.base_offset < next_offset:
                 report.duplicates += 1  # an idempotent retry the broker answered with the first offset
                 continue
             next_offset = batch.base_offset + offsets_spanned(batch.blob)
-            report.ends[(topic, partition)] = next_offset
             # Each partition's batches go one after another, all partitions share the window.
             body = wire.encode_produce_request(topic, partition, without_producer(batch.blob))
             in_flight.append((conn.send(wire.PRODUCE, 3, body), batch))
@@ -160,16 +180,29 @@ def _replay_records(conn: _Connection, batches: list[Records], report: RestoreRe
         settle_one()
 
 
-def _replay_offsets(conn: _Connection, offsets: list[Offset], ends: dict[tuple[str, int], int]) -> int:
+def translate(offset: int, placed: list[tuple[int, int, int]], end: int) -> int:
+    """Where a committed offset (the next record a group will read, in the journal's numbering) is in
+    the restored log: inside a batch, the same record; in a hole, the first record after it; past
+    every batch, the restored end. A consumer can read a record a moment before its produce answer is
+    journalled, so a commit can point past what was restored; it must not skip what comes next."""
+    for old, new, span in placed:
+        if offset < old:
+            return new
+        if offset < old + span:
+            return new + (offset - old)
+    return end
+
+
+def _replay_offsets(conn: _Connection, offsets: list[Offset], report: RestoreReport) -> int:
     last: dict[tuple[str, str, int], Offset] = {}
     for o in offsets:
         last[(o.group, o.topic, o.partition)] = o
     by_group: dict[str, list[wire.CommittedOffset]] = defaultdict(list)
     for (group, topic, partition), o in last.items():
-        # A consumer can read a record a moment before its produce answer is journaled; a commit past
-        # the restored end would make the group skip whatever is produced there next.
-        offset = min(o.offset, ends.get((topic, partition), 0))
+        key = (topic, partition)
+        offset = translate(o.offset, report.placed.get(key, []), report.ends.get(key, 0))
         by_group[group].append(wire.CommittedOffset(group, topic, partition, offset, o.metadata))
+        report.rewritten.append(Offset(group, topic, partition, offset, o.metadata))
     for group, items in by_group.items():
         conn.send(wire.OFFSET_COMMIT, 2, wire.encode_offset_commit_request(group, items))
         _, frame = conn.receive()

@@ -207,8 +207,9 @@ def test_an_unreachable_broker_fails_fast_naming_address_and_setting(
 ) -> None:
     code, out, err, took = _cli(argv, {"STREAMAGENT_BOOTSTRAP_SERVERS": "127.0.0.1:1"})
     assert code == 1
-    # ~3 s on an idle machine; the bound leaves out interpreter start-up, which a loaded CI box stretches
-    assert took - startup_s < 4.0, f"took {took:.1f}s, of which start-up {startup_s:.1f}s"
+    # ~3 s on an idle machine (one probe with a short timeout); before the probe it waited out 30 s of
+    # librdkafka retries. The bound tells the two apart with room for a loaded CI box.
+    assert took - startup_s < 15.0, f"took {took:.1f}s, of which start-up {startup_s:.1f}s"
     assert_one_clear_line(err, "127.0.0.1:1", "STREAMAGENT_BOOTSTRAP_SERVERS")
     # librdkafka's own lines ("%3|…|FAIL|rdkafka#…") go to the log file, not the terminal
     assert "rdkafka" not in err and "%3|" not in err and out == ""

@@ -9,7 +9,7 @@ from aiokafka.record.default_records import DefaultRecordBatch, DefaultRecordBat
 
 from streamagent.console.broker import wire
 from streamagent.console.broker.journal import Admin, JournalWriter, Offset, Records, scan
-from streamagent.console.broker.restore import offsets_spanned, without_producer
+from streamagent.console.broker.restore import offsets_spanned, translate, without_producer
 
 
 def _batch(producer_id: int = 42, count: int = 3) -> bytes:
@@ -114,3 +114,10 @@ def test_flexible_request_header_skips_tagged_fields() -> None:
     header = wire.request_header(frame)
     assert (header.api_key, header.api_version, header.correlation_id, header.client_id) == (0, 9, 77, "client")
     assert frame[header.body_offset :] == b"BODY"
+
+
+def test_committed_offsets_follow_their_records_across_a_hole() -> None:
+    # Journal: a batch at 0-2, a hole at 3-4, a batch at 5-6 restored at 3-4; restored end 5.
+    placed = [(0, 0, 3), (5, 3, 2)]
+    assert [translate(o, placed, 5) for o in (0, 2, 3, 4, 5, 6, 7, 9)] == [0, 2, 3, 3, 3, 4, 5, 5]
+    assert translate(4, [], 0) == 0  # a partition with nothing restored starts from its beginning
