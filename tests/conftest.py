@@ -152,7 +152,10 @@ def infra(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object
             stack.callback(kafka.stop)
             bootstrap = kafka.get_bootstrap_server()
         else:
-            broker = EmbeddedBroker(base / "broker", storage=_broker_storage()).start()
+            # No fsync: the shared broker must survive kill -9 (the journal write), not a power cut, and an
+            # fsync per group commit would tax every test on a slow CI disk. Tests of the power cut and
+            # of fsync itself start their own broker with the default (fsync on).
+            broker = EmbeddedBroker(base / "broker", storage=_broker_storage(), fsync=False).start()
             stack.callback(broker.stop)
             bootstrap = broker.bootstrap_servers
 
