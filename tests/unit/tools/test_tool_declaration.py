@@ -94,3 +94,23 @@ def test_a_tool_that_cannot_describe_itself_fails_at_declaration() -> None:
 
     with pytest.raises(TypeError, match="invalid"):
         BadName.declaration()
+
+
+def test_every_tool_module_is_found_without_a_list() -> None:
+    import types
+
+    from streamagent.tools import _declared_in, builtin_tools
+
+    assert set(builtin_tools()) == {"enrich", "jira", "email", "slack", "crm"}  # sdk/ and sandbox/ hold none
+    module = types.ModuleType("streamagent.tools.fax")
+    exec(  # a new tool file, as a team would add one
+        "from pydantic import BaseModel\n"
+        "from streamagent.tools.sdk import Tool\n"
+        "class In(BaseModel):\n    number: str\n"
+        "class Out(BaseModel):\n    sent: bool\n"
+        "class Fax(Tool[In, Out]):\n    name = 'fax'\n    description = 'Send a fax'\n"
+        "    input_model = In\n    output_model = Out\n"
+        "from streamagent.tools.crm import Crm  # imported, not declared here: not this module's tool\n",
+        module.__dict__,
+    )
+    assert [t.name for t in _declared_in(module)] == ["fax"]
