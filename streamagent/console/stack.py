@@ -40,6 +40,7 @@ from streamagent.console.stackfile import (
     running_pid,
 )
 from streamagent.kafka import create_topics
+from streamagent.signing import create_key_file, load_keys
 from streamagent.topics import all_topics
 
 log = logging.getLogger(__name__)
@@ -260,6 +261,21 @@ def stack_tools(settings: Settings) -> tuple[str, ...]:
     return tuple(dict.fromkeys(wanted))
 
 
+def command_keys_settings(settings: Settings) -> dict[str, object]:
+    """The key settings the stack's children get: the given keys if any, else ``<data dir>/command-keys``,
+    created with one random key (mode 0600) on the stack's first start and kept from then on, so commands
+    recorded by one run of the stack still verify in the next. The children get the file's path, never
+    the secret in their environment; a tool deployed later by hand finds the same file by default."""
+    if settings.command_keys.get_secret_value().strip() or settings.command_keys_file is not None:
+        load_keys(settings)  # a key named but unusable: refused here, in one line, before any child starts
+        return {}
+    path = settings.command_keys_path.resolve()
+    if create_key_file(path):
+        log.info("created the command signing key file %s", path)
+    load_keys(settings)
+    return {"command_keys_file": path}
+
+
 class Stack:
     def __init__(
         self,
@@ -313,6 +329,8 @@ class Stack:
     def _start(self, data: Path) -> None:
         self._reap_leftovers(data)
         updates: dict[str, object] = {"data_dir": data}
+        # First: a missing or malformed key stops the start before anything is started.
+        updates.update(command_keys_settings(self.settings.model_copy(update=updates)))
         if not self.settings.bootstrap_servers:
             self.broker = EmbeddedBroker(
                 data / "broker", storage=self.settings.broker_storage, fsync=self.settings.broker_fsync
