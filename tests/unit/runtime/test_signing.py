@@ -143,7 +143,7 @@ def test_parse_keys_reads_lines_comments_and_semicolons() -> None:
     ],
 )
 def test_malformed_keys_are_refused_without_showing_a_secret(text: str, message: str) -> None:
-    with pytest.raises(CommandKeyError, match="^f") as caught:
+    with pytest.raises(CommandKeyError, match=r"^f") as caught:
         parse_keys(text, "f")
     assert message in str(caught.value)
     assert "tooshort-secret" not in str(caught.value) and SECRET_A not in str(caught.value)
