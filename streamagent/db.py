@@ -69,7 +69,9 @@ CREATE TABLE IF NOT EXISTS decisions (
     PRIMARY KEY (run_id, based_on_version)
 );
 
-CREATE INDEX IF NOT EXISTS decisions_by_id ON decisions (decision_id);
+-- Was there for the tools' "is this decision recorded?" check, which command signatures replaced:
+-- nothing looks a decision up by id any more, and every decision stored paid for the index.
+DROP INDEX IF EXISTS decisions_by_id;
 
 CREATE TABLE IF NOT EXISTS decision_progress (
     run_id          text PRIMARY KEY,

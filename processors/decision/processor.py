@@ -195,7 +195,7 @@ class DecisionHandler:
 
     def _forget_unstored(self) -> None:
         """Undo the memory of decisions that were not stored: otherwise a retried batch would emit a
-        decision from memory (and a command the tools cannot find a decision for) that no table holds."""
+        decision from memory (and its command) that no table holds, so a restart could not re-send it."""
         for run_id, previous in self._undo.items():
             if previous is None:
                 self.memory.pop(run_id, None)
