@@ -264,8 +264,9 @@ def stack_tools(settings: Settings) -> tuple[str, ...]:
 def command_keys_settings(settings: Settings) -> dict[str, object]:
     """The key settings the stack's children get: the given keys if any, else ``<data dir>/command-keys``,
     created with one random key (mode 0600) on the stack's first start and kept from then on, so commands
-    recorded by one run of the stack still verify in the next. The children get the file's path, never
-    the secret in their environment; a tool deployed later by hand finds the same file by default."""
+    recorded by one run of the stack still verify in the next. The children then get the file's path,
+    not the secret, in their environment (keys given inline reach them inline, as given); a tool
+    deployed later by hand beside ``up`` finds the same file by default."""
     if settings.command_keys.get_secret_value().strip() or settings.command_keys_file is not None:
         load_keys(settings)  # a key named but unusable: refused here, in one line, before any child starts
         return {}
