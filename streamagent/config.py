@@ -79,6 +79,15 @@ class Settings(BaseModel):
     kafka_ssl_key_password: SecretStr = Field(SecretStr(""), description="Password of the client key (never logged)")
     replication_factor: int = Field(1, ge=1, description="Replicas of every topic created; 3 on a real cluster")
 
+    # Command signing (streamagent.signing): the decision processor signs every tool command with the
+    # first key, tools accept a command signed with any listed key (two at once while a key rotates).
+    # Read by the decision processor and the tools only; the embedded stack creates the default file.
+    command_keys_file: Path | None = Field(
+        None, description="File of command signing keys, `key_id secret` per line; empty: <data dir>/command-keys"
+    )
+    command_keys: SecretStr = Field(
+        SecretStr(""), description="Command signing keys inline (lines or `;`-separated); replaces the file"
+    )
     decider: Decider = Field("rules", description="Which decider the decision processor uses: rules")
     # Which tools `up` and `demo` start: a comma-separated list of tool names, "all" for every tool the
     # tools package provides; empty: the tools the default workflow uses. Others deploy on their own
@@ -116,6 +125,12 @@ class Settings(BaseModel):
     @classmethod
     def _level_any_case(cls, value: object) -> object:
         return value.strip().upper() if isinstance(value, str) else value
+
+    @field_validator("command_keys_file", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # An environment variable cannot hold None: empty means "not set" (``to_env`` writes it so).
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("log_format", "decider", mode="before")
     @classmethod
@@ -157,6 +172,20 @@ class Settings(BaseModel):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> Settings:
+        # Two sources would leave which key signs to a precedence rule nobody remembers: refuse.
+        if self.command_keys_file is not None and self.command_keys.get_secret_value():
+            raise ValueError(
+                f"{ENV_PREFIX}COMMAND_KEYS and {ENV_PREFIX}COMMAND_KEYS_FILE are both set; set one of them"
+            )
+        return self
+
+    @property
+    def command_keys_path(self) -> Path:
+        """Where the command signing keys are read from when they are not given inline."""
+        return self.command_keys_file if self.command_keys_file is not None else self.data_dir / "command-keys"
 
     @property
     def registry_lease_s(self) -> float:
@@ -223,7 +252,9 @@ def settings_from(environ: dict[str, str]) -> Settings:
 def to_env(settings: Settings) -> dict[str, str]:
     """The environment that reproduces ``settings`` in a child process (secrets included: not for logs)."""
     return {
-        ENV_PREFIX + name.upper(): str(value.get_secret_value() if isinstance(value, SecretStr) else value)
+        ENV_PREFIX + name.upper(): (
+            "" if value is None else str(value.get_secret_value() if isinstance(value, SecretStr) else value)
+        )
         for name, value in settings.model_dump().items()
     }
 

@@ -119,6 +119,7 @@ class ToolCommand(Event):
     SCHEMA_NAME = "io.streamagent.events.ToolCommand"
     JSON_FIELDS = ("arguments",)
 
+    schema_version: int = 2
     command_id: str
     decision_id: str
     tool: str
@@ -126,6 +127,10 @@ class ToolCommand(Event):
     operation: str = "execute"
     arguments: dict[str, Any] = Field(default_factory=dict)
     deadline_at: datetime
+    # ``v1:<key id>:<hex>``, HMAC-SHA256 by the decision processor (streamagent.signing): a tool runs
+    # only commands that verify, so writing to a command topic is not enough to command a tool.
+    # Empty in events written before v2 (and in forgeries): such a command is refused.
+    signature: str = ""
 
 
 class ToolStatus(StrEnum):

@@ -37,8 +37,11 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
+from pydantic import SecretStr
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+from helpers import TEST_COMMAND_KEYS
 
 from streamagent.config import Settings, settings_from
 from streamagent.console.embedded import EmbeddedBroker, EmbeddedPostgres
@@ -283,6 +286,7 @@ def settings(infra: dict[str, object], tmp_path: Path) -> Settings:
         partitions=4,
         data_dir=tmp_path / "data",
         log_format="json",
+        command_keys=SecretStr(TEST_COMMAND_KEYS),
     )
 
 

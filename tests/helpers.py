@@ -15,6 +15,11 @@ from streamagent.config import Settings
 
 T = TypeVar("T")
 
+# The command signing keys of every test's settings (conftest's ``settings``): the first signs, both verify.
+TEST_SIGNING_KEY = ("test-current", "a" * 16 + "0123456789abcdef" * 3)
+TEST_OLD_KEY = ("test-previous", "b" * 16 + "fedcba9876543210" * 3)
+TEST_COMMAND_KEYS = "\n".join(f"{key_id} {secret}" for key_id, secret in (TEST_SIGNING_KEY, TEST_OLD_KEY))
+
 
 def eventually(probe: Callable[[], T], timeout: float = 60.0, interval: float = 0.1, what: str = "condition") -> T:
     """Call ``probe`` until it returns something truthy; fail with the last value at the deadline."""

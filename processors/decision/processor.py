@@ -22,7 +22,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
 
@@ -52,6 +52,7 @@ from streamagent.events import (
 )
 from streamagent.metrics import DECISIONS, RESENT_COMMANDS
 from streamagent.runtime import Batch, ConsumerRuntime, Incoming, Unprocessable
+from streamagent.signing import CommandKeys, load_keys, sign, verify
 from streamagent.topics import RUN_EVENTS, RUN_STATE, command_topic
 
 log = logging.getLogger(__name__)
@@ -64,9 +65,12 @@ def command_id(run_id: str, step: str, operation: str = "execute") -> str:
 
 
 def follow_up(
-    settings: Settings, snap: StateSnapshot, decision: Decision, decision_id: str
+    settings: Settings, snap: StateSnapshot, decision: Decision, decision_id: str, keys: CommandKeys
 ) -> tuple[str | None, Event | None]:
-    """The event a decision sends into the world, and the topic it goes to (none for a wait)."""
+    """The event a decision sends into the world, and the topic it goes to (none for a wait).
+
+    A command is signed here, before it is stored: the stored bytes are what is produced, and what a
+    re-drive re-sends, so every copy of it verifies at its tool."""
     if decision.action is DecisionAction.wait:
         return None, None
     if decision.action in (DecisionAction.dispatch, DecisionAction.compensate):
@@ -88,7 +92,7 @@ def follow_up(
             arguments=decision.arguments,
             deadline_at=deadline,
         )
-        return settings.topic(command_topic(decision.tool)), command
+        return settings.topic(command_topic(decision.tool)), sign(command, keys)
     if decision.action is DecisionAction.complete:
         done = RunCompleted(
             event_id=stable_id(snap.run_id, "completed"),
@@ -160,8 +164,11 @@ class DecisionHandler:
         *,
         memory_size: int = 100_000,
         available: ToolAvailability | None = None,
+        keys: CommandKeys | None = None,
     ) -> None:
         self.settings = settings
+        # Read once, at start: no key refuses the start (CommandKeyError) instead of failing per command.
+        self.keys = keys if keys is not None else load_keys(settings)
         self.decider = decider
         self.producer = producer
         self.db = db.Reconnecting(settings.database_url)
@@ -189,7 +196,7 @@ class DecisionHandler:
 
     def _forget_unstored(self) -> None:
         """Undo the memory of decisions that were not stored: otherwise a retried batch would emit a
-        decision from memory (and a command the tools cannot find a decision for) that no table holds."""
+        decision from memory (and its command) that no table holds, so a restart could not re-send it."""
         for run_id, previous in self._undo.items():
             if previous is None:
                 self.memory.pop(run_id, None)
@@ -260,7 +267,7 @@ class DecisionHandler:
             DECISIONS.labels(self.decider.name, "waiting").inc()
             return
         decision_id = stable_id(snap.run_id, "decision", str(snap.version))
-        topic, event = follow_up(self.settings, snap, decision, decision_id)
+        topic, event = follow_up(self.settings, snap, decision, decision_id, self.keys)
         record = DecisionRecorded(
             event_id=decision_id,
             run_id=snap.run_id,
@@ -359,7 +366,18 @@ class DecisionHandler:
             log.error("asked to re-send an unknown command", extra={"run_id": snap.run_id})
             return
         DECISIONS.labels(self.decider.name, "redriven").inc()
-        resends.append((snap, emission))
+        resends.append((snap, self._signed(emission)))
+
+    def _signed(self, emission: Emission) -> Emission:
+        """The recorded command as its tool will accept it. Recorded commands are signed, so this is
+        the stored bytes unchanged, unless the command was recorded before signing existed or under a
+        key since retired: re-signed then (same ids, so the tool ledger still runs it once)."""
+        assert emission.follow_up is not None
+        command = codec.decode(emission.follow_up)
+        if not isinstance(command, ToolCommand) or verify(command, self.keys) is None:
+            return emission
+        log.info("re-signing a recorded command", extra={"run_id": command.run_id, "command_id": command.command_id})
+        return replace(emission, follow_up=codec.encode(sign(command, self.keys)))
 
     # -- the database: one statement per batch ----------------------------------------------------
     def _remember(self, run_id: str, memory: RunMemory) -> RunMemory:
@@ -521,8 +539,7 @@ def build(settings: Settings) -> ConsumerRuntime:
     later) moves on as soon as the tool is there.
     """
     make_decider(settings)  # first: a malformed workflow file stops the start at once
-    # The tool ledger still reads ``decisions`` to refuse commands no decision issued; until commands
-    # are signed, the decision processor's own tables are all it creates.
+    keys = load_keys(settings)  # and no signing key stops it too, before anything connects
     db.migrate(settings, SCHEMA, wait_s=db.WAIT_FOREVER)  # started during an outage: wait, do not crash-loop
     runtime = ConsumerRuntime(
         settings, PROCESSOR, [settings.topic(RUN_STATE)], lambda _: None, dependencies=("kafka", "postgres")
@@ -534,7 +551,7 @@ def build(settings: Settings) -> ConsumerRuntime:
         return catalogue.available(name) is not None
 
     decider = make_decider(settings, available, catalogue_check(catalogue.available))
-    handler = DecisionHandler(settings, decider, runtime.producer, available=available)
+    handler = DecisionHandler(settings, decider, runtime.producer, available=available, keys=keys)
     runtime.handler = handler
     runtime.tick = handler.wake
     return runtime

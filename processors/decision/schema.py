@@ -22,7 +22,6 @@ SCHEMA = Schema(
             PRIMARY KEY (run_id, based_on_version)
         )
         """,
-        "CREATE INDEX IF NOT EXISTS decisions_by_id ON decisions (decision_id)",
         """
         CREATE TABLE IF NOT EXISTS decision_progress (
             run_id          text PRIMARY KEY,
@@ -30,5 +29,8 @@ SCHEMA = Schema(
             superseded      int    NOT NULL DEFAULT 0
         )
         """,
+        # The tools once looked decisions up by id to refuse commands no decision issued; signed
+        # commands replaced that check, and every stored decision paid for this index.
+        "DROP INDEX IF EXISTS decisions_by_id",
     ),
 )

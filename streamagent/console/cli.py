@@ -210,6 +210,10 @@ def cmd_processor(args: argparse.Namespace) -> int:
     settings = _settings(required, probe=False)
     if args.name in ("state", "decision"):
         _workflows(settings)  # a malformed workflow file: one line, before anything connects
+    if args.name == "decision":
+        from streamagent.signing import load_keys
+
+        load_keys(settings)  # it signs every command: no key, no start (one line naming the setting)
     logs.configure(f"processor-{args.name}", settings.log_level, settings.log_format)
     _serve_metrics(settings, f"processor-{args.name}")
     if args.name == "state":
@@ -228,10 +232,12 @@ def cmd_processor(args: argparse.Namespace) -> int:
 
 
 def cmd_tool(args: argparse.Namespace) -> int:
+    from streamagent.signing import load_keys
     from streamagent.tools import builtin_tools
     from streamagent.tools.sdk.runner import run_tool
 
     settings = _settings(("bootstrap_servers", "database_url", "sandbox_url"), probe=False)
+    load_keys(settings)  # it verifies every command: no key, no start (one line naming the setting)
     logs.configure(f"tool-{args.name}", settings.log_level, settings.log_format)
     _serve_metrics(settings, f"tool-{args.name}")
     run_tool(settings, builtin_tools()[args.name]())

@@ -42,6 +42,7 @@ from streamagent.console.stackfile import (
 from streamagent.kafka import create_topics
 from streamagent.processors.decision.schema import SCHEMA as DECISION_SCHEMA
 from streamagent.processors.projection.schema import SCHEMA as PROJECTION_SCHEMA
+from streamagent.signing import create_key_file, load_keys
 from streamagent.tools.sdk.schema import SCHEMA as LEDGER_SCHEMA
 from streamagent.topics import all_topics
 
@@ -267,6 +268,22 @@ def stack_tools(settings: Settings) -> tuple[str, ...]:
     return tuple(dict.fromkeys(wanted))
 
 
+def command_keys_settings(settings: Settings) -> dict[str, object]:
+    """The key settings the stack's children get: the given keys if any, else ``<data dir>/command-keys``,
+    created with one random key (mode 0600) on the stack's first start and kept from then on, so commands
+    recorded by one run of the stack still verify in the next. The children then get the file's path,
+    not the secret, in their environment (keys given inline reach them inline, as given); a tool
+    deployed later by hand beside ``up`` finds the same file by default."""
+    if settings.command_keys.get_secret_value().strip() or settings.command_keys_file is not None:
+        load_keys(settings)  # a key named but unusable: refused here, in one line, before any child starts
+        return {}
+    path = settings.command_keys_path.resolve()
+    if create_key_file(path):
+        log.info("created the command signing key file %s", path)
+    load_keys(settings)
+    return {"command_keys_file": path}
+
+
 class Stack:
     def __init__(
         self,
@@ -320,6 +337,8 @@ class Stack:
     def _start(self, data: Path) -> None:
         self._reap_leftovers(data)
         updates: dict[str, object] = {"data_dir": data}
+        # First: a missing or malformed key stops the start before anything is started.
+        updates.update(command_keys_settings(self.settings.model_copy(update=updates)))
         if not self.settings.bootstrap_servers:
             self.broker = EmbeddedBroker(
                 data / "broker", storage=self.settings.broker_storage, fsync=self.settings.broker_fsync

@@ -9,11 +9,14 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
+from datetime import timedelta
+from pathlib import Path
 
 import psycopg
 import pytest
 from confluent_kafka import Producer
-from helpers import ended, eventually, skip_to_end
+from helpers import TEST_COMMAND_KEYS, TEST_OLD_KEY, ended, eventually, read_topic, skip_to_end
+from pydantic import SecretStr
 from streamagent.processors.projection import queries
 from streamagent.tools.jira import Jira
 from streamagent.tools.sandbox import FaultSpec, SandboxClient
@@ -39,6 +42,7 @@ from streamagent.events import (
 )
 from streamagent.kafka import producer as make_producer
 from streamagent.metrics import scrape
+from streamagent.signing import parse_keys, sign
 from streamagent.submit import produce_requests
 from streamagent.topics import RUN_EVENTS, RUN_STATE, TOOL_REGISTRY, TOOL_RESULTS, command_topic
 
@@ -251,6 +255,8 @@ def _unknown_run_events(s: Settings) -> dict[str, bytes]:
             ToolResult(run_id=ghost, command_id=new_id(), tool="enrich", step="enrich", status=ToolStatus.succeeded)
         ),
         s.topic(RUN_STATE): codec.encode(snap),
+        # A command with a made-up decision, as anyone who can write the topic could produce it: it
+        # carries no signature, so the tool refuses it (``unauthenticated``) before looking at anything.
         s.topic(command_topic("enrich")): codec.encode(
             ToolCommand(
                 run_id=ghost,
@@ -286,10 +292,12 @@ def test_poison_messages_land_in_the_dead_letter_topic_and_nothing_crashes(setti
             ("tool.enrich", s.topic(command_topic("enrich"))),
         }
         reasons = {"not-avro", "unknown-schema", "unknown-run", "oversized"}
+        # A tool no longer asks the decision layer whether a run exists; the forged command fails its signature.
+        tool_reasons = reasons - {"unknown-run"} | {"unauthenticated"}
 
         def landed() -> set[tuple[str, str, str]]:
             got = {(d.processor, d.source_topic, d.reason) for d in read_dead_letters(s)}
-            want = {(p, t, r) for p, t in expected for r in reasons}
+            want = {(p, t, r) for p, t in expected for r in (tool_reasons if p.startswith("tool.") else reasons)}
             return got if want <= got else set()
 
         got = eventually(landed, timeout=90, interval=0.5, what="every poison message dead-lettered")
@@ -303,6 +311,71 @@ def test_poison_messages_land_in_the_dead_letter_topic_and_nothing_crashes(setti
         run_ids = produce_requests(s, sample_requests(1))
         (row,) = eventually(lambda: ended(s, run_ids), timeout=60, what="a normal run after the poison")
         assert row.status == "completed"
+
+
+def _jira_command(run_id: str, key: str) -> ToolCommand:
+    return ToolCommand(
+        run_id=run_id,
+        command_id=new_id(),
+        decision_id=new_id(),
+        tool="jira",
+        step="jira",
+        arguments={"key": key, "name": f"Project {key}", "lead_email": "lead@example.io"},
+        deadline_at=now() + timedelta(seconds=60),
+    )
+
+
+def test_only_signed_commands_reach_a_tool_and_an_old_key_still_does(settings: Settings, tmp_path: Path) -> None:
+    """Anyone who can write a command topic can produce a command; only the pipeline can sign one. The
+    jira tool runs from a two-key file (mid-rotation): a command signed with the old key is executed,
+    and an unsigned one, one signed with a key the tool does not know, and one whose arguments were
+    altered after signing are dead-lettered ``unauthenticated`` without the sandbox hearing of them."""
+    keys_file = tmp_path / "command-keys"
+    keys_file.write_text(TEST_COMMAND_KEYS + "\n")
+    keys_file.chmod(0o600)
+    rotated = settings.model_copy(update={"command_keys": SecretStr(""), "command_keys_file": keys_file})
+    current = parse_keys(TEST_COMMAND_KEYS, "test keys")
+    old = parse_keys(" ".join(TEST_OLD_KEY), "the old key")
+    rogue = parse_keys("rogue " + "r" * 64, "a rogue key")
+    accepted = sign(_jira_command("run-old-key", "ROTATE1"), old)
+    forged = {
+        "unsigned": _jira_command("run-unsigned", "FORGE1"),
+        "unknown key": sign(_jira_command("run-rogue", "FORGE2"), rogue),
+        "altered": sign(_jira_command("run-altered", "FORGE3"), current).model_copy(
+            update={"arguments": {"key": "EVIL1", "name": "Evil", "lead_email": "evil@example.io"}}
+        ),
+    }
+    with Stack(rotated, tools=("jira",), processors=()) as stack:
+        s = stack.settings
+        assert s.command_keys_file == keys_file  # the children read the file they were given
+        producer = Producer({"bootstrap.servers": s.bootstrap_servers})
+        for command in [*forged.values(), accepted]:
+            producer.produce(s.topic(command_topic("jira")), key=command.run_id.encode(), value=codec.encode(command))
+        assert producer.flush(10) == 0
+
+        def refused() -> dict[str, str] | None:
+            letters = [d for d in read_dead_letters(s, reason="unauthenticated") if d.processor == "tool.jira"]
+            by_run = {codec.decode(d.value or b"").run_id: d.error for d in letters}
+            return by_run if len(by_run) >= len(forged) else None
+
+        refusals = eventually(refused, timeout=60, what="every forged command dead-lettered")
+        results = eventually(
+            lambda: [codec.decode(m.value()) for m in read_topic(s, s.topic(TOOL_RESULTS))],
+            timeout=60,
+            what="the old-key command's result",
+        )
+        sandbox = SandboxClient(s.sandbox_url)
+        effects = sandbox.effects()
+        requests = sandbox.stats()["jira"]["requests"]
+        assert {n: c.restarts for n, c in stack.children.items() if c.restarts} == {}  # nothing crashed
+
+    assert refusals["run-unsigned"].startswith("unsigned")
+    assert refusals["run-rogue"].startswith("signed with unknown key 'rogue'")
+    assert refusals["run-altered"].startswith("signature does not match")
+    assert [(r.run_id, r.status) for r in results] == [("run-old-key", ToolStatus.succeeded)]
+    # The sandbox records every call it gets: exactly one, the accepted command's.
+    assert [(e.api, e.run_id) for e in effects] == [("jira", "run-old-key")]
+    assert requests == 1
 
 
 def test_dlq_replay_puts_letters_back_after_the_fix(settings: Settings) -> None:

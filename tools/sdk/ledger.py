@@ -3,8 +3,9 @@
 A command whose row is final (succeeded/failed) is never executed again: its recorded result
 event is published instead.
 
-The hot path costs few round trips: ``Ledger.claim`` checks the decisions of a whole consumed
-batch and claims its ledger rows in one statement, and ``LedgerWriter`` group-commits the attempt
+The hot path costs few round trips: ``Ledger.claim`` claims the ledger rows of a whole consumed
+batch in one statement (whether a command was issued by the pipeline is its signature's business,
+checked before the claim: the ledger reads no other layer's table), and ``LedgerWriter`` group-commits the attempt
 counts and final results that concurrent commands write, one statement per flush. A transient
 database error (lost connection, restart, deadlock: ``streamagent.errors.outage``) is retried with
 backoff until the statement goes through or the tool stops, on a connection replaced in one place
@@ -60,10 +61,10 @@ class LedgerEntry:
 
 @dataclass(frozen=True)
 class ClaimRequest:
-    """One consumed command. ``claim=False`` checks its decision without touching its ledger row."""
+    """One consumed (and verified) command. ``claim=False``: another occurrence of the same command id
+    is in flight in this process; its row is left alone and that occurrence's result is reused."""
 
     command_id: str
-    decision_id: str
     run_id: str
     step: str
     claim: bool = True
@@ -71,35 +72,29 @@ class ClaimRequest:
 
 @dataclass(frozen=True)
 class Claimed:
-    """A command's claim: ``known`` is False when no decision ``decision_id`` is recorded; ``entry`` is
-    its ledger row as it now stands (None when unknown or not claimed)."""
+    """A command's claim: its ledger row as it now stands (None when not claimed)."""
 
-    known: bool
     entry: LedgerEntry | None
 
 
-# One statement per batch: which decisions exist, and the ledger rows of the known commands,
-# claimed as 'running' with their first attempt counted (a final row is left as it is).
+# One statement per batch: the ledger rows of the commands to claim, claimed as 'running' with
+# their first attempt counted (a final row is left as it is).
 CLAIM_SQL = """
 WITH input AS (
-    SELECT * FROM unnest(%(ids)s::text[], %(decisions)s::text[], %(runs)s::text[], %(steps)s::text[],
-                         %(claim)s::bool[])
-        WITH ORDINALITY AS i(command_id, decision_id, run_id, step, claim, n)
-), checked AS (
-    SELECT i.*, EXISTS (SELECT 1 FROM decisions d WHERE d.decision_id = i.decision_id) AS known
-    FROM input i
+    SELECT * FROM unnest(%(ids)s::text[], %(runs)s::text[], %(steps)s::text[], %(claim)s::bool[])
+        WITH ORDINALITY AS i(command_id, run_id, step, claim, n)
 ), claimed AS (
     INSERT INTO tool_ledger AS t (command_id, tool, run_id, step, status, attempts)
     SELECT DISTINCT ON (command_id) command_id, %(tool)s, run_id, step, 'running', 1
-    FROM checked WHERE known AND claim ORDER BY command_id, n
+    FROM input WHERE claim ORDER BY command_id, n
     ON CONFLICT (command_id) DO UPDATE SET
         attempts = CASE WHEN t.status IN ('succeeded', 'failed') THEN t.attempts ELSE t.attempts + 1 END,
         updated_at = now()
     RETURNING t.command_id, t.status, t.attempts, t.result_event
 )
-SELECT c.known, x.status, x.attempts, x.result_event
-FROM checked c LEFT JOIN claimed x ON x.command_id = c.command_id AND c.known AND c.claim
-ORDER BY c.n
+SELECT x.status, x.attempts, x.result_event
+FROM input i LEFT JOIN claimed x ON x.command_id = i.command_id AND i.claim
+ORDER BY i.n
 """
 
 # One statement per flush of the group commit: attempts added and final results, per command.
@@ -161,14 +156,13 @@ class Ledger:
 
     # -- the statements --------------------------------------------------------------------------
     async def claim(self, tool: str, requests: Sequence[ClaimRequest]) -> list[Claimed | Exception]:
-        """Check the decisions and claim the rows of ``requests`` in one round trip; one result each,
+        """Claim the rows of ``requests`` in one round trip; one result each,
         in order. A statement that fails for good (not transiently) is retried one request at a
         time, so that one bad command gets the error and the others their claims."""
         if not requests:
             return []
         params = {
             "ids": [r.command_id for r in requests],
-            "decisions": [r.decision_id for r in requests],
             "runs": [r.run_id for r in requests],
             "steps": [r.step for r in requests],
             "claim": [r.claim for r in requests],
@@ -188,10 +182,10 @@ class Ledger:
             return out
         assert len(rows) == len(requests)
         return [
-            Claimed(bool(known), LedgerEntry(status, attempts, bytes(result) if result is not None else None))
+            Claimed(LedgerEntry(status, attempts, bytes(result) if result is not None else None))
             if status is not None
-            else Claimed(bool(known), None)
-            for known, status, attempts, result in rows
+            else Claimed(None)
+            for status, attempts, result in rows
         ]
 
     async def write(self, writes: Sequence[Write]) -> None:

@@ -5,8 +5,12 @@ the others; commands of the same run still run one at a time, in order. An offse
 only when every command before it has its ledger row final and its result acknowledged by the
 broker. A command seen again (redelivery, replay, restart) publishes its recorded result.
 
-The hot path is cheap: one database round trip per consumed batch checks every command's decision
-and claims its ledger row (``Ledger.claim``); attempt counts and final results of concurrent
+Only the pipeline commands a tool: every command's signature (``streamagent.signing``) is verified
+first, before the ledger or any external call sees it; an unsigned, forged or altered command is
+dead-lettered ``unauthenticated`` and has no effect.
+
+The hot path is cheap: one database round trip per consumed batch claims the ledger rows of its
+commands (``Ledger.claim``); attempt counts and final results of concurrent
 commands are group-committed (``LedgerWriter``); results and dead letters are acknowledged by
 delivery reports, handed to the event loop once per producer poll, never by flushing per message;
 offsets are committed every ``COMMIT_INTERVAL_S``.
@@ -48,6 +52,7 @@ from streamagent.kafka import consumer as make_consumer
 from streamagent.kafka import producer as make_producer
 from streamagent.metrics import EVENTS_PROCESSED, TOOL_CALL_SECONDS, TOOL_CALLS, DependencyHealth
 from streamagent.retry import RetryPolicy
+from streamagent.signing import CommandKeys, load_keys, verify
 from streamagent.topics import TOOL_REGISTRY, TOOL_RESULTS, command_topic
 
 log = logging.getLogger(__name__)
@@ -126,8 +131,11 @@ class ToolRunner:
         max_in_flight: int | None = None,
         breaker: CircuitBreaker | None = None,
         consumer_config: dict[str, object] | None = None,
+        keys: CommandKeys | None = None,
     ) -> None:
         self.settings = settings
+        # Read once, at start: no key refuses the start (CommandKeyError) instead of refusing every command.
+        self.keys = keys if keys is not None else load_keys(settings)
         self.consumer_config = consumer_config or {}
         self.tool = tool
         self.topic = settings.topic(command_topic(tool.name))
@@ -335,7 +343,7 @@ class ToolRunner:
             # A command id already in flight here is not claimed again: that occurrence finishes
             # first (same run, so in order) and this one then republishes its result.
             first = self._active[cid] == 0
-            requests.append(ClaimRequest(cid, command.decision_id, command.run_id, command.step, claim=first))
+            requests.append(ClaimRequest(cid, command.run_id, command.step, claim=first))
             self._active[cid] += 1
         claims = asyncio.ensure_future(self.ledger.claim(self.tool.name, requests))
         loop = asyncio.get_running_loop()
@@ -356,9 +364,18 @@ class ToolRunner:
             self._slots.set()
 
     def _decode(self, msg: Message) -> ToolCommand:
+        """The message's command, verified: anything else is Rejected before it reaches the ledger."""
         command = codec.decode(msg.value(), self.settings.max_event_bytes)  # DecodeError is a Rejected
         if not isinstance(command, ToolCommand) or command.tool != self.tool.name:
             raise Rejected("unexpected-event", f"{type(command).__name__} is not a {self.tool.name} command")
+        problem = verify(command, self.keys)
+        if problem is not None:
+            log.warning(
+                "refused an unauthenticated command: %s",
+                problem,
+                extra={"run_id": command.run_id, "command_id": command.command_id},
+            )
+            raise Rejected("unauthenticated", problem)
         return command
 
     async def _refuse(self, msg: Message, tracker: PartitionOffsets, reason: str, detail: str) -> None:
@@ -383,12 +400,6 @@ class ToolRunner:
                     claimed = (await claims)[index]
                     if isinstance(claimed, Exception):
                         raise claimed
-                    # The decision is stored before its command is produced, so a command without
-                    # one was not issued by the decision layer (a stale or forged message): refuse it.
-                    if not claimed.known:
-                        raise Rejected(
-                            "unknown-run", f"no recorded decision {command.decision_id} for run {command.run_id}"
-                        )
                     if previous is not None:
                         await previous  # commands of one run execute one at a time, in arrival order
                     await self._execute_through_outages(command, claimed.entry)
@@ -458,12 +469,12 @@ class ToolRunner:
         if recorded is None and entry is None:
             # Not claimed with its batch (another occurrence was in flight) and that one left no
             # result here: claim it now.
-            request = ClaimRequest(cid, command.decision_id, command.run_id, command.step)
+            request = ClaimRequest(cid, command.run_id, command.step)
             (claimed,) = await self.ledger.claim(self.tool.name, [request])
             if isinstance(claimed, Exception):
                 raise claimed
-            if claimed.entry is None:
-                raise Rejected("unknown-run", f"no recorded decision {command.decision_id} for run {command.run_id}")
+            if claimed.entry is None:  # a claim always returns its row (INSERT … ON CONFLICT DO UPDATE)
+                raise RuntimeError(f"claiming command {cid} returned no ledger row")
             entry = claimed.entry
         if recorded is None and entry is not None and entry.final:
             recorded = entry.result_event
@@ -644,8 +655,9 @@ def ensure_command_topic(settings: Settings, name: str) -> None:
 
 
 def run_tool(settings: Settings, tool: Tool[Any, Any]) -> None:
+    keys = load_keys(settings)  # no key: refuse to start (one line from the CLI), before touching Kafka
     ensure_command_topic(settings, tool.name)
-    runner = ToolRunner(settings, tool)
+    runner = ToolRunner(settings, tool, keys=keys)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()

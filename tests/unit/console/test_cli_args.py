@@ -329,3 +329,59 @@ def test_up_refuses_an_unknown_stack_tool_before_starting_anything(tmp_path: Pat
     assert "STREAMAGENT_STACK_TOOLS names fax" in err
     assert "Traceback" not in err
     assert not (tmp_path / "stack.json").exists()
+
+
+# -- command signing keys --------------------------------------------------------------------------------
+ADDRESSES_SET = {
+    "STREAMAGENT_BOOTSTRAP_SERVERS": "127.0.0.1:1",
+    "STREAMAGENT_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none",
+    "STREAMAGENT_SANDBOX_URL": "http://127.0.0.1:1",
+}
+
+
+@pytest.mark.parametrize("argv", [["processor", "decision"], ["tool", "enrich"]], ids=" ".join)
+def test_decision_and_tools_refuse_to_start_without_a_signing_key(
+    argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    for key, value in ADDRESSES_SET.items():
+        monkeypatch.setenv(key, value)
+    get_settings.cache_clear()
+    code, err = run_main(argv, capsys)
+    assert code == 2
+    default = tmp_path / "data" / "command-keys"
+    assert_one_clear_line(err, "no command signing key", str(default), "STREAMAGENT_COMMAND_KEYS_FILE")
+
+
+@pytest.mark.parametrize("argv", [["processor", "decision"], ["tool", "jira"]], ids=" ".join)
+def test_a_malformed_signing_key_is_one_line_without_the_secret(
+    argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for key, value in ADDRESSES_SET.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("STREAMAGENT_COMMAND_KEYS", "k1 short-secret-123")
+    get_settings.cache_clear()
+    code, err = run_main(argv, capsys)
+    assert code == 2
+    assert_one_clear_line(err, "STREAMAGENT_COMMAND_KEYS", "shorter than 32 characters")
+    assert "short-secret-123" not in err
+
+
+def test_the_stack_creates_its_key_file_once_and_hands_children_the_path(tmp_path: Path) -> None:
+    from streamagent.config import settings_from, to_env
+    from streamagent.console.stack import command_keys_settings
+    from streamagent.signing import load_keys
+
+    settings = Settings(data_dir=tmp_path)
+    updates = command_keys_settings(settings)
+    path = tmp_path / "command-keys"
+    assert updates == {"command_keys_file": path}
+    assert (path.stat().st_mode & 0o777) == 0o600
+    first = load_keys(settings).signer
+    assert command_keys_settings(settings) == updates  # kept: commands recorded earlier still verify
+    assert load_keys(settings).signer == first
+    child = settings_from(to_env(settings.model_copy(update=updates)))
+    assert child.command_keys_file == path and load_keys(child) == load_keys(settings)
+    assert first.secret.get_secret_value() not in str(to_env(settings.model_copy(update=updates)))
+    # Keys given explicitly are used as given: nothing is created.
+    given = Settings(data_dir=tmp_path / "other", command_keys="k " + "x" * 40)  # type: ignore[arg-type]
+    assert command_keys_settings(given) == {} and not (tmp_path / "other").exists()

@@ -157,3 +157,18 @@ def test_docker_compose_config_accepts_the_file() -> None:
         check=False,
     )
     assert result.returncode == 0, f"{' '.join(binary)} config rejected docker-compose.yml:\n{result.stderr}"
+
+
+def test_the_signer_and_every_tool_read_the_command_keys_secret(compose: dict[str, Any]) -> None:
+    """Without a key the decision processor and the tools refuse to start: each mounts the secret and is
+    pointed at it; nothing else gets it."""
+    assert "command-keys" in compose["secrets"]
+    for name, svc in _streamagent_services(compose).items():
+        command = _command(svc)
+        needs = command == ["processor", "decision"] or command[:1] == ["tool"]
+        env = _environment(svc)
+        if needs:
+            assert svc.get("secrets") == ["command-keys"], name
+            assert env.get(f"{ENV_PREFIX}COMMAND_KEYS_FILE") == "/run/secrets/command-keys", name
+        else:
+            assert "secrets" not in svc and f"{ENV_PREFIX}COMMAND_KEYS_FILE" not in env, name

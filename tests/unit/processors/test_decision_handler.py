@@ -17,6 +17,7 @@ from streamagent import codec, db
 from streamagent.config import Settings
 from streamagent.events import DecisionRecorded, ToolCommand
 from streamagent.runtime import Batch, Incoming
+from streamagent.signing import load_keys, verify
 from streamagent.topics import RUN_EVENTS
 
 
@@ -74,6 +75,8 @@ def test_a_batch_costs_one_round_trip_and_a_redelivery_none(settings: Settings) 
     commands = [codec.decode(v) for t, v in producer.sent if t != settings.topic(RUN_EVENTS)]
     decisions = [codec.decode(v) for t, v in producer.sent if t == settings.topic(RUN_EVENTS)]
     assert len(commands) == 20 and all(isinstance(c, ToolCommand) for c in commands)
+    keys = load_keys(settings)
+    assert all(c.signature.startswith(f"v1:{keys.signer.key_id}:") and verify(c, keys) is None for c in commands)
     # Every command is produced before the first decision, which says where its command landed.
     assert topics.index(settings.topic(RUN_EVENTS)) == 20
     assert all(isinstance(d, DecisionRecorded) and d.command_offset is not None for d in decisions)
@@ -108,3 +111,46 @@ def test_a_batch_that_could_not_be_stored_leaves_no_decision_in_memory(settings:
         stored = conn.execute("SELECT count(*) FROM decisions WHERE run_id LIKE 'run-%'").fetchone()
     assert stored == (3,)
     assert len([t for t, _ in producer.sent if t != settings.topic(RUN_EVENTS)]) == 3
+
+
+def _redrive(snap: Any, command: ToolCommand) -> Any:
+    """The snapshot the state processor publishes when it finds ``command`` lost."""
+    return snap.model_copy(update={"version": snap.version + 2, "redrive_command_id": command.command_id})
+
+
+def test_a_redriven_command_is_the_recorded_signed_bytes(settings: Settings) -> None:
+    db.migrate(settings, DECISION_SCHEMA)
+    producer = LandingProducer()
+    handler = DecisionHandler(settings, RulesDecider(), producer)  # type: ignore[arg-type]
+    snap = apply(None, requested(event_id="req-r", run_id="run-r"), DEFAULT_DEADLINE_S).state.snapshot
+    handler(_batch([snap]))
+    ((topic, sent),) = [(t, v) for t, v in producer.sent if t != settings.topic(RUN_EVENTS)]
+    command = codec.decode(sent)
+    assert isinstance(command, ToolCommand)
+
+    producer.sent.clear()
+    handler(_batch([_redrive(snap, command)]))
+    assert [(t, v) for t, v in producer.sent if t != settings.topic(RUN_EVENTS)] == [(topic, sent)]
+
+
+def test_a_command_recorded_unsigned_is_signed_when_it_is_redriven(settings: Settings) -> None:
+    """A command recorded before signing existed (or under a retired key) would be refused by its tool
+    if re-sent as recorded: the re-drive signs it with the current key, ids unchanged."""
+    db.migrate(settings, DECISION_SCHEMA)
+    handler = DecisionHandler(settings, RulesDecider(), LandingProducer())  # type: ignore[arg-type]
+    snap = apply(None, requested(event_id="req-u", run_id="run-u"), DEFAULT_DEADLINE_S).state.snapshot
+    handler(_batch([snap]))
+    with db.connect(settings) as conn:
+        (stored,) = conn.execute("SELECT follow_up_event FROM decisions WHERE run_id = 'run-u'").fetchone()
+        recorded = codec.decode(bytes(stored))
+        assert isinstance(recorded, ToolCommand)
+        legacy = recorded.model_copy(update={"signature": ""})
+        conn.execute("UPDATE decisions SET follow_up_event = %s WHERE run_id = 'run-u'", (codec.encode(legacy),))
+
+    producer = LandingProducer()
+    restarted = DecisionHandler(settings, RulesDecider(), producer)  # type: ignore[arg-type]
+    restarted(_batch([_redrive(snap, legacy)]))
+    (resent,) = [codec.decode(v) for t, v in producer.sent if t != settings.topic(RUN_EVENTS)]
+    assert isinstance(resent, ToolCommand)
+    assert verify(resent, load_keys(settings)) is None
+    assert resent.model_copy(update={"signature": ""}) == legacy

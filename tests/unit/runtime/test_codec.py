@@ -173,6 +173,7 @@ def sample_events() -> list[BaseModel]:
             step="enrich",
             arguments={"domain": "acme-robotics.io"},
             deadline_at=T0 + timedelta(seconds=120),
+            signature="v1:k1:" + "0f" * 32,
         ),
         ToolResult(
             event_id="e-4",
@@ -382,6 +383,38 @@ def test_run_requested_written_with_the_v1_schema_decodes_with_the_current_reade
     assert decoded.contact_email == "peter@initech.com"
     assert decoded.occurred_at == T0
     assert decoded.event_id == "old-1"
+
+
+def test_tool_command_written_with_the_v1_schema_decodes_unsigned() -> None:
+    """A command from before signing (v1: no signature field) still decodes, with an empty signature,
+    so the tool can refuse it by name (``unauthenticated``) instead of failing to read it."""
+    v1 = json.loads((SCHEMA_DIR / "history" / "ToolCommand.v1.avsc").read_text())
+    assert "signature" not in _avro_field_names(v1)
+    old_record = {
+        "event_id": "old-cmd",
+        "run_id": RUN,
+        "causation_id": "d-1",
+        "occurred_at": T0,
+        "schema_version": 1,
+        "command_id": "c-1",
+        "decision_id": "d-1",
+        "tool": "jira",
+        "step": "jira",
+        "operation": "execute",
+        "arguments": '{"key": "ACME"}',
+        "deadline_at": T0 + timedelta(seconds=120),
+    }
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(buf, fastavro.parse_schema(v1, _write_hint=False), old_record)
+    fingerprint = crc64_avro(canonical_form(v1).encode()).to_bytes(8, "little")
+
+    decoded = codec.decode(b"\xc3\x01" + fingerprint + buf.getvalue())
+
+    assert isinstance(decoded, ToolCommand)
+    assert decoded.signature == ""
+    assert decoded.schema_version == 1
+    assert decoded.arguments == {"key": "ACME"}
+    assert fingerprint != _current("ToolCommand").fingerprint
 
 
 # -- decode errors -----------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """The tool runner's hot path against a real PostgreSQL (and, for the runner itself, the real broker).
 
-The batched claim: one round trip checks a batch's decisions and claims its ledger rows. The group
-commit: concurrent writes become few statements, and each writer resumes only once its write is
-durable. The runner: one claim round trip per consumed batch, with every guarantee of the slow path
-(dedupe, dead letters, run order, retries, idempotency key, commits after the effects).
+The batched claim: one round trip claims a batch's ledger rows, reading no other layer's table. The
+group commit: concurrent writes become few statements, and each writer resumes only once its write is
+durable. The runner: every command's signature verified before anything else (an unauthenticated one
+dead-lettered with no effect), one claim round trip per consumed batch, with every guarantee of the
+slow path (dedupe, dead letters, run order, retries, idempotency key, commits after the effects).
 """
 
 from __future__ import annotations
@@ -14,16 +15,16 @@ import threading
 import time
 from collections import Counter, defaultdict
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 from confluent_kafka import Producer
-from helpers import eventually, read_topic
-from pydantic import BaseModel
-from streamagent.processors.decision.schema import SCHEMA as DECISION_SCHEMA
+from helpers import TEST_OLD_KEY, eventually, read_topic
+from pydantic import BaseModel, SecretStr
 from streamagent.tools.sdk import CallContext, PermanentError, RetryableError, RetryPolicy, Tool
-from streamagent.tools.sdk.ledger import ClaimRequest, Ledger, LedgerWriter, Stopping
+from streamagent.tools.sdk.ledger import CLAIM_SQL, ClaimRequest, Ledger, LedgerWriter, Stopping
 from streamagent.tools.sdk.runner import ToolRunner
 from streamagent.tools.sdk.schema import SCHEMA as LEDGER_SCHEMA
 
@@ -32,20 +33,10 @@ from streamagent.config import Settings
 from streamagent.dlq_ops import read_dead_letters
 from streamagent.events import ToolCommand, ToolResult, ToolStatus, now
 from streamagent.kafka import admin, create_topics, group_offsets
+from streamagent.signing import load_keys, parse_keys, sign
 from streamagent.topics import TOOL_RESULTS, command_topic
 
 STEP = "enrich"
-
-
-def _decisions(settings: Settings, decision_ids: list[str]) -> None:
-    db.migrate(settings, LEDGER_SCHEMA, DECISION_SCHEMA)  # the ledger checks the decisions table
-    with db.connect(settings) as conn:
-        for i, decision_id in enumerate(decision_ids):
-            conn.execute(
-                "INSERT INTO decisions (run_id, based_on_version, decision_id, action, decision_event)"
-                " VALUES (%s, %s, %s, 'dispatch', '\\x00')",
-                (f"run-{decision_id}", i, decision_id),
-            )
 
 
 def _rows(settings: Settings) -> dict[str, tuple[str, int, bytes | None]]:
@@ -54,14 +45,19 @@ def _rows(settings: Settings) -> dict[str, tuple[str, int, bytes | None]]:
     return {c: (s, a, bytes(r) if r is not None else None) for c, s, a, r in rows}
 
 
-def _request(i: int, decision_id: str, claim: bool = True, step: str = STEP) -> ClaimRequest:
-    return ClaimRequest(f"cmd-{i}", decision_id, f"run-{i}", step, claim)
+def _request(i: int, claim: bool = True, step: str = STEP) -> ClaimRequest:
+    return ClaimRequest(f"cmd-{i}", f"run-{i}", step, claim)
 
 
 # -- the batched claim -----------------------------------------------------------------------------------
-def test_one_round_trip_checks_the_decisions_and_claims_the_whole_batch(settings: Settings) -> None:
-    _decisions(settings, ["d-known"])
-    requests = [_request(i, "d-known" if i % 4 else f"d-forged-{i}") for i in range(40)]
+def test_one_round_trip_claims_the_whole_batch_without_reading_the_decision_layer(settings: Settings) -> None:
+    db.migrate(settings, LEDGER_SCHEMA)
+    # The tools' ledger stands on its own: whether a command came from the pipeline is its signature's
+    # business (checked before the claim), so the decision layer's table may as well not exist.
+    assert "decisions" not in CLAIM_SQL
+    with db.connect(settings) as conn:  # only the ledger's own table exists
+        assert conn.execute("SELECT to_regclass('decisions')").fetchone() == (None,)
+    requests = [_request(i) for i in range(40)]
 
     async def go() -> list[Any]:
         ledger = await Ledger.open(settings)
@@ -74,20 +70,17 @@ def test_one_round_trip_checks_the_decisions_and_claims_the_whole_batch(settings
 
     claims = asyncio.run(go())
     assert len(claims) == len(requests)
-    for i, claimed in enumerate(claims):
-        if i % 4:
-            assert claimed.known and claimed.entry is not None
-            assert (claimed.entry.status, claimed.entry.attempts, claimed.entry.result_event) == ("running", 1, None)
-            assert not claimed.entry.final
-        else:  # no such decision: flagged, and no ledger row made for it
-            assert not claimed.known and claimed.entry is None
+    for claimed in claims:
+        assert not isinstance(claimed, Exception) and claimed.entry is not None
+        assert (claimed.entry.status, claimed.entry.attempts, claimed.entry.result_event) == ("running", 1, None)
+        assert not claimed.entry.final
     rows = _rows(settings)
-    assert set(rows) == {f"cmd-{i}" for i in range(40) if i % 4}
+    assert set(rows) == {f"cmd-{i}" for i in range(40)}
     assert set(rows.values()) == {("running", 1, None)}
 
 
 def test_a_final_row_comes_back_with_its_result_and_an_unfinished_one_counts_an_attempt(settings: Settings) -> None:
-    _decisions(settings, ["d"])
+    db.migrate(settings, LEDGER_SCHEMA)
     with db.connect(settings) as conn:
         conn.execute(
             "INSERT INTO tool_ledger (command_id, tool, run_id, step, status, attempts, result_event) VALUES"
@@ -99,7 +92,7 @@ def test_a_final_row_comes_back_with_its_result_and_an_unfinished_one_counts_an_
     async def go() -> list[Any]:
         ledger = await Ledger.open(settings)
         try:
-            claims = await ledger.claim("enrich", [_request(i, "d") for i in range(4)])
+            claims = await ledger.claim("enrich", [_request(i) for i in range(4)])
             assert ledger.round_trips == 1
             return claims
         finally:
@@ -115,25 +108,24 @@ def test_a_final_row_comes_back_with_its_result_and_an_unfinished_one_counts_an_
     assert rows["cmd-1"] == ("failed", 1, b"\xc3\x01\xde\xad")
 
 
-def test_an_unclaimed_request_only_checks_its_decision(settings: Settings) -> None:
-    _decisions(settings, ["d"])
+def test_an_unclaimed_request_leaves_its_row_alone(settings: Settings) -> None:
+    db.migrate(settings, LEDGER_SCHEMA)
 
     async def go() -> list[Any]:
         ledger = await Ledger.open(settings)
         try:
-            return await ledger.claim("enrich", [_request(0, "d", claim=False), _request(1, "nope", claim=False)])
+            return await ledger.claim("enrich", [_request(0, claim=False), _request(1, claim=False)])
         finally:
             await ledger.close()
 
-    known, unknown = asyncio.run(go())
-    assert known.known and known.entry is None
-    assert not unknown.known and unknown.entry is None
+    first, second = asyncio.run(go())
+    assert first.entry is None and second.entry is None
     assert _rows(settings) == {}
 
 
 def test_a_command_the_database_refuses_fails_alone_and_the_rest_of_its_batch_is_claimed(settings: Settings) -> None:
-    _decisions(settings, ["d"])
-    requests = [_request(i, "d", step="bad\x00step" if i == 2 else STEP) for i in range(5)]
+    db.migrate(settings, LEDGER_SCHEMA)
+    requests = [_request(i, step="bad\x00step" if i == 2 else STEP) for i in range(5)]
 
     async def go() -> list[Any]:
         ledger = await Ledger.open(settings)
@@ -144,12 +136,12 @@ def test_a_command_the_database_refuses_fails_alone_and_the_rest_of_its_batch_is
 
     claims = asyncio.run(go())
     assert isinstance(claims[2], psycopg.DataError)
-    assert all(c.known and c.entry is not None and c.entry.status == "running" for i, c in enumerate(claims) if i != 2)
+    assert all(c.entry is not None and c.entry.status == "running" for i, c in enumerate(claims) if i != 2)
     assert set(_rows(settings)) == {"cmd-0", "cmd-1", "cmd-3", "cmd-4"}
 
 
 def test_a_lost_connection_is_retried_not_reported(settings: Settings) -> None:
-    _decisions(settings, ["d"])
+    db.migrate(settings, LEDGER_SCHEMA)
 
     async def go() -> None:
         ledger = await Ledger.open(settings)
@@ -158,7 +150,7 @@ def test_a_lost_connection_is_retried_not_reported(settings: Settings) -> None:
             pid = ledger.conn.info.backend_pid
             with db.connect(settings) as admin_conn:
                 admin_conn.execute("SELECT pg_terminate_backend(%s, 5000)", (pid,))
-            (claimed,) = await ledger.claim("enrich", [_request(0, "d")])
+            (claimed,) = await ledger.claim("enrich", [_request(0)])
             assert not isinstance(claimed, Exception) and claimed.entry is not None
             assert claimed.entry.status == "running"
             assert ledger.round_trips_by["claim"] == 2  # the one that met the dead connection, and its retry
@@ -172,7 +164,7 @@ def test_retrying_an_unreachable_database_ends_when_the_tool_stops() -> None:
     async def go() -> None:
         stop = asyncio.Event()
         ledger = Ledger("postgresql://nobody@127.0.0.1:1/nothing", stop=stop, retry=RetryPolicy(initial_s=0.01))
-        claim = asyncio.create_task(ledger.claim("enrich", [_request(0, "d")]))
+        claim = asyncio.create_task(ledger.claim("enrich", [_request(0)]))
         deadline = time.monotonic() + 10
         while ledger.round_trips < 3:  # it keeps trying: a database outage is not the command's fault
             assert time.monotonic() < deadline and not claim.done()
@@ -186,12 +178,12 @@ def test_retrying_an_unreachable_database_ends_when_the_tool_stops() -> None:
 
 # -- the group commit --------------------------------------------------------------------------------------
 def _claimed(settings: Settings, n: int) -> None:
-    _decisions(settings, ["d"])
+    db.migrate(settings, LEDGER_SCHEMA)
 
     async def go() -> None:
         ledger = await Ledger.open(settings)
         try:
-            await ledger.claim("enrich", [_request(i, "d") for i in range(n)])
+            await ledger.claim("enrich", [_request(i) for i in range(n)])
         finally:
             await ledger.close()
 
@@ -338,8 +330,15 @@ def _command(run_id: str, step: str, n: int, decision_id: str = "d", tool: str =
 
 
 @pytest.mark.integration
-def test_the_runner_claims_once_per_batch_and_keeps_every_guarantee(settings: Settings) -> None:
-    _decisions(settings, ["d"])
+def test_the_runner_claims_once_per_batch_and_keeps_every_guarantee(settings: Settings, tmp_path: Path) -> None:
+    db.migrate(settings, LEDGER_SCHEMA)
+    # Keys from a two-key file, as after a rotation: the first signs, the second (the old one) still verifies.
+    keys_file = tmp_path / "command-keys"
+    keys_file.write_text(settings.command_keys.get_secret_value() + "\n")
+    keys_file.chmod(0o600)
+    settings = settings.model_copy(update={"command_keys": SecretStr(""), "command_keys_file": keys_file})
+    keys = load_keys(settings)
+    assert len(keys.keys) == 2 and keys.ids[1] == TEST_OLD_KEY[0]
     create_topics(settings)
     topic = settings.topic(command_topic("enrich"))
     recorded = codec.encode(
@@ -352,16 +351,29 @@ def test_the_runner_claims_once_per_batch_and_keeps_every_guarantee(settings: Se
             (recorded,),
         )
     runs = [f"run-{i}" for i in range(12)]
-    commands = [_command(run, f"s{step}", -1 if (i, step) == (3, 1) else 13 if (i, step) == (5, 2) else i)
+    commands = [sign(_command(run, f"s{step}", -1 if (i, step) == (3, 1) else 13 if (i, step) == (5, 2) else i), keys)
                 for step in range(3) for i, run in enumerate(runs)]  # fmt: skip
-    commands.append(_command("run-done", "s0", 1))  # already done: its recorded result is republished
-    commands.append(_command("run-0", "s0", 0))  # a redelivery of a command: run once, published twice
+    old_key = parse_keys(" ".join(TEST_OLD_KEY), "the old key")
+    commands.append(sign(_command("run-old-key", "s0", 21), old_key))  # signed before the rotation: accepted
+    commands.append(sign(_command("run-done", "s0", 1), keys))  # already done: its recorded result is republished
+    commands.append(sign(_command("run-0", "s0", 0), keys))  # a redelivery of a command: run once, published twice
+    # Not from the pipeline: no signature, a key this tool does not know, a known key id with another
+    # secret, and a real command whose arguments were changed after it was signed.
+    rogue = parse_keys(f"rogue {'r' * 64}", "rogue")
+    impostor = parse_keys(f"{keys.signer.key_id} {'i' * 64}", "impostor")
+    forged = [
+        _command("run-unsigned", "s0", 1),
+        sign(_command("run-rogue", "s0", 1), rogue),
+        sign(_command("run-impostor", "s0", 1), impostor),
+        sign(_command("run-altered", "s0", 1), keys).model_copy(update={"arguments": {"n": 1000}}),
+    ]
     producer = Producer({"bootstrap.servers": settings.bootstrap_servers})
     for command in commands:
         producer.produce(topic, key=command.run_id.encode(), value=codec.encode(command))
     producer.produce(topic, key=b"x", value=b"\x00garbage")
-    producer.produce(topic, key=b"x", value=codec.encode(_command("run-forged", "s0", 1, decision_id="forged")))
-    producer.produce(topic, key=b"x", value=codec.encode(_command("run-other", "s0", 1, tool="jira")))
+    for command in forged:
+        producer.produce(topic, key=command.run_id.encode(), value=codec.encode(command))
+    producer.produce(topic, key=b"x", value=codec.encode(sign(_command("run-other", "s0", 1, tool="jira"), keys)))
     assert producer.flush(10) == 0
 
     tool = Flaky()
@@ -377,7 +389,7 @@ def test_the_runner_claims_once_per_batch_and_keeps_every_guarantee(settings: Se
             return got if len(got) >= len(commands) else None
 
         published = eventually(results, timeout=60, what="every command's result")
-        letters = eventually(lambda: (lambda got: got if len(got) >= 3 else None)(read_dead_letters(settings)))
+        letters = eventually(lambda: (lambda got: got if len(got) >= 6 else None)(read_dead_letters(settings)))
         ends = {m.partition(): m.offset() + 1 for m in read_topic(settings, topic)}
         group = settings.group("tool.enrich")
 
@@ -401,6 +413,7 @@ def test_the_runner_claims_once_per_batch_and_keeps_every_guarantee(settings: Se
     assert by_id["run-5-s2"].status is ToolStatus.failed and by_id["run-5-s2"].error_kind == "permanent"
     assert by_id["run-3-s1"].status is ToolStatus.succeeded and by_id["run-3-s1"].attempts == 2
     assert by_id["run-7-s1"].output == {"n": 14}
+    assert by_id["run-old-key-s0"].output == {"n": 42}
 
     # At most once: one call per fresh command (two for the one retried), under its own idempotency key.
     calls = Counter(cid for _run, cid, _key, _attempt in tool.calls)
@@ -412,13 +425,22 @@ def test_the_runner_claims_once_per_batch_and_keeps_every_guarantee(settings: Se
     for run, cid, _key, _attempt in tool.calls:
         if not order[run] or order[run][-1] != cid:
             order[run].append(cid)
+    assert order.pop("run-old-key") == ["run-old-key-s0"]
     assert all(steps == [f"{run}-s0", f"{run}-s1", f"{run}-s2"] for run, steps in order.items())
 
-    assert sorted(d.reason for d in letters) == ["not-avro", "unexpected-event", "unknown-run"]
+    assert sorted(d.reason for d in letters) == ["not-avro", *["unauthenticated"] * 4, "unexpected-event"]
+    # Refused before anything else: no call, no ledger row, no result; each letter says why.
+    unauthenticated = {codec.decode(d.value).command_id: d.error for d in letters if d.reason == "unauthenticated"}
+    assert set(unauthenticated) == {c.command_id for c in forged}
+    assert unauthenticated["run-unsigned-s0"].startswith("unsigned")
+    assert unauthenticated["run-rogue-s0"].startswith("signed with unknown key 'rogue'")
+    assert unauthenticated["run-impostor-s0"].startswith("signature does not match")
+    assert unauthenticated["run-altered-s0"].startswith("signature does not match")
+    assert not {cid for _run, cid, _key, _attempt in tool.calls} & set(unauthenticated)
     rows = _rows(settings)
     assert all(rows[c.command_id][0] in ("succeeded", "failed") for c in commands)
     assert rows["run-3-s1"][1] == 2 and rows["run-5-s2"][1] == 1
-    assert "run-forged-s0" not in rows
+    assert not set(rows) & set(unauthenticated)
 
     # The hot path: exactly one claim round trip per consumed batch, the rest group-committed.
     ledger = runner.ledger
@@ -446,10 +468,10 @@ class Held(Flaky):
 def test_a_saturated_runner_keeps_its_place_in_its_group(settings: Settings) -> None:
     """Every slot busy for longer than max.poll.interval.ms: the runner still polls (partitions paused),
     so it is not thrown out of its group; nothing is redelivered and every offset is committed."""
-    _decisions(settings, ["d"])
+    db.migrate(settings, LEDGER_SCHEMA)
     create_topics(settings)
     topic = settings.topic(command_topic("enrich"))
-    commands = [_command(f"run-{i}", "s0", i) for i in range(3)]
+    commands = [sign(_command(f"run-{i}", "s0", i), load_keys(settings)) for i in range(3)]
     producer = Producer({"bootstrap.servers": settings.bootstrap_servers})
     for command in commands:
         producer.produce(topic, key=command.run_id.encode(), value=codec.encode(command))
