@@ -395,6 +395,14 @@ class DecisionHandler:
                 self._drop_waits([(run_id, version + 1) for run_id, version in stale])
             for snap, partition in woken:
                 self._one(snap, partition, emissions, new, [])
+            decided = {snap.run_id for snap, _, _ in new}
+            spent = [(snap.run_id, snap.version) for snap, _ in woken if snap.run_id not in decided]
+            if spent:
+                # The decider had nothing to decide on the state after the wait: the wake is spent (its
+                # row would otherwise head every page). The run moves on with its next snapshot.
+                for run_id, version in spent:
+                    log.warning("woken run had nothing to decide", extra={"run_id": run_id, "version": version})
+                self._drop_waits(spent)
             emissions += self._store(new)
             self._undo = {}
             self._emit(emissions, [])
