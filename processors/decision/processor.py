@@ -318,14 +318,18 @@ class DecisionHandler:
     def assign(self, partitions: frozenset[int]) -> None:
         """The state topic's partitions this instance owns now; on a change, the index of waited-for
         tools is rebuilt from the table for exactly those partitions (at start, after a rebalance)."""
-        if partitions == self.owned:
+        if partitions == self.owned or time.monotonic() < self._wake_not_before:
             return
         tools: set[str] = set()
         if partitions:
             self.round_trips += 1
-            rows = self.conn.execute(
-                "SELECT DISTINCT tool FROM decision_waits WHERE partition = ANY(%s)", (sorted(partitions),)
-            ).fetchall()
+            try:
+                rows = self.conn.execute(
+                    "SELECT DISTINCT tool FROM decision_waits WHERE partition = ANY(%s)", (sorted(partitions),)
+                ).fetchall()
+            except Exception:
+                self._wake_not_before = time.monotonic() + 1.0  # PostgreSQL down: not at every poll
+                raise
             tools = {tool for (tool,) in rows}
         # Set only once read: a failed read (PostgreSQL down) is tried again at the next tick.
         self.owned, self.waiting = partitions, tools

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+import psycopg
+import pytest
 from aiokafka.partitioner import DefaultPartitioner
 from streamagent.processors.decision.processor import DecisionHandler
 from streamagent.processors.decision.rules import RulesDecider
@@ -175,3 +177,25 @@ def test_a_run_decided_again_since_its_wait_is_not_woken(settings: Settings) -> 
     fresh.assign(frozenset(range(PARTITIONS)))
     assert fresh.waiting == set() and fresh.wake() == 0 and fresh_producer.sent == []
     assert decisions(settings)["run-late"] == [(1, "wait"), (2, "escalate")]
+
+
+def test_an_assignment_read_during_an_outage_is_read_again_once_postgres_is_back(settings: Settings) -> None:
+    db.migrate(settings, DECISION_SCHEMA)
+    present: set[str] = set()
+    first, _ = handler_for(settings, present)
+    first(batch([first_snapshot("run-outage")]))
+
+    handler, producer = handler_for(settings, present)
+    handler.db.database_url = "postgresql://nobody@127.0.0.1:1/down"  # the outage
+    with pytest.raises(psycopg.OperationalError):
+        handler.assign(frozenset(range(PARTITIONS)))
+    assert handler.owned is None and handler.waiting == set()  # nothing half-learnt
+    handler.assign(frozenset(range(PARTITIONS)))  # the next poll, within the back-off: not tried
+    assert handler.owned is None
+
+    handler.db.database_url = settings.database_url  # back, and the back-off over
+    handler._wake_not_before = 0.0
+    handler.assign(frozenset(range(PARTITIONS)))
+    present.add("enrich")
+    assert handler.waiting == {"enrich"} and handler.wake() == 1
+    assert dispatched(producer) == ["run-outage"]
