@@ -108,6 +108,9 @@ class Settings(BaseModel):
         description="Runs in flight per stack (split over partitions); more wait, admitted in order; 0: no bound",
     )
     tool_max_in_flight: int = Field(256, ge=1, description="Commands one tool process works on at once")
+    # Waiting runs are woken from the decision layer's table in pages of this many per tick (between
+    # two polls), so a tool that appears with 100,000 runs waiting for it does not stall the processor.
+    wake_batch: int = Field(500, ge=1, description="Most waiting runs the decision processor wakes per tick")
     # Re-drive: a command is re-sent only on evidence that it is lost (its tool's group consumed past
     # it and no result came), checked first this long after dispatch, then with doubling backoff.
     redrive_check_s: float = Field(5.0, gt=0, description="First loss check of an in-flight command after dispatch")

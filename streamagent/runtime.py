@@ -149,6 +149,14 @@ class ConsumerRuntime:
     def stop(self) -> None:
         self.stop_event.set()
 
+    def assigned(self, topic: str) -> frozenset[int]:
+        """The partitions of ``topic`` this consumer owns now: empty before it joined its group, and
+        while a rebalance has taken them away. For the tick, which runs on the consuming thread."""
+        consumer = self._consumer
+        if consumer is None:
+            return frozenset()
+        return frozenset(tp.partition for tp in consumer.assignment() if tp.topic == topic)
+
     def _tick(self) -> None:
         assert self.tick is not None
         try:

@@ -6,14 +6,24 @@ snapshot re-emits exactly the recorded bytes and never asks the decider again. A
 than one already seen for the run is superseded: nothing is decided on stale state.
 
 Waiting runs. A run decided ``wait`` ("waiting for tool X") gets no new snapshot by itself: the
-state processor publishes none for a recorded wait. So this processor remembers each waiting run
-with the snapshot it waited on (version v) and, once the catalogue shows X available, decides the run
-again on the state the run has after that wait: snapshot v with version v+1 and the wait as its last
-decision, which is exactly what folding the recorded wait makes of it (only the version, the last
-event and the shown reason move). One decision per (run, state version) still holds: the wait stays
-the decision of v, the new one is the decision of v+1, stored and emitted like any other. If anything
-else happened to the run meanwhile (a newer decision, another instance deciding it), the memory no
-longer shows the wait at v and the run is not woken.
+state processor publishes none for a recorded wait. So the wait is recorded durably: the statement
+that stores the wait also writes a ``decision_waits`` row (run, tool X, the snapshot it waited on at
+version v, and that snapshot's partition on the state topic), and the statement that stores the run's
+next decision, whatever it is, deletes that row. A row is therefore the proof that the run's latest
+decision is still the wait at v, on any instance and after any restart.
+
+Once the catalogue shows X available, the processor reads X's rows of the partitions it owns, oldest
+first, at most ``wake_batch`` per tick, and decides each run again on the state it has after its
+wait: snapshot v with version v+1 and the wait as its last decision, which is exactly what folding the
+recorded wait makes of it (only the version, the last event and the shown reason move). One decision
+per (run, state version) still holds: the wait stays the decision of v, the new one is the decision
+of v+1, stored and emitted like any other, and storing it deletes the row. A run decided anything
+since its wait has no row and is not woken.
+
+Memory holds no snapshot of a waiting run, only which tools some run of the owned partitions may wait
+for (rebuilt from the table when the partition assignment changes, added to when a wait is stored or
+replayed), so 100,000 runs waiting for a missing tool cost table rows, not memory, and a tool that
+appears wakes them a page per tick between batches instead of in one stalling pass.
 """
 
 from __future__ import annotations
@@ -177,9 +187,12 @@ class DecisionHandler:
         self.round_trips = 0  # database round trips, for tests and the benchmark
         # What this batch changed in memory before its decisions were stored: undone if it fails.
         self._undo: dict[str, RunMemory | None] = {}
-        # Runs whose latest decision is a wait: tool -> run -> the snapshot the wait was decided on.
         self.available: ToolAvailability = available or getattr(decider, "available", every_tool_available)
-        self.waiting: dict[str, dict[str, StateSnapshot]] = {}
+        # The tools some run of the owned partitions may wait for: the index of ``decision_waits``
+        # (the runs and their snapshots stay in the table, read a page at a time when the tool is there).
+        self.waiting: set[str] = set()
+        # The state topic's partitions this instance owns; None: not driven by a consumer (tests), all.
+        self.owned: frozenset[int] | None = None
         self._wake_not_before = 0.0
 
     @property
@@ -213,11 +226,13 @@ class DecisionHandler:
                 batch.reject(item, "unexpected-event", f"{type(item.event).__name__} on the snapshot topic")
         self._recall([snap for _, snap in snaps])
         emissions: list[Emission] = []
-        new: list[tuple[StateSnapshot, Emission]] = []
+        new: list[tuple[StateSnapshot, Emission, int]] = []
         resends: list[tuple[StateSnapshot, Emission]] = []
         for item, snap in snaps:
             try:
-                self._one(snap, emissions, new, resends)
+                # The snapshot's partition on the state topic (runs are keyed by run id): where its wait,
+                # if it waits, is filed, so that the partition's owner is the one to wake it.
+                self._one(snap, item.message.partition(), emissions, new, resends)
             except Rejected as exc:
                 batch.reject(item, exc.reason, exc.detail)
         emissions += self._store(new)
@@ -228,8 +243,9 @@ class DecisionHandler:
     def _one(
         self,
         snap: StateSnapshot,
+        partition: int,
         emissions: list[Emission],
-        new: list[tuple[StateSnapshot, Emission]],
+        new: list[tuple[StateSnapshot, Emission, int]],
         resends: list[tuple[StateSnapshot, Emission]],
     ) -> None:
         memory = self.memory.get(snap.run_id)
@@ -246,7 +262,7 @@ class DecisionHandler:
         if snap.version == memory.version and memory.emission is not None:
             DECISIONS.labels(self.decider.name, "replayed").inc()
             emissions.append(memory.emission)
-            self._note_wait(snap, memory.emission.record)
+            self._note_wait(memory.emission.record)
             return
         if snap.version < memory.version:
             recorded = self._recorded(snap)
@@ -288,11 +304,11 @@ class DecisionHandler:
         )
         encoded = codec.encode(event) if event is not None else None
         emission = Emission(record, topic, encoded, isinstance(event, ToolCommand))
-        new.append((snap, emission))
+        new.append((snap, emission, partition))
         if snap.run_id not in self._undo:
             self._undo[snap.run_id] = RunMemory(memory.version, memory.decision_id, memory.emission)
         memory.version, memory.decision_id, memory.emission = snap.version, decision_id, emission
-        self._note_wait(snap, record)
+        self._note_wait(record)
         log.debug(
             "decided %s %s",
             decision.action.value,
@@ -300,62 +316,141 @@ class DecisionHandler:
             extra={"run_id": snap.run_id, "version": snap.version, "decision_id": decision_id},
         )
 
-    def _note_wait(self, snap: StateSnapshot, record: DecisionRecorded) -> None:
+    def _note_wait(self, record: DecisionRecorded) -> None:
+        """A wait seen (decided, or replayed): its tool goes into the index; the run is in the table."""
         if record.action is DecisionAction.wait and record.tool is not None:
-            self.waiting.setdefault(record.tool, {})[snap.run_id] = snap
+            self.waiting.add(record.tool)
 
     # -- waking waiting runs ---------------------------------------------------------------------
-    def wake(self) -> int:
-        """Decide again the waiting runs whose tool is now available; returns how many were decided.
+    def assign(self, partitions: frozenset[int]) -> None:
+        """The state topic's partitions this instance owns now; on a change, the index of waited-for
+        tools is rebuilt from the table for exactly those partitions (at start, after a rebalance)."""
+        if partitions == self.owned or time.monotonic() < self._wake_not_before:
+            return
+        tools: set[str] = set()
+        if partitions:
+            self.round_trips += 1
+            try:
+                rows = self.conn.execute(
+                    "SELECT DISTINCT tool FROM decision_waits WHERE partition = ANY(%s)", (sorted(partitions),)
+                ).fetchall()
+            except Exception:
+                self._wake_not_before = time.monotonic() + 1.0  # PostgreSQL down: not at every poll
+                raise
+            tools = {tool for (tool,) in rows}
+        # Set only once read: a failed read (PostgreSQL down) is tried again at the next tick.
+        self.owned, self.waiting = partitions, tools
+        log.info("partitions assigned", extra={"partitions": sorted(partitions), "waiting_for": sorted(tools)})
 
-        Called between batches (the runtime's tick). A run is woken only while its latest decision is
-        still the wait recorded on the remembered snapshot; see the module's docstring.
+    def wake(self) -> int:
+        """Decide again up to ``wake_batch`` waiting runs whose tool is now available; returns how many.
+
+        Called between batches (the runtime's tick). The runs come from ``decision_waits``, oldest
+        first, in the owned partitions only; a row is the proof that the run still waits (see the
+        module's docstring), and deciding the run deletes it, so the next tick reads the next page.
         """
         if not self.waiting or time.monotonic() < self._wake_not_before:
             return 0
-        woken: list[StateSnapshot] = []
-        for tool in [t for t in self.waiting if self.available(t)]:
-            for run_id, snap in self.waiting.pop(tool).items():
-                memory = self.memory.get(run_id)
-                record = memory.emission.record if memory is not None and memory.emission is not None else None
-                if memory is None or record is None or memory.version != snap.version:
-                    continue
-                if record.action is not DecisionAction.wait:
-                    continue
-                woken.append(
-                    snap.model_copy(
+        ready = [tool for tool in sorted(self.waiting) if self.available(tool)]
+        if not ready:
+            return 0
+        budget = self.settings.wake_batch
+        rows: list[tuple[str, int, int, bytes, bytes]] = []
+        drained: list[str] = []
+        for tool in ready:
+            if budget <= 0:
+                break
+            page = self._waits(tool, budget)
+            if len(page) < budget:
+                drained.append(tool)  # every waiting run of this tool is in hand
+            budget -= len(page)
+            rows += page
+        # Out of the index before deciding: a run that waits again for it puts the tool back.
+        self.waiting.difference_update(drained)
+        if not rows:
+            return 0
+        self._undo = {}
+        woken: list[tuple[StateSnapshot, int]] = []
+        stale: list[tuple[str, int]] = []
+        for run_id, partition, version, snapshot, decision in rows:
+            memory = self.memory.get(run_id)
+            if memory is not None and memory.version > version:
+                stale.append((run_id, version))  # decided since: its row should be gone; never woken, never read again
+                continue
+            waited = codec.decode(bytes(snapshot))
+            wait = _emission(decision, None, None)
+            assert isinstance(waited, StateSnapshot) and wait.record.action is DecisionAction.wait
+            self._undo.setdefault(
+                run_id, RunMemory(memory.version, memory.decision_id, memory.emission) if memory else None
+            )
+            self._remember(run_id, RunMemory(version, wait.record.decision_id, wait))
+            woken.append(
+                (
+                    waited.model_copy(
                         update={
-                            "version": snap.version + 1,
-                            "last_event_id": record.event_id,
-                            "last_decision_id": record.decision_id,
-                            "reason": record.reason,
+                            "version": version + 1,
+                            "last_event_id": wait.record.event_id,
+                            "last_decision_id": wait.record.decision_id,
+                            "reason": wait.record.reason,
                             "redrive_command_id": None,
                         }
-                    )
+                    ),
+                    partition,
                 )
-        if not woken:
-            return 0
-        log.info("waking %d run(s) waiting for tools now available", len(woken))
-        self._undo = {}
+            )
+            log.debug("waking", extra={"run_id": run_id, "version": version + 1, "tool": wait.record.tool})
         emissions: list[Emission] = []
-        new: list[tuple[StateSnapshot, Emission]] = []
+        new: list[tuple[StateSnapshot, Emission, int]] = []
         try:
-            for snap in woken:
-                self._one(snap, emissions, new, [])
+            if stale:
+                self._drop_waits([(run_id, version + 1) for run_id, version in stale])
+            for snap, partition in woken:
+                self._one(snap, partition, emissions, new, [])
+            decided = {snap.run_id for snap, _, _ in new}
+            spent = [(snap.run_id, snap.version) for snap, _ in woken if snap.run_id not in decided]
+            if spent:
+                # The decider had nothing to decide on the state after the wait: the wake is spent (its
+                # row would otherwise head every page). The run moves on with its next snapshot.
+                for run_id, version in spent:
+                    log.warning("woken run had nothing to decide", extra={"run_id": run_id, "version": version})
+                self._drop_waits(spent)
             emissions += self._store(new)
             self._undo = {}
             self._emit(emissions, [])
-            self.producer.flush(30)
+            if self.producer.flush(30):
+                raise DependencyUnavailable("kafka", "woken decisions not acknowledged; tried again")
         except Exception:
+            # Nothing to restore but memory and the index: the rows of runs not decided are still there.
             self._forget_unstored()
-            for snap in woken:  # tried again shortly, from the snapshot the wait was decided on
-                waited = snap.model_copy(update={"version": snap.version - 1})
-                memory = self.memory.get(snap.run_id)
-                if memory is not None and memory.version == waited.version and memory.emission is not None:
-                    self._note_wait(waited, memory.emission.record)
+            self.waiting.update(drained)
             self._wake_not_before = time.monotonic() + 1.0
             raise
+        log.info("woke %d run(s) waiting for %s", len(woken), ", ".join(ready), extra={"woken": len(woken)})
         return len(woken)
+
+    def _waits(self, tool: str, limit: int) -> list[tuple[str, int, int, bytes, bytes]]:
+        """One page of the runs waiting for ``tool`` in the owned partitions, oldest first, each with
+        the recorded wait (joined: a row without its decision is not a wait this layer made)."""
+        self.round_trips += 1
+        owned = sorted(self.owned) if self.owned is not None else None
+        rows = self.conn.execute(
+            "SELECT w.run_id, w.partition, w.based_on_version, w.snapshot, d.decision_event"
+            " FROM decision_waits w JOIN decisions d"
+            " ON d.run_id = w.run_id AND d.based_on_version = w.based_on_version"
+            " WHERE w.tool = %s AND (%s::int[] IS NULL OR w.partition = ANY(%s::int[]))"
+            " ORDER BY w.since, w.run_id LIMIT %s",
+            (tool, owned, owned, limit),
+        ).fetchall()
+        return [(r, int(p), int(v), bytes(snap), bytes(dec)) for r, p, v, snap, dec in rows]
+
+    def _drop_waits(self, waits: list[tuple[str, int]]) -> None:
+        """Delete the wait rows of runs decided since (run, the version a later decision replaced)."""
+        self.round_trips += 1
+        self.conn.execute(
+            "DELETE FROM decision_waits w USING unnest(%s::text[], %s::bigint[]) AS c(run_id, version)"
+            " WHERE w.run_id = c.run_id AND w.based_on_version < c.version",
+            ([run_id for run_id, _ in waits], [version for _, version in waits]),
+        )
 
     def _resend(self, snap: StateSnapshot, memory: RunMemory, resends: list[tuple[StateSnapshot, Emission]]) -> None:
         """The state processor found this run's command lost: send the recorded command again."""
@@ -425,36 +520,64 @@ class DecisionHandler:
                 return emission
         return None
 
-    def _store(self, new: list[tuple[StateSnapshot, Emission]]) -> list[Emission]:
+    def _store(self, new: list[tuple[StateSnapshot, Emission, int]]) -> list[Emission]:
         """Record every new decision in one statement, before anything is produced.
+
+        The same statement keeps ``decision_waits`` in step (one transaction, so a wait row exists
+        exactly while the run's latest decision is that wait): a new wait files its run with the
+        snapshot and partition, any other new decision deletes the run's older wait row.
 
         A decision another instance recorded first (a rebalance) wins: its bytes are emitted, not ours.
         """
         if not new:
             return []
         self.round_trips += 1
-        records = [(snap, e, codec.encode(e.record)) for snap, e in new]
-        for _, emission, encoded in records:
+        records = [(snap, e, codec.encode(e.record), partition) for snap, e, partition in new]
+        for _, emission, encoded, _ in records:
             emission.encoded = encoded
+        waits = [e.record.tool if e.record.action is DecisionAction.wait else None for _, e, _, _ in records]
         rows = self.conn.execute(
-            "INSERT INTO decisions (run_id, based_on_version, decision_id, action, step, decision_event,"
-            " follow_up_topic, follow_up_event)"
-            " SELECT * FROM unnest(%s::text[], %s::bigint[], %s::text[], %s::text[], %s::text[], %s::bytea[],"
-            " %s::text[], %s::bytea[]) ON CONFLICT DO NOTHING RETURNING run_id, based_on_version",
+            "WITH incoming AS (SELECT * FROM unnest(%s::text[], %s::bigint[], %s::text[], %s::text[], %s::text[],"
+            " %s::bytea[], %s::text[], %s::bytea[], %s::text[], %s::int[], %s::bytea[])"
+            " AS n(run_id, based_on_version, decision_id, action, step, decision_event, follow_up_topic,"
+            " follow_up_event, wait_tool, partition, snapshot)),"
+            " inserted AS (INSERT INTO decisions (run_id, based_on_version, decision_id, action, step,"
+            " decision_event, follow_up_topic, follow_up_event)"
+            " SELECT run_id, based_on_version, decision_id, action, step, decision_event, follow_up_topic,"
+            " follow_up_event FROM incoming ON CONFLICT DO NOTHING RETURNING run_id, based_on_version),"
+            " decided AS (SELECT n.* FROM incoming n JOIN inserted i USING (run_id, based_on_version)),"
+            " unwaited AS (DELETE FROM decision_waits w USING decided d WHERE d.wait_tool IS NULL"
+            " AND w.run_id = d.run_id AND w.based_on_version < d.based_on_version),"
+            # A run that waits again keeps its place in the queue if it waits for the same tool.
+            " waited AS (INSERT INTO decision_waits (run_id, tool, partition, based_on_version, snapshot)"
+            " SELECT run_id, wait_tool, partition, based_on_version, snapshot FROM decided"
+            " WHERE wait_tool IS NOT NULL ON CONFLICT (run_id) DO UPDATE SET tool = EXCLUDED.tool,"
+            " partition = EXCLUDED.partition, based_on_version = EXCLUDED.based_on_version,"
+            " snapshot = EXCLUDED.snapshot,"
+            " since = CASE WHEN decision_waits.tool = EXCLUDED.tool THEN decision_waits.since ELSE now() END"
+            " WHERE decision_waits.based_on_version < EXCLUDED.based_on_version)"
+            " SELECT run_id, based_on_version FROM inserted",
             (
-                [s.run_id for s, _, _ in records],
-                [s.version for s, _, _ in records],
-                [e.record.decision_id for _, e, _ in records],
-                [e.record.action.value for _, e, _ in records],
-                [e.record.step for _, e, _ in records],
-                [encoded for _, _, encoded in records],
-                [e.topic for _, e, _ in records],
-                [e.follow_up for _, e, _ in records],
+                [s.run_id for s, _, _, _ in records],
+                [s.version for s, _, _, _ in records],
+                [e.record.decision_id for _, e, _, _ in records],
+                [e.record.action.value for _, e, _, _ in records],
+                [e.record.step for _, e, _, _ in records],
+                [encoded for _, _, encoded, _ in records],
+                [e.topic for _, e, _, _ in records],
+                [e.follow_up for _, e, _, _ in records],
+                waits,
+                [partition for _, _, _, partition in records],
+                [
+                    codec.encode(s) if tool is not None else None
+                    for (s, _, _, _), tool in zip(records, waits, strict=True)
+                ],
             ),
         ).fetchall()
         inserted = {(run_id, int(version)) for run_id, version in rows}
         out: list[Emission] = []
-        for snap, emission, _ in records:
+        replaced: list[tuple[str, int]] = []
+        for snap, emission, _, _ in records:
             if (snap.run_id, snap.version) in inserted:
                 DECISIONS.labels(self.decider.name, "recorded").inc()
                 out.append(emission)
@@ -462,8 +585,15 @@ class DecisionHandler:
             theirs = self._recorded(snap)
             assert theirs is not None
             self._remember(snap.run_id, RunMemory(snap.version, theirs.record.decision_id, theirs))
+            self._note_wait(theirs.record)
+            if theirs.record.action is not DecisionAction.wait:
+                replaced.append((snap.run_id, snap.version))
             DECISIONS.labels(self.decider.name, "replayed").inc()
             out.append(theirs)
+        if replaced:
+            # Their statement deleted any older wait row already; this only makes sure no row outlives
+            # a newer decision (a row left behind would be woken, and skipped, at every tick).
+            self._drop_waits(replaced)
         return out
 
     # -- producing ---------------------------------------------------------------------------------
@@ -535,8 +665,9 @@ def build(settings: Settings) -> ConsumerRuntime:
     The catalogue follows the registry topic on a background thread (undecodable registry messages
     dead-lettered); a step's tool must be available there, and its arguments must fit the input schema
     that tool announced. After every poll the handler wakes the runs waiting for a tool that is now
-    available, so a run decided before its tool announced itself (at stack start, or a tool deployed
-    later) moves on as soon as the tool is there.
+    available (a page of ``wake_batch`` per poll, from the table), so a run decided before its tool
+    announced itself (at stack start, or a tool deployed later, or before this process restarted)
+    moves on as soon as the tool is there.
     """
     make_decider(settings)  # first: a malformed workflow file stops the start at once
     keys = load_keys(settings)  # and no signing key stops it too, before anything connects
@@ -553,5 +684,13 @@ def build(settings: Settings) -> ConsumerRuntime:
     decider = make_decider(settings, available, catalogue_check(catalogue.available))
     handler = DecisionHandler(settings, decider, runtime.producer, available=available, keys=keys)
     runtime.handler = handler
-    runtime.tick = handler.wake
+    state_topic = settings.topic(RUN_STATE)
+
+    def tick() -> None:
+        # The assignment first: a restarted instance, or one given another's partitions, learns from
+        # the table what their runs wait for before it wakes anything.
+        handler.assign(runtime.assigned(state_topic))
+        handler.wake()
+
+    runtime.tick = tick
     return runtime

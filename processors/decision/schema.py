@@ -1,5 +1,6 @@
 """The decision processor's tables: every decision it made (memoized per run and state version, with
-the command it produced), and each run's latest decided version."""
+the command it produced), each run's latest decided version, and the runs whose latest decision is a
+wait (``decision_waits``: what the processor wakes when the tool shows up, read in pages)."""
 
 from __future__ import annotations
 
@@ -32,5 +33,22 @@ SCHEMA = Schema(
         # The tools once looked decisions up by id to refuse commands no decision issued; signed
         # commands replaced that check, and every stored decision paid for this index.
         "DROP INDEX IF EXISTS decisions_by_id",
+        # One row per run whose latest decision is a wait: written in the same statement as that wait
+        # and deleted by the same statement as the run's next decision, so a row is the proof that the
+        # run still waits at ``based_on_version``. ``snapshot`` is the snapshot the wait was decided on
+        # (codec bytes); ``partition`` its partition on the state topic, so that an instance reads only
+        # the waits of the partitions it owns.
+        """
+        CREATE TABLE IF NOT EXISTS decision_waits (
+            run_id            text   PRIMARY KEY,
+            tool              text   NOT NULL,
+            partition         int    NOT NULL,
+            based_on_version  bigint NOT NULL,
+            snapshot          bytea  NOT NULL,
+            since             timestamptz NOT NULL DEFAULT now()
+        )
+        """,
+        # Waking reads one tool's waits oldest first, a page at a time.
+        "CREATE INDEX IF NOT EXISTS decision_waits_by_tool ON decision_waits (tool, since, run_id)",
     ),
 )

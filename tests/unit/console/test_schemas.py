@@ -21,9 +21,16 @@ def test_each_layer_creates_only_its_own_tables(settings: Settings) -> None:
     db.migrate(settings, LEDGER)
     assert tables(settings) == {"tool_ledger"}
     db.migrate(settings, DECISION)
-    assert tables(settings) == {"tool_ledger", "decisions", "decision_progress"}
+    assert tables(settings) == {"tool_ledger", "decisions", "decision_progress", "decision_waits"}
     db.migrate(settings, PROJECTION)
-    assert tables(settings) == {"tool_ledger", "decisions", "decision_progress", "runs", "run_events"}
+    assert tables(settings) == {
+        "tool_ledger",
+        "decisions",
+        "decision_progress",
+        "decision_waits",
+        "runs",
+        "run_events",
+    }
     assert {s.owner for s in SCHEMAS} == {"projection", "decision", "tool_ledger"}  # the stack applies all
 
 
@@ -37,3 +44,11 @@ def test_migrating_again_or_from_an_older_shape_reaches_the_current_one(settings
             r[0] for r in conn.execute("SELECT column_name FROM information_schema.columns WHERE table_name='runs'")
         }
     assert "workflow" in columns and later
+
+
+def test_a_decision_database_from_before_durable_waits_gets_its_waits_table(settings: Settings) -> None:
+    older = [st for st in DECISION.statements if "decision_waits" not in st]
+    db.migrate(settings, db.Schema("decision", tuple(older)))
+    assert "decision_waits" not in tables(settings)
+    db.migrate(settings, DECISION)
+    assert "decision_waits" in tables(settings)

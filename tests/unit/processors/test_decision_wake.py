@@ -35,7 +35,12 @@ def test_a_waiting_run_is_woken_once_its_tool_is_available_and_the_state_takes_t
     assert isinstance(wait, DecisionRecorded) and wait.action is DecisionAction.wait
     assert wait.reason == "waiting for tool enrich" and wait.based_on_version == snap.version
     assert handler.wake() == 0  # still not there: nothing decided, the run still waits
-    assert handler.waiting == {"enrich": {"run-wake": snap}}
+    assert handler.waiting == {"enrich"}  # the index only: the run and its snapshot are in the table
+    with db.connect(settings) as conn:
+        row = conn.execute(
+            "SELECT tool, based_on_version, snapshot FROM decision_waits WHERE run_id = 'run-wake'"
+        ).fetchone()
+    assert row is not None and row[:2] == ("enrich", snap.version) and codec.decode(bytes(row[2])) == snap
 
     producer.sent.clear()
     present.add("enrich")
@@ -46,7 +51,7 @@ def test_a_waiting_run_is_woken_once_its_tool_is_available_and_the_state_takes_t
     # The decision of the state the run has after its wait: version v+1, the wait as its last decision.
     assert record.based_on_version == snap.version + 1 and record.causation_id == wait.event_id
     producer.sent.clear()
-    assert handler.wake() == 0 and handler.waiting == {}  # once: nothing decided twice
+    assert handler.wake() == 0 and handler.waiting == set()  # once: nothing decided twice
     assert producer.sent == []
 
     # The state processor folds the wait into exactly that version, then takes the dispatch.
@@ -63,6 +68,9 @@ def test_a_waiting_run_is_woken_once_its_tool_is_available_and_the_state_takes_t
             "SELECT based_on_version, action FROM decisions WHERE run_id = 'run-wake' ORDER BY 1"
         ).fetchall()
     assert rows == [(snap.version, "wait"), (snap.version + 1, "dispatch")]
+    # ...and the dispatch's own statement deleted the wait's row: the run waits no more.
+    with db.connect(settings) as conn:
+        assert conn.execute("SELECT count(*) FROM decision_waits").fetchone() == (0,)
 
     # The folded snapshot v+1 delivered later (a rebalance) replays the recorded dispatch.
     producer.sent.clear()
