@@ -245,3 +245,25 @@ def test_show_of_a_rules_run_has_no_cost_lines(
     assert "steps done=1/4" in out and "ToolResult           enrich" in out
     assert "total:" not in out and "tokens" not in out
     assert len(out.splitlines()) == 4  # header and three events: no context for a rules decision
+
+
+def test_context_of_any_shape_prints() -> None:
+    from streamagent.console.timeline import context_lines
+
+    lines = context_lines(
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "part one"}, {"type": "text", "text": "two"}]},
+                {"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "enrich"}}]},
+                {"role": "tool", "name": "enrich", "content": "line 1\nline 2"},
+            ],
+            "fallback": "rules: the model timed out twice",
+        }
+    )
+    text = "\n".join(lines)
+    assert "user: part one\n" in text and "two" in text
+    assert 'assistant: tool_calls: [{"function": {"name": "enrich"}}]' in text
+    assert "tool (enrich): line 1\n" in text and lines[4] == " " * 18 + "line 2"  # continued, indented
+    assert lines[-1].strip() == "fallback: rules: the model timed out twice"
+    # A context this version cannot lay out is printed as it is rather than failing `show`.
+    assert "context:" in context_lines({"messages": "by-hash:ab12"})[0]
