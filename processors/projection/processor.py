@@ -83,6 +83,21 @@ def summarize(event: Event) -> tuple[str | None, str]:
     return None, event.type
 
 
+# The decider name of the rules list; any other decider is a model (its decisions are counted as such).
+RULES_DECIDER = "rules"
+
+
+def _costs(event: DecisionRecorded) -> bool:
+    """Whether the decision changes a run's tokens, cost or model-decision count."""
+    return bool(
+        event.decider != RULES_DECIDER
+        or event.prompt_tokens
+        or event.completion_tokens
+        or event.cost_usd
+        or event.context.get("tokens_estimated") is True
+    )
+
+
 class ProjectionHandler:
     """Projects a batch in one transaction, sent as one pipeline (one round trip in the steady state).
 
@@ -170,6 +185,23 @@ class ProjectionHandler:
                 " WHERE run_events.run_id=runs.run_id AND type='ToolResult' AND payload->>'status'='succeeded'"
                 " AND payload->>'operation'='execute') WHERE run_id = ANY(%s)",
                 (counted,),
+            )
+        # Tokens and cost are recomputed from the run's recorded decisions rather than added up, so a
+        # batch delivered twice (or a replay over an existing database) cannot count a decision twice.
+        # Only runs with a decision that adds something are touched: a rules decision costs nothing,
+        # and the rules-only hot path keeps its statement count.
+        costed = sorted({e.run_id for e in events if isinstance(e, DecisionRecorded) and _costs(e)})
+        if costed:
+            cur.execute(
+                "UPDATE runs SET (prompt_tokens, completion_tokens, cost_usd, model_decisions, estimated_decisions) ="
+                " (SELECT coalesce(sum((payload->>'prompt_tokens')::bigint), 0),"
+                " coalesce(sum((payload->>'completion_tokens')::bigint), 0),"
+                " coalesce(sum((payload->>'cost_usd')::numeric), 0),"
+                " count(*) FILTER (WHERE payload->>'decider' <> %s),"
+                " count(*) FILTER (WHERE payload->'context'->'tokens_estimated' = 'true'::jsonb)"
+                " FROM run_events WHERE run_events.run_id = runs.run_id AND type = 'DecisionRecorded')"
+                " WHERE run_id = ANY(%s)",
+                (RULES_DECIDER, costed),
             )
         # A running run shows what it waits for (e.g. "waiting for tool crm") until a step is dispatched.
         last: dict[str, DecisionRecorded] = {}  # per run, its latest wait or dispatch in this batch

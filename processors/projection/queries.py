@@ -21,6 +21,17 @@ class RunRow(BaseModel):
     reason: str | None
     created_at: datetime | None
     ended_at: datetime | None
+    # Summed over the run's decisions (zero for a run decided by the rules alone).
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    model_decisions: int = 0
+    # Decisions whose tokens were counted locally (the endpoint reported no usage): the totals are estimates.
+    estimated_decisions: int = 0
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
 
     @property
     def duration_s(self) -> float | None:

@@ -43,5 +43,15 @@ SCHEMA = Schema(
         "CREATE INDEX IF NOT EXISTS run_events_by_run ON run_events (run_id, occurred_at)",
         # Which workflow a run follows, so `runs` can show its steps out of the workflow's total.
         "ALTER TABLE runs ADD COLUMN IF NOT EXISTS workflow text",
+        # What the run's decisions cost, summed over its DecisionRecorded events (recomputed from
+        # run_events, so a redelivered batch cannot count a decision twice). numeric: the sum of many
+        # small prices stays exact instead of drifting as binary floats do.
+        "ALTER TABLE runs ADD COLUMN IF NOT EXISTS prompt_tokens bigint NOT NULL DEFAULT 0",
+        "ALTER TABLE runs ADD COLUMN IF NOT EXISTS completion_tokens bigint NOT NULL DEFAULT 0",
+        "ALTER TABLE runs ADD COLUMN IF NOT EXISTS cost_usd numeric NOT NULL DEFAULT 0",
+        # Decisions a model took (decider other than the rules), and those whose tokens were counted
+        # locally because the endpoint reported no usage: the totals are then an estimate, and say so.
+        "ALTER TABLE runs ADD COLUMN IF NOT EXISTS model_decisions int NOT NULL DEFAULT 0",
+        "ALTER TABLE runs ADD COLUMN IF NOT EXISTS estimated_decisions int NOT NULL DEFAULT 0",
     ),
 )

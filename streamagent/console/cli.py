@@ -303,13 +303,10 @@ def cmd_show(args: argparse.Namespace) -> int:
             )
         )
         return 0
-    print(f"run {row.run_id}  {row.company_name or '?'}  status={row.status}  steps done={row.steps_done}/4")
-    if row.reason:
-        print(f"reason: {row.reason}")
-    start = entries[0].occurred_at if entries else None
-    for e in entries:
-        offset = (e.occurred_at - start).total_seconds() * 1000 if start else 0
-        print(f"  +{offset:8.0f} ms  {e.type:<20} {e.step or '':<7} {e.summary}")
+    from streamagent.console.tables import steps_per_workflow
+    from streamagent.console.timeline import print_timeline
+
+    print_timeline(row, entries, steps_per_workflow(settings), context=args.context or args.full, full=args.full)
     return 0
 
 
@@ -493,6 +490,12 @@ def build_parser() -> argparse.ArgumentParser:
     show = add("show", cmd_show, "Print one run's timeline: request, decisions, commands, results")
     show.add_argument("run_id", type=non_empty)
     show.add_argument("--json", action="store_true", help="machine-readable output")
+    show.add_argument(
+        "--context",
+        action="store_true",
+        help="under each model decision, the messages the model saw and what it answered (trimmed)",
+    )
+    show.add_argument("--full", action="store_true", help="with --context: print messages and answers untrimmed")
 
     runs = add("runs", cmd_runs, "List runs with their status")
     runs.add_argument("--status", choices=["running", "completed", "failed", "escalated"])

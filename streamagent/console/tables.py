@@ -17,16 +17,58 @@ def steps_per_workflow(settings: Settings) -> dict[str, int]:
         return {}
 
 
+def format_tokens(count: int, *, estimated: bool = False) -> str:
+    """``842``, ``12.3k``, ``4.1M``; ``~`` in front when the count is (partly) a local estimate."""
+    if count < 10_000:
+        text = str(count)
+    elif count < 1_000_000:
+        text = f"{count / 1000:.1f}k"
+    else:
+        text = f"{count / 1_000_000:.1f}M"
+    return f"~{text}" if estimated else text
+
+
+def format_cost(cost_usd: float) -> str:
+    """Dollars with the digits that matter: a model decision often costs a fraction of a cent."""
+    if cost_usd == 0:
+        return "$0"
+    if cost_usd < 0.0001:  # a tiny model's decision: not rounded to a misleading $0.0000
+        return "<$0.0001"
+    if cost_usd < 1:
+        return f"${cost_usd:.4f}"
+    return f"${cost_usd:.2f}"
+
+
+def has_costs(row: RunRow) -> bool:
+    return bool(row.tokens or row.cost_usd or row.model_decisions)
+
+
 def print_runs_table(rows: Sequence[RunRow], steps_of: Mapping[str, int]) -> None:
-    """One line per run; ``steps`` is done/total of the run's workflow (``?`` for a workflow unknown here)."""
-    print(f"{'run id':<36}  {'company':<24} {'workflow':<20} {'status':<10} {'steps':>5} {'duration':>9}")
+    """One line per run; ``steps`` is done/total of the run's workflow (``?`` for a workflow unknown here).
+
+    Tokens and cost columns appear only when some run was decided by a model; the company and workflow
+    columns then narrow so that a line still fits in 120 columns."""
+    costs = any(has_costs(r) for r in rows)
+    company_w, workflow_w = (16, 16) if costs else (24, 20)
+    header = (
+        f"{'run id':<36}  {'company':<{company_w}} {'workflow':<{workflow_w}} {'status':<10} {'steps':>5}"
+        f" {'duration':>9}"
+    )
+    print(header + (f" {'tokens':>7} {'cost':>8}" if costs else ""))
     for r in rows:
         duration = f"{r.duration_s:.2f}s" if r.duration_s is not None else "-"
         total = steps_of.get(r.workflow or "", "?")
         steps = f"{r.steps_done}/{total}"
-        print(
-            f"{r.run_id:<36}  {(r.company_name or '?')[:24]:<24} {(r.workflow or '?')[:20]:<20} {r.status:<10}"
-            f" {steps:>5} {duration:>9}"
+        line = (
+            f"{r.run_id:<36}  {(r.company_name or '?')[:company_w]:<{company_w}}"
+            f" {(r.workflow or '?')[:workflow_w]:<{workflow_w}} {r.status:<10} {steps:>5} {duration:>9}"
         )
+        if costs:
+            if has_costs(r):
+                tokens = format_tokens(r.tokens, estimated=r.estimated_decisions > 0)
+                line += f" {tokens:>7} {format_cost(r.cost_usd):>8}"
+            else:
+                line += f" {'-':>7} {'-':>8}"
+        print(line)
         if r.status == "running" and r.reason:
             print(f"{'':<38}{r.reason}")  # what the run waits for, e.g. "waiting for tool crm"
