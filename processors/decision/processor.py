@@ -28,13 +28,14 @@ from typing import Any
 
 from confluent_kafka import Producer
 from streamagent.processors.decision.arguments import ArgumentCheck, catalogue_check, no_check
+from streamagent.processors.decision.choice import ChosenDecider, EntryOf
 from streamagent.processors.decision.decider import Decider, Decision
 from streamagent.processors.decision.schema import SCHEMA
 from streamagent.processors.workflow import ToolAvailability, every_tool_available, load_workflows
 
 from streamagent import codec, db
 from streamagent.catalogue import Catalogue
-from streamagent.config import Settings
+from streamagent.config import Settings, SettingsError, env_name
 from streamagent.dlq import DeadLetterSink
 from streamagent.errors import DependencyUnavailable, Rejected
 from streamagent.events import (
@@ -280,7 +281,7 @@ class DecisionHandler:
             command_id=getattr(event, "command_id", None),
             arguments=decision.arguments,
             reason=decision.reason,
-            decider=self.decider.name,
+            decider=decision.decider or self.decider.name,
             context=decision.context,
             prompt_tokens=decision.prompt_tokens,
             completion_tokens=decision.completion_tokens,
@@ -519,14 +520,31 @@ def _landed(landed: dict[int, tuple[int, int]], index: int) -> Callable[[Any, An
 
 
 def make_decider(
-    settings: Settings, available: ToolAvailability = every_tool_available, check: ArgumentCheck = no_check
+    settings: Settings,
+    available: ToolAvailability = every_tool_available,
+    check: ArgumentCheck = no_check,
+    entry_of: EntryOf | None = None,
 ) -> Decider:
-    """The configured decider; its workflows are read here, so a malformed file stops the processor at start."""
-    if settings.decider == "rules":
-        from streamagent.processors.decision.rules import RulesDecider
+    """The configured decider; its workflows are read here, so a malformed file stops the processor at start.
 
-        return RulesDecider(load_workflows(settings.workflows_dir), available, check)
-    raise ValueError(f"unknown decider {settings.decider!r} (known: rules)")
+    The model decides the runs of workflows that say ``decider = "llm"``, and of those that say nothing
+    when ``STREAMAGENT_DECIDER=llm``; without an endpoint to ask, the start is refused in one line."""
+    from streamagent.processors.decision.rules import RulesDecider
+
+    workflows = load_workflows(settings.workflows_dir)
+    rules = RulesDecider(workflows, available, check)
+    by_model = sorted(w.name for w in workflows.values() if (w.decider or settings.decider) == "llm")
+    if not by_model:
+        return rules
+    if not settings.openai_base_url:
+        raise SettingsError(
+            f"the llm decider (for workflow(s) {', '.join(by_model)}) needs {env_name('openai_base_url')}:"
+            " the OpenAI-compatible endpoint to ask, e.g. https://api.openai.com/v1"
+        )
+    from streamagent.processors.decision.llm.decider import LlmDecider
+
+    llm = LlmDecider(settings, workflows, available, check, entry_of or (lambda _name: None))
+    return ChosenDecider(settings.decider, workflows, rules, llm)
 
 
 def build(settings: Settings) -> ConsumerRuntime:
@@ -550,7 +568,7 @@ def build(settings: Settings) -> ConsumerRuntime:
     def available(name: str) -> bool:
         return catalogue.available(name) is not None
 
-    decider = make_decider(settings, available, catalogue_check(catalogue.available))
+    decider = make_decider(settings, available, catalogue_check(catalogue.available), catalogue.available)
     handler = DecisionHandler(settings, decider, runtime.producer, available=available, keys=keys)
     runtime.handler = handler
     runtime.tick = handler.wake
