@@ -218,6 +218,16 @@ class Settings(BaseModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _llm_has_an_endpoint(self) -> Settings:
+        # Refused here, so `up` stops before starting a decision processor that could only crash-loop.
+        if self.decider == "llm" and not self.openai_base_url.strip():
+            raise ValueError(
+                f"{env_name('decider')}=llm needs {env_name('openai_base_url')}: the OpenAI-compatible endpoint"
+                " to ask, e.g. https://api.openai.com/v1"
+            )
+        return self
+
     @property
     def command_keys_path(self) -> Path:
         """Where the command signing keys are read from when they are not given inline."""

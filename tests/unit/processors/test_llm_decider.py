@@ -185,8 +185,17 @@ def test_wait_complete_and_what_needs_no_model(model: FakeModel) -> None:
 
 
 def test_the_llm_decider_without_an_endpoint_refuses_to_start() -> None:
-    with pytest.raises(SettingsError, match="needs OPENAI_BASE_URL"):
-        make_decider(Settings(decider="llm"))
+    with pytest.raises(SettingsError, match=r"^STREAMAGENT_DECIDER=llm needs OPENAI_BASE_URL"):
+        settings_from({"STREAMAGENT_DECIDER": "llm"})
+
+
+def test_a_slow_model_times_out_into_the_fallback(model: FakeModel) -> None:
+    model.script(Answer.slow(2.0))
+    settings = llm_settings(model.url, model_timeout_s=0.5, model_max_retries=0)
+    decision = decider(settings).decide(Run().snap)
+    assert decision is not None and decision.step == "enrich"
+    assert decision.reason.startswith("fallback to rules (model unavailable: no answer within 0.5")
+    assert model.calls == 1
 
 
 def test_openai_settings_come_from_their_usual_names(tmp_path: Path) -> None:
