@@ -109,6 +109,8 @@ class Settings(BaseModel):
     model_timeout_s: float = Field(30.0, gt=0, description="HTTP timeout of one model call")
     model_max_retries: int = Field(3, ge=0, description="Retries of a model call on 429/5xx/timeout/connection error")
     model_answer_style: AnswerStyle = Field("tools", description="tools (tool calling) | json_schema")
+    # A decision waits seconds for a model: the runs of one batch are decided at once, up to this many.
+    model_concurrency: int = Field(8, ge=1, description="Model calls one decision processor makes at once")
     model_context_tokens: int = Field(6000, ge=500, description="Token budget of the prepared context")
     model_prices: str = Field(
         "", description='Price table, JSON {"model": {"prompt": usd_per_1k, "completion": usd_per_1k}}'

@@ -16,8 +16,15 @@ EntryOf = Callable[[str], ToolEntry | None]
 
 
 class ChosenDecider:
-    def __init__(self, default: str, workflows: Workflows, rules: Decider, llm: Decider) -> None:
+    def __init__(
+        self, default: str, workflows: Workflows, rules: Decider, llm: Decider, *, concurrency: int = 1
+    ) -> None:
         self.name = default  # the label of the processor's metrics
+        # How many runs the handler may decide at once (model calls in flight); the deciders are stateless.
+        self.concurrency = concurrency
+        # A decision may cost a model call: the handler looks for a recorded one even for a run's first
+        # snapshot before asking (after a restart, a redelivered first snapshot costs no call).
+        self.costly = True
         self.workflows = workflows
         self.by_name = {rules.name: rules, llm.name: llm}
         # The handler wakes waiting runs with the deciders' view of the catalogue.

@@ -19,9 +19,11 @@ longer shows the wait at v and the run is not woken.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
@@ -182,6 +184,10 @@ class DecisionHandler:
         self.available: ToolAvailability = available or getattr(decider, "available", every_tool_available)
         self.waiting: dict[str, dict[str, StateSnapshot]] = {}
         self._wake_not_before = 0.0
+        # Runs decided at once per batch: 1 for the rules (microseconds each), more for a model.
+        self.concurrency = max(1, int(getattr(decider, "concurrency", 1)))
+        self.recall_first = bool(getattr(decider, "costly", False))
+        self._lock = threading.Lock()
 
     @property
     def conn(self) -> Any:
@@ -216,16 +222,41 @@ class DecisionHandler:
         emissions: list[Emission] = []
         new: list[tuple[StateSnapshot, Emission]] = []
         resends: list[tuple[StateSnapshot, Emission]] = []
+        by_run: dict[str, list[tuple[Incoming, StateSnapshot]]] = {}  # each run's snapshots, in order
         for item, snap in snaps:
-            try:
-                self._one(snap, emissions, new, resends)
-            except Rejected as exc:
-                batch.reject(item, exc.reason, exc.detail)
+            by_run.setdefault(snap.run_id, []).append((item, snap))
+        runs = list(by_run.values())
+        workers = min(self.concurrency, len(runs))
+        if workers <= 1:
+            self._run(snaps, batch, emissions, new, resends)  # in the batch's order
+        else:
+            # A model takes seconds per decision: the batch's runs are decided at once, each run's
+            # snapshots in order on one thread. Emissions of different runs interleave; that is fine,
+            # as each run's events stay in order on its own partition.
+            with ThreadPoolExecutor(workers, thread_name_prefix="decide") as pool:
+                for done in [pool.submit(self._run, run, batch, emissions, new, resends) for run in runs]:
+                    done.result()  # a failure (PostgreSQL down) fails the batch, as it does sequentially
         emissions += self._store(new)
         self._undo = {}  # stored: memory and table agree from here on
         self._emit(emissions, resends)
 
     # -- per snapshot ----------------------------------------------------------------------------
+    def _run(
+        self,
+        run: list[tuple[Incoming, StateSnapshot]],
+        batch: Batch,
+        emissions: list[Emission],
+        new: list[tuple[StateSnapshot, Emission]],
+        resends: list[tuple[StateSnapshot, Emission]],
+    ) -> None:
+        """Snapshots of a batch, in order (one run's, or the whole batch's when deciding sequentially)."""
+        for item, snap in run:
+            try:
+                self._one(snap, emissions, new, resends)
+            except Rejected as exc:
+                with self._lock:
+                    batch.reject(item, exc.reason, exc.detail)
+
     def _one(
         self,
         snap: StateSnapshot,
@@ -233,6 +264,20 @@ class DecisionHandler:
         new: list[tuple[StateSnapshot, Emission]],
         resends: list[tuple[StateSnapshot, Emission]],
     ) -> None:
+        # The decider is asked outside the lock: a model call takes seconds, and runs of one batch
+        # may be decided in parallel (see _decide_all); everything the handler shares is under it.
+        with self._lock:
+            memory = self._admit(snap, emissions, resends)
+        if memory is None:
+            return
+        decision = self.decider.decide(snap)
+        with self._lock:
+            self._record(snap, memory, decision, new)
+
+    def _admit(
+        self, snap: StateSnapshot, emissions: list[Emission], resends: list[tuple[StateSnapshot, Emission]]
+    ) -> RunMemory | None:
+        """The run's memory when ``snap`` needs a decision; None when it is answered (or ignored) without one."""
         memory = self.memory.get(snap.run_id)
         if memory is None:
             if snap.version > 1:
@@ -243,12 +288,12 @@ class DecisionHandler:
             memory = self._remember(snap.run_id, RunMemory(version=0))
         if snap.redrive_command_id is not None:
             self._resend(snap, memory, resends)
-            return
+            return None
         if snap.version == memory.version and memory.emission is not None:
             DECISIONS.labels(self.decider.name, "replayed").inc()
             emissions.append(memory.emission)
             self._note_wait(snap, memory.emission.record)
-            return
+            return None
         if snap.version < memory.version:
             recorded = self._recorded(snap)
             if recorded is not None:
@@ -257,13 +302,21 @@ class DecisionHandler:
             else:
                 DECISIONS.labels(self.decider.name, "superseded").inc()
                 log.info("snapshot superseded", extra={"run_id": snap.run_id, "version": snap.version})
-            return
+            return None
         if memory.decision_id is not None and memory.decision_id != snap.last_decision_id:
             # One decision in flight per run: the state has not taken the last one in yet, so this
             # snapshot cannot show its effect, and deciding now would decide the same thing again.
             DECISIONS.labels(self.decider.name, "waiting").inc()
-            return
-        decision = self.decider.decide(snap)
+            return None
+        return memory
+
+    def _record(
+        self,
+        snap: StateSnapshot,
+        memory: RunMemory,
+        decision: Decision | None,
+        new: list[tuple[StateSnapshot, Emission]],
+    ) -> None:
         if decision is None:
             DECISIONS.labels(self.decider.name, "waiting").inc()
             return
@@ -390,7 +443,11 @@ class DecisionHandler:
 
     def _recall(self, snaps: list[StateSnapshot]) -> None:
         """Load the latest recorded decision of runs this process does not remember (after a restart)."""
-        unknown = sorted({s.run_id for s in snaps if s.run_id not in self.memory and s.version > 1})
+        # A run's first snapshot usually has no decision yet, and deciding it again by the rules costs
+        # nothing (the stored decision wins); a costly decider (a model call) looks for one first.
+        unknown = sorted(
+            {s.run_id for s in snaps if s.run_id not in self.memory and (s.version > 1 or self.recall_first)}
+        )
         for run_id in {s.run_id for s in snaps if s.run_id in self.memory}:
             self.memory.move_to_end(run_id)
         if not unknown:
@@ -544,7 +601,7 @@ def make_decider(
     from streamagent.processors.decision.llm.decider import LlmDecider
 
     llm = LlmDecider(settings, workflows, available, check, entry_of or (lambda _name: None))
-    return ChosenDecider(settings.decider, workflows, rules, llm)
+    return ChosenDecider(settings.decider, workflows, rules, llm, concurrency=settings.model_concurrency)
 
 
 def build(settings: Settings) -> ConsumerRuntime:

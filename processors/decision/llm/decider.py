@@ -80,7 +80,12 @@ class LlmDecider:
             return self.rules.decide(snapshot)  # the workflow's own policy: no judgement to make
         if any(s.status is StepStatus.dispatched for s in snapshot.steps):
             return None  # its result is on the way
-        return self._ask(snapshot, workflow)
+        try:
+            return self._ask(snapshot, workflow)
+        except Exception as exc:  # a bug here must not stop every run's decisions: the fallback decides
+            log.exception("the llm decider failed", extra={"run_id": snapshot.run_id})
+            audit = _Audit(self.client.model, self.client.style, {})
+            return self._fallback(snapshot, workflow, f"decider error: {exc!r}", audit, [])
 
     def offered(self, workflow: Workflow) -> list[OfferedTool]:
         """The workflow's tools the live catalogue shows available, with their announced schemas."""

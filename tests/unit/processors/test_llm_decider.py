@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -12,12 +13,16 @@ import pytest
 from llm_runs import DOMAIN, Run, entries
 from streamagent.processors.decision.arguments import catalogue_check
 from streamagent.processors.decision.llm.decider import LlmDecider
-from streamagent.processors.decision.processor import make_decider
+from streamagent.processors.decision.processor import DecisionHandler, make_decider
+from streamagent.processors.decision.schema import SCHEMA as DECISION_SCHEMA
 from streamagent.processors.workflow import ONBOARDING, WorkflowError, load_workflow
 from streamagent.tools.sandbox.model import Answer, FakeModel
+from test_decision_handler import LandingProducer, _batch
 
+from streamagent import codec, db
 from streamagent.config import Settings, SettingsError, settings_from, to_env
-from streamagent.events import DecisionAction
+from streamagent.events import DecisionAction, ToolCommand
+from streamagent.topics import RUN_EVENTS
 
 PRICES = {"test-model": {"prompt": 0.5, "completion": 1.5}}
 ENTRIES = entries()
@@ -224,3 +229,32 @@ def test_a_workflow_names_its_decider_and_fallback(tmp_path: Path) -> None:
     # A workflow that asks for the model needs an endpoint even when the setting says rules.
     with pytest.raises(SettingsError, match="onboarding"):
         make_decider(Settings(workflows_dir=tmp_path))
+
+
+def test_a_batch_decides_its_runs_at_once_and_redelivered_costs_no_call(settings: Settings, model: FakeModel) -> None:
+    db.migrate(settings, DECISION_SCHEMA)
+    llm = settings.model_copy(
+        update={"decider": "llm", "openai_base_url": model.url, "model": "test-model", "model_concurrency": 4}
+    )
+
+    def handler() -> DecisionHandler:
+        chosen = make_decider(llm, check=catalogue_check(ENTRIES.get), entry_of=ENTRIES.get)
+        return DecisionHandler(llm, chosen, LandingProducer())  # type: ignore[arg-type]
+
+    model.script(*[Answer.slow(0.5) for _ in range(8)])
+    snapshots = [Run(run_id=f"run-{i}").snap for i in range(8)]
+    first = handler()
+    started = time.monotonic()
+    first(_batch(snapshots))
+    elapsed = time.monotonic() - started
+    assert model.calls == 8
+    assert elapsed < 8 * 0.5 * 0.75, f"8 slow answers took {elapsed:.1f}s: not decided at once"
+    sent = first.producer.sent  # type: ignore[attr-defined]
+    commands = [codec.decode(v) for t, v in sent if t != settings.topic(RUN_EVENTS)]
+    assert sorted(c.run_id for c in commands) == sorted(s.run_id for s in snapshots)
+    assert all(isinstance(c, ToolCommand) and c.step == "enrich" for c in commands)
+    records = [codec.decode(v) for t, v in sent if t == settings.topic(RUN_EVENTS)]
+    assert {r.decider for r in records} == {"llm"}
+    first(_batch(snapshots))  # redelivered: answered from memory
+    handler()(_batch(snapshots))  # after a restart: answered from the table
+    assert model.calls == 8
