@@ -74,7 +74,8 @@ class ModelClient:
         self.decider = decider
         self.sleep = sleep
         self.openai = openai.OpenAI(
-            base_url=settings.openai_base_url or None,
+            # Always given: the openai client would otherwise read OPENAI_BASE_URL itself, past the settings.
+            base_url=settings.openai_base_url,
             api_key=api_key(settings),
             timeout=settings.model_timeout_s,
             max_retries=0,
