@@ -265,7 +265,7 @@ class DecisionHandler:
         resends: list[tuple[StateSnapshot, Emission]],
     ) -> None:
         # The decider is asked outside the lock: a model call takes seconds, and runs of one batch
-        # may be decided in parallel (see _decide_all); everything the handler shares is under it.
+        # may be decided in parallel (see _decide); everything the handler shares is under it.
         with self._lock:
             memory = self._admit(snap, emissions, resends)
         if memory is None:

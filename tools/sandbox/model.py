@@ -230,3 +230,28 @@ def _handler(model: FakeModel) -> type[BaseHTTPRequestHandler]:
                 pass  # the client gave up (its timeout): nothing to answer
 
     return Handler
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve the fake model on its own, for a demo without a real model:
+    ``python -m streamagent.tools.sandbox.model --port 8799`` then
+    ``OPENAI_BASE_URL=http://127.0.0.1:8799/v1 STREAMAGENT_DECIDER=llm streamagent demo``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m streamagent.tools.sandbox.model", description=main.__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8799)
+    args = parser.parse_args(argv)
+    model = FakeModel(args.host, args.port)
+    print(f"fake model answering the next workflow step at {model.url}", flush=True)
+    try:
+        model._server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        model._server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
