@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from llm_runs import DOMAIN, Run, entries
+from prometheus_client import REGISTRY
 from streamagent.processors.decision.arguments import catalogue_check
 from streamagent.processors.decision.llm.decider import LlmDecider
 from streamagent.processors.decision.processor import DecisionHandler, make_decider
@@ -139,13 +140,31 @@ def test_the_model_down_falls_back_with_the_reason_and_no_exception() -> None:
     assert "model unavailable" in escalating.reason and escalating.context["fallback"] == "escalate"
 
 
+def _calls(outcome: str) -> float:
+    return REGISTRY.get_sample_value("streamagent_model_calls_total", {"decider": "llm", "outcome": outcome}) or 0.0
+
+
 def test_429_with_retry_after_is_honoured(model: FakeModel) -> None:
+    errors, answered = _calls("error"), _calls("answered")
     model.script(Answer.error(429, retry_after=1), Answer.error(503))
     decision = decider(llm_settings(model.url)).decide(Run().snap)
     assert decision is not None and decision.step == "enrich" and decision.context["fallback"] is None
     assert model.calls == 3
     first, second, _ = model.requests
     assert second.at - first.at >= 1.0
+    assert decision.context["http_attempts"] == 3
+    assert (_calls("error") - errors, _calls("answered") - answered) == (2, 1)  # every HTTP request counted
+
+
+def test_a_workflow_pinned_to_the_rules_is_not_asked(model: FakeModel, tmp_path: Path) -> None:
+    source = Path(ONBOARDING.source)
+    (tmp_path / "onboarding.toml").write_text('decider = "rules"\n' + source.read_text())
+    crm = "onboarding-with-crm.toml"  # follows the setting: llm
+    (tmp_path / crm).write_text((source.parent / crm).read_text())
+    chosen = make_decider(llm_settings(model.url, workflows_dir=tmp_path))
+    decision = chosen.decide(Run().snap)
+    assert decision is not None and decision.decider == "rules" and decision.step == "enrich"
+    assert model.calls == 0
 
 
 def test_json_schema_style(model: FakeModel) -> None:
