@@ -6,6 +6,7 @@ next one, read from the context the decider prepared, and counts the calls.
 
 from __future__ import annotations
 
+import socket
 from collections import Counter
 
 import psycopg
@@ -72,3 +73,23 @@ def test_runs_decided_by_the_model_with_one_call_per_decision(settings: Settings
             more = produce_requests(s, sample_requests(1))
             eventually(lambda: ended(s, more), timeout=120, what="the run after the restart ended")
             assert model.calls == len(by_model(decisions(s)))
+
+
+def test_the_model_down_for_the_whole_run_falls_back_to_the_rules(settings: Settings) -> None:
+    with socket.socket() as s:  # a port nobody listens on: every call is refused at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    down = settings.model_copy(
+        update={"decider": "llm", "openai_base_url": f"http://127.0.0.1:{port}/v1", "model_max_retries": 1}
+    )
+    with Stack(down) as stack:
+        s = stack.settings
+        run_ids = produce_requests(s, sample_requests(2))
+        rows = eventually(lambda: ended(s, run_ids), timeout=120, what="2 runs decided by the fallback ended")
+        assert Counter(r.status for r in rows) == {"completed": 2}
+        records = decisions(s)
+        assert records and {d.decider for d in records} == {"llm"}
+        for d in records:
+            assert d.context["fallback"] == "rules", d.reason
+            assert d.reason.startswith("fallback to rules (model unavailable: cannot connect")
+            assert d.context["answers"] == [] and d.prompt_tokens == 0
