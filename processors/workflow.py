@@ -151,6 +151,10 @@ class Workflow:
     # A run that fails on a step keeps what it created and reports it (graceful degradation).
     compensate_abandoned: bool = True
     source: str = ""
+    # Who decides this workflow's runs: None follows the setting (STREAMAGENT_DECIDER).
+    decider: Literal["rules", "llm"] | None = None
+    # What decides when the model's answer is refused twice or the model is down.
+    fallback: Literal["rules", "escalate"] = "rules"
 
     def step(self, name: str) -> Step:
         for step in self.steps:
@@ -227,7 +231,10 @@ class _Loader:
 
     def workflow(self, data: dict[str, Any]) -> Workflow:
         self.keys(
-            data, "", {"name", "goal", "tools", "steps", "compensate_abandoned"}, {"name", "goal", "tools", "steps"}
+            data,
+            "",
+            {"name", "goal", "tools", "steps", "compensate_abandoned", "decider", "fallback"},
+            {"name", "goal", "tools", "steps"},
         )
         name = self.name(data["name"], "name")
         if name != self.path.stem:
@@ -242,6 +249,12 @@ class _Loader:
         compensate = data.get("compensate_abandoned", True)
         if not isinstance(compensate, bool):
             raise self.fail("compensate_abandoned", "must be true or false")
+        decider = data.get("decider")
+        if decider is not None and decider not in ("rules", "llm"):
+            raise self.fail("decider", f"must be 'rules' or 'llm', not {decider!r}")
+        fallback = data.get("fallback", "rules")
+        if fallback not in ("rules", "escalate"):
+            raise self.fail("fallback", f"must be 'rules' or 'escalate', not {fallback!r}")
         raw_steps = data["steps"]
         if not isinstance(raw_steps, list) or not raw_steps or not all(isinstance(s, dict) for s in raw_steps):
             raise self.fail("steps", "must be a non-empty array of tables ([[steps]])")
@@ -255,6 +268,8 @@ class _Loader:
             tools=tuple(tools),
             compensate_abandoned=compensate,
             source=str(self.path),
+            decider=decider,
+            fallback=fallback,
         )
 
     def step(self, raw: dict[str, Any], index: int, earlier: list[Step], tools: set[str]) -> Step:

@@ -21,8 +21,19 @@ DEFAULT_WORKFLOWS_DIR = Path(__file__).resolve().parent.parent / "workflows"
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 LogFormat = Literal["json", "text"]
 # Only the deciders the decision processor can build: a value it would refuse at start must be
-# refused here, before any process starts (add "openai" when processors/decision grows it).
-Decider = Literal["rules"]
+# refused here, before any process starts.
+Decider = Literal["rules", "llm"]
+# How the model answers: OpenAI tool calling, or a JSON object constrained by response_format
+# json_schema (small local models answer the second reliably, the first often in prose).
+AnswerStyle = Literal["tools", "json_schema"]
+# Settings read under the name every OpenAI-compatible client and tutorial uses, not our prefix:
+# an operator who already exports them for other tools need not repeat them.
+ENV_NAMES = {"openai_base_url": "OPENAI_BASE_URL", "openai_api_key": "OPENAI_API_KEY"}
+
+
+def env_name(field: str) -> str:
+    """The environment variable a settings field is read from."""
+    return ENV_NAMES.get(field, ENV_PREFIX + field.upper())
 
 
 class SettingsError(ValueError):
@@ -30,7 +41,8 @@ class SettingsError(ValueError):
 
 
 class Settings(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    # protected_namespaces=(): the model_* settings name the language model, not pydantic's model_ API.
+    model_config = ConfigDict(frozen=True, protected_namespaces=())
 
     bootstrap_servers: str = Field("", description="Kafka bootstrap servers; empty: embedded broker")
     database_url: str = Field("", description="PostgreSQL URL; empty starts embedded PostgreSQL")
@@ -88,7 +100,21 @@ class Settings(BaseModel):
     command_keys: SecretStr = Field(
         SecretStr(""), description="Command signing keys inline (lines or `;`-separated); replaces the file"
     )
-    decider: Decider = Field("rules", description="Which decider the decision processor uses: rules")
+    decider: Decider = Field("rules", description="Which decider the decision processor uses: rules | llm")
+    # The model (processors/decision/llm): any OpenAI-compatible chat-completions endpoint.
+    openai_base_url: str = Field("", description="OpenAI-compatible endpoint, e.g. https://api.openai.com/v1")
+    openai_api_key: SecretStr = Field(SecretStr(""), description="API key of the endpoint (never logged)")
+    openai_api_key_file: Path | None = Field(None, description="File holding the API key; replaces OPENAI_API_KEY")
+    model: str = Field("gpt-4o-mini", description="Model name sent with every chat completion")
+    model_timeout_s: float = Field(30.0, gt=0, description="HTTP timeout of one model call")
+    model_max_retries: int = Field(3, ge=0, description="Retries of a model call on 429/5xx/timeout/connection error")
+    model_answer_style: AnswerStyle = Field("tools", description="tools (tool calling) | json_schema")
+    # A decision waits seconds for a model: the runs of one batch are decided at once, up to this many.
+    model_concurrency: int = Field(8, ge=1, description="Model calls one decision processor makes at once")
+    model_context_tokens: int = Field(6000, ge=500, description="Token budget of the prepared context")
+    model_prices: str = Field(
+        "", description='Price table, JSON {"model": {"prompt": usd_per_1k, "completion": usd_per_1k}}'
+    )
     # Which tools `up` and `demo` start: a comma-separated list of tool names, "all" for every tool the
     # tools package provides; empty: the tools the default workflow uses. Others deploy on their own
     # (`streamagent tool NAME`) into a running stack.
@@ -129,13 +155,21 @@ class Settings(BaseModel):
     def _level_any_case(cls, value: object) -> object:
         return value.strip().upper() if isinstance(value, str) else value
 
-    @field_validator("command_keys_file", mode="before")
+    @field_validator("model_prices")
+    @classmethod
+    def _prices_parse(cls, value: str) -> str:
+        from streamagent.pricing import parse_prices
+
+        parse_prices(value)  # refused at start, naming the variable, rather than at the first decision
+        return value
+
+    @field_validator("command_keys_file", "openai_api_key_file", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         # An environment variable cannot hold None: empty means "not set" (``to_env`` writes it so).
         return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator("log_format", "decider", mode="before")
+    @field_validator("log_format", "decider", "model_answer_style", mode="before")
     @classmethod
     def _lower_case(cls, value: object) -> object:
         return value.strip().lower() if isinstance(value, str) else value
@@ -183,6 +217,20 @@ class Settings(BaseModel):
             raise ValueError(
                 f"{ENV_PREFIX}COMMAND_KEYS and {ENV_PREFIX}COMMAND_KEYS_FILE are both set; set one of them"
             )
+        if self.openai_api_key_file is not None and self.openai_api_key.get_secret_value():
+            raise ValueError(
+                f"{env_name('openai_api_key')} and {env_name('openai_api_key_file')} are both set; set one of them"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _llm_has_an_endpoint(self) -> Settings:
+        # Refused here, so `up` stops before starting a decision processor that could only crash-loop.
+        if self.decider == "llm" and not self.openai_base_url.strip():
+            raise ValueError(
+                f"{env_name('decider')}=llm needs {env_name('openai_base_url')}: the OpenAI-compatible endpoint"
+                " to ask, e.g. https://api.openai.com/v1"
+            )
         return self
 
     @property
@@ -205,7 +253,7 @@ class Settings(BaseModel):
 def _from_env(environ: dict[str, str]) -> dict[str, str]:
     values: dict[str, str] = {}
     for field in Settings.model_fields:
-        key = ENV_PREFIX + field.upper()
+        key = env_name(field)
         if key in environ:
             values[field] = environ[key]
     return values
@@ -236,7 +284,7 @@ def _validate(values: dict[str, Any]) -> Settings:
             if field not in Settings.model_fields:
                 problems.append(str(error["msg"]).removeprefix("Value error, "))
                 continue
-            name, value = ENV_PREFIX + field.upper(), values.get(field)
+            name, value = env_name(field), values.get(field)
             problems.append(f"{name}={value!r} is invalid: expected {_expected(field)}")
         raise SettingsError("; ".join(problems)) from None
 
@@ -255,7 +303,7 @@ def settings_from(environ: dict[str, str]) -> Settings:
 def to_env(settings: Settings) -> dict[str, str]:
     """The environment that reproduces ``settings`` in a child process (secrets included: not for logs)."""
     return {
-        ENV_PREFIX + name.upper(): (
+        env_name(name): (
             "" if value is None else str(value.get_secret_value() if isinstance(value, SecretStr) else value)
         )
         for name, value in settings.model_dump().items()

@@ -42,6 +42,9 @@ DECISIONS = Counter(
     "Decisions by outcome (recorded|replayed|superseded|waiting)",
     ["decider", "outcome"],
 )
+# One per HTTP request to the model (each retry counts): with the decisions counter it shows that a
+# redelivered snapshot costs no call. Outcomes: answered | error (429, 5xx, timeout, connection) | refused (other 4xx).
+MODEL_CALLS = Counter("streamagent_model_calls_total", "Model calls by outcome", ["decider", "outcome"])
 DEPENDENCY_UP = Gauge(
     "streamagent_dependency_up",
     "1 while a process reaches a dependency (postgres|kafka|sandbox), 0 during an outage",

@@ -19,6 +19,8 @@ class Decision:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = 0.0
+    # Which decider made it, when a decider routes runs to others (per workflow); None: the processor's.
+    decider: str | None = None
 
 
 class Decider(Protocol):

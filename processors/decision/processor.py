@@ -29,22 +29,25 @@ appears wakes them a page per tick between batches instead of in one stalling pa
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
 
 from confluent_kafka import Producer
 from streamagent.processors.decision.arguments import ArgumentCheck, catalogue_check, no_check
+from streamagent.processors.decision.choice import ChosenDecider, EntryOf
 from streamagent.processors.decision.decider import Decider, Decision
 from streamagent.processors.decision.schema import SCHEMA
 from streamagent.processors.workflow import ToolAvailability, every_tool_available, load_workflows
 
 from streamagent import codec, db
 from streamagent.catalogue import Catalogue
-from streamagent.config import Settings
+from streamagent.config import Settings, SettingsError, env_name
 from streamagent.dlq import DeadLetterSink
 from streamagent.errors import DependencyUnavailable, Rejected
 from streamagent.events import (
@@ -194,6 +197,10 @@ class DecisionHandler:
         # The state topic's partitions this instance owns; None: not driven by a consumer (tests), all.
         self.owned: frozenset[int] | None = None
         self._wake_not_before = 0.0
+        # Runs decided at once per batch: 1 for the rules (microseconds each), more for a model.
+        self.concurrency = max(1, int(getattr(decider, "concurrency", 1)))
+        self.recall_first = bool(getattr(decider, "costly", False))
+        self._lock = threading.Lock()
 
     @property
     def conn(self) -> Any:
@@ -228,18 +235,43 @@ class DecisionHandler:
         emissions: list[Emission] = []
         new: list[tuple[StateSnapshot, Emission, int]] = []
         resends: list[tuple[StateSnapshot, Emission]] = []
+        by_run: dict[str, list[tuple[Incoming, StateSnapshot]]] = {}  # each run's snapshots, in order
         for item, snap in snaps:
-            try:
-                # The snapshot's partition on the state topic (runs are keyed by run id): where its wait,
-                # if it waits, is filed, so that the partition's owner is the one to wake it.
-                self._one(snap, item.message.partition(), emissions, new, resends)
-            except Rejected as exc:
-                batch.reject(item, exc.reason, exc.detail)
+            by_run.setdefault(snap.run_id, []).append((item, snap))
+        runs = list(by_run.values())
+        workers = min(self.concurrency, len(runs))
+        if workers <= 1:
+            self._run(snaps, batch, emissions, new, resends)  # in the batch's order
+        else:
+            # A model takes seconds per decision: the batch's runs are decided at once, each run's
+            # snapshots in order on one thread. Emissions of different runs interleave; that is fine,
+            # as each run's events stay in order on its own partition.
+            with ThreadPoolExecutor(workers, thread_name_prefix="decide") as pool:
+                for done in [pool.submit(self._run, run, batch, emissions, new, resends) for run in runs]:
+                    done.result()  # a failure (PostgreSQL down) fails the batch, as it does sequentially
         emissions += self._store(new)
         self._undo = {}  # stored: memory and table agree from here on
         self._emit(emissions, resends)
 
     # -- per snapshot ----------------------------------------------------------------------------
+    def _run(
+        self,
+        run: list[tuple[Incoming, StateSnapshot]],
+        batch: Batch,
+        emissions: list[Emission],
+        new: list[tuple[StateSnapshot, Emission, int]],
+        resends: list[tuple[StateSnapshot, Emission]],
+    ) -> None:
+        """Snapshots of a batch, in order (one run's, or the whole batch's when deciding sequentially)."""
+        for item, snap in run:
+            try:
+                # The snapshot's partition on the state topic (runs are keyed by run id): where its wait,
+                # if it waits, is filed, so that the partition's owner is the one to wake it.
+                self._one(snap, item.message.partition(), emissions, new, resends)
+            except Rejected as exc:
+                with self._lock:
+                    batch.reject(item, exc.reason, exc.detail)
+
     def _one(
         self,
         snap: StateSnapshot,
@@ -248,6 +280,20 @@ class DecisionHandler:
         new: list[tuple[StateSnapshot, Emission, int]],
         resends: list[tuple[StateSnapshot, Emission]],
     ) -> None:
+        # The decider is asked outside the lock: a model call takes seconds, and runs of one batch
+        # may be decided in parallel (see _decide); everything the handler shares is under it.
+        with self._lock:
+            memory = self._admit(snap, emissions, resends)
+        if memory is None:
+            return
+        decision = self.decider.decide(snap)
+        with self._lock:
+            self._record(snap, partition, memory, decision, new)
+
+    def _admit(
+        self, snap: StateSnapshot, emissions: list[Emission], resends: list[tuple[StateSnapshot, Emission]]
+    ) -> RunMemory | None:
+        """The run's memory when ``snap`` needs a decision; None when it is answered (or ignored) without one."""
         memory = self.memory.get(snap.run_id)
         if memory is None:
             if snap.version > 1:
@@ -258,12 +304,12 @@ class DecisionHandler:
             memory = self._remember(snap.run_id, RunMemory(version=0))
         if snap.redrive_command_id is not None:
             self._resend(snap, memory, resends)
-            return
+            return None
         if snap.version == memory.version and memory.emission is not None:
             DECISIONS.labels(self.decider.name, "replayed").inc()
             emissions.append(memory.emission)
             self._note_wait(memory.emission.record)
-            return
+            return None
         if snap.version < memory.version:
             recorded = self._recorded(snap)
             if recorded is not None:
@@ -272,13 +318,22 @@ class DecisionHandler:
             else:
                 DECISIONS.labels(self.decider.name, "superseded").inc()
                 log.info("snapshot superseded", extra={"run_id": snap.run_id, "version": snap.version})
-            return
+            return None
         if memory.decision_id is not None and memory.decision_id != snap.last_decision_id:
             # One decision in flight per run: the state has not taken the last one in yet, so this
             # snapshot cannot show its effect, and deciding now would decide the same thing again.
             DECISIONS.labels(self.decider.name, "waiting").inc()
-            return
-        decision = self.decider.decide(snap)
+            return None
+        return memory
+
+    def _record(
+        self,
+        snap: StateSnapshot,
+        partition: int,
+        memory: RunMemory,
+        decision: Decision | None,
+        new: list[tuple[StateSnapshot, Emission, int]],
+    ) -> None:
         if decision is None:
             DECISIONS.labels(self.decider.name, "waiting").inc()
             return
@@ -296,7 +351,7 @@ class DecisionHandler:
             command_id=getattr(event, "command_id", None),
             arguments=decision.arguments,
             reason=decision.reason,
-            decider=self.decider.name,
+            decider=decision.decider or self.decider.name,
             context=decision.context,
             prompt_tokens=decision.prompt_tokens,
             completion_tokens=decision.completion_tokens,
@@ -484,7 +539,11 @@ class DecisionHandler:
 
     def _recall(self, snaps: list[StateSnapshot]) -> None:
         """Load the latest recorded decision of runs this process does not remember (after a restart)."""
-        unknown = sorted({s.run_id for s in snaps if s.run_id not in self.memory and s.version > 1})
+        # A run's first snapshot usually has no decision yet, and deciding it again by the rules costs
+        # nothing (the stored decision wins); a costly decider (a model call) looks for one first.
+        unknown = sorted(
+            {s.run_id for s in snaps if s.run_id not in self.memory and (s.version > 1 or self.recall_first)}
+        )
         for run_id in {s.run_id for s in snaps if s.run_id in self.memory}:
             self.memory.move_to_end(run_id)
         if not unknown:
@@ -649,14 +708,31 @@ def _landed(landed: dict[int, tuple[int, int]], index: int) -> Callable[[Any, An
 
 
 def make_decider(
-    settings: Settings, available: ToolAvailability = every_tool_available, check: ArgumentCheck = no_check
+    settings: Settings,
+    available: ToolAvailability = every_tool_available,
+    check: ArgumentCheck = no_check,
+    entry_of: EntryOf | None = None,
 ) -> Decider:
-    """The configured decider; its workflows are read here, so a malformed file stops the processor at start."""
-    if settings.decider == "rules":
-        from streamagent.processors.decision.rules import RulesDecider
+    """The configured decider; its workflows are read here, so a malformed file stops the processor at start.
 
-        return RulesDecider(load_workflows(settings.workflows_dir), available, check)
-    raise ValueError(f"unknown decider {settings.decider!r} (known: rules)")
+    The model decides the runs of workflows that say ``decider = "llm"``, and of those that say nothing
+    when ``STREAMAGENT_DECIDER=llm``; without an endpoint to ask, the start is refused in one line."""
+    from streamagent.processors.decision.rules import RulesDecider
+
+    workflows = load_workflows(settings.workflows_dir)
+    rules = RulesDecider(workflows, available, check)
+    by_model = sorted(w.name for w in workflows.values() if (w.decider or settings.decider) == "llm")
+    if not by_model:
+        return rules
+    if not settings.openai_base_url:
+        raise SettingsError(
+            f"the llm decider (for workflow(s) {', '.join(by_model)}) needs {env_name('openai_base_url')}:"
+            " the OpenAI-compatible endpoint to ask, e.g. https://api.openai.com/v1"
+        )
+    from streamagent.processors.decision.llm.decider import LlmDecider
+
+    llm = LlmDecider(settings, workflows, available, check, entry_of or (lambda _name: None))
+    return ChosenDecider(settings.decider, workflows, rules, llm, concurrency=settings.model_concurrency)
 
 
 def build(settings: Settings) -> ConsumerRuntime:
@@ -681,7 +757,7 @@ def build(settings: Settings) -> ConsumerRuntime:
     def available(name: str) -> bool:
         return catalogue.available(name) is not None
 
-    decider = make_decider(settings, available, catalogue_check(catalogue.available))
+    decider = make_decider(settings, available, catalogue_check(catalogue.available), catalogue.available)
     handler = DecisionHandler(settings, decider, runtime.producer, available=available, keys=keys)
     runtime.handler = handler
     state_topic = settings.topic(RUN_STATE)

@@ -1,0 +1,1 @@
+"""The model decides: an OpenAI-compatible chat model picks each step, on context code prepared."""

@@ -1,0 +1,131 @@
+"""One chat completion against an OpenAI-compatible endpoint, retried, or a reason why not.
+
+Retries are ours, not the openai client's (its ``max_retries`` is 0): every attempt is counted in
+``streamagent_model_calls_total``, Retry-After is honoured exactly, and giving up yields a reason
+the decision records. Retried: 429, 5xx, timeouts, connection errors. Any other 4xx is a request the
+endpoint will never take (a wrong model name, a bad key): given up at once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import openai
+from streamagent.processors.decision.llm.answer import response_format, tool_specs
+from streamagent.processors.decision.llm.context import OfferedTool
+
+from streamagent.config import Settings
+from streamagent.metrics import MODEL_CALLS
+
+BACKOFF_S = 0.5  # first pause between attempts, doubled each time
+BACKOFF_MAX_S = 8.0
+# A Retry-After longer than this is not waited for: the decision processor would hold every run's
+# decisions meanwhile, and the workflow's fallback serves the run better than the wait.
+RETRY_AFTER_MAX_S = 30.0
+
+
+class ModelUnavailable(Exception):
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+@dataclass(frozen=True)
+class Completion:
+    message: Any  # the openai ChatCompletionMessage
+    raw: dict[str, Any]  # the message as the endpoint sent it, for the audit trail
+    prompt_tokens: int | None  # None: the endpoint reported no usage
+    completion_tokens: int | None
+    attempts: int
+    latency_s: float
+
+
+def api_key(settings: Settings) -> str:
+    if settings.openai_api_key_file is not None:
+        return settings.openai_api_key_file.read_text(encoding="utf-8").strip()
+    # Local servers (vLLM, Ollama, llama.cpp) take any key; the openai client insists on one.
+    return settings.openai_api_key.get_secret_value() or "no-key"
+
+
+def retry_after(response: Any) -> float | None:
+    """Seconds the endpoint asked us to wait (``retry-after-ms`` or ``retry-after`` in seconds)."""
+    headers = getattr(response, "headers", None) or {}
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value is None:
+            continue
+        try:
+            return max(0.0, float(value) * scale)
+        except ValueError:
+            continue  # an HTTP date: rare from model servers; the backoff applies
+    return None
+
+
+class ModelClient:
+    def __init__(
+        self, settings: Settings, *, decider: str = "llm", sleep: Callable[[float], None] = time.sleep
+    ) -> None:
+        self.model = settings.model
+        self.style = settings.model_answer_style
+        self.max_retries = settings.model_max_retries
+        self.decider = decider
+        self.sleep = sleep
+        self.openai = openai.OpenAI(
+            # Always given: the openai client would otherwise read OPENAI_BASE_URL itself, past the settings.
+            base_url=settings.openai_base_url,
+            api_key=api_key(settings),
+            timeout=settings.model_timeout_s,
+            max_retries=0,
+        )
+
+    def request(self, messages: Sequence[dict[str, Any]], offered: Sequence[OfferedTool]) -> dict[str, Any]:
+        """The chat completion's parameters, in the configured answer style."""
+        params: dict[str, Any] = {"model": self.model, "messages": list(messages), "temperature": 0}
+        if self.style == "tools":
+            params["tools"] = tool_specs(offered)
+            params["tool_choice"] = "required"
+        else:
+            params["response_format"] = response_format(offered)
+        return params
+
+    def complete(self, messages: Sequence[dict[str, Any]], offered: Sequence[OfferedTool]) -> Completion:
+        params = self.request(messages, offered)
+        started = time.monotonic()
+        for attempt in range(self.max_retries + 1):
+            wait: float | None = None
+            try:
+                response = self.openai.chat.completions.create(**params)
+            except openai.APIStatusError as exc:
+                status = exc.status_code
+                if status != 429 and status < 500:
+                    MODEL_CALLS.labels(self.decider, "refused").inc()
+                    raise ModelUnavailable(f"the endpoint refused the request: HTTP {status}: {exc.message}") from None
+                reason, wait = f"HTTP {status}", retry_after(exc.response)
+            except openai.APITimeoutError:
+                reason = f"no answer within {self.openai.timeout}s"
+            except openai.APIConnectionError as exc:
+                reason = f"cannot connect to {self.openai.base_url}: {exc.__cause__ or exc}"
+            else:
+                MODEL_CALLS.labels(self.decider, "answered").inc()
+                if not response.choices:
+                    raise ModelUnavailable("the endpoint answered no choices")
+                message = response.choices[0].message
+                usage = response.usage
+                return Completion(
+                    message=message,
+                    raw=message.model_dump(exclude_none=True, mode="json"),
+                    prompt_tokens=usage.prompt_tokens if usage else None,
+                    completion_tokens=usage.completion_tokens if usage else None,
+                    attempts=attempt + 1,
+                    latency_s=time.monotonic() - started,
+                )
+            MODEL_CALLS.labels(self.decider, "error").inc()
+            if attempt == self.max_retries:
+                raise ModelUnavailable(f"{reason}, {attempt + 1} attempt(s)")
+            if wait is not None and wait > RETRY_AFTER_MAX_S:
+                raise ModelUnavailable(f"{reason}, Retry-After {wait:.0f}s is longer than {RETRY_AFTER_MAX_S:.0f}s")
+            self.sleep(max(wait or 0.0, min(BACKOFF_S * 2**attempt, BACKOFF_MAX_S)))
+        raise AssertionError("unreachable")

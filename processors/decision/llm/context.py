@@ -1,0 +1,157 @@
+"""The prepared context: a snapshot, its workflow and the offered tools, as chat messages. Pure.
+
+Code prepares, the model only decides: the messages say the goal and the policy (system), then the
+request, what was done and what it returned, what failed and why, and what remains, in order, with
+the arguments the workflow prepares for each step that is ready (user).
+
+Budget rule: tokens are counted as ``ceil(characters / 4)`` over every message's content. Over the
+budget, step results (as JSON text) are truncated, the largest first: every result longer than a
+level is cut to it, and the level goes down until the messages fit or reaches ``MIN_KEPT`` characters;
+each cut is marked ``…[truncated N chars]``. The goal, the policy, the request and the remaining steps are never cut: a
+model that cannot see them cannot decide, so such a context goes over budget rather than lose them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from streamagent.processors.workflow import Workflow
+
+from streamagent.events import StateSnapshot, StepStatus
+
+CHARS_PER_TOKEN = 4
+MIN_KEPT = 80  # characters of a result kept at least, so the model still sees what it was
+REMAINING_MARKER = "Remaining steps, in order (JSON):"  # the scripted fake model reads the block after it
+PSEUDO_TOOLS = ("complete", "escalate", "wait")
+
+
+@dataclass(frozen=True)
+class OfferedTool:
+    """One tool the model may call: the catalogue's view of it."""
+
+    name: str
+    description: str = ""
+    input_schema: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    messages: list[dict[str, Any]]
+    estimated_tokens: int
+    truncated: dict[str, int]  # step -> characters cut from its result
+
+
+def estimate_tokens(text: str) -> int:
+    return math.ceil(len(text) / CHARS_PER_TOKEN)
+
+
+def message_tokens(messages: Sequence[dict[str, Any]]) -> int:
+    return sum(estimate_tokens(_text(m)) for m in messages)
+
+
+def _text(message: dict[str, Any]) -> str:
+    content = message.get("content") or ""
+    calls = message.get("tool_calls") or []
+    return str(content) + (json.dumps(calls, sort_keys=True) if calls else "")
+
+
+def _dump(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)
+
+
+def system_message(workflow: Workflow, offered: Sequence[OfferedTool]) -> str:
+    steps = "\n".join(
+        f"- {s.name}: tool {s.tool}" + (f", needs {', '.join(s.needs)}" if s.needs else "") for s in workflow.steps
+    )
+    tools = ", ".join(t.name for t in offered) or "none right now"
+    return (
+        f'You decide the next action of one run of the workflow "{workflow.name}".\n'
+        f"Goal: {workflow.goal}\n"
+        f"Steps, in order:\n{steps}\n"
+        "Policy you must respect:\n"
+        f"- Call only the tools offered to you ({tools}) or complete, escalate, wait.\n"
+        "- One step at a time: answer with exactly one call.\n"
+        "- A step may run only once every step it needs has succeeded; take the first ready step.\n"
+        "- Use the arguments prepared for a ready step; change them only if they are clearly wrong.\n"
+        "- Call complete only when every step has succeeded.\n"
+        "- Call wait with the tool's name when the next step's tool is unavailable.\n"
+        "- Call escalate with a reason when you are stuck or something looks wrong: a human takes over."
+    )
+
+
+def remaining_steps(
+    snapshot: StateSnapshot, workflow: Workflow, offered: Sequence[OfferedTool]
+) -> list[dict[str, Any]]:
+    """The steps not yet succeeded, in order; a ready one (its needs done) carries its prepared arguments."""
+    results = snapshot.results()
+    names = {t.name for t in offered}
+    out = []
+    for state in snapshot.steps:
+        if state.status is StepStatus.succeeded:
+            continue
+        step = workflow.step(state.name)
+        ready = all(n in results for n in step.needs)
+        item: dict[str, Any] = {
+            "step": step.name,
+            "tool": step.tool,
+            "needs": list(step.needs),
+            "status": state.status.value,
+            "ready": ready,
+            "tool_available": step.tool in names,
+        }
+        if ready:
+            try:
+                item["arguments"] = step.build(snapshot.request, results, snapshot.run_id)
+            except KeyError as exc:  # an output the template names is missing: say so, let the model judge
+                item["arguments_missing"] = str(exc)
+        out.append(item)
+    return out
+
+
+def _user_message(snapshot: StateSnapshot, remaining: list[dict[str, Any]], results: dict[str, str]) -> str:
+    done = "\n".join(f"- {step}: {text}" for step, text in results.items()) or "- nothing yet"
+    failed = "\n".join(f"- {s.name}: {s.error}" for s in snapshot.steps if s.error) or "- nothing"
+    return (
+        f"Run {snapshot.run_id}, state version {snapshot.version}.\n"
+        f"Request (JSON): {_dump(snapshot.request.model_dump())}\n"
+        f"Done, with what each step returned:\n{done}\n"
+        f"Failed, and why:\n{failed}\n"
+        f"{REMAINING_MARKER}\n{_dump(remaining)}\n"
+        "Decide the next action: one call."
+    )
+
+
+def build_messages(
+    snapshot: StateSnapshot, workflow: Workflow, offered: Sequence[OfferedTool], *, budget_tokens: int
+) -> Prepared:
+    """The messages for ``snapshot``, trimmed to ``budget_tokens`` by the rule in the module docstring."""
+    system = {"role": "system", "content": system_message(workflow, offered)}
+    remaining = remaining_steps(snapshot, workflow, offered)
+    done = {s.name: _dump(s.output) for s in snapshot.steps if s.status is StepStatus.succeeded}
+    shown = dict(done)
+
+    def messages() -> list[dict[str, Any]]:
+        return [system, {"role": "user", "content": _user_message(snapshot, remaining, shown)}]
+
+    current = messages()
+    level = max((len(t) for t in done.values()), default=0)
+    while (excess := (message_tokens(current) - budget_tokens) * CHARS_PER_TOKEN) > 0 and level > MIN_KEPT:
+        # Water-filling: lower one level for every result, so the largest are cut first and the
+        # smaller ones only once the larger reached their size.
+        above = sum(1 for t in done.values() if len(t) >= level) or 1
+        level = max(MIN_KEPT, level - max(1, math.ceil(excess / above)))
+        shown = {s: _cut(t, level) for s, t in done.items()}
+        current = messages()
+    truncated = {s: len(t) - level for s, t in done.items() if shown[s] != t}
+    return Prepared(current, message_tokens(current), truncated)
+
+
+def _cut(text: str, level: int) -> str:
+    """The first ``level`` characters of ``text``, and a marker saying how many more there were."""
+    if len(text) <= level:
+        return text
+    return f"{text[:level]}…[truncated {len(text) - level} chars]"
