@@ -154,3 +154,10 @@ def test_the_graph_sees_the_imports_it_checks() -> None:
     assert "streamagent.processors.workflow" in GRAPH["streamagent.processors.state.app"]
     assert "streamagent.tools.sdk.tool" in GRAPH["streamagent.tools"]
     assert "streamagent.config" in GRAPH["streamagent.console.cli"]
+
+
+def test_test_files_have_unique_names() -> None:
+    """pytest imports test files by basename (no __init__.py in tests/): two files of one name in two
+    folders stop the whole suite at collection."""
+    names = [p.name for p in (ROOT / "tests").rglob("test_*.py")]
+    assert sorted({n for n in names if names.count(n) > 1}) == []
