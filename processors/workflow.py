@@ -155,6 +155,11 @@ class Workflow:
     decider: Literal["rules", "llm"] | None = None
     # What decides when the model's answer is refused twice or the model is down.
     fallback: Literal["rules", "escalate"] = "rules"
+    # Whether a planner writes the run's plan at its start; None follows the setting (STREAMAGENT_PLANNER).
+    planner: bool | None = None
+    # What one run may spend on model calls; None follows the settings (0 there: no cap).
+    max_tokens_per_run: int | None = None
+    max_cost_usd_per_run: float | None = None
 
     def step(self, name: str) -> Step:
         for step in self.steps:
@@ -233,7 +238,18 @@ class _Loader:
         self.keys(
             data,
             "",
-            {"name", "goal", "tools", "steps", "compensate_abandoned", "decider", "fallback"},
+            {
+                "name",
+                "goal",
+                "tools",
+                "steps",
+                "compensate_abandoned",
+                "decider",
+                "fallback",
+                "planner",
+                "max_tokens_per_run",
+                "max_cost_usd_per_run",
+            },
             {"name", "goal", "tools", "steps"},
         )
         name = self.name(data["name"], "name")
@@ -255,6 +271,22 @@ class _Loader:
         fallback = data.get("fallback", "rules")
         if fallback not in ("rules", "escalate"):
             raise self.fail("fallback", f"must be 'rules' or 'escalate', not {fallback!r}")
+        planner = data.get("planner")
+        if planner is not None and not isinstance(planner, bool):
+            raise self.fail("planner", f"must be true or false, not {planner!r}")
+        if planner and decider == "rules":
+            raise self.fail("planner", "needs the llm decider: the rules make no use of a plan")
+        max_tokens = data.get("max_tokens_per_run")
+        # bool is an int in Python; `max_tokens_per_run = true` is a mistake, not a cap of 1.
+        if max_tokens is not None and (
+            isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
+        ):
+            raise self.fail("max_tokens_per_run", f"must be a whole number > 0, not {max_tokens!r}")
+        max_cost = data.get("max_cost_usd_per_run")
+        if max_cost is not None and (
+            isinstance(max_cost, bool) or not isinstance(max_cost, (int, float)) or not max_cost > 0
+        ):
+            raise self.fail("max_cost_usd_per_run", f"must be a number of USD > 0, not {max_cost!r}")
         raw_steps = data["steps"]
         if not isinstance(raw_steps, list) or not raw_steps or not all(isinstance(s, dict) for s in raw_steps):
             raise self.fail("steps", "must be a non-empty array of tables ([[steps]])")
@@ -270,6 +302,9 @@ class _Loader:
             source=str(self.path),
             decider=decider,
             fallback=fallback,
+            planner=planner,
+            max_tokens_per_run=max_tokens,
+            max_cost_usd_per_run=float(max_cost) if max_cost is not None else None,
         )
 
     def step(self, raw: dict[str, Any], index: int, earlier: list[Step], tools: set[str]) -> Step:

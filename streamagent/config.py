@@ -115,6 +115,17 @@ class Settings(BaseModel):
     model_prices: str = Field(
         "", description='Price table, JSON {"model": {"prompt": usd_per_1k, "completion": usd_per_1k}}'
     )
+    # The planner: an optional (stronger) model that writes a short plan once per run, which the
+    # executor (the model above) follows step by step. Empty endpoint settings reuse the executor's.
+    planner: bool = Field(False, description="Plan each model-decided run once at its start (a workflow may override)")
+    planner_model: str = Field("", description="Model name of the planner; empty: the executor's (STREAMAGENT_MODEL)")
+    planner_base_url: str = Field("", description="OpenAI-compatible endpoint of the planner; empty: OPENAI_BASE_URL")
+    planner_api_key: SecretStr = Field(SecretStr(""), description="Planner endpoint's API key; empty: the executor's")
+    planner_timeout_s: float = Field(60.0, gt=0, description="HTTP timeout of one planner call")
+    plan_max_chars: int = Field(2000, ge=100, description="Longest plan kept (cut, marked)")
+    # Per-run spending caps of model-decided runs (a workflow may set its own); 0: no cap.
+    max_tokens_per_run: int = Field(0, ge=0, description="Model tokens one run may spend; 0: no cap")
+    max_cost_usd_per_run: float = Field(0.0, ge=0, description="Model cost in USD one run may spend; 0: no cap")
     # Which tools `up` and `demo` start: a comma-separated list of tool names, "all" for every tool the
     # tools package provides; empty: the tools the default workflow uses. Others deploy on their own
     # (`streamagent tool NAME`) into a running stack.

@@ -597,13 +597,15 @@ class DecisionHandler:
         waits = [e.record.tool if e.record.action is DecisionAction.wait else None for _, e, _, _ in records]
         rows = self.conn.execute(
             "WITH incoming AS (SELECT * FROM unnest(%s::text[], %s::bigint[], %s::text[], %s::text[], %s::text[],"
-            " %s::bytea[], %s::text[], %s::bytea[], %s::text[], %s::int[], %s::bytea[])"
+            " %s::bytea[], %s::text[], %s::bytea[], %s::text[], %s::int[], %s::bytea[], %s::bigint[],"
+            " %s::bigint[], %s::float8[])"
             " AS n(run_id, based_on_version, decision_id, action, step, decision_event, follow_up_topic,"
-            " follow_up_event, wait_tool, partition, snapshot)),"
+            " follow_up_event, wait_tool, partition, snapshot, prompt_tokens, completion_tokens, cost_usd)),"
             " inserted AS (INSERT INTO decisions (run_id, based_on_version, decision_id, action, step,"
-            " decision_event, follow_up_topic, follow_up_event)"
+            " decision_event, follow_up_topic, follow_up_event, prompt_tokens, completion_tokens, cost_usd)"
             " SELECT run_id, based_on_version, decision_id, action, step, decision_event, follow_up_topic,"
-            " follow_up_event FROM incoming ON CONFLICT DO NOTHING RETURNING run_id, based_on_version),"
+            " follow_up_event, prompt_tokens, completion_tokens, cost_usd FROM incoming"
+            " ON CONFLICT DO NOTHING RETURNING run_id, based_on_version),"
             " decided AS (SELECT n.* FROM incoming n JOIN inserted i USING (run_id, based_on_version)),"
             " unwaited AS (DELETE FROM decision_waits w USING decided d WHERE d.wait_tool IS NULL"
             " AND w.run_id = d.run_id AND w.based_on_version < d.based_on_version),"
@@ -631,6 +633,10 @@ class DecisionHandler:
                     codec.encode(s) if tool is not None else None
                     for (s, _, _, _), tool in zip(records, waits, strict=True)
                 ],
+                # What each decision spent, as numbers: the per-run caps sum them before a model call.
+                [e.record.prompt_tokens for _, e, _, _ in records],
+                [e.record.completion_tokens for _, e, _, _ in records],
+                [e.record.cost_usd for _, e, _, _ in records],
             ),
         ).fetchall()
         inserted = {(run_id, int(version)) for run_id, version in rows}

@@ -1,6 +1,7 @@
 """The decision processor's tables: every decision it made (memoized per run and state version, with
 the command it produced), each run's latest decided version, and the runs whose latest decision is a
-wait (``decision_waits``: what the processor wakes when the tool shows up, read in pages)."""
+wait (``decision_waits``: what the processor wakes when the tool shows up, read in pages), and each
+model-decided run's plan (``run_plans``)."""
 
 from __future__ import annotations
 
@@ -50,5 +51,29 @@ SCHEMA = Schema(
         """,
         # Waking reads one tool's waits oldest first, a page at a time.
         "CREATE INDEX IF NOT EXISTS decision_waits_by_tool ON decision_waits (tool, since, run_id)",
+        # What each decision spent on the model, as numbers: a run's spending is summed here before
+        # each model call (its cap). Rows stored before these columns existed hold NULL; their figures
+        # are read from the stored event instead (processors/decision/llm/ledger.py).
+        "ALTER TABLE decisions ADD COLUMN IF NOT EXISTS prompt_tokens bigint,"
+        " ADD COLUMN IF NOT EXISTS completion_tokens bigint, ADD COLUMN IF NOT EXISTS cost_usd double precision",
+        # One plan per run, made once (by the planner, at the run's first model decision) and reused
+        # by every later decision, after any restart. ``plan`` NULL with ``error``: the planner failed,
+        # and the run goes on without a plan rather than paying again. ``based_on_version``: the state
+        # version it was made on; its tokens and cost are carried by the run's first decision recorded
+        # from that version on. ``audit``: the messages sent and the raw answer.
+        """
+        CREATE TABLE IF NOT EXISTS run_plans (
+            run_id             text   PRIMARY KEY,
+            based_on_version   bigint NOT NULL,
+            plan               text,
+            error              text,
+            model              text   NOT NULL,
+            prompt_tokens      bigint NOT NULL,
+            completion_tokens  bigint NOT NULL,
+            cost_usd           double precision NOT NULL,
+            audit              jsonb  NOT NULL,
+            created_at         timestamptz NOT NULL DEFAULT now()
+        )
+        """,
     ),
 )

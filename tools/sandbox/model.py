@@ -5,7 +5,8 @@ real ``openai`` client talks to it over real HTTP. A test scripts a queue of ans
 JSON content answer, malformed JSON, an unknown tool, an HTTP error with Retry-After, a delay);
 once the queue is empty it answers the workflow's next step, read from the prepared context (the
 first ready step of the "Remaining steps" block, with its prepared arguments; ``wait`` when that
-step's tool is not offered; ``complete`` when nothing remains), in the style the request asks for.
+step's tool is not offered; ``complete`` when nothing remains), in the style the request asks for; a
+request offering no tools and no answer format (a planner's) gets ``PLAN``, a plan in words.
 Every request is recorded (model, messages, tools offered, response_format) so tests count calls
 and read what was sent.
 """
@@ -23,6 +24,8 @@ from typing import Any
 # The block of the prepared context the default answer reads (processors/decision/llm/context.py
 # writes it; tools do not import processors, so the marker is repeated here).
 REMAINING_MARKER = "Remaining steps, in order (JSON):"
+# What the fake answers a planner (a request offering no tools and no answer format) by default.
+PLAN = "1. Run the workflow's steps in order, each once its needs are done. 2. Escalate if a result looks wrong."
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,9 @@ class FakeModel:
 
     def reply(self, body: dict[str, Any], answer: Answer) -> dict[str, Any]:
         """The chat.completion object for ``answer`` (the next step when it names nothing)."""
+        if answer.tool is None and answer.content is None and not (body.get("tools") or body.get("response_format")):
+            # Neither tools nor an answer format: a planner's request, answered with a plan in words.
+            answer = Answer.text(PLAN)
         if answer.tool is None and answer.content is None:
             tool, arguments = next_step(body)
             answer = Answer.json(tool, arguments) if body.get("response_format") else Answer.call(tool, arguments)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import openai
 from streamagent.processors.decision.llm.answer import response_format, tool_specs
@@ -43,7 +43,9 @@ class Completion:
     latency_s: float
 
 
-def api_key(settings: Settings) -> str:
+def api_key(settings: Settings, role: str = "executor") -> str:
+    if role == "planner" and settings.planner_api_key.get_secret_value():
+        return settings.planner_api_key.get_secret_value()
     if settings.openai_api_key_file is not None:
         return settings.openai_api_key_file.read_text(encoding="utf-8").strip()
     # Local servers (vLLM, Ollama, llama.cpp) take any key; the openai client insists on one.
@@ -66,18 +68,25 @@ def retry_after(response: Any) -> float | None:
 
 class ModelClient:
     def __init__(
-        self, settings: Settings, *, decider: str = "llm", sleep: Callable[[float], None] = time.sleep
+        self,
+        settings: Settings,
+        *,
+        decider: str = "llm",
+        sleep: Callable[[float], None] = time.sleep,
+        role: Literal["executor", "planner"] = "executor",
     ) -> None:
-        self.model = settings.model
+        planner = role == "planner"
+        # The planner has its own model and endpoint; what it leaves empty is the executor's.
+        self.model = (settings.planner_model if planner else "") or settings.model
         self.style = settings.model_answer_style
         self.max_retries = settings.model_max_retries
         self.decider = decider
         self.sleep = sleep
         self.openai = openai.OpenAI(
             # Always given: the openai client would otherwise read OPENAI_BASE_URL itself, past the settings.
-            base_url=settings.openai_base_url,
-            api_key=api_key(settings),
-            timeout=settings.model_timeout_s,
+            base_url=(settings.planner_base_url if planner else "") or settings.openai_base_url,
+            api_key=api_key(settings, role),
+            timeout=settings.planner_timeout_s if planner else settings.model_timeout_s,
             max_retries=0,
         )
 
@@ -92,7 +101,13 @@ class ModelClient:
         return params
 
     def complete(self, messages: Sequence[dict[str, Any]], offered: Sequence[OfferedTool]) -> Completion:
-        params = self.request(messages, offered)
+        return self.chat(self.request(messages, offered))
+
+    def text(self, messages: Sequence[dict[str, Any]]) -> Completion:
+        """A plain answer in words (the planner's): no tools, no response format."""
+        return self.chat({"model": self.model, "messages": list(messages), "temperature": 0})
+
+    def chat(self, params: dict[str, Any]) -> Completion:
         started = time.monotonic()
         for attempt in range(self.max_retries + 1):
             wait: float | None = None

@@ -125,11 +125,32 @@ def _user_message(snapshot: StateSnapshot, remaining: list[dict[str, Any]], resu
     )
 
 
+def plan_section(plan: str | None, missing: str | None) -> str:
+    """What the executor is told of the run's plan: the plan, or why there is none (empty: no planner)."""
+    if plan is not None:
+        return (
+            "\nPlan for this run, written by the planner at its start (follow it; where it differs from the"
+            f" policy above, the policy wins):\n{plan}"
+        )
+    if missing is not None:
+        return f"\nNo plan for this run: {missing}. Decide from the workflow and the policy alone."
+    return ""
+
+
 def build_messages(
-    snapshot: StateSnapshot, workflow: Workflow, offered: Sequence[OfferedTool], *, budget_tokens: int
+    snapshot: StateSnapshot,
+    workflow: Workflow,
+    offered: Sequence[OfferedTool],
+    *,
+    budget_tokens: int,
+    plan: str | None = None,
+    plan_missing: str | None = None,
 ) -> Prepared:
-    """The messages for ``snapshot``, trimmed to ``budget_tokens`` by the rule in the module docstring."""
-    system = {"role": "system", "content": system_message(workflow, offered)}
+    """The messages for ``snapshot``, trimmed to ``budget_tokens`` by the rule in the module docstring.
+
+    ``plan`` (bounded by the planner, never cut here) or ``plan_missing`` (why there is none) ends the
+    system message, after the policy, which it may not override."""
+    system = {"role": "system", "content": system_message(workflow, offered) + plan_section(plan, plan_missing)}
     remaining = remaining_steps(snapshot, workflow, offered)
     done = {s.name: _dump(s.output) for s in snapshot.steps if s.status is StepStatus.succeeded}
     shown = dict(done)
@@ -155,3 +176,30 @@ def _cut(text: str, level: int) -> str:
     if len(text) <= level:
         return text
     return f"{text[:level]}…[truncated {len(text) - level} chars]"
+
+
+# -- the planner's context ----------------------------------------------------------------------------
+def planner_messages(
+    snapshot: StateSnapshot, workflow: Workflow, offered: Sequence[OfferedTool], *, max_chars: int
+) -> list[dict[str, Any]]:
+    """What the planner is asked at a run's start: the workflow, its tools and the request; a plan in words."""
+    steps = "\n".join(
+        f"- {s.name}: tool {s.tool}" + (f", needs {', '.join(s.needs)}" if s.needs else "") for s in workflow.steps
+    )
+    tools = "\n".join(f"- {t.name}: {t.description or 'no description'}" for t in offered) or "- none available now"
+    system = (
+        f'You plan one run of the workflow "{workflow.name}"; another model then decides each step following'
+        " your plan, one call at a time.\n"
+        f"Goal: {workflow.goal}\n"
+        f"Steps, in order:\n{steps}\n"
+        f"Tools:\n{tools}\n"
+        f"Write a short plan in plain text, at most {max_chars} characters: the order of the steps for this"
+        " request, what to check in each result, and when to escalate to a human. No tool calls, no code."
+    )
+    user = f"Run {snapshot.run_id}.\nRequest (JSON): {_dump(snapshot.request.model_dump())}\nWrite the plan."
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+
+
+def bound_plan(text: str, max_chars: int) -> str:
+    """The plan as the executor gets it: at most ``max_chars`` characters and a marker of what was cut."""
+    return _cut(text.strip(), max_chars)

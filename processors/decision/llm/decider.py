@@ -16,13 +16,17 @@ import logging
 from dataclasses import replace
 from typing import Any
 
+import psycopg
 from streamagent.processors.decision.arguments import ArgumentCheck, no_check
 from streamagent.processors.decision.choice import EntryOf
 from streamagent.processors.decision.decider import Decision, context_of
 from streamagent.processors.decision.llm.answer import Refused, parse
+from streamagent.processors.decision.llm.budget import Caps, Spending
 from streamagent.processors.decision.llm.client import Completion, ModelClient, ModelUnavailable
 from streamagent.processors.decision.llm.context import OfferedTool, build_messages, estimate_tokens, message_tokens
 from streamagent.processors.decision.llm.judge import judge
+from streamagent.processors.decision.llm.ledger import PlanRecord, RunLedger
+from streamagent.processors.decision.llm.planner import Planner
 from streamagent.processors.decision.rules import RulesDecider
 from streamagent.processors.workflow import (
     ToolAvailability,
@@ -36,7 +40,7 @@ from streamagent.processors.workflow import (
 from streamagent.catalogue import ToolEntry
 from streamagent.config import Settings
 from streamagent.events import DecisionAction, RunStatus, StateSnapshot, StepStatus
-from streamagent.pricing import cost_usd, parse_prices
+from streamagent.pricing import Prices, cost_usd, parse_prices
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +61,8 @@ class LlmDecider:
         entry_of: EntryOf = _no_entry,
         *,
         client: ModelClient | None = None,
+        planner_client: ModelClient | None = None,
+        ledger: RunLedger | None = None,
     ) -> None:
         self.workflows = workflows
         self.available = available
@@ -66,6 +72,11 @@ class LlmDecider:
         self.rules = RulesDecider(workflows, available, check)
         self.budget = settings.model_context_tokens
         self.prices = parse_prices(settings.model_prices)
+        self.settings = settings
+        # The run's spending and plan live in the decision layer's tables; read only by workflows with a
+        # planner or a cap (the connection opens on first use).
+        self.ledger = ledger or RunLedger(settings.database_url)
+        self.planner = Planner(settings, self.ledger, self.prices, client=planner_client)
 
     def decide(self, snapshot: StateSnapshot) -> Decision | None:
         try:
@@ -80,12 +91,32 @@ class LlmDecider:
             return self.rules.decide(snapshot)  # the workflow's own policy: no judgement to make
         if any(s.status is StepStatus.dispatched for s in snapshot.steps):
             return None  # its result is on the way
+        # Outside the catch-all below: PostgreSQL down is an outage of the batch (retried whole), not a
+        # reason to decide the run differently.
+        audit = self._prepare(snapshot, workflow)
         try:
-            return self._ask(snapshot, workflow)
+            return self._ask(snapshot, workflow, audit)
+        except psycopg.Error:
+            raise
         except Exception as exc:  # a bug here must not stop every run's decisions: the fallback decides
             log.exception("the llm decider failed", extra={"run_id": snapshot.run_id})
-            audit = _Audit(self.client.model, self.client.style, {})
             return self._fallback(snapshot, workflow, f"decider error: {exc!r}", audit, [])
+
+    def _prepare(self, snapshot: StateSnapshot, workflow: Workflow) -> _Audit:
+        """The run's plan and spending before any call: what the workflow's planner and caps need."""
+        audit = _Audit(self.client.model, self.client.style, {})
+        audit.caps = Caps.of(workflow, self.settings)
+        audit.planned = workflow.planner if workflow.planner is not None else self.settings.planner
+        if not (audit.planned or audit.caps.active):
+            return audit
+        ledger = self.ledger.spent(snapshot.run_id)
+        audit.spent = ledger.spent
+        if audit.planned:
+            audit.plan = self.ledger.plan(snapshot.run_id)
+            # A plan's cost is carried by the run's first decision recorded from the version it was made
+            # on: made at v and the decision of v lost in a crash, the decision made again for v carries it.
+            audit.charged = audit.plan is not None and audit.plan.based_on_version > ledger.last_version
+        return audit
 
     def offered(self, workflow: Workflow) -> list[OfferedTool]:
         """The workflow's tools the live catalogue shows available, with their announced schemas."""
@@ -97,13 +128,74 @@ class LlmDecider:
             out.append(OfferedTool(name, entry.description if entry else "", dict(entry.input_schema) if entry else {}))
         return out
 
-    def _ask(self, snapshot: StateSnapshot, workflow: Workflow) -> Decision | None:
+    def _messages(
+        self, snapshot: StateSnapshot, workflow: Workflow, offered: list[OfferedTool], audit: _Audit
+    ) -> list[dict[str, Any]]:
+        plan = audit.plan
+        missing = None
+        if audit.planned and plan is None:
+            missing = "the planner has not written it yet"
+        elif plan is not None and plan.plan is None:
+            missing = plan.error or "the planner failed"
+        prepared = build_messages(
+            snapshot,
+            workflow,
+            offered,
+            budget_tokens=self.budget,
+            plan=plan.plan if plan is not None else None,
+            plan_missing=missing,
+        )
+        audit.truncated = prepared.truncated
+        return list(prepared.messages)
+
+    def _estimate(self, messages: list[dict[str, Any]]) -> Spending:
+        tokens = message_tokens(messages)
+        return Spending(tokens, cost_usd(self.prices, self.client.model, tokens, 0))
+
+    def _over_cap(
+        self, snapshot: StateSnapshot, offered: list[str], audit: _Audit, estimate: Spending, messages: list[Any]
+    ) -> Decision | None:
+        """An escalation, with no call, when ``estimate`` more would break one of the run's caps."""
+        if not audit.caps.active:
+            return None
+        spent = audit.spent + audit.spending(self.prices)
+        why = audit.caps.exceeded(spent, estimate)
+        if why is None:
+            return None
+        log.warning("model call not made: %s", why, extra={"run_id": snapshot.run_id})
+        audit.budget = {
+            "max_tokens_per_run": audit.caps.max_tokens,
+            "max_cost_usd_per_run": audit.caps.max_cost_usd,
+            "spent_tokens": spent.tokens,
+            "spent_cost_usd": spent.cost_usd,
+            "estimate_tokens": estimate.tokens,
+            "estimate_cost_usd": estimate.cost_usd,
+            "exceeded": why,
+        }
+        return self._finish(Decision(DecisionAction.escalate, why), snapshot, offered, audit, messages)
+
+    def _ask(self, snapshot: StateSnapshot, workflow: Workflow, audit: _Audit) -> Decision | None:
         offered = self.offered(workflow)
         names = {t.name for t in offered}
-        prepared = build_messages(snapshot, workflow, offered, budget_tokens=self.budget)
-        messages = list(prepared.messages)
-        audit = _Audit(self.client.model, self.client.style, prepared.truncated)
+        planning = audit.planned and audit.plan is None
+        planner_messages = self.planner.messages(snapshot, workflow, offered) if planning else []
+        messages = self._messages(snapshot, workflow, offered, audit)
+        estimate = self._estimate(messages)
+        if planning:
+            estimate = estimate + self.planner.estimate(planner_messages)
+        over = self._over_cap(snapshot, sorted(names), audit, estimate, messages)
+        if over is not None:
+            return over
+        if planning:
+            audit.plan = self.planner.make(snapshot, planner_messages)
+            audit.charged = True  # ours, or another instance's whose decision is not recorded either
+            messages = self._messages(snapshot, workflow, offered, audit)
         for turn in (1, 2):
+            if turn == 2:
+                # The repair turn is a call of its own: it too must fit the run's caps.
+                over = self._over_cap(snapshot, sorted(names), audit, self._estimate(messages), messages)
+                if over is not None:
+                    return over
             try:
                 completion = self.client.complete(messages, offered)
             except ModelUnavailable as exc:
@@ -130,13 +222,13 @@ class LlmDecider:
     ) -> Decision:
         context = {**context_of(snapshot, offered), **audit.record(messages)}
         cost = cost_usd(self.prices, audit.model, audit.prompt_tokens, audit.completion_tokens)
-        return replace(
-            decision,
-            context=context,
-            prompt_tokens=audit.prompt_tokens,
-            completion_tokens=audit.completion_tokens,
-            cost_usd=cost,
-        )
+        prompt, completion = audit.prompt_tokens, audit.completion_tokens
+        if audit.charged and audit.plan is not None:
+            # The run's first decision carries its plan's tokens and cost: run totals include the planner.
+            prompt += audit.plan.prompt_tokens
+            completion += audit.plan.completion_tokens
+            cost = round(cost + audit.plan.cost_usd, 6)
+        return replace(decision, context=context, prompt_tokens=prompt, completion_tokens=completion, cost_usd=cost)
 
     def _fallback(
         self, snapshot: StateSnapshot, workflow: Workflow, why: str, audit: _Audit, messages: list[dict[str, Any]]
@@ -179,6 +271,21 @@ class _Audit:
         self.estimated = False
         self.fallback: str | None = None
         self.fallback_reason: str | None = None
+        # The run's plan and caps (set by LlmDecider._prepare).
+        self.caps = Caps()
+        self.planned = False
+        self.plan: PlanRecord | None = None
+        self.charged = False  # this decision carries the plan's tokens and cost
+        self.spent = Spending()  # what the run's recorded decisions spent
+        self.budget: dict[str, Any] | None = None  # set when a cap stopped a call
+
+    def spending(self, prices: Prices) -> Spending:
+        """What this decision spent so far: its calls, and its plan when it carries it."""
+        own = Spending(
+            self.prompt_tokens + self.completion_tokens,
+            cost_usd(prices, self.model, self.prompt_tokens, self.completion_tokens),
+        )
+        return own + self.plan.spending if self.charged and self.plan is not None else own
 
     def add(self, messages: list[dict[str, Any]], completion: Completion) -> None:
         self.answers.append(completion.raw)
@@ -194,6 +301,35 @@ class _Audit:
             self.completion_tokens += completion.completion_tokens
 
     def record(self, messages: list[dict[str, Any]]) -> dict[str, Any]:
+        out = self._calls(messages)
+        if self.planned:
+            out["plan"] = self._plan()
+        if self.budget is not None:
+            out["budget"] = self.budget
+        return out
+
+    def _plan(self) -> dict[str, Any]:
+        """The run's plan as this decision saw it; the decision that carries its cost holds all of it."""
+        plan = self.plan
+        if plan is None:
+            return {"plan": None, "error": "the planner has not written it yet", "carried": False}
+        out: dict[str, Any] = {
+            "plan": plan.plan,
+            "error": plan.error,
+            "model": plan.model,
+            "based_on_version": plan.based_on_version,
+            "carried": self.charged,
+        }
+        if self.charged:
+            out.update(
+                prompt_tokens=plan.prompt_tokens,
+                completion_tokens=plan.completion_tokens,
+                cost_usd=plan.cost_usd,
+                **plan.audit,
+            )
+        return out
+
+    def _calls(self, messages: list[dict[str, Any]]) -> dict[str, Any]:
         return {
             "model": self.model,
             "answer_style": self.style,
