@@ -21,13 +21,14 @@ def test_each_layer_creates_only_its_own_tables(settings: Settings) -> None:
     db.migrate(settings, LEDGER)
     assert tables(settings) == {"tool_ledger"}
     db.migrate(settings, DECISION)
-    assert tables(settings) == {"tool_ledger", "decisions", "decision_progress", "decision_waits"}
+    assert tables(settings) == {"tool_ledger", "decisions", "decision_progress", "decision_waits", "run_plans"}
     db.migrate(settings, PROJECTION)
     assert tables(settings) == {
         "tool_ledger",
         "decisions",
         "decision_progress",
         "decision_waits",
+        "run_plans",
         "runs",
         "run_events",
     }
@@ -52,3 +53,19 @@ def test_a_decision_database_from_before_durable_waits_gets_its_waits_table(sett
     assert "decision_waits" not in tables(settings)
     db.migrate(settings, DECISION)
     assert "decision_waits" in tables(settings)
+
+
+def test_a_decision_database_from_before_spending_columns_gets_them(settings: Settings) -> None:
+    older = [st for st in DECISION.statements if "prompt_tokens" not in st]
+    db.migrate(settings, db.Schema("decision", tuple(older)))
+    with db.connect(settings) as conn:
+        conn.execute(
+            "INSERT INTO decisions (run_id, based_on_version, decision_id, action, decision_event)"
+            " VALUES ('r', 1, 'd', 'dispatch', '\\x00')"
+        )
+    db.migrate(settings, DECISION)
+    db.migrate(settings, DECISION)  # idempotent
+    with db.connect(settings) as conn:
+        row = conn.execute("SELECT prompt_tokens, completion_tokens, cost_usd FROM decisions").fetchone()
+    assert row == (None, None, None)  # older rows: read from their stored event (llm/ledger.py)
+    assert "run_plans" in tables(settings)
