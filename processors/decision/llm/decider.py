@@ -110,7 +110,7 @@ class LlmDecider:
         if not (audit.planned or audit.caps.active):
             return audit
         ledger = self.ledger.spent(snapshot.run_id)
-        audit.spent = ledger.spent
+        audit.spent, audit.last_version = ledger.spent, ledger.last_version
         if audit.planned:
             audit.plan = self.ledger.plan(snapshot.run_id)
             # A plan's cost is carried by the run's first decision recorded from the version it was made
@@ -148,8 +148,9 @@ class LlmDecider:
         audit.truncated = prepared.truncated
         return list(prepared.messages)
 
-    def _estimate(self, messages: list[dict[str, Any]]) -> Spending:
-        tokens = message_tokens(messages)
+    def _estimate(self, messages: list[dict[str, Any]], extra_tokens: int = 0) -> Spending:
+        """The next executor call's prompt, counted with the context builder's rule, and its price."""
+        tokens = message_tokens(messages) + extra_tokens
         return Spending(tokens, cost_usd(self.prices, self.client.model, tokens, 0))
 
     def _over_cap(
@@ -182,13 +183,16 @@ class LlmDecider:
         messages = self._messages(snapshot, workflow, offered, audit)
         estimate = self._estimate(messages)
         if planning:
-            estimate = estimate + self.planner.estimate(planner_messages)
+            # The planner's call, and the executor's prompt grown by a plan of the longest kept length.
+            longest = estimate_tokens("x" * self.planner.max_chars)
+            estimate = self._estimate(messages, longest) + self.planner.estimate(planner_messages)
         over = self._over_cap(snapshot, sorted(names), audit, estimate, messages)
         if over is not None:
             return over
         if planning:
             audit.plan = self.planner.make(snapshot, planner_messages)
-            audit.charged = True  # ours, or another instance's whose decision is not recorded either
+            # Ours, or the one another instance stored first (a rebalance): carried by the same rule.
+            audit.charged = audit.plan.based_on_version > audit.last_version
             messages = self._messages(snapshot, workflow, offered, audit)
         for turn in (1, 2):
             if turn == 2:
@@ -277,6 +281,7 @@ class _Audit:
         self.plan: PlanRecord | None = None
         self.charged = False  # this decision carries the plan's tokens and cost
         self.spent = Spending()  # what the run's recorded decisions spent
+        self.last_version = 0  # the run's latest state version with a recorded decision
         self.budget: dict[str, Any] | None = None  # set when a cap stopped a call
 
     def spending(self, prices: Prices) -> Spending:

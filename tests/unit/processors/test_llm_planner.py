@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from llm_flow import dead_url, decide, follow, handler, llm, model_settings, workflow_file
 from llm_runs import Run
+from streamagent.processors.decision.llm.ledger import PlanRecord, RunLedger
 from streamagent.processors.decision.schema import SCHEMA as DECISION_SCHEMA
 from streamagent.processors.workflow import ONBOARDING, WorkflowError, load_workflow
 from streamagent.tools.sandbox.model import PLAN, Answer, FakeModel
@@ -174,3 +175,12 @@ def test_the_planner_has_its_own_model_and_endpoint() -> None:
     planner = ModelClient(apart, role="planner")
     assert (planner.model, str(planner.openai.base_url)) == ("cheap", "http://planner/v1/")
     assert ModelClient(apart).model == "cheap" and str(ModelClient(apart).openai.base_url) == "http://executor/v1/"
+
+
+def test_the_first_stored_plan_wins(llm_db: Settings) -> None:
+    # Two instances planning the same run (a rebalance mid-decision): both use the plan stored first.
+    ledger = RunLedger(llm_db.database_url)
+    ours = PlanRecord(run_id="r", based_on_version=1, plan="ours", model="m", prompt_tokens=3, audit={"a": 1})
+    theirs = ours.model_copy(update={"plan": "theirs", "prompt_tokens": 9})
+    assert ledger.save_plan(ours) == ours
+    assert ledger.save_plan(theirs) == ours and ledger.plan("r") == ours and ledger.plan("other") is None
