@@ -7,7 +7,7 @@ once the queue is empty it answers the workflow's next step, read from the prepa
 first ready step of the "Remaining steps" block, with its prepared arguments; ``wait`` when that
 step's tool is not offered; ``complete`` when nothing remains), in the style the request asks for.
 Every request is recorded (model, messages, tools offered, response_format) so tests count calls
-and read what was sent.
+and read what was sent; ``GET /_fake/stats`` answers ``{"calls": n}`` for a server in its own process.
 """
 
 from __future__ import annotations
@@ -196,6 +196,13 @@ def _handler(model: FakeModel) -> type[BaseHTTPRequestHandler]:
 
         def log_message(self, format: str, *args: Any) -> None:  # quiet: tests read model.requests
             return
+
+        def do_GET(self) -> None:
+            # What a process outside this one (a benchmark, make demo-llm) reads to count the calls.
+            if self.path.rstrip("/") == "/_fake/stats":
+                self._send(200, {"calls": model.calls})
+            else:
+                self._send(404, {"error": {"message": f"no route {self.path}", "type": "invalid_request_error"}})
 
         def do_POST(self) -> None:
             length = int(self.headers.get("content-length") or 0)
