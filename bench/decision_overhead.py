@@ -177,6 +177,7 @@ def measure(args: argparse.Namespace, decider: str, data_dir: Path) -> dict[str,
         "decide_p99_ms": round(percentile(decide, 0.99) * 1000, 1),
         "fake_model_cpu_ms_per_call": None if model_cpu_ms is None or not calls else round(model_cpu_ms / calls, 3),
         "restarted": cpu_after is None,  # the decision processor died during the burst: CPU not measured
+        "load_avg_after": round(os.getloadavg()[0], 2),  # other work on the machine makes every figure worse
     }
 
 
