@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-external tansu lint bench clean
+.PHONY: demo demo-llm test test-external tansu lint bench clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH"; exit 1; }
@@ -14,6 +14,12 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/streamagent demo $(ARGS)
+
+# Optional, never part of `make test`, `make demo` or CI: two onboarding runs decided by the model at
+# OPENAI_BASE_URL (STREAMAGENT_MODEL, OPENAI_API_KEY, STREAMAGENT_MODEL_* from the environment), each
+# decision's latency, tokens, refusals and fallbacks printed. Unset, the scripted fake model stands in.
+demo-llm: $(STAMP)
+	$(BIN)/python -m streamagent.console.demo_llm $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)

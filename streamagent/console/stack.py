@@ -393,6 +393,17 @@ class Stack:
             child.start()
         return child
 
+    def add_processor(self, name: str) -> Child:
+        """Start a processor again after ``undeploy`` (tests: change what it will read while it is down,
+        e.g. rewind its committed offsets, then bring it back as a restart would)."""
+        env = child_environ(self.settings)
+        log_path = self.settings.data_dir / "logs" / f"processor-{name}.log"
+        child = Child(f"processor-{name}", cli_argv("processor", name), env, log_path)
+        with self._lock:
+            self._add(child)
+            child.start()
+        return child
+
     def undeploy(self, name: str, sig: int = signal.SIGTERM) -> None:
         """Stop one child for good (not restarted): ``SIGTERM`` stops it gracefully, ``SIGKILL`` crashes it."""
         with self._lock:

@@ -8,7 +8,7 @@ first ready step of the "Remaining steps" block, with its prepared arguments; ``
 step's tool is not offered; ``complete`` when nothing remains), in the style the request asks for; a
 request offering no tools and no answer format (a planner's) gets ``PLAN``, a plan in words.
 Every request is recorded (model, messages, tools offered, response_format) so tests count calls
-and read what was sent.
+and read what was sent; ``GET /_fake/stats`` answers ``{"calls": n}`` for a server in its own process.
 """
 
 from __future__ import annotations
@@ -202,6 +202,13 @@ def _handler(model: FakeModel) -> type[BaseHTTPRequestHandler]:
 
         def log_message(self, format: str, *args: Any) -> None:  # quiet: tests read model.requests
             return
+
+        def do_GET(self) -> None:
+            # What a process outside this one (a benchmark, make demo-llm) reads to count the calls.
+            if self.path.rstrip("/") == "/_fake/stats":
+                self._send(200, {"calls": model.calls})
+            else:
+                self._send(404, {"error": {"message": f"no route {self.path}", "type": "invalid_request_error"}})
 
         def do_POST(self) -> None:
             length = int(self.headers.get("content-length") or 0)
