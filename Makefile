@@ -21,8 +21,11 @@ demo: $(STAMP)
 demo-llm: $(STAMP)
 	$(BIN)/python -m streamagent.console.demo_llm $(ARGS)
 
+# Two workers, each with its own embedded broker and PostgreSQL, a test file each at a time (loadfile):
+# an integration test spends most of its time waiting on its stack, so two share the 2 cores well.
+# `make test ARGS='-n 0'` runs it in one process.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile $(ARGS)
 
 # The integration suite on a Kafka that is already running: any Kafka (a cluster, a managed service,
 # a broker started by hand, e.g. `make tansu`). PostgreSQL too when DATABASE_URL is given (its user

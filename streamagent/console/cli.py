@@ -506,8 +506,9 @@ def build_parser() -> argparse.ArgumentParser:
     topics_sub = topics.add_subparsers(dest="topics_command", metavar="SUBCOMMAND", required=True)
     create = topics_sub.add_parser(
         "create",
-        help="Create every topic (idempotent)",
-        description="Create every topic the runtime uses; existing ones are left alone",
+        help="Create the runtime's topics and the stack tools' command topics (idempotent)",
+        description="Create the runtime's topics and the command topics of the tools the stack runs"
+        " (STREAMAGENT_STACK_TOOLS); existing ones are left alone",
     )
     create.add_argument("--partitions", type=positive_int, help="partition count (default STREAMAGENT_PARTITIONS or 4)")
     create.set_defaults(func=cmd_topics_create)
