@@ -131,15 +131,20 @@ def iter_entries(path: Path) -> Iterator[Entry]:
     yield from scan(path)[0]
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    """``os.write`` until every byte is written (a write may take only part)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 def rewrite(path: Path, entries: list[Entry], *, fsync: bool = True) -> int:
     """Replace the journal by ``entries`` atomically (a new file renamed over the old); its length."""
     tmp = path.with_name(path.name + ".rewrite")
     data = b"".join(encode(e) for e in entries)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        _write_all(fd, data)
         if fsync:
             os.fsync(fd)
     finally:
@@ -183,10 +188,7 @@ class JournalWriter:
         """Write ``data`` at the end; fsync it when asked to survive a power cut, not just a kill."""
         if not data:
             return
-        view = memoryview(data)
-        while view:
-            n = os.write(self._fd, view)
-            view = view[n:]
+        _write_all(self._fd, data)
         self.bytes_written += len(data)
         if self._fsync:
             os.fdatasync(self._fd)
