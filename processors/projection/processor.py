@@ -19,6 +19,10 @@ from streamagent.processors.projection.schema import SCHEMA
 from streamagent import db
 from streamagent.config import Settings
 from streamagent.events import (
+    ApprovalDenied,
+    ApprovalExpired,
+    ApprovalGranted,
+    ApprovalRequested,
     CommandLost,
     CommandResent,
     DecisionRecorded,
@@ -52,10 +56,25 @@ def summarize(event: Event) -> tuple[str | None, str]:
             )
         case DecisionRecorded():
             target = f" {event.step}" if event.step else ""
+            guard = ""
+            if event.guard_outcome is not None:
+                why = f": {event.guard_reason}" if event.guard_reason else ""
+                guard = f" [guard {event.guard_outcome}{why}; policy {event.policy_version}]"
             return event.step, (
                 f"decided {event.action.value}{target} on state v{event.based_on_version}"
-                f" [{event.decider}]: {event.reason}"
+                f" [{event.decider}]: {event.reason}{guard}"
             )
+        case ApprovalRequested():
+            return event.step, (
+                f"approval requested for {event.tool} {_short(event.arguments, 100)}: {event.reason}"
+                f" (expires {event.expires_at.isoformat(timespec='seconds')})"
+            )
+        case ApprovalGranted():
+            return event.step, f"approved by {event.by}" + (f": {event.note}" if event.note else "")
+        case ApprovalDenied():
+            return event.step, f"denied by {event.by}" + (f": {event.note}" if event.note else "")
+        case ApprovalExpired():
+            return event.step, "approval request expired unanswered"
         case ToolCommand():
             return event.step, f"command {event.operation} → {event.tool} {_short(event.arguments, 100)}"
         case ToolResult():
@@ -228,6 +247,45 @@ class ProjectionHandler:
             cur.executemany(
                 "UPDATE runs SET status=%s, reason=%s, failed_step=%s, ended_at=%s WHERE run_id=%s",
                 [(e.status.value, e.reason, e.failed_step, e.occurred_at, e.run_id) for e in failed],
+            )
+        self._approvals(cur, events)
+
+    @staticmethod
+    def _approvals(cur: psycopg.Cursor[Any], events: list[Event]) -> None:
+        """Requests inserted once; an answer settles only a pending request (the fold's rule)."""
+        asked = [e for e in events if isinstance(e, ApprovalRequested)]
+        if asked:
+            cur.executemany(
+                "INSERT INTO approvals (request_id, run_id, step, tool, arguments, reason, policy_version, status,"
+                " requested_at, expires_at) VALUES (%s,%s,%s,%s,%s,%s,%s,'requested',%s,%s)"
+                " ON CONFLICT (request_id) DO NOTHING",
+                [
+                    (
+                        e.request_id,
+                        e.run_id,
+                        e.step,
+                        e.tool,
+                        Jsonb(e.arguments),
+                        e.reason,
+                        e.policy_version,
+                        e.occurred_at,
+                        e.expires_at,
+                    )
+                    for e in asked
+                ],
+            )
+        answers: list[tuple[object, ...]] = []
+        for e in events:
+            if isinstance(e, ApprovalGranted | ApprovalDenied):
+                status = "granted" if isinstance(e, ApprovalGranted) else "denied"
+                answers.append((status, e.by, e.note or None, e.occurred_at, e.request_id))
+            elif isinstance(e, ApprovalExpired):
+                answers.append(("expired", None, None, e.occurred_at, e.request_id))
+        if answers:
+            cur.executemany(
+                "UPDATE approvals SET status=%s, decided_by=%s, note=%s, decided_at=%s"
+                " WHERE request_id=%s AND status='requested'",
+                answers,
             )
 
 
