@@ -160,15 +160,18 @@ def test_docker_compose_config_accepts_the_file() -> None:
 
 
 def test_the_signer_and_every_tool_read_the_command_keys_secret(compose: dict[str, Any]) -> None:
-    """Without a key the decision processor and the tools refuse to start: each mounts the secret and is
-    pointed at it; nothing else gets it."""
-    assert "command-keys" in compose["secrets"]
+    """Without a key the state processor (it signs snapshots), the decision processor and the tools refuse
+    to start: each mounts the secret and is pointed at it; the approval keys go to the decision processor
+    (it mints tokens) and the tools (they check them); nothing else gets either."""
+    assert {"command-keys", "approval-keys"} <= set(compose["secrets"])
     for name, svc in _streamagent_services(compose).items():
         command = _command(svc)
-        needs = command == ["processor", "decision"] or command[:1] == ["tool"]
+        approvals = command == ["processor", "decision"] or command[:1] == ["tool"]
+        needs = approvals or command == ["processor", "state"]
         env = _environment(svc)
         if needs:
-            assert svc.get("secrets") == ["command-keys"], name
+            assert svc.get("secrets") == (["command-keys", "approval-keys"] if approvals else ["command-keys"]), name
             assert env.get(f"{ENV_PREFIX}COMMAND_KEYS_FILE") == "/run/secrets/command-keys", name
+            assert (env.get(f"{ENV_PREFIX}APPROVAL_KEYS_FILE") == "/run/secrets/approval-keys") == approvals, name
         else:
             assert "secrets" not in svc and f"{ENV_PREFIX}COMMAND_KEYS_FILE" not in env, name

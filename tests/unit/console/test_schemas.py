@@ -31,6 +31,7 @@ def test_each_layer_creates_only_its_own_tables(settings: Settings) -> None:
         "run_plans",
         "runs",
         "run_events",
+        "approvals",
     }
     assert {s.owner for s in SCHEMAS} == {"projection", "decision", "tool_ledger"}  # the stack applies all
 
