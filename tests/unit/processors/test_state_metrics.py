@@ -109,3 +109,17 @@ def test_report_sets_lag_from_high_watermarks_and_the_oldest_run_age() -> None:
         )
         is None
     )
+
+
+def test_a_run_ending_mid_batch_is_counted_once() -> None:
+    """The complete decision and RunCompleted in one batch: the second folds onto the first's result,
+    not onto the state stored before the batch (which counted the run's end, and its span, twice)."""
+    worker = _worker()
+    messages = _messages(worker, full_run())
+    completed = _sample("streamagent_runs_total", status="completed")
+    worker.fold_batch(messages[:-2])
+    worker.fold_batch(messages[-2:])
+    assert _sample("streamagent_runs_total", status="completed") == completed + 1
+    stored = worker.store.get(RUN)
+    assert stored is not None and stored.snapshot.status.value == "completed"
+    assert stored.snapshot.version == len(messages)  # every event folded once, in order
