@@ -128,3 +128,12 @@ def test_spans_are_exported_over_otlp_http_to_the_configured_endpoint() -> None:
     assert {t for _, t, _, _ in received} == {trace_id}
     decisions = [p for _, _, p, name in received if name == "decision"]
     assert decisions == [tracing.run_span_id("run-otlp").to_bytes(8, "big")] * 3
+
+
+def test_an_endpoint_without_opentelemetry_installed_warns_and_stays_off(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setitem(sys.modules, "opentelemetry.sdk.trace", None)  # as if the extra were not installed
+    assert not tracing.configure(Settings(otlp_endpoint="http://127.0.0.1:4318"), "test")
+    assert not tracing.enabled()
+    assert "pip install -e '.[tracing]'" in caplog.text
