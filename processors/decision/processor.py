@@ -335,6 +335,7 @@ class DecisionHandler:
             decision = self.decider.decide(snap)
             tracing.decided(span, decision)
             verdict = self.guard.judge(snap, decision) if decision is not None else None
+            tracing.annotate(span, {"streamagent.guard.outcome": verdict.outcome if verdict is not None else None})
         with self._lock:
             self._record(snap, partition, memory, verdict, new)
 

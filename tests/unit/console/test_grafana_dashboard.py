@@ -111,6 +111,7 @@ def test_the_dashboard_shows_the_new_metrics() -> None:
         "streamagent_model_cost_usd_total",
         "streamagent_decision_actions_total",
         "streamagent_tool_call_attempts_bucket",
+        "streamagent_guard_outcomes_total",
     ):
         assert name in queried, name
 

@@ -88,6 +88,7 @@ def test_model_decisions_are_counted_once_and_traced(settings: Settings) -> None
         assert decision.parent is not None and decision.parent.span_id == tracing.run_span_id(run_id)
         assert decision.attributes["streamagent.decision.action"] == "dispatch"
         assert decision.attributes["streamagent.decision.tool"] == "enrich"
+        assert decision.attributes["streamagent.guard.outcome"] == "allowed"
         (chat,) = [s for s in spans if s.parent is not None and s.parent.span_id == decision.context.span_id]
         assert chat.name == "chat test-model"
         assert chat.context.trace_id == tracing.run_trace_id(run_id)
