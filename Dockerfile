@@ -15,7 +15,8 @@ COPY tools ./tools
 COPY schemas ./schemas
 COPY workflows ./workflows
 
-RUN pip install -e . \
+# The tracing extra: spans are off until STREAMAGENT_OTLP_ENDPOINT is set, but the image can send them.
+RUN pip install -e '.[tracing]' \
     && useradd --system --uid 10001 --home-dir /app streamagent
 
 # Installed in place (editable): the codec finds schemas/ and the settings find workflows/ beside the

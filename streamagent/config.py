@@ -168,6 +168,11 @@ class Settings(BaseModel):
     registry_heartbeat_s: float = Field(5.0, gt=0, description="How often a tool process re-announces itself")
     registry_lease_heartbeats: int = Field(3, ge=1, description="Missed heartbeats after which a tool member is gone")
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus port of this process; 0 picks a free one")
+    # librdkafka's statistics carry each partition's lag; parsed this often (0: off, no lag metric).
+    consumer_lag_interval_s: float = Field(5.0, ge=0, description="How often consumers report their lag; 0: never")
+    # OpenTelemetry spans go to this OTLP/HTTP endpoint (e.g. http://localhost:4318); empty: tracing off,
+    # and the OpenTelemetry packages are not even imported (pip install -e '.[tracing]' to turn it on).
+    otlp_endpoint: str = Field("", description="OTLP/HTTP endpoint for traces; empty: no tracing")
     log_level: LogLevel = Field("INFO", description="DEBUG | INFO | WARNING | ERROR | CRITICAL (any case)")
     log_format: LogFormat = Field("json", description="json | text")
 

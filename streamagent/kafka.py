@@ -9,6 +9,7 @@ from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaExcepti
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from streamagent.config import Settings
+from streamagent.metrics import LagFromStatistics
 from streamagent.topics import TopicSpec, all_topics, physical
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,11 @@ def consumer(settings: Settings, group: str, **overrides: Any) -> Consumer:
     }
     if settings.group_instance_id:
         conf["group.instance.id"] = f"{settings.group_instance_id}.{group}"
+    if settings.consumer_lag_interval_s > 0:
+        # streamagent_consumer_lag: librdkafka computes it in its own threads; the callback parses one
+        # small JSON document per interval, on the consumer's poll.
+        conf["statistics.interval.ms"] = max(100, int(settings.consumer_lag_interval_s * 1000))
+        conf["stats_cb"] = LagFromStatistics(settings.group(group))
     conf.update(overrides)
     return Consumer(conf)
 

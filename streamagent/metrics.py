@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -58,6 +59,142 @@ OUTAGE_RETRIES = Counter(
     "Work retried because a dependency was down (never dead-lettered)",
     ["process", "dependency"],
 )
+
+# -- flow: lag and latency -------------------------------------------------------------------------------
+# From librdkafka's statistics (confluent consumers, every ``consumer_lag_interval_s``) and from the state
+# processor's own fold position against faust's high-water marks: no extra broker round trip either way.
+CONSUMER_LAG = Gauge(
+    "streamagent_consumer_lag",
+    "Messages of a partition its consumer group has not committed yet (high watermark - committed offset)",
+    ["group", "topic", "partition"],
+)
+# Seconds, from the producer's occurred_at (a snapshot's updated_at) to its consumption: one hop of the
+# loop (request -> state, snapshot -> decision, command -> tool, result -> state). Clocks of different
+# hosts skew it; the buckets start at 5 ms, which is what one hop costs on one host.
+HOP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+HOP_SECONDS = Histogram(
+    "streamagent_hop_seconds", "Event age when a processor consumed it", ["processor", "topic"], buckets=HOP_BUCKETS
+)
+STEP_SECONDS = Histogram(
+    "streamagent_step_seconds",
+    "A step from its command's dispatch to its result folded into the run (retries and queueing included)",
+    ["step", "status"],
+    buckets=HOP_BUCKETS,
+)
+RUN_SECONDS = Histogram(
+    "streamagent_run_seconds",
+    "A run from its request to its terminal status",
+    ["status"],
+    buckets=(0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0),
+)
+RUN_OLDEST_SECONDS = Gauge(
+    "streamagent_run_oldest_age_seconds", "Age of the oldest run in flight on this state worker (0: none)"
+)
+
+# -- tools ----------------------------------------------------------------------------------------------
+TOOL_ATTEMPTS = Histogram(
+    "streamagent_tool_call_attempts",
+    "Attempts a command took to its final result (succeeded or failed)",
+    ["tool"],
+    buckets=(1, 2, 3, 4, 5, 6, 8, 10, 15, 20),
+)
+TOOL_IN_FLIGHT = Gauge(
+    "streamagent_tool_in_flight", "Commands this tool process has accepted and not finished", ["tool"]
+)
+
+# -- decisions and the model ------------------------------------------------------------------------------
+DECISION_ACTIONS = Counter(
+    "streamagent_decision_actions_total",
+    "Recorded decisions by kind (dispatch|complete|fail|escalate|compensate|wait) and the decider that made them",
+    ["decider", "action"],
+)
+MODEL_TOKENS = Counter(
+    "streamagent_model_tokens_total", "Model tokens of recorded decisions (prompt|completion)", ["decider", "kind"]
+)
+MODEL_COST = Counter("streamagent_model_cost_usd_total", "Model cost of recorded decisions, in US dollars", ["decider"])
+MODEL_CALL_SECONDS = Histogram(
+    "streamagent_model_call_seconds",
+    "One model request, answered or not",
+    ["decider"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0),
+)
+
+
+def decision_recorded(record: Any) -> None:
+    """Count one newly recorded decision (a ``DecisionRecorded``), never a replayed one: its tokens
+    were spent, and counted, once."""
+    DECISION_ACTIONS.labels(record.decider, record.action.value).inc()
+    if record.prompt_tokens:
+        MODEL_TOKENS.labels(record.decider, "prompt").inc(record.prompt_tokens)
+    if record.completion_tokens:
+        MODEL_TOKENS.labels(record.decider, "completion").inc(record.completion_tokens)
+    if record.cost_usd:
+        MODEL_COST.labels(record.decider).inc(record.cost_usd)
+
+
+class HopTimer:
+    """``streamagent_hop_seconds`` of one processor, with a child per topic kept at hand: one dict
+    lookup and one observe per message on the hot path."""
+
+    def __init__(self, processor: str) -> None:
+        self.processor = processor
+        self._children: dict[str, Any] = {}
+
+    def observe(self, topic: str, event: Any, now: float | None = None) -> None:
+        at = getattr(event, "occurred_at", None) or getattr(event, "updated_at", None)
+        if at is None:
+            return
+        child = self._children.get(topic)
+        if child is None:
+            child = self._children[topic] = HOP_SECONDS.labels(self.processor, topic)
+        child.observe(max(0.0, (time.time() if now is None else now) - at.timestamp()))
+
+
+class LagFromStatistics:
+    """``stats_cb`` of a confluent consumer: librdkafka sends its statistics every
+    ``statistics.interval.ms`` from the consumer's own poll, with per-partition ``consumer_lag``
+    (high watermark, or last stable offset under read_committed, minus the committed offset). Only
+    partitions this consumer fetches are reported; a partition given away stops being reported here
+    (its new owner reports it), so two processes never both show it."""
+
+    def __init__(self, group: str) -> None:
+        self.group = group
+        self._shown: set[tuple[str, str]] = set()
+
+    def __call__(self, stats_json: str) -> None:
+        try:
+            stats = json.loads(stats_json)
+        except ValueError:
+            return
+        shown: set[tuple[str, str]] = set()
+        for topic, info in (stats.get("topics") or {}).items():
+            for partition, p in (info.get("partitions") or {}).items():
+                if partition == "-1" or p.get("fetch_state") in (None, "none", "stopped"):
+                    continue
+                lag = p.get("consumer_lag", -1)
+                if lag is None or lag < 0:
+                    # Nothing committed yet by this group: how far the consumer is from the end.
+                    hi, position = p.get("hi_offset", -1), p.get("app_offset", -1)
+                    if hi is None or hi < 0 or position is None or position < 0:
+                        continue
+                    lag = hi - position
+                CONSUMER_LAG.labels(self.group, topic, partition).set(max(0, lag))
+                shown.add((topic, partition))
+        for topic, partition in self._shown - shown:
+            with contextlib.suppress(KeyError):
+                CONSUMER_LAG.remove(self.group, topic, partition)
+        self._shown = shown
+
+
+def set_lag(group: str, lags: dict[tuple[str, int], int], shown: set[tuple[str, int]]) -> set[tuple[str, int]]:
+    """Set ``streamagent_consumer_lag`` for a consumer that computes its own (the faust state
+    processor); partitions in ``shown`` and not in ``lags`` are removed. Returns what is shown now."""
+    for (topic, partition), lag in lags.items():
+        CONSUMER_LAG.labels(group, topic, str(partition)).set(max(0, lag))
+    for topic, partition in shown - set(lags):
+        with contextlib.suppress(KeyError):
+            CONSUMER_LAG.remove(group, topic, str(partition))
+    return set(lags)
 
 
 class DependencyHealth:

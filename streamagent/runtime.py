@@ -37,7 +37,7 @@ from streamagent.dlq import DeadLetterSink
 from streamagent.errors import Unprocessable, outage
 from streamagent.kafka import consumer as make_consumer
 from streamagent.kafka import producer as make_producer
-from streamagent.metrics import EVENTS_PROCESSED, DependencyHealth
+from streamagent.metrics import EVENTS_PROCESSED, DependencyHealth, HopTimer
 from streamagent.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -122,6 +122,7 @@ class ConsumerRuntime:
         self.retry = retry
         self.outage_retry = outage_retry
         self.health = DependencyHealth(name, dependencies)
+        self.hops = HopTimer(name)
         self.stop_event = threading.Event()
         self.consumer_config = consumer_config or {}
         self._consumer: Consumer | None = None
@@ -177,9 +178,12 @@ class ConsumerRuntime:
             offsets[(msg.topic(), msg.partition())] = msg.offset() + 1
             EVENTS_PROCESSED.labels(self.name, msg.topic()).inc()
             try:
-                items.append(Incoming(msg, codec.decode(msg.value(), self.settings.max_event_bytes)))
+                event = codec.decode(msg.value(), self.settings.max_event_bytes)
             except codec.DecodeError as exc:
                 self.dead_letters.send(msg, exc.reason, exc.detail)
+                continue
+            self.hops.observe(msg.topic(), event)
+            items.append(Incoming(msg, event))
         if not offsets:
             return
         if items and not self._handle(Batch(items, self.dead_letters)):

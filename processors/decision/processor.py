@@ -47,7 +47,7 @@ from streamagent.processors.guard.judge import Verdict
 from streamagent.processors.guard.stage import GuardStage
 from streamagent.processors.workflow import ToolAvailability, every_tool_available, load_workflows
 
-from streamagent import codec, db
+from streamagent import codec, db, tracing
 from streamagent.approval import load_approval_keys
 from streamagent.catalogue import Catalogue
 from streamagent.config import Settings, SettingsError, env_name
@@ -67,7 +67,7 @@ from streamagent.events import (
     now,
     stable_id,
 )
-from streamagent.metrics import DECISIONS, RESENT_COMMANDS
+from streamagent.metrics import DECISIONS, RESENT_COMMANDS, decision_recorded
 from streamagent.policy import load_policy
 from streamagent.runtime import Batch, ConsumerRuntime, Incoming, Unprocessable
 from streamagent.signing import CommandKeys, load_keys, sign, verify, verify_snapshot_bytes
@@ -331,8 +331,11 @@ class DecisionHandler:
             memory = self._admit(snap, emissions, resends)
         if memory is None:
             return
-        decision = self.decider.decide(snap)
-        verdict = self.guard.judge(snap, decision) if decision is not None else None
+        with tracing.span("decision", snap.run_id, {"streamagent.snapshot.version": snap.version}) as span:
+            decision = self.decider.decide(snap)
+            tracing.decided(span, decision)
+            verdict = self.guard.judge(snap, decision) if decision is not None else None
+            tracing.annotate(span, {"streamagent.guard.outcome": verdict.outcome if verdict is not None else None})
         with self._lock:
             self._record(snap, partition, memory, verdict, new)
 
@@ -699,6 +702,7 @@ class DecisionHandler:
         for snap, emission, _, _ in records:
             if (snap.run_id, snap.version) in inserted:
                 DECISIONS.labels(self.decider.name, "recorded").inc()
+                decision_recorded(emission.record)
                 out.append(emission)
                 continue
             theirs = self._recorded(snap)

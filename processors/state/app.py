@@ -32,7 +32,7 @@ from streamagent.processors.state.store import FaustTableStore, RunStore, maybe_
 from streamagent.processors.state.watch import APPROVAL, DEADLINE, REDRIVE, Admission, DueQueue
 from streamagent.processors.workflow import UnknownWorkflow, Workflow, Workflows, load_workflows, lookup
 
-from streamagent import codec, faust_compat
+from streamagent import codec, faust_compat, tracing
 from streamagent.config import Settings
 from streamagent.dlq import DeadLetterSink
 from streamagent.errors import Rejected, Unprocessable
@@ -52,7 +52,19 @@ from streamagent.events import (
 )
 from streamagent.kafka import admin, group_offsets
 from streamagent.kafka import producer as make_producer
-from streamagent.metrics import EVENTS_PROCESSED, REDRIVES, RUNS, RUNS_ADMITTED, RUNS_WAITING, SNAPSHOTS
+from streamagent.metrics import (
+    EVENTS_PROCESSED,
+    REDRIVES,
+    RUN_OLDEST_SECONDS,
+    RUN_SECONDS,
+    RUNS,
+    RUNS_ADMITTED,
+    RUNS_WAITING,
+    SNAPSHOTS,
+    STEP_SECONDS,
+    HopTimer,
+    set_lag,
+)
 from streamagent.signing import CommandKeys, load_keys, sign_snapshot_bytes
 from streamagent.topics import RUN_EVENTS, RUN_STATE, TOOL_RESULTS, command_topic
 
@@ -107,6 +119,9 @@ class StateWorker:
         self.results_topic = settings.topic(TOOL_RESULTS)
         self.events_topic = settings.topic(RUN_EVENTS)
         self.snapshots_topic = settings.topic(RUN_STATE)
+        self.hops = HopTimer(PROCESSOR)
+        self._lag_shown: set[tuple[str, int]] = set()
+        self._reported_at = 0.0
 
     # -- state access ----------------------------------------------------------------------------
     def partition(self, run_id: str) -> int:
@@ -202,9 +217,13 @@ class StateWorker:
 
     def _fold_one(self, message: Any, dirty: dict[str, tuple[RunState, int]], publish: dict[str, RunState]) -> None:
         event = codec.decode(message.value, self.settings.max_event_bytes)
+        self.hops.observe(message.topic, event)
         if not isinstance(event, Event) or (message.topic == self.results_topic) != isinstance(event, ToolResult):
             raise Unprocessable("unexpected-event", f"{type(event).__name__} on {message.topic}")
-        before = self.state(event.run_id)
+        # This batch's own write first: a run that ended earlier in the batch has left the cache and is
+        # not stored yet, and folding onto the stored (older) state would count its end twice.
+        pending = dirty.get(event.run_id)
+        before = pending[0] if pending is not None else self.state(event.run_id)
         workflow = None  # an event of a run never requested: the fold refuses it
         if before is not None:
             workflow = self.workflow(before.snapshot.request.workflow)
@@ -237,8 +256,11 @@ class StateWorker:
                 after = after.model_copy(update={"admitted": True})
             else:
                 wants = False
+        if isinstance(event, ToolResult) and before is not None:
+            _observe_step(before.snapshot, event)
         if snap.status.terminal and (before is None or not before.snapshot.status.terminal):
             RUNS.labels(snap.status.value).inc()
+            _observe_end(snap)
         self._store(after, partition, dirty)
         if wants:
             publish[snap.run_id] = after
@@ -313,6 +335,29 @@ class StateWorker:
     def _gauges(self) -> None:
         RUNS_ADMITTED.set(self.admission.running)
         RUNS_WAITING.set(self.admission.queued)
+
+    def report_due(self, now: float) -> bool:
+        """Whether the periodic gauges (lag, oldest run) are due; every ``consumer_lag_interval_s``."""
+        interval = self.settings.consumer_lag_interval_s
+        if interval <= 0 or now - self._reported_at < interval:
+            return False
+        self._reported_at = now
+        return True
+
+    def report(self, highwaters: dict[tuple[str, int], int | None], now: float) -> None:
+        """Lag of the partitions this worker folds (high watermark minus folded position: faust
+        commits that position every half second), and the age of the oldest run in flight."""
+        lags = {
+            tp: end - self.positions[tp]
+            for tp, end in highwaters.items()
+            if end is not None and tp in self.positions and tp[0] in (self.events_topic, self.results_topic)
+        }
+        self._lag_shown = set_lag(self.settings.group(PROCESSOR), lags, self._lag_shown)
+        oldest = min(
+            (s.snapshot.created_at.timestamp() for s in self.cache.values() if s.snapshot.status is RunStatus.running),
+            default=None,
+        )
+        RUN_OLDEST_SECONDS.set(0.0 if oldest is None else max(0.0, now - oldest))
 
     # -- the timer -------------------------------------------------------------------------------
     async def tick(self, now: float | None = None) -> None:
@@ -477,6 +522,26 @@ class StateWorker:
         self.producer.produce(self.events_topic, key=event.run_id.encode(), value=codec.encode(event))
 
 
+def _observe_step(before: StateSnapshot, result: ToolResult) -> None:
+    """``streamagent_step_seconds``: the step's command dispatched, its result now folded."""
+    for step in before.steps:
+        if step.command_id == result.command_id and step.dispatched_at is not None:
+            seconds = (result.occurred_at - step.dispatched_at).total_seconds()
+            STEP_SECONDS.labels(step.name, result.status.value).observe(max(0.0, seconds))
+            return
+
+
+def _observe_end(snap: StateSnapshot) -> None:
+    RUN_SECONDS.labels(snap.status.value).observe(max(0.0, (snap.updated_at - snap.created_at).total_seconds()))
+    tracing.run_ended(
+        snap.run_id,
+        snap.status.value,
+        snap.created_at,
+        snap.updated_at,
+        {"streamagent.workflow": snap.request.workflow, "streamagent.run.reason": snap.reason or ""},
+    )
+
+
 async def _blocking(fn: Any, *args: Any) -> Any:
     return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
@@ -548,6 +613,12 @@ def build_app(settings: Settings) -> faust.App:
     @app.timer(interval=0.5)
     async def watch() -> None:
         sync()
+        if worker.report_due(time.time()):
+            try:  # a gauge is never worth failing the timer: it tries again at the next interval
+                ends = {(tp.topic, tp.partition): app.consumer.highwater(tp) for tp in app.consumer.assignment()}
+                worker.report(ends, time.time())
+            except Exception as exc:
+                log.debug("lag not reported: %r", exc)
         if worker.assigned is not None:
             await worker.tick()
 

@@ -248,6 +248,13 @@ def _serve_metrics(settings: Settings, name: str) -> None:
     from streamagent.metrics import serve
 
     serve(settings.metrics_port, name, settings.data_dir / "metrics")
+    if settings.otlp_endpoint:  # off by default: then not even imported
+        import atexit
+
+        from streamagent import tracing
+
+        if tracing.configure(settings, name):
+            atexit.register(tracing.shutdown)  # exports the spans still buffered
 
 
 # -- submit / inspect --------------------------------------------------------------------------------

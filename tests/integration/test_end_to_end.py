@@ -1,4 +1,5 @@
-"""The walking skeleton on the real broker and PostgreSQL: 20 onboarding runs, end to end."""
+"""The walking skeleton on the real broker and PostgreSQL: 20 onboarding runs, end to end, traced (to an
+OTLP/HTTP stub) and measured (each process's metrics endpoint)."""
 
 from __future__ import annotations
 
@@ -6,15 +7,18 @@ from collections import Counter
 
 import pytest
 from helpers import ended, eventually
+from otlp_receiver import otlp_receiver
 from streamagent.processors.projection import queries
 from streamagent.processors.workflow import project_key
 from streamagent.tools.sandbox import SandboxClient
 
+from streamagent import tracing
 from streamagent.config import Settings, get_settings
 from streamagent.console.cli import main as cli
 from streamagent.console.demo import sample_requests
 from streamagent.console.stack import Stack
 from streamagent.events import RunRequested
+from streamagent.metrics import scrape
 from streamagent.submit import produce_requests
 
 pytestmark = pytest.mark.integration
@@ -26,7 +30,7 @@ def test_twenty_runs_complete_with_one_effect_per_step(
     settings: Settings, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     requests = sample_requests(20)
-    with Stack(settings) as stack:
+    with otlp_receiver() as receiver, Stack(settings.model_copy(update={"otlp_endpoint": receiver.url})) as stack:
         s = stack.settings
         run_ids = produce_requests(s, requests)
         rows = eventually(lambda: ended(s, run_ids), timeout=120, what="all 20 runs ended")
@@ -61,6 +65,36 @@ def test_twenty_runs_complete_with_one_effect_per_step(
         positions = [out.index(f"ToolResult           {step}") for step in STEPS]
         assert positions == sorted(positions)
         assert "status=completed" in out
+
+        # Each process's metrics: every run's end counted once, every step's latency, every group's lag.
+        state = int((s.data_dir / "metrics" / "processor-state.port").read_text())
+        assert scrape(state, "streamagent_runs_total", {"status": "completed"}) == 20
+        assert scrape(state, "streamagent_run_seconds_count", {"status": "completed"}) == 20
+        for step in STEPS:
+            assert scrape(state, "streamagent_step_seconds_count", {"step": step, "status": "succeeded"}) == 20
+        jira = int((s.data_dir / "metrics" / "tool-jira.port").read_text())
+        assert scrape(jira, "streamagent_tool_call_attempts_count", {"tool": "jira"}) == 20
+        assert scrape(jira, "streamagent_hop_seconds_count", {"processor": "tool.jira"}) == 20
+        eventually(
+            lambda: scrape(jira, "streamagent_consumer_lag", {"group": s.group("tool.jira")}) is not None,
+            timeout=30,
+            what="the jira group's lag reported",
+        )
+
+    # The stack stopped its processes gracefully, and each exported its last spans on the way out. A run
+    # is one trace across five processes, with no context carried in the events: its root from the state
+    # processor, a span per decision and per tool call, each parented on the root.
+    assert receiver.paths == {"/v1/traces"}
+    for request in requests:
+        spans = receiver.spans(tracing.run_trace_id(request.run_id))
+        names = Counter((span.service, span.name) for span in spans)
+        assert names[("streamagent-processor-state", "run")] == 1, names
+        assert names[("streamagent-processor-decision", "decision")] == 5, names  # 4 dispatches, 1 completion
+        for step in STEPS:
+            assert names[(f"streamagent-tool-{step}", f"tool {step}")] == 1, names
+        (root,) = [span for span in spans if span.name == "run"]
+        assert (root.span_id, root.parent_id) == (tracing.run_span_id(request.run_id), 0)
+        assert all(span.parent_id == root.span_id for span in spans if span is not root)
 
 
 def _assert_effects_of(request: RunRequested, effects: list) -> None:  # type: ignore[type-arg]

@@ -43,14 +43,22 @@ from streamagent.tools.sdk.offsets import PartitionOffsets
 from streamagent.tools.sdk.schema import SCHEMA as LEDGER_SCHEMA
 from streamagent.tools.sdk.tool import CallContext, Tool
 
-from streamagent import codec, db
+from streamagent import codec, db, tracing
 from streamagent.config import Settings
 from streamagent.dlq import DeadLetterSink
 from streamagent.errors import Rejected, outage
 from streamagent.events import ToolCommand, ToolResult, ToolStatus, stable_id
 from streamagent.kafka import consumer as make_consumer
 from streamagent.kafka import producer as make_producer
-from streamagent.metrics import EVENTS_PROCESSED, TOOL_CALL_SECONDS, TOOL_CALLS, DependencyHealth
+from streamagent.metrics import (
+    EVENTS_PROCESSED,
+    TOOL_ATTEMPTS,
+    TOOL_CALL_SECONDS,
+    TOOL_CALLS,
+    TOOL_IN_FLIGHT,
+    DependencyHealth,
+    HopTimer,
+)
 from streamagent.retry import RetryPolicy
 from streamagent.signing import CommandKeys, load_keys, verify
 from streamagent.topics import TOOL_REGISTRY, TOOL_RESULTS, command_topic
@@ -163,6 +171,8 @@ class ToolRunner:
         self._reports: list[tuple[asyncio.Future[None], Any]] = []  # delivery reports, poll thread only
         self._results_topic = settings.topic(TOOL_RESULTS)
         self._processed: dict[str, Any] = {}
+        self._hops = HopTimer(self.processor)
+        TOOL_IN_FLIGHT.labels(tool.name).set_function(lambda: len(self._tasks))  # read at scrape time only
         self.claimed_batches = 0  # consumed batches that carried commands: one claim round trip each
         self._stopping = False  # tells the producer-poll thread to flush and end
         # This process's key on the registry topic: stable across restarts when the supervisor gives
@@ -333,6 +343,7 @@ class ToolRunner:
                 log.exception("tool failed on %s[%s]@%s", topic, msg.partition(), msg.offset())
                 self._spawn(self._refuse(msg, tracker, "processing-error", repr(exc)))
                 continue
+            self._hops.observe(topic, command)
             commands.append((msg, tracker, command))
         if not commands:
             return
@@ -494,6 +505,7 @@ class ToolRunner:
         self._remember(cid, encoded)
         await self._produce(self._results_topic, command.run_id.encode(), encoded)
         TOOL_CALLS.labels(self.tool.name, result.status.value).inc()
+        TOOL_ATTEMPTS.labels(self.tool.name).observe(result.attempts)
 
     async def _attempts(self, command: ToolCommand, recorded: int) -> ToolResult:
         """Call until success, a permanent error or the deadline. ``recorded`` attempts are already in
@@ -515,7 +527,11 @@ class ToolRunner:
                 await self.writer.attempt(command.command_id)
                 recorded = attempt
             try:
-                with self._http.lease() as http, TOOL_CALL_SECONDS.labels(self.tool.name).time():
+                with (
+                    self._http.lease() as http,
+                    TOOL_CALL_SECONDS.labels(self.tool.name).time(),
+                    tracing.span(f"tool {self.tool.name}", command.run_id, self._span_attributes(command, attempt)),
+                ):
                     ctx = CallContext(http, command.run_id, command.command_id, attempt)
                     output = await self._call_once(command, ctx)
                 await self.breaker.success()
@@ -569,6 +585,16 @@ class ToolRunner:
             attempts=attempt,
             duration_ms=int((time.monotonic() - started) * 1000),
         )
+
+    def _span_attributes(self, command: ToolCommand, attempt: int) -> dict[str, str | int]:
+        if not tracing.enabled():
+            return {}
+        return {
+            "streamagent.tool": self.tool.name,
+            "streamagent.step": command.step,
+            "streamagent.command_id": command.command_id,
+            "streamagent.attempt": attempt,
+        }
 
     async def _call_once(self, command: ToolCommand, ctx: CallContext) -> dict[str, Any]:
         timeout = self.timeout_s * 2  # the HTTP timeout fires first; this is a backstop

@@ -17,8 +17,9 @@ import openai
 from streamagent.processors.decision.llm.answer import response_format, tool_specs
 from streamagent.processors.decision.llm.context import OfferedTool
 
+from streamagent import tracing
 from streamagent.config import Settings
-from streamagent.metrics import MODEL_CALLS
+from streamagent.metrics import MODEL_CALL_SECONDS, MODEL_CALLS
 
 BACKOFF_S = 0.5  # first pause between attempts, doubled each time
 BACKOFF_MAX_S = 8.0
@@ -108,6 +109,16 @@ class ModelClient:
         return self.chat({"model": self.model, "messages": list(messages), "temperature": 0})
 
     def chat(self, params: dict[str, Any]) -> Completion:
+        # Metrics and an optional GenAI span around the call and its retries (streamagent.tracing).
+        with (
+            MODEL_CALL_SECONDS.labels(self.decider).time(),
+            tracing.model_call("openai", self.model, self.decider) as span,
+        ):
+            completion = self._chat(params)
+            tracing.model_answered(span, completion)
+            return completion
+
+    def _chat(self, params: dict[str, Any]) -> Completion:
         started = time.monotonic()
         for attempt in range(self.max_retries + 1):
             wait: float | None = None
