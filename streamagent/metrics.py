@@ -176,3 +176,65 @@ def scrape(port: int, metric: str, labels: dict[str, str] | None = None) -> floa
             if sample.name == metric and all(sample.labels.get(k) == v for k, v in (labels or {}).items()):
                 return float(sample.value)
     return None
+
+
+# -- run quality (``streamagent report``), counted by the projection once per ended run --------------------
+# Labelled by workflow (and status): the same figures the report prints, for dashboards and alerts. The
+# projection counts a run when it first projects its end into a database; a batch delivered again is
+# not counted twice, a replay into an empty database is (these are process counters, rates survive it).
+QUALITY_DURATION_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 14400.0)
+RUN_OUTCOMES = Counter(
+    "streamagent_run_outcomes_total",
+    "Runs ended, by workflow and status (completed|failed|escalated)",
+    ["workflow", "status"],
+)
+RUN_DURATION = Histogram(
+    "streamagent_run_duration_seconds",
+    "An ended run from its request to its end, by workflow and status",
+    ["workflow", "status"],
+    buckets=QUALITY_DURATION_BUCKETS,
+)
+RUN_COST = Histogram(
+    "streamagent_run_cost_usd",
+    "Model cost of an ended run in US dollars, by workflow and status",
+    ["workflow", "status"],
+    buckets=(0.0, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0),
+)
+RUN_TOOL_CALLS = Counter(
+    "streamagent_run_tool_calls_total", "Commands dispatched (steps and undos) by ended runs", ["workflow"]
+)
+RUN_EXCESS_TOOL_CALLS = Counter(
+    "streamagent_run_excess_tool_calls_total",
+    "Commands an ended run dispatched beyond its workflow's step count",
+    ["workflow"],
+)
+RUN_RETRIES = Counter("streamagent_run_retries_total", "Tool attempts beyond the first, by ended runs", ["workflow"])
+RUN_TOKENS = Counter("streamagent_run_tokens_total", "Model tokens spent by ended runs", ["workflow"])
+GUARD_REFUSALS = Counter(
+    "streamagent_guard_refusals_total", "Decisions the guard refused, counted when their run ends", ["workflow"]
+)
+APPROVALS = Counter("streamagent_approvals_total", "Approvals requested, counted when their run ends", ["workflow"])
+APPROVAL_WAIT = Histogram(
+    "streamagent_approval_wait_seconds",
+    "From an approval's request to its grant, denial or expiry",
+    ["workflow"],
+    buckets=QUALITY_DURATION_BUCKETS,
+)
+
+
+def run_ended(quality: Any) -> None:
+    """Count one ended run's quality signals (a ``queries.QualityRow``-shaped object)."""
+    workflow = quality.workflow or "unknown"
+    RUN_OUTCOMES.labels(workflow, quality.status).inc()
+    if quality.duration_s is not None:
+        RUN_DURATION.labels(workflow, quality.status).observe(max(0.0, quality.duration_s))
+    RUN_COST.labels(workflow, quality.status).observe(float(quality.cost_usd))
+    RUN_TOOL_CALLS.labels(workflow).inc(quality.tool_calls)
+    if quality.workflow_steps is not None and quality.tool_calls > quality.workflow_steps:
+        RUN_EXCESS_TOOL_CALLS.labels(workflow).inc(quality.tool_calls - quality.workflow_steps)
+    RUN_RETRIES.labels(workflow).inc(quality.retries)
+    RUN_TOKENS.labels(workflow).inc(quality.prompt_tokens + quality.completion_tokens)
+    GUARD_REFUSALS.labels(workflow).inc(quality.guard_refusals)
+    APPROVALS.labels(workflow).inc(quality.approvals)
+    for wait in quality.approval_waits_s:
+        APPROVAL_WAIT.labels(workflow).observe(max(0.0, wait))

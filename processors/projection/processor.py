@@ -14,9 +14,11 @@ from typing import Any
 
 import psycopg
 from psycopg.types.json import Jsonb
+from streamagent.processors.projection.queries import QUALITY_COLUMNS, QualityRow, quality_row
 from streamagent.processors.projection.schema import SCHEMA
+from streamagent.processors.workflow import WorkflowError, load_workflows
 
-from streamagent import db
+from streamagent import db, metrics
 from streamagent.config import Settings
 from streamagent.events import (
     CommandLost,
@@ -98,6 +100,67 @@ def _costs(event: DecisionRecorded) -> bool:
     )
 
 
+def workflow_steps(settings: Settings) -> dict[str, int]:
+    """Steps per workflow, from the workflow files: each run's minimum. A malformed file leaves every
+    workflow unknown (NULL minimum) rather than stopping the projection: the state processor refuses
+    it at start already, and the audit copy of the log must keep flowing."""
+    try:
+        return {name: len(w.steps) for name, w in load_workflows(settings.workflows_dir).items()}
+    except (WorkflowError, OSError) as exc:
+        log.warning("workflow files unreadable, runs get no step minimum: %s", exc)
+        return {}
+
+
+# Quality signals of the ended runs among ``%(runs)s``, recomputed from their projected events (never
+# added to), so a batch delivered twice or a replay over an existing database changes nothing.
+# Decisions and results are counted by their ids, not their events: a re-emitted decision or a result
+# published again counts once. Approval waits pair each request with its grant, denial or expiry by
+# request_id. RETURNING hands back what the metrics count, and whether they had counted it already.
+_QUALITY_UPDATE = f"""
+WITH ended AS (
+    SELECT run_id, quality_counted FROM runs WHERE run_id = ANY(%(runs)s) AND ended_at IS NOT NULL FOR UPDATE
+), decided AS (
+    SELECT e.run_id,
+        count(DISTINCT e.payload->>'decision_id') AS decisions,
+        count(DISTINCT e.payload->>'decision_id')
+            FILTER (WHERE e.payload->>'action' IN ('dispatch', 'compensate')) AS tool_calls,
+        count(DISTINCT e.payload->>'decision_id')
+            FILTER (WHERE e.payload->>'guard_outcome' = 'refused') AS guard_refusals
+    FROM run_events e JOIN ended USING (run_id) WHERE e.type = 'DecisionRecorded' GROUP BY e.run_id
+), results AS (
+    SELECT run_id, sum(attempts) AS tool_attempts, sum(attempts - 1) AS retries FROM (
+        SELECT e.run_id, max((e.payload->>'attempts')::int) AS attempts
+        FROM run_events e JOIN ended USING (run_id) WHERE e.type = 'ToolResult'
+        GROUP BY e.run_id, e.payload->>'command_id', e.payload->>'operation'
+    ) per_command GROUP BY run_id
+), asked AS (
+    SELECT r.run_id, count(DISTINCT r.payload->>'request_id') AS approvals,
+        coalesce(array_agg(extract(epoch FROM d.occurred_at - r.occurred_at)::float8 ORDER BY r.occurred_at)
+            FILTER (WHERE d.event_id IS NOT NULL), '{{}}') AS waits
+    FROM run_events r JOIN ended USING (run_id)
+    LEFT JOIN LATERAL (
+        SELECT event_id, occurred_at FROM run_events d
+        WHERE d.run_id = r.run_id AND d.type IN ('ApprovalGranted', 'ApprovalDenied', 'ApprovalExpired')
+        AND d.payload->>'request_id' = r.payload->>'request_id' ORDER BY d.occurred_at LIMIT 1
+    ) d ON true
+    WHERE r.type = 'ApprovalRequested' GROUP BY r.run_id
+)
+UPDATE runs SET
+    decisions = coalesce(decided.decisions, 0),
+    tool_calls = coalesce(decided.tool_calls, 0),
+    guard_refusals = coalesce(decided.guard_refusals, 0),
+    tool_attempts = coalesce(results.tool_attempts, 0),
+    retries = coalesce(results.retries, 0),
+    approvals = coalesce(asked.approvals, 0),
+    approval_waits_s = coalesce(asked.waits, '{{}}'),
+    duration_s = extract(epoch FROM runs.ended_at - runs.created_at)::float8,
+    quality_counted = true
+FROM ended LEFT JOIN decided USING (run_id) LEFT JOIN results USING (run_id) LEFT JOIN asked USING (run_id)
+WHERE runs.run_id = ended.run_id
+RETURNING ended.quality_counted, {", ".join("runs." + c for c in QUALITY_COLUMNS.split(", "))}
+"""
+
+
 class ProjectionHandler:
     """Projects a batch in one transaction, sent as one pipeline (one round trip in the steady state).
 
@@ -105,7 +168,9 @@ class ProjectionHandler:
     delivered again after a crash changes nothing.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, steps_of: dict[str, int] | None = None) -> None:
+        # Each workflow's step count, loaded once (as the state processor lays runs out at its start).
+        self.steps_of = workflow_steps(settings) if steps_of is None else steps_of
         # Reconnected on use after PostgreSQL restarts; a batch whose transaction failed is retried
         # whole by the runtime.
         self.db = db.Reconnecting(settings.database_url, autocommit=False)
@@ -148,6 +213,21 @@ class ProjectionHandler:
                 rows,
             )
             self._update_runs(cur, events)
+            newly_ended = self._update_quality(cur, events)
+        # Counted once the transaction is committed: a batch that failed and is retried counts once.
+        for quality in newly_ended:
+            metrics.run_ended(quality)
+
+    def _update_quality(self, cur: psycopg.Cursor[Any], events: list[Event]) -> list[QualityRow]:
+        """Recompute the quality signals of the batch's runs that have ended; the runs this database
+        sees end for the first time are returned (for the metrics)."""
+        # Any event of an ended run may change its figures (a result on its own topic can be copied
+        # after the run's end); the statement only touches ended runs, so running runs cost one index probe.
+        touched = sorted({e.run_id for e in events if not isinstance(e, ToolCommand)})
+        if not touched:
+            return []
+        cur.execute(_QUALITY_UPDATE, {"runs": touched})
+        return [quality_row(row[1:]) for row in cur.fetchall() if not row[0]]
 
     def _update_runs(self, cur: psycopg.Cursor[Any], events: list[Event]) -> None:
         # Runs arrive on several topics, so any event may be the first one seen for its run.
@@ -164,7 +244,7 @@ class ProjectionHandler:
         if requested:
             cur.executemany(
                 "UPDATE runs SET company_name=%s, company_domain=%s, contact_email=%s, requested_by=%s, workflow=%s,"
-                " created_at=LEAST(created_at, %s) WHERE run_id=%s",
+                " workflow_steps=%s, created_at=LEAST(created_at, %s) WHERE run_id=%s",
                 [
                     (
                         e.company_name,
@@ -172,6 +252,7 @@ class ProjectionHandler:
                         e.contact_email,
                         e.requested_by,
                         e.workflow,
+                        self.steps_of.get(e.workflow),
                         e.occurred_at,
                         e.run_id,
                     )
