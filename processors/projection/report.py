@@ -10,7 +10,7 @@ Definitions (also in the README, "Quality report"):
   burnt is charged to the runs that delivered (an API's "cost per successful request").
 - excess tool calls: commands a run dispatched beyond its workflow's step count (undos included).
 - failure reasons: ended-but-not-completed runs grouped by status, failed step and reason, with the
-  reason's run-specific parts (times, ids, numbers, quoted values) replaced so that alike failures group.
+  reason's run-specific parts (times, ids, keys, numbers) replaced so that alike failures group.
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ def percentile(values: Sequence[float], q: float) -> float | None:
 _VARIABLE_PARTS = (
     (re.compile(r"\d{4}-\d{2}-\d{2}[T ][0-9:.]+(?:[+-]\d{2}:\d{2}|Z)?"), "<time>"),
     (re.compile(r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b", re.I), "<id>"),
-    (re.compile(r"'[^']*'|\"[^\"]*\""), "'…'"),
     (re.compile(r"\b(?=[A-Za-z0-9_-]*\d)[A-Za-z0-9_-]{6,}\b"), "<id>"),  # keys, hashes: long and with digits
     (re.compile(r"\b\d+(?:\.\d+)?\b"), "<n>"),
 )

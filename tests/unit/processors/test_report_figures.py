@@ -115,7 +115,7 @@ def test_alike_failures_group_under_one_reason_most_frequent_first() -> None:
     assert reasons[0].reason == "deadline <time> passed before the run finished"
     assert reasons[0].example_run_id == "run-1"
     assert reasons[1].reason == "step email failed: <n> recipient rejected"
-    assert reasons[3].reason == "step jira failed: a project with key '…' exists"
+    assert reasons[3].reason == "step jira failed: a project with key '<id>' exists"
     assert failure_reasons(rows, top=1) == reasons[:1]
     assert reason_class("command ab12cd34ef lost after 3 re-drives") == "command <id> lost after <n> re-drives"
     text = render(build(rows, until=UNTIL, since=UNTIL - timedelta(hours=24)))
