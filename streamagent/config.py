@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 ENV_PREFIX = "STREAMAGENT_"
 # The repository's workflows/ (the package is installed editable, like schemas/ in codec.py).
 DEFAULT_WORKFLOWS_DIR = Path(__file__).resolve().parent.parent / "workflows"
+DEFAULT_POLICIES_DIR = Path(__file__).resolve().parent.parent / "ops" / "policies"
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 LogFormat = Literal["json", "text"]
@@ -100,6 +101,15 @@ class Settings(BaseModel):
     command_keys: SecretStr = Field(
         SecretStr(""), description="Command signing keys inline (lines or `;`-separated); replaces the file"
     )
+    # Governance (streamagent.policy, processors/guard): policy files, and the approval token keys
+    # (streamagent.approval), a key set apart from the command keys; `up` creates the default file.
+    policies_dir: Path = Field(DEFAULT_POLICIES_DIR, description="Folder of policy files (*.toml)")
+    policy_reload_s: float = Field(1.0, ge=0, description="How often a process looks for an edited policy file")
+    environment: str = Field("dev", min_length=1, description="Name of this deployment, matched by policy rules")
+    approval_keys_file: Path | None = Field(
+        None, description="File of approval token keys, `key_id secret` per line; empty: <data dir>/approval-keys"
+    )
+    approval_keys: SecretStr = Field(SecretStr(""), description="Approval token keys inline; replaces the file")
     decider: Decider = Field("rules", description="Which decider the decision processor uses: rules | llm")
     # The model (processors/decision/llm): any OpenAI-compatible chat-completions endpoint.
     openai_base_url: str = Field("", description="OpenAI-compatible endpoint, e.g. https://api.openai.com/v1")
@@ -174,7 +184,7 @@ class Settings(BaseModel):
         parse_prices(value)  # refused at start, naming the variable, rather than at the first decision
         return value
 
-    @field_validator("command_keys_file", "openai_api_key_file", mode="before")
+    @field_validator("command_keys_file", "openai_api_key_file", "approval_keys_file", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         # An environment variable cannot hold None: empty means "not set" (``to_env`` writes it so).
@@ -228,6 +238,10 @@ class Settings(BaseModel):
             raise ValueError(
                 f"{ENV_PREFIX}COMMAND_KEYS and {ENV_PREFIX}COMMAND_KEYS_FILE are both set; set one of them"
             )
+        if self.approval_keys_file is not None and self.approval_keys.get_secret_value():
+            raise ValueError(
+                f"{ENV_PREFIX}APPROVAL_KEYS and {ENV_PREFIX}APPROVAL_KEYS_FILE are both set; set one of them"
+            )
         if self.openai_api_key_file is not None and self.openai_api_key.get_secret_value():
             raise ValueError(
                 f"{env_name('openai_api_key')} and {env_name('openai_api_key_file')} are both set; set one of them"
@@ -248,6 +262,11 @@ class Settings(BaseModel):
     def command_keys_path(self) -> Path:
         """Where the command signing keys are read from when they are not given inline."""
         return self.command_keys_file if self.command_keys_file is not None else self.data_dir / "command-keys"
+
+    @property
+    def approval_keys_path(self) -> Path:
+        """Where the approval token keys are read from when they are not given inline."""
+        return self.approval_keys_file if self.approval_keys_file is not None else self.data_dir / "approval-keys"
 
     @property
     def registry_lease_s(self) -> float:

@@ -96,6 +96,7 @@ class DecisionRecorded(Event):
     SCHEMA_NAME = "io.streamagent.events.DecisionRecorded"
     JSON_FIELDS = ("arguments", "context")
 
+    schema_version: int = 3
     decision_id: str
     based_on_version: int
     action: DecisionAction
@@ -109,6 +110,12 @@ class DecisionRecorded(Event):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = 0.0
+    # The guard's verdict on what the decider proposed (processors/guard): allowed | approval |
+    # refused, why, and the version of the policy in force. None: decided before the guard existed,
+    # or nothing to judge (a wait for a tool, the run's end).
+    guard_outcome: str | None = None
+    guard_reason: str | None = None
+    policy_version: str | None = None
     # Where the command landed (its produce was acknowledged before this event was written): the
     # state processor judges a command lost only once its tool's group has consumed past it.
     command_partition: int | None = None
@@ -119,7 +126,7 @@ class ToolCommand(Event):
     SCHEMA_NAME = "io.streamagent.events.ToolCommand"
     JSON_FIELDS = ("arguments",)
 
-    schema_version: int = 2
+    schema_version: int = 3
     command_id: str
     decision_id: str
     tool: str
@@ -131,6 +138,9 @@ class ToolCommand(Event):
     # only commands that verify, so writing to a command topic is not enough to command a tool.
     # Empty in events written before v2 (and in forgeries): such a command is refused.
     signature: str = ""
+    # ``a1:<key id>:<expiry ms>:<hex>`` (streamagent.approval): the guard's proof that a person approved
+    # this step with exactly these arguments. Checked by the tool for any command policy says needs it.
+    approval: str = ""
 
 
 class ToolStatus(StrEnum):
@@ -211,6 +221,75 @@ class CommandResent(Event):
     command_offset: int
 
 
+class ApprovalRequested(Event):
+    """The guard holds a step until a person approves it (``streamagent approve RUN STEP``)."""
+
+    SCHEMA_NAME = "io.streamagent.events.ApprovalRequested"
+    JSON_FIELDS = ("arguments",)
+
+    request_id: str  # stable per (run, step, arguments digest): asking twice is one request
+    decision_id: str
+    step: str
+    tool: str
+    arguments: dict[str, Any] = Field(default_factory=dict)
+    arguments_digest: str
+    reason: str  # which policy rule asks for approval
+    policy_version: str
+    expires_at: datetime  # unanswered by then: the run escalates
+
+
+class ApprovalGranted(Event):
+    SCHEMA_NAME = "io.streamagent.events.ApprovalGranted"
+
+    request_id: str
+    step: str
+    by: str = Field(min_length=1, max_length=200)
+    note: str = Field(default="", max_length=2000)
+
+
+class ApprovalDenied(Event):
+    SCHEMA_NAME = "io.streamagent.events.ApprovalDenied"
+
+    request_id: str
+    step: str
+    by: str = Field(min_length=1, max_length=200)
+    note: str = Field(default="", max_length=2000)
+
+
+class ApprovalExpired(Event):
+    """Written by the state processor's timer: nobody answered the request before it expired."""
+
+    SCHEMA_NAME = "io.streamagent.events.ApprovalExpired"
+
+    request_id: str
+    step: str
+
+
+class ApprovalStatus(StrEnum):
+    requested = "requested"
+    granted = "granted"
+    denied = "denied"
+    expired = "expired"
+
+
+class ApprovalState(BaseModel):
+    """One approval request of a run, as the fold knows it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    request_id: str
+    step: str
+    tool: str
+    arguments_digest: str
+    status: ApprovalStatus = ApprovalStatus.requested
+    reason: str = ""
+    requested_at: datetime
+    expires_at: datetime
+    by: str | None = None
+    note: str | None = None
+    decided_at: datetime | None = None
+
+
 class RunStatus(StrEnum):
     running = "running"
     completed = "completed"
@@ -282,7 +361,21 @@ class StateSnapshot(BaseModel):
     reason: str | None = None
     superseded_decisions: int = 0
     redrive_command_id: str | None = None
-    schema_version: int = 1
+    schema_version: int = 3
+    # Governance (v3): approval requests and what the run has spent, for the guard's budgets.
+    approvals: list[ApprovalState] = Field(default_factory=list)
+    decisions: int = 0  # decisions taken (recorded and applied)
+    tool_calls: int = 0  # commands sent: dispatches and undos
+    tokens: int = 0  # model tokens, prompt + completion
+    cost_usd: float = 0.0
+    # ``s1:<key id>:<hex>``: the state processor's HMAC over the snapshot; the decision processor
+    # decides only on snapshots that verify (a forged one names no run the pipeline knows).
+    signature: str = ""
+
+    def approval(self, step: str) -> ApprovalState | None:
+        """The step's latest approval request."""
+        found = [a for a in self.approvals if a.step == step]
+        return found[-1] if found else None
 
     def step(self, name: str) -> StepState:
         for step in self.steps:
@@ -302,5 +395,9 @@ RUN_EVENTS: tuple[type[Event], ...] = (
     RunDeadlineExceeded,
     CommandLost,
     CommandResent,
+    ApprovalRequested,
+    ApprovalGranted,
+    ApprovalDenied,
+    ApprovalExpired,
 )
 ALL_MODELS: tuple[type[BaseModel], ...] = (*RUN_EVENTS, ToolCommand, ToolResult, StateSnapshot)

@@ -17,6 +17,12 @@ from pydantic import BaseModel
 from streamagent import codec
 from streamagent.events import (
     ALL_MODELS,
+    ApprovalDenied,
+    ApprovalExpired,
+    ApprovalGranted,
+    ApprovalRequested,
+    ApprovalState,
+    ApprovalStatus,
     CommandLost,
     CommandResent,
     DecisionAction,
@@ -245,6 +251,23 @@ def sample_events() -> list[BaseModel]:
             command_partition=3,
             command_offset=12,
         ),
+        ApprovalRequested(
+            event_id="e-11",
+            run_id=RUN,
+            occurred_at=T0 + timedelta(seconds=32),
+            request_id="req-1",
+            decision_id="dec-4",
+            step="email",
+            tool="email",
+            arguments={"to": "ada@elsewhere.net"},
+            arguments_digest="ab" * 32,
+            reason="email to an address outside the allow-list",
+            policy_version="85768119cbb5",
+            expires_at=T0 + timedelta(hours=24),
+        ),
+        ApprovalGranted(event_id="e-12", run_id=RUN, request_id="req-1", step="email", by="grace", note="ok"),
+        ApprovalDenied(event_id="e-13", run_id=RUN, request_id="req-1", step="email", by="grace"),
+        ApprovalExpired(event_id="e-14", run_id=RUN, request_id="req-1", step="email"),
         StateSnapshot(
             run_id=RUN,
             version=7,
@@ -277,6 +300,25 @@ def sample_events() -> list[BaseModel]:
             deadline_exceeded=True,
             reason="step email failed",
             superseded_decisions=2,
+            approvals=[
+                ApprovalState(
+                    request_id="req-1",
+                    step="email",
+                    tool="email",
+                    arguments_digest="ab" * 32,
+                    status=ApprovalStatus.denied,
+                    reason="email to an address outside the allow-list",
+                    requested_at=T0 + timedelta(seconds=32),
+                    expires_at=T0 + timedelta(hours=24),
+                    by="grace",
+                    decided_at=T0 + timedelta(seconds=40),
+                )
+            ],
+            decisions=4,
+            tool_calls=3,
+            tokens=1200,
+            cost_usd=0.0042,
+            signature="s1:key-1:" + "0" * 64,
         ),
     ]
 
