@@ -114,16 +114,21 @@ def workflow_steps(settings: Settings) -> dict[str, int]:
 # Quality signals of the ended runs among ``%(runs)s``, recomputed from their projected events (never
 # added to), so a batch delivered twice or a replay over an existing database changes nothing.
 # Decisions and results are counted by their ids, not their events: a re-emitted decision or a result
-# published again counts once. Approval waits pair each request with its grant, denial or expiry by
-# request_id. RETURNING hands back what the metrics count, and whether they had counted it already.
+# published again counts once. A tool call is a dispatch or an undo the guard let through (one it held
+# for approval or refused sent no command). Approval waits pair each request with its first grant,
+# denial or expiry by request_id; an unanswered request counts as an approval without a wait.
+# RETURNING hands back what the metrics count, and whether they had counted it already.
 _QUALITY_UPDATE = f"""
 WITH ended AS (
     SELECT run_id, quality_counted FROM runs WHERE run_id = ANY(%(runs)s) AND ended_at IS NOT NULL FOR UPDATE
 ), decided AS (
     SELECT e.run_id,
         count(DISTINCT e.payload->>'decision_id') AS decisions,
-        count(DISTINCT e.payload->>'decision_id')
-            FILTER (WHERE e.payload->>'action' IN ('dispatch', 'compensate')) AS tool_calls,
+        count(DISTINCT e.payload->>'decision_id') FILTER (
+            WHERE e.payload->>'action' IN ('dispatch', 'compensate')
+            AND e.payload->>'guard_outcome' IS DISTINCT FROM 'approval'
+            AND e.payload->>'guard_outcome' IS DISTINCT FROM 'refused'
+        ) AS tool_calls,
         count(DISTINCT e.payload->>'decision_id')
             FILTER (WHERE e.payload->>'guard_outcome' = 'refused') AS guard_refusals
     FROM run_events e JOIN ended USING (run_id) WHERE e.type = 'DecisionRecorded' GROUP BY e.run_id
@@ -134,16 +139,20 @@ WITH ended AS (
         GROUP BY e.run_id, e.payload->>'command_id', e.payload->>'operation'
     ) per_command GROUP BY run_id
 ), asked AS (
-    SELECT r.run_id, count(DISTINCT r.payload->>'request_id') AS approvals,
-        coalesce(array_agg(extract(epoch FROM d.occurred_at - r.occurred_at)::float8 ORDER BY r.occurred_at)
-            FILTER (WHERE d.event_id IS NOT NULL), '{{}}') AS waits
-    FROM run_events r JOIN ended USING (run_id)
-    LEFT JOIN LATERAL (
-        SELECT event_id, occurred_at FROM run_events d
-        WHERE d.run_id = r.run_id AND d.type IN ('ApprovalGranted', 'ApprovalDenied', 'ApprovalExpired')
-        AND d.payload->>'request_id' = r.payload->>'request_id' ORDER BY d.occurred_at LIMIT 1
-    ) d ON true
-    WHERE r.type = 'ApprovalRequested' GROUP BY r.run_id
+    SELECT run_id, count(*) AS approvals,
+        coalesce(array_agg(wait ORDER BY requested_at) FILTER (WHERE wait IS NOT NULL), '{{}}') AS waits
+    FROM (
+        SELECT DISTINCT ON (r.run_id, r.payload->>'request_id') r.run_id, r.occurred_at AS requested_at,
+            extract(epoch FROM d.occurred_at - r.occurred_at)::float8 AS wait
+        FROM run_events r JOIN ended USING (run_id)
+        LEFT JOIN LATERAL (
+            SELECT occurred_at FROM run_events d
+            WHERE d.run_id = r.run_id AND d.type IN ('ApprovalGranted', 'ApprovalDenied', 'ApprovalExpired')
+            AND d.payload->>'request_id' = r.payload->>'request_id' ORDER BY d.occurred_at LIMIT 1
+        ) d ON true
+        WHERE r.type = 'ApprovalRequested'
+        ORDER BY r.run_id, r.payload->>'request_id', r.occurred_at
+    ) per_request GROUP BY run_id
 )
 UPDATE runs SET
     decisions = coalesce(decided.decisions, 0),

@@ -18,6 +18,10 @@ from streamagent import db
 from streamagent.config import Settings
 from streamagent.console.report import describe_window, parse_since, render
 from streamagent.events import (
+    ApprovalDenied,
+    ApprovalExpired,
+    ApprovalGranted,
+    ApprovalRequested,
     DecisionAction,
     DecisionRecorded,
     FailureStatus,
@@ -140,9 +144,10 @@ def test_since_takes_minutes_hours_days() -> None:
 RUN = "run-quality"
 
 
-def _decision(n: int, action: DecisionAction, step: str | None) -> DecisionRecorded:
+def _decision(n: int, action: DecisionAction, step: str | None, guard: str | None = None) -> DecisionRecorded:
     return DecisionRecorded(
         event_id=f"dec-{n}",
+        guard_outcome=guard,
         run_id=RUN,
         occurred_at=T0 + timedelta(seconds=n),
         decision_id=f"dec-{n}",
@@ -239,3 +244,69 @@ def test_a_completed_runs_duration_is_request_to_completion(settings: Settings) 
     (q,) = queries.quality(settings)
     assert (q.status, q.workflow_steps) == ("completed", None)
     assert q.duration_s == 2.0
+
+
+def _asked(n: float, step: str, request: str, event_id: str | None = None) -> ApprovalRequested:
+    return ApprovalRequested(
+        event_id=event_id or f"ask-{request}",
+        run_id=RUN,
+        occurred_at=T0 + timedelta(seconds=n),
+        request_id=request,
+        decision_id=f"dec-{request}",
+        step=step,
+        tool=step,
+        arguments_digest="d",
+        reason="policy: needs approval",
+        policy_version="p1",
+        expires_at=T0 + timedelta(hours=1),
+    )
+
+
+def test_guard_refusals_and_approval_waits_come_from_the_governance_events(settings: Settings) -> None:
+    db.migrate(settings, SCHEMA)
+    projection = ProjectionHandler(settings, steps_of={"onboarding": 4})
+    at = T0 + timedelta(seconds=1)
+    events = [
+        requested(RUN),
+        _decision(1, DecisionAction.dispatch, "enrich", guard="allowed"),
+        # Held for approval: no command went out, so it is not a tool call.
+        _decision(2, DecisionAction.dispatch, "jira", guard="approval"),
+        _asked(2, "jira", "r-jira"),
+        _asked(2, "jira", "r-jira", event_id="ask-r-jira-again"),  # asked twice: one request
+        ApprovalGranted(
+            event_id="ok", run_id=RUN, occurred_at=at + timedelta(seconds=4), request_id="r-jira", step="jira", by="ops"
+        ),
+        _decision(6, DecisionAction.dispatch, "jira", guard="allowed"),
+        _decision(7, DecisionAction.dispatch, "email", guard="approval"),
+        _asked(7, "email", "r-email"),
+        ApprovalDenied(
+            event_id="no",
+            run_id=RUN,
+            occurred_at=T0 + timedelta(seconds=7.25),
+            request_id="r-email",
+            step="email",
+            by="ops",
+        ),
+        ApprovalExpired(
+            event_id="exp", run_id=RUN, occurred_at=T0 + timedelta(seconds=9), request_id="r-email", step="email"
+        ),  # after the denial: the first answer is the wait
+        _decision(8, DecisionAction.dispatch, "slack", guard="refused"),
+        _decision(9, DecisionAction.compensate, "jira"),
+        _asked(9, "slack", "r-slack"),  # never answered: an approval without a wait
+        RunFailed(
+            event_id="end",
+            run_id=RUN,
+            occurred_at=T0 + timedelta(seconds=10),
+            decision_id="dec-9",
+            status=FailureStatus.failed,
+            reason="approval denied",
+            failed_step="email",
+        ),
+    ]
+    projection(batch(settings, events))
+    (q,) = queries.quality(settings)
+    assert (q.decisions, q.tool_calls, q.guard_refusals) == (6, 3, 1)
+    assert (q.approvals, q.approval_waits_s) == (3, [3.0, 0.25])
+    assert q.duration_s == 10.0
+    figures = build([q], until=UNTIL).total
+    assert (figures.approval_wait_p50_s, figures.approval_wait_p95_s) == (pytest.approx(1.625), pytest.approx(2.8625))
