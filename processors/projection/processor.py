@@ -117,10 +117,13 @@ def workflow_steps(settings: Settings) -> dict[str, int]:
 # published again counts once. A tool call is a dispatch or an undo the guard let through (one it held
 # for approval or refused sent no command). Approval waits pair each request with its first grant,
 # denial or expiry by request_id; an unanswered request counts as an approval without a wait.
-# RETURNING hands back what the metrics count, and whether they had counted it already.
+# RETURNING hands back what the metrics count, whether they had counted the run already, and what
+# they counted then (a late event adds its difference).
 _QUALITY_UPDATE = f"""
 WITH ended AS (
-    SELECT run_id, quality_counted FROM runs WHERE run_id = ANY(%(runs)s) AND ended_at IS NOT NULL FOR UPDATE
+    SELECT run_id, quality_counted, tool_calls, retries, guard_refusals, approvals,
+        cardinality(approval_waits_s) AS waits
+    FROM runs WHERE run_id = ANY(%(runs)s) AND ended_at IS NOT NULL FOR UPDATE
 ), decided AS (
     SELECT e.run_id,
         count(DISTINCT e.payload->>'decision_id') AS decisions,
@@ -166,7 +169,8 @@ UPDATE runs SET
     quality_counted = true
 FROM ended LEFT JOIN decided USING (run_id) LEFT JOIN results USING (run_id) LEFT JOIN asked USING (run_id)
 WHERE runs.run_id = ended.run_id
-RETURNING ended.quality_counted, {", ".join("runs." + c for c in QUALITY_COLUMNS.split(", "))}
+RETURNING ended.quality_counted, ended.tool_calls, ended.retries, ended.guard_refusals, ended.approvals,
+    ended.waits, {", ".join("runs." + c for c in QUALITY_COLUMNS.split(", "))}
 """
 
 
@@ -222,21 +226,26 @@ class ProjectionHandler:
                 rows,
             )
             self._update_runs(cur, events)
-            newly_ended = self._update_quality(cur, events)
+            changed = self._update_quality(cur, events)
         # Counted once the transaction is committed: a batch that failed and is retried counts once.
-        for quality in newly_ended:
-            metrics.run_ended(quality)
+        for quality, before in changed:
+            if before is None:
+                metrics.run_ended(quality)
+            else:
+                metrics.run_changed(quality, before)
 
-    def _update_quality(self, cur: psycopg.Cursor[Any], events: list[Event]) -> list[QualityRow]:
-        """Recompute the quality signals of the batch's runs that have ended; the runs this database
-        sees end for the first time are returned (for the metrics)."""
+    def _update_quality(
+        self, cur: psycopg.Cursor[Any], events: list[Event]
+    ) -> list[tuple[QualityRow, metrics.CountedQuality | None]]:
+        """Recompute the quality signals of the batch's runs that have ended. Returns each with what the
+        metrics counted of it before (None: nothing, it ended in this batch or this database is new)."""
         # Any event of an ended run may change its figures (a result on its own topic can be copied
         # after the run's end); the statement only touches ended runs, so running runs cost one index probe.
         touched = sorted({e.run_id for e in events if not isinstance(e, ToolCommand)})
         if not touched:
             return []
         cur.execute(_QUALITY_UPDATE, {"runs": touched})
-        return [quality_row(row[1:]) for row in cur.fetchall() if not row[0]]
+        return [(quality_row(row[6:]), metrics.CountedQuality(*row[1:6]) if row[0] else None) for row in cur.fetchall()]
 
     def _update_runs(self, cur: psycopg.Cursor[Any], events: list[Event]) -> None:
         # Runs arrive on several topics, so any event may be the first one seen for its run.

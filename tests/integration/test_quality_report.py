@@ -146,3 +146,7 @@ def test_report_json_figures_match_the_runs_made(env: Settings, capsys: pytest.C
             labels = {"workflow": "onboarding", "status": status}
             assert scrape(port, "streamagent_run_outcomes_total", labels) == count
             assert scrape(port, "streamagent_run_duration_seconds_count", labels) == count
+        # Undos and results copied after a run's end are added as they come: the counters match the report.
+        onboarding = {"workflow": "onboarding"}
+        assert scrape(port, "streamagent_run_tool_calls_total", onboarding) == total["tool_calls"]
+        assert scrape(port, "streamagent_run_retries_total", onboarding) == ENRICH_FAULTS

@@ -184,6 +184,10 @@ def _counted(status: str) -> float:
     return value or 0.0
 
 
+def _sample(name: str) -> float:
+    return REGISTRY.get_sample_value(name, {"workflow": "onboarding"}) or 0.0
+
+
 def test_the_projection_stores_a_runs_signals_when_it_ends_and_counts_it_once(settings: Settings) -> None:
     db.migrate(settings, SCHEMA)
     projection = ProjectionHandler(settings, steps_of={"onboarding": 4})
@@ -201,7 +205,11 @@ def test_the_projection_stores_a_runs_signals_when_it_ends_and_counts_it_once(se
     (before,) = queries.quality(settings)
     assert (before.status, before.workflow_steps, before.tool_calls, before.duration_s) == ("running", 4, 0, None)
 
-    counted = _counted("escalated")
+    counted, retries, calls = (
+        _counted("escalated"),
+        _sample("streamagent_run_retries_total"),
+        _sample("streamagent_run_tool_calls_total"),
+    )
     end = RunFailed(
         event_id="end",
         run_id=RUN,
@@ -218,6 +226,10 @@ def test_the_projection_stores_a_runs_signals_when_it_ends_and_counts_it_once(se
     assert (q.prompt_tokens, q.completion_tokens, q.cost_usd) == (400, 40, pytest.approx(0.004))
     assert (q.guard_refusals, q.approvals, q.approval_waits_s) == (0, 0, [])
     assert _counted("escalated") == counted + 1
+    assert (_sample("streamagent_run_retries_total"), _sample("streamagent_run_tool_calls_total")) == (
+        retries + 3,
+        calls + 3,
+    )
 
     projection(batch(settings, [end]))  # delivered again: same figures, not counted twice
     assert queries.quality(settings) == [q]
@@ -228,6 +240,12 @@ def test_the_projection_stores_a_runs_signals_when_it_ends_and_counts_it_once(se
     (late,) = queries.quality(settings)
     assert (late.tool_attempts, late.retries) == (7, 4)
     assert _counted("escalated") == counted + 1
+    # The metrics add the difference (and only once, however often the late result is delivered).
+    projection(batch(settings, [_result(8, "enrich", 2, operation="compensate")]))
+    assert (_sample("streamagent_run_retries_total"), _sample("streamagent_run_tool_calls_total")) == (
+        retries + 4,
+        calls + 3,
+    )
     since = queries.quality(settings, since=T0 + timedelta(seconds=1))
     assert since == [] and queries.quality(settings, workflow="other") == []
 
