@@ -328,3 +328,22 @@ def test_guard_refusals_and_approval_waits_come_from_the_governance_events(setti
     assert q.duration_s == 10.0
     figures = build([q], until=UNTIL).total
     assert (figures.approval_wait_p50_s, figures.approval_wait_p95_s) == (pytest.approx(1.625), pytest.approx(2.8625))
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["report", "--since", "2x"], "expected a duration such as 30m, 24h or 7d, got '2x'"),
+        (["report", "--since", "0h"], "expected a duration such as 30m, 24h or 7d, got '0h'"),
+        (["report", "--workflow", " "], "must not be empty"),
+    ],
+)
+def test_a_bad_report_argument_is_one_line_and_exit_2(
+    argv: list[str], says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from streamagent.console import cli
+
+    with pytest.raises(SystemExit) as exited:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and says in err and len(err.strip().splitlines()) == 1
