@@ -218,15 +218,19 @@ class ProjectionHandler:
         if not rows:
             return
         conn = self.db.conn
-        with conn.transaction(), conn.pipeline(), conn.cursor() as cur:
-            cur.executemany(
-                "INSERT INTO run_events (event_id, run_id, type, occurred_at, causation_id, step, summary,"
-                " payload, topic, kafka_partition, kafka_offset) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
-                " ON CONFLICT (event_id) DO NOTHING",
-                rows,
-            )
-            self._update_runs(cur, events)
-            changed = self._update_quality(cur, events)
+        # The quality statement has a cursor of its own, read once the pipeline is synced: reading
+        # it inside would cost the batch a round trip more.
+        with conn.transaction(), conn.cursor() as quality:
+            with conn.pipeline(), conn.cursor() as cur:
+                cur.executemany(
+                    "INSERT INTO run_events (event_id, run_id, type, occurred_at, causation_id, step, summary,"
+                    " payload, topic, kafka_partition, kafka_offset) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
+                    " ON CONFLICT (event_id) DO NOTHING",
+                    rows,
+                )
+                self._update_runs(cur, events)
+                asked = self._update_quality(quality, events)
+            changed = self._quality_changes(quality) if asked else []
         # Counted once the transaction is committed: a batch that failed and is retried counts once.
         for quality, before in changed:
             if before is None:
@@ -234,17 +238,20 @@ class ProjectionHandler:
             else:
                 metrics.run_changed(quality, before)
 
-    def _update_quality(
-        self, cur: psycopg.Cursor[Any], events: list[Event]
-    ) -> list[tuple[QualityRow, metrics.CountedQuality | None]]:
-        """Recompute the quality signals of the batch's runs that have ended. Returns each with what the
-        metrics counted of it before (None: nothing, it ended in this batch or this database is new)."""
+    def _update_quality(self, cur: psycopg.Cursor[Any], events: list[Event]) -> bool:
+        """Recompute the quality signals of the batch's runs that have ended (whether a statement was sent)."""
         # Any event of an ended run may change its figures (a result on its own topic can be copied
         # after the run's end); the statement only touches ended runs, so running runs cost one index probe.
         touched = sorted({e.run_id for e in events if not isinstance(e, ToolCommand)})
         if not touched:
-            return []
+            return False
         cur.execute(_QUALITY_UPDATE, {"runs": touched})
+        return True
+
+    @staticmethod
+    def _quality_changes(cur: psycopg.Cursor[Any]) -> list[tuple[QualityRow, metrics.CountedQuality | None]]:
+        """The recomputed runs, each with what the metrics counted of it before (None: nothing yet, it
+        ended in this batch or this database is new)."""
         return [(quality_row(row[6:]), metrics.CountedQuality(*row[1:6]) if row[0] else None) for row in cur.fetchall()]
 
     def _update_runs(self, cur: psycopg.Cursor[Any], events: list[Event]) -> None:
