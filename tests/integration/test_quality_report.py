@@ -26,6 +26,9 @@ pytestmark = pytest.mark.integration
 
 STEPS = 4  # workflows/onboarding.toml
 ENRICH_FAULTS = 2  # the sandbox answers the first two enrich calls 503: two retries, whichever runs they hit
+# Every enrich call takes this long: a run whose deadline has passed at its request is escalated by the
+# state processor's timer (every 0.5 s) before its first step can finish, so it never completes instead.
+ENRICH_LATENCY_MS = 1500
 
 
 @pytest.fixture
@@ -64,7 +67,8 @@ def _report(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, Any]:
 
 
 def test_report_json_figures_match_the_runs_made(env: Settings, capsys: pytest.CaptureFixture[str]) -> None:
-    with Stack(env, sandbox_faults={"enrich": {"fail_next": ENRICH_FAULTS}}) as stack:
+    faults = {"enrich": {"fail_next": ENRICH_FAULTS, "latency_ms": ENRICH_LATENCY_MS}}
+    with Stack(env, sandbox_faults=faults) as stack:
         s = stack.settings
         made = sample_requests(10)
         completes = made[:5]
