@@ -28,7 +28,7 @@ STEPS = 4  # workflows/onboarding.toml
 ENRICH_FAULTS = 2  # the sandbox answers the first two enrich calls 503: two retries, whichever runs they hit
 # Every enrich call takes this long: a run whose deadline has passed at its request is escalated by the
 # state processor's timer (every 0.5 s) before its first step can finish, so it never completes instead.
-ENRICH_LATENCY_MS = 1500
+ENRICH_LATENCY_MS = 1000
 
 
 @pytest.fixture
