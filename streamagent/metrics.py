@@ -42,6 +42,9 @@ DECISIONS = Counter(
     "Decisions by outcome (recorded|replayed|superseded|waiting)",
     ["decider", "outcome"],
 )
+GUARD_OUTCOMES = Counter(
+    "streamagent_guard_outcomes_total", "The guard's verdicts on decisions (allowed|approval|refused)", ["outcome"]
+)
 # One per HTTP request to the model (each retry counts): with the decisions counter it shows that a
 # redelivered snapshot costs no call. Outcomes: answered | error (429, 5xx, timeout, connection) | refused (other 4xx).
 MODEL_CALLS = Counter("streamagent_model_calls_total", "Model calls by outcome", ["decider", "outcome"])

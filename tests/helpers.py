@@ -19,6 +19,8 @@ T = TypeVar("T")
 TEST_SIGNING_KEY = ("test-current", "a" * 16 + "0123456789abcdef" * 3)
 TEST_OLD_KEY = ("test-previous", "b" * 16 + "fedcba9876543210" * 3)
 TEST_COMMAND_KEYS = "\n".join(f"{key_id} {secret}" for key_id, secret in (TEST_SIGNING_KEY, TEST_OLD_KEY))
+# The approval token keys (streamagent.approval): another key set, as in production.
+TEST_APPROVAL_KEYS = "approvals-current " + "c" * 16 + "0123456789abcdef" * 3
 
 
 def eventually(probe: Callable[[], T], timeout: float = 60.0, interval: float = 0.1, what: str = "condition") -> T:

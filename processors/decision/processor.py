@@ -43,14 +43,18 @@ from streamagent.processors.decision.arguments import ArgumentCheck, catalogue_c
 from streamagent.processors.decision.choice import ChosenDecider, EntryOf
 from streamagent.processors.decision.decider import Decider, Decision
 from streamagent.processors.decision.schema import SCHEMA
+from streamagent.processors.guard.judge import Verdict
+from streamagent.processors.guard.stage import GuardStage
 from streamagent.processors.workflow import ToolAvailability, every_tool_available, load_workflows
 
 from streamagent import codec, db
+from streamagent.approval import load_approval_keys
 from streamagent.catalogue import Catalogue
 from streamagent.config import Settings, SettingsError, env_name
 from streamagent.dlq import DeadLetterSink
 from streamagent.errors import DependencyUnavailable, Rejected
 from streamagent.events import (
+    ApprovalRequested,
     CommandResent,
     DecisionAction,
     DecisionRecorded,
@@ -64,8 +68,9 @@ from streamagent.events import (
     stable_id,
 )
 from streamagent.metrics import DECISIONS, RESENT_COMMANDS
+from streamagent.policy import load_policy
 from streamagent.runtime import Batch, ConsumerRuntime, Incoming, Unprocessable
-from streamagent.signing import CommandKeys, load_keys, sign, verify
+from streamagent.signing import CommandKeys, load_keys, sign, verify, verify_snapshot_bytes
 from streamagent.topics import RUN_EVENTS, RUN_STATE, command_topic
 
 log = logging.getLogger(__name__)
@@ -78,14 +83,38 @@ def command_id(run_id: str, step: str, operation: str = "execute") -> str:
 
 
 def follow_up(
-    settings: Settings, snap: StateSnapshot, decision: Decision, decision_id: str, keys: CommandKeys
+    settings: Settings,
+    snap: StateSnapshot,
+    decision: Decision,
+    decision_id: str,
+    keys: CommandKeys,
+    verdict: Verdict | None = None,
+    guard: GuardStage | None = None,
 ) -> tuple[str | None, Event | None]:
-    """The event a decision sends into the world, and the topic it goes to (none for a wait).
+    """The event a decision sends into the world, and the topic it goes to (none for a plain wait).
 
     A command is signed here, before it is stored: the stored bytes are what is produced, and what a
-    re-drive re-sends, so every copy of it verifies at its tool."""
+    re-drive re-sends, so every copy of it verifies at its tool. An approved command also carries its
+    approval token, valid until the command's deadline; a step held for approval asks for it."""
     if decision.action is DecisionAction.wait:
-        return None, None
+        if verdict is None or verdict.ask is None:
+            return None, None
+        ask = verdict.ask
+        request = ApprovalRequested(
+            event_id=stable_id(ask.request_id, "requested"),
+            run_id=snap.run_id,
+            causation_id=decision_id,
+            request_id=ask.request_id,
+            decision_id=decision_id,
+            step=ask.step,
+            tool=ask.tool,
+            arguments=ask.arguments,
+            arguments_digest=ask.digest,
+            reason=ask.reason,
+            policy_version=verdict.policy_version,
+            expires_at=ask.expires_at,
+        )
+        return settings.topic(RUN_EVENTS), request
     if decision.action in (DecisionAction.dispatch, DecisionAction.compensate):
         assert decision.step is not None and decision.tool is not None
         operation = "compensate" if decision.action is DecisionAction.compensate else "execute"
@@ -105,6 +134,8 @@ def follow_up(
             arguments=decision.arguments,
             deadline_at=deadline,
         )
+        if verdict is not None and verdict.approved and guard is not None:
+            command = command.model_copy(update={"approval": guard.token(snap, decision, deadline)})
         return settings.topic(command_topic(decision.tool)), sign(command, keys)
     if decision.action is DecisionAction.complete:
         done = RunCompleted(
@@ -178,8 +209,15 @@ class DecisionHandler:
         memory_size: int = 100_000,
         available: ToolAvailability | None = None,
         keys: CommandKeys | None = None,
+        guard: GuardStage | None = None,
+        snapshot_keys: CommandKeys | None = None,
     ) -> None:
         self.settings = settings
+        # Policy outside the decider: every decision is judged before it is stored (processors/guard).
+        self.guard = guard if guard is not None else GuardStage(settings)
+        # The state processor's key: a snapshot that does not verify names no run the pipeline knows.
+        # None (a handler built by hand, in unit tests): snapshots are not checked.
+        self.snapshot_keys = snapshot_keys
         # Read once, at start: no key refuses the start (CommandKeyError) instead of failing per command.
         self.keys = keys if keys is not None else load_keys(settings)
         self.decider = decider
@@ -265,6 +303,13 @@ class DecisionHandler:
         """Snapshots of a batch, in order (one run's, or the whole batch's when deciding sequentially)."""
         for item, snap in run:
             try:
+                if self.snapshot_keys is not None:
+                    # Only snapshots off the topic: a woken run's snapshot is this processor's own.
+                    problem = verify_snapshot_bytes(item.message.value() or b"", snap.signature, self.snapshot_keys)
+                    if problem is not None:
+                        raise Unprocessable(
+                            "unknown-run", f"snapshot of run {snap.run_id} is not the state processor's: {problem}"
+                        )
                 # The snapshot's partition on the state topic (runs are keyed by run id): where its wait,
                 # if it waits, is filed, so that the partition's owner is the one to wake it.
                 self._one(snap, item.message.partition(), emissions, new, resends)
@@ -287,8 +332,9 @@ class DecisionHandler:
         if memory is None:
             return
         decision = self.decider.decide(snap)
+        verdict = self.guard.judge(snap, decision) if decision is not None else None
         with self._lock:
-            self._record(snap, partition, memory, decision, new)
+            self._record(snap, partition, memory, verdict, new)
 
     def _admit(
         self, snap: StateSnapshot, emissions: list[Emission], resends: list[tuple[StateSnapshot, Emission]]
@@ -331,14 +377,15 @@ class DecisionHandler:
         snap: StateSnapshot,
         partition: int,
         memory: RunMemory,
-        decision: Decision | None,
+        verdict: Verdict | None,
         new: list[tuple[StateSnapshot, Emission, int]],
     ) -> None:
-        if decision is None:
+        if verdict is None:
             DECISIONS.labels(self.decider.name, "waiting").inc()
             return
+        decision = verdict.decision
         decision_id = stable_id(snap.run_id, "decision", str(snap.version))
-        topic, event = follow_up(self.settings, snap, decision, decision_id, self.keys)
+        topic, event = follow_up(self.settings, snap, decision, decision_id, self.keys, verdict, self.guard)
         record = DecisionRecorded(
             event_id=decision_id,
             run_id=snap.run_id,
@@ -356,6 +403,9 @@ class DecisionHandler:
             prompt_tokens=decision.prompt_tokens,
             completion_tokens=decision.completion_tokens,
             cost_usd=decision.cost_usd,
+            guard_outcome=verdict.outcome,
+            guard_reason=verdict.reason,
+            policy_version=verdict.policy_version,
         )
         encoded = codec.encode(event) if event is not None else None
         emission = Emission(record, topic, encoded, isinstance(event, ToolCommand))
@@ -448,6 +498,10 @@ class DecisionHandler:
                             "last_decision_id": wait.record.decision_id,
                             "reason": wait.record.reason,
                             "redrive_command_id": None,
+                            # What folding the wait adds to the run's spend (processors/state/fold.py).
+                            "decisions": waited.decisions + 1,
+                            "tokens": waited.tokens + wait.record.prompt_tokens + wait.record.completion_tokens,
+                            "cost_usd": waited.cost_usd + wait.record.cost_usd,
                         }
                     ),
                     partition,
@@ -753,6 +807,8 @@ def build(settings: Settings) -> ConsumerRuntime:
     """
     make_decider(settings)  # first: a malformed workflow file stops the start at once
     keys = load_keys(settings)  # and no signing key stops it too, before anything connects
+    load_approval_keys(settings)
+    load_policy(settings.policies_dir)  # and a malformed policy file (PolicyError: file, field, reason)
     db.migrate(settings, SCHEMA, wait_s=db.WAIT_FOREVER)  # started during an outage: wait, do not crash-loop
     runtime = ConsumerRuntime(
         settings, PROCESSOR, [settings.topic(RUN_STATE)], lambda _: None, dependencies=("kafka", "postgres")
@@ -764,7 +820,15 @@ def build(settings: Settings) -> ConsumerRuntime:
         return catalogue.available(name) is not None
 
     decider = make_decider(settings, available, catalogue_check(catalogue.available), catalogue.available)
-    handler = DecisionHandler(settings, decider, runtime.producer, available=available, keys=keys)
+
+    def declared_approval(name: str) -> bool:
+        entry = catalogue.available(name)
+        return entry is not None and entry.requires_approval
+
+    guard = GuardStage(settings, declared_approval, keys=load_approval_keys(settings))
+    handler = DecisionHandler(
+        settings, decider, runtime.producer, available=available, keys=keys, guard=guard, snapshot_keys=keys
+    )
     runtime.handler = handler
     state_topic = settings.topic(RUN_STATE)
 

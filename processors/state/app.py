@@ -29,7 +29,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from confluent_kafka import Producer
 from streamagent.processors.state.fold import RunState, apply, in_flight, needs_decision
 from streamagent.processors.state.store import FaustTableStore, RunStore, maybe_active
-from streamagent.processors.state.watch import DEADLINE, REDRIVE, Admission, DueQueue
+from streamagent.processors.state.watch import APPROVAL, DEADLINE, REDRIVE, Admission, DueQueue
 from streamagent.processors.workflow import UnknownWorkflow, Workflow, Workflows, load_workflows, lookup
 
 from streamagent import codec, faust_compat
@@ -37,6 +37,8 @@ from streamagent.config import Settings
 from streamagent.dlq import DeadLetterSink
 from streamagent.errors import Rejected, Unprocessable
 from streamagent.events import (
+    ApprovalExpired,
+    ApprovalStatus,
     CommandLost,
     Event,
     RunDeadlineExceeded,
@@ -51,6 +53,7 @@ from streamagent.events import (
 from streamagent.kafka import admin, group_offsets
 from streamagent.kafka import producer as make_producer
 from streamagent.metrics import EVENTS_PROCESSED, REDRIVES, RUNS, RUNS_ADMITTED, RUNS_WAITING, SNAPSHOTS
+from streamagent.signing import CommandKeys, load_keys, sign_snapshot_bytes
 from streamagent.topics import RUN_EVENTS, RUN_STATE, TOOL_RESULTS, command_topic
 
 log = logging.getLogger(__name__)
@@ -74,9 +77,17 @@ class StateWorker:
     """The fold, the snapshots, admission and the timer; faust only feeds it and keeps the table."""
 
     def __init__(
-        self, settings: Settings, store: RunStore, producer: Producer, workflows: Workflows | None = None
+        self,
+        settings: Settings,
+        store: RunStore,
+        producer: Producer,
+        workflows: Workflows | None = None,
+        keys: CommandKeys | None = None,
     ) -> None:
         self.settings = settings
+        # Every published snapshot is signed (streamagent.signing): the decision processor decides only
+        # on snapshots this processor made. None (a worker built by hand in unit tests): unsigned.
+        self.keys = keys
         self.store = store
         self.producer = producer
         # Read once at start: a malformed file stops the processor here, with its file, field and reason.
@@ -248,6 +259,7 @@ class StateWorker:
         self.admission.finish(partition, run_id)
         self.queue.cancel(run_id, DEADLINE)
         self.queue.cancel(run_id, REDRIVE)
+        self.queue.cancel(run_id, APPROVAL)
         self.cache.pop(run_id, None)
         while (next_id := self.admission.next_waiting(partition)) is not None:
             waiting = self.state(next_id)
@@ -266,6 +278,11 @@ class StateWorker:
             self.queue.schedule(partition, run_id, DEADLINE, snap.deadline_at.timestamp())
         else:
             self.queue.cancel(run_id, DEADLINE)
+        pending = [a.expires_at.timestamp() for a in snap.approvals if a.status is ApprovalStatus.requested]
+        if pending and snap.status is RunStatus.running:
+            self.queue.schedule(partition, run_id, APPROVAL, min(pending))
+        else:
+            self.queue.cancel(run_id, APPROVAL)
         flights = in_flight(snap) if state.admitted else []
         if flights:
             self.queue.schedule(partition, run_id, REDRIVE, min(self._check_at(step) for step in flights))
@@ -283,7 +300,10 @@ class StateWorker:
     def _publish(self, state: RunState) -> None:
         snap = state.snapshot
         SNAPSHOTS.inc()
-        self.producer.produce(self.snapshots_topic, key=snap.run_id.encode(), value=codec.encode(snap))
+        value = codec.encode(snap)
+        if self.keys is not None:
+            value = sign_snapshot_bytes(value, self.keys)
+        self.producer.produce(self.snapshots_topic, key=snap.run_id.encode(), value=value)
 
     def _dead_letter(self, message: Any, reason: str, error: str) -> None:
         self.dead_letters.send_raw(
@@ -317,6 +337,19 @@ class StateWorker:
                             deadline_at=snap.deadline_at,
                         )
                     )
+            elif kind == APPROVAL:
+                # Nobody answered in time: say so in the run's log; the guard then escalates the run.
+                for held in snap.approvals:
+                    if held.status is ApprovalStatus.requested and held.expires_at.timestamp() <= moment:
+                        self._emit(
+                            ApprovalExpired(
+                                event_id=stable_id(held.request_id, "expired"),
+                                run_id=run_id,
+                                causation_id=snap.last_event_id,
+                                request_id=held.request_id,
+                                step=held.step,
+                            )
+                        )
             elif state.admitted:
                 for step in in_flight(snap):
                     self._run_of[step.command_id or ""] = run_id
@@ -486,7 +519,7 @@ def build_app(settings: Settings) -> faust.App:
     )
     producer = make_producer(settings)
     store = FaustTableStore(table, producer, table.changelog_topic.get_topic_name())
-    worker = StateWorker(settings, store, producer)
+    worker = StateWorker(settings, store, producer, keys=load_keys(settings))
     events_topic = settings.topic(RUN_EVENTS)
 
     async def settle() -> None:

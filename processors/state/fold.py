@@ -15,6 +15,12 @@ from streamagent.processors.workflow import Workflow, default_workflows
 
 from streamagent.errors import Unprocessable
 from streamagent.events import (
+    ApprovalDenied,
+    ApprovalExpired,
+    ApprovalGranted,
+    ApprovalRequested,
+    ApprovalState,
+    ApprovalStatus,
     CommandLost,
     CommandResent,
     DecisionAction,
@@ -115,7 +121,11 @@ def apply(state: RunState | None, event: Event, default_deadline_s: float, workf
     elif isinstance(event, CommandResent):
         snap = _resent(moved, event)
     elif isinstance(event, DecisionRecorded):
-        snap = _decision(moved, event).model_copy(update={"last_decision_id": event.decision_id})
+        snap = _spent(_decision(moved, event), event)
+    elif isinstance(event, ApprovalRequested):
+        snap = _approval_requested(moved, event)
+    elif isinstance(event, ApprovalGranted | ApprovalDenied | ApprovalExpired):
+        snap = _approval_answered(moved, event)
     elif isinstance(event, ToolResult):
         snap = _result(moved, event)
     elif isinstance(event, RunCompleted):
@@ -130,7 +140,10 @@ def apply(state: RunState | None, event: Event, default_deadline_s: float, workf
     # Only an event that changed what the run is (not just its version: stale evidence, a repeated
     # ending, a result delivered again) may ask for a decision.
     # A recorded wait asks for nothing either: the next decision comes with the next event (or the deadline).
-    waited = isinstance(event, DecisionRecorded) and event.action is DecisionAction.wait
+    # Nor does a request for approval: the run waits for the answer, which asks for the decision.
+    waited = (isinstance(event, DecisionRecorded) and event.action is DecisionAction.wait) or isinstance(
+        event, ApprovalRequested
+    )
     publish = snap.redrive_command_id is not None or (
         snap is not moved and not waited and needs_decision(snap, workflow)
     )
@@ -265,6 +278,63 @@ def _decision(snap: StateSnapshot, event: DecisionRecorded) -> StateSnapshot:
         # topics): the decision is the one that ran, not a stale one.
         return _replace_step(snap, step.model_copy(update={"decision_id": event.decision_id}))
     return _superseded(snap)
+
+
+def _spent(snap: StateSnapshot, event: DecisionRecorded) -> StateSnapshot:
+    """What the decision adds to the run's counts, for the guard's budgets: one decision, its model
+    tokens and cost, and a tool call if it sent a command (a dispatch or undo the fold took in)."""
+    sent = event.action in (DecisionAction.dispatch, DecisionAction.compensate) and any(
+        s.command_id == event.command_id and s.decision_id == event.decision_id for s in snap.steps
+    )
+    return snap.model_copy(
+        update={
+            "last_decision_id": event.decision_id,
+            "decisions": snap.decisions + 1,
+            "tool_calls": snap.tool_calls + (1 if sent else 0),
+            "tokens": snap.tokens + event.prompt_tokens + event.completion_tokens,
+            "cost_usd": snap.cost_usd + event.cost_usd,
+        }
+    )
+
+
+def _approval_requested(snap: StateSnapshot, event: ApprovalRequested) -> StateSnapshot:
+    if any(a.request_id == event.request_id for a in snap.approvals) or snap.status.terminal:
+        return snap
+    held = ApprovalState(
+        request_id=event.request_id,
+        step=event.step,
+        tool=event.tool,
+        arguments_digest=event.arguments_digest,
+        reason=event.reason,
+        requested_at=event.occurred_at,
+        expires_at=event.expires_at,
+    )
+    return snap.model_copy(update={"approvals": [*snap.approvals, held]})
+
+
+def _approval_answered(snap: StateSnapshot, event: ApprovalGranted | ApprovalDenied | ApprovalExpired) -> StateSnapshot:
+    """The answer to a pending request; an answer to no pending request (twice, too late) changes nothing.
+
+    A denial fails the held step, so the workflow undoes what the run did, as for any failed step."""
+    held = next((a for a in snap.approvals if a.request_id == event.request_id), None)
+    if held is None or held.status is not ApprovalStatus.requested or snap.status.terminal:
+        return snap
+    if isinstance(event, ApprovalExpired):
+        answered = held.model_copy(update={"status": ApprovalStatus.expired, "decided_at": event.occurred_at})
+    else:
+        status = ApprovalStatus.granted if isinstance(event, ApprovalGranted) else ApprovalStatus.denied
+        answered = held.model_copy(
+            update={"status": status, "by": event.by, "note": event.note or None, "decided_at": event.occurred_at}
+        )
+    snap = snap.model_copy(
+        update={"approvals": [answered if a.request_id == held.request_id else a for a in snap.approvals]}
+    )
+    if isinstance(event, ApprovalDenied):
+        step = _step(snap, held.step)
+        if step.status is StepStatus.pending:
+            error = f"denied: approval refused by {event.by}" + (f": {event.note}" if event.note else "")
+            snap = _replace_step(snap, step.model_copy(update={"status": StepStatus.failed, "error": error}))
+    return snap
 
 
 def _where(event: DecisionRecorded) -> dict[str, object]:

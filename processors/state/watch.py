@@ -19,6 +19,7 @@ from collections.abc import Iterable
 
 DEADLINE = "deadline"
 REDRIVE = "redrive"
+APPROVAL = "approval"  # the earliest expiry of a run's pending approval requests
 
 
 class DueQueue:

@@ -27,6 +27,7 @@ import httpx
 import psutil
 
 from streamagent import db
+from streamagent.approval import load_approval_keys
 from streamagent.config import Settings, child_environ
 from streamagent.console.embedded import EmbeddedBroker, EmbeddedPostgres, free_port, pid_alive
 from streamagent.console.stackfile import (
@@ -40,6 +41,7 @@ from streamagent.console.stackfile import (
     running_pid,
 )
 from streamagent.kafka import create_topics
+from streamagent.policy import load_policy
 from streamagent.processors.decision.schema import SCHEMA as DECISION_SCHEMA
 from streamagent.processors.projection.schema import SCHEMA as PROJECTION_SCHEMA
 from streamagent.signing import create_key_file, load_keys
@@ -284,6 +286,19 @@ def command_keys_settings(settings: Settings) -> dict[str, object]:
     return {"command_keys_file": path}
 
 
+def approval_keys_settings(settings: Settings) -> dict[str, object]:
+    """As ``command_keys_settings``, for the approval token keys (``<data dir>/approval-keys``): the
+    guard mints tokens with them and every tool verifies them."""
+    if settings.approval_keys.get_secret_value().strip() or settings.approval_keys_file is not None:
+        load_approval_keys(settings)
+        return {}
+    path = settings.approval_keys_path.resolve()
+    if create_key_file(path):
+        log.info("created the approval key file %s", path)
+    load_approval_keys(settings)
+    return {"approval_keys_file": path}
+
+
 class Stack:
     def __init__(
         self,
@@ -339,6 +354,8 @@ class Stack:
         updates: dict[str, object] = {"data_dir": data}
         # First: a missing or malformed key stops the start before anything is started.
         updates.update(command_keys_settings(self.settings.model_copy(update=updates)))
+        updates.update(approval_keys_settings(self.settings.model_copy(update=updates)))
+        load_policy(self.settings.policies_dir)  # a malformed policy file: file, field and reason, now
         if not self.settings.bootstrap_servers:
             self.broker = EmbeddedBroker(
                 data / "broker", storage=self.settings.broker_storage, fsync=self.settings.broker_fsync

@@ -16,6 +16,7 @@ import faust
 import pytest
 from confluent_kafka import Consumer
 from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
+from helpers import TEST_COMMAND_KEYS
 
 from streamagent import faust_compat, kafka
 from streamagent.config import Settings, SettingsError, settings_from, to_env
@@ -263,7 +264,12 @@ def test_the_state_app_takes_credentials_and_replication_factor(
     monkeypatch.setattr(faust_compat, "apply", lambda settings: None)  # a process-wide patch; not for unit tests
     monkeypatch.setattr(state_app, "make_producer", lambda settings: object())
     settings = _settings(
-        "SASL_SSL", **SASL, **tls_files, STREAMAGENT_REPLICATION_FACTOR="3", STREAMAGENT_DATA_DIR=str(tmp_path)
+        "SASL_SSL",
+        **SASL,
+        **tls_files,
+        STREAMAGENT_REPLICATION_FACTOR="3",
+        STREAMAGENT_DATA_DIR=str(tmp_path),
+        STREAMAGENT_COMMAND_KEYS=TEST_COMMAND_KEYS,
     )
     app = state_app.build_app(settings)
     assert app.conf.topic_replication_factor == 3
