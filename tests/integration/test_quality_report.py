@@ -1,5 +1,6 @@
-"""`streamagent report --json` on the real broker and PostgreSQL: ten runs, some failing and some
-escalating, and the report's figures are those of the runs the test made; Prometheus says the same."""
+"""`streamagent report --json` on the real broker and PostgreSQL: ten runs, some failing, some
+escalating (one refused by the guard), one held for a person's approval, and the report's figures are
+those of the runs the test made; Prometheus says the same."""
 
 from __future__ import annotations
 
@@ -8,19 +9,23 @@ import statistics
 from collections import Counter
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 from helpers import ended, eventually
 
+from streamagent import codec
 from streamagent.config import Settings, get_settings, to_env
 from streamagent.console.cli import main as cli
 from streamagent.console.demo import sample_requests
 from streamagent.console.stack import Stack
-from streamagent.events import now
+from streamagent.events import ApprovalGranted, now
+from streamagent.kafka import producer
 from streamagent.metrics import scrape
 from streamagent.submit import produce_requests
+from streamagent.topics import RUN_EVENTS
 
 pytestmark = pytest.mark.integration
 
@@ -29,10 +34,26 @@ ENRICH_FAULTS = 2  # the sandbox answers the first two enrich calls 503: two ret
 # Every enrich call takes this long: a run whose deadline has passed at its request is escalated by the
 # state processor's timer (every 0.5 s) before its first step can finish, so it never completes instead.
 ENRICH_LATENCY_MS = 1000
+# The policy in force: a run older than this is refused its next command by the guard (and escalates),
+# and mail to an "approve-me" mailbox waits for a person.
+WALL_TIME_S = 45
+POLICY = f"""
+[workflows.onboarding.budgets]
+max_wall_time_s = {WALL_TIME_S}
+
+[[approvals.rules]]
+tool = "email"
+argument = "to"
+matching = '^approve-me@'
+reason = "mail to this mailbox needs a person"
+"""
 
 
 @pytest.fixture
-def env(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settings]:
+def env(settings: Settings, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Settings]:
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "quality.toml").write_text(POLICY)
+    settings = settings.model_copy(update={"policies_dir": tmp_path / "policies"})
     for key, value in to_env(settings).items():
         monkeypatch.setenv(key, value)
     get_settings.cache_clear()
@@ -60,6 +81,19 @@ def _settled(s: Settings, run_ids: list[str]) -> list[tuple[str, str, dict[str, 
     return events if sent <= answered else None
 
 
+def _approve(s: Settings, run_id: str) -> bool:
+    """Grant the run's pending approval, as `streamagent approve` would, once its request is projected."""
+    events = _events(s, [run_id])
+    asked = [p for _, t, p, _ in events if t == "ApprovalRequested"]
+    if not asked:
+        return False
+    granted = ApprovalGranted(run_id=run_id, request_id=asked[0]["request_id"], step=asked[0]["step"], by="test")
+    p = producer(s)
+    p.produce(s.topic(RUN_EVENTS), key=run_id.encode(), value=codec.encode(granted))
+    assert p.flush(30) == 0
+    return True
+
+
 def _report(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, Any]:
     capsys.readouterr()
     assert cli(["report", "--json", *args]) == 0
@@ -71,23 +105,28 @@ def test_report_json_figures_match_the_runs_made(env: Settings, capsys: pytest.C
     with Stack(env, sandbox_faults=faults) as stack:
         s = stack.settings
         made = sample_requests(10)
-        completes = made[:5]
+        plain = made[:4]
+        # Mail to this contact waits for a person; the test grants it as soon as it is asked.
+        approved = made[4].model_copy(update={"contact_email": f"approve-me@{made[4].company_domain}"})
+        completes = [*plain, approved]
         # The sandbox refuses a "bounce" mailbox for good: the email step fails, so does the run.
         bounces = [r.model_copy(update={"contact_email": f"bounce@{r.company_domain}"}) for r in made[5:7]]
         # RFC 2606 .invalid: the enrichment API answers 404, a permanent error of the first step.
         unknown = [made[7].model_copy(update={"company_domain": "no-such-company.invalid"})]
-        # Requested 30 s ago with a 1 s deadline: the run escalates at once (what it started is undone).
-        late = [
-            r.model_copy(update={"deadline_s": 1.0, "occurred_at": now() - timedelta(seconds=30)}) for r in made[8:]
-        ]
-        requests = [*completes, *bounces, *unknown, *late]
+        # Requested 5 s ago with a 1 s deadline: the deadline timer escalates it while enrich works.
+        late = made[8].model_copy(update={"deadline_s": 1.0, "occurred_at": now() - timedelta(seconds=5)})
+        # Requested two wall-time budgets ago: the guard refuses its first command, the run escalates.
+        stale = made[9].model_copy(update={"occurred_at": now() - timedelta(seconds=2 * WALL_TIME_S)})
+        requests = [*completes, *bounces, *unknown, late, stale]
         run_ids = produce_requests(s, requests)
+        eventually(lambda: _approve(s, approved.run_id), timeout=60, what="approval requested")
         events = eventually(lambda: _settled(s, run_ids), timeout=90, what="runs ended, every command answered")
 
         expected_status = {
             **{r.run_id: "completed" for r in completes},
             **{r.run_id: "failed" for r in [*bounces, *unknown]},
-            **{r.run_id: "escalated" for r in late},
+            late.run_id: "escalated",
+            stale.run_id: "escalated",
         }
         report = _report(capsys, "--per-run")
         assert {r["run_id"]: r["status"] for r in report["runs"]} == expected_status
@@ -100,12 +139,13 @@ def test_report_json_figures_match_the_runs_made(env: Settings, capsys: pytest.C
             0,
         )
         assert total["success_rate"] == 0.5
-        reasons = [(r["status"], r["step"], r["runs"]) for r in report["failure_reasons"]]
-        assert reasons[:2] == [("escalated", None, 2), ("failed", "email", 2)] and reasons[2:] == [
-            ("failed", "enrich", 1)
-        ]
-        assert "deadline <time> passed" in report["failure_reasons"][0]["reason"]
-        assert "recipient rejected" in report["failure_reasons"][1]["reason"]
+        reasons = {(r["status"], r["step"], r["runs"]): r["reason"] for r in report["failure_reasons"]}
+        assert report["failure_reasons"][0]["runs"] == 2 and len(reasons) == 4
+        assert "recipient rejected" in reasons["failed", "email", 2]
+        assert "company not found" in reasons["failed", "enrich", 1]
+        assert "deadline <time> passed" in reasons["escalated", None, 1]
+        (refusal,) = [r for (status, _, _), r in reasons.items() if status == "escalated" and r.startswith("guard:")]
+        assert "max_wall_time_s=<n> exceeded" in refusal
 
         # Counted by the test from the projected event log, independently of the report's SQL.
         decisions = [(r, p) for r, t, p, _ in events if t == "DecisionRecorded"]
@@ -129,10 +169,17 @@ def test_report_json_figures_match_the_runs_made(env: Settings, capsys: pytest.C
         cuts = statistics.quantiles(durations, n=100, method="inclusive")
         assert total["duration_p50_s"] == pytest.approx(cuts[49])
         assert total["duration_p95_s"] == pytest.approx(cuts[94])
-        assert total["duration_max_s"] == pytest.approx(durations[-1]) and durations[-1] >= 30
-        # The rules decide for free; governance has not refused or held anything here.
+        assert total["duration_max_s"] == pytest.approx(durations[-1]) and durations[-1] >= 2 * WALL_TIME_S
+        # The rules decide for free.
         assert (total["cost_usd"], total["cost_per_completed_usd"], total["prompt_tokens"]) == (0, 0, 0)
-        assert (total["guard_refusals"], total["approvals"], total["approval_wait_p95_s"]) == (0, 0, None)
+        # One refusal (the stale run), one approval, which waited from its request to the grant.
+        asked = {p["request_id"]: at for _, t, p, at in events if t == "ApprovalRequested"}
+        (wait,) = [(at - asked[p["request_id"]]).total_seconds() for _, t, p, at in events if t == "ApprovalGranted"]
+        assert (total["guard_refusals"], total["approvals"]) == (1, 1)
+        assert total["approval_wait_p50_s"] == total["approval_wait_p95_s"] == pytest.approx(wait)
+        quality = {r["run_id"]: r for r in report["runs"]}
+        assert (quality[stale.run_id]["guard_refusals"], quality[stale.run_id]["tool_calls"]) == (1, 0)
+        assert (quality[approved.run_id]["approvals"], quality[approved.run_id]["tool_calls"]) == (1, STEPS)
 
         # One workflow, one group: --workflow gives the same figures, a workflow nobody knows is refused.
         assert report["workflows"] == {"onboarding": total}
@@ -154,3 +201,5 @@ def test_report_json_figures_match_the_runs_made(env: Settings, capsys: pytest.C
         onboarding = {"workflow": "onboarding"}
         assert scrape(port, "streamagent_run_tool_calls_total", onboarding) == total["tool_calls"]
         assert scrape(port, "streamagent_run_retries_total", onboarding) == ENRICH_FAULTS
+        assert scrape(port, "streamagent_guard_refusals_total", onboarding) == 1
+        assert scrape(port, "streamagent_approval_wait_seconds_count", onboarding) == 1
