@@ -254,6 +254,34 @@ class ProjectionHandler:
         ended in this batch or this database is new)."""
         return [(quality_row(row[6:]), metrics.CountedQuality(*row[1:6]) if row[0] else None) for row in cur.fetchall()]
 
+    def backfill_quality(self, chunk: int = 1000) -> int:
+        """Compute the quality signals of runs that ended before this database had them (projected by an
+        earlier version), ``chunk`` runs per transaction. They are marked counted and not counted: they
+        ended before this process started, and a burst of old runs would fake a rate."""
+        names, steps = list(self.steps_of), list(self.steps_of.values())
+        conn, filled = self.db.conn, 0
+        while True:
+            with conn.transaction():
+                ids = [
+                    run_id
+                    for (run_id,) in conn.execute(
+                        "SELECT run_id FROM runs WHERE ended_at IS NOT NULL AND duration_s IS NULL"
+                        " ORDER BY run_id LIMIT %s",
+                        (chunk,),
+                    )
+                ]
+                if not ids:
+                    return filled
+                conn.execute(
+                    "UPDATE runs SET workflow_steps = w.steps FROM unnest(%s::text[], %s::int[]) AS w(name, steps)"
+                    " WHERE runs.run_id = ANY(%s) AND runs.workflow = w.name AND runs.workflow_steps IS NULL",
+                    (names, steps, ids),
+                )
+                updated = conn.execute(_QUALITY_UPDATE, {"runs": ids}).rowcount
+            filled += len(ids)
+            if updated < len(ids):  # cannot happen (an ended run gets a duration); never loop on it
+                return filled
+
     def _update_runs(self, cur: psycopg.Cursor[Any], events: list[Event]) -> None:
         # Runs arrive on several topics, so any event may be the first one seen for its run.
         spans: dict[str, tuple[datetime, datetime]] = {}
@@ -341,4 +369,12 @@ def build(settings: Settings) -> ConsumerRuntime:
     db.migrate(settings, SCHEMA, wait_s=db.WAIT_FOREVER)  # started during an outage: wait, do not crash-loop
     commands = "^" + re.escape(settings.topic(COMMANDS_PREFIX)) + ".*"
     topics = [settings.topic(RUN_EVENTS), settings.topic(TOOL_RESULTS), commands]
-    return ConsumerRuntime(settings, PROCESSOR, topics, ProjectionHandler(settings), dependencies=("kafka", "postgres"))
+    handler = ProjectionHandler(settings)
+    try:
+        filled = handler.backfill_quality()
+        if filled:
+            log.info("quality signals computed for %d runs that ended before this version", filled)
+    except psycopg.Error as exc:  # best effort: the next start tries again; projecting matters more
+        handler.db.discard()
+        log.warning("quality signals of earlier runs not computed (tried again at the next start): %r", exc)
+    return ConsumerRuntime(settings, PROCESSOR, topics, handler, dependencies=("kafka", "postgres"))

@@ -347,3 +347,30 @@ def test_a_bad_report_argument_is_one_line_and_exit_2(
         cli.main(argv)
     err = capsys.readouterr().err
     assert exited.value.code == 2 and says in err and len(err.strip().splitlines()) == 1
+
+
+def test_runs_that_ended_before_the_quality_columns_get_them_at_start_uncounted(settings: Settings) -> None:
+    db.migrate(settings, SCHEMA)
+    projection = ProjectionHandler(settings, steps_of={"onboarding": 4})
+    end = RunCompleted(
+        event_id="done", run_id=RUN, occurred_at=T0 + timedelta(seconds=3), decision_id="dec-3", reason="all done"
+    )
+    projection(
+        batch(
+            settings,
+            [requested(RUN), _decision(1, DecisionAction.dispatch, "enrich"), _result(2, "enrich", 2), end],
+        )
+    )
+    (projected,) = queries.quality(settings)
+    # As an earlier version left it: the run ended, its quality columns at their defaults.
+    with db.connect(settings) as conn:
+        conn.execute(
+            "UPDATE runs SET workflow_steps=NULL, decisions=0, tool_calls=0, tool_attempts=0, retries=0,"
+            " duration_s=NULL, quality_counted=false"
+        )
+    counted = _counted("completed")
+    assert ProjectionHandler(settings, steps_of={"onboarding": 4}).backfill_quality(chunk=1) == 1
+    assert queries.quality(settings) == [projected]
+    assert (projected.workflow_steps, projected.tool_calls, projected.retries, projected.duration_s) == (4, 1, 1, 3.0)
+    assert _counted("completed") == counted  # an old run is not counted as if it ended now
+    assert ProjectionHandler(settings, steps_of={}).backfill_quality() == 0
