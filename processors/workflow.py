@@ -23,7 +23,14 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from streamagent.events import DEFAULT_WORKFLOW, OnboardingRequest, RunStatus, StateSnapshot, StepStatus
+from streamagent.events import (
+    DEFAULT_WORKFLOW,
+    ApprovalStatus,
+    OnboardingRequest,
+    RunStatus,
+    StateSnapshot,
+    StepStatus,
+)
 
 Results = Mapping[str, Mapping[str, Any]]
 # Whether a tool can take commands now; the live tool catalogue provides one. Default: every tool.
@@ -172,8 +179,13 @@ class Workflow:
         return tuple(s.name for s in self.steps)
 
     def undo_pending(self, snapshot: StateSnapshot) -> bool:
-        """An abandoned run (escalated after its deadline) that created something it can undo."""
-        if not (self.compensate_abandoned and snapshot.status is RunStatus.escalated and snapshot.deadline_exceeded):
+        """An abandoned run (escalated after its deadline), or one a person stopped (an approval denied,
+        so it failed), that created something it can undo."""
+        abandoned = snapshot.status is RunStatus.escalated and snapshot.deadline_exceeded
+        denied = snapshot.status is RunStatus.failed and any(
+            a.status is ApprovalStatus.denied for a in snapshot.approvals
+        )
+        if not (self.compensate_abandoned and (abandoned or denied)):
             return False
         return any(
             s.status is StepStatus.succeeded and self.step(s.name).compensation is not None for s in snapshot.steps

@@ -21,6 +21,10 @@ from streamagent.processors.workflow import WorkflowError, load_workflows
 from streamagent import db, metrics
 from streamagent.config import Settings
 from streamagent.events import (
+    ApprovalDenied,
+    ApprovalExpired,
+    ApprovalGranted,
+    ApprovalRequested,
     CommandLost,
     CommandResent,
     DecisionRecorded,
@@ -54,10 +58,25 @@ def summarize(event: Event) -> tuple[str | None, str]:
             )
         case DecisionRecorded():
             target = f" {event.step}" if event.step else ""
+            guard = ""
+            if event.guard_outcome is not None:
+                why = f": {event.guard_reason}" if event.guard_reason else ""
+                guard = f" [guard {event.guard_outcome}{why}; policy {event.policy_version}]"
             return event.step, (
                 f"decided {event.action.value}{target} on state v{event.based_on_version}"
-                f" [{event.decider}]: {event.reason}"
+                f" [{event.decider}]: {event.reason}{guard}"
             )
+        case ApprovalRequested():
+            return event.step, (
+                f"approval requested for {event.tool} {_short(event.arguments, 100)}: {event.reason}"
+                f" (expires {event.expires_at.isoformat(timespec='seconds')})"
+            )
+        case ApprovalGranted():
+            return event.step, f"approved by {event.by}" + (f": {event.note}" if event.note else "")
+        case ApprovalDenied():
+            return event.step, f"denied by {event.by}" + (f": {event.note}" if event.note else "")
+        case ApprovalExpired():
+            return event.step, "approval request expired unanswered"
         case ToolCommand():
             return event.step, f"command {event.operation} → {event.tool} {_short(event.arguments, 100)}"
         case ToolResult():
@@ -115,8 +134,9 @@ def workflow_steps(settings: Settings) -> dict[str, int]:
 # added to), so a batch delivered twice or a replay over an existing database changes nothing.
 # Decisions and results are counted by their ids, not their events: a re-emitted decision or a result
 # published again counts once. A tool call is a dispatch or an undo the guard let through (one it held
-# for approval or refused sent no command). Approval waits pair each request with its first grant,
-# denial or expiry by request_id; an unanswered request counts as an approval without a wait.
+# for approval or refused sent no command). Approvals come from the ``approvals`` table (projected
+# just before, in the same transaction): one row per request, settled by its first grant, denial or
+# expiry; the wait is request to answer, and an unanswered request is an approval without a wait.
 # RETURNING hands back what the metrics count, whether they had counted the run already, and what
 # they counted then (a late event adds its difference).
 _QUALITY_UPDATE = f"""
@@ -142,20 +162,13 @@ WITH ended AS (
         GROUP BY e.run_id, e.payload->>'command_id', e.payload->>'operation'
     ) per_command GROUP BY run_id
 ), asked AS (
-    SELECT run_id, count(*) AS approvals,
-        coalesce(array_agg(wait ORDER BY requested_at) FILTER (WHERE wait IS NOT NULL), '{{}}') AS waits
-    FROM (
-        SELECT DISTINCT ON (r.run_id, r.payload->>'request_id') r.run_id, r.occurred_at AS requested_at,
-            extract(epoch FROM d.occurred_at - r.occurred_at)::float8 AS wait
-        FROM run_events r JOIN ended USING (run_id)
-        LEFT JOIN LATERAL (
-            SELECT occurred_at FROM run_events d
-            WHERE d.run_id = r.run_id AND d.type IN ('ApprovalGranted', 'ApprovalDenied', 'ApprovalExpired')
-            AND d.payload->>'request_id' = r.payload->>'request_id' ORDER BY d.occurred_at LIMIT 1
-        ) d ON true
-        WHERE r.type = 'ApprovalRequested'
-        ORDER BY r.run_id, r.payload->>'request_id', r.occurred_at
-    ) per_request GROUP BY run_id
+    SELECT a.run_id, count(*) AS approvals,
+        coalesce(
+            array_agg(extract(epoch FROM a.decided_at - a.requested_at)::float8 ORDER BY a.requested_at, a.request_id)
+                FILTER (WHERE a.decided_at IS NOT NULL),
+            '{{}}'
+        ) AS waits
+    FROM approvals a JOIN ended USING (run_id) GROUP BY a.run_id
 )
 UPDATE runs SET
     decisions = coalesce(decided.decisions, 0),
@@ -362,6 +375,45 @@ class ProjectionHandler:
             cur.executemany(
                 "UPDATE runs SET status=%s, reason=%s, failed_step=%s, ended_at=%s WHERE run_id=%s",
                 [(e.status.value, e.reason, e.failed_step, e.occurred_at, e.run_id) for e in failed],
+            )
+        self._approvals(cur, events)
+
+    @staticmethod
+    def _approvals(cur: psycopg.Cursor[Any], events: list[Event]) -> None:
+        """Requests inserted once; an answer settles only a pending request (the fold's rule)."""
+        asked = [e for e in events if isinstance(e, ApprovalRequested)]
+        if asked:
+            cur.executemany(
+                "INSERT INTO approvals (request_id, run_id, step, tool, arguments, reason, policy_version, status,"
+                " requested_at, expires_at) VALUES (%s,%s,%s,%s,%s,%s,%s,'requested',%s,%s)"
+                " ON CONFLICT (request_id) DO NOTHING",
+                [
+                    (
+                        e.request_id,
+                        e.run_id,
+                        e.step,
+                        e.tool,
+                        Jsonb(e.arguments),
+                        e.reason,
+                        e.policy_version,
+                        e.occurred_at,
+                        e.expires_at,
+                    )
+                    for e in asked
+                ],
+            )
+        answers: list[tuple[object, ...]] = []
+        for e in events:
+            if isinstance(e, ApprovalGranted | ApprovalDenied):
+                status = "granted" if isinstance(e, ApprovalGranted) else "denied"
+                answers.append((status, e.by, e.note or None, e.occurred_at, e.request_id))
+            elif isinstance(e, ApprovalExpired):
+                answers.append(("expired", None, None, e.occurred_at, e.request_id))
+        if answers:
+            cur.executemany(
+                "UPDATE approvals SET status=%s, decided_by=%s, note=%s, decided_at=%s"
+                " WHERE request_id=%s AND status='requested'",
+                answers,
             )
 
 

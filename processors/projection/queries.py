@@ -144,3 +144,34 @@ def quality(settings: Settings, since: datetime | None = None, workflow: str | N
             {"since": since, "workflow": workflow},
         ).fetchall()
     return [quality_row(row) for row in rows]
+
+
+class ApprovalRow(BaseModel):
+    request_id: str
+    run_id: str
+    step: str
+    tool: str
+    arguments: dict[str, Any]
+    reason: str
+    policy_version: str
+    status: str
+    requested_at: datetime
+    expires_at: datetime
+    decided_by: str | None
+    note: str | None
+    decided_at: datetime | None
+
+
+_APPROVAL_COLUMNS = ", ".join(ApprovalRow.model_fields)
+
+
+def approvals(settings: Settings, *, pending: bool = True, run_id: str | None = None) -> list[ApprovalRow]:
+    """Approval requests, oldest first: the pending ones, or all (of one run)."""
+    with db.connect(settings) as conn:
+        rows = conn.execute(
+            f"SELECT {_APPROVAL_COLUMNS} FROM approvals WHERE (NOT %(pending)s OR status = 'requested')"
+            " AND (%(run)s::text IS NULL OR run_id = %(run)s) ORDER BY requested_at, request_id",
+            {"pending": pending, "run": run_id},
+        ).fetchall()
+    fields = list(ApprovalRow.model_fields)
+    return [ApprovalRow.model_validate(dict(zip(fields, row, strict=True))) for row in rows]

@@ -53,6 +53,26 @@ SCHEMA = Schema(
         # locally because the endpoint reported no usage: the totals are then an estimate, and say so.
         "ALTER TABLE runs ADD COLUMN IF NOT EXISTS model_decisions int NOT NULL DEFAULT 0",
         "ALTER TABLE runs ADD COLUMN IF NOT EXISTS estimated_decisions int NOT NULL DEFAULT 0",
+        # Approval requests of the guard and their answers (`streamagent approvals`, approve, deny).
+        """
+        CREATE TABLE IF NOT EXISTS approvals (
+            request_id      text PRIMARY KEY,
+            run_id          text NOT NULL,
+            step            text NOT NULL,
+            tool            text NOT NULL,
+            arguments       jsonb NOT NULL,
+            reason          text NOT NULL,
+            policy_version  text NOT NULL,
+            status          text NOT NULL,
+            requested_at    timestamptz NOT NULL,
+            expires_at      timestamptz NOT NULL,
+            decided_by      text,
+            note            text,
+            decided_at      timestamptz
+        )
+        """,
+        "CREATE INDEX IF NOT EXISTS approvals_pending ON approvals (status, requested_at)",
+        "CREATE INDEX IF NOT EXISTS approvals_by_run ON approvals (run_id, step)",
         # Quality signals (``streamagent report``), computed from the run's projected events when it ends
         # and again when a late event of an ended run arrives (a result on its own topic). Until then
         # they stay at their defaults: a running run is counted as running, never scored.

@@ -357,6 +357,69 @@ def since_window(text: str) -> Any:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+# -- approvals ---------------------------------------------------------------------------------------
+def cmd_approvals(args: argparse.Namespace) -> int:
+    from streamagent.processors.projection import queries
+
+    settings = _settings(("database_url",))
+    rows = queries.approvals(settings, pending=not args.all, run_id=args.run)
+    if args.json:
+        print(json.dumps([r.model_dump(mode="json") for r in rows], indent=2))
+        return 0
+    if not rows:
+        print("no approval pending" if not args.all else "no approval requests")
+        return 0
+    print(f"{'RUN':<38} {'STEP':<10} {'TOOL':<8} {'STATUS':<9} {'REQUESTED':<20} {'EXPIRES':<20} REASON")
+    for r in rows:
+        answered = f" ({r.decided_by})" if r.decided_by else ""
+        print(
+            f"{r.run_id:<38} {r.step:<10} {r.tool:<8} {r.status:<9}"
+            f" {r.requested_at:%Y-%m-%d %H:%M:%S}  {r.expires_at:%Y-%m-%d %H:%M:%S}  {r.reason}{answered}"
+        )
+    return 0
+
+
+def cmd_answer(args: argparse.Namespace) -> int:
+    """``approve`` / ``deny``: the person's answer, as an event on the run's log (the fold takes it in,
+    the guard acts on it). Only a pending request can be answered; answering twice changes nothing."""
+    from streamagent import codec
+    from streamagent.events import ApprovalDenied, ApprovalGranted, stable_id
+    from streamagent.kafka import producer as make_producer
+    from streamagent.processors.projection import queries
+    from streamagent.topics import RUN_EVENTS
+
+    settings = _settings(("bootstrap_servers", "database_url"))
+    asked = queries.approvals(settings, pending=False, run_id=args.run_id)
+    pending = [r for r in asked if r.step == args.step and r.status == "requested"]
+    if not pending:
+        if queries.run(settings, args.run_id) is None:
+            raise CliError(f"no run {args.run_id}")
+        held = sorted({r.step for r in asked if r.status == "requested"})
+        answered = [r for r in asked if r.step == args.step]
+        if answered:
+            last = answered[-1]
+            raise CliError(f"the approval of step {args.step} of run {args.run_id} is already {last.status}")
+        hint = f"; pending: {', '.join(held)}" if held else ""
+        raise CliError(f"run {args.run_id} has no approval pending for step {args.step}{hint}")
+    request = pending[-1]
+    kind = ApprovalGranted if args.command == "approve" else ApprovalDenied
+    event = kind(
+        event_id=stable_id(request.request_id, args.command),
+        run_id=args.run_id,
+        request_id=request.request_id,
+        step=args.step,
+        by=args.by,
+        note=args.note or "",
+    )
+    producer = make_producer(settings)
+    producer.produce(settings.topic(RUN_EVENTS), key=args.run_id.encode(), value=codec.encode(event))
+    if producer.flush(10):
+        raise CliError(f"the {args.command} of step {args.step} was not acknowledged by the broker; try again")
+    verb = "approved" if args.command == "approve" else "denied"
+    print(f"{verb} step {args.step} of run {args.run_id} ({request.tool}: {request.reason})")
+    return 0
+
+
 # -- the tool catalogue ------------------------------------------------------------------------------
 def cmd_tools(args: argparse.Namespace) -> int:
     from streamagent.catalogue import Catalogue
@@ -552,6 +615,20 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--json", action="store_true", help="machine-readable output")
     report.add_argument("--per-run", action="store_true", help="with --json: every run's signals too")
 
+    approvals = add("approvals", cmd_approvals, "List approval requests the guard holds runs for")
+    approvals.add_argument("--all", action="store_true", help="answered and expired requests too")
+    approvals.add_argument("--run", type=non_empty, help="only this run's requests")
+    approvals.add_argument("--json", action="store_true", help="machine-readable output")
+    for verb, help_ in (
+        ("approve", "Approve a held step: the guard lets its command through, with an approval token"),
+        ("deny", "Deny a held step: it fails, and the run undoes what it did"),
+    ):
+        answer = add(verb, cmd_answer, help_)
+        answer.add_argument("run_id", type=non_empty, metavar="RUN")
+        answer.add_argument("step", type=non_empty, metavar="STEP")
+        answer.add_argument("--by", type=non_empty, required=True, help="who answers (recorded in the run's log)")
+        answer.add_argument("--note", default="", help="why (recorded in the run's log)")
+
     topics = add("topics", lambda a: 2, "Manage the runtime's topics")
     topics_sub = topics.add_subparsers(dest="topics_command", metavar="SUBCOMMAND", required=True)
     create = topics_sub.add_parser(
@@ -675,6 +752,10 @@ def _describe(exc: Exception) -> tuple[str, int, bool]:
 
     if isinstance(exc, WorkflowError):  # e.g. a processor reading a malformed workflow at start
         return f"invalid workflow: {exc}", 2, True
+    from streamagent.policy import PolicyError
+
+    if isinstance(exc, PolicyError):  # a malformed policy file, at start
+        return f"invalid policy: {exc}", 2, True
     import psycopg  # only now: a command that failed early need not pay for these imports
     from confluent_kafka import KafkaException
 

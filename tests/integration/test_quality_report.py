@@ -15,17 +15,15 @@ from typing import Any
 import psycopg
 import pytest
 from helpers import ended, eventually
+from streamagent.processors.projection import queries
 
-from streamagent import codec
 from streamagent.config import Settings, get_settings, to_env
 from streamagent.console.cli import main as cli
 from streamagent.console.demo import sample_requests
 from streamagent.console.stack import Stack
-from streamagent.events import ApprovalGranted, now
-from streamagent.kafka import producer
+from streamagent.events import now
 from streamagent.metrics import scrape
 from streamagent.submit import produce_requests
-from streamagent.topics import RUN_EVENTS
 
 pytestmark = pytest.mark.integration
 
@@ -81,19 +79,6 @@ def _settled(s: Settings, run_ids: list[str]) -> list[tuple[str, str, dict[str, 
     return events if sent <= answered else None
 
 
-def _approve(s: Settings, run_id: str) -> bool:
-    """Grant the run's pending approval, as `streamagent approve` would, once its request is projected."""
-    events = _events(s, [run_id])
-    asked = [p for _, t, p, _ in events if t == "ApprovalRequested"]
-    if not asked:
-        return False
-    granted = ApprovalGranted(run_id=run_id, request_id=asked[0]["request_id"], step=asked[0]["step"], by="test")
-    p = producer(s)
-    p.produce(s.topic(RUN_EVENTS), key=run_id.encode(), value=codec.encode(granted))
-    assert p.flush(30) == 0
-    return True
-
-
 def _report(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, Any]:
     capsys.readouterr()
     assert cli(["report", "--json", *args]) == 0
@@ -106,7 +91,7 @@ def test_report_json_figures_match_the_runs_made(env: Settings, capsys: pytest.C
         s = stack.settings
         made = sample_requests(10)
         plain = made[:4]
-        # Mail to this contact waits for a person; the test grants it as soon as it is asked.
+        # Mail to this contact waits for a person; the test approves it (CLI) as soon as it is asked.
         approved = made[4].model_copy(update={"contact_email": f"approve-me@{made[4].company_domain}"})
         completes = [*plain, approved]
         # The sandbox refuses a "bounce" mailbox for good: the email step fails, so does the run.
@@ -119,7 +104,8 @@ def test_report_json_figures_match_the_runs_made(env: Settings, capsys: pytest.C
         stale = made[9].model_copy(update={"occurred_at": now() - timedelta(seconds=2 * WALL_TIME_S)})
         requests = [*completes, *bounces, *unknown, late, stale]
         run_ids = produce_requests(s, requests)
-        eventually(lambda: _approve(s, approved.run_id), timeout=60, what="approval requested")
+        (held,) = eventually(lambda: queries.approvals(s, run_id=approved.run_id), timeout=60, what="approval asked")
+        assert cli(["approve", approved.run_id, held.step, "--by", "test"]) == 0
         events = eventually(lambda: _settled(s, run_ids), timeout=90, what="runs ended, every command answered")
 
         expected_status = {
