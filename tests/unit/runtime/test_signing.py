@@ -185,3 +185,42 @@ def test_inline_keys_and_a_keys_file_together_are_refused(tmp_path: Path) -> Non
     with pytest.raises(SettingsError, match="both set"):
         settings_from({"STREAMAGENT_COMMAND_KEYS": f"k {SECRET_A}", "STREAMAGENT_COMMAND_KEYS_FILE": "/x"})
     assert Settings(command_keys=SecretStr(""), command_keys_file=tmp_path).command_keys_path == tmp_path
+
+
+# -- snapshots signed by the state processor ---------------------------------------------------------
+def test_a_snapshot_verifies_as_sent_and_not_once_altered_or_unsigned() -> None:
+    from datetime import timedelta
+
+    from streamagent import codec
+    from streamagent.events import OnboardingRequest, RunStatus, StateSnapshot, StepState, now
+    from streamagent.signing import sign_snapshot_bytes, verify_snapshot_bytes
+
+    keys = parse_keys("k1 " + "a" * 40, "test")
+    moment = now()
+    snap = StateSnapshot(
+        run_id="r",
+        version=1,
+        status=RunStatus.running,
+        request=OnboardingRequest(
+            company_name="A",
+            company_domain="a.io",
+            contact_name="B",
+            contact_email="b@a.io",
+            goal="g",
+            requested_by="t",
+        ),
+        steps=[StepState(name="enrich")],
+        created_at=moment,
+        updated_at=moment,
+        deadline_at=moment + timedelta(seconds=0.123456),  # finer than the wire keeps
+        last_event_id="e",
+    )
+    signed = sign_snapshot_bytes(codec.encode(snap), keys)
+    received = codec.decode(signed)
+    assert isinstance(received, StateSnapshot) and received.signature.startswith("s1:k1:")
+    assert verify_snapshot_bytes(signed, received.signature, keys) is None
+    altered = codec.encode(received.model_copy(update={"version": 2}))
+    assert "does not match" in (verify_snapshot_bytes(altered, received.signature, keys) or "")
+    assert verify_snapshot_bytes(codec.encode(snap), "", keys) == "unsigned"
+    other = parse_keys("k2 " + "b" * 40, "test")
+    assert "unknown key" in (verify_snapshot_bytes(signed, received.signature, other) or "")
