@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import Counter, Gauge, Histogram, make_wsgi_app
@@ -316,3 +316,98 @@ def scrape(port: int, metric: str, labels: dict[str, str] | None = None) -> floa
             if sample.name == metric and all(sample.labels.get(k) == v for k, v in (labels or {}).items()):
                 return float(sample.value)
     return None
+
+
+# -- run quality (``streamagent report``), counted by the projection once per ended run --------------------
+# Labelled by workflow (and status): the same figures the report prints, for dashboards and alerts. The
+# projection counts a run when it first projects its end into a database, and what a late event of it
+# adds (an undo after an escalation, a result on its own topic); a batch delivered again is not counted
+# twice, a replay into an empty database is (these are process counters: rates survive it). Outcomes,
+# durations, costs and tokens are taken at the end.
+QUALITY_DURATION_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 14400.0)
+RUN_OUTCOMES = Counter(
+    "streamagent_run_outcomes_total",
+    "Runs ended, by workflow and status (completed|failed|escalated)",
+    ["workflow", "status"],
+)
+RUN_DURATION = Histogram(
+    "streamagent_run_duration_seconds",
+    "An ended run from its request to its end, by workflow and status",
+    ["workflow", "status"],
+    buckets=QUALITY_DURATION_BUCKETS,
+)
+RUN_COST = Histogram(
+    "streamagent_run_cost_usd",
+    "Model cost of an ended run in US dollars, by workflow and status",
+    ["workflow", "status"],
+    buckets=(0.0, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0),
+)
+RUN_TOOL_CALLS = Counter(
+    "streamagent_run_tool_calls_total", "Commands dispatched (steps and undos) by ended runs", ["workflow"]
+)
+RUN_EXCESS_TOOL_CALLS = Counter(
+    "streamagent_run_excess_tool_calls_total",
+    "Commands an ended run dispatched beyond its workflow's step count",
+    ["workflow"],
+)
+RUN_RETRIES = Counter("streamagent_run_retries_total", "Tool attempts beyond the first, by ended runs", ["workflow"])
+RUN_TOKENS = Counter("streamagent_run_tokens_total", "Model tokens spent by ended runs", ["workflow"])
+GUARD_REFUSALS = Counter(
+    "streamagent_guard_refusals_total", "Decisions the guard refused, counted when their run ends", ["workflow"]
+)
+APPROVALS = Counter("streamagent_approvals_total", "Approvals requested, counted when their run ends", ["workflow"])
+APPROVAL_WAIT = Histogram(
+    "streamagent_approval_wait_seconds",
+    "From an approval's request to its grant, denial or expiry",
+    ["workflow"],
+    buckets=QUALITY_DURATION_BUCKETS,
+)
+
+
+class CountedQuality(NamedTuple):
+    """What the metrics already counted of an ended run."""
+
+    tool_calls: int
+    retries: int
+    guard_refusals: int
+    approvals: int
+    approval_waits: int
+
+
+def run_changed(quality: Any, before: CountedQuality) -> None:
+    """Count what a late event added to an ended run already counted (counters only go up)."""
+    workflow = quality.workflow or "unknown"
+    if quality.tool_calls > before.tool_calls:
+        RUN_TOOL_CALLS.labels(workflow).inc(quality.tool_calls - before.tool_calls)
+        if quality.workflow_steps is not None:
+            excess = max(0, quality.tool_calls - quality.workflow_steps) - max(
+                0, before.tool_calls - quality.workflow_steps
+            )
+            if excess > 0:
+                RUN_EXCESS_TOOL_CALLS.labels(workflow).inc(excess)
+    if quality.retries > before.retries:
+        RUN_RETRIES.labels(workflow).inc(quality.retries - before.retries)
+    if quality.guard_refusals > before.guard_refusals:
+        GUARD_REFUSALS.labels(workflow).inc(quality.guard_refusals - before.guard_refusals)
+    if quality.approvals > before.approvals:
+        APPROVALS.labels(workflow).inc(quality.approvals - before.approvals)
+    for wait in quality.approval_waits_s[before.approval_waits :]:
+        APPROVAL_WAIT.labels(workflow).observe(max(0.0, wait))
+
+
+def run_ended(quality: Any) -> None:
+    """Count one ended run's quality signals (a ``queries.QualityRow``-shaped object)."""
+    workflow = quality.workflow or "unknown"
+    RUN_OUTCOMES.labels(workflow, quality.status).inc()
+    if quality.duration_s is not None:
+        RUN_DURATION.labels(workflow, quality.status).observe(max(0.0, quality.duration_s))
+    RUN_COST.labels(workflow, quality.status).observe(float(quality.cost_usd))
+    RUN_TOOL_CALLS.labels(workflow).inc(quality.tool_calls)
+    if quality.workflow_steps is not None and quality.tool_calls > quality.workflow_steps:
+        RUN_EXCESS_TOOL_CALLS.labels(workflow).inc(quality.tool_calls - quality.workflow_steps)
+    RUN_RETRIES.labels(workflow).inc(quality.retries)
+    RUN_TOKENS.labels(workflow).inc(quality.prompt_tokens + quality.completion_tokens)
+    GUARD_REFUSALS.labels(workflow).inc(quality.guard_refusals)
+    APPROVALS.labels(workflow).inc(quality.approvals)
+    for wait in quality.approval_waits_s:
+        APPROVAL_WAIT.labels(workflow).observe(max(0.0, wait))

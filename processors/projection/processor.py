@@ -14,9 +14,11 @@ from typing import Any
 
 import psycopg
 from psycopg.types.json import Jsonb
+from streamagent.processors.projection.queries import QUALITY_COLUMNS, QualityRow, quality_row
 from streamagent.processors.projection.schema import SCHEMA
+from streamagent.processors.workflow import WorkflowError, load_workflows
 
-from streamagent import db
+from streamagent import db, metrics
 from streamagent.config import Settings
 from streamagent.events import (
     ApprovalDenied,
@@ -117,6 +119,74 @@ def _costs(event: DecisionRecorded) -> bool:
     )
 
 
+def workflow_steps(settings: Settings) -> dict[str, int]:
+    """Steps per workflow, from the workflow files: each run's minimum. A malformed file leaves every
+    workflow unknown (NULL minimum) rather than stopping the projection: the state processor refuses
+    it at start already, and the audit copy of the log must keep flowing."""
+    try:
+        return {name: len(w.steps) for name, w in load_workflows(settings.workflows_dir).items()}
+    except (WorkflowError, OSError) as exc:
+        log.warning("workflow files unreadable, runs get no step minimum: %s", exc)
+        return {}
+
+
+# Quality signals of the ended runs among ``%(runs)s``, recomputed from their projected events (never
+# added to), so a batch delivered twice or a replay over an existing database changes nothing.
+# Decisions and results are counted by their ids, not their events: a re-emitted decision or a result
+# published again counts once. A tool call is a dispatch or an undo the guard let through (one it held
+# for approval or refused sent no command). Approvals come from the ``approvals`` table (projected
+# just before, in the same transaction): one row per request, settled by its first grant, denial or
+# expiry; the wait is request to answer, and an unanswered request is an approval without a wait.
+# RETURNING hands back what the metrics count, whether they had counted the run already, and what
+# they counted then (a late event adds its difference).
+_QUALITY_UPDATE = f"""
+WITH ended AS (
+    SELECT run_id, quality_counted, tool_calls, retries, guard_refusals, approvals,
+        cardinality(approval_waits_s) AS waits
+    FROM runs WHERE run_id = ANY(%(runs)s) AND ended_at IS NOT NULL FOR UPDATE
+), decided AS (
+    SELECT e.run_id,
+        count(DISTINCT e.payload->>'decision_id') AS decisions,
+        count(DISTINCT e.payload->>'decision_id') FILTER (
+            WHERE e.payload->>'action' IN ('dispatch', 'compensate')
+            AND e.payload->>'guard_outcome' IS DISTINCT FROM 'approval'
+            AND e.payload->>'guard_outcome' IS DISTINCT FROM 'refused'
+        ) AS tool_calls,
+        count(DISTINCT e.payload->>'decision_id')
+            FILTER (WHERE e.payload->>'guard_outcome' = 'refused') AS guard_refusals
+    FROM run_events e JOIN ended USING (run_id) WHERE e.type = 'DecisionRecorded' GROUP BY e.run_id
+), results AS (
+    SELECT run_id, sum(attempts) AS tool_attempts, sum(attempts - 1) AS retries FROM (
+        SELECT e.run_id, max((e.payload->>'attempts')::int) AS attempts
+        FROM run_events e JOIN ended USING (run_id) WHERE e.type = 'ToolResult'
+        GROUP BY e.run_id, e.payload->>'command_id', e.payload->>'operation'
+    ) per_command GROUP BY run_id
+), asked AS (
+    SELECT a.run_id, count(*) AS approvals,
+        coalesce(
+            array_agg(extract(epoch FROM a.decided_at - a.requested_at)::float8 ORDER BY a.requested_at, a.request_id)
+                FILTER (WHERE a.decided_at IS NOT NULL),
+            '{{}}'
+        ) AS waits
+    FROM approvals a JOIN ended USING (run_id) GROUP BY a.run_id
+)
+UPDATE runs SET
+    decisions = coalesce(decided.decisions, 0),
+    tool_calls = coalesce(decided.tool_calls, 0),
+    guard_refusals = coalesce(decided.guard_refusals, 0),
+    tool_attempts = coalesce(results.tool_attempts, 0),
+    retries = coalesce(results.retries, 0),
+    approvals = coalesce(asked.approvals, 0),
+    approval_waits_s = coalesce(asked.waits, '{{}}'),
+    duration_s = extract(epoch FROM runs.ended_at - runs.created_at)::float8,
+    quality_counted = true
+FROM ended LEFT JOIN decided USING (run_id) LEFT JOIN results USING (run_id) LEFT JOIN asked USING (run_id)
+WHERE runs.run_id = ended.run_id
+RETURNING ended.quality_counted, ended.tool_calls, ended.retries, ended.guard_refusals, ended.approvals,
+    ended.waits, {", ".join("runs." + c for c in QUALITY_COLUMNS.split(", "))}
+"""
+
+
 class ProjectionHandler:
     """Projects a batch in one transaction, sent as one pipeline (one round trip in the steady state).
 
@@ -124,7 +194,9 @@ class ProjectionHandler:
     delivered again after a crash changes nothing.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, steps_of: dict[str, int] | None = None) -> None:
+        # Each workflow's step count, loaded once (as the state processor lays runs out at its start).
+        self.steps_of = workflow_steps(settings) if steps_of is None else steps_of
         # Reconnected on use after PostgreSQL restarts; a batch whose transaction failed is retried
         # whole by the runtime.
         self.db = db.Reconnecting(settings.database_url, autocommit=False)
@@ -159,14 +231,69 @@ class ProjectionHandler:
         if not rows:
             return
         conn = self.db.conn
-        with conn.transaction(), conn.pipeline(), conn.cursor() as cur:
-            cur.executemany(
-                "INSERT INTO run_events (event_id, run_id, type, occurred_at, causation_id, step, summary,"
-                " payload, topic, kafka_partition, kafka_offset) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
-                " ON CONFLICT (event_id) DO NOTHING",
-                rows,
-            )
-            self._update_runs(cur, events)
+        # The quality statement has a cursor of its own, read once the pipeline is synced: reading
+        # it inside would cost the batch a round trip more.
+        with conn.transaction(), conn.cursor() as quality:
+            with conn.pipeline(), conn.cursor() as cur:
+                cur.executemany(
+                    "INSERT INTO run_events (event_id, run_id, type, occurred_at, causation_id, step, summary,"
+                    " payload, topic, kafka_partition, kafka_offset) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
+                    " ON CONFLICT (event_id) DO NOTHING",
+                    rows,
+                )
+                self._update_runs(cur, events)
+                asked = self._update_quality(quality, events)
+            changed = self._quality_changes(quality) if asked else []
+        # Counted once the transaction is committed: a batch that failed and is retried counts once.
+        for quality, before in changed:
+            if before is None:
+                metrics.run_ended(quality)
+            else:
+                metrics.run_changed(quality, before)
+
+    def _update_quality(self, cur: psycopg.Cursor[Any], events: list[Event]) -> bool:
+        """Recompute the quality signals of the batch's runs that have ended (whether a statement was sent)."""
+        # Any event of an ended run may change its figures (a result on its own topic can be copied
+        # after the run's end); the statement only touches ended runs, so running runs cost one index probe.
+        touched = sorted({e.run_id for e in events if not isinstance(e, ToolCommand)})
+        if not touched:
+            return False
+        cur.execute(_QUALITY_UPDATE, {"runs": touched})
+        return True
+
+    @staticmethod
+    def _quality_changes(cur: psycopg.Cursor[Any]) -> list[tuple[QualityRow, metrics.CountedQuality | None]]:
+        """The recomputed runs, each with what the metrics counted of it before (None: nothing yet, it
+        ended in this batch or this database is new)."""
+        return [(quality_row(row[6:]), metrics.CountedQuality(*row[1:6]) if row[0] else None) for row in cur.fetchall()]
+
+    def backfill_quality(self, chunk: int = 1000) -> int:
+        """Compute the quality signals of runs that ended before this database had them (projected by an
+        earlier version), ``chunk`` runs per transaction. They are marked counted and not counted: they
+        ended before this process started, and a burst of old runs would fake a rate."""
+        names, steps = list(self.steps_of), list(self.steps_of.values())
+        conn, filled = self.db.conn, 0
+        while True:
+            with conn.transaction():
+                ids = [
+                    run_id
+                    for (run_id,) in conn.execute(
+                        "SELECT run_id FROM runs WHERE ended_at IS NOT NULL AND duration_s IS NULL"
+                        " ORDER BY run_id LIMIT %s",
+                        (chunk,),
+                    )
+                ]
+                if not ids:
+                    return filled
+                conn.execute(
+                    "UPDATE runs SET workflow_steps = w.steps FROM unnest(%s::text[], %s::int[]) AS w(name, steps)"
+                    " WHERE runs.run_id = ANY(%s) AND runs.workflow = w.name AND runs.workflow_steps IS NULL",
+                    (names, steps, ids),
+                )
+                updated = conn.execute(_QUALITY_UPDATE, {"runs": ids}).rowcount
+            filled += len(ids)
+            if updated < len(ids):  # cannot happen (an ended run gets a duration); never loop on it
+                return filled
 
     def _update_runs(self, cur: psycopg.Cursor[Any], events: list[Event]) -> None:
         # Runs arrive on several topics, so any event may be the first one seen for its run.
@@ -183,7 +310,7 @@ class ProjectionHandler:
         if requested:
             cur.executemany(
                 "UPDATE runs SET company_name=%s, company_domain=%s, contact_email=%s, requested_by=%s, workflow=%s,"
-                " created_at=LEAST(created_at, %s) WHERE run_id=%s",
+                " workflow_steps=%s, created_at=LEAST(created_at, %s) WHERE run_id=%s",
                 [
                     (
                         e.company_name,
@@ -191,6 +318,7 @@ class ProjectionHandler:
                         e.contact_email,
                         e.requested_by,
                         e.workflow,
+                        self.steps_of.get(e.workflow),
                         e.occurred_at,
                         e.run_id,
                     )
@@ -293,4 +421,12 @@ def build(settings: Settings) -> ConsumerRuntime:
     db.migrate(settings, SCHEMA, wait_s=db.WAIT_FOREVER)  # started during an outage: wait, do not crash-loop
     commands = "^" + re.escape(settings.topic(COMMANDS_PREFIX)) + ".*"
     topics = [settings.topic(RUN_EVENTS), settings.topic(TOOL_RESULTS), commands]
-    return ConsumerRuntime(settings, PROCESSOR, topics, ProjectionHandler(settings), dependencies=("kafka", "postgres"))
+    handler = ProjectionHandler(settings)
+    try:
+        filled = handler.backfill_quality()
+        if filled:
+            log.info("quality signals computed for %d runs that ended before this version", filled)
+    except psycopg.Error as exc:  # best effort: the next start tries again; projecting matters more
+        handler.db.discard()
+        log.warning("quality signals of earlier runs not computed (tried again at the next start): %r", exc)
+    return ConsumerRuntime(settings, PROCESSOR, topics, handler, dependencies=("kafka", "postgres"))

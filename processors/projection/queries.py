@@ -94,6 +94,58 @@ def status_counts(settings: Settings, run_ids: list[str]) -> dict[str, int]:
     return {status: int(count) for status, count in rows}
 
 
+class QualityRow(BaseModel):
+    """One run's quality signals (``streamagent report``), as the projection stored them.
+
+    The counts are computed from the run's events once it has ended; a running run has its status,
+    workflow and times, and zeros elsewhere.
+    """
+
+    run_id: str
+    workflow: str | None = None
+    status: str
+    failed_step: str | None = None
+    reason: str | None = None
+    created_at: datetime | None = None
+    ended_at: datetime | None = None
+    duration_s: float | None = None
+    # The steps of the run's workflow: the fewest commands a run of it can take (None: workflow unknown).
+    workflow_steps: int | None = None
+    decisions: int = 0
+    # Commands dispatched (steps and undos), counted from the decisions that dispatched them.
+    tool_calls: int = 0
+    # External call attempts of the run's results, and those beyond the first (retries).
+    tool_attempts: int = 0
+    retries: int = 0
+    guard_refusals: int = 0
+    approvals: int = 0
+    approval_waits_s: list[float] = []
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+
+
+QUALITY_COLUMNS = ", ".join(QualityRow.model_fields)
+
+
+def quality_row(row: tuple[Any, ...]) -> QualityRow:
+    return QualityRow.model_validate(dict(zip(QualityRow.model_fields, row, strict=True)))
+
+
+def quality(settings: Settings, since: datetime | None = None, workflow: str | None = None) -> list[QualityRow]:
+    """The quality signals of the runs requested at or after ``since`` (all runs: None), of one workflow
+    or all: one query, the figures are aggregated by ``report.build``."""
+    with db.connect(settings) as conn:
+        rows = conn.execute(
+            f"SELECT {QUALITY_COLUMNS} FROM runs"
+            " WHERE (%(since)s::timestamptz IS NULL OR created_at >= %(since)s)"
+            " AND (%(workflow)s::text IS NULL OR workflow = %(workflow)s)"
+            " ORDER BY created_at NULLS LAST, run_id",
+            {"since": since, "workflow": workflow},
+        ).fetchall()
+    return [quality_row(row) for row in rows]
+
+
 class ApprovalRow(BaseModel):
     request_id: str
     run_id: str

@@ -73,5 +73,24 @@ SCHEMA = Schema(
         """,
         "CREATE INDEX IF NOT EXISTS approvals_pending ON approvals (status, requested_at)",
         "CREATE INDEX IF NOT EXISTS approvals_by_run ON approvals (run_id, step)",
+        # Quality signals (``streamagent report``), computed from the run's projected events when it ends
+        # and again when a late event of an ended run arrives (a result on its own topic). Until then
+        # they stay at their defaults: a running run is counted as running, never scored.
+        # workflow_steps: the steps of the run's workflow (its minimum), from the workflow file when the
+        # request is projected; NULL for a workflow unknown to the projection.
+        "ALTER TABLE runs ADD COLUMN IF NOT EXISTS workflow_steps int",
+        "ALTER TABLE runs ADD COLUMN IF NOT EXISTS decisions int NOT NULL DEFAULT 0",
+        "ALTER TABLE runs ADD COLUMN IF NOT EXISTS tool_calls int NOT NULL DEFAULT 0",
+        "ALTER TABLE runs ADD COLUMN IF NOT EXISTS tool_attempts int NOT NULL DEFAULT 0",
+        "ALTER TABLE runs ADD COLUMN IF NOT EXISTS retries int NOT NULL DEFAULT 0",
+        "ALTER TABLE runs ADD COLUMN IF NOT EXISTS guard_refusals int NOT NULL DEFAULT 0",
+        "ALTER TABLE runs ADD COLUMN IF NOT EXISTS approvals int NOT NULL DEFAULT 0",
+        # Seconds each decided approval waited (request to grant, denial or expiry), in request order.
+        "ALTER TABLE runs ADD COLUMN IF NOT EXISTS approval_waits_s float8[] NOT NULL DEFAULT '{}'",
+        "ALTER TABLE runs ADD COLUMN IF NOT EXISTS duration_s float8",
+        # Whether this database has already counted the run's end in the Prometheus metrics: a batch
+        # delivered again does not count it twice (a replay into an empty database does, once).
+        "ALTER TABLE runs ADD COLUMN IF NOT EXISTS quality_counted boolean NOT NULL DEFAULT false",
+        "CREATE INDEX IF NOT EXISTS runs_created_at ON runs (created_at)",
     ),
 )

@@ -331,6 +331,39 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from streamagent.processors.projection import queries, report
+
+    settings = _settings(("database_url",))
+    until = datetime.now(UTC)
+    since = None if args.since is None else until - args.since
+    rows = queries.quality(settings, since=since, workflow=args.workflow)
+    if args.workflow and not rows and args.workflow not in _workflows(settings):
+        raise CliError(f"unknown workflow {args.workflow!r}: no workflow file and no run of it", code=2)
+    built = report.build(rows, until=until, since=since, workflow=args.workflow, per_run=args.per_run)
+    if args.json:
+        print(built.model_dump_json(indent=2))
+        return 0
+    from streamagent.console.report import render
+
+    print(render(built))
+    return 0
+
+
+def since_window(text: str) -> Any:
+    """``--since``: 30m, 24h, 7d ... or ``all``; a bad value is one argparse line, exit 2."""
+    from streamagent.console.report import parse_since
+
+    if text.strip().lower() == "all":
+        return None
+    try:
+        return parse_since(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 # -- approvals ---------------------------------------------------------------------------------------
 def cmd_approvals(args: argparse.Namespace) -> int:
     from streamagent.processors.projection import queries
@@ -571,6 +604,23 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--status", choices=["running", "completed", "failed", "escalated"])
     runs.add_argument("--limit", type=positive_int, default=1000, help="at most this many runs (default 1000)")
     runs.add_argument("--json", action="store_true", help="machine-readable output")
+
+    report = add(
+        "report",
+        cmd_report,
+        "Quality report of recent runs: success rate, p50/p95 duration, cost per completed run, tool calls"
+        " against the workflow's steps, retries, guard refusals, approvals, top failure reasons",
+    )
+    report.add_argument(
+        "--since",
+        type=since_window,
+        default=since_window("24h"),
+        metavar="WINDOW",
+        help="runs requested in this window before now: 30m, 24h, 7d ... or all (default 24h)",
+    )
+    report.add_argument("--workflow", type=non_empty, help="only runs of this workflow")
+    report.add_argument("--json", action="store_true", help="machine-readable output")
+    report.add_argument("--per-run", action="store_true", help="with --json: every run's signals too")
 
     approvals = add("approvals", cmd_approvals, "List approval requests the guard holds runs for")
     approvals.add_argument("--all", action="store_true", help="answered and expired requests too")
