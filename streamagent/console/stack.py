@@ -27,6 +27,7 @@ import httpx
 import psutil
 
 from streamagent import db
+from streamagent.approval import load_approval_keys
 from streamagent.config import Settings, child_environ
 from streamagent.console.embedded import EmbeddedBroker, EmbeddedPostgres, free_port, pid_alive
 from streamagent.console.stackfile import (
@@ -40,6 +41,7 @@ from streamagent.console.stackfile import (
     running_pid,
 )
 from streamagent.kafka import create_topics
+from streamagent.policy import Policy, load_policy
 from streamagent.processors.decision.schema import SCHEMA as DECISION_SCHEMA
 from streamagent.processors.projection.schema import SCHEMA as PROJECTION_SCHEMA
 from streamagent.signing import create_key_file, load_keys
@@ -284,6 +286,27 @@ def command_keys_settings(settings: Settings) -> dict[str, object]:
     return {"command_keys_file": path}
 
 
+def approval_keys_settings(settings: Settings) -> dict[str, object]:
+    """As ``command_keys_settings``, for the approval token keys (``streamagent.approval``): the given
+    ones, else ``<data dir>/approval-keys``, created once (mode 0600) and kept. The guard mints tokens
+    with its first key and every tool verifies them; a tool refuses to start without one."""
+    if settings.approval_keys.get_secret_value().strip() or settings.approval_keys_file is not None:
+        load_approval_keys(settings)  # named but unusable: refused here, in one line, before any child starts
+        return {}
+    path = settings.approval_keys_path.resolve()
+    header = "approval token keys: the first signs, every one verifies (README: Governance: what a tool checks)"
+    if create_key_file(path, header):
+        log.info("created the approval key file %s", path)
+    load_approval_keys(settings)
+    return {"approval_keys_file": path}
+
+
+def check_policies(settings: Settings) -> Policy:
+    """The policy files of ``policies_dir``, loaded: a malformed one raises ``PolicyError`` (file, field,
+    reason) before anything starts; each process that reads policy checks again at its own start."""
+    return load_policy(settings.policies_dir)
+
+
 class Stack:
     def __init__(
         self,
@@ -339,6 +362,8 @@ class Stack:
         updates: dict[str, object] = {"data_dir": data}
         # First: a missing or malformed key stops the start before anything is started.
         updates.update(command_keys_settings(self.settings.model_copy(update=updates)))
+        updates.update(approval_keys_settings(self.settings.model_copy(update=updates)))
+        check_policies(self.settings)
         if not self.settings.bootstrap_servers:
             self.broker = EmbeddedBroker(
                 data / "broker", storage=self.settings.broker_storage, fsync=self.settings.broker_fsync
