@@ -41,7 +41,7 @@ from pydantic import SecretStr
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from helpers import TEST_COMMAND_KEYS
+from helpers import TEST_APPROVAL_KEYS, TEST_COMMAND_KEYS
 
 from streamagent.config import Settings, settings_from
 from streamagent.console.embedded import EmbeddedBroker, EmbeddedPostgres
@@ -287,6 +287,7 @@ def settings(infra: dict[str, object], tmp_path: Path) -> Settings:
         data_dir=tmp_path / "data",
         log_format="json",
         command_keys=SecretStr(TEST_COMMAND_KEYS),
+        approval_keys=SecretStr(TEST_APPROVAL_KEYS),
     )
 
 
