@@ -99,3 +99,26 @@ def test_a_tool_without_an_approval_key_does_not_start(
     assert main(["tool", "enrich"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("streamagent tool: error: no approval key: ") and "STREAMAGENT_APPROVAL_KEYS_FILE" in err
+
+
+def test_the_stack_creates_its_approval_key_file_once_and_hands_children_the_path(tmp_path: Path) -> None:
+    from streamagent.approval import load_approval_keys
+    from streamagent.config import Settings, settings_from, to_env
+    from streamagent.console.stack import approval_keys_settings
+    from streamagent.signing import load_keys
+
+    settings = Settings(data_dir=tmp_path)
+    updates = approval_keys_settings(settings)
+    path = tmp_path / "approval-keys"
+    assert updates == {"approval_keys_file": path}
+    assert (path.stat().st_mode & 0o777) == 0o600
+    assert path.read_text().startswith("# approval token keys")
+    first = load_approval_keys(settings).signer
+    assert approval_keys_settings(settings) == updates  # kept: tokens minted earlier still verify
+    child = settings_from(to_env(settings.model_copy(update=updates)))
+    assert child.approval_keys_file == path and load_approval_keys(child).signer == first
+    assert first.secret.get_secret_value() not in str(to_env(settings.model_copy(update=updates)))
+    with pytest.raises(Exception, match="no command signing key"):  # a key set of its own, not the command keys
+        load_keys(settings)
+    given = Settings(data_dir=tmp_path / "other", approval_keys="k " + "x" * 40)  # type: ignore[arg-type]
+    assert approval_keys_settings(given) == {} and not (tmp_path / "other").exists()

@@ -162,13 +162,16 @@ def test_docker_compose_config_accepts_the_file() -> None:
 def test_the_signer_and_every_tool_read_the_command_keys_secret(compose: dict[str, Any]) -> None:
     """Without a key the decision processor and the tools refuse to start: each mounts the secret and is
     pointed at it; nothing else gets it."""
-    assert "command-keys" in compose["secrets"]
+    assert "command-keys" in compose["secrets"] and "approval-keys" in compose["secrets"]
     for name, svc in _streamagent_services(compose).items():
         command = _command(svc)
         needs = command == ["processor", "decision"] or command[:1] == ["tool"]
         env = _environment(svc)
         if needs:
-            assert svc.get("secrets") == ["command-keys"], name
+            # The approval keys too: the guard mints approval tokens, every tool verifies them.
+            assert svc.get("secrets") == ["command-keys", "approval-keys"], name
             assert env.get(f"{ENV_PREFIX}COMMAND_KEYS_FILE") == "/run/secrets/command-keys", name
+            assert env.get(f"{ENV_PREFIX}APPROVAL_KEYS_FILE") == "/run/secrets/approval-keys", name
         else:
             assert "secrets" not in svc and f"{ENV_PREFIX}COMMAND_KEYS_FILE" not in env, name
+            assert f"{ENV_PREFIX}APPROVAL_KEYS_FILE" not in env, name
