@@ -398,7 +398,7 @@ class ToolRunner:
                 )
                 if refusal is not None:
                     log.warning(
-                        "refused a %s command: %s",
+                        "refused a command (%s): %s",
                         refusal.reason,
                         refusal.detail,
                         extra={"run_id": command.run_id, "command_id": command.command_id},
