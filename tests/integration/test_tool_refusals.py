@@ -70,7 +70,7 @@ def test_a_signed_command_without_a_valid_approval_or_for_an_ended_run_has_no_ef
     replayed = _with(replayed, ok.approval)
     expired = _jira("run-expired", "LATE1")  # (c)
     expired = _with(expired, _token(expired, expires_in_s=-1))
-    ended = _jira("run-ended", "AFTER1")  # (d) validly approved, but its run completed
+    ended = _jira("run-ended", "AFTER1")  # (d) validly approved, but its run escalated
     ended = _with(ended, _token(ended))
     unknown = _jira("run-unknown", "NEVER1", decision_id="made-up")  # (e) a decision its run never recorded
     unknown = _with(unknown, _token(unknown))
@@ -87,7 +87,9 @@ def test_a_signed_command_without_a_valid_approval_or_for_an_ended_run_has_no_ef
         s = stack.settings
         for command in (ok, forged, other_args, replayed, expired, ended):
             record_decision(s, command.run_id, 0, command.decision_id, step="jira")
-        record_decision(s, "run-ended", 4, "run-ended-done", "complete")
+        # It escalated, then recorded the undo of its steps: its latest decision is not the one that ended it.
+        record_decision(s, "run-ended", 4, "run-ended-escalated", "escalate")
+        record_decision(s, "run-ended", 5, "run-ended-undo", "compensate", step="enrich")
         record_decision(s, "run-unknown", 0, "run-unknown-d", step="jira")
         keys = load_keys(s)  # the producer holds the command key: every command passes the signature
         producer = Producer({"bootstrap.servers": s.bootstrap_servers})
@@ -121,7 +123,10 @@ def test_a_signed_command_without_a_valid_approval_or_for_an_ended_run_has_no_ef
     assert dead["run-replay"][1].startswith("approval token does not match")
     assert dead["run-expired"][1].startswith("approval token expired")
     assert all("approval needed: every Jira call" in dead[r][1] for r, why in refused.items() if why == "unapproved")
-    assert dead["run-ended"][1].startswith("run run-ended has ended: its latest decision is complete")
+    assert dead["run-ended"][1] == (
+        "run run-ended has ended: decision run-ended-escalated at version 4 was escalate"
+        " (its latest is compensate at version 5)"
+    )
     assert dead["run-unknown"][1].startswith("decision made-up is not a recorded decision of run run-unknown")
     assert [(r.run_id, r.status) for r in results] == [("run-ok", ToolStatus.succeeded)]
     # The sandbox records every call it gets: exactly one, the approved command's.

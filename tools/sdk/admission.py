@@ -5,7 +5,8 @@ The order, for every command (README "Governance: what a tool checks"):
 1. signature (runner ``_decode``): ``unauthenticated``;
 2. dedupe: a command id whose ledger row is final republishes its recorded result, whatever follows;
 3. ``stale``: an ``execute`` command whose decision is not a recorded decision of its run, or whose
-   run's latest recorded decision ended it (complete, fail, escalate);
+   run has ended: one of its recorded decisions is complete, fail or escalate (not only the latest: a
+   run records its undos, ``compensate``, after the decision that ended it);
 4. ``unapproved``: an ``execute`` command that needs a person's approval (the tool class says
    ``requires_approval``, or a rule of the policy in force matches it) and carries no valid token;
 5. the call.
@@ -40,11 +41,13 @@ from streamagent.events import DecisionAction, ToolCommand
 from streamagent.policy import Policy
 from streamagent.signing import CommandKeys
 
-# How a run ends: its latest recorded decision is one of these.
-TERMINAL = (DecisionAction.complete.value, DecisionAction.fail.value, DecisionAction.escalate.value)
+# How a run ends: one of its recorded decisions is one of these. Not only its latest: an escalated or
+# failed run records its undos (``compensate``) after the decision that ended it.
+TERMINAL = [DecisionAction.complete.value, DecisionAction.fail.value, DecisionAction.escalate.value]
 
 # One row per input command, in order: whether its ledger row is final, whether its decision is one of
-# its run's recorded decisions, and its run's latest recorded decision.
+# its run's recorded decisions, its run's latest recorded decision, and the first one that ended the run
+# (each read through the table's primary key, run_id first).
 ADMIT_SQL = """
 SELECT
     EXISTS (
@@ -54,13 +57,18 @@ SELECT
     EXISTS (
         SELECT 1 FROM decisions d WHERE d.run_id = i.run_id AND d.decision_id = i.decision_id
     ) AS known,
-    latest.decision_id, latest.action, latest.based_on_version
+    latest.decision_id, latest.action, latest.based_on_version,
+    ended.decision_id, ended.action, ended.based_on_version
 FROM unnest(%(ids)s::text[], %(runs)s::text[], %(decisions)s::text[])
     WITH ORDINALITY AS i(command_id, run_id, decision_id, n)
 LEFT JOIN LATERAL (
     SELECT d.decision_id, d.action, d.based_on_version FROM decisions d
     WHERE d.run_id = i.run_id ORDER BY d.based_on_version DESC LIMIT 1
 ) AS latest ON true
+LEFT JOIN LATERAL (
+    SELECT d.decision_id, d.action, d.based_on_version FROM decisions d
+    WHERE d.run_id = i.run_id AND d.action = ANY(%(terminal)s::text[]) ORDER BY d.based_on_version LIMIT 1
+) AS ended ON true
 ORDER BY i.n
 """
 
@@ -90,9 +98,12 @@ class Freshness:
 
     done: bool
     known: bool
-    latest_decision: str | None
-    latest_action: str | None
-    latest_version: int | None
+    latest_decision: str | None = None
+    latest_action: str | None = None
+    latest_version: int | None = None
+    ended_decision: str | None = None
+    ended_action: str | None = None
+    ended_version: int | None = None
 
     def stale(self, command: ToolCommand) -> str | None:
         """Why ``command`` is stale, in words (the dead letter's detail), or None."""
@@ -106,10 +117,10 @@ class Freshness:
                 f"decision {command.decision_id} is not a recorded decision of run {command.run_id}"
                 f" (its latest is {self.latest_decision}, {self.latest_action} at version {self.latest_version})"
             )
-        if self.latest_action in TERMINAL:
+        if self.ended_action is not None:
             return (
-                f"run {command.run_id} has ended: its latest decision is {self.latest_action}"
-                f" ({self.latest_decision} at version {self.latest_version})"
+                f"run {command.run_id} has ended: decision {self.ended_decision} at version {self.ended_version}"
+                f" was {self.ended_action} (its latest is {self.latest_action} at version {self.latest_version})"
             )
         return None
 
@@ -119,11 +130,12 @@ def freshness_params(commands: Sequence[ToolCommand]) -> dict[str, Any]:
         "ids": [c.command_id for c in commands],
         "runs": [c.run_id for c in commands],
         "decisions": [c.decision_id for c in commands],
+        "terminal": TERMINAL,
     }
 
 
 def freshness_rows(rows: Sequence[tuple[Any, ...]]) -> list[Freshness]:
-    return [Freshness(bool(d), bool(k), ld, la, lv) for d, k, ld, la, lv in rows]
+    return [Freshness(bool(done), bool(known), *rest) for done, known, *rest in rows]
 
 
 def approval_needed(command: ToolCommand, requires_approval: bool, policy: Policy, environment: str) -> str | None:

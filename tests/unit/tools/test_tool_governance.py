@@ -136,16 +136,19 @@ def test_which_commands_need_approval(tmp_path: Path) -> None:
 
 def test_what_makes_a_command_stale() -> None:
     command = _cmd()
-    assert Freshness(False, True, "d2", "dispatch", 4).stale(command) is None  # an earlier decision, run going
-    assert Freshness(True, False, None, None, None).stale(command) is not None  # (done is the runner's business)
+    going = Freshness(False, True, "d2", "dispatch", 4)
+    assert going.stale(command) is None  # its decision is an earlier one of a run still going
+    assert Freshness(False, True, "d9", "wait", 7).stale(command) is None
     unknown = Freshness(False, False, "d2", "dispatch", 4).stale(command)
-    assert unknown is not None and "decision d1 is not a recorded decision of run r" in unknown
-    never = Freshness(False, False, None, None, None).stale(command)
+    assert unknown == "decision d1 is not a recorded decision of run r (its latest is d2, dispatch at version 4)"
+    never = Freshness(False, False).stale(command)
     assert never is not None and never.startswith("run r has no recorded decision")
     for action in ("complete", "fail", "escalate"):
-        ended = Freshness(False, True, "d9", action, 7).stale(command)
-        assert ended == f"run r has ended: its latest decision is {action} (d9 at version 7)"
-    assert Freshness(False, True, "d9", "wait", 7).stale(command) is None
+        ended = Freshness(False, True, "d9", action, 7, "d9", action, 7).stale(command)
+        assert ended == f"run r has ended: decision d9 at version 7 was {action} (its latest is {action} at version 7)"
+    # An escalated run undoes its steps after the decision that ended it: still ended.
+    undoing = Freshness(False, True, "d10", "compensate", 8, "d9", "escalate", 7).stale(command)
+    assert undoing == "run r has ended: decision d9 at version 7 was escalate (its latest is compensate at version 8)"
 
 
 # -- the runner, on the real broker ------------------------------------------------------------------------
