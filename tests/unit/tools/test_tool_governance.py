@@ -24,7 +24,7 @@ from helpers import TEST_APPROVAL_KEYS, eventually, read_topic, record_decision
 from pydantic import BaseModel
 from streamagent.processors.decision.schema import SCHEMA as DECISION_SCHEMA
 from streamagent.tools.sdk import CallContext, Tool
-from streamagent.tools.sdk.admission import Freshness, approval_needed, unapproved
+from streamagent.tools.sdk.admission import DecisionsTableMissing, Freshness, approval_needed, unapproved
 from streamagent.tools.sdk.ratelimit import RateLimiter, TokenBucket
 from streamagent.tools.sdk.runner import ToolRunner
 from streamagent.tools.sdk.schema import SCHEMA as LEDGER_SCHEMA
@@ -149,6 +149,19 @@ def test_what_makes_a_command_stale() -> None:
     # An escalated run undoes its steps after the decision that ended it: still ended.
     undoing = Freshness(False, True, "d10", "compensate", 8, "d9", "escalate", 7).stale(command)
     assert undoing == "run r has ended: decision d9 at version 7 was escalate (its latest is compensate at version 8)"
+
+
+def test_a_tool_refuses_to_start_on_a_database_without_the_decisions_table(settings: Settings) -> None:
+    """Without the decision processor's table the tool cannot tell a stale command: it does not start
+    (one line from the CLI: a SettingsError), before it touches the broker."""
+    runner = ToolRunner(settings, Guarded())
+    with pytest.raises(DecisionsTableMissing, match="start the decision processor against it first"):
+        asyncio.run(runner.run())
+    with db.connect(settings) as conn:  # its own table was created; nothing of the decision layer's
+        assert conn.execute("SELECT to_regclass('tool_ledger') IS NOT NULL, to_regclass('decisions')").fetchone() == (
+            True,
+            None,
+        )
 
 
 # -- the runner, on the real broker ------------------------------------------------------------------------
