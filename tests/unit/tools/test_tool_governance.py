@@ -213,7 +213,7 @@ def _approved(command: ToolCommand) -> ToolCommand:
 def test_the_runner_calls_only_approved_current_commands_at_the_policys_rate(
     settings: Settings, tmp_path: Path
 ) -> None:
-    rate = 20.0
+    rate = 10.0
     policies = tmp_path / "policies"
     policies.mkdir()
     (policies / "rate.toml").write_text(f"[rate_limits]\nenrich = {rate}\n")
@@ -281,8 +281,9 @@ def test_the_runner_calls_only_approved_current_commands_at_the_policys_rate(
     assert "approval needed: tool enrich requires approval for every call" in letters[0].error
     calls = Counter((cid, op) for cid, op, _at in tool.calls)
     assert calls == {**{(c.command_id, "execute"): 1 for c in approved}, (undo.command_id, "compensate"): 1}
-    # Every call waited its turn: consecutive calls at least 1/rate apart (less the event loop's timer slack).
+    # Every call waited its turn: n calls at `rate`/s span at least (n - 1) / rate (turns are granted
+    # exactly 1/rate apart; each call then starts after a small, variable delay of the event loop, so
+    # single gaps vary and the span gets a margin). Unlimited, they span microseconds.
     starts = sorted(at for _cid, _op, at in tool.calls)
-    gaps = [b - a for a, b in itertools.pairwise(starts)]
-    assert min(gaps) >= 0.9 / rate, gaps
+    assert starts[-1] - starts[0] >= 0.8 * (len(starts) - 1) / rate, [b - a for a, b in itertools.pairwise(starts)]
     assert runner.limiter.waits >= 1
