@@ -13,11 +13,11 @@ recorded, is dead-lettered ``stale``; one that needs a person's approval (policy
 token, ``unapproved``. Neither is claimed, called or answered. Each external call then waits for the
 tool's rate limit (``ratelimit``), read from the policy in force.
 
-The hot path is cheap: one database round trip per consumed batch claims the ledger rows of its
-commands (``Ledger.claim``); attempt counts and final results of concurrent
-commands are group-committed (``LedgerWriter``); results and dead letters are acknowledged by
-delivery reports, handed to the event loop once per producer poll, never by flushing per message;
-offsets are committed every ``COMMIT_INTERVAL_S``.
+The hot path is cheap: two database round trips per consumed batch, one that admits its commands
+(``admission.ADMIT_SQL``) and one that claims the ledger rows of those admitted (``Ledger.claim``);
+attempt counts and final results of concurrent commands are group-committed (``LedgerWriter``);
+results and dead letters are acknowledged by delivery reports, handed to the event loop once per
+producer poll, never by flushing per message; offsets are committed every ``COMMIT_INTERVAL_S``.
 """
 
 from __future__ import annotations
