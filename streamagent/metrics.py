@@ -25,7 +25,7 @@ DEAD_LETTERS = Counter(
 )
 TOOL_CALLS = Counter(
     "streamagent_tool_calls_total",
-    "Tool command outcomes (succeeded|failed|retried|deduplicated)",
+    "Tool command outcomes (succeeded|failed|retried|deduplicated|throttled: a call waited for the rate limit)",
     ["tool", "outcome"],
 )
 TOOL_CALL_SECONDS = Histogram("streamagent_tool_call_seconds", "Duration of one external call", ["tool"])

@@ -130,7 +130,9 @@ def load_keys(settings: Settings) -> CommandKeys:
     return parse_keys(text, source)
 
 
-def create_key_file(path: Path) -> bool:
+def create_key_file(
+    path: Path, header: str = "command signing keys: the first signs, every one verifies (README: command signing)"
+) -> bool:
     """Write one fresh random key to ``path`` (mode 0600) unless the file exists; True if written.
 
     O_EXCL: two processes racing to create it cannot both write, nor overwrite a key in use."""
@@ -141,7 +143,7 @@ def create_key_file(path: Path) -> bool:
     except FileExistsError:
         return False
     with os.fdopen(fd, "w") as out:
-        out.write("# command signing keys: the first signs, every one verifies (README: command signing)\n")
+        out.write(f"# {header}\n")
         out.write(f"{key_id} {secrets.token_hex(32)}\n")
     return True
 

@@ -19,8 +19,25 @@ T = TypeVar("T")
 TEST_SIGNING_KEY = ("test-current", "a" * 16 + "0123456789abcdef" * 3)
 TEST_OLD_KEY = ("test-previous", "b" * 16 + "fedcba9876543210" * 3)
 TEST_COMMAND_KEYS = "\n".join(f"{key_id} {secret}" for key_id, secret in (TEST_SIGNING_KEY, TEST_OLD_KEY))
-# The approval token keys (streamagent.approval): another key set, as in production.
-TEST_APPROVAL_KEYS = "approvals-current " + "c" * 16 + "0123456789abcdef" * 3
+# The approval token keys of every test's settings (``streamagent.approval``): a key set apart from the above.
+TEST_APPROVAL_KEYS = "\n".join(
+    f"{key_id} {secret}" for key_id, secret in (("approval-current", "c" * 64), ("approval-previous", "d" * 64))
+)
+
+
+def record_decision(
+    settings: Settings, run_id: str, version: int, decision_id: str, action: str = "dispatch", step: str | None = None
+) -> None:
+    """A row of the decision processor's ``decisions`` table, as it records one (tools read it to refuse
+    stale commands); the table must exist (``db.migrate`` with the decision schema)."""
+    import psycopg
+
+    with psycopg.connect(settings.database_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO decisions (run_id, based_on_version, decision_id, action, step, decision_event)"
+            " VALUES (%s, %s, %s, %s, %s, '')",
+            (run_id, version, decision_id, action, step),
+        )
 
 
 def eventually(probe: Callable[[], T], timeout: float = 60.0, interval: float = 0.1, what: str = "condition") -> T:

@@ -102,6 +102,7 @@ def _require_given(settings: Settings) -> None:
     except ValueError as exc:
         raise CliError(str(exc), code=2) from None
     _workflows(settings)  # a malformed workflow file is refused before anything starts
+    _policy(settings)  # and a malformed policy file
     from streamagent.console.stack import UnknownTool, stack_tools
 
     try:
@@ -134,6 +135,51 @@ def cmd_workflows_check(args: argparse.Namespace) -> int:
     for name, workflow in _workflows(get_settings()).items():
         steps = " -> ".join(f"{s.name}({s.tool})" for s in workflow.steps)
         print(f"ok  {name}: {steps}  [{workflow.source}]")
+    return 0
+
+
+def _policy(settings: Settings) -> Any:
+    """The policy of ``policies_dir``; a malformed file is one line naming file, field and reason (exit 2)."""
+    from streamagent.policy import PolicyError, load_policy
+
+    try:
+        return load_policy(settings.policies_dir)
+    except PolicyError as exc:
+        raise CliError(f"invalid policy: {exc}", code=2) from None
+
+
+def cmd_policies_check(args: argparse.Namespace) -> int:
+    from streamagent.policy import BUDGETS
+
+    settings = get_settings()
+    policy = _policy(settings)
+
+    def limits(budgets: Any) -> str:
+        set_ = [f"{name}={getattr(budgets, name):g}" for name in BUDGETS if getattr(budgets, name) is not None]
+        return ", ".join(set_) or "none"
+
+    print(f"ok  policy {policy.version} from {settings.policies_dir.resolve()} (environment {settings.environment})")
+    for path in policy.files or ("(no *.toml file: nothing is held, no budget)",):
+        print(f"    file {path}")
+    print(f"    budgets: {limits(policy.budgets)}")
+    for name, budgets in sorted(policy.workflow_budgets.items()):
+        print(f"    budgets of workflow {name}: {limits(budgets)}")
+    print(f"    approvals: {len(policy.rules)} rule(s), unanswered for {policy.approval_timeout_s:g}s escalates")
+    for rule in policy.rules:
+        where = [f"tool={rule.tool}"]
+        if rule.argument is not None:
+            where.append(f"argument={rule.argument}")
+        if rule.matching is not None:
+            where.append(f"matching={rule.matching.pattern!r}")
+        if rule.not_matching is not None:
+            where.append(f"not_matching={rule.not_matching.pattern!r}")
+        if rule.environments:
+            where.append(f"environments={','.join(rule.environments)}")
+        if rule.workflows:
+            where.append(f"workflows={','.join(rule.workflows)}")
+        print(f"      {' '.join(where)}: {rule.reason}  [{rule.source}]")
+    rates = ", ".join(f"{tool}={rate:g}/s" for tool, rate in sorted(policy.rate_limits.items()))
+    print(f"    rate limits (per tool process): {rates or 'none'}")
     return 0
 
 
@@ -232,12 +278,15 @@ def cmd_processor(args: argparse.Namespace) -> int:
 
 
 def cmd_tool(args: argparse.Namespace) -> int:
+    from streamagent.approval import load_approval_keys
     from streamagent.signing import load_keys
     from streamagent.tools import builtin_tools
     from streamagent.tools.sdk.runner import run_tool
 
     settings = _settings(("bootstrap_servers", "database_url", "sandbox_url"), probe=False)
     load_keys(settings)  # it verifies every command: no key, no start (one line naming the setting)
+    load_approval_keys(settings)  # and every approval token
+    _policy(settings)  # it enforces the policy: a malformed file, no start
     logs.configure(f"tool-{args.name}", settings.log_level, settings.log_format)
     _serve_metrics(settings, f"tool-{args.name}")
     run_tool(settings, builtin_tools()[args.name]())
@@ -685,6 +734,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Load every workflow file; a malformed one is named with its field and reason (exit 2)",
     )
     check.set_defaults(func=cmd_workflows_check)
+
+    policies = add("policies", lambda a: 2, "Inspect the policy in force (files under policies_dir)")
+    policies_sub = policies.add_subparsers(dest="policies_command", metavar="SUBCOMMAND", required=True)
+    policies_check = policies_sub.add_parser(
+        "check",
+        help="Load every policy file and print the policy: version, files, budgets, rules, rate limits",
+        description="Load every policy file (*.toml of policies_dir) and print the policy they make; a"
+        " malformed one is named with its field and reason (exit 2)",
+    )
+    policies_check.set_defaults(func=cmd_policies_check)
 
     register_sandbox(sub, running_stack_url=lambda settings: discover(settings).sandbox_url or "")
     return parser

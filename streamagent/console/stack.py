@@ -41,7 +41,7 @@ from streamagent.console.stackfile import (
     running_pid,
 )
 from streamagent.kafka import create_topics
-from streamagent.policy import load_policy
+from streamagent.policy import Policy, load_policy
 from streamagent.processors.decision.schema import SCHEMA as DECISION_SCHEMA
 from streamagent.processors.projection.schema import SCHEMA as PROJECTION_SCHEMA
 from streamagent.signing import create_key_file, load_keys
@@ -287,16 +287,24 @@ def command_keys_settings(settings: Settings) -> dict[str, object]:
 
 
 def approval_keys_settings(settings: Settings) -> dict[str, object]:
-    """As ``command_keys_settings``, for the approval token keys (``<data dir>/approval-keys``): the
-    guard mints tokens with them and every tool verifies them."""
+    """As ``command_keys_settings``, for the approval token keys (``streamagent.approval``): the given
+    ones, else ``<data dir>/approval-keys``, created once (mode 0600) and kept. The guard mints tokens
+    with its first key and every tool verifies them; a tool refuses to start without one."""
     if settings.approval_keys.get_secret_value().strip() or settings.approval_keys_file is not None:
-        load_approval_keys(settings)
+        load_approval_keys(settings)  # named but unusable: refused here, in one line, before any child starts
         return {}
     path = settings.approval_keys_path.resolve()
-    if create_key_file(path):
+    header = "approval token keys: the first signs, every one verifies (README: Governance: what a tool checks)"
+    if create_key_file(path, header):
         log.info("created the approval key file %s", path)
     load_approval_keys(settings)
     return {"approval_keys_file": path}
+
+
+def check_policies(settings: Settings) -> Policy:
+    """The policy files of ``policies_dir``, loaded: a malformed one raises ``PolicyError`` (file, field,
+    reason) before anything starts; each process that reads policy checks again at its own start."""
+    return load_policy(settings.policies_dir)
 
 
 class Stack:
@@ -355,7 +363,7 @@ class Stack:
         # First: a missing or malformed key stops the start before anything is started.
         updates.update(command_keys_settings(self.settings.model_copy(update=updates)))
         updates.update(approval_keys_settings(self.settings.model_copy(update=updates)))
-        load_policy(self.settings.policies_dir)  # a malformed policy file: file, field and reason, now
+        check_policies(self.settings)
         if not self.settings.bootstrap_servers:
             self.broker = EmbeddedBroker(
                 data / "broker", storage=self.settings.broker_storage, fsync=self.settings.broker_fsync

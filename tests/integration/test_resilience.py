@@ -15,7 +15,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from confluent_kafka import Producer
-from helpers import TEST_COMMAND_KEYS, TEST_OLD_KEY, ended, eventually, read_topic, skip_to_end
+from helpers import TEST_COMMAND_KEYS, TEST_OLD_KEY, ended, eventually, read_topic, record_decision, skip_to_end
 from pydantic import SecretStr
 from streamagent.processors.projection import queries
 from streamagent.tools.jira import Jira
@@ -348,6 +348,8 @@ def test_only_signed_commands_reach_a_tool_and_an_old_key_still_does(settings: S
     with Stack(rotated, tools=("jira",), processors=()) as stack:
         s = stack.settings
         assert s.command_keys_file == keys_file  # the children read the file they were given
+        # The accepted command's decision, as the decision processor records it (else it is stale).
+        record_decision(s, accepted.run_id, 0, accepted.decision_id, step="jira")
         producer = Producer({"bootstrap.servers": s.bootstrap_servers})
         for command in [*forged.values(), accepted]:
             producer.produce(s.topic(command_topic("jira")), key=command.run_id.encode(), value=codec.encode(command))

@@ -5,7 +5,8 @@ event is published instead.
 
 The hot path costs few round trips: ``Ledger.claim`` claims the ledger rows of a whole consumed
 batch in one statement (whether a command was issued by the pipeline is its signature's business,
-checked before the claim: the ledger reads no other layer's table), and ``LedgerWriter`` group-commits the attempt
+checked before the claim; whether it is stale or unapproved is ``admission``'s, asked just before it
+in one more statement per batch: the claim reads no other layer's table), and ``LedgerWriter`` group-commits the attempt
 counts and final results that concurrent commands write, one statement per flush. A transient
 database error (lost connection, restart, deadlock: ``streamagent.errors.outage``) is retried with
 backoff until the statement goes through or the tool stops, on a connection replaced in one place
@@ -187,6 +188,11 @@ class Ledger:
             else Claimed(None)
             for status, attempts, result in rows
         ]
+
+    async def query(self, kind: str, sql: str, params: Any) -> list[tuple[Any, ...]]:
+        """Another statement on the ledger's connection, with the same retries (``kind`` names it in
+        ``round_trips_by``): the runner's admission check (``admission.ADMIT_SQL``) is one per batch."""
+        return await self._round_trip(kind, sql, params)
 
     async def write(self, writes: Sequence[Write]) -> None:
         """Apply ``writes`` (one per command id) in one statement."""

@@ -7,13 +7,17 @@ broker. A command seen again (redelivery, replay, restart) publishes its recorde
 
 Only the pipeline commands a tool: every command's signature (``streamagent.signing``) is verified
 first, before the ledger or any external call sees it; an unsigned, forged or altered command is
-dead-lettered ``unauthenticated`` and has no effect.
+dead-lettered ``unauthenticated`` and has no effect. Then (``admission``): a command already done
+republishes its result; an ``execute`` command of a run that ended, or of a decision its run never
+recorded, is dead-lettered ``stale``; one that needs a person's approval (policy) without a valid
+token, ``unapproved``. Neither is claimed, called or answered. Each external call then waits for the
+tool's rate limit (``ratelimit``), read from the policy in force.
 
-The hot path is cheap: one database round trip per consumed batch claims the ledger rows of its
-commands (``Ledger.claim``); attempt counts and final results of concurrent
-commands are group-committed (``LedgerWriter``); results and dead letters are acknowledged by
-delivery reports, handed to the event loop once per producer poll, never by flushing per message;
-offsets are committed every ``COMMIT_INTERVAL_S``.
+The hot path is cheap: two database round trips per consumed batch, one that admits its commands
+(``admission.ADMIT_SQL``) and one that claims the ledger rows of those admitted (``Ledger.claim``);
+attempt counts and final results of concurrent commands are group-committed (``LedgerWriter``);
+results and dead letters are acknowledged by delivery reports, handed to the event loop once per
+producer poll, never by flushing per message; offsets are committed every ``COMMIT_INTERVAL_S``.
 """
 
 from __future__ import annotations
@@ -29,21 +33,24 @@ import socket
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
+from streamagent.tools.sdk import admission
 from streamagent.tools.sdk.breaker import CircuitBreaker
 from streamagent.tools.sdk.errors import PermanentError, RetryableError
 from streamagent.tools.sdk.ledger import Claimed, ClaimRequest, Ledger, LedgerEntry, LedgerWriter, Stopping
 from streamagent.tools.sdk.offsets import PartitionOffsets
+from streamagent.tools.sdk.ratelimit import RateLimiter
 from streamagent.tools.sdk.schema import SCHEMA as LEDGER_SCHEMA
 from streamagent.tools.sdk.tool import CallContext, Tool
 
 from streamagent import codec, db, tracing
+from streamagent.approval import load_approval_keys
 from streamagent.config import Settings
 from streamagent.dlq import DeadLetterSink
 from streamagent.errors import Rejected, outage
@@ -59,6 +66,7 @@ from streamagent.metrics import (
     DependencyHealth,
     HopTimer,
 )
+from streamagent.policy import PolicyStore
 from streamagent.retry import RetryPolicy
 from streamagent.signing import CommandKeys, load_keys, verify
 from streamagent.topics import TOOL_REGISTRY, TOOL_RESULTS, command_topic
@@ -140,10 +148,17 @@ class ToolRunner:
         breaker: CircuitBreaker | None = None,
         consumer_config: dict[str, object] | None = None,
         keys: CommandKeys | None = None,
+        approval_keys: CommandKeys | None = None,
+        policies: PolicyStore | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
         # Read once, at start: no key refuses the start (CommandKeyError) instead of refusing every command.
         self.keys = keys if keys is not None else load_keys(settings)
+        self.approval_keys = approval_keys if approval_keys is not None else load_approval_keys(settings)
+        # A malformed policy refuses the start (PolicyError); a bad edit later keeps the last good one.
+        self.policies = policies or PolicyStore(settings.policies_dir, settings.policy_reload_s)
+        self.limiter = RateLimiter(tool.name, self.policies, clock)
         self.consumer_config = consumer_config or {}
         self.tool = tool
         self.topic = settings.topic(command_topic(tool.name))
@@ -189,6 +204,7 @@ class ToolRunner:
             db.migrate, self.settings, LEDGER_SCHEMA, wait_s=db.WAIT_FOREVER, stop=self._stopped
         )
         await loop.run_in_executor(None, migrate)
+        await loop.run_in_executor(None, admission.require_decisions_table, self.settings)
         self.ledger = await Ledger.open(self.settings, stop=self.stop_event, health=self.health)
         self.writer = LedgerWriter(self.ledger, max_batch=max(self.max_in_flight, 1))
         consumer = make_consumer(self.settings, self.processor, **self.consumer_config)
@@ -356,13 +372,52 @@ class ToolRunner:
             first = self._active[cid] == 0
             requests.append(ClaimRequest(cid, command.run_id, command.step, claim=first))
             self._active[cid] += 1
-        claims = asyncio.ensure_future(self.ledger.claim(self.tool.name, requests))
+        # Every handler of the batch awaits (and so holds) this future.
+        claims = asyncio.ensure_future(self._admit([c for _m, _t, c in commands], requests))  # noqa: RUF006
         loop = asyncio.get_running_loop()
         for index, (msg, tracker, command) in enumerate(commands):
             previous = self._run_tails.get(command.run_id)
             turn: asyncio.Future[None] = loop.create_future()
             self._run_tails[command.run_id] = turn
             self._spawn(self._handle(msg, tracker, command, claims, index, previous, turn))
+
+    async def _admit(self, commands: list[ToolCommand], requests: list[ClaimRequest]) -> list[Claimed | Exception]:
+        """The batch's admission check (one statement for its ``execute`` commands) and then the claim
+        of those admitted (one statement): per command its claim, or the ``Rejected`` refusing it."""
+        policy = self.policies.current()
+        refused: dict[int, Exception] = {}
+        executes = [i for i, c in enumerate(commands) if c.operation != "compensate"]
+        if executes:
+            rows = await self.ledger.query(
+                "admit", admission.ADMIT_SQL, admission.freshness_params([commands[i] for i in executes])
+            )
+            for i, fresh in zip(executes, admission.freshness_rows(rows), strict=True):
+                command = commands[i]
+                if fresh.done:
+                    continue  # dedupe comes first: its recorded result is republished
+                stale = fresh.stale(command)
+                refusal = (
+                    Rejected("stale", stale)
+                    if stale is not None
+                    else admission.unapproved(
+                        command,
+                        self.tool.requires_approval,
+                        policy,
+                        self.settings.environment,
+                        self.approval_keys,
+                    )
+                )
+                if refusal is not None:
+                    log.warning(
+                        "refused a command (%s): %s",
+                        refusal.reason,
+                        refusal.detail,
+                        extra={"run_id": command.run_id, "command_id": command.command_id},
+                    )
+                    refused[i] = refusal
+        admitted = [r for i, r in enumerate(requests) if i not in refused]
+        claims = iter(await self.ledger.claim(self.tool.name, admitted))
+        return [refused[i] if i in refused else next(claims) for i in range(len(requests))]
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -519,6 +574,9 @@ class ToolRunner:
         while True:
             if self.stop_event.is_set():
                 raise Stopping
+            if not await self._rate_limited(command, deadline):
+                error, kind = f"rate limit of {self.tool.name} would delay the call past the deadline", "deadline"
+                break
             if not await self.breaker.acquire(deadline):
                 error, kind = f"circuit open past the deadline after {attempt} attempt(s)", "deadline"
                 break
@@ -595,6 +653,23 @@ class ToolRunner:
             "streamagent.command_id": command.command_id,
             "streamagent.attempt": attempt,
         }
+
+    async def _rate_limited(self, command: ToolCommand, deadline: float) -> bool:
+        """Wait for this call's turn under the tool's rate limit; False if that turn comes after the
+        deadline (the slot is given back, no call is made). Raises ``Stopping`` if the tool stops."""
+        delay = self.limiter.reserve()
+        if delay <= 0:
+            return True
+        if time.monotonic() + delay >= deadline:
+            self.limiter.give_back()
+            return False
+        TOOL_CALLS.labels(self.tool.name, "throttled").inc()
+        log.debug("rate limit: calling in %.3fs", delay, extra={"run_id": command.run_id})
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stop_event.wait(), timeout=delay)
+        if self.stop_event.is_set():
+            raise Stopping
+        return True
 
     async def _call_once(self, command: ToolCommand, ctx: CallContext) -> dict[str, Any]:
         timeout = self.timeout_s * 2  # the HTTP timeout fires first; this is a backstop
@@ -681,9 +756,13 @@ def ensure_command_topic(settings: Settings, name: str) -> None:
 
 
 def run_tool(settings: Settings, tool: Tool[Any, Any]) -> None:
-    keys = load_keys(settings)  # no key: refuse to start (one line from the CLI), before touching Kafka
+    # No key, no approval key or a malformed policy: refuse to start (one line from the CLI), before
+    # touching Kafka.
+    keys = load_keys(settings)
+    approval_keys = load_approval_keys(settings)
+    policies = PolicyStore(settings.policies_dir, settings.policy_reload_s)
     ensure_command_topic(settings, tool.name)
-    runner = ToolRunner(settings, tool, keys=keys)
+    runner = ToolRunner(settings, tool, keys=keys, approval_keys=approval_keys, policies=policies)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()

@@ -175,3 +175,4 @@ def test_the_signer_and_every_tool_read_the_command_keys_secret(compose: dict[st
             assert (env.get(f"{ENV_PREFIX}APPROVAL_KEYS_FILE") == "/run/secrets/approval-keys") == approvals, name
         else:
             assert "secrets" not in svc and f"{ENV_PREFIX}COMMAND_KEYS_FILE" not in env, name
+            assert f"{ENV_PREFIX}APPROVAL_KEYS_FILE" not in env, name

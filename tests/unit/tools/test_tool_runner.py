@@ -21,8 +21,9 @@ from typing import Any
 import psycopg
 import pytest
 from confluent_kafka import Producer
-from helpers import TEST_OLD_KEY, eventually, read_topic
+from helpers import TEST_OLD_KEY, eventually, read_topic, record_decision
 from pydantic import BaseModel, SecretStr
+from streamagent.processors.decision.schema import SCHEMA as DECISION_SCHEMA
 from streamagent.tools.sdk import CallContext, PermanentError, RetryableError, RetryPolicy, Tool
 from streamagent.tools.sdk.ledger import CLAIM_SQL, ClaimRequest, Ledger, LedgerWriter, Stopping
 from streamagent.tools.sdk.runner import ToolRunner
@@ -331,7 +332,7 @@ def _command(run_id: str, step: str, n: int, decision_id: str = "d", tool: str =
 
 @pytest.mark.integration
 def test_the_runner_claims_once_per_batch_and_keeps_every_guarantee(settings: Settings, tmp_path: Path) -> None:
-    db.migrate(settings, LEDGER_SCHEMA)
+    db.migrate(settings, LEDGER_SCHEMA, DECISION_SCHEMA)  # a tool reads the decisions (stale commands)
     # Keys from a two-key file, as after a rotation: the first signs, the second (the old one) still verifies.
     keys_file = tmp_path / "command-keys"
     keys_file.write_text(settings.command_keys.get_secret_value() + "\n")
@@ -367,6 +368,8 @@ def test_the_runner_claims_once_per_batch_and_keeps_every_guarantee(settings: Se
         sign(_command("run-impostor", "s0", 1), impostor),
         sign(_command("run-altered", "s0", 1), keys).model_copy(update={"arguments": {"n": 1000}}),
     ]
+    for run_id in {c.run_id for c in commands}:
+        record_decision(settings, run_id, 0, "d")  # every command's decision, as the decision processor records it
     producer = Producer({"bootstrap.servers": settings.bootstrap_servers})
     for command in commands:
         producer.produce(topic, key=command.run_id.encode(), value=codec.encode(command))
@@ -442,11 +445,13 @@ def test_the_runner_claims_once_per_batch_and_keeps_every_guarantee(settings: Se
     assert rows["run-3-s1"][1] == 2 and rows["run-5-s2"][1] == 1
     assert not set(rows) & set(unauthenticated)
 
-    # The hot path: exactly one claim round trip per consumed batch, the rest group-committed.
+    # The hot path: exactly one admission and one claim round trip per consumed batch, the rest
+    # group-committed.
     ledger = runner.ledger
+    assert ledger.round_trips_by["admit"] == runner.claimed_batches
     assert ledger.round_trips_by["claim"] == runner.claimed_batches
     assert ledger.round_trips_by["write"] == runner.writer.flushes
-    assert ledger.round_trips == runner.claimed_batches + runner.writer.flushes
+    assert ledger.round_trips == 2 * runner.claimed_batches + runner.writer.flushes
     assert ledger.round_trips < len(commands)  # the per-command path made 4 per command
 
 
@@ -468,10 +473,12 @@ class Held(Flaky):
 def test_a_saturated_runner_keeps_its_place_in_its_group(settings: Settings) -> None:
     """Every slot busy for longer than max.poll.interval.ms: the runner still polls (partitions paused),
     so it is not thrown out of its group; nothing is redelivered and every offset is committed."""
-    db.migrate(settings, LEDGER_SCHEMA)
+    db.migrate(settings, LEDGER_SCHEMA, DECISION_SCHEMA)
     create_topics(settings)
     topic = settings.topic(command_topic("enrich"))
     commands = [sign(_command(f"run-{i}", "s0", i), load_keys(settings)) for i in range(3)]
+    for command in commands:
+        record_decision(settings, command.run_id, 0, command.decision_id)
     producer = Producer({"bootstrap.servers": settings.bootstrap_servers})
     for command in commands:
         producer.produce(topic, key=command.run_id.encode(), value=codec.encode(command))
