@@ -40,6 +40,7 @@ function fmtCost(usd) {
   if (usd < 0.0001) return "<$0.0001";
   return usd < 1 ? `$${usd.toFixed(4)}` : `$${usd.toFixed(2)}`;
 }
+const fmtOffset = (ms) => (ms < 10000 ? `+${ms} ms` : `+${(ms / 1000).toFixed(ms < 100000 ? 2 : 1)} s`);
 const json = (value) => JSON.stringify(value, null, 2);
 const badge = (status) => el("span", { class: `badge ${status}` }, status);
 
@@ -171,7 +172,7 @@ function renderRun(data) {
     return el(
       "li",
       { class: `entry ${e.payload && e.payload.status ? e.payload.status : ""}`, dataset: { type: e.type, step: e.step || "" } },
-      el("span", { class: "at", title: fmtDate(e.occurred_at) }, `+${e.offset_ms} ms`),
+      el("span", { class: "at", title: fmtDate(e.occurred_at) }, fmtOffset(e.offset_ms)),
       el("span", { class: "type" }, e.type),
       e.step ? el("span", { class: "step" }, e.step) : null,
       note(e),
