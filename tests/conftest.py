@@ -300,8 +300,3 @@ def _restore_root_logger() -> Iterator[None]:
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
-
-
-def pytest_addoption(parser: pytest.Parser) -> None:
-    # tests/integration/test_ui_browser.py saves what the browser shows there (docs/ui.png is made so).
-    parser.addoption("--ui-screenshot", default="", help="save the run timeline page's screenshot to this path")
