@@ -641,7 +641,7 @@ def _log_file(args: argparse.Namespace, settings: Settings) -> tuple[str, Path] 
     """Where a command logs; None for the children of ``up`` (their stderr is their log file)."""
     if args.command in ("processor", "tool") or (args.command == "sandbox" and not args.sandbox_command):
         return None
-    name = args.command if args.command in ("up", "demo") else "cli"
+    name = args.command if args.command in ("up", "demo", "ui") else "cli"
     return name, settings.data_dir / "logs" / f"{name}.log"
 
 

@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import psycopg
+from confluent_kafka import KafkaException
 
 from streamagent.config import Settings
 from streamagent.console.ui.api import ApiError, Source, parse_runs_query
@@ -62,6 +63,10 @@ class Handler(BaseHTTPRequestHandler):
         except psycopg.Error as exc:
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             self._json(HTTPStatus.SERVICE_UNAVAILABLE, {"error": f"PostgreSQL: {reason}"})
+        except KafkaException as exc:  # the dead letters, while the broker is away
+            error = exc.args[0] if exc.args else None
+            reason = error.str() if hasattr(error, "str") else str(exc)
+            self._json(HTTPStatus.SERVICE_UNAVAILABLE, {"error": f"Kafka: {reason}"})
         except Exception as exc:  # the page shows the one line; the log keeps the traceback
             log.exception("GET %s failed", url.path)
             self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"{type(exc).__name__}: {exc}"})
