@@ -64,6 +64,9 @@ def test_a_run_submitted_while_the_page_is_open_shows_live_until_completed(setti
         )
         assert page.evaluate(f"{row}.querySelector('td.status').textContent") == "running"
         assert page.evaluate(f"{detail}.dataset.status") == "running"
+        # No reason until it ends, and nothing in its place (no stray text such as "null").
+        assert page.evaluate(f"{detail}.querySelector('.reason') === null")
+        assert page.evaluate(f"[...{detail}.childNodes].every(node => node.nodeType === Node.ELEMENT_NODE)")
 
         # Slack is back: the same page, never reloaded, shows the run completed.
         sandbox.clear_faults()
@@ -81,6 +84,7 @@ def test_a_run_submitted_while_the_page_is_open_shows_live_until_completed(setti
         assert types[0] == "RunRequested" and types[-1] == "RunCompleted"
         assert types.count("DecisionRecorded") == 5 and types.count("ToolCommand") == 4
         assert page.evaluate(chips) == ",".join(f"{step}:succeeded" for step in STEPS)
+        assert page.evaluate(f"{detail}.querySelector('.reason').textContent") == "every step succeeded"
         # A result's details say its attempts (slack's: several, through the outage) and latency.
         details = page.evaluate(
             'document.querySelector(\'#timeline .entry[data-type="ToolResult"][data-step="slack"] details\')'

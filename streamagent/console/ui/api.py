@@ -116,21 +116,25 @@ def decision_details(payload: Mapping[str, Any]) -> dict[str, Any]:
     return details
 
 
+def _new_step(name: str) -> dict[str, Any]:
+    return {"name": name, "status": "pending", "attempts": None, "duration_ms": None, "tool": None, "undo": None}
+
+
 def step_progress(workflow_steps: Sequence[str], entries: Sequence[TimelineEntry]) -> list[dict[str, Any]]:
     """Each step of the run's workflow (then any other step its events name) with how it went so far:
-    pending, running (a command is out), succeeded or failed, with attempts and latency of the last result."""
-    steps: dict[str, dict[str, Any]] = {
-        name: {"name": name, "status": "pending", "attempts": None, "duration_ms": None, "tool": None}
-        for name in workflow_steps
-    }
+    pending, running (a command is out), succeeded or failed, with attempts and latency of its result.
+    A compensation (``operation`` other than execute) does not change that; it is noted in ``undo``."""
+    steps: dict[str, dict[str, Any]] = {name: _new_step(name) for name in workflow_steps}
     for e in entries:
         if not e.step or e.type not in ("ToolCommand", "ToolResult"):
             continue
-        step = steps.setdefault(
-            e.step, {"name": e.step, "status": "pending", "attempts": None, "duration_ms": None, "tool": None}
-        )
+        step = steps.setdefault(e.step, _new_step(e.step))
         step["tool"] = e.payload.get("tool", step["tool"])
-        if e.type == "ToolCommand" and step["status"] == "pending":
+        operation = str(e.payload.get("operation") or "execute")
+        if operation != "execute":
+            status = "running" if e.type == "ToolCommand" else str(e.payload.get("status", "?"))
+            step["undo"] = f"{operation} {status}"
+        elif e.type == "ToolCommand" and step["status"] == "pending":
             step["status"] = "running"
         elif e.type == "ToolResult":
             step["status"] = str(e.payload.get("status", "?"))

@@ -72,18 +72,19 @@ def test_a_timeline_shows_steps_decisions_and_any_event_type_generically() -> No
         entry(6, "ToolCommand", "enrich", tool="enrich"),
         entry(120, "ToolResult", "enrich", tool="enrich", status="succeeded", attempts=2, duration_ms=98),
         entry(121, "ToolCommand", "jira", tool="jira"),
+        entry(122, "ToolCommand", "enrich", tool="enrich", operation="compensate"),  # an undo keeps the outcome
         entry(130, "ApprovalRequested", "email", approver="ops"),  # a type this code has never heard of
     ]
     view = run_view(row(), entries, {"onboarding": 4}, ["enrich", "jira", "email", "slack"])
 
-    assert [(s["name"], s["status"], s["attempts"]) for s in view["steps"]] == [
-        ("enrich", "succeeded", 2),
-        ("jira", "running", None),
-        ("email", "pending", None),
-        ("slack", "pending", None),
+    assert [(s["name"], s["status"], s["attempts"], s["undo"]) for s in view["steps"]] == [
+        ("enrich", "succeeded", 2, "compensate running"),
+        ("jira", "running", None, None),
+        ("email", "pending", None, None),
+        ("slack", "pending", None, None),
     ]
     timeline = view["timeline"]
-    assert [e["offset_ms"] for e in timeline] == [0, 5, 6, 120, 121, 130]
+    assert [e["offset_ms"] for e in timeline] == [0, 5, 6, 120, 121, 122, 130]
     decision = timeline[1]["decision"]
     assert decision["by_model"] and (decision["prompt_tokens"], decision["completion_tokens"]) == (40, 7)
     assert [m["role"] for m in decision["messages"]] == ["system", "user"]

@@ -183,7 +183,8 @@ function renderRun(data) {
   const model = run.model_decisions
     ? `${run.model_decisions} model decision(s), ${run.prompt_tokens}+${run.completion_tokens} tokens${run.estimated_decisions ? " (estimated)" : ""}, ${fmtCost(run.cost_usd)}`
     : "decided by the rules (no model cost)";
-  detail.replaceChildren(
+  // Through el(), which drops the parts a run does not have (a reason, before it ends).
+  detail.replaceChildren(...el("div", {},
     el("h2", {}, run.company_name || "?", " ", badge(run.status)),
     el(
       "div",
@@ -206,11 +207,12 @@ function renderRun(data) {
           s.status,
           s.attempts ? ` · ${s.attempts} attempt(s)` : "",
           s.duration_ms !== null && s.duration_ms !== undefined ? ` · ${s.duration_ms} ms` : "",
+          s.undo ? el("div", { class: "undo" }, s.undo) : null,
         ),
       ),
     ),
     el("ol", { id: "timeline" }, entries),
-  );
+  ).childNodes);
 }
 
 function renderNoRun(message) {
