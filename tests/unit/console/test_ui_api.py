@@ -114,3 +114,16 @@ def test_the_server_serves_the_page_and_only_reads(server: UiServer) -> None:
     for method in ("POST", "PUT", "DELETE"):
         answer = httpx.request(method, server.url + "/api/runs")
         assert answer.status_code == 405 and answer.headers["allow"] == "GET, HEAD"
+
+
+def test_a_database_that_cannot_be_reached_is_a_503_saying_so() -> None:
+    settings = Settings(database_url="postgresql://app:secret@127.0.0.1:1/app")  # nobody listens on port 1
+    server = UiServer(settings, "127.0.0.1", 0).start()
+    try:
+        answer = httpx.get(server.url + "/api/runs", timeout=10)
+        assert answer.status_code == 503
+        assert answer.json()["error"].startswith("PostgreSQL: ") and "secret" not in answer.text
+        assert httpx.get(server.url + "/api/health").json() == {"ok": True}  # the server itself carries on
+    finally:
+        server.shutdown()
+        server.server_close()
