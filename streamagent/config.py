@@ -136,6 +136,12 @@ class Settings(BaseModel):
     run_deadline_s: float = Field(600.0, gt=0, description="Default deadline of a run")
     command_deadline_s: float = Field(120.0, gt=0, description="How long a tool may keep retrying a command")
     tool_timeout_s: float = Field(5.0, gt=0, description="HTTP timeout of one tool call")
+    # The run timeline page (`streamagent ui`; `streamagent up` serves it too). A fixed port keeps its
+    # address the same from one `up` to the next; loopback by default, since the page shows every
+    # request's contact data and the prompts the model saw (read-only, no login).
+    ui_port: int = Field(8470, ge=0, le=65535, description="Port of the run timeline page; 0: `up` serves none")
+    ui_host: str = Field("127.0.0.1", description="Address the run timeline page listens on")
+    ui_poll_s: float = Field(1.0, gt=0, description="How often the open page refreshes runs and the timeline")
     # The hot path: how much work moves per round trip, and how much may be in flight.
     batch_size: int = Field(500, ge=1, description="Most messages a processor takes per poll (one DB round trip each)")
     linger_ms: int = Field(5, ge=0, description="Producer linger: few, large record batches keep partitions short")
@@ -158,12 +164,6 @@ class Settings(BaseModel):
     registry_heartbeat_s: float = Field(5.0, gt=0, description="How often a tool process re-announces itself")
     registry_lease_heartbeats: int = Field(3, ge=1, description="Missed heartbeats after which a tool member is gone")
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus port of this process; 0 picks a free one")
-    # The run timeline page (`streamagent ui`; `streamagent up` serves it too). A fixed port keeps its
-    # address the same from one `up` to the next; loopback by default, since the page shows every
-    # request's contact data and the prompts the model saw (read-only, no login).
-    ui_port: int = Field(8470, ge=0, le=65535, description="Port of the run timeline page; 0: `up` serves none")
-    ui_host: str = Field("127.0.0.1", description="Address the run timeline page listens on")
-    ui_poll_s: float = Field(1.0, gt=0, description="How often the open page refreshes runs and the timeline")
     log_level: LogLevel = Field("INFO", description="DEBUG | INFO | WARNING | ERROR | CRITICAL (any case)")
     log_format: LogFormat = Field("json", description="json | text")
 

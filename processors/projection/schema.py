@@ -53,7 +53,5 @@ SCHEMA = Schema(
         # locally because the endpoint reported no usage: the totals are then an estimate, and say so.
         "ALTER TABLE runs ADD COLUMN IF NOT EXISTS model_decisions int NOT NULL DEFAULT 0",
         "ALTER TABLE runs ADD COLUMN IF NOT EXISTS estimated_decisions int NOT NULL DEFAULT 0",
-        # The run timeline page lists the newest runs first, every second while it is open.
-        "CREATE INDEX IF NOT EXISTS runs_created_at ON runs (created_at DESC)",
     ),
 )

@@ -209,6 +209,43 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(settings, runs=args.runs, timeout_s=args.timeout, report=_report)
 
 
+# -- the run timeline page ---------------------------------------------------------------------------
+def cmd_ui(args: argparse.Namespace) -> int:
+    from streamagent.console.ui import serve
+
+    # Dead letters are read from Kafka when the page asks for them; without a broker the page says so.
+    settings = _settings(("database_url",))
+    port = settings.ui_port if args.port is None else args.port
+    host = settings.ui_host if args.host is None else args.host
+    try:
+        server = serve(settings, host, port)
+    except OSError as exc:
+        raise CliError(
+            f"cannot listen on {host}:{port}: {exc.strerror or exc}; choose another with --port"
+            " or STREAMAGENT_UI_PORT (0 picks a free one)",
+            code=2,
+        ) from None
+    print(f"run timeline page: {server.url}  (read-only; Ctrl-C stops it)", flush=True)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # the stack stops it as Ctrl-C does
+    try:
+        server.serve_forever(poll_interval=0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+def port_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number 0..65535, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number 0..65535, got {text!r}")
+    return value
+
+
 def cmd_topics_create(args: argparse.Namespace) -> int:
     from streamagent.console.stack import stack_tools
     from streamagent.kafka import create_topics
@@ -342,43 +379,6 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
     print_runs_table(rows, steps_per_workflow(settings))
     return 0
-
-
-# -- the run timeline page ---------------------------------------------------------------------------
-def cmd_ui(args: argparse.Namespace) -> int:
-    from streamagent.console.ui import serve
-
-    # Dead letters are read from Kafka when the page asks for them; without a broker the page says so.
-    settings = _settings(("database_url",))
-    port = settings.ui_port if args.port is None else args.port
-    host = settings.ui_host if args.host is None else args.host
-    try:
-        server = serve(settings, host, port)
-    except OSError as exc:
-        raise CliError(
-            f"cannot listen on {host}:{port}: {exc.strerror or exc}; choose another with --port"
-            " or STREAMAGENT_UI_PORT (0 picks a free one)",
-            code=2,
-        ) from None
-    print(f"run timeline page: {server.url}  (read-only; Ctrl-C stops it)", flush=True)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # the stack stops it as Ctrl-C does
-    try:
-        server.serve_forever(poll_interval=0.5)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
-    return 0
-
-
-def port_number(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number 0..65535, got {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a port number 0..65535, got {text!r}")
-    return value
 
 
 # -- the tool catalogue ------------------------------------------------------------------------------
