@@ -530,6 +530,12 @@ def build_parser() -> argparse.ArgumentParser:
         "Run the whole embedded stack in the foreground until Ctrl-C, restarting children that die",
     )
 
+    ui = add("ui", cmd_ui, "Serve the run timeline page (read-only): runs, each run's timeline, dead letters")
+    ui.add_argument(
+        "--port", type=port_number, help="port to listen on (default STREAMAGENT_UI_PORT or 8470; 0: a free one)"
+    )
+    ui.add_argument("--host", type=non_empty, help="address to listen on (default STREAMAGENT_UI_HOST or 127.0.0.1)")
+
     submit = add("submit", cmd_submit, "Submit onboarding requests, as an upstream system would")
     submit.add_argument("--company-name", help='quote names with spaces: --company-name "Pied Piper"')
     submit.add_argument("--company-domain", help="e.g. acme.io")
@@ -558,12 +564,6 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--status", choices=["running", "completed", "failed", "escalated"])
     runs.add_argument("--limit", type=positive_int, default=1000, help="at most this many runs (default 1000)")
     runs.add_argument("--json", action="store_true", help="machine-readable output")
-
-    ui = add("ui", cmd_ui, "Serve the run timeline page (read-only): runs, each run's timeline, dead letters")
-    ui.add_argument(
-        "--port", type=port_number, help="port to listen on (default STREAMAGENT_UI_PORT or 8470; 0: a free one)"
-    )
-    ui.add_argument("--host", type=non_empty, help="address to listen on (default STREAMAGENT_UI_HOST or 127.0.0.1)")
 
     topics = add("topics", lambda a: 2, "Manage the runtime's topics")
     topics_sub = topics.add_subparsers(dest="topics_command", metavar="SUBCOMMAND", required=True)
