@@ -103,6 +103,14 @@ def decision_details(payload: Mapping[str, Any]) -> dict[str, Any]:
         "messages": [],
         "answers": [],
         "other": {},
+        # The guard's verdict on the proposal (allowed | approval | refused), when the event carries one.
+        "guard": {
+            "outcome": payload.get("guard_outcome"),
+            "reason": payload.get("guard_reason"),
+            "policy_version": payload.get("policy_version"),
+        }
+        if payload.get("guard_outcome")
+        else None,
     }
     try:
         context = ModelContext.model_validate(cost.context)
@@ -116,16 +124,32 @@ def decision_details(payload: Mapping[str, Any]) -> dict[str, Any]:
     return details
 
 
+# What a step shows while a person's approval is asked for or answered (events named, not imported:
+# the page shows them from the projection's rows whichever version wrote them).
+_APPROVAL_STATUS = {
+    "ApprovalRequested": "awaiting approval",
+    "ApprovalGranted": "approved",
+    "ApprovalDenied": "denied",
+    "ApprovalExpired": "approval expired",
+}
+
+
 def _new_step(name: str) -> dict[str, Any]:
     return {"name": name, "status": "pending", "attempts": None, "duration_ms": None, "tool": None, "undo": None}
 
 
 def step_progress(workflow_steps: Sequence[str], entries: Sequence[TimelineEntry]) -> list[dict[str, Any]]:
     """Each step of the run's workflow (then any other step its events name) with how it went so far:
-    pending, running (a command is out), succeeded or failed, with attempts and latency of its result.
-    A compensation (``operation`` other than execute) does not change that; it is noted in ``undo``."""
+    pending, awaiting approval (then approved, denied or approval expired), running (a command is out),
+    succeeded or failed, with attempts and latency of its result. A compensation (``operation`` other
+    than execute) does not change that; it is noted in ``undo``."""
     steps: dict[str, dict[str, Any]] = {name: _new_step(name) for name in workflow_steps}
     for e in entries:
+        if e.step and e.type in _APPROVAL_STATUS:  # a person's gate on the step: waiting, or answered
+            approval = steps.setdefault(e.step, _new_step(e.step))
+            if approval["status"] in ("pending", *_APPROVAL_STATUS.values()):
+                approval["status"] = _APPROVAL_STATUS[e.type]
+            continue
         if not e.step or e.type not in ("ToolCommand", "ToolResult"):
             continue
         step = steps.setdefault(e.step, _new_step(e.step))
@@ -134,7 +158,7 @@ def step_progress(workflow_steps: Sequence[str], entries: Sequence[TimelineEntry
         if operation != "execute":
             status = "running" if e.type == "ToolCommand" else str(e.payload.get("status", "?"))
             step["undo"] = f"{operation} {status}"
-        elif e.type == "ToolCommand" and step["status"] == "pending":
+        elif e.type == "ToolCommand" and step["status"] in ("pending", "approved"):
             step["status"] = "running"
         elif e.type == "ToolResult":
             step["status"] = str(e.payload.get("status", "?"))

@@ -73,25 +73,54 @@ def test_a_timeline_shows_steps_decisions_and_any_event_type_generically() -> No
         entry(120, "ToolResult", "enrich", tool="enrich", status="succeeded", attempts=2, duration_ms=98),
         entry(121, "ToolCommand", "jira", tool="jira"),
         entry(122, "ToolCommand", "enrich", tool="enrich", operation="compensate"),  # an undo keeps the outcome
-        entry(130, "ApprovalRequested", "email", approver="ops"),  # a type this code has never heard of
+        entry(130, "ApprovalRequested", "email", approver="ops"),  # a gate on a step: named, not imported
+        entry(140, "BudgetChecked", "slack", spent=0.4),  # a type this code has never heard of
     ]
     view = run_view(row(), entries, {"onboarding": 4}, ["enrich", "jira", "email", "slack"])
 
     assert [(s["name"], s["status"], s["attempts"], s["undo"]) for s in view["steps"]] == [
         ("enrich", "succeeded", 2, "compensate running"),
         ("jira", "running", None, None),
-        ("email", "pending", None, None),
+        ("email", "awaiting approval", None, None),
         ("slack", "pending", None, None),
     ]
     timeline = view["timeline"]
-    assert [e["offset_ms"] for e in timeline] == [0, 5, 6, 120, 121, 122, 130]
+    assert [e["offset_ms"] for e in timeline] == [0, 5, 6, 120, 121, 122, 130, 140]
     decision = timeline[1]["decision"]
     assert decision["by_model"] and (decision["prompt_tokens"], decision["completion_tokens"]) == (40, 7)
     assert [m["role"] for m in decision["messages"]] == ["system", "user"]
     assert decision["answers"] == ['{"tool": "enrich"}'] and decision["other"] == {"plan": "enrich first"}
     unknown = timeline[-1]
-    assert unknown["type"] == "ApprovalRequested" and unknown["payload"] == {"approver": "ops"}
-    assert unknown["summary"] == "ApprovalRequested email"
+    assert unknown["type"] == "BudgetChecked" and unknown["payload"] == {"spent": 0.4}
+    assert unknown["summary"] == "BudgetChecked slack" and unknown["step"] == "slack"
+    assert decision["guard"] is None  # a decision written before the guard existed
+
+
+def test_a_decision_shows_the_guards_verdict_and_an_approved_step_runs() -> None:
+    entries = [
+        entry(0, "RunRequested"),
+        entry(
+            5,
+            "DecisionRecorded",
+            "email",
+            decider="rules",
+            guard_outcome="approval",
+            guard_reason="mail to a new domain",
+            policy_version="p7",
+        ),
+        entry(6, "ApprovalRequested", "email"),
+        entry(9, "ApprovalGranted", "email", by="ops"),
+        entry(10, "ToolCommand", "email", tool="email"),
+    ]
+    view = run_view(row(), entries, {}, ["email"])
+    assert view["timeline"][1]["decision"]["guard"] == {
+        "outcome": "approval",
+        "reason": "mail to a new domain",
+        "policy_version": "p7",
+    }
+    assert view["steps"][0]["status"] == "running"
+    denied = run_view(row(), [*entries[:3], entry(9, "ApprovalDenied", "email", by="ops")], {}, ["email"])
+    assert denied["steps"][0]["status"] == "denied"
 
 
 @pytest.fixture

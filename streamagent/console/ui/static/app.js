@@ -118,6 +118,10 @@ function decisionDetails(d) {
     ? `${d.tokens_estimated ? "~" : ""}${d.prompt_tokens}+${d.completion_tokens} tokens, ${fmtCost(d.cost_usd)}`
     : "no model tokens";
   parts.push(el("div", { class: "meta" }, el("span", {}, `decider: ${d.decider}`), el("span", {}, tokens)));
+  if (d.guard) {
+    const policy = d.guard.policy_version ? ` (policy ${d.guard.policy_version})` : "";
+    parts.push(el("div", { class: `guard ${d.guard.outcome}` }, `guard: ${d.guard.outcome}`, d.guard.reason ? ` — ${d.guard.reason}` : "", policy));
+  }
   for (const m of d.messages) {
     parts.push(el("div", { class: "msg-role" }, m.role + (m.name ? ` (${m.name})` : "")));
     parts.push(el("pre", {}, m.content + (m.tool_calls ? `\ntool_calls: ${m.tool_calls}` : "")));
@@ -159,11 +163,13 @@ function renderRun(data) {
   const detail = $("#run-detail");
   detail.dataset.runId = run.run_id;
   detail.dataset.status = run.status;
-  const note = e => {
-    if (e.type === "DecisionRecorded" && e.decision && (e.decision.prompt_tokens || e.decision.cost_usd)) {
-      return el("span", { class: "cost" }, `${e.decision.prompt_tokens}+${e.decision.completion_tokens} tokens ${fmtCost(e.decision.cost_usd)}`);
-    }
-    return null;
+  const note = (e) => {
+    if (e.type !== "DecisionRecorded" || !e.decision) return null;
+    const d = e.decision;
+    return [
+      d.guard && d.guard.outcome !== "allowed" ? el("span", { class: `guard-badge ${d.guard.outcome}` }, `guard: ${d.guard.outcome}`) : null,
+      d.prompt_tokens || d.cost_usd ? el("span", { class: "cost" }, `${d.prompt_tokens}+${d.completion_tokens} tokens ${fmtCost(d.cost_usd)}`) : null,
+    ];
   };
   const entries = data.timeline.map((e) => {
     const open = state.open.has(e.event_id);
