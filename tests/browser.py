@@ -77,7 +77,7 @@ class Page:
 
     async def _connect(self, width: int, height: int) -> None:
         port_file = self.profile / "DevToolsActivePort"  # Chromium writes its chosen port here
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60  # generous: a loaded CI box starts a browser slowly
         while not (port_file.exists() and port_file.read_text().strip()):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 log = (self.profile / "chromium.log").read_text(errors="replace")[-2000:]
@@ -85,7 +85,7 @@ class Page:
             await asyncio.sleep(0.05)  # readiness probe interval
         port = int(port_file.read_text().split()[0])
         async with httpx.AsyncClient() as client:
-            targets = (await client.get(f"http://127.0.0.1:{port}/json/list", timeout=10)).json()
+            targets = (await client.get(f"http://127.0.0.1:{port}/json/list", timeout=30)).json()
         url = next(t["webSocketDebuggerUrl"] for t in targets if t["type"] == "page")
         self._session = aiohttp.ClientSession()
         self._ws = await self._session.ws_connect(url, max_msg_size=0)
@@ -94,7 +94,7 @@ class Page:
         params = {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False}
         await self._call("Emulation.setDeviceMetricsOverride", params)
 
-    async def _call(self, method: str, params: dict[str, Any] | None = None, timeout: float = 30) -> dict[str, Any]:
+    async def _call(self, method: str, params: dict[str, Any] | None = None, timeout: float = 60) -> dict[str, Any]:
         assert self._ws is not None
         call_id = next(self._ids)
         await self._ws.send_str(json.dumps({"id": call_id, "method": method, "params": params or {}}))
@@ -125,7 +125,7 @@ class Page:
             raise RuntimeError(f"{expression!r} threw: {details.get('exception', {}).get('description', details)}")
         return result["result"].get("value")
 
-    def wait_for(self, expression: str, timeout: float = 30.0, what: str = "") -> Any:
+    def wait_for(self, expression: str, timeout: float = 60.0, what: str = "") -> Any:
         """Poll a JavaScript expression until it is truthy; fail with what the page shows at the deadline."""
         deadline = time.monotonic() + timeout
         while True:

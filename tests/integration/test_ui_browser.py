@@ -40,7 +40,7 @@ def test_a_run_submitted_while_the_page_is_open_shows_live_until_completed(setti
     with Stack(settings, ui_port=0) as stack, Page(binary, tmp_path / "chromium") as page:
         s = stack.settings
         page.goto(stack.ui_url + "/")
-        page.wait_for("document.querySelector('#live.on') !== null", what="the page's first refresh")
+        page.wait_for("document.querySelector('#live.on') !== null", timeout=60, what="the page's first refresh")
         assert page.evaluate("document.title") == "streamagent · runs"
         assert page.evaluate("document.querySelectorAll('#runs tbody tr').length") == 0
 
@@ -51,7 +51,7 @@ def test_a_run_submitted_while_the_page_is_open_shows_live_until_completed(setti
         run_id = runs[0].run_id
         produce_requests(s, runs)
         row = f"document.querySelector('#runs tr[data-run-id=\"{run_id}\"]')"
-        page.wait_for(f"{row} !== null", timeout=30, what=f"run {run_id} in the list")
+        page.wait_for(f"{row} !== null", timeout=60, what=f"run {run_id} in the list")
         page.evaluate(f"{row}.click()")
         detail = f"document.querySelector('#run-detail[data-run-id=\"{run_id}\"]')"
         chips = (
@@ -59,7 +59,7 @@ def test_a_run_submitted_while_the_page_is_open_shows_live_until_completed(setti
         )
         page.wait_for(
             f"{chips} === 'enrich:succeeded,jira:succeeded,email:succeeded,slack:running'",
-            timeout=60,
+            timeout=90,
             what="three steps done and slack retrying, on screen",
         )
         assert page.evaluate(f"{row}.querySelector('td.status').textContent") == "running"
@@ -72,10 +72,10 @@ def test_a_run_submitted_while_the_page_is_open_shows_live_until_completed(setti
         sandbox.clear_faults()
         page.wait_for(
             f"{row}.querySelector('td.status').textContent === 'completed'",
-            timeout=60,
+            timeout=90,
             what=f"run {run_id} completed on screen",
         )
-        page.wait_for(f"{detail}.dataset.status === 'completed'", what="the timeline of the completed run")
+        page.wait_for(f"{detail}.dataset.status === 'completed'", timeout=60, what="the completed run's timeline")
         results = page.evaluate(
             "[...document.querySelectorAll('#timeline .entry[data-type=\"ToolResult\"]')].map(e => e.dataset.step)"
         )
@@ -101,6 +101,7 @@ def test_a_run_submitted_while_the_page_is_open_shows_live_until_completed(setti
         page.wait_for(
             "[...document.querySelectorAll('#runs tbody tr')].map(r => r.dataset.runId).join()"
             f" === {_js(runs[1].run_id)}",
+            timeout=60,
             what="the search result",
         )
 
@@ -110,7 +111,7 @@ def test_a_run_submitted_while_the_page_is_open_shows_live_until_completed(setti
         assert p.flush(10) == 0
         page.evaluate("location.hash = '#/dlq'")
         letter = "document.querySelector('#dlq tbody tr td a[href=\"#/runs/poison-run\"]')"
-        page.wait_for(f"{letter} !== null", timeout=30, what="the dead letter on the dead-letters tab")
+        page.wait_for(f"{letter} !== null", timeout=60, what="the dead letter on the dead-letters tab")
         reason = page.evaluate(f"{letter}.closest('tr').dataset.reason")
         assert reason and reason != "?"
 
