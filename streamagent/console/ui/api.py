@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from streamagent.config import Settings
 from streamagent.console.timeline import ChatMessage, DecisionCost, ModelContext
-from streamagent.console.timeline import _text as _text
+from streamagent.console.timeline import _text as text_of  # the same text `show --context` prints
 from streamagent.processors.projection import queries
 from streamagent.processors.projection.queries import RunRow, TimelineEntry
 from streamagent.processors.workflow import WorkflowError, load_workflows
@@ -82,8 +82,8 @@ def _message(message: ChatMessage) -> dict[str, Any]:
     return {
         "role": message.role,
         "name": extra.get("name") if isinstance(extra.get("name"), str) else None,
-        "content": _text(message.content) if message.content is not None else "",
-        "tool_calls": _text(extra["tool_calls"]) if extra.get("tool_calls") else None,
+        "content": text_of(message.content) if message.content is not None else "",
+        "tool_calls": text_of(extra["tool_calls"]) if extra.get("tool_calls") else None,
     }
 
 
@@ -119,7 +119,7 @@ def decision_details(payload: Mapping[str, Any]) -> dict[str, Any]:
         return details
     details["messages"] = [_message(m) for m in context.messages]
     answers = [*context.answers, *([context.answer] if context.answer is not None else [])]
-    details["answers"] = [_text(a) for a in answers]
+    details["answers"] = [text_of(a) for a in answers]
     details["other"] = {k: v for k, v in (context.model_extra or {}).items()}
     return details
 
