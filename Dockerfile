@@ -26,7 +26,7 @@ RUN pip install -e '.[tracing]' \
 ENV STREAMAGENT_DATA_DIR=/tmp/streamagent
 
 USER streamagent
-EXPOSE 9100 8765
+EXPOSE 9100 8765 8470
 
 ENTRYPOINT ["streamagent"]
 CMD ["--help"]

@@ -146,6 +146,12 @@ class Settings(BaseModel):
     run_deadline_s: float = Field(600.0, gt=0, description="Default deadline of a run")
     command_deadline_s: float = Field(120.0, gt=0, description="How long a tool may keep retrying a command")
     tool_timeout_s: float = Field(5.0, gt=0, description="HTTP timeout of one tool call")
+    # The run timeline page (`streamagent ui`; `streamagent up` serves it too). A fixed port keeps its
+    # address the same from one `up` to the next; loopback by default, since the page shows every
+    # request's contact data and the prompts the model saw (read-only, no login).
+    ui_port: int = Field(8470, ge=0, le=65535, description="Port of the run timeline page; 0: `up` serves none")
+    ui_host: str = Field("127.0.0.1", description="Address the run timeline page listens on")
+    ui_poll_s: float = Field(1.0, gt=0, description="How often the open page refreshes runs and the timeline")
     # The hot path: how much work moves per round trip, and how much may be in flight.
     batch_size: int = Field(500, ge=1, description="Most messages a processor takes per poll (one DB round trip each)")
     linger_ms: int = Field(5, ge=0, description="Producer linger: few, large record batches keep partitions short")

@@ -69,6 +69,38 @@ def runs(settings: Settings, status: str | None = None, limit: int = 1000) -> li
     return [_run_row(row) for row in rows]
 
 
+# What the page's search box matches, as a case-insensitive substring: ids, names, addresses, reasons.
+_SEARCHED = ("run_id", "company_name", "company_domain", "contact_email", "requested_by", "workflow", "reason")
+
+
+def search_runs(
+    settings: Settings, status: str | None = None, text: str | None = None, limit: int = 200
+) -> list[RunRow]:
+    """The newest runs first (the page's list), optionally of one status and matching ``text``."""
+    if limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    pattern = None
+    if text and text.strip():
+        escaped = text.strip().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        pattern = f"%{escaped}%"
+    matches = " OR ".join(f"{column} ILIKE %(pattern)s" for column in _SEARCHED)
+    with db.connect(settings) as conn:
+        rows = conn.execute(
+            f"SELECT {_RUN_COLUMNS} FROM runs WHERE (%(status)s::text IS NULL OR status = %(status)s)"
+            f" AND (%(pattern)s::text IS NULL OR {matches})"
+            " ORDER BY created_at DESC NULLS FIRST, run_id LIMIT %(limit)s",
+            {"status": status, "pattern": pattern, "limit": limit},
+        ).fetchall()
+    return [_run_row(row) for row in rows]
+
+
+def count_by_status(settings: Settings) -> dict[str, int]:
+    """How many runs each status has, over the whole table."""
+    with db.connect(settings) as conn:
+        rows = conn.execute("SELECT status, count(*) FROM runs GROUP BY status").fetchall()
+    return {status: int(count) for status, count in rows}
+
+
 def run(settings: Settings, run_id: str) -> RunRow | None:
     with db.connect(settings) as conn:
         row = conn.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id = %s", (run_id,)).fetchone()

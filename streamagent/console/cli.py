@@ -121,6 +121,18 @@ def _require_given(settings: Settings) -> None:
         _require_database(settings.database_url, _ENV["database_url"])
 
 
+def _can_listen(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as http.server binds
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def _workflows(settings: Settings) -> dict[str, Any]:
     """The workflows of ``workflows_dir``; a malformed file is one line naming file, field and reason."""
     from streamagent.processors.workflow import WorkflowError, load_workflows
@@ -191,16 +203,24 @@ def cmd_up(args: argparse.Namespace) -> int:
     if pid is not None:  # said before anything else; Stack.start checks again under the lock
         raise StackRunning(settings.data_dir.resolve(), pid)
     _require_given(settings)
+    if settings.ui_port and not _can_listen(settings.ui_host, settings.ui_port):
+        raise CliError(
+            f"the run timeline page cannot listen on {settings.ui_host}:{settings.ui_port} (in use?);"
+            " set STREAMAGENT_UI_PORT to another port, or to 0 to start the stack without it",
+            code=2,
+        )
     began = time.monotonic()
     print(f"starting the stack in {settings.data_dir.resolve()}…", flush=True)
     # Until it is up, Ctrl-C or SIGTERM interrupts the start, which stops whatever was started.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     signal.signal(signal.SIGHUP, signal.default_int_handler)
-    stack = Stack(settings, report=_report).start()
+    # STREAMAGENT_UI_PORT=0: no page (`streamagent ui` can serve it later, on any port).
+    stack = Stack(settings, report=_report, ui_port=settings.ui_port or None).start()
     s = stack.settings
     print(f"bootstrap servers: {s.bootstrap_servers}")
     print(f"database url:      {_redact(s.database_url)}")
     print(f"sandbox url:       {s.sandbox_url}")
+    print(f"run timeline page: {stack.ui_url or 'off (STREAMAGENT_UI_PORT=0)'}")
     print(f"logs:              {s.data_dir / 'logs'}")
     print(f"up in {time.monotonic() - began:.1f}s (pid {os.getpid()}); running: " + ", ".join(stack.children))
     print("Ctrl-C stops everything", flush=True)
@@ -233,6 +253,43 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _require_given(settings)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop the demo's stack as Ctrl-C does
     return run_demo(settings, runs=args.runs, timeout_s=args.timeout, report=_report)
+
+
+# -- the run timeline page ---------------------------------------------------------------------------
+def cmd_ui(args: argparse.Namespace) -> int:
+    from streamagent.console.ui import serve
+
+    # Dead letters are read from Kafka when the page asks for them; without a broker the page says so.
+    settings = _settings(("database_url",))
+    port = settings.ui_port if args.port is None else args.port
+    host = settings.ui_host if args.host is None else args.host
+    try:
+        server = serve(settings, host, port)
+    except OSError as exc:
+        raise CliError(
+            f"cannot listen on {host}:{port}: {exc.strerror or exc}; choose another with --port"
+            " or STREAMAGENT_UI_PORT (0 picks a free one)",
+            code=2,
+        ) from None
+    print(f"run timeline page: {server.url}  (read-only; Ctrl-C stops it)", flush=True)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # the stack stops it as Ctrl-C does
+    try:
+        server.serve_forever(poll_interval=0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+def port_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number 0..65535, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number 0..65535, got {text!r}")
+    return value
 
 
 def cmd_topics_create(args: argparse.Namespace) -> int:
@@ -625,6 +682,12 @@ def build_parser() -> argparse.ArgumentParser:
         "Run the whole embedded stack in the foreground until Ctrl-C, restarting children that die",
     )
 
+    ui = add("ui", cmd_ui, "Serve the run timeline page (read-only): runs, each run's timeline, dead letters")
+    ui.add_argument(
+        "--port", type=port_number, help="port to listen on (default STREAMAGENT_UI_PORT or 8470; 0: a free one)"
+    )
+    ui.add_argument("--host", type=non_empty, help="address to listen on (default STREAMAGENT_UI_HOST or 127.0.0.1)")
+
     submit = add("submit", cmd_submit, "Submit onboarding requests, as an upstream system would")
     submit.add_argument("--company-name", help='quote names with spaces: --company-name "Pied Piper"')
     submit.add_argument("--company-domain", help="e.g. acme.io")
@@ -771,7 +834,7 @@ def _log_file(args: argparse.Namespace, settings: Settings) -> tuple[str, Path] 
     """Where a command logs; None for the children of ``up`` (their stderr is their log file)."""
     if args.command in ("processor", "tool") or (args.command == "sandbox" and not args.sandbox_command):
         return None
-    name = args.command if args.command in ("up", "demo") else "cli"
+    name = args.command if args.command in ("up", "demo", "ui") else "cli"
     return name, settings.data_dir / "logs" / f"{name}.log"
 
 

@@ -319,9 +319,11 @@ class Stack:
         max_backoff_s: float = 15.0,
         report: Callable[[str], None] | None = None,
         infra_restart_delay_s: float = 0.0,
+        ui_port: int | None = None,
     ) -> None:
         """``report`` gets one human line per event a user should see on the terminal (a child that
-        died, with its last error line); everything is logged either way."""
+        died, with its last error line); everything is logged either way. ``ui_port``: serve the run
+        timeline page on it (0: a free port), as a supervised child like the others; None: no page."""
         self.requested = settings
         self.report = report
         self.settings = settings
@@ -342,6 +344,8 @@ class Stack:
         self.infra_restart_delay_s = infra_restart_delay_s
         self._down_since: dict[str, float] = {}
         self._data_lock: StackLock | None = None
+        self.ui_port = ui_port
+        self.ui_url = ""
 
     # -- start / stop ----------------------------------------------------------------------------
     def start(self) -> Stack:
@@ -397,11 +401,18 @@ class Stack:
             self._add(Child(f"processor-{name}", cli_argv("processor", name), env, logs / f"processor-{name}.log"))
         for name in self.tools:
             self._add(Child(f"tool-{name}", cli_argv("tool", name), env, logs / f"tool-{name}.log"))
+        if self.ui_port is not None:
+            host = self.settings.ui_host
+            port = self.ui_port or free_port(host)
+            self.ui_url = f"http://{host}:{port}"
+            self._add(Child("ui", cli_argv("ui", "--host", host, "--port", str(port)), env, logs / "ui.log"))
         for child in self.children.values():
             child.start()
         if sandbox_port is not None:
             sandbox = self.children["sandbox"]
             self._wait_http(self.settings.sandbox_url + "/_sandbox/health", timeout=20, child=sandbox)
+        if self.ui_url:
+            self._wait_http(self.ui_url + "/api/health", timeout=20, child=self.children["ui"])
         self._write_stack_file()
         self._supervisor = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
         self._supervisor.start()

@@ -15,12 +15,13 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 
 from streamagent.config import Settings, to_env
 from streamagent.console.demo import NoProgress, wait_for_runs
-from streamagent.console.embedded import pid_alive
+from streamagent.console.embedded import free_port, pid_alive
 from streamagent.console.stack import Stack, StackLock, StackStartError
 
 pytestmark = pytest.mark.integration
@@ -50,7 +51,8 @@ def eventually(predicate: Callable[[], object], timeout: float, what: str) -> No
 
 def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMAGENT_")}
-    return {**env, **extra}
+    # No run timeline page unless a test asks for one: its default port may be taken on this machine.
+    return {**env, "STREAMAGENT_UI_PORT": "0", **extra}
 
 
 def cli(args: list[str], env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -102,7 +104,7 @@ class Up:
             argv = child.cmdline()
             if "streamagent.console.cli" in argv:
                 rest = argv[argv.index("streamagent.console.cli") + 1 :]
-                found[rest[0] if rest[0] == "sandbox" else f"{rest[0]}-{rest[1]}"] = child.pid
+                found[rest[0] if rest[0] in ("sandbox", "ui") else f"{rest[0]}-{rest[1]}"] = child.pid
         return found
 
     def stop(self) -> None:
@@ -123,7 +125,8 @@ def assert_gone(pids: list[int], timeout: float, what: str) -> None:
 @pytest.fixture(scope="module")
 def embedded_up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
     base = tmp_path_factory.mktemp("up")
-    up = Up(clean_env(STREAMAGENT_DATA_DIR=str(base / "data")), base).start()
+    env = clean_env(STREAMAGENT_DATA_DIR=str(base / "data"), STREAMAGENT_UI_PORT=str(free_port()))
+    up = Up(env, base).start()
     yield up
     up.stop()
 
@@ -149,6 +152,15 @@ def test_a_second_up_on_a_running_data_dir_is_refused(embedded_up: Up) -> None:
     assert runs.returncode == 0, runs.stderr
 
 
+def test_up_serves_the_run_timeline_page_and_prints_its_url(embedded_up: Up) -> None:
+    url = f"http://127.0.0.1:{embedded_up.env['STREAMAGENT_UI_PORT']}"
+    assert f"run timeline page: {url}" in embedded_up.out
+    assert "ui" in embedded_up.children()
+    page = httpx.get(url + "/", timeout=10)
+    assert page.status_code == 200 and "<title>streamagent · runs</title>" in page.text
+    assert set(httpx.get(url + "/api/runs", timeout=10).json()) == {"runs", "counts", "at"}
+
+
 def test_demo_while_up_runs_leaves_up_working(embedded_up: Up) -> None:
     data = data_dir(embedded_up)
     before = (data / "stack.json").read_text()
@@ -171,7 +183,7 @@ def test_demo_while_up_runs_leaves_up_working(embedded_up: Up) -> None:
 def test_up_survives_kill_9_restarts_cleanly_reports_crashes_and_stops_on_ctrl_c(
     settings: Settings, tmp_path: Path
 ) -> None:
-    env = clean_env(**to_env(settings))
+    env = clean_env(**{**to_env(settings), "STREAMAGENT_UI_PORT": "0"})
     first = Up(env, tmp_path).start()
     orphans = list(first.children().values())
     assert len(orphans) == 8

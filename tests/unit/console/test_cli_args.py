@@ -75,6 +75,9 @@ BAD_ARGUMENTS = [
     (["tool", "nope"], "nope"),
     (["nosuch"], "nosuch"),
     ([], "COMMAND"),
+    (["ui", "--port", "70000"], "--port"),
+    (["ui", "--port", "eighty"], "--port"),
+    (["ui", "--host", ""], "--host"),
     (["sandbox", "--port", "99999"], "--port"),
     (["sandbox", "effects", "--url", "ftp://x"], "--url"),
     (["sandbox", "effects", "--api", "fax"], "--api"),
@@ -232,6 +235,23 @@ def test_one_metrics_port_for_a_whole_stack_is_refused(
     code, err = run_main(argv, capsys)
     assert code == 2
     assert_one_clear_line(err, "STREAMAGENT_METRICS_PORT=9100", "same port")
+    assert not (tmp_path / "data" / "stack.lock").exists()
+
+
+def test_up_refuses_a_page_port_in_use_before_starting_anything(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        monkeypatch.setenv("STREAMAGENT_UI_PORT", str(port))
+        get_settings.cache_clear()
+        code, err = run_main(["up"], capsys)
+    assert code == 2
+    assert_one_clear_line(err, f"127.0.0.1:{port}", "STREAMAGENT_UI_PORT")
     assert not (tmp_path / "data" / "stack.lock").exists()
 
 
