@@ -398,17 +398,13 @@ def cmd_dlq_replay(args: argparse.Namespace) -> int:
 # -- replay ------------------------------------------------------------------------------------------
 def _replay_settings() -> tuple[Settings, Any]:
     """The addresses of the running stack; with none running in the data dir and no addresses given, its
-    broker and PostgreSQL alone are started (no processor, no tool) for the length of the command, as a
-    context manager to close."""
-    import contextlib
-
+    broker and PostgreSQL alone are started (no processor, no tool) for the length of the command: that
+    ``Stack`` is returned to be closed (None when nothing was started)."""
     from streamagent.console.stackfile import discover, running_pid
 
     found = discover(get_settings())
-    if found.bootstrap_servers and found.database_url:
-        return _settings(("bootstrap_servers", "database_url")), contextlib.nullcontext()
-    if running_pid(found.data_dir.resolve()) is not None:
-        return _settings(("bootstrap_servers", "database_url")), contextlib.nullcontext()
+    if (found.bootstrap_servers and found.database_url) or running_pid(found.data_dir.resolve()) is not None:
+        return _settings(("bootstrap_servers", "database_url")), None
     from streamagent.console.stack import Stack
 
     print(f"no stack runs in {found.data_dir.resolve()}: starting its broker and PostgreSQL only", file=sys.stderr)
@@ -447,15 +443,24 @@ def cmd_replay(args: argparse.Namespace) -> int:
         raise CliError("--apply moves the rebuilt tables into place; --keep has nothing left to keep", code=2)
     runs = _run_ids(args)
     scope = Scope(runs=frozenset(runs) if runs else None, since=args.since, until=args.until)
-    options = ReplayOptions(scope, apply=args.apply, keep=args.keep, verify=not args.no_verify, json=args.json)
     settings, infra = _replay_settings()
-    with infra:
-        try:
-            return run_replay(settings, options)
-        except Usage as exc:
-            raise CliError(str(exc), code=2) from None
-        except Refused as exc:
-            raise CliError(str(exc), code=1) from None
+    options = ReplayOptions(
+        scope,
+        apply=args.apply,
+        keep=args.keep,
+        verify=not args.no_verify,
+        json=args.json,
+        own_lock=infra is not None,
+    )
+    try:
+        return run_replay(settings, options)
+    except Usage as exc:
+        raise CliError(str(exc), code=2) from None
+    except Refused as exc:
+        raise CliError(str(exc), code=1) from None
+    finally:
+        if infra is not None:
+            infra.close()
 
 
 def cmd_replay_decisions(args: argparse.Namespace) -> int:
@@ -469,9 +474,12 @@ def cmd_replay_decisions(args: argparse.Namespace) -> int:
         updates["decider"] = args.decider
     _workflows(base.model_copy(update=updates))  # a malformed candidate is refused before anything connects
     settings, infra = _replay_settings()
-    with infra:
+    try:
         candidate = settings.model_copy(update=updates)
         return run_decisions(candidate, args.decider, _run_ids(args), args.since, args.max_decisions, args.json)
+    finally:
+        if infra is not None:
+            infra.close()
 
 
 # -- argument checks ---------------------------------------------------------------------------------

@@ -36,28 +36,31 @@ class Refused(Exception):
     """Applying now would race live writers, or would throw away runs outside the replay."""
 
 
-def live_writers(settings: Settings) -> str | None:
-    """Why the live state may be written right now (a running stack, group members), or None."""
+def live_writers(settings: Settings, own_lock: bool = False) -> str | None:
+    """Why the live state may be written right now (a running stack, group members), or None.
+
+    ``own_lock``: this process holds the data dir's lock itself (it started the broker and PostgreSQL
+    alone, for the replay), so the lock says nothing about a stack."""
     pid = running_pid(settings.data_dir.resolve())
-    if pid is not None and pid != os.getpid():  # our own lock: the broker and PostgreSQL alone, started for us
+    if pid is not None and not (own_lock and pid == os.getpid()):
         return f"a stack is running in {settings.data_dir.resolve()} (pid {pid or 'unknown'})"
     groups = [settings.group("state"), settings.group("projection")]
     try:
-        described = admin(settings).describe_consumer_groups(groups, request_timeout=10)
+        described = admin(settings).describe_consumer_groups(groups, request_timeout=5)
         for group, future in described.items():
-            members = future.result(timeout=10).members
+            members = future.result(timeout=5).members
             if members:
                 return f"consumer group {group} has {len(members)} member(s)"
-    except KafkaException:
-        pass  # an unknown group (never started) has no members
+    except (KafkaException, TimeoutError):
+        pass  # an unknown group (never started) has no members; a broker that cannot tell, see above
     return None
 
 
-def apply(settings: Settings, rebuilt: Rebuilt, live: dict[str, RunState]) -> tuple[int, int]:
+def apply(settings: Settings, rebuilt: Rebuilt, live: dict[str, RunState], own_lock: bool = False) -> tuple[int, int]:
     """Swap the projection in and write the changed states; returns (runs projected, states written)."""
     if not rebuilt.scope.full:
         raise Refused("--apply rebuilds everything, so it takes a full replay (no --runs, --from or --until)")
-    why = live_writers(settings)
+    why = live_writers(settings, own_lock)
     if why is not None:
         raise Refused(f"{why}: stop it before --apply (a replay without --apply is safe while it runs)")
     written = _write_changelog(settings, rebuilt, live)

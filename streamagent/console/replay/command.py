@@ -35,16 +35,17 @@ class ReplayOptions:
     keep: bool = False
     verify: bool = True
     json: bool = False
+    own_lock: bool = False  # this process started the broker and PostgreSQL alone (see ``live_writers``)
 
 
 def run_replay(settings: Settings, options: ReplayOptions) -> int:
     if options.apply:
         if not options.scope.full:
             raise Usage("--apply rebuilds everything, so it takes a full replay (no --runs, --from or --until)")
-        why = live_writers(settings)  # first: refuse before reading anything
+        why = live_writers(settings, options.own_lock)  # first: refuse before reading anything
         if why is not None:
             raise Refused(f"{why}: stop it before --apply (a replay without --apply is safe while it runs)")
-    running = live_writers(settings) is not None
+    running = live_writers(settings, options.own_lock) is not None
     progress = ProgressLine()
     rebuilt = rebuild(settings, options.scope, progress)
     progress.end()
@@ -108,7 +109,7 @@ def run_replay(settings: Settings, options: ReplayOptions) -> int:
                 if differ:
                     print(f"note: {differ} run(s) differ; --apply makes the rebuilt ones live (the log is the truth)")
         if options.apply:
-            projected, written = apply(settings, rebuilt, live_states(settings))
+            projected, written = apply(settings, rebuilt, live_states(settings), options.own_lock)
             print(
                 f"applied: projection swapped in ({projected:,} runs), {written:,} run state(s) written to the"
                 " state table's changelog; start the stack to carry on"
