@@ -144,6 +144,7 @@ def bench(args: argparse.Namespace, data: Path) -> int:
     print(f"{'  fold':<24} {'':>9} {rebuilt.fold_s:>8.2f}")
     print(f"{'  project':<24} {'':>9} {rebuilt.project_s:>8.2f}")
     print(f"{'verify':<24} {'':>9} {verify_s:>8.2f}")
+    print("\n".join(report.lines()))
     print(
         f"replay / raw consume = {ratio:.2f} (target >= {TARGET}); verification "
         + ("identical" if clean else f"{report.count('differ')} differ, {report.count('behind')} behind")

@@ -22,7 +22,7 @@ from streamagent.tools.sandbox import SandboxClient
 from streamagent.config import Settings, get_settings, to_env
 from streamagent.console.cli import main as cli
 from streamagent.console.demo import sample_requests
-from streamagent.console.replay.verify import _fields, changelog_topic, live_states
+from streamagent.console.replay.verify import _fields, changelog_topic, live_states, same_state
 from streamagent.console.stack import Stack
 from streamagent.events import RunRequested
 from streamagent.kafka import producer as make_producer
@@ -156,7 +156,7 @@ def test_replay_rebuilds_identical_state_beside_a_live_stack_and_after_a_wipe(
     assert after_events == before_events
     assert after_runs == before_runs
     after_states = live_states(s)
-    changed = [r for r in before_states if after_states.get(r) != before_states[r]]
+    changed = [r for r in before_states if not same_state(after_states.get(r), before_states[r])]
     assert not changed, _fields(after_states[changed[0]], before_states[changed[0]])
     # And the live state now verifies clean.
     assert cli(["replay"]) == 0, capsys.readouterr()

@@ -29,7 +29,7 @@ from streamagent.kafka import admin, producer
 from streamagent.processors.state.fold import RunState
 
 from .rebuild import Rebuilt
-from .verify import changelog_topic
+from .verify import changelog_topic, same_state
 
 
 class Refused(Exception):
@@ -91,7 +91,7 @@ def _write_changelog(settings: Settings, rebuilt: Rebuilt, live: dict[str, RunSt
     p = producer(settings)
     written = 0
     for run_id, state in sorted(rebuilt.states.items()):
-        if live.get(run_id) == state:
+        if same_state(live.get(run_id), state):
             continue
         # Key and value as ``FaustTableStore.put`` writes them, to the run's own partition.
         key = json.dumps(run_id).encode()

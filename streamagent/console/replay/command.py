@@ -19,7 +19,7 @@ from .apply import Refused, apply, live_writers
 from .decisions import candidate_decider, replay_decisions
 from .progress import ProgressLine
 from .rebuild import Scope, drop_schema, rebuild
-from .verify import live_states, verify
+from .verify import live_states, same_state, verify
 
 SHOWN = 5
 
@@ -134,7 +134,7 @@ def verify_after(settings: Settings, rebuilt: object) -> bool:
 
     assert isinstance(rebuilt, Rebuilt)
     live = live_states(settings)
-    return all(live.get(run_id) == state for run_id, state in rebuilt.states.items())
+    return all(same_state(live.get(run_id), state) for run_id, state in rebuilt.states.items())
 
 
 def run_decisions(
