@@ -39,13 +39,12 @@ class ReplayOptions:
 
 
 def run_replay(settings: Settings, options: ReplayOptions) -> int:
-    if options.apply:
-        if not options.scope.full:
-            raise Usage("--apply rebuilds everything, so it takes a full replay (no --runs, --from or --until)")
-        why = live_writers(settings, options.own_lock)  # first: refuse before reading anything
-        if why is not None:
-            raise Refused(f"{why}: stop it before --apply (a replay without --apply is safe while it runs)")
-    running = live_writers(settings, options.own_lock) is not None
+    if options.apply and not options.scope.full:
+        raise Usage("--apply rebuilds everything, so it takes a full replay (no --runs, --from or --until)")
+    why = live_writers(settings, options.own_lock)
+    if options.apply and why is not None:  # first: refuse before reading anything
+        raise Refused(f"{why}: stop it before --apply (a replay without --apply is safe while it runs)")
+    running = why is not None
     progress = ProgressLine()
     rebuilt = rebuild(settings, options.scope, progress)
     progress.end()
