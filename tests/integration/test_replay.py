@@ -11,6 +11,7 @@ import json
 import shutil
 import time
 from collections import Counter
+from datetime import UTC, datetime
 from pathlib import Path
 
 import psycopg
@@ -99,6 +100,7 @@ def test_replay_rebuilds_identical_state_beside_a_live_stack_and_after_a_wipe(
         assert {r.run_id for r in rows if r.status == "escalated"} == escalating
 
         # -- replay while the stack runs (and more runs are in flight): no difference, nothing written --
+        since = datetime.now(UTC)
         more = produce_requests(s, sample_requests(20, requested_by="replay-test-live"))
         admin = AdminClient({"bootstrap.servers": s.bootstrap_servers})
         topics = sorted(t for t in admin.list_topics(timeout=10).topics if t.startswith(s.topic(COMMANDS_PREFIX)))
@@ -118,6 +120,12 @@ def test_replay_rebuilds_identical_state_beside_a_live_stack_and_after_a_wipe(
             assert left == (0,), "the rebuilt schema was not dropped"
 
             eventually(lambda: ended(s, more), timeout=120, interval=0.5, what="the 20 live runs ended")
+            # --from: only the runs requested since then, each identical to its live state.
+            capsys.readouterr()
+            assert cli(["replay", "--from", since.isoformat(), "--json"]) == 0, capsys.readouterr()
+            out = capsys.readouterr().out
+            assert json.loads(out.strip().splitlines()[-1])["runs"] == len(more), out
+            assert "state table  20 same" in out and "projection   20 same" in out, out
             # -- decision replay: the candidate differs on the escalating workflow's email arguments --
             effects = len(sandbox.effects())
             commands = _ends(s, topics)
@@ -158,6 +166,3 @@ def test_replay_rebuilds_identical_state_beside_a_live_stack_and_after_a_wipe(
     after_states = live_states(s)
     changed = [r for r in before_states if not same_state(after_states.get(r), before_states[r])]
     assert not changed, _fields(after_states[changed[0]], before_states[changed[0]])
-    # And the live state now verifies clean.
-    assert cli(["replay"]) == 0, capsys.readouterr()
-    assert "identical" in capsys.readouterr().out
