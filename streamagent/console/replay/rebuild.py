@@ -33,7 +33,7 @@ from streamagent.processors.workflow import load_workflows
 from streamagent.runtime import Batch, Incoming
 from streamagent.topics import DEAD_LETTERS
 
-from .source import Read, batches, fold_order, read
+from .source import SEEK_SLACK_MS, Read, batches, fold_order, read
 
 SCHEMA_PREFIX = "replay_"
 
@@ -186,7 +186,9 @@ def _in_scope(messages: list[Message], settings: Settings, scope: Scope) -> set[
     for m in messages:
         if m.topic() == events and m.key() is not None and m.key() not in first:
             first[m.key()] = m
-    since_ms = scope.since.timestamp() * 1000
+    # The record's timestamp only narrows what is decoded (with the producer's clock skew allowed for);
+    # the request's own time decides.
+    since_ms = scope.since.timestamp() * 1000 - SEEK_SLACK_MS
     chosen: set[str] = set()
     for key, m in first.items():
         if m.timestamp()[1] < since_ms:
