@@ -189,6 +189,7 @@ def _in_scope(messages: list[Message], settings: Settings, scope: Scope) -> set[
     # The record's timestamp only narrows what is decoded (with the producer's clock skew allowed for);
     # the request's own time decides.
     since_ms = scope.since.timestamp() * 1000 - SEEK_SLACK_MS
+    since = scope.since.replace(microsecond=scope.since.microsecond // 1000 * 1000)  # the log keeps ms
     chosen: set[str] = set()
     for key, m in first.items():
         if m.timestamp()[1] < since_ms:
@@ -197,7 +198,7 @@ def _in_scope(messages: list[Message], settings: Settings, scope: Scope) -> set[
             event = codec.decode(m.value(), settings.max_event_bytes)
         except codec.DecodeError:
             continue
-        if isinstance(event, RunRequested) and event.occurred_at >= scope.since:
+        if isinstance(event, RunRequested) and event.occurred_at >= since:
             chosen.add(key.decode())
     return chosen if scope.runs is None else chosen & set(scope.runs)
 
