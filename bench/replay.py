@@ -141,6 +141,7 @@ def bench(args: argparse.Namespace, data: Path) -> int:
     print(f"{'raw consume':<24} {raw_count:>9,} {raw_s:>8.2f} {raw_rate:>10,.0f}")
     print(f"{'replay (rebuild)':<24} {rebuilt.events:>9,} {rebuilt.seconds:>8.2f} {replay_rate:>10,.0f}")
     print(f"{'  read':<24} {rebuilt.read.count:>9,} {rebuilt.read.seconds:>8.2f}")
+    print(f"{'  decode':<24} {'':>9} {rebuilt.decode_s:>8.2f}")
     print(f"{'  fold':<24} {'':>9} {rebuilt.fold_s:>8.2f}")
     print(f"{'  project':<24} {'':>9} {rebuilt.project_s:>8.2f}")
     print(f"{'verify':<24} {'':>9} {verify_s:>8.2f}")
@@ -171,6 +172,7 @@ def bench(args: argparse.Namespace, data: Path) -> int:
                 "seconds": round(rebuilt.seconds, 3),
                 "records_per_s": round(replay_rate),
                 "read_s": round(rebuilt.read.seconds, 3),
+                "decode_s": round(rebuilt.decode_s, 3),
                 "fold_s": round(rebuilt.fold_s, 3),
                 "project_s": round(rebuilt.project_s, 3),
                 "ratio_to_raw": round(ratio, 3),
