@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from confluent_kafka import OFFSET_BEGINNING, KafkaError, Message, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, KafkaError, Message, TopicPartition
 
 from streamagent.config import Settings
 from streamagent.kafka import admin
@@ -85,8 +85,7 @@ def read(
             wanted = [TopicPartition(tp.topic, tp.partition, max(at, 0)) for tp in partitions]
             found = c.offsets_for_times(wanted, timeout=10)
             partitions = [
-                TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_BEGINNING)
-                for tp in found
+                TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_END) for tp in found
             ]
         c.assign(partitions)
         remaining = {(tp.topic, tp.partition) for tp in partitions}
