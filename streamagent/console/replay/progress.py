@@ -26,10 +26,12 @@ class ProgressLine:
         if not finished and now - self.shown < self.every_s:
             return
         self.shown = now
-        rate = done / max(now - self.started, 1e-6)
+        elapsed = now - self.started
+        rate = done / elapsed if elapsed >= 0.05 else 0.0  # no rate from a phase too short to time
         eta = f", ETA {(total - done) / rate:.1f}s" if total is not None and rate > 0 and not finished else ""
         of = f"/{total:,}" if total is not None else ""
-        line = f"{phase:<9} {done:,}{of} events, {rate:,.0f} events/s{eta}"
+        speed = f", {rate:,.0f} events/s" if rate else ""
+        line = f"{phase:<9} {done:,}{of} events{speed}{eta}"
         self.stream.write(f"\r{line:<72}" if self.tty else line + "\n")
         self.stream.flush()
 

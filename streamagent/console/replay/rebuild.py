@@ -267,6 +267,8 @@ def _fold(
     captured = Captured()
     worker = ReplayWorker(settings, store, captured, decoded)
     done = 0
+    if progress is not None:
+        progress("fold", 0, len(messages))  # the phase's clock starts here
     for chunk in run_disjoint(messages, settings.batch_size):
         worker.fold_batch([_FaustMessage(m.topic(), m.partition(), m.offset(), m.key(), m.value()) for m in chunk])
         done += len(chunk)

@@ -80,6 +80,8 @@ def test_the_decision_diff_names_what_differs_first_the_outcome_then_the_tool_th
 def test_progress_says_events_rate_and_eta() -> None:
     out = io.StringIO()
     line = ProgressLine(out, every_s=0)
+    line("fold", 0, 1000)
+    line.started -= 1.0  # a second into the phase
     line("fold", 500, 1000)
     line("fold", 1000, 1000)
     text = out.getvalue()
