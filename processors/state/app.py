@@ -108,6 +108,8 @@ class StateWorker:
         self.queue = DueQueue()
         self.admission = Admission.for_stack(settings.max_running_runs, settings.partitions)
         self.cache: dict[str, RunState] = {}
+        # Runs changed by the batch being folded, not yet written to the store (see ``state``).
+        self._pending: dict[str, tuple[RunState, int]] = {}
         self.positions: dict[tuple[str, int], int] = {}  # folded up to (exclusive), per topic-partition
         self.suspects: dict[str, Suspect] = {}  # by command id
         self._run_of: dict[str, str] = {}  # command id -> run id, for the commands being judged
@@ -129,7 +131,13 @@ class StateWorker:
 
     def state(self, run_id: str) -> RunState | None:
         cached = self.cache.get(run_id)
-        return cached if cached is not None else self.store.get(run_id)
+        if cached is not None:
+            return cached
+        # A run that ended earlier in this batch has left the cache but is not in the store yet: folding
+        # its next event (the RunCompleted after the deciding "complete") on the store's older value
+        # would drop the events in between (found by `streamagent replay`'s verification).
+        pending = self._pending.get(run_id)
+        return pending[0] if pending is not None else self.store.get(run_id)
 
     def workflow(self, name: str) -> Workflow:
         """The named workflow; an unknown name is refused (reason ``unknown_workflow``, dead-lettered)."""
@@ -198,6 +206,7 @@ class StateWorker:
         """Fold a batch; table writes and snapshots are collected and made once per run."""
         dirty: dict[str, tuple[RunState, int]] = {}
         publish: dict[str, RunState] = {}
+        self._pending = dirty
         for message in messages:
             EVENTS_PROCESSED.labels(PROCESSOR, message.topic).inc()
             key = (message.topic, message.partition)
@@ -211,12 +220,13 @@ class StateWorker:
                 self._dead_letter(message, "processing-error", repr(exc))
         for state, partition in dirty.values():
             self.store.put(state, partition)
+        self._pending = {}
         for state in publish.values():
             self._publish(state)
         self._gauges()
 
     def _fold_one(self, message: Any, dirty: dict[str, tuple[RunState, int]], publish: dict[str, RunState]) -> None:
-        event = codec.decode(message.value, self.settings.max_event_bytes)
+        event = self.decode(message)
         self.hops.observe(message.topic, event)
         if not isinstance(event, Event) or (message.topic == self.results_topic) != isinstance(event, ToolResult):
             raise Unprocessable("unexpected-event", f"{type(event).__name__} on {message.topic}")
@@ -268,6 +278,10 @@ class StateWorker:
             self._finish(partition, snap.run_id, dirty, publish)
         else:
             self._schedule(partition, after)
+
+    def decode(self, message: Any) -> Any:
+        """The message's event (a replay, which decodes each record once for several readers, overrides it)."""
+        return codec.decode(message.value, self.settings.max_event_bytes)
 
     def _store(self, state: RunState, partition: int, dirty: dict[str, tuple[RunState, int]]) -> None:
         run_id = state.snapshot.run_id

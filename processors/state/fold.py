@@ -275,8 +275,11 @@ def _decision(snap: StateSnapshot, event: DecisionRecorded) -> StateSnapshot:
         )
     if step.command_id == event.command_id and step.decision_id is None:
         # The tool's result was folded before the decision that caused it (they travel on two
-        # topics): the decision is the one that ran, not a stale one.
-        return _replace_step(snap, step.model_copy(update={"decision_id": event.decision_id}))
+        # topics): the decision is the one that ran, not a stale one. It is recorded as the dispatch
+        # would have been, so the step ends the same whichever of the two topics was read first
+        # (`streamagent replay` folds them in timestamp order and compares with the live state).
+        update = {"decision_id": event.decision_id, "attempts": step.attempts + 1, **_where(event)}
+        return _replace_step(snap, step.model_copy(update=update))
     return _superseded(snap)
 
 

@@ -604,6 +604,93 @@ def cmd_dlq_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- replay ------------------------------------------------------------------------------------------
+def _replay_settings() -> tuple[Settings, Any]:
+    """The addresses of the running stack; with none running in the data dir and no addresses given, its
+    broker and PostgreSQL alone are started (no processor, no tool) for the length of the command: that
+    ``Stack`` is returned to be closed (None when nothing was started)."""
+    from streamagent.console.stackfile import discover, running_pid
+
+    found = discover(get_settings())
+    if (found.bootstrap_servers and found.database_url) or running_pid(found.data_dir.resolve()) is not None:
+        return _settings(("bootstrap_servers", "database_url")), None
+    from streamagent.console.stack import Stack
+
+    print(f"no stack runs in {found.data_dir.resolve()}: starting its broker and PostgreSQL only", file=sys.stderr)
+    # No sandbox either: a replay calls no tool (the address is a placeholder nothing listens on).
+    infra = Stack(
+        found.model_copy(update={"sandbox_url": found.sandbox_url or "http://127.0.0.1:9"}), tools=(), processors=()
+    ).start()
+    return infra.settings, infra
+
+
+def _timestamp(text: str) -> Any:
+    from datetime import UTC, datetime
+
+    try:
+        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected an ISO 8601 time such as 2026-12-02T10:00:00Z, got {text!r}"
+        ) from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _run_ids(args: argparse.Namespace) -> list[str] | None:
+    ids = [r.strip() for chunk in (args.runs or []) for r in chunk.split(",") if r.strip()]
+    return ids or None
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from streamagent.console.replay.apply import Refused
+    from streamagent.console.replay.command import ReplayOptions, Usage, run_replay
+    from streamagent.console.replay.rebuild import Scope
+
+    if args.apply and (args.runs or args.since or args.until):
+        raise CliError("--apply rebuilds everything, so it takes a full replay (no --runs, --from or --until)", code=2)
+    if args.apply and args.keep:
+        raise CliError("--apply moves the rebuilt tables into place; --keep has nothing left to keep", code=2)
+    runs = _run_ids(args)
+    scope = Scope(runs=frozenset(runs) if runs else None, since=args.since, until=args.until)
+    settings, infra = _replay_settings()
+    options = ReplayOptions(
+        scope,
+        apply=args.apply,
+        keep=args.keep,
+        verify=not args.no_verify,
+        json=args.json,
+        own_lock=infra is not None,
+    )
+    try:
+        return run_replay(settings, options)
+    except Usage as exc:
+        raise CliError(str(exc), code=2) from None
+    except Refused as exc:
+        raise CliError(str(exc), code=1) from None
+    finally:
+        if infra is not None:
+            infra.close()
+
+
+def cmd_replay_decisions(args: argparse.Namespace) -> int:
+    from streamagent.console.replay.command import run_decisions
+
+    base = get_settings()
+    updates: dict[str, object] = {}
+    if args.workflows is not None:
+        updates["workflows_dir"] = args.workflows
+    if args.decider in ("rules", "llm"):
+        updates["decider"] = args.decider
+    _workflows(base.model_copy(update=updates))  # a malformed candidate is refused before anything connects
+    settings, infra = _replay_settings()
+    try:
+        candidate = settings.model_copy(update=updates)
+        return run_decisions(candidate, args.decider, _run_ids(args), args.since, args.max_decisions, args.json)
+    finally:
+        if infra is not None:
+            infra.close()
+
+
 # -- argument checks ---------------------------------------------------------------------------------
 def positive_int(text: str) -> int:
     try:
@@ -636,6 +723,17 @@ def dlq_offset(text: str) -> str:
     if match is None:
         raise argparse.ArgumentTypeError(f"expected PARTITION:OFFSET such as 0:12 (see `dlq list`), got {text!r}")
     return f"{int(match[1])}:{int(match[2])}"
+
+
+def _replay_scope(p: argparse.ArgumentParser, with_apply: bool = True) -> None:
+    p.add_argument("--runs", action="append", metavar="ID[,ID…]", help="only these runs (repeatable)")
+    p.add_argument(
+        "--from" if with_apply else "--since",
+        dest="since",
+        type=_timestamp,
+        metavar="TIME",
+        help="only runs requested (decisions: recorded) at or after TIME, ISO 8601",
+    )
 
 
 class Parser(argparse.ArgumentParser):
@@ -788,6 +886,39 @@ def build_parser() -> argparse.ArgumentParser:
     dlq_replay.add_argument("--reason", type=non_empty, help="every dead letter with this reason")
     dlq_replay.add_argument("--all", action="store_true", help="every dead letter")
     dlq_replay.set_defaults(func=cmd_dlq_replay)
+
+    replay = add(
+        "replay",
+        cmd_replay,
+        "Rebuild the state table, its snapshots and the projection from the topics, beside the live ones, and"
+        " verify them against the live ones (never produces anything; safe on a running stack)",
+    )
+    _replay_scope(replay)
+    replay.add_argument("--until", type=_timestamp, metavar="TIME", help="state as it was at TIME (no verification)")
+    replay.add_argument("--keep", action="store_true", help="keep the rebuilt projection's schema to query it")
+    replay.add_argument("--no-verify", action="store_true", help="rebuild only (e.g. to time it)")
+    replay.add_argument(
+        "--apply",
+        action="store_true",
+        help="make the rebuild live: swap in the projection, rewrite the state table's changelog (stack stopped)",
+    )
+    replay.add_argument("--json", action="store_true", help="also one JSON line with the figures")
+    replay_sub = replay.add_subparsers(dest="replay_command", metavar="SUBCOMMAND")
+    decisions = replay_sub.add_parser(
+        "decisions",
+        help="Re-decide recorded snapshots with a candidate decider and diff against what was recorded",
+        description="Re-decide recorded snapshots with a candidate decider (rules, llm, or the configured one"
+        " with --workflows DIR) and diff against the recorded decisions. Nothing is produced and no tool is"
+        " called; an llm candidate makes real calls to the configured model endpoint.",
+    )
+    decisions.add_argument("--decider", choices=("configured", "rules", "llm"), default="configured")
+    decisions.add_argument("--workflows", type=Path, metavar="DIR", help="the candidate's workflow files")
+    decisions.add_argument(
+        "--max-decisions", type=positive_int, metavar="N", help="re-decide at most N snapshots (caps model calls)"
+    )
+    decisions.add_argument("--json", action="store_true", help="also one JSON line with the counts and differences")
+    _replay_scope(decisions, with_apply=False)
+    decisions.set_defaults(func=cmd_replay_decisions)
 
     workflows = add("workflows", lambda a: 2, "Inspect the workflows (files under workflows_dir)")
     workflows_sub = workflows.add_subparsers(dest="workflows_command", metavar="SUBCOMMAND", required=True)

@@ -130,3 +130,20 @@ def test_stale_loss_evidence_changes_nothing_but_the_version() -> None:
     applied = apply(state, _lost(1), DEFAULT_DEADLINE_S)
     assert applied.state.snapshot.step("enrich").status is StepStatus.succeeded
     assert applied.state.snapshot.redrive_command_id is None and not applied.publish
+
+
+def test_a_step_ends_the_same_whichever_of_its_decision_and_result_is_folded_first() -> None:
+    cmd = "cmd-enrich"
+    start, decided, done = requested(), dispatch("enrich", cmd), result("enrich", cmd)
+    decided_first = publishes_state([start, decided, done])
+    result_first = publishes_state([start, done, decided])
+    assert decided_first.snapshot.step("enrich") == result_first.snapshot.step("enrich")
+    assert result_first.snapshot.step("enrich").attempts == 1
+
+
+def publishes_state(events: list[Event]) -> RunState:
+    state: RunState | None = None
+    for event in events:
+        state = apply(state, event, DEFAULT_DEADLINE_S).state
+    assert state is not None
+    return state

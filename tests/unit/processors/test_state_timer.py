@@ -115,3 +115,29 @@ def test_admission_bounds_runs_per_partition_and_admits_in_arrival_order() -> No
     admission.withdraw(0, "r5")  # ended while waiting (deadline), so never admitted in turn
     assert [admission.next_waiting(0), admission.next_waiting(0)] == ["r4", None]
     assert (admission.running, admission.queued) == (1, 0)
+
+
+def test_a_run_that_ends_mid_batch_keeps_every_event_of_the_batch() -> None:
+    """The deciding "complete" and the RunCompleted after it, in one batch: both are folded (the run
+    leaves the cache when it ends, before the batch reaches the store)."""
+    from dataclasses import dataclass
+
+    @dataclass
+    class Message:
+        topic: str
+        value: bytes
+        partition: int = 0
+        offset: int = 0
+        key: bytes = b"run-1"
+
+    store, producer = MemoryStore(), RecordingProducer()
+    worker = StateWorker(Settings(partitions=4, max_running_runs=0), store, producer)  # type: ignore[arg-type]
+    events = full_run()
+    batches = [events[:-2], events[-2:]]  # the last batch: the "complete" decision and RunCompleted
+    for batch in batches:
+        topic = {True: worker.results_topic, False: worker.events_topic}
+        worker.fold_batch([Message(topic[e.type == "ToolResult"], codec.encode(e)) for e in batch])
+    state = store.get(events[0].run_id)
+    assert state is not None
+    assert state.applied == [e.event_id for e in events]
+    assert state.snapshot.version == len(events)
