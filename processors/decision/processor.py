@@ -103,6 +103,7 @@ def follow_up(
         request = ApprovalRequested(
             event_id=stable_id(ask.request_id, "requested"),
             run_id=snap.run_id,
+            occurred_at=ask.requested_at,  # the guard's moment: the expiry is counted from it
             causation_id=decision_id,
             request_id=ask.request_id,
             decision_id=decision_id,

@@ -45,6 +45,7 @@ class ApprovalAsk:
     arguments: dict[str, Any]
     digest: str
     reason: str
+    requested_at: datetime
     expires_at: datetime
 
 
@@ -93,7 +94,7 @@ def judge(
         if held.status is ApprovalStatus.requested:
             return Verdict(_waiting(decision, reason), APPROVAL, reason, policy.version)
         if held.status is ApprovalStatus.expired:
-            waited = int((held.expires_at - held.requested_at).total_seconds())
+            waited = round((held.expires_at - held.requested_at).total_seconds())
             return _refuse(decision, f"approval of step {decision.step} not given within {waited} s", policy)
         return _refuse(decision, f"approval of step {decision.step} denied by {held.by}", policy)
     # No request yet for exactly these arguments (a changed argument needs a new approval).
@@ -104,6 +105,7 @@ def judge(
         arguments=dict(decision.arguments),
         digest=digest,
         reason=reason,
+        requested_at=now,
         expires_at=now + timedelta(seconds=policy.approval_timeout_s),
     )
     return Verdict(_waiting(decision, reason), APPROVAL, reason, policy.version, ask=ask)

@@ -4,6 +4,7 @@ that the state processor did not make is never decided on."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections import Counter
@@ -139,6 +140,13 @@ def test_a_held_step_waits_for_a_person_approved_runs_once_denied_undoes(setting
         # The approved command carried its token to the tool.
         sent = [e.payload for e in timeline if e.type == "ToolCommand" and e.payload["tool"] == "email"]
         assert len(sent) == 1 and sent[0]["approval"].startswith("a1:")
+
+        # The log is the truth for governance too: a replay rebuilds the approvals, verdicts and the
+        # runs' state identical to the live ones.
+        replayed = cli(s, "replay", "--json")
+        assert replayed.returncode == 0, replayed.stdout + replayed.stderr
+        figures = json.loads(replayed.stdout.strip().splitlines()[-1])
+        assert figures["differ"] == 0 and figures["runs"] >= 3, replayed.stdout
 
 
 def test_a_policy_edit_applies_to_the_next_decision_budgets_and_approval_timeouts_escalate(

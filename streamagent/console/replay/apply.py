@@ -59,6 +59,10 @@ def live_writers(settings: Settings, own_lock: bool = False, groups: bool = True
     return None
 
 
+# Every table of the projection's schema the log rebuilds (the governance approvals included).
+PROJECTED_TABLES = ("runs", "run_events", "approvals")
+
+
 def apply(settings: Settings, rebuilt: Rebuilt, live: dict[str, RunState], own_lock: bool = False) -> tuple[int, int]:
     """Swap the projection in and write the changed states; returns (runs projected, states written)."""
     if not rebuilt.scope.full:
@@ -75,7 +79,7 @@ def _swap(settings: Settings, schema: str) -> int:
     mine = sql.Identifier(schema)
     with db.connect(settings, autocommit=False) as conn:
         live = sql.Identifier(conn.execute("SELECT current_schema()").fetchone()[0])  # type: ignore[index]
-        for table in ("runs", "run_events"):
+        for table in PROJECTED_TABLES:
             conn.execute(sql.SQL("DROP TABLE IF EXISTS {}.{}").format(live, sql.Identifier(table)))
             conn.execute(sql.SQL("ALTER TABLE {}.{} SET SCHEMA {}").format(mine, sql.Identifier(table), live))
         conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(mine))

@@ -202,8 +202,9 @@ def _snapshots(settings: Settings, rebuilt: Rebuilt) -> Section:
 def _order_free(snap: StateSnapshot) -> StateSnapshot:
     """A published snapshot without the two fields that name the event folded last: when a step's result
     and its decision (two topics) arrive in the other order live, the snapshot published after the pair
-    is the same but for these."""
-    return snap.model_copy(update={"last_event_id": "", "updated_at": snap.created_at})
+    is the same but for these. Nor its signature: the state processor's MAC over the bytes it sent, not
+    state (a replay signs nothing; the decision processor checked the live one when it decided)."""
+    return snap.model_copy(update={"last_event_id": "", "updated_at": snap.created_at, "signature": ""})
 
 
 _EVENT_COLUMNS = (
@@ -235,6 +236,8 @@ def _projection(settings: Settings, rebuilt: Rebuilt) -> Section:
         mine_events = _events(conn, mine)
         live_runs = _rows(conn, theirs, "runs", run_cols, "run_id") if exists == 2 else {}
         live_events = _events(conn, theirs) if exists == 2 else {}
+        mine_approvals = _approvals(conn, rebuilt.schema)
+        live_approvals = _approvals(conn, live_schema) if exists == 2 else {}
     for run_id in sorted(_scope(rebuilt, set(live_runs))):
         a, b = mine_events.get(run_id, {}), live_events.get(run_id, {})
         ra, rb = mine_runs.get(run_id), live_runs.get(run_id)
@@ -265,9 +268,44 @@ def _projection(settings: Settings, rebuilt: Rebuilt) -> Section:
             )
         elif ra != rb:
             section.found.append(Difference(run_id, "differ", f"runs row: {_cols(ra, rb)}"))
+        elif mine_approvals.get(run_id, {}) != live_approvals.get(run_id, {}):
+            ours, live = mine_approvals.get(run_id, {}), live_approvals.get(run_id, {})
+            first = sorted(set(ours) | set(live))[0]
+            section.found.append(
+                Difference(run_id, "differ", f"approval {first}: {_cols(ours.get(first, {}), live.get(first, {}))}")
+            )
         else:
             section.same += 1
     return section
+
+
+def _approvals(conn: Any, schema: str) -> dict[str, dict[str, dict[str, Any]]]:
+    """The approval requests of each run (the governance table; absent in a database from before it)."""
+    found = conn.execute(
+        "SELECT count(*) FROM information_schema.tables WHERE table_schema = %s AND table_name = 'approvals'",
+        (schema,),
+    ).fetchone()[0]
+    if not found:
+        return {}
+    cols = [
+        "request_id",
+        "run_id",
+        "step",
+        "tool",
+        "arguments",
+        "reason",
+        "policy_version",
+        "status",
+        "requested_at",
+        "expires_at",
+        "decided_by",
+        "note",
+        "decided_at",
+    ]
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for request_id, row in _rows(conn, sql.Identifier(schema), "approvals", cols, "request_id").items():
+        out.setdefault(row["run_id"], {})[request_id] = row
+    return out
 
 
 def _rows(conn: Any, schema: sql.Identifier, table: str, cols: list[str], key: str) -> dict[str, dict[str, Any]]:
