@@ -108,6 +108,11 @@ class Settings(BaseModel):
     model: str = Field("gpt-4o-mini", description="Model name sent with every chat completion")
     model_timeout_s: float = Field(30.0, gt=0, description="HTTP timeout of one model call")
     model_max_retries: int = Field(3, ge=0, description="Retries of a model call on 429/5xx/timeout/connection error")
+    # The whole of one decision (every attempt, backoff and the repair turn; not the planner, which has its
+    # own timeout): past it the workflow's fallback decides, so a slow model never holds a run for longer.
+    model_decision_timeout_s: float = Field(
+        120.0, gt=0, description="Time one model decision may take in all (retries, repair turn), then the fallback"
+    )
     model_answer_style: AnswerStyle = Field("tools", description="tools (tool calling) | json_schema")
     # A decision waits seconds for a model: the runs of one batch are decided at once, up to this many.
     model_concurrency: int = Field(8, ge=1, description="Model calls one decision processor makes at once")

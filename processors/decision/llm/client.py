@@ -2,8 +2,11 @@
 
 Retries are ours, not the openai client's (its ``max_retries`` is 0): every attempt is counted in
 ``streamagent_model_calls_total``, Retry-After is honoured exactly, and giving up yields a reason
-the decision records. Retried: 429, 5xx, timeouts, connection errors. Any other 4xx is a request the
-endpoint will never take (a wrong model name, a bad key): given up at once.
+the decision records. Retried: 429, 5xx, timeouts, connection errors. Any other 4xx is a request
+the endpoint will never take (a wrong model name, a bad key): given up at once.
+
+A call may be given a deadline (the decision's whole time limit): no attempt runs past it (its HTTP
+timeout is cut to what is left) and no pause is taken that would end past it.
 """
 
 from __future__ import annotations
@@ -100,19 +103,26 @@ class ModelClient:
             params["response_format"] = response_format(offered)
         return params
 
-    def complete(self, messages: Sequence[dict[str, Any]], offered: Sequence[OfferedTool]) -> Completion:
-        return self.chat(self.request(messages, offered))
+    def complete(
+        self, messages: Sequence[dict[str, Any]], offered: Sequence[OfferedTool], *, deadline: float | None = None
+    ) -> Completion:
+        return self.chat(self.request(messages, offered), deadline=deadline)
 
     def text(self, messages: Sequence[dict[str, Any]]) -> Completion:
         """A plain answer in words (the planner's): no tools, no response format."""
         return self.chat({"model": self.model, "messages": list(messages), "temperature": 0})
 
-    def chat(self, params: dict[str, Any]) -> Completion:
+    def chat(self, params: dict[str, Any], *, deadline: float | None = None) -> Completion:
+        """``deadline``: a ``time.monotonic()`` instant no attempt may outlast (None: only the timeouts)."""
         started = time.monotonic()
+        timeout = float(self.openai.timeout)  # type: ignore[arg-type]
         for attempt in range(self.max_retries + 1):
             wait: float | None = None
+            left = timeout if deadline is None else deadline - time.monotonic()
+            if left <= 0:
+                raise ModelUnavailable(f"the decision's time limit was spent, {attempt} attempt(s)")
             try:
-                response = self.openai.chat.completions.create(**params)
+                response = self.openai.chat.completions.create(**params, timeout=min(timeout, left))
             except openai.APIStatusError as exc:
                 status = exc.status_code
                 if status != 429 and status < 500:
@@ -120,6 +130,11 @@ class ModelClient:
                     raise ModelUnavailable(f"the endpoint refused the request: HTTP {status}: {exc.message}") from None
                 reason, wait = f"HTTP {status}", retry_after(exc.response)
             except openai.APITimeoutError:
+                if left < timeout:
+                    MODEL_CALLS.labels(self.decider, "error").inc()
+                    raise ModelUnavailable(
+                        f"no answer within the decision's time limit ({left:.1f}s left of it), {attempt + 1} attempt(s)"
+                    ) from None
                 reason = f"no answer within {self.openai.timeout}s"
             except openai.APIConnectionError as exc:
                 reason = f"cannot connect to {self.openai.base_url}: {exc.__cause__ or exc}"
@@ -142,5 +157,9 @@ class ModelClient:
                 raise ModelUnavailable(f"{reason}, {attempt + 1} attempt(s)")
             if wait is not None and wait > RETRY_AFTER_MAX_S:
                 raise ModelUnavailable(f"{reason}, Retry-After {wait:.0f}s is longer than {RETRY_AFTER_MAX_S:.0f}s")
-            self.sleep(max(wait or 0.0, min(BACKOFF_S * 2**attempt, BACKOFF_MAX_S)))
+            pause = max(wait or 0.0, min(BACKOFF_S * 2**attempt, BACKOFF_MAX_S))
+            if deadline is not None and time.monotonic() + pause >= deadline:
+                # Waiting would spend what is left of the decision's time: the fallback decides now.
+                raise ModelUnavailable(f"{reason}, {attempt + 1} attempt(s); no time left in the decision to retry")
+            self.sleep(pause)
         raise AssertionError("unreachable")

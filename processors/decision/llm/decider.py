@@ -13,6 +13,7 @@ endpoint's usage, or counted and flagged ``tokens_estimated``) and the cost from
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import replace
 from typing import Any
 
@@ -194,6 +195,9 @@ class LlmDecider:
             # Ours, or the one another instance stored first (a rebalance): carried by the same rule.
             audit.charged = audit.plan.based_on_version > audit.last_version
             messages = self._messages(snapshot, workflow, offered, audit)
+        # One time limit for the decision's calls, the repair turn included (the plan had its own): past
+        # it the fallback decides, however many retries were left.
+        deadline = time.monotonic() + self.settings.model_decision_timeout_s
         for turn in (1, 2):
             if turn == 2:
                 # The repair turn is a call of its own: it too must fit the run's caps.
@@ -201,7 +205,7 @@ class LlmDecider:
                 if over is not None:
                     return over
             try:
-                completion = self.client.complete(messages, offered)
+                completion = self.client.complete(messages, offered, deadline=deadline)
             except ModelUnavailable as exc:
                 return self._fallback(snapshot, workflow, f"model unavailable: {exc.reason}", audit, messages)
             audit.add(messages, completion)
