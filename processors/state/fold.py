@@ -24,6 +24,7 @@ from streamagent.events import (
     RunCompleted,
     RunDeadlineExceeded,
     RunFailed,
+    RunPlan,
     RunRequested,
     RunStatus,
     StateSnapshot,
@@ -115,7 +116,7 @@ def apply(state: RunState | None, event: Event, default_deadline_s: float, workf
     elif isinstance(event, CommandResent):
         snap = _resent(moved, event)
     elif isinstance(event, DecisionRecorded):
-        snap = _decision(moved, event).model_copy(update={"last_decision_id": event.decision_id})
+        snap = _decision(moved, event).model_copy(update={"last_decision_id": event.decision_id, **_plan(moved, event)})
     elif isinstance(event, ToolResult):
         snap = _result(moved, event)
     elif isinstance(event, RunCompleted):
@@ -265,6 +266,14 @@ def _decision(snap: StateSnapshot, event: DecisionRecorded) -> StateSnapshot:
         # topics): the decision is the one that ran, not a stale one.
         return _replace_step(snap, step.model_copy(update={"decision_id": event.decision_id}))
     return _superseded(snap)
+
+
+def _plan(snap: StateSnapshot, event: DecisionRecorded) -> dict[str, RunPlan]:
+    """The run's plan from the first decision that recorded one; kept as is afterwards (one plan per run)."""
+    if snap.plan is not None:
+        return {}
+    plan = RunPlan.of_context(event.context, event.decision_id)
+    return {"plan": plan} if plan is not None else {}
 
 
 def _where(event: DecisionRecorded) -> dict[str, object]:

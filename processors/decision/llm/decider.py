@@ -108,11 +108,23 @@ class LlmDecider:
         audit = _Audit(self.client.model, self.client.style, {})
         audit.caps = Caps.of(workflow, self.settings)
         audit.planned = workflow.planner if workflow.planner is not None else self.settings.planner
-        if not (audit.planned or audit.caps.active):
+        folded = snapshot.plan if audit.planned else None
+        if folded is not None:
+            # The run's state carries its plan: the decision that recorded it (and paid for it) is folded
+            # already, so the table is not read for it and this decision carries nothing.
+            audit.plan = PlanRecord(
+                run_id=snapshot.run_id,
+                based_on_version=max(1, folded.based_on_version),
+                plan=folded.plan,
+                error=folded.error,
+                model=folded.model,
+            )
+        if not ((audit.planned and folded is None) or audit.caps.active):
             return audit
         ledger = self.ledger.spent(snapshot.run_id)
         audit.spent, audit.last_version = ledger.spent, ledger.last_version
-        if audit.planned:
+        if audit.planned and folded is None:
+            # Not folded yet (the run's first decisions): the planner's table, written before any use.
             audit.plan = self.ledger.plan(snapshot.run_id)
             # A plan's cost is carried by the run's first decision recorded from the version it was made
             # on: made at v and the decision of v lost in a crash, the decision made again for v carries it.
