@@ -25,7 +25,7 @@ LogFormat = Literal["json", "text"]
 Decider = Literal["rules", "llm"]
 # How the model answers: OpenAI tool calling, or a JSON object constrained by response_format
 # json_schema (small local models answer the second reliably, the first often in prose).
-AnswerStyle = Literal["tools", "json_schema"]
+AnswerStyle = Literal["tools", "json_schema", "json_object"]
 # Settings read under the name every OpenAI-compatible client and tutorial uses, not our prefix:
 # an operator who already exports them for other tools need not repeat them.
 ENV_NAMES = {"openai_base_url": "OPENAI_BASE_URL", "openai_api_key": "OPENAI_API_KEY"}
@@ -113,7 +113,9 @@ class Settings(BaseModel):
     model_decision_timeout_s: float = Field(
         120.0, gt=0, description="Time one model decision may take in all (retries, repair turn), then the fallback"
     )
-    model_answer_style: AnswerStyle = Field("tools", description="tools (tool calling) | json_schema")
+    model_answer_style: AnswerStyle = Field(
+        "tools", description="tools (tool calling) | json_schema | json_object (llama-cpp-python's server)"
+    )
     # A decision waits seconds for a model: the runs of one batch are decided at once, up to this many.
     model_concurrency: int = Field(8, ge=1, description="Model calls one decision processor makes at once")
     model_context_tokens: int = Field(6000, ge=500, description="Token budget of the prepared context")

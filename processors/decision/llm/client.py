@@ -100,7 +100,7 @@ class ModelClient:
             params["tools"] = tool_specs(offered)
             params["tool_choice"] = "required"
         else:
-            params["response_format"] = response_format(offered)
+            params["response_format"] = response_format(offered, self.style)
         return params
 
     def complete(
