@@ -26,6 +26,9 @@ Decider = Literal["rules", "llm"]
 # How the model answers: OpenAI tool calling, or a JSON object constrained by response_format
 # json_schema (small local models answer the second reliably, the first often in prose).
 AnswerStyle = Literal["tools", "json_schema", "json_object"]
+# tool_choice in the tools style: "required" forces a call; llama-cpp-python's function-calling chat
+# format takes only "auto" (its server answers 500 to "required").
+ToolChoice = Literal["required", "auto"]
 # Settings read under the name every OpenAI-compatible client and tutorial uses, not our prefix:
 # an operator who already exports them for other tools need not repeat them.
 ENV_NAMES = {"openai_base_url": "OPENAI_BASE_URL", "openai_api_key": "OPENAI_API_KEY"}
@@ -116,6 +119,7 @@ class Settings(BaseModel):
     model_answer_style: AnswerStyle = Field(
         "tools", description="tools (tool calling) | json_schema | json_object (llama-cpp-python's server)"
     )
+    model_tool_choice: ToolChoice = Field("required", description="tool_choice of the tools style: required | auto")
     # A decision waits seconds for a model: the runs of one batch are decided at once, up to this many.
     model_concurrency: int = Field(8, ge=1, description="Model calls one decision processor makes at once")
     model_context_tokens: int = Field(6000, ge=500, description="Token budget of the prepared context")
@@ -187,7 +191,7 @@ class Settings(BaseModel):
         # An environment variable cannot hold None: empty means "not set" (``to_env`` writes it so).
         return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator("log_format", "decider", "model_answer_style", mode="before")
+    @field_validator("log_format", "decider", "model_answer_style", "model_tool_choice", mode="before")
     @classmethod
     def _lower_case(cls, value: object) -> object:
         return value.strip().lower() if isinstance(value, str) else value

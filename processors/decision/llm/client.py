@@ -82,6 +82,7 @@ class ModelClient:
         # The planner has its own model and endpoint; what it leaves empty is the executor's.
         self.model = (settings.planner_model if planner else "") or settings.model
         self.style = settings.model_answer_style
+        self.tool_choice = settings.model_tool_choice
         self.max_retries = settings.model_max_retries
         self.decider = decider
         self.sleep = sleep
@@ -98,7 +99,7 @@ class ModelClient:
         params: dict[str, Any] = {"model": self.model, "messages": list(messages), "temperature": 0}
         if self.style == "tools":
             params["tools"] = tool_specs(offered)
-            params["tool_choice"] = "required"
+            params["tool_choice"] = self.tool_choice
         else:
             params["response_format"] = response_format(offered, self.style)
         return params

@@ -191,6 +191,13 @@ def test_json_object_style_for_llama_cpp_python(model: FakeModel) -> None:
     assert decision.context["answer_style"] == "json_object"
 
 
+def test_tool_choice_is_a_setting(model: FakeModel) -> None:
+    assert llm_settings(model.url).model_tool_choice == "required"
+    decider(llm_settings(model.url)).decide(Run().snap)
+    decider(llm_settings(model.url, model_tool_choice="auto")).decide(Run().snap)
+    assert [r.body["tool_choice"] for r in model.requests] == ["required", "auto"]
+
+
 def test_missing_usage_is_estimated_and_flagged(model: FakeModel) -> None:
     model.script(Answer.call("enrich", {"domain": DOMAIN}, usage=False))
     decision = decider(llm_settings(model.url)).decide(Run().snap)
