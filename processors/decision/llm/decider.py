@@ -271,7 +271,8 @@ def _repair(completion: Completion, error: str) -> list[dict[str, Any]]:
     with its id (the chat API refuses a conversation that leaves one unanswered)."""
     refused = f"Refused: {error}. Answer again with exactly one call that respects the policy."
     calls = completion.raw.get("tool_calls") or []
-    assistant = {"role": "assistant", "content": completion.raw.get("content")}
+    # Content "" rather than null beside tool calls: llama-cpp-python's server refuses a null content.
+    assistant = {"role": "assistant", "content": completion.raw.get("content") or ""}
     if calls:
         assistant["tool_calls"] = calls
         return [assistant] + [{"role": "tool", "tool_call_id": c.get("id", ""), "content": refused} for c in calls]
