@@ -64,8 +64,11 @@ LLM_SERVE = $(BIN)/python bench/local_model.py --python $(LLM_VENV)/bin/python -
 	--ctx $(LLM_CTX) --threads $(LLM_THREADS) --log $(LLM_CACHE)/llama-server.log \
 	$(if $(filter tools,$(LLM_STYLE)),--chat-format chatml-function-calling) --
 
+# The demo's own wait for the two runs: 900 s ran out with the tools style (2026-12-02, runs at step 3).
+LLM_DEMO_TIMEOUT ?= 3600
+
 demo-llm-local: $(STAMP) llm-local
-	env $(LLM_ENV) $(LLM_SERVE) $(BIN)/python -m streamagent.console.demo_llm $(ARGS)
+	env $(LLM_ENV) $(LLM_SERVE) $(BIN)/python -m streamagent.console.demo_llm --timeout $(LLM_DEMO_TIMEOUT) $(ARGS)
 
 bench-llm-local: $(STAMP) llm-local
 	env $(LLM_ENV) $(LLM_SERVE) $(BIN)/python bench/decision_overhead.py --deciders llm --runs 1 \
