@@ -54,7 +54,7 @@ from typing import Any
 import httpx
 
 from streamagent import codec, db
-from streamagent.config import Settings
+from streamagent.config import Settings, get_settings
 from streamagent.console.demo import sample_requests, wait_for_runs
 from streamagent.console.embedded import free_port
 from streamagent.console.stack import Stack
@@ -144,7 +144,8 @@ def measure(args: argparse.Namespace, decider: str, data_dir: Path) -> dict[str,
             update.update(openai_base_url=model.url, model="fake-model")
         elif decider == "llm":
             update.update(openai_base_url=args.endpoint, model=args.model)
-        with Stack(Settings().model_copy(update=update)) as stack:
+        # The environment's settings (answer style, timeouts, ...), as every process of the stack reads them.
+        with Stack(get_settings().model_copy(update=update)) as stack:
             s = stack.settings
             if warm_up(s, args.warmup_timeout) is None:
                 raise RuntimeError(f"the warm-up run did not end within {args.warmup_timeout:.0f} s")

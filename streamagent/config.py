@@ -120,6 +120,9 @@ class Settings(BaseModel):
         "tools", description="tools (tool calling) | json_schema | json_object (llama-cpp-python's server)"
     )
     model_tool_choice: ToolChoice = Field("required", description="tool_choice of the tools style: required | auto")
+    # A bound on one answer's length: a model answering in prose instead of a call (no grammar holds it)
+    # would otherwise write until its context is full, and a local server keeps going after we give up.
+    model_max_tokens: int = Field(0, ge=0, description="max_tokens of an executor call; 0: not sent (endpoint default)")
     # A decision waits seconds for a model: the runs of one batch are decided at once, up to this many.
     model_concurrency: int = Field(8, ge=1, description="Model calls one decision processor makes at once")
     model_context_tokens: int = Field(6000, ge=500, description="Token budget of the prepared context")

@@ -83,6 +83,7 @@ class ModelClient:
         self.model = (settings.planner_model if planner else "") or settings.model
         self.style = settings.model_answer_style
         self.tool_choice = settings.model_tool_choice
+        self.max_tokens = settings.model_max_tokens if not planner else 0
         self.max_retries = settings.model_max_retries
         self.decider = decider
         self.sleep = sleep
@@ -97,6 +98,8 @@ class ModelClient:
     def request(self, messages: Sequence[dict[str, Any]], offered: Sequence[OfferedTool]) -> dict[str, Any]:
         """The chat completion's parameters, in the configured answer style."""
         params: dict[str, Any] = {"model": self.model, "messages": list(messages), "temperature": 0}
+        if self.max_tokens:
+            params["max_tokens"] = self.max_tokens
         if self.style == "tools":
             params["tools"] = tool_specs(offered)
             params["tool_choice"] = self.tool_choice

@@ -198,6 +198,13 @@ def test_tool_choice_is_a_setting(model: FakeModel) -> None:
     assert [r.body["tool_choice"] for r in model.requests] == ["required", "auto"]
 
 
+def test_max_tokens_is_sent_only_when_set(model: FakeModel) -> None:
+    decider(llm_settings(model.url)).decide(Run().snap)
+    decider(llm_settings(model.url, model_max_tokens=512)).decide(Run().snap)
+    assert ["max_tokens" in r.body for r in model.requests] == [False, True]
+    assert model.requests[1].body["max_tokens"] == 512
+
+
 def test_missing_usage_is_estimated_and_flagged(model: FakeModel) -> None:
     model.script(Answer.call("enrich", {"domain": DOMAIN}, usage=False))
     decision = decider(llm_settings(model.url)).decide(Run().snap)
