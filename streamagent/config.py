@@ -26,7 +26,10 @@ LogFormat = Literal["json", "text"]
 Decider = Literal["rules", "llm"]
 # How the model answers: OpenAI tool calling, or a JSON object constrained by response_format
 # json_schema (small local models answer the second reliably, the first often in prose).
-AnswerStyle = Literal["tools", "json_schema"]
+AnswerStyle = Literal["tools", "json_schema", "json_object"]
+# tool_choice in the tools style: "required" forces a call; llama-cpp-python's function-calling chat
+# format takes only "auto" (its server answers 500 to "required").
+ToolChoice = Literal["required", "auto"]
 # Settings read under the name every OpenAI-compatible client and tutorial uses, not our prefix:
 # an operator who already exports them for other tools need not repeat them.
 ENV_NAMES = {"openai_base_url": "OPENAI_BASE_URL", "openai_api_key": "OPENAI_API_KEY"}
@@ -118,7 +121,18 @@ class Settings(BaseModel):
     model: str = Field("gpt-4o-mini", description="Model name sent with every chat completion")
     model_timeout_s: float = Field(30.0, gt=0, description="HTTP timeout of one model call")
     model_max_retries: int = Field(3, ge=0, description="Retries of a model call on 429/5xx/timeout/connection error")
-    model_answer_style: AnswerStyle = Field("tools", description="tools (tool calling) | json_schema")
+    # The whole of one decision (every attempt, backoff and the repair turn; not the planner, which has its
+    # own timeout): past it the workflow's fallback decides, so a slow model never holds a run for longer.
+    model_decision_timeout_s: float = Field(
+        120.0, gt=0, description="Time one model decision may take in all (retries, repair turn), then the fallback"
+    )
+    model_answer_style: AnswerStyle = Field(
+        "tools", description="tools (tool calling) | json_schema | json_object (llama-cpp-python's server)"
+    )
+    model_tool_choice: ToolChoice = Field("required", description="tool_choice of the tools style: required | auto")
+    # A bound on one answer's length: a model answering in prose instead of a call (no grammar holds it)
+    # would otherwise write until its context is full, and a local server keeps going after we give up.
+    model_max_tokens: int = Field(0, ge=0, description="max_tokens of an executor call; 0: not sent (endpoint default)")
     # A decision waits seconds for a model: the runs of one batch are decided at once, up to this many.
     model_concurrency: int = Field(8, ge=1, description="Model calls one decision processor makes at once")
     model_context_tokens: int = Field(6000, ge=500, description="Token budget of the prepared context")
@@ -201,7 +215,7 @@ class Settings(BaseModel):
         # An environment variable cannot hold None: empty means "not set" (``to_env`` writes it so).
         return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator("log_format", "decider", "model_answer_style", mode="before")
+    @field_validator("log_format", "decider", "model_answer_style", "model_tool_choice", mode="before")
     @classmethod
     def _lower_case(cls, value: object) -> object:
         return value.strip().lower() if isinstance(value, str) else value

@@ -8,11 +8,12 @@ JSON strings so the Avro schemas stay flat and readable by any consumer.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, EmailStr, Field, field_validator
+from pydantic import BaseModel, ConfigDict, EmailStr, Field, ValidationError, field_validator
 
 _DOMAIN_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-.")
 # The workflow a request runs when it names none (a file under workflows/).
@@ -339,6 +340,40 @@ class OnboardingRequest(BaseModel):
     workflow: str = DEFAULT_WORKFLOW
 
 
+class RunPlan(BaseModel):
+    """A run's plan as its state carries it (the planner's, see processors/decision/llm/planner.py).
+
+    Written once per run, and folded from the first decision that recorded it in its context
+    (``context["plan"]``), so every later snapshot, a replay and ``show`` see the same plan. ``plan``
+    is None when the planner failed; ``error`` then says why (the run went on without one).
+    """
+
+    model_config = ConfigDict(frozen=True, protected_namespaces=())
+
+    plan: str | None = None
+    error: str | None = None
+    model: str = ""
+    based_on_version: int = 0  # the state version the plan was made on
+    decision_id: str = ""  # the decision that first recorded it
+
+    @classmethod
+    def of_context(cls, context: Mapping[str, Any], decision_id: str) -> RunPlan | None:
+        """The plan a decision's context recorded, or None (no planner, or not written yet: no model)."""
+        raw = context.get("plan")
+        if not isinstance(raw, Mapping) or not raw.get("model") or (raw.get("plan") is None and not raw.get("error")):
+            return None
+        try:
+            return cls(
+                plan=raw.get("plan"),
+                error=raw.get("error"),
+                model=raw["model"],
+                based_on_version=raw.get("based_on_version") or 0,
+                decision_id=decision_id,
+            )
+        except ValidationError:  # a context this version does not understand: no plan rather than no state
+            return None
+
+
 class StateSnapshot(BaseModel):
     """A run's state at one version. Not an ``Event``: it is derived, and replay rebuilds it."""
 
@@ -361,8 +396,10 @@ class StateSnapshot(BaseModel):
     reason: str | None = None
     superseded_decisions: int = 0
     redrive_command_id: str | None = None
-    schema_version: int = 3
-    # Governance (v3): approval requests and what the run has spent, for the guard's budgets.
+    plan: RunPlan | None = None
+    # 4: the plan and governance (schemas/history/StateSnapshot.v3.avsc and older decode with neither).
+    schema_version: int = 4
+    # Governance: approval requests and what the run has spent, for the guard's budgets.
     approvals: list[ApprovalState] = Field(default_factory=list)
     decisions: int = 0  # decisions taken (recorded and applied)
     tool_calls: int = 0  # commands sent: dispatches and undos

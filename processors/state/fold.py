@@ -30,6 +30,7 @@ from streamagent.events import (
     RunCompleted,
     RunDeadlineExceeded,
     RunFailed,
+    RunPlan,
     RunRequested,
     RunStatus,
     StateSnapshot,
@@ -122,6 +123,8 @@ def apply(state: RunState | None, event: Event, default_deadline_s: float, workf
         snap = _resent(moved, event)
     elif isinstance(event, DecisionRecorded):
         snap = _spent(_decision(moved, event), event)
+        if plan := _plan(moved, event):
+            snap = snap.model_copy(update=plan)
     elif isinstance(event, ApprovalRequested):
         snap = _approval_requested(moved, event)
     elif isinstance(event, ApprovalGranted | ApprovalDenied | ApprovalExpired):
@@ -338,6 +341,14 @@ def _approval_answered(snap: StateSnapshot, event: ApprovalGranted | ApprovalDen
             error = f"denied: approval refused by {event.by}" + (f": {event.note}" if event.note else "")
             snap = _replace_step(snap, step.model_copy(update={"status": StepStatus.failed, "error": error}))
     return snap
+
+
+def _plan(snap: StateSnapshot, event: DecisionRecorded) -> dict[str, RunPlan]:
+    """The run's plan from the first decision that recorded one; kept as is afterwards (one plan per run)."""
+    if snap.plan is not None:
+        return {}
+    plan = RunPlan.of_context(event.context, event.decision_id)
+    return {"plan": plan} if plan is not None else {}
 
 
 def _where(event: DecisionRecorded) -> dict[str, object]:

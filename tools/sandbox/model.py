@@ -192,7 +192,9 @@ def next_step(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 def _offered(body: dict[str, Any]) -> set[str]:
     if body.get("tools"):
         return {t.get("function", {}).get("name", "") for t in body["tools"]}
-    schema = ((body.get("response_format") or {}).get("json_schema") or {}).get("schema") or {}
+    answer_format = body.get("response_format") or {}
+    # json_schema: {"json_schema": {"schema": ...}}; json_object (llama-cpp-python): {"schema": ...}
+    schema = (answer_format.get("json_schema") or {}).get("schema") or answer_format.get("schema") or {}
     return {b.get("properties", {}).get("tool", {}).get("const", "") for b in schema.get("anyOf", [])}
 
 

@@ -4,6 +4,8 @@
 plus the pseudo-tools ``complete``, ``escalate(reason)`` and ``wait(tool)``; the answer is one tool call.
 ``json_schema``: ``response_format`` constrains the answer to ``{"tool": ..., "arguments": {...}}``
 (one branch per offered name), which grammar-constrained local servers always answer validly.
+``json_object``: the same schema in the older ``{"type": "json_object", "schema": ...}`` form, the
+only one llama-cpp-python's server (``python -m llama_cpp.server``) takes; it refuses ``json_schema``.
 
 A content answer holding that JSON object is accepted in the ``tools`` style too: small models often
 answer bare JSON instead of a tool call, and what they meant is then still checked like any answer.
@@ -75,8 +77,9 @@ def tool_specs(offered: Sequence[OfferedTool]) -> list[dict[str, Any]]:
     return specs
 
 
-def response_format(offered: Sequence[OfferedTool]) -> dict[str, Any]:
-    """The ``response_format`` of the ``json_schema`` style: one branch per name, with its arguments' schema."""
+def response_format(offered: Sequence[OfferedTool], style: str = "json_schema") -> dict[str, Any]:
+    """The ``response_format`` of the ``json_schema`` (or ``json_object``) style: one branch per name, with
+    its arguments' schema."""
     branches = [(t.name, _parameters(t.input_schema)) for t in offered]
     branches += [(name, schema) for name, (_, schema) in PSEUDO_SCHEMAS.items()]
     schema = {
@@ -89,6 +92,8 @@ def response_format(offered: Sequence[OfferedTool]) -> dict[str, Any]:
             for name, arguments in branches
         ]
     }
+    if style == "json_object":
+        return {"type": "json_object", "schema": schema}
     return {"type": "json_schema", "json_schema": {"name": "decision", "schema": schema}}
 
 

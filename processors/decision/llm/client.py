@@ -2,8 +2,11 @@
 
 Retries are ours, not the openai client's (its ``max_retries`` is 0): every attempt is counted in
 ``streamagent_model_calls_total``, Retry-After is honoured exactly, and giving up yields a reason
-the decision records. Retried: 429, 5xx, timeouts, connection errors. Any other 4xx is a request the
-endpoint will never take (a wrong model name, a bad key): given up at once.
+the decision records. Retried: 429, 5xx, timeouts, connection errors. Any other 4xx is a request
+the endpoint will never take (a wrong model name, a bad key): given up at once.
+
+A call may be given a deadline (the decision's whole time limit): no attempt runs past it (its HTTP
+timeout is cut to what is left) and no pause is taken that would end past it.
 """
 
 from __future__ import annotations
@@ -80,6 +83,8 @@ class ModelClient:
         # The planner has its own model and endpoint; what it leaves empty is the executor's.
         self.model = (settings.planner_model if planner else "") or settings.model
         self.style = settings.model_answer_style
+        self.tool_choice = settings.model_tool_choice
+        self.max_tokens = settings.model_max_tokens if not planner else 0
         self.max_retries = settings.model_max_retries
         self.decider = decider
         self.sleep = sleep
@@ -94,36 +99,45 @@ class ModelClient:
     def request(self, messages: Sequence[dict[str, Any]], offered: Sequence[OfferedTool]) -> dict[str, Any]:
         """The chat completion's parameters, in the configured answer style."""
         params: dict[str, Any] = {"model": self.model, "messages": list(messages), "temperature": 0}
+        if self.max_tokens:
+            params["max_tokens"] = self.max_tokens
         if self.style == "tools":
             params["tools"] = tool_specs(offered)
-            params["tool_choice"] = "required"
+            params["tool_choice"] = self.tool_choice
         else:
-            params["response_format"] = response_format(offered)
+            params["response_format"] = response_format(offered, self.style)
         return params
 
-    def complete(self, messages: Sequence[dict[str, Any]], offered: Sequence[OfferedTool]) -> Completion:
-        return self.chat(self.request(messages, offered))
+    def complete(
+        self, messages: Sequence[dict[str, Any]], offered: Sequence[OfferedTool], *, deadline: float | None = None
+    ) -> Completion:
+        return self.chat(self.request(messages, offered), deadline=deadline)
 
     def text(self, messages: Sequence[dict[str, Any]]) -> Completion:
         """A plain answer in words (the planner's): no tools, no response format."""
         return self.chat({"model": self.model, "messages": list(messages), "temperature": 0})
 
-    def chat(self, params: dict[str, Any]) -> Completion:
+    def chat(self, params: dict[str, Any], *, deadline: float | None = None) -> Completion:
+        """``deadline``: a ``time.monotonic()`` instant no attempt may outlast (None: only the timeouts)."""
         # Metrics and an optional GenAI span around the call and its retries (streamagent.tracing).
         with (
             MODEL_CALL_SECONDS.labels(self.decider).time(),
             tracing.model_call("openai", self.model, self.decider) as span,
         ):
-            completion = self._chat(params)
+            completion = self._chat(params, deadline=deadline)
             tracing.model_answered(span, completion)
             return completion
 
-    def _chat(self, params: dict[str, Any]) -> Completion:
+    def _chat(self, params: dict[str, Any], *, deadline: float | None = None) -> Completion:
         started = time.monotonic()
+        timeout = float(self.openai.timeout)  # type: ignore[arg-type]
         for attempt in range(self.max_retries + 1):
             wait: float | None = None
+            left = timeout if deadline is None else deadline - time.monotonic()
+            if left <= 0:
+                raise ModelUnavailable(f"the decision's time limit was spent, {attempt} attempt(s)")
             try:
-                response = self.openai.chat.completions.create(**params)
+                response = self.openai.chat.completions.create(**params, timeout=min(timeout, left))
             except openai.APIStatusError as exc:
                 status = exc.status_code
                 if status != 429 and status < 500:
@@ -131,6 +145,11 @@ class ModelClient:
                     raise ModelUnavailable(f"the endpoint refused the request: HTTP {status}: {exc.message}") from None
                 reason, wait = f"HTTP {status}", retry_after(exc.response)
             except openai.APITimeoutError:
+                if left < timeout:
+                    MODEL_CALLS.labels(self.decider, "error").inc()
+                    raise ModelUnavailable(
+                        f"no answer within the decision's time limit ({left:.1f}s left of it), {attempt + 1} attempt(s)"
+                    ) from None
                 reason = f"no answer within {self.openai.timeout}s"
             except openai.APIConnectionError as exc:
                 reason = f"cannot connect to {self.openai.base_url}: {exc.__cause__ or exc}"
@@ -153,5 +172,9 @@ class ModelClient:
                 raise ModelUnavailable(f"{reason}, {attempt + 1} attempt(s)")
             if wait is not None and wait > RETRY_AFTER_MAX_S:
                 raise ModelUnavailable(f"{reason}, Retry-After {wait:.0f}s is longer than {RETRY_AFTER_MAX_S:.0f}s")
-            self.sleep(max(wait or 0.0, min(BACKOFF_S * 2**attempt, BACKOFF_MAX_S)))
+            pause = max(wait or 0.0, min(BACKOFF_S * 2**attempt, BACKOFF_MAX_S))
+            if deadline is not None and time.monotonic() + pause >= deadline:
+                # Waiting would spend what is left of the decision's time: the fallback decides now.
+                raise ModelUnavailable(f"{reason}, {attempt + 1} attempt(s); no time left in the decision to retry")
+            self.sleep(pause)
         raise AssertionError("unreachable")

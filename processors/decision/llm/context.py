@@ -149,7 +149,11 @@ def build_messages(
     """The messages for ``snapshot``, trimmed to ``budget_tokens`` by the rule in the module docstring.
 
     ``plan`` (bounded by the planner, never cut here) or ``plan_missing`` (why there is none) ends the
-    system message, after the policy, which it may not override."""
+    system message, after the policy, which it may not override. Neither given, the plan the run's
+    state carries (``snapshot.plan``) is the one shown."""
+    if plan is None and plan_missing is None and snapshot.plan is not None:
+        plan = snapshot.plan.plan
+        plan_missing = None if plan is not None else snapshot.plan.error or "the planner failed"
     system = {"role": "system", "content": system_message(workflow, offered) + plan_section(plan, plan_missing)}
     remaining = remaining_steps(snapshot, workflow, offered)
     done = {s.name: _dump(s.output) for s in snapshot.steps if s.status is StepStatus.succeeded}

@@ -13,6 +13,7 @@ endpoint's usage, or counted and flagged ``tokens_estimated``) and the cost from
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import replace
 from typing import Any
 
@@ -107,11 +108,23 @@ class LlmDecider:
         audit = _Audit(self.client.model, self.client.style, {})
         audit.caps = Caps.of(workflow, self.settings)
         audit.planned = workflow.planner if workflow.planner is not None else self.settings.planner
-        if not (audit.planned or audit.caps.active):
+        folded = snapshot.plan if audit.planned else None
+        if folded is not None:
+            # The run's state carries its plan: the decision that recorded it (and paid for it) is folded
+            # already, so the table is not read for it and this decision carries nothing.
+            audit.plan = PlanRecord(
+                run_id=snapshot.run_id,
+                based_on_version=max(1, folded.based_on_version),
+                plan=folded.plan,
+                error=folded.error,
+                model=folded.model,
+            )
+        if not ((audit.planned and folded is None) or audit.caps.active):
             return audit
         ledger = self.ledger.spent(snapshot.run_id)
         audit.spent, audit.last_version = ledger.spent, ledger.last_version
-        if audit.planned:
+        if audit.planned and folded is None:
+            # Not folded yet (the run's first decisions): the planner's table, written before any use.
             audit.plan = self.ledger.plan(snapshot.run_id)
             # A plan's cost is carried by the run's first decision recorded from the version it was made
             # on: made at v and the decision of v lost in a crash, the decision made again for v carries it.
@@ -194,6 +207,9 @@ class LlmDecider:
             # Ours, or the one another instance stored first (a rebalance): carried by the same rule.
             audit.charged = audit.plan.based_on_version > audit.last_version
             messages = self._messages(snapshot, workflow, offered, audit)
+        # One time limit for the decision's calls, the repair turn included (the plan had its own): past
+        # it the fallback decides, however many retries were left.
+        deadline = time.monotonic() + self.settings.model_decision_timeout_s
         for turn in (1, 2):
             if turn == 2:
                 # The repair turn is a call of its own: it too must fit the run's caps.
@@ -201,7 +217,7 @@ class LlmDecider:
                 if over is not None:
                     return over
             try:
-                completion = self.client.complete(messages, offered)
+                completion = self.client.complete(messages, offered, deadline=deadline)
             except ModelUnavailable as exc:
                 return self._fallback(snapshot, workflow, f"model unavailable: {exc.reason}", audit, messages)
             audit.add(messages, completion)
@@ -255,7 +271,8 @@ def _repair(completion: Completion, error: str) -> list[dict[str, Any]]:
     with its id (the chat API refuses a conversation that leaves one unanswered)."""
     refused = f"Refused: {error}. Answer again with exactly one call that respects the policy."
     calls = completion.raw.get("tool_calls") or []
-    assistant = {"role": "assistant", "content": completion.raw.get("content")}
+    # Content "" rather than null beside tool calls: llama-cpp-python's server refuses a null content.
+    assistant = {"role": "assistant", "content": completion.raw.get("content") or ""}
     if calls:
         assistant["tool_calls"] = calls
         return [assistant] + [{"role": "tool", "tool_call_id": c.get("id", ""), "content": refused} for c in calls]

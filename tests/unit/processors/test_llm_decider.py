@@ -180,6 +180,31 @@ def test_json_schema_style(model: FakeModel) -> None:
     assert again is not None and again.step == "enrich" and "not valid JSON" in again.context["refused"][0]
 
 
+def test_json_object_style_for_llama_cpp_python(model: FakeModel) -> None:
+    settings = llm_settings(model.url, model_answer_style="json_object")
+    decision = decider(settings).decide(Run().snap)
+    assert decision is not None and decision.step == "enrich" and decision.arguments == {"domain": DOMAIN}
+    sent = model.requests[0].response_format
+    assert sent is not None and sent["type"] == "json_object" and "json_schema" not in sent
+    names = [b["properties"]["tool"]["const"] for b in sent["schema"]["anyOf"]]
+    assert names[:4] == ["enrich", "jira", "email", "slack"]
+    assert decision.context["answer_style"] == "json_object"
+
+
+def test_tool_choice_is_a_setting(model: FakeModel) -> None:
+    assert llm_settings(model.url).model_tool_choice == "required"
+    decider(llm_settings(model.url)).decide(Run().snap)
+    decider(llm_settings(model.url, model_tool_choice="auto")).decide(Run().snap)
+    assert [r.body["tool_choice"] for r in model.requests] == ["required", "auto"]
+
+
+def test_max_tokens_is_sent_only_when_set(model: FakeModel) -> None:
+    decider(llm_settings(model.url)).decide(Run().snap)
+    decider(llm_settings(model.url, model_max_tokens=512)).decide(Run().snap)
+    assert ["max_tokens" in r.body for r in model.requests] == [False, True]
+    assert model.requests[1].body["max_tokens"] == 512
+
+
 def test_missing_usage_is_estimated_and_flagged(model: FakeModel) -> None:
     model.script(Answer.call("enrich", {"domain": DOMAIN}, usage=False))
     decision = decider(llm_settings(model.url)).decide(Run().snap)

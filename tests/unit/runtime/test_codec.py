@@ -32,6 +32,7 @@ from streamagent.events import (
     RunCompleted,
     RunDeadlineExceeded,
     RunFailed,
+    RunPlan,
     RunRequested,
     RunStatus,
     StateSnapshot,
@@ -319,6 +320,12 @@ def sample_events() -> list[BaseModel]:
             tokens=1200,
             cost_usd=0.0042,
             signature="s1:key-1:" + "0" * 64,
+            plan=RunPlan(
+                plan="1. enrich\n2. jira, then email and slack",
+                model="planner-model",
+                based_on_version=1,
+                decision_id="d-1",
+            ),
         ),
     ]
 
@@ -457,6 +464,39 @@ def test_tool_command_written_with_the_v1_schema_decodes_unsigned() -> None:
     assert decoded.schema_version == 1
     assert decoded.arguments == {"key": "ACME"}
     assert fingerprint != _current("ToolCommand").fingerprint
+
+
+def test_state_snapshot_written_with_the_v3_schema_decodes_without_a_plan() -> None:
+    """A snapshot from before the plan was part of the state (v3 and older: no ``plan`` field) still
+    decodes with the current reader, with no plan; the current one keeps its plan (v4)."""
+    current = next(m for m in SAMPLES if isinstance(m, StateSnapshot))
+    assert current.plan is not None and current.schema_version == 4
+    for old in ("StateSnapshot.v3.avsc", "StateSnapshot.v2.avsc"):
+        raw = json.loads((SCHEMA_DIR / "history" / old).read_text())
+        assert "plan" not in _avro_field_names(raw)
+        parsed = fastavro.parse_schema(raw, _write_hint=False)
+        names = set(_avro_field_names(raw))
+        record = {k: v for k, v in codec._to_record(current).items() if k in names}
+        steps = set(_avro_field_names(_nested_record(raw, "steps")))
+        record["steps"] = [{k: v for k, v in step.items() if k in steps} for step in record["steps"]]
+        request = set(_avro_field_names(_nested_record(raw, "request")))
+        record["request"] = {k: v for k, v in record["request"].items() if k in request}
+        record["schema_version"] = 1
+        buf = io.BytesIO()
+        fastavro.schemaless_writer(buf, parsed, record)
+        fingerprint = crc64_avro(canonical_form(raw).encode()).to_bytes(8, "little")
+        assert fingerprint != _current("StateSnapshot").fingerprint
+
+        decoded = codec.decode(b"\xc3\x01" + fingerprint + buf.getvalue())
+
+        assert isinstance(decoded, StateSnapshot)
+        assert decoded.plan is None and decoded.schema_version == 1
+        assert decoded.step("enrich").output == current.step("enrich").output
+        assert decoded.model_dump(exclude={"plan", "schema_version"}) == current.model_dump(
+            exclude={"plan", "schema_version"}
+        )
+    again = codec.decode(codec.encode(current))
+    assert isinstance(again, StateSnapshot) and again.plan == current.plan
 
 
 # -- decode errors -----------------------------------------------------------------------------------
