@@ -466,7 +466,7 @@ def test_tool_command_written_with_the_v1_schema_decodes_unsigned() -> None:
     assert fingerprint != _current("ToolCommand").fingerprint
 
 
-def test_state_snapshot_written_with_the_v3_schema_decodes_without_a_plan() -> None:
+def test_state_snapshot_written_with_the_v3_schema_decodes_without_a_plan_or_governance() -> None:
     """A snapshot from before the plan was part of the state (v3 and older: no ``plan`` field) still
     decodes with the current reader, with no plan; the current one keeps its plan (v4)."""
     current = next(m for m in SAMPLES if isinstance(m, StateSnapshot))
@@ -492,9 +492,19 @@ def test_state_snapshot_written_with_the_v3_schema_decodes_without_a_plan() -> N
         assert isinstance(decoded, StateSnapshot)
         assert decoded.plan is None and decoded.schema_version == 1
         assert decoded.step("enrich").output == current.step("enrich").output
-        assert decoded.model_dump(exclude={"plan", "schema_version"}) == current.model_dump(
-            exclude={"plan", "schema_version"}
-        )
+        # Nor the governance fields (v4): an old snapshot decodes with none spent, none held, unsigned.
+        fields_after_v3 = {
+            "plan",
+            "schema_version",
+            "approvals",
+            "decisions",
+            "tool_calls",
+            "tokens",
+            "cost_usd",
+            "signature",
+        }
+        assert decoded.model_dump(exclude=fields_after_v3) == current.model_dump(exclude=fields_after_v3)
+        assert (decoded.approvals, decoded.decisions, decoded.tool_calls, decoded.signature) == ([], 0, 0, "")
     again = codec.decode(codec.encode(current))
     assert isinstance(again, StateSnapshot) and again.plan == current.plan
 
