@@ -202,6 +202,32 @@ class ProjectionHandler:
         self.db = db.Reconnecting(settings.database_url, autocommit=False)
 
     def __call__(self, batch: Batch) -> None:
+        rows, events = self.rows(batch)
+        if not rows:
+            return
+        conn = self.db.conn
+        # The quality statement has a cursor of its own, read once the pipeline is synced: reading
+        # it inside would cost the batch a round trip more.
+        with conn.transaction(), conn.cursor() as quality:
+            with conn.pipeline(), conn.cursor() as cur:
+                cur.executemany(
+                    "INSERT INTO run_events (event_id, run_id, type, occurred_at, causation_id, step, summary,"
+                    " payload, topic, kafka_partition, kafka_offset) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
+                    " ON CONFLICT (event_id) DO NOTHING",
+                    rows,
+                )
+                self._update_runs(cur, events)
+                asked = self._update_quality(quality, events)
+            changed = self._quality_changes(quality) if asked else []
+        # Counted once the transaction is committed: a batch that failed and is retried counts once.
+        for quality, before in changed:
+            if before is None:
+                metrics.run_ended(quality)
+            else:
+                metrics.run_changed(quality, before)
+
+    def rows(self, batch: Batch) -> tuple[list[tuple[object, ...]], list[Event]]:
+        """The batch's ``run_events`` rows and their events (anything else is rejected)."""
         rows: list[tuple[object, ...]] = []
         events: list[Event] = []
         for item in batch:
@@ -228,28 +254,7 @@ class ProjectionHandler:
                 )
             )
             events.append(event)
-        if not rows:
-            return
-        conn = self.db.conn
-        # The quality statement has a cursor of its own, read once the pipeline is synced: reading
-        # it inside would cost the batch a round trip more.
-        with conn.transaction(), conn.cursor() as quality:
-            with conn.pipeline(), conn.cursor() as cur:
-                cur.executemany(
-                    "INSERT INTO run_events (event_id, run_id, type, occurred_at, causation_id, step, summary,"
-                    " payload, topic, kafka_partition, kafka_offset) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
-                    " ON CONFLICT (event_id) DO NOTHING",
-                    rows,
-                )
-                self._update_runs(cur, events)
-                asked = self._update_quality(quality, events)
-            changed = self._quality_changes(quality) if asked else []
-        # Counted once the transaction is committed: a batch that failed and is retried counts once.
-        for quality, before in changed:
-            if before is None:
-                metrics.run_ended(quality)
-            else:
-                metrics.run_changed(quality, before)
+        return rows, events
 
     def _update_quality(self, cur: psycopg.Cursor[Any], events: list[Event]) -> bool:
         """Recompute the quality signals of the batch's runs that have ended (whether a statement was sent)."""
@@ -258,8 +263,13 @@ class ProjectionHandler:
         touched = sorted({e.run_id for e in events if not isinstance(e, ToolCommand)})
         if not touched:
             return False
-        cur.execute(_QUALITY_UPDATE, {"runs": touched})
+        self.recompute_quality(cur, touched)
         return True
+
+    @staticmethod
+    def recompute_quality(cur: psycopg.Cursor[Any], runs: list[str]) -> None:
+        """Recompute the quality signals of those of ``runs`` that have ended (rows to fetch: what changed)."""
+        cur.execute(_QUALITY_UPDATE, {"runs": runs})
 
     @staticmethod
     def _quality_changes(cur: psycopg.Cursor[Any]) -> list[tuple[QualityRow, metrics.CountedQuality | None]]:
@@ -325,31 +335,7 @@ class ProjectionHandler:
                     for e in requested
                 ],
             )
-        counted = sorted({e.run_id for e in events if isinstance(e, ToolResult) and e.operation == "execute"})
-        if counted:
-            cur.execute(
-                "UPDATE runs SET steps_done = (SELECT count(DISTINCT step) FROM run_events"
-                " WHERE run_events.run_id=runs.run_id AND type='ToolResult' AND payload->>'status'='succeeded'"
-                " AND payload->>'operation'='execute') WHERE run_id = ANY(%s)",
-                (counted,),
-            )
-        # Tokens and cost are recomputed from the run's recorded decisions rather than added up, so a
-        # batch delivered twice (or a replay over an existing database) cannot count a decision twice.
-        # Only runs with a decision that adds something are touched: a rules decision costs nothing,
-        # and the rules-only hot path keeps its statement count.
-        costed = sorted({e.run_id for e in events if isinstance(e, DecisionRecorded) and _costs(e)})
-        if costed:
-            cur.execute(
-                "UPDATE runs SET (prompt_tokens, completion_tokens, cost_usd, model_decisions, estimated_decisions) ="
-                " (SELECT coalesce(sum((payload->>'prompt_tokens')::bigint), 0),"
-                " coalesce(sum((payload->>'completion_tokens')::bigint), 0),"
-                " coalesce(sum((payload->>'cost_usd')::numeric), 0),"
-                " count(*) FILTER (WHERE payload->>'decider' <> %s),"
-                " count(*) FILTER (WHERE payload->'context'->'tokens_estimated' = 'true'::jsonb)"
-                " FROM run_events WHERE run_events.run_id = runs.run_id AND type = 'DecisionRecorded')"
-                " WHERE run_id = ANY(%s)",
-                (RULES_DECIDER, costed),
-            )
+        self._recount(cur, *self.recounted(events))
         # A running run shows what it waits for (e.g. "waiting for tool crm") until a step is dispatched.
         last: dict[str, DecisionRecorded] = {}  # per run, its latest wait or dispatch in this batch
         for e in events:
@@ -377,6 +363,39 @@ class ProjectionHandler:
                 [(e.status.value, e.reason, e.failed_step, e.occurred_at, e.run_id) for e in failed],
             )
         self._approvals(cur, events)
+
+    @staticmethod
+    def recounted(events: list[Event]) -> tuple[list[str], list[str]]:
+        """(runs whose ``steps_done``, runs whose tokens and cost) ``events`` may change."""
+        counted = sorted({e.run_id for e in events if isinstance(e, ToolResult) and e.operation == "execute"})
+        costed = sorted({e.run_id for e in events if isinstance(e, DecisionRecorded) and _costs(e)})
+        return counted, costed
+
+    def _recount(self, cur: psycopg.Cursor[Any], counted: list[str], costed: list[str]) -> None:
+        """Recompute from ``run_events`` the steps done of ``counted`` and the costs of ``costed``."""
+        if counted:
+            cur.execute(
+                "UPDATE runs SET steps_done = (SELECT count(DISTINCT step) FROM run_events"
+                " WHERE run_events.run_id=runs.run_id AND type='ToolResult' AND payload->>'status'='succeeded'"
+                " AND payload->>'operation'='execute') WHERE run_id = ANY(%s)",
+                (counted,),
+            )
+        # Tokens and cost are recomputed from the run's recorded decisions rather than added up, so a
+        # batch delivered twice (or a replay over an existing database) cannot count a decision twice.
+        # Only runs with a decision that adds something are touched: a rules decision costs nothing,
+        # and the rules-only hot path keeps its statement count.
+        if costed:
+            cur.execute(
+                "UPDATE runs SET (prompt_tokens, completion_tokens, cost_usd, model_decisions, estimated_decisions) ="
+                " (SELECT coalesce(sum((payload->>'prompt_tokens')::bigint), 0),"
+                " coalesce(sum((payload->>'completion_tokens')::bigint), 0),"
+                " coalesce(sum((payload->>'cost_usd')::numeric), 0),"
+                " count(*) FILTER (WHERE payload->>'decider' <> %s),"
+                " count(*) FILTER (WHERE payload->'context'->'tokens_estimated' = 'true'::jsonb)"
+                " FROM run_events WHERE run_events.run_id = runs.run_id AND type = 'DecisionRecorded')"
+                " WHERE run_id = ANY(%s)",
+                (RULES_DECIDER, costed),
+            )
 
     @staticmethod
     def _approvals(cur: psycopg.Cursor[Any], events: list[Event]) -> None:

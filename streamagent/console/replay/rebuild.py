@@ -25,7 +25,6 @@ from psycopg import conninfo, sql
 from streamagent import codec, db, dlq
 from streamagent.config import Settings
 from streamagent.events import RunRequested, StateSnapshot
-from streamagent.processors.projection.processor import ProjectionHandler
 from streamagent.processors.projection.schema import SCHEMA
 from streamagent.processors.state.app import StateWorker
 from streamagent.processors.state.fold import RunState
@@ -33,9 +32,13 @@ from streamagent.processors.workflow import load_workflows
 from streamagent.runtime import Batch, Incoming
 from streamagent.topics import DEAD_LETTERS
 
+from .bulk import BulkProjection
 from .source import SEEK_SLACK_MS, Read, batches, fold_order, read
 
 SCHEMA_PREFIX = "replay_"
+# Events per projection transaction: the projection into a schema of its own has no consumer to keep
+# moving, so it takes far larger batches than live (``batch_size``), and pays each statement fewer times.
+PROJECT_BATCH = 5000
 
 
 @dataclass(frozen=True)
@@ -320,11 +323,11 @@ def _project(
     create_schema(settings, out.schema)
     target = schema_settings(settings, out.schema)
     db.migrate(target, SCHEMA)
-    handler = ProjectionHandler(target)
+    handler = BulkProjection(target)
     sink = _Sink(out.letters)
     done = 0
     try:
-        for chunk in batches(messages, settings.batch_size):
+        for chunk in batches(messages, PROJECT_BATCH):
             items: list[Incoming] = []
             for m in chunk:
                 event = decoded[(m.topic(), m.partition(), m.offset())]
@@ -337,6 +340,7 @@ def _project(
             done += len(chunk)
             if progress is not None:
                 progress("project", done, len(messages))
+        handler.finish()
     finally:
         handler.db.close()
 
