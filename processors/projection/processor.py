@@ -237,7 +237,7 @@ class ProjectionHandler:
                 continue
             msg = item.message
             step, summary = summarize(event)
-            payload = Jsonb(event.model_dump(mode="json"))
+            payload = self._payload(event)
             rows.append(
                 (
                     event.event_id,
@@ -255,6 +255,11 @@ class ProjectionHandler:
             )
             events.append(event)
         return rows, events
+
+    @staticmethod
+    def _payload(event: Event) -> object:
+        """The event as the ``payload`` column's parameter."""
+        return Jsonb(event.model_dump(mode="json"))
 
     def _update_quality(self, cur: psycopg.Cursor[Any], events: list[Event]) -> bool:
         """Recompute the quality signals of the batch's runs that have ended (whether a statement was sent)."""

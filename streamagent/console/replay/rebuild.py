@@ -324,6 +324,7 @@ def _project(
     target = schema_settings(settings, out.schema)
     db.migrate(target, SCHEMA)
     handler = BulkProjection(target)
+    handler.start()
     sink = _Sink(out.letters)
     done = 0
     try:
