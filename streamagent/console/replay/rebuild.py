@@ -11,10 +11,10 @@ re-drives) is never started: what it once decided is in the log as events, and i
 
 from __future__ import annotations
 
+import multiprocessing
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -168,15 +168,65 @@ def rebuild(
         _fold(settings, fold, decoded, out, progress)
         out.fold_s = time.monotonic() - started - out.decode_s
         return out
-    # The projection waits on PostgreSQL (another process, another core) most of its time: it runs in a
-    # thread beside the fold, and the two share the decoded events.
-    with ThreadPoolExecutor(1, thread_name_prefix="replay-projection") as pool:
-        projecting = pool.submit(_timed, _project, settings, projected, decoded, out, None)
+    # The projection is Python work (rows, COPY) and PostgreSQL's: it runs in a process of its own beside
+    # the fold, forked once the events are decoded so that it shares them without sending them over.
+    projecting = _Apart(_project, settings, projected, decoded, out.scope, out.schema)
+    try:
         _fold(settings, fold, decoded, out, progress)
         out.fold_s = time.monotonic() - started - out.decode_s
-        out.project_s = projecting.result()
+        letters, out.project_s = projecting.result()
+    finally:
+        projecting.stop()
+    out.letters[:0] = letters
     out.wall_s = time.monotonic() - started
     return out
+
+
+class _Apart:
+    """``fn(settings, messages, decoded, Rebuilt(scope, schema), None)`` in a forked process; its result
+    is the letters it noted and its seconds. (Fork, not spawn: the child reads the parent's decoded
+    events where they are; it opens its own database connection and never touches the broker.)"""
+
+    def __init__(
+        self,
+        fn: Callable[..., None],
+        settings: Settings,
+        messages: list[Message],
+        decoded: Decoded,
+        scope: Scope,
+        schema: str,
+    ) -> None:
+        ctx = multiprocessing.get_context("fork")
+        self.results, sender = ctx.Pipe(duplex=False)
+
+        def child() -> None:
+            try:
+                mine = Rebuilt(scope, schema)
+                seconds = _timed(fn, settings, messages, decoded, mine, None)
+                sender.send((None, mine.letters, seconds))
+            except BaseException as exc:  # told to the parent, which raises
+                sender.send((f"{type(exc).__name__}: {exc}", [], 0.0))
+
+        self.process = ctx.Process(target=child, name="replay-projection", daemon=True)
+        self.process.start()
+        sender.close()
+
+    def result(self) -> tuple[list[Letter], float]:
+        try:
+            error, letters, seconds = self.results.recv()
+        except EOFError:
+            raise RuntimeError(f"the replay's projection process ended with code {self.process.exitcode}") from None
+        if error is not None:
+            raise RuntimeError(f"the replay's projection failed: {error}")
+        return letters, seconds
+
+    def stop(self) -> None:
+        if self.process.is_alive():
+            self.process.join(5)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join()
+        self.results.close()
 
 
 def _in_scope(messages: list[Message], settings: Settings, scope: Scope) -> set[str] | None:
