@@ -3,7 +3,8 @@
 The very code the live processes run does the work: the state processor's ``StateWorker`` (fold,
 admission, which snapshots to publish, which events to dead-letter) over an in-memory store, and the
 projection's ``ProjectionHandler`` writing into a schema of its own (``replay_<id>``, created with the
-projection's DDL through ``search_path``). Both are given a stand-in producer that keeps what they
+projection's DDL through ``search_path``), as ``BulkProjection`` (``bulk.py``: the same rows, written in
+bulk, in a process of its own beside the fold). Both are given a stand-in producer that keeps what they
 would have produced and sends nothing, so a replay never writes to a topic: no snapshot reaches the
 decision layer, no command reaches a tool, no dead letter is sent. The worker's timer (deadlines,
 re-drives) is never started: what it once decided is in the log as events, and is folded as such.
@@ -78,7 +79,7 @@ class Rebuilt:
     skipped: int = 0  # records read but out of scope
     decode_s: float = 0.0
     fold_s: float = 0.0  # the fold, from the end of decoding
-    project_s: float = 0.0  # the projection, in a thread beside the fold
+    project_s: float = 0.0  # the projection, in a process beside the fold
     wall_s: float = 0.0  # decode + fold and projection side by side
 
     @property

@@ -202,8 +202,8 @@ def _snapshots(settings: Settings, rebuilt: Rebuilt) -> Section:
 def _order_free(snap: StateSnapshot) -> StateSnapshot:
     """A published snapshot without the two fields that name the event folded last: when a step's result
     and its decision (two topics) arrive in the other order live, the snapshot published after the pair
-    is the same but for these. Nor its ``signature``: a MAC the live worker adds when it publishes (with
-    the approval keys, when there are any), over those two fields too; the fold never computes it."""
+    is the same but for these. Nor its signature: the state processor's MAC over the bytes it sent, not
+    state (a replay signs nothing; the decision processor checked the live one when it decided)."""
     return snap.model_copy(update={"last_event_id": "", "updated_at": snap.created_at, "signature": ""})
 
 
