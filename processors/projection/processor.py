@@ -202,32 +202,7 @@ class ProjectionHandler:
         self.db = db.Reconnecting(settings.database_url, autocommit=False)
 
     def __call__(self, batch: Batch) -> None:
-        rows: list[tuple[object, ...]] = []
-        events: list[Event] = []
-        for item in batch:
-            event = item.event
-            if not isinstance(event, Event):
-                batch.reject(item, "unexpected-event", f"{type(event).__name__} is not a run event")
-                continue
-            msg = item.message
-            step, summary = summarize(event)
-            payload = Jsonb(event.model_dump(mode="json"))
-            rows.append(
-                (
-                    event.event_id,
-                    event.run_id,
-                    event.type,
-                    event.occurred_at,
-                    event.causation_id,
-                    step,
-                    summary,
-                    payload,
-                    msg.topic(),
-                    msg.partition(),
-                    msg.offset(),
-                )
-            )
-            events.append(event)
+        rows, events = self.rows(batch)
         if not rows:
             return
         conn = self.db.conn
@@ -251,6 +226,41 @@ class ProjectionHandler:
             else:
                 metrics.run_changed(quality, before)
 
+    def rows(self, batch: Batch) -> tuple[list[tuple[object, ...]], list[Event]]:
+        """The batch's ``run_events`` rows and their events (anything else is rejected)."""
+        rows: list[tuple[object, ...]] = []
+        events: list[Event] = []
+        for item in batch:
+            event = item.event
+            if not isinstance(event, Event):
+                batch.reject(item, "unexpected-event", f"{type(event).__name__} is not a run event")
+                continue
+            msg = item.message
+            step, summary = summarize(event)
+            payload = self._payload(event)
+            rows.append(
+                (
+                    event.event_id,
+                    event.run_id,
+                    event.type,
+                    event.occurred_at,
+                    event.causation_id,
+                    step,
+                    summary,
+                    payload,
+                    msg.topic(),
+                    msg.partition(),
+                    msg.offset(),
+                )
+            )
+            events.append(event)
+        return rows, events
+
+    @staticmethod
+    def _payload(event: Event) -> object:
+        """The event as the ``payload`` column's parameter."""
+        return Jsonb(event.model_dump(mode="json"))
+
     def _update_quality(self, cur: psycopg.Cursor[Any], events: list[Event]) -> bool:
         """Recompute the quality signals of the batch's runs that have ended (whether a statement was sent)."""
         # Any event of an ended run may change its figures (a result on its own topic can be copied
@@ -258,8 +268,13 @@ class ProjectionHandler:
         touched = sorted({e.run_id for e in events if not isinstance(e, ToolCommand)})
         if not touched:
             return False
-        cur.execute(_QUALITY_UPDATE, {"runs": touched})
+        self.recompute_quality(cur, touched)
         return True
+
+    @staticmethod
+    def recompute_quality(cur: psycopg.Cursor[Any], runs: list[str]) -> None:
+        """Recompute the quality signals of those of ``runs`` that have ended (rows to fetch: what changed)."""
+        cur.execute(_QUALITY_UPDATE, {"runs": runs})
 
     @staticmethod
     def _quality_changes(cur: psycopg.Cursor[Any]) -> list[tuple[QualityRow, metrics.CountedQuality | None]]:
@@ -325,31 +340,7 @@ class ProjectionHandler:
                     for e in requested
                 ],
             )
-        counted = sorted({e.run_id for e in events if isinstance(e, ToolResult) and e.operation == "execute"})
-        if counted:
-            cur.execute(
-                "UPDATE runs SET steps_done = (SELECT count(DISTINCT step) FROM run_events"
-                " WHERE run_events.run_id=runs.run_id AND type='ToolResult' AND payload->>'status'='succeeded'"
-                " AND payload->>'operation'='execute') WHERE run_id = ANY(%s)",
-                (counted,),
-            )
-        # Tokens and cost are recomputed from the run's recorded decisions rather than added up, so a
-        # batch delivered twice (or a replay over an existing database) cannot count a decision twice.
-        # Only runs with a decision that adds something are touched: a rules decision costs nothing,
-        # and the rules-only hot path keeps its statement count.
-        costed = sorted({e.run_id for e in events if isinstance(e, DecisionRecorded) and _costs(e)})
-        if costed:
-            cur.execute(
-                "UPDATE runs SET (prompt_tokens, completion_tokens, cost_usd, model_decisions, estimated_decisions) ="
-                " (SELECT coalesce(sum((payload->>'prompt_tokens')::bigint), 0),"
-                " coalesce(sum((payload->>'completion_tokens')::bigint), 0),"
-                " coalesce(sum((payload->>'cost_usd')::numeric), 0),"
-                " count(*) FILTER (WHERE payload->>'decider' <> %s),"
-                " count(*) FILTER (WHERE payload->'context'->'tokens_estimated' = 'true'::jsonb)"
-                " FROM run_events WHERE run_events.run_id = runs.run_id AND type = 'DecisionRecorded')"
-                " WHERE run_id = ANY(%s)",
-                (RULES_DECIDER, costed),
-            )
+        self._recount(cur, *self.recounted(events))
         # A running run shows what it waits for (e.g. "waiting for tool crm") until a step is dispatched.
         last: dict[str, DecisionRecorded] = {}  # per run, its latest wait or dispatch in this batch
         for e in events:
@@ -377,6 +368,39 @@ class ProjectionHandler:
                 [(e.status.value, e.reason, e.failed_step, e.occurred_at, e.run_id) for e in failed],
             )
         self._approvals(cur, events)
+
+    @staticmethod
+    def recounted(events: list[Event]) -> tuple[list[str], list[str]]:
+        """(runs whose ``steps_done``, runs whose tokens and cost) ``events`` may change."""
+        counted = sorted({e.run_id for e in events if isinstance(e, ToolResult) and e.operation == "execute"})
+        costed = sorted({e.run_id for e in events if isinstance(e, DecisionRecorded) and _costs(e)})
+        return counted, costed
+
+    def _recount(self, cur: psycopg.Cursor[Any], counted: list[str], costed: list[str]) -> None:
+        """Recompute from ``run_events`` the steps done of ``counted`` and the costs of ``costed``."""
+        if counted:
+            cur.execute(
+                "UPDATE runs SET steps_done = (SELECT count(DISTINCT step) FROM run_events"
+                " WHERE run_events.run_id=runs.run_id AND type='ToolResult' AND payload->>'status'='succeeded'"
+                " AND payload->>'operation'='execute') WHERE run_id = ANY(%s)",
+                (counted,),
+            )
+        # Tokens and cost are recomputed from the run's recorded decisions rather than added up, so a
+        # batch delivered twice (or a replay over an existing database) cannot count a decision twice.
+        # Only runs with a decision that adds something are touched: a rules decision costs nothing,
+        # and the rules-only hot path keeps its statement count.
+        if costed:
+            cur.execute(
+                "UPDATE runs SET (prompt_tokens, completion_tokens, cost_usd, model_decisions, estimated_decisions) ="
+                " (SELECT coalesce(sum((payload->>'prompt_tokens')::bigint), 0),"
+                " coalesce(sum((payload->>'completion_tokens')::bigint), 0),"
+                " coalesce(sum((payload->>'cost_usd')::numeric), 0),"
+                " count(*) FILTER (WHERE payload->>'decider' <> %s),"
+                " count(*) FILTER (WHERE payload->'context'->'tokens_estimated' = 'true'::jsonb)"
+                " FROM run_events WHERE run_events.run_id = runs.run_id AND type = 'DecisionRecorded')"
+                " WHERE run_id = ANY(%s)",
+                (RULES_DECIDER, costed),
+            )
 
     @staticmethod
     def _approvals(cur: psycopg.Cursor[Any], events: list[Event]) -> None:

@@ -3,7 +3,8 @@
 The very code the live processes run does the work: the state processor's ``StateWorker`` (fold,
 admission, which snapshots to publish, which events to dead-letter) over an in-memory store, and the
 projection's ``ProjectionHandler`` writing into a schema of its own (``replay_<id>``, created with the
-projection's DDL through ``search_path``). Both are given a stand-in producer that keeps what they
+projection's DDL through ``search_path``), as ``BulkProjection`` (``bulk.py``: the same rows, written in
+bulk, in a process of its own beside the fold). Both are given a stand-in producer that keeps what they
 would have produced and sends nothing, so a replay never writes to a topic: no snapshot reaches the
 decision layer, no command reaches a tool, no dead letter is sent. The worker's timer (deadlines,
 re-drives) is never started: what it once decided is in the log as events, and is folded as such.
@@ -11,10 +12,10 @@ re-drives) is never started: what it once decided is in the log as events, and i
 
 from __future__ import annotations
 
+import multiprocessing
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -25,7 +26,6 @@ from psycopg import conninfo, sql
 from streamagent import codec, db, dlq
 from streamagent.config import Settings
 from streamagent.events import RunRequested, StateSnapshot
-from streamagent.processors.projection.processor import ProjectionHandler
 from streamagent.processors.projection.schema import SCHEMA
 from streamagent.processors.state.app import StateWorker
 from streamagent.processors.state.fold import RunState
@@ -33,9 +33,13 @@ from streamagent.processors.workflow import load_workflows
 from streamagent.runtime import Batch, Incoming
 from streamagent.topics import DEAD_LETTERS
 
+from .bulk import BulkProjection
 from .source import SEEK_SLACK_MS, Read, batches, fold_order, read
 
 SCHEMA_PREFIX = "replay_"
+# Events per projection transaction: the projection into a schema of its own has no consumer to keep
+# moving, so it takes far larger batches than live (``batch_size``), and pays each statement fewer times.
+PROJECT_BATCH = 5000
 
 
 @dataclass(frozen=True)
@@ -75,7 +79,7 @@ class Rebuilt:
     skipped: int = 0  # records read but out of scope
     decode_s: float = 0.0
     fold_s: float = 0.0  # the fold, from the end of decoding
-    project_s: float = 0.0  # the projection, in a thread beside the fold
+    project_s: float = 0.0  # the projection, in a process beside the fold
     wall_s: float = 0.0  # decode + fold and projection side by side
 
     @property
@@ -165,15 +169,65 @@ def rebuild(
         _fold(settings, fold, decoded, out, progress)
         out.fold_s = time.monotonic() - started - out.decode_s
         return out
-    # The projection waits on PostgreSQL (another process, another core) most of its time: it runs in a
-    # thread beside the fold, and the two share the decoded events.
-    with ThreadPoolExecutor(1, thread_name_prefix="replay-projection") as pool:
-        projecting = pool.submit(_timed, _project, settings, projected, decoded, out, None)
+    # The projection is Python work (rows, COPY) and PostgreSQL's: it runs in a process of its own beside
+    # the fold, forked once the events are decoded so that it shares them without sending them over.
+    projecting = _Apart(_project, settings, projected, decoded, out.scope, out.schema)
+    try:
         _fold(settings, fold, decoded, out, progress)
         out.fold_s = time.monotonic() - started - out.decode_s
-        out.project_s = projecting.result()
+        letters, out.project_s = projecting.result()
+    finally:
+        projecting.stop()
+    out.letters[:0] = letters
     out.wall_s = time.monotonic() - started
     return out
+
+
+class _Apart:
+    """``fn(settings, messages, decoded, Rebuilt(scope, schema), None)`` in a forked process; its result
+    is the letters it noted and its seconds. (Fork, not spawn: the child reads the parent's decoded
+    events where they are; it opens its own database connection and never touches the broker.)"""
+
+    def __init__(
+        self,
+        fn: Callable[..., None],
+        settings: Settings,
+        messages: list[Message],
+        decoded: Decoded,
+        scope: Scope,
+        schema: str,
+    ) -> None:
+        ctx = multiprocessing.get_context("fork")
+        self.results, sender = ctx.Pipe(duplex=False)
+
+        def child() -> None:
+            try:
+                mine = Rebuilt(scope, schema)
+                seconds = _timed(fn, settings, messages, decoded, mine, None)
+                sender.send((None, mine.letters, seconds))
+            except BaseException as exc:  # told to the parent, which raises
+                sender.send((f"{type(exc).__name__}: {exc}", [], 0.0))
+
+        self.process = ctx.Process(target=child, name="replay-projection", daemon=True)
+        self.process.start()
+        sender.close()
+
+    def result(self) -> tuple[list[Letter], float]:
+        try:
+            error, letters, seconds = self.results.recv()
+        except EOFError:
+            raise RuntimeError(f"the replay's projection process ended with code {self.process.exitcode}") from None
+        if error is not None:
+            raise RuntimeError(f"the replay's projection failed: {error}")
+        return letters, seconds
+
+    def stop(self) -> None:
+        if self.process.is_alive():
+            self.process.join(5)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join()
+        self.results.close()
 
 
 def _in_scope(messages: list[Message], settings: Settings, scope: Scope) -> set[str] | None:
@@ -320,11 +374,12 @@ def _project(
     create_schema(settings, out.schema)
     target = schema_settings(settings, out.schema)
     db.migrate(target, SCHEMA)
-    handler = ProjectionHandler(target)
+    handler = BulkProjection(target)
+    handler.start()
     sink = _Sink(out.letters)
     done = 0
     try:
-        for chunk in batches(messages, settings.batch_size):
+        for chunk in batches(messages, PROJECT_BATCH):
             items: list[Incoming] = []
             for m in chunk:
                 event = decoded[(m.topic(), m.partition(), m.offset())]
@@ -337,6 +392,7 @@ def _project(
             done += len(chunk)
             if progress is not None:
                 progress("project", done, len(messages))
+        handler.finish()
     finally:
         handler.db.close()
 
