@@ -230,10 +230,9 @@ class StateWorker:
         self.hops.observe(message.topic, event)
         if not isinstance(event, Event) or (message.topic == self.results_topic) != isinstance(event, ToolResult):
             raise Unprocessable("unexpected-event", f"{type(event).__name__} on {message.topic}")
-        # This batch's own write first: a run that ended earlier in the batch has left the cache and is
-        # not stored yet, and folding onto the stored (older) state would count its end twice.
-        pending = dirty.get(event.run_id)
-        before = pending[0] if pending is not None else self.state(event.run_id)
+        # ``state`` reads this batch's own write first (a run that ended earlier in the batch has left the
+        # cache and is not stored yet; folding onto the stored, older state would count its end twice).
+        before = self.state(event.run_id)
         workflow = None  # an event of a run never requested: the fold refuses it
         if before is not None:
             workflow = self.workflow(before.snapshot.request.workflow)
