@@ -122,6 +122,31 @@ def read(
     return out
 
 
+def whole_topic(
+    settings: Settings, topic: str, partitions: list[int], name: str, timeout_s: float, *, to_the_end: bool = True
+) -> Iterator[Message]:
+    """Every record of ``topic``'s ``partitions`` from the beginning to its end, without a group (nothing
+    committed). Past ``timeout_s`` it raises ``TimeoutError``, or with ``to_the_end=False`` stops with
+    what it read."""
+    c = make_consumer(settings, name, **{"enable.partition.eof": True, "fetch.wait.max.ms": 10})
+    try:
+        c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+        remaining = set(partitions)
+        deadline = time.monotonic() + timeout_s
+        while remaining and time.monotonic() < deadline:
+            for msg in c.consume(2000, 0.2):
+                err = msg.error()
+                if err is not None:
+                    if err.code() == KafkaError._PARTITION_EOF:
+                        remaining.discard(msg.partition())
+                    continue
+                yield msg
+        if remaining and to_the_end:
+            raise TimeoutError(f"could not read {topic} to its end")
+    finally:
+        c.close()
+
+
 def fold_order(messages: list[Message]) -> list[Message]:
     """Per partition number, the events and results merged by timestamp (then topic, then offset)."""
     by_partition: dict[int, dict[str, list[Message]]] = {}

@@ -19,18 +19,17 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
 from psycopg import sql
 
 from streamagent import codec, db
 from streamagent.config import Settings
 from streamagent.events import StateSnapshot
 from streamagent.kafka import admin
-from streamagent.kafka import consumer as make_consumer
 from streamagent.processors.state.fold import RunState
 from streamagent.topics import RUN_STATE
 
 from .rebuild import Rebuilt
+from .source import whole_topic
 
 # How many differences are printed in full per section.
 SHOWN = 5
@@ -88,27 +87,10 @@ def read_last(settings: Settings, topic: str, timeout_s: float = 120.0) -> dict[
     meta = admin(settings).list_topics(timeout=10).topics.get(topic)
     if meta is None or meta.error is not None:
         return {}
-    c = make_consumer(settings, "replay.verify", **{"enable.partition.eof": True, "fetch.wait.max.ms": 10})
     last: dict[bytes, bytes | None] = {}
-    try:
-        c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in meta.partitions])
-        remaining = set(meta.partitions)
-        import time
-
-        deadline = time.monotonic() + timeout_s
-        while remaining and time.monotonic() < deadline:
-            for msg in c.consume(2000, 0.2):
-                err = msg.error()
-                if err is not None:
-                    if err.code() == KafkaError._PARTITION_EOF:
-                        remaining.discard(msg.partition())
-                    continue
-                if msg.key() is not None:
-                    last[msg.key()] = msg.value()
-        if remaining:
-            raise TimeoutError(f"could not read {topic} to its end")
-    finally:
-        c.close()
+    for msg in whole_topic(settings, topic, list(meta.partitions), "replay.verify", timeout_s):
+        if msg.key() is not None:
+            last[msg.key()] = msg.value()
     return last
 
 
