@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 
 from streamagent.config import ENV_PREFIX, Settings
 from streamagent.events import ToolCommand
-from streamagent.signing import CommandKey, CommandKeyError, CommandKeys, canonical_json, parse_keys
+from streamagent.signing import CommandKey, CommandKeys, canonical_json, read_key_set
 
 VERSION = "a1"
 _DOMAIN = "streamagent.Approval.v1"
@@ -38,21 +38,14 @@ def arguments_digest(arguments: object) -> str:
 
 def load_approval_keys(settings: Settings) -> CommandKeys:
     """The approval keys of this process (the guard signs with the first, tools verify with any)."""
-    inline = settings.approval_keys.get_secret_value()
-    if inline.strip():
-        return parse_keys(inline, KEYS_VAR)
-    path = settings.approval_keys_path
-    source = f"{KEYS_FILE_VAR}={path}" if settings.approval_keys_file is not None else f"{path} (the default)"
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise CommandKeyError(
-            f"no approval key: {source} does not exist; set {KEYS_FILE_VAR} to a file of `key_id secret`"
-            f" lines, or {KEYS_VAR} (`streamagent up` creates one in its data dir)"
-        ) from None
-    except OSError as exc:
-        raise CommandKeyError(f"cannot read the approval keys {source}: {exc.strerror or exc}") from None
-    return parse_keys(text, source)
+    return read_key_set(
+        settings.approval_keys.get_secret_value(),
+        settings.approval_keys_path,
+        file_given=settings.approval_keys_file is not None,
+        inline_var=KEYS_VAR,
+        file_var=KEYS_FILE_VAR,
+        kind="approval",
+    )
 
 
 def _message(run_id: str, step: str, tool: str, digest: str, expires_ms: int) -> bytes:

@@ -111,22 +111,35 @@ def load_keys(settings: Settings) -> CommandKeys:
     """The command keys of this process, from ``STREAMAGENT_COMMAND_KEYS`` or else the keys file.
 
     Raises ``CommandKeyError`` (a ``SettingsError``: the CLI prints one line) when there is none."""
-    inline = settings.command_keys.get_secret_value()
+    return read_key_set(
+        settings.command_keys.get_secret_value(),
+        settings.command_keys_path,
+        file_given=settings.command_keys_file is not None,
+        inline_var=KEYS_VAR,
+        file_var=KEYS_FILE_VAR,
+        kind="command signing",
+    )
+
+
+def read_key_set(
+    inline: str, path: Path, *, file_given: bool, inline_var: str, file_var: str, kind: str
+) -> CommandKeys:
+    """A key set (command or approval keys) from its inline setting, else its file; ``kind`` names it in
+    messages ("command signing", "approval"), which never contain a secret."""
     if inline.strip():
-        return parse_keys(inline, KEYS_VAR)
-    path = settings.command_keys_path
-    source = f"{KEYS_FILE_VAR}={path}" if settings.command_keys_file is not None else f"{path} (the default)"
+        return parse_keys(inline, inline_var)
+    source = f"{file_var}={path}" if file_given else f"{path} (the default)"
     try:
         text = path.read_text()
     except FileNotFoundError:
         raise CommandKeyError(
-            f"no command signing key: {source} does not exist; set {KEYS_FILE_VAR} to a file of"
-            f" `key_id secret` lines, or {KEYS_VAR} (`streamagent up` creates one in its data dir)"
+            f"no {kind} key: {source} does not exist; set {file_var} to a file of"
+            f" `key_id secret` lines, or {inline_var} (`streamagent up` creates one in its data dir)"
         ) from None
     except OSError as exc:
-        raise CommandKeyError(f"cannot read the command signing keys {source}: {exc.strerror or exc}") from None
+        raise CommandKeyError(f"cannot read the {kind} keys {source}: {exc.strerror or exc}") from None
     if path.stat().st_mode & 0o077:
-        log.warning("command keys file %s is readable by other users; chmod 600 it", path)
+        log.warning("%s keys file %s is readable by other users; chmod 600 it", kind, path)
     return parse_keys(text, source)
 
 
