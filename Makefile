@@ -77,9 +77,10 @@ bench-llm-local: $(STAMP) llm-local
 
 # Two workers, each with its own embedded broker and PostgreSQL, a test file each at a time (loadfile):
 # an integration test spends most of its time waiting on its stack, so two share the 2 cores well.
-# `make test ARGS='-n 0'` runs it in one process.
+# `make test ARGS='-n 0'` runs it in one process. The slowest 15 tests close the report, so a test that
+# grows (or a machine that is busy) shows before the suite leaves its 15-minute budget.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile $(ARGS)
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15 $(ARGS)
 
 # The integration suite on a Kafka that is already running: any Kafka (a cluster, a managed service,
 # a broker started by hand, e.g. `make tansu`). PostgreSQL too when DATABASE_URL is given (its user

@@ -104,6 +104,15 @@ class Settings(BaseModel):
     command_keys: SecretStr = Field(
         SecretStr(""), description="Command signing keys inline (lines or `;`-separated); replaces the file"
     )
+    # Event authentication (streamagent.authn): a process outside the pipeline's core (intake, a tool)
+    # signs with one role key derived from the pipeline keys; operators sign approvals with theirs.
+    role_keys_file: Path | None = Field(
+        None,
+        description="This process's role key (`streamagent keys issue ROLE`); empty: derived from the command keys",
+    )
+    operator_keys_file: Path | None = Field(
+        None, description="The operator key `approve`/`deny` sign with; empty: <data dir>/keys/operator.keys"
+    )
     # Governance (streamagent.policy, processors/guard): policy files, and the approval token keys
     # (streamagent.approval), a key set apart from the command keys; `up` creates the default file.
     policies_dir: Path = Field(DEFAULT_POLICIES_DIR, description="Folder of policy files (*.toml)")
@@ -209,7 +218,14 @@ class Settings(BaseModel):
         parse_prices(value)  # refused at start, naming the variable, rather than at the first decision
         return value
 
-    @field_validator("command_keys_file", "openai_api_key_file", "approval_keys_file", mode="before")
+    @field_validator(
+        "command_keys_file",
+        "openai_api_key_file",
+        "approval_keys_file",
+        "role_keys_file",
+        "operator_keys_file",
+        mode="before",
+    )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         # An environment variable cannot hold None: empty means "not set" (``to_env`` writes it so).

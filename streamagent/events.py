@@ -29,6 +29,18 @@ def stable_id(*parts: str) -> str:
     return str(uuid.uuid5(uuid.NAMESPACE_URL, "streamagent:" + ":".join(parts)))
 
 
+def command_id(run_id: str, step: str, operation: str = "execute") -> str:
+    """Stable per (run, step, operation): however often a step is decided, its effect has one key, and
+    the fold accepts a result only for the command id the run's step would have been sent."""
+    return stable_id(run_id, step, operation)
+
+
+def requested_event_id(run_id: str) -> str:
+    """The event id of a run's request on the run log (intake writes it): one per run, however often the
+    same upstream request arrives, so the fold and the projection take copies of it once."""
+    return stable_id(run_id, "requested")
+
+
 def now() -> datetime:
     """Wall-clock time at the wire's precision (Avro timestamp-millis), so events survive a round trip."""
     moment = datetime.now(UTC)

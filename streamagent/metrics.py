@@ -35,6 +35,9 @@ REDRIVES = Counter(
     "streamagent_redrives_total", "Commands found lost (consumed past, no result): re-sent or given up", ["outcome"]
 )
 RESENT_COMMANDS = Counter("streamagent_resent_commands_total", "Commands produced again (re-drive or replay)", ["tool"])
+INTAKE_REQUESTS = Counter(
+    "streamagent_intake_requests_total", "Upstream requests read by intake, by outcome", ["outcome"]
+)
 SNAPSHOTS = Counter("streamagent_snapshots_total", "Snapshots published for the decision layer")
 RUNS_ADMITTED = Gauge("streamagent_runs_admitted", "Runs in flight on this state worker (admitted, not yet over)")
 RUNS_WAITING = Gauge("streamagent_runs_waiting", "Requested runs waiting for room under max_running_runs")

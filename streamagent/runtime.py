@@ -34,7 +34,7 @@ from pydantic import BaseModel
 from streamagent import codec
 from streamagent.config import Settings
 from streamagent.dlq import DeadLetterSink
-from streamagent.errors import Unprocessable, outage
+from streamagent.errors import Rejected, Unprocessable, outage
 from streamagent.kafka import consumer as make_consumer
 from streamagent.kafka import producer as make_producer
 from streamagent.metrics import EVENTS_PROCESSED, DependencyHealth, HopTimer
@@ -126,6 +126,9 @@ class ConsumerRuntime:
         self.stop_event = threading.Event()
         self.consumer_config = consumer_config or {}
         self._consumer: Consumer | None = None
+        # How a message becomes the handler's event: the codec by default; intake reads JSON too. A
+        # ``Rejected`` it raises dead-letters the message with its reason.
+        self.decoder: Callable[[Message], BaseModel] | None = None
         # Called on the consuming thread after every poll, with or without messages (never during a
         # batch): for work due without a new message, e.g. the decision layer waking waiting runs.
         self.tick: Callable[[], None] | None = None
@@ -178,8 +181,11 @@ class ConsumerRuntime:
             offsets[(msg.topic(), msg.partition())] = msg.offset() + 1
             EVENTS_PROCESSED.labels(self.name, msg.topic()).inc()
             try:
-                event = codec.decode(msg.value(), self.settings.max_event_bytes)
-            except codec.DecodeError as exc:
+                if self.decoder is None:
+                    event = codec.decode(msg.value(), self.settings.max_event_bytes)
+                else:
+                    event = self.decoder(msg)
+            except Rejected as exc:
                 self.dead_letters.send(msg, exc.reason, exc.detail)
                 continue
             self.hops.observe(msg.topic(), event)

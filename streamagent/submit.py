@@ -13,7 +13,7 @@ from streamagent import codec
 from streamagent.config import Settings
 from streamagent.events import RunRequested, new_id
 from streamagent.kafka import producer
-from streamagent.topics import RUN_EVENTS
+from streamagent.topics import RUN_REQUESTS
 
 
 class InvalidRequest(ValueError):
@@ -63,10 +63,12 @@ def read_jsonl(path: Path, workflows: Collection[str] | None = None) -> list[Run
 
 
 def produce_requests(settings: Settings, requests: Iterable[RunRequested]) -> list[str]:
+    """Send requests as any upstream system does: to the intake topic, which validates, deduplicates and
+    signs them onto the run log. Each names its run id, so a request sent again starts no second run."""
     p = producer(settings)
     run_ids = []
     for request in requests:
-        p.produce(settings.topic(RUN_EVENTS), key=request.run_id.encode(), value=codec.encode(request))
+        p.produce(settings.topic(RUN_REQUESTS), key=request.run_id.encode(), value=codec.encode(request))
         run_ids.append(request.run_id)
         p.poll(0)
     remaining = p.flush(30)

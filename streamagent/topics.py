@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from streamagent.config import Settings
 
+# Upstream systems write requests here and nowhere else; intake validates them and appends the run log.
+RUN_REQUESTS = "agent.run.requests"
 RUN_EVENTS = "agent.run.events"
 TOOL_RESULTS = "agent.tool.results"
 RUN_STATE = "agent.run.state"
@@ -36,6 +38,7 @@ def all_topics(tools: tuple[str, ...] = ()) -> list[TopicSpec]:
     """The runtime's topics, and the command topics of ``tools`` (a tool also creates its own at start:
     the runtime names no tool)."""
     specs = [
+        TopicSpec(RUN_REQUESTS),
         TopicSpec(RUN_EVENTS),
         TopicSpec(TOOL_RESULTS),
         TopicSpec(RUN_STATE, compacted=True),

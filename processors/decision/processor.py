@@ -49,6 +49,7 @@ from streamagent.processors.workflow import ToolAvailability, every_tool_availab
 
 from streamagent import codec, db, tracing
 from streamagent.approval import load_approval_keys
+from streamagent.authn import DECISION, issue, tool_keys
 from streamagent.catalogue import Catalogue
 from streamagent.config import Settings, SettingsError, env_name
 from streamagent.dlq import DeadLetterSink
@@ -64,6 +65,7 @@ from streamagent.events import (
     RunFailed,
     StateSnapshot,
     ToolCommand,
+    command_id,
     now,
     stable_id,
 )
@@ -75,11 +77,6 @@ from streamagent.topics import RUN_EVENTS, RUN_STATE, command_topic
 
 log = logging.getLogger(__name__)
 PROCESSOR = "decision"
-
-
-def command_id(run_id: str, step: str, operation: str = "execute") -> str:
-    """Stable per (run, step, operation): however often a step is decided, its effect has one key."""
-    return stable_id(run_id, step, operation)
 
 
 def follow_up(
@@ -137,7 +134,8 @@ def follow_up(
         )
         if verdict is not None and verdict.approved and guard is not None:
             command = command.model_copy(update={"approval": guard.token(snap, decision, deadline)})
-        return settings.topic(command_topic(decision.tool)), sign(command, keys)
+        # Under the tool's own key (streamagent.authn): the tool holds that key only, not the pipeline's.
+        return settings.topic(command_topic(decision.tool)), sign(command, tool_keys(keys, decision.tool))
     if decision.action is DecisionAction.complete:
         done = RunCompleted(
             event_id=stable_id(snap.run_id, "completed"),
@@ -221,6 +219,8 @@ class DecisionHandler:
         self.snapshot_keys = snapshot_keys
         # Read once, at start: no key refuses the start (CommandKeyError) instead of failing per command.
         self.keys = keys if keys is not None else load_keys(settings)
+        # What it writes to the run log is signed as the decision processor's (streamagent.authn).
+        self.signer = issue(self.keys, DECISION)
         self.decider = decider
         self.producer = producer
         self.db = db.Reconnecting(settings.database_url)
@@ -309,7 +309,7 @@ class DecisionHandler:
                     problem = verify_snapshot_bytes(item.message.value() or b"", snap.signature, self.snapshot_keys)
                     if problem is not None:
                         raise Unprocessable(
-                            "unknown-run", f"snapshot of run {snap.run_id} is not the state processor's: {problem}"
+                            "unauthenticated", f"snapshot of run {snap.run_id} is not the state processor's: {problem}"
                         )
                 # The snapshot's partition on the state topic (runs are keyed by run id): where its wait,
                 # if it waits, is filed, so that the partition's owner is the one to wake it.
@@ -582,10 +582,13 @@ class DecisionHandler:
         key since retired: re-signed then (same ids, so the tool ledger still runs it once)."""
         assert emission.follow_up is not None
         command = codec.decode(emission.follow_up)
-        if not isinstance(command, ToolCommand) or verify(command, self.keys) is None:
+        if not isinstance(command, ToolCommand):
+            return emission
+        keys = tool_keys(self.keys, command.tool)
+        if verify(command, keys) is None:
             return emission
         log.info("re-signing a recorded command", extra={"run_id": command.run_id, "command_id": command.command_id})
-        return replace(emission, follow_up=codec.encode(sign(command, self.keys)))
+        return replace(emission, follow_up=codec.encode(sign(command, keys)))
 
     # -- the database: one statement per batch ----------------------------------------------------
     def _remember(self, run_id: str, memory: RunMemory) -> RunMemory:
@@ -743,9 +746,11 @@ class DecisionHandler:
             if index in landed:
                 value = codec.with_landing(value, *landed[index])
             key = emission.record.run_id.encode()
-            self.producer.produce(events, key=key, value=value)
+            self.producer.produce(events, key=key, value=value, headers=self.signer.headers(value))
             if not emission.is_command and emission.topic and emission.follow_up:
-                self.producer.produce(emission.topic, key=key, value=emission.follow_up)
+                self.producer.produce(
+                    emission.topic, key=key, value=emission.follow_up, headers=self.signer.headers(emission.follow_up)
+                )
         for i, (snap, emission) in enumerate(resends):
             partition, offset = landed[len(emissions) + i]
             step = snap.step(emission.record.step or "")
@@ -761,7 +766,8 @@ class DecisionHandler:
                 command_offset=offset,
             )
             RESENT_COMMANDS.labels(resent.tool).inc()
-            self.producer.produce(events, key=snap.run_id.encode(), value=codec.encode(resent))
+            value = codec.encode(resent)
+            self.producer.produce(events, key=snap.run_id.encode(), value=value, headers=self.signer.headers(value))
 
 
 def _landed(landed: dict[int, tuple[int, int]], index: int) -> Callable[[Any, Any], None]:

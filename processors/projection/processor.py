@@ -19,6 +19,7 @@ from streamagent.processors.projection.schema import SCHEMA
 from streamagent.processors.workflow import WorkflowError, load_workflows
 
 from streamagent import db, metrics
+from streamagent.authn import Authenticator, Unauthenticated, tool_role
 from streamagent.config import Settings
 from streamagent.events import (
     ApprovalDenied,
@@ -37,6 +38,7 @@ from streamagent.events import (
     ToolResult,
 )
 from streamagent.runtime import Batch, ConsumerRuntime
+from streamagent.signing import verify
 from streamagent.topics import COMMANDS_PREFIX, RUN_EVENTS, TOOL_RESULTS
 
 log = logging.getLogger(__name__)
@@ -194,7 +196,12 @@ class ProjectionHandler:
     delivered again after a crash changes nothing.
     """
 
-    def __init__(self, settings: Settings, steps_of: dict[str, int] | None = None) -> None:
+    def __init__(
+        self, settings: Settings, steps_of: dict[str, int] | None = None, authenticator: Authenticator | None = None
+    ) -> None:
+        # Only events that verify as written by their component are projected (streamagent.authn):
+        # a forged event gets no row, no timeline line, no run. None: unit tests of the SQL alone.
+        self.authenticator = authenticator
         # Each workflow's step count, loaded once (as the state processor lays runs out at its start).
         self.steps_of = workflow_steps(settings) if steps_of is None else steps_of
         # Reconnected on use after PostgreSQL restarts; a batch whose transaction failed is retried
@@ -236,6 +243,10 @@ class ProjectionHandler:
                 batch.reject(item, "unexpected-event", f"{type(event).__name__} is not a run event")
                 continue
             msg = item.message
+            problem = self._unauthenticated(event, msg)
+            if problem is not None:
+                batch.reject(item, "unauthenticated", problem)
+                continue
             step, summary = summarize(event)
             payload = self._payload(event)
             rows.append(
@@ -255,6 +266,19 @@ class ProjectionHandler:
             )
             events.append(event)
         return rows, events
+
+    def _unauthenticated(self, event: Event, msg: Any) -> str | None:
+        """Why ``event`` must not be projected (None: it verifies). A command is checked as its tool checks it."""
+        if self.authenticator is None:
+            return None
+        if isinstance(event, ToolCommand):
+            problem = verify(event, self.authenticator.keys_of(tool_role(event.tool)))
+            return None if problem is None else f"command: {problem}"
+        try:
+            self.authenticator.verify(event, msg.value(), msg.headers())
+        except Unauthenticated as exc:
+            return str(exc)
+        return None
 
     @staticmethod
     def _payload(event: Event) -> object:
@@ -445,7 +469,7 @@ def build(settings: Settings) -> ConsumerRuntime:
     db.migrate(settings, SCHEMA, wait_s=db.WAIT_FOREVER)  # started during an outage: wait, do not crash-loop
     commands = "^" + re.escape(settings.topic(COMMANDS_PREFIX)) + ".*"
     topics = [settings.topic(RUN_EVENTS), settings.topic(TOOL_RESULTS), commands]
-    handler = ProjectionHandler(settings)
+    handler = ProjectionHandler(settings, authenticator=Authenticator.of(settings))
     try:
         filled = handler.backfill_quality()
         if filled:

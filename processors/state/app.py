@@ -33,6 +33,7 @@ from streamagent.processors.state.watch import APPROVAL, DEADLINE, REDRIVE, Admi
 from streamagent.processors.workflow import UnknownWorkflow, Workflow, Workflows, load_workflows, lookup
 
 from streamagent import codec, faust_compat, tracing
+from streamagent.authn import STATE, Authenticator, Unauthenticated, header_value, issue
 from streamagent.config import Settings
 from streamagent.dlq import DeadLetterSink
 from streamagent.errors import Rejected, Unprocessable
@@ -66,7 +67,7 @@ from streamagent.metrics import (
     set_lag,
 )
 from streamagent.signing import CommandKeys, load_keys, sign_snapshot_bytes
-from streamagent.topics import RUN_EVENTS, RUN_STATE, TOOL_RESULTS, command_topic
+from streamagent.topics import RUN_EVENTS, RUN_REQUESTS, RUN_STATE, TOOL_RESULTS, command_topic
 
 log = logging.getLogger(__name__)
 PROCESSOR = "state"
@@ -95,8 +96,14 @@ class StateWorker:
         producer: Producer,
         workflows: Workflows | None = None,
         keys: CommandKeys | None = None,
+        authenticate: bool | None = None,
     ) -> None:
         self.settings = settings
+        # Every event is folded only if it verifies as written by the component whose job it is
+        # (streamagent.authn), and this processor's own timer events are signed as the state role.
+        # Off only for a worker built by hand without keys (unit tests of the fold).
+        self.authenticator = Authenticator(keys) if keys is not None and authenticate is not False else None
+        self.signer = issue(keys, STATE) if keys is not None else None
         # Every published snapshot is signed (streamagent.signing): the decision processor decides only
         # on snapshots this processor made. None (a worker built by hand in unit tests): unsigned.
         self.keys = keys
@@ -230,6 +237,8 @@ class StateWorker:
         self.hops.observe(message.topic, event)
         if not isinstance(event, Event) or (message.topic == self.results_topic) != isinstance(event, ToolResult):
             raise Unprocessable("unexpected-event", f"{type(event).__name__} on {message.topic}")
+        if self.authenticator is not None:
+            self._authenticate(message, event)
         # ``state`` reads this batch's own write first (a run that ended earlier in the batch has left the
         # cache and is not stored yet; folding onto the stored, older state would count its end twice).
         before = self.state(event.run_id)
@@ -277,6 +286,27 @@ class StateWorker:
             self._finish(partition, snap.run_id, dirty, publish)
         else:
             self._schedule(partition, after)
+
+    def _authenticate(self, message: Any, event: Event) -> None:
+        """Refuse (dead letter ``unauthenticated``, nothing changed) an event no pipeline component wrote."""
+        assert self.authenticator is not None
+        try:
+            self.authenticator.verify(event, message.value, getattr(message, "headers", None))
+        except Unauthenticated as exc:
+            detail = str(exc)
+            if isinstance(event, RunRequested) and header_value(getattr(message, "headers", None)) is None:
+                detail = (
+                    f"a request produced straight onto the run log: upstream systems produce requests to"
+                    f" {self.settings.topic(RUN_REQUESTS)} (the intake topic), which validates and signs them"
+                )
+            raise Unprocessable("unauthenticated", detail) from None
+        home = self.partition(event.run_id)
+        if message.partition != home:
+            # Our own producers key by run id with the project's partitioner; a run's events elsewhere
+            # would be folded out of order with the rest of its log.
+            raise Unprocessable(
+                "wrong-partition", f"{event.type} of run {event.run_id} on partition {message.partition}, not {home}"
+            )
 
     def decode(self, message: Any) -> Any:
         """The message's event (a replay, which decodes each record once for several readers, overrides it)."""
@@ -532,7 +562,9 @@ class StateWorker:
         return self._admin
 
     def _emit(self, event: Event) -> None:
-        self.producer.produce(self.events_topic, key=event.run_id.encode(), value=codec.encode(event))
+        value = codec.encode(event)
+        headers = self.signer.headers(value) if self.signer is not None else None
+        self.producer.produce(self.events_topic, key=event.run_id.encode(), value=value, headers=headers)
 
 
 def _observe_step(before: StateSnapshot, result: ToolResult) -> None:

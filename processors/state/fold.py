@@ -38,6 +38,8 @@ from streamagent.events import (
     StepStatus,
     ToolResult,
     ToolStatus,
+    command_id,
+    requested_event_id,
 )
 
 _ENDINGS = {
@@ -110,6 +112,8 @@ def apply(state: RunState | None, event: Event, default_deadline_s: float, workf
         return Applied(state, changed=False)
     if isinstance(event, RunRequested):
         if state is not None:
+            if event.event_id == requested_event_id(event.run_id):
+                return Applied(state, changed=False)  # the same request again (intake's dedupe by run id)
             raise Unprocessable("duplicate-run", f"run {event.run_id} was already requested")
         if workflow is None:
             raise Unprocessable("unknown_workflow", f"run {event.run_id} names unknown workflow {event.workflow!r}")
@@ -130,6 +134,7 @@ def apply(state: RunState | None, event: Event, default_deadline_s: float, workf
     elif isinstance(event, ApprovalGranted | ApprovalDenied | ApprovalExpired):
         snap = _approval_answered(moved, event)
     elif isinstance(event, ToolResult):
+        _check_result(moved, event, workflow)
         snap = _result(moved, event)
     elif isinstance(event, RunCompleted):
         snap = _end(moved, RunStatus.completed, event.reason)
@@ -359,6 +364,30 @@ def _where(event: DecisionRecorded) -> dict[str, object]:
         "dispatched_at": event.occurred_at,
         "redrives": 0,
     }
+
+
+def _check_result(snap: StateSnapshot, event: ToolResult, workflow: Workflow | None) -> None:
+    """A result counts only from the tool the step's command goes to, for that command's id: a tool's key
+    (streamagent.authn) proves which tool wrote it, this proves the run sent that tool that command."""
+    # The step's command as folded, or (a result read before its decision: two topics) the id the
+    # decision processor gives that step's command.
+    dispatched = _step(snap, event.step).command_id
+    if event.command_id not in (dispatched, command_id(snap.run_id, event.step, event.operation)):
+        raise Unprocessable(
+            "unknown-command", f"{event.command_id} is not a command run {snap.run_id} sent for step {event.step!r}"
+        )
+    declared = next((s for s in workflow.steps if s.name == event.step), None) if workflow is not None else None
+    if declared is None:
+        return
+    if event.operation == "compensate":
+        tool = declared.compensation.tool if declared.compensation is not None else None
+    else:
+        tool = declared.tool
+    if event.tool != tool:
+        raise Unprocessable(
+            "wrong-tool",
+            f"a {event.operation} result of step {event.step!r} from {event.tool!r}; the step's tool is {tool!r}",
+        )
 
 
 def _result(snap: StateSnapshot, event: ToolResult) -> StateSnapshot:

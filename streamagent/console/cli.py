@@ -328,6 +328,8 @@ def cmd_processor(args: argparse.Namespace) -> int:
 
     if args.name == "decision":
         from streamagent.processors.decision.processor import build
+    elif args.name == "intake":
+        from streamagent.processors.intake.processor import build
     else:
         from streamagent.processors.projection.processor import build
     run_until_signalled(build(settings))
@@ -499,12 +501,21 @@ def cmd_answer(args: argparse.Namespace) -> int:
     """``approve`` / ``deny``: the person's answer, as an event on the run's log (the fold takes it in,
     the guard acts on it). Only a pending request can be answered; answering twice changes nothing."""
     from streamagent import codec
+    from streamagent.authn import operator_keys
     from streamagent.events import ApprovalDenied, ApprovalGranted, stable_id
     from streamagent.kafka import producer as make_producer
     from streamagent.processors.projection import queries
     from streamagent.topics import RUN_EVENTS
 
     settings = _settings(("bootstrap_servers", "database_url"))
+    # Signed with the operator's key: the approver recorded is that key's identity, and an answer that
+    # does not verify is refused by the fold (the step stays held).
+    signer = operator_keys(settings)
+    if args.by is not None and args.by != signer.identity:
+        raise CliError(
+            f"--by {args.by!r}: answers are recorded under the identity of your operator key, {signer.identity!r}"
+            " (another person answers with their own key: STREAMAGENT_OPERATOR_KEYS_FILE)"
+        )
     asked = queries.approvals(settings, pending=False, run_id=args.run_id)
     pending = [r for r in asked if r.step == args.step and r.status == "requested"]
     if not pending:
@@ -524,15 +535,34 @@ def cmd_answer(args: argparse.Namespace) -> int:
         run_id=args.run_id,
         request_id=request.request_id,
         step=args.step,
-        by=args.by,
+        by=signer.identity,
         note=args.note or "",
     )
     producer = make_producer(settings)
-    producer.produce(settings.topic(RUN_EVENTS), key=args.run_id.encode(), value=codec.encode(event))
+    value = codec.encode(event)
+    producer.produce(settings.topic(RUN_EVENTS), key=args.run_id.encode(), value=value, headers=signer.headers(value))
     if producer.flush(10):
         raise CliError(f"the {args.command} of step {args.step} was not acknowledged by the broker; try again")
     verb = "approved" if args.command == "approve" else "denied"
-    print(f"{verb} step {args.step} of run {args.run_id} ({request.tool}: {request.reason})")
+    print(f"{verb} step {args.step} of run {args.run_id} as {signer.identity} ({request.tool}: {request.reason})")
+    return 0
+
+
+def cmd_keys_issue(args: argparse.Namespace) -> int:
+    """``keys issue ROLE``: the role's key file, for a deployment to mount into that one process."""
+    from streamagent.authn import issue
+    from streamagent.signing import load_keys
+
+    settings = _settings(probe=False)
+    try:
+        keys = issue(load_keys(settings), args.role)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    if args.out is None:
+        print(keys.render(), end="")
+        return 0
+    keys.write(args.out)
+    print(f"wrote the key of {keys.role} to {args.out}")
     return 0
 
 
@@ -846,7 +876,9 @@ def build_parser() -> argparse.ArgumentParser:
         answer = add(verb, cmd_answer, help_)
         answer.add_argument("run_id", type=non_empty, metavar="RUN")
         answer.add_argument("step", type=non_empty, metavar="STEP")
-        answer.add_argument("--by", type=non_empty, required=True, help="who answers (recorded in the run's log)")
+        answer.add_argument(
+            "--by", type=non_empty, help="optional: the identity of your operator key (the one recorded), checked"
+        )
         answer.add_argument("--note", default="", help="why (recorded in the run's log)")
 
     topics = add("topics", lambda a: 2, "Manage the runtime's topics")
@@ -861,7 +893,7 @@ def build_parser() -> argparse.ArgumentParser:
     create.set_defaults(func=cmd_topics_create)
 
     processor = add("processor", cmd_processor, "Run one processor in the foreground")
-    processor.add_argument("name", choices=["state", "decision", "projection"])
+    processor.add_argument("name", choices=["intake", "state", "decision", "projection"])
 
     tool = add("tool", cmd_tool, "Run one tool (its own consumer group) in the foreground")
     # Any tool the tools package provides: a new tool deploys without editing a list here.
@@ -869,6 +901,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     tools = add("tools", cmd_tools, "List the tool catalogue: name, version, status, members, approval, schema")
     tools.add_argument("--json", action="store_true", help="machine-readable output (full JSON schemas)")
+
+    keys = add("keys", lambda a: 2, "Issue role keys: intake's, a tool's, an operator's")
+    keys_sub = keys.add_subparsers(dest="keys_command", metavar="SUBCOMMAND", required=True)
+    keys_issue = keys_sub.add_parser(
+        "issue",
+        help="Write the key of one role (derived from the command keys; it signs as that role only)",
+        description="Write the key of ROLE (intake, tool:NAME or operator:IDENTITY), derived from the command"
+        " keys, to a file (mode 0600) or stdout. Issue again after rotating the command keys.",
+    )
+    keys_issue.add_argument("role", type=non_empty, metavar="ROLE")
+    keys_issue.add_argument("--out", type=Path, help="file to write (default: print to stdout)")
+    keys_issue.set_defaults(func=cmd_keys_issue)
 
     dlq = add("dlq", lambda a: 2, "Inspect and replay dead letters")
     dlq_sub = dlq.add_subparsers(dest="dlq_command", metavar="SUBCOMMAND", required=True)

@@ -9,6 +9,7 @@ all use it, so the tests exercise the same wiring a user runs.
 from __future__ import annotations
 
 import ctypes
+import getpass
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ import psutil
 
 from streamagent import db
 from streamagent.approval import load_approval_keys
+from streamagent.authn import INTAKE, ROLE_KEYS_FILE_VAR, issue, operator_keys_path, operator_role, tool_role
 from streamagent.config import Settings, child_environ
 from streamagent.console.embedded import EmbeddedBroker, EmbeddedPostgres, free_port, pid_alive
 from streamagent.console.stackfile import (
@@ -66,7 +68,7 @@ __all__ = [
     "running_pid",
 ]
 
-PROCESSORS = ("state", "decision", "projection")
+PROCESSORS = ("intake", "state", "decision", "projection")
 # A child that died this many times in a row, each soon after it started, is crash-looping.
 CRASH_LOOP_RESTARTS = 3
 
@@ -301,6 +303,31 @@ def approval_keys_settings(settings: Settings) -> dict[str, object]:
     return {"approval_keys_file": path}
 
 
+def local_operator() -> str:
+    """The identity `up` issues the local operator's key under: the login name, as a role allows it."""
+    name = re.sub(r"[^A-Za-z0-9_.@-]", "-", getpass.getuser() or "operator").strip("-.") or "operator"
+    return name[:100]
+
+
+def issue_role_keys(settings: Settings, tools: tuple[str, ...]) -> dict[str, Path]:
+    """Write each role's key file under ``<data dir>/keys`` (mode 0600): intake's and each tool's, issued
+    again at every start (so they follow a rotation of the pipeline keys), and the local operator's
+    once, unless one is there (it may be another person's on a shared machine). The children that sign as
+    a role get its file, not the pipeline keys (``STREAMAGENT_ROLE_KEYS_FILE``)."""
+    pipeline = load_keys(settings)
+    folder = settings.data_dir / "keys"
+    paths: dict[str, Path] = {}
+    for role in (INTAKE, *(tool_role(t) for t in tools)):
+        path = folder / (role.replace(":", "-") + ".keys")
+        issue(pipeline, role).write(path)
+        paths[role] = path
+    operator = operator_keys_path(settings)
+    if settings.operator_keys_file is None and not operator.exists():
+        issue(pipeline, operator_role(local_operator())).write(operator)
+        log.info("issued the operator key %s for %s", operator, local_operator())
+    return paths
+
+
 def check_policies(settings: Settings) -> Policy:
     """The policy files of ``policies_dir``, loaded: a malformed one raises ``PolicyError`` (file, field,
     reason) before anything starts; each process that reads policy checks again at its own start."""
@@ -346,6 +373,7 @@ class Stack:
         self._data_lock: StackLock | None = None
         self.ui_port = ui_port
         self.ui_url = ""
+        self.role_keys: dict[str, Path] = {}
 
     # -- start / stop ----------------------------------------------------------------------------
     def start(self) -> Stack:
@@ -384,6 +412,7 @@ class Stack:
         create_topics(self.settings, all_topics(self.tools))
         db.migrate(self.settings, *SCHEMAS)
         env = child_environ(self.settings)
+        self.role_keys = issue_role_keys(self.settings, self.tools)
         logs = data / "logs"
         if sandbox_port is not None:
             faults = [
@@ -398,9 +427,15 @@ class Stack:
                 )
             )
         for name in self.processors:
-            self._add(Child(f"processor-{name}", cli_argv("processor", name), env, logs / f"processor-{name}.log"))
+            self._add(
+                Child(
+                    f"processor-{name}", cli_argv("processor", name), self._env_of(name), logs / f"processor-{name}.log"
+                )
+            )
         for name in self.tools:
-            self._add(Child(f"tool-{name}", cli_argv("tool", name), env, logs / f"tool-{name}.log"))
+            self._add(
+                Child(f"tool-{name}", cli_argv("tool", name), self._env_of(tool_role(name)), logs / f"tool-{name}.log")
+            )
         if self.ui_port is not None:
             host = self.settings.ui_host
             port = self.ui_port or free_port(host)
@@ -420,9 +455,20 @@ class Stack:
     def _add(self, child: Child) -> None:
         self.children[child.name] = child
 
+    def _env_of(self, role: str) -> dict[str, str]:
+        """A child's environment: a child that signs as a role outside the core gets that role's key file."""
+        env = child_environ(self.settings)
+        path = self.role_keys.get(role)
+        if path is not None:
+            env[ROLE_KEYS_FILE_VAR] = str(path)
+        return env
+
     def add_tool(self, name: str) -> Child:
         """Deploy one more tool process (its own consumer group) into the running stack."""
-        env = child_environ(self.settings)
+        path = self.settings.data_dir / "keys" / f"tool-{name}.keys"
+        issue(load_keys(self.settings), tool_role(name)).write(path)
+        self.role_keys[tool_role(name)] = path
+        env = self._env_of(tool_role(name))
         child = Child(f"tool-{name}", cli_argv("tool", name), env, self.settings.data_dir / "logs" / f"tool-{name}.log")
         with self._lock:
             self._add(child)
@@ -432,7 +478,7 @@ class Stack:
     def add_processor(self, name: str) -> Child:
         """Start a processor again after ``undeploy`` (tests: change what it will read while it is down,
         e.g. rewind its committed offsets, then bring it back as a restart would)."""
-        env = child_environ(self.settings)
+        env = self._env_of(name)
         log_path = self.settings.data_dir / "logs" / f"processor-{name}.log"
         child = Child(f"processor-{name}", cli_argv("processor", name), env, log_path)
         with self._lock:

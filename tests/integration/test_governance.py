@@ -16,6 +16,7 @@ from streamagent.processors.projection import queries
 from streamagent.tools.sandbox import SandboxClient
 
 from streamagent import codec
+from streamagent.authn import issue
 from streamagent.config import Settings, child_environ
 from streamagent.console.demo import sample_requests
 from streamagent.console.stack import Stack
@@ -29,6 +30,7 @@ from streamagent.events import (
     now,
 )
 from streamagent.kafka import producer as make_producer
+from streamagent.signing import load_keys
 from streamagent.submit import produce_requests
 from streamagent.topics import DEAD_LETTERS, RUN_STATE
 
@@ -105,14 +107,21 @@ def test_a_held_step_waits_for_a_person_approved_runs_once_denied_undoes(setting
         assert listed.returncode == 0, listed.stderr
         assert approve.run_id in listed.stdout and deny.run_id in listed.stdout and "email outside" in listed.stdout
 
-        granted = cli(s, "approve", approve.run_id, "email", "--by", "grace", "--note", "known contact")
+        # Grace answers with her own operator key: the approver recorded is the key's identity.
+        grace = s.model_copy(update={"operator_keys_file": s.data_dir / "grace.keys"})
+        issue(load_keys(s), "operator:grace").write(grace.operator_keys_file)
+        granted = cli(grace, "approve", approve.run_id, "email", "--note", "known contact")
         assert granted.returncode == 0, granted.stderr
-        refused = cli(s, "deny", deny.run_id, "email", "--by", "grace", "--note", "not our customer")
+        assert "as grace" in granted.stdout
+        refused = cli(grace, "deny", deny.run_id, "email", "--by", "grace", "--note", "not our customer")
         assert refused.returncode == 0, refused.stderr
+        # A name that is not the key's is refused, not recorded.
+        impostor = cli(grace, "approve", approve.run_id, "email", "--by", "mallory")
+        assert impostor.returncode == 1 and "'grace'" in impostor.stderr and "Traceback" not in impostor.stderr
         # A second answer, or an answer for a step that is not held, is one line and changes nothing.
-        again = cli(s, "approve", approve.run_id, "email", "--by", "mallory")
+        again = cli(s, "approve", approve.run_id, "email")
         assert again.returncode == 1 and "already" in again.stderr and "Traceback" not in again.stderr
-        nothing = cli(s, "approve", approve.run_id, "slack", "--by", "grace")
+        nothing = cli(grace, "approve", approve.run_id, "slack")
         assert nothing.returncode == 1 and "no approval pending for step slack" in nothing.stderr
 
         rows = eventually(lambda: ended(s, waiting), timeout=60, interval=0.2, what="both answered runs ended")
@@ -227,7 +236,7 @@ def test_a_snapshot_the_state_processor_did_not_sign_is_dead_lettered_and_decide
             return letters or None
 
         letters = eventually(dead_letter, timeout=60, interval=0.3, what="the forged snapshot dead-lettered")
-        assert [h.get("dlq.reason") for h in letters] == ["unknown-run"], letters
+        assert [h.get("dlq.reason") for h in letters] == ["unauthenticated"], letters
         # A real run goes through on the same topic meanwhile, and the ghost never reached a tool.
         real = request("ok.example")
         produce_requests(s, [real])

@@ -19,12 +19,14 @@ import pytest
 from helpers import ended, eventually
 from streamagent.tools.sandbox import FaultSpec, SandboxClient
 
+from streamagent import codec
 from streamagent.config import Settings
 from streamagent.console.demo import sample_requests
 from streamagent.console.stack import Stack
 from streamagent.dlq_ops import read_dead_letters
 from streamagent.events import now
 from streamagent.kafka import admin, create_topics, group_offsets
+from streamagent.kafka import producer as make_producer
 from streamagent.metrics import health, scrape
 from streamagent.runtime import Batch, ConsumerRuntime
 from streamagent.submit import produce_requests
@@ -208,7 +210,11 @@ def test_a_processor_waiting_out_an_outage_keeps_its_place_in_its_group(settings
     is not thrown out of its group; the batch is handled once when the database is back, and committed."""
     create_topics(settings, [TopicSpec(RUN_EVENTS), TopicSpec(DEAD_LETTERS)])
     requests = sample_requests(10)
-    run_ids = produce_requests(settings, requests)
+    producer = make_producer(settings)  # straight onto the topic this runtime reads (no pipeline here)
+    for r in requests:
+        producer.produce(settings.topic(RUN_EVENTS), key=r.run_id.encode(), value=codec.encode(r))
+    assert producer.flush(10) == 0
+    run_ids = [r.run_id for r in requests]
     handled: Counter[str] = Counter()
     outage_s = 7.0  # more than twice max.poll.interval.ms below
     first_call: list[float] = []

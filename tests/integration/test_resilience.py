@@ -22,6 +22,7 @@ from streamagent.tools.jira import Jira
 from streamagent.tools.sandbox import FaultSpec, SandboxClient
 
 from streamagent import codec
+from streamagent.authn import tool_keys
 from streamagent.catalogue import now_ms
 from streamagent.config import Settings
 from streamagent.console.demo import sample_requests
@@ -44,7 +45,7 @@ from streamagent.kafka import producer as make_producer
 from streamagent.metrics import scrape
 from streamagent.signing import parse_keys, sign
 from streamagent.submit import produce_requests
-from streamagent.topics import RUN_EVENTS, RUN_STATE, TOOL_REGISTRY, TOOL_RESULTS, command_topic
+from streamagent.topics import RUN_EVENTS, RUN_REQUESTS, RUN_STATE, TOOL_REGISTRY, TOOL_RESULTS, command_topic
 
 pytestmark = pytest.mark.integration
 
@@ -291,9 +292,10 @@ def test_poison_messages_land_in_the_dead_letter_topic_and_nothing_crashes(setti
             ("decision", s.topic(RUN_STATE)),
             ("tool.enrich", s.topic(command_topic("enrich"))),
         }
-        reasons = {"not-avro", "unknown-schema", "unknown-run", "oversized"}
-        # A tool no longer asks the decision layer whether a run exists; the forged command fails its signature.
-        tool_reasons = reasons - {"unknown-run"} | {"unauthenticated"}
+        # An event of a run nobody requested, written by a producer holding no key, fails its
+        # authentication (streamagent.authn) before anything looks for its run; so does the forged command.
+        reasons = {"not-avro", "unknown-schema", "unauthenticated", "oversized"}
+        tool_reasons = reasons
 
         def landed() -> set[tuple[str, str, str]]:
             got = {(d.processor, d.source_topic, d.reason) for d in read_dead_letters(s)}
@@ -337,11 +339,12 @@ def test_only_signed_commands_reach_a_tool_and_an_old_key_still_does(settings: S
     current = parse_keys(TEST_COMMAND_KEYS, "test keys")
     old = parse_keys(" ".join(TEST_OLD_KEY), "the old key")
     rogue = parse_keys("rogue " + "r" * 64, "a rogue key")
-    accepted = sign(_jira_command("run-old-key", "ROTATE1"), old)
+    # The decision processor signs a command with its tool's key (streamagent.authn.tool_keys).
+    accepted = sign(_jira_command("run-old-key", "ROTATE1"), tool_keys(old, "jira"))
     forged = {
         "unsigned": _jira_command("run-unsigned", "FORGE1"),
         "unknown key": sign(_jira_command("run-rogue", "FORGE2"), rogue),
-        "altered": sign(_jira_command("run-altered", "FORGE3"), current).model_copy(
+        "altered": sign(_jira_command("run-altered", "FORGE3"), tool_keys(current, "jira")).model_copy(
             update={"arguments": {"key": "EVIL1", "name": "Evil", "lead_email": "evil@example.io"}}
         ),
     }
@@ -388,15 +391,15 @@ def test_dlq_replay_puts_letters_back_after_the_fix(settings: Settings) -> None:
         s = stack.settings
         produce_requests(s, [request])
         eventually(
-            lambda: {d.processor for d in read_dead_letters(s, reason="oversized")} >= {"state", "projection"},
+            lambda: {d.processor for d in read_dead_letters(s, reason="oversized")} >= {"intake"},
             timeout=60,
-            what="request dead-lettered by state and projection",
+            what="request dead-lettered by intake",
         )
         assert queries.run(s, request.run_id) is None
     with Stack(settings) as stack:  # the fix: the default, larger limit; same topics and groups
         s = stack.settings
-        letters = [d for d in read_dead_letters(s, reason="oversized") if d.processor == "state"]
-        assert len(letters) == 1 and letters[0].source_topic == s.topic(RUN_EVENTS)
+        letters = [d for d in read_dead_letters(s, reason="oversized") if d.processor == "intake"]
+        assert len(letters) == 1 and letters[0].source_topic == s.topic(RUN_REQUESTS)
         assert replay(s, letters) == 1
         (row,) = eventually(lambda: ended(s, [request.run_id]), timeout=60, what="replayed run ended")
         assert row.status == "completed"

@@ -17,6 +17,7 @@ from helpers import TEST_APPROVAL_KEYS, eventually, read_topic, record_decision
 from streamagent.tools.sandbox import SandboxClient
 
 from streamagent import approval, codec
+from streamagent.authn import tool_keys
 from streamagent.config import Settings
 from streamagent.console.stack import Stack
 from streamagent.dlq_ops import read_dead_letters
@@ -94,7 +95,7 @@ def test_a_signed_command_without_a_valid_approval_or_for_an_ended_run_has_no_ef
         keys = load_keys(s)  # the producer holds the command key: every command passes the signature
         producer = Producer({"bootstrap.servers": s.bootstrap_servers})
         for command in (forged, other_args, replayed, expired, ended, unknown, ok):
-            value = codec.encode(sign(command, keys))
+            value = codec.encode(sign(command, tool_keys(keys, command.tool)))
             producer.produce(s.topic(command_topic("jira")), key=command.run_id.encode(), value=value)
         assert producer.flush(10) == 0
 

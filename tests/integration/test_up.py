@@ -186,7 +186,7 @@ def test_up_survives_kill_9_restarts_cleanly_reports_crashes_and_stops_on_ctrl_c
     env = clean_env(**{**to_env(settings), "STREAMAGENT_UI_PORT": "0"})
     first = Up(env, tmp_path).start()
     orphans = list(first.children().values())
-    assert len(orphans) == 8
+    assert len(orphans) == 9  # the sandbox, intake, state, decision, projection, four tools, the page
 
     first.proc.kill()  # type: ignore[union-attr]  # kill -9: no cleanup at all
     first.proc.wait()  # type: ignore[union-attr]
@@ -213,7 +213,7 @@ def test_up_survives_kill_9_restarts_cleanly_reports_crashes_and_stops_on_ctrl_c
         took = time.monotonic() - began
         assert_gone(children, 5, "up's children to be gone after Ctrl-C")
         assert took < 20, f"Ctrl-C took {took:.1f}s"
-        assert "stopped 8 process(es) in" in second.out
+        assert "stopped 9 process(es) in" in second.out
         assert not (settings.data_dir / "stack.json").exists()
         assert "Traceback" not in second.out + second.err
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from helpers import ended, eventually
+from streamagent.processors.projection import queries
 
 from streamagent import codec
 from streamagent.config import Settings
@@ -12,7 +13,7 @@ from streamagent.console.stack import Stack
 from streamagent.dlq import DeadLetter
 from streamagent.dlq_ops import read_dead_letters
 from streamagent.submit import produce_requests
-from streamagent.topics import RUN_EVENTS
+from streamagent.topics import RUN_REQUESTS
 
 pytestmark = pytest.mark.integration
 
@@ -26,12 +27,15 @@ def test_a_request_for_an_unknown_workflow_is_dead_lettered_and_the_stack_goes_o
         produce_requests(s, [stray, good])
 
         def letters() -> list[DeadLetter]:
-            return [d for d in read_dead_letters(s, reason="unknown_workflow") if d.processor == "state"]
+            return [d for d in read_dead_letters(s, reason="unknown_workflow") if d.processor == "intake"]
 
         (letter,) = eventually(letters, timeout=60, interval=0.5, what="the stray request dead-lettered")
-        assert letter.source_topic == s.topic(RUN_EVENTS)
+        # Refused at intake: it never reaches the run log, so no run row exists for it.
+        assert letter.source_topic == s.topic(RUN_REQUESTS)
+        assert "workflow" in letter.error
         assert letter.value == codec.encode(stray)  # the original bytes, kept for a replay after the fix
         assert "no-such-flow" in letter.error
         (row,) = eventually(lambda: ended(s, [good.run_id]), timeout=60, what="the good run ended")
         assert row.status == "completed"
         assert {n: c.restarts for n, c in stack.children.items() if c.restarts} == {}
+        assert queries.run(s, stray.run_id) is None

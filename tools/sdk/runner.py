@@ -51,6 +51,7 @@ from streamagent.tools.sdk.tool import CallContext, Tool
 
 from streamagent import codec, db, tracing
 from streamagent.approval import load_approval_keys
+from streamagent.authn import RoleKeys, role_keys, tool_role
 from streamagent.config import Settings
 from streamagent.dlq import DeadLetterSink
 from streamagent.errors import Rejected, outage
@@ -68,7 +69,7 @@ from streamagent.metrics import (
 )
 from streamagent.policy import PolicyStore
 from streamagent.retry import RetryPolicy
-from streamagent.signing import CommandKeys, load_keys, verify
+from streamagent.signing import CommandKeys, verify
 from streamagent.topics import TOOL_REGISTRY, TOOL_RESULTS, command_topic
 
 log = logging.getLogger(__name__)
@@ -153,8 +154,11 @@ class ToolRunner:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
-        # Read once, at start: no key refuses the start (CommandKeyError) instead of refusing every command.
-        self.keys = keys if keys is not None else load_keys(settings)
+        # This tool's own key set (streamagent.authn.tool_keys), read once at start (no key refuses the
+        # start): commands verify under it, and results are signed with it as written by this tool.
+        # The tool holds no other key: it can neither command another tool nor answer for one.
+        self.keys = keys if keys is not None else role_keys(settings, tool_role(tool.name)).keys
+        self.signer = RoleKeys(tool_role(tool.name), self.keys)
         self.approval_keys = approval_keys if approval_keys is not None else load_approval_keys(settings)
         # A malformed policy refuses the start (PolicyError); a bad edit later keeps the last good one.
         self.policies = policies or PolicyStore(settings.policies_dir, settings.policy_reload_s)
@@ -719,7 +723,7 @@ class ToolRunner:
                 delivered.set_result(None)
 
     async def _produce(self, topic: str, key: bytes, value: bytes) -> None:
-        await self._produce_acked(topic, key=key, value=value)
+        await self._produce_acked(topic, key=key, value=value, headers=self.signer.headers(value))
 
     async def _dead_letter(self, msg: Message, reason: str, detail: str) -> None:
         """Dead-letter ``msg`` and wait for the broker's acknowledgement (re-sent if it is refused)."""
@@ -758,7 +762,7 @@ def ensure_command_topic(settings: Settings, name: str) -> None:
 def run_tool(settings: Settings, tool: Tool[Any, Any]) -> None:
     # No key, no approval key or a malformed policy: refuse to start (one line from the CLI), before
     # touching Kafka.
-    keys = load_keys(settings)
+    keys = role_keys(settings, tool_role(tool.name)).keys
     approval_keys = load_approval_keys(settings)
     policies = PolicyStore(settings.policies_dir, settings.policy_reload_s)
     ensure_command_topic(settings, tool.name)

@@ -26,6 +26,7 @@ from typing import Any
 
 import psycopg
 
+from streamagent.authn import Authenticator
 from streamagent.config import Settings
 from streamagent.events import Event, ToolCommand
 from streamagent.processors.projection.processor import ProjectionHandler
@@ -39,7 +40,8 @@ RECOUNT_CHUNK = 2000  # runs per statement at the end
 
 class BulkProjection(ProjectionHandler):
     def __init__(self, settings: Settings) -> None:
-        super().__init__(settings)
+        # Replay projects what the live projection would: only events that verify (streamagent.authn).
+        super().__init__(settings, authenticator=Authenticator.of(settings))
         self.copied: set[str] = set()  # event ids in run_events
         self.counted: set[str] = set()
         self.costed: set[str] = set()

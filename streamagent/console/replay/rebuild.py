@@ -31,6 +31,7 @@ from streamagent.processors.state.app import StateWorker
 from streamagent.processors.state.fold import RunState
 from streamagent.processors.workflow import load_workflows
 from streamagent.runtime import Batch, Incoming
+from streamagent.signing import load_keys
 from streamagent.topics import DEAD_LETTERS
 
 from .bulk import BulkProjection
@@ -123,6 +124,7 @@ class _FaustMessage:
     offset: int
     key: bytes | None
     value: bytes | None
+    headers: Any = None
 
 
 def _where(msg: Message) -> str:
@@ -287,7 +289,8 @@ class ReplayWorker(StateWorker):
     keeping the snapshots it publishes as objects (what the live worker encodes and produces)."""
 
     def __init__(self, settings: Settings, store: _ObjectStore, producer: Captured, decoded: Decoded) -> None:
-        super().__init__(settings, store, producer, load_workflows(settings.workflows_dir))  # type: ignore[arg-type]
+        # With the pipeline keys: replay folds only what verifies, as the live fold does.
+        super().__init__(settings, store, producer, load_workflows(settings.workflows_dir), keys=load_keys(settings))  # type: ignore[arg-type]
         self.decoded = decoded
         self.published: list[StateSnapshot] = []
 
@@ -324,7 +327,9 @@ def _fold(
     if progress is not None:
         progress("fold", 0, len(messages))  # the phase's clock starts here
     for chunk in run_disjoint(messages, settings.batch_size):
-        worker.fold_batch([_FaustMessage(m.topic(), m.partition(), m.offset(), m.key(), m.value()) for m in chunk])
+        worker.fold_batch(
+            [_FaustMessage(m.topic(), m.partition(), m.offset(), m.key(), m.value(), m.headers()) for m in chunk]
+        )
         done += len(chunk)
         if progress is not None and (done == len(messages) or done % 5000 < len(chunk)):
             progress("fold", done, len(messages))

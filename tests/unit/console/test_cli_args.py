@@ -221,7 +221,10 @@ def test_an_unreachable_broker_fails_fast_naming_address_and_setting(
 def test_an_unreachable_database_fails_fast_without_its_password(startup_s: float, tmp_path: Path) -> None:
     url = "postgresql://app:s3cret@127.0.0.1:1/app"
     code, _, err, took = _cli(["runs", "--limit", "5"], {"STREAMAGENT_DATABASE_URL": url})
-    assert code == 1 and took - startup_s < 4.0
+    # A refused connection fails at once; what the bound must tell apart is a wait on retries or a
+    # connect timeout (tens of seconds). The start-up measured once does not hold under load (a busy
+    # 2-core box varied by several seconds between two starts), so the bound leaves room for that.
+    assert code == 1 and took - startup_s < 12.0, f"took {took:.1f}s, of which start-up {startup_s:.1f}s"
     assert_one_clear_line(err, "postgresql://app:***@127.0.0.1:1/app", "STREAMAGENT_DATABASE_URL")
     assert "s3cret" not in err
 

@@ -159,20 +159,28 @@ def test_docker_compose_config_accepts_the_file() -> None:
     assert result.returncode == 0, f"{' '.join(binary)} config rejected docker-compose.yml:\n{result.stderr}"
 
 
-def test_the_signer_and_every_tool_read_the_command_keys_secret(compose: dict[str, Any]) -> None:
-    """Without a key the state processor (it signs snapshots), the decision processor and the tools refuse
-    to start: each mounts the secret and is pointed at it; the approval keys go to the decision processor
-    (it mints tokens) and the tools (they check them); nothing else gets either."""
-    assert {"command-keys", "approval-keys"} <= set(compose["secrets"])
+def test_each_service_mounts_only_the_keys_of_its_role(compose: dict[str, Any]) -> None:
+    """Least privilege (streamagent.authn): the pipeline's core (state, decision, projection) mounts the
+    command keys; intake and each tool mount only their own role key, so a leaked tool container can
+    neither sign as another tool nor approve; the approval token keys go to the decision processor (it
+    mints tokens) and the tools (they check them); nothing else gets any key."""
+    assert {"command-keys", "approval-keys", "intake-key"} <= set(compose["secrets"])
+    core = (["processor", "state"], ["processor", "decision"], ["processor", "projection"])
     for name, svc in _streamagent_services(compose).items():
         command = _command(svc)
-        approvals = command == ["processor", "decision"] or command[:1] == ["tool"]
-        needs = approvals or command == ["processor", "state"]
         env = _environment(svc)
-        if needs:
-            assert svc.get("secrets") == (["command-keys", "approval-keys"] if approvals else ["command-keys"]), name
+        approvals = command == ["processor", "decision"] or command[:1] == ["tool"]
+        if command in core:
+            wanted = ["command-keys", "approval-keys"] if approvals else ["command-keys"]
+            assert svc.get("secrets") == wanted, name
             assert env.get(f"{ENV_PREFIX}COMMAND_KEYS_FILE") == "/run/secrets/command-keys", name
-            assert (env.get(f"{ENV_PREFIX}APPROVAL_KEYS_FILE") == "/run/secrets/approval-keys") == approvals, name
+            assert f"{ENV_PREFIX}ROLE_KEYS_FILE" not in env, name
+        elif command[:1] == ["tool"] or command == ["processor", "intake"]:
+            role = f"tool-{command[1]}-key" if command[0] == "tool" else "intake-key"
+            assert svc.get("secrets") == ([role, "approval-keys"] if approvals else [role]), name
+            assert env.get(f"{ENV_PREFIX}ROLE_KEYS_FILE") == f"/run/secrets/{role}", name
+            assert f"{ENV_PREFIX}COMMAND_KEYS_FILE" not in env, name
         else:
             assert "secrets" not in svc and f"{ENV_PREFIX}COMMAND_KEYS_FILE" not in env, name
-            assert f"{ENV_PREFIX}APPROVAL_KEYS_FILE" not in env, name
+            assert f"{ENV_PREFIX}ROLE_KEYS_FILE" not in env, name
+        assert (env.get(f"{ENV_PREFIX}APPROVAL_KEYS_FILE") == "/run/secrets/approval-keys") == approvals, name

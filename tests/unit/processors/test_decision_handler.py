@@ -14,6 +14,7 @@ from streamagent.processors.state.fold import apply
 from test_fold import DEFAULT_DEADLINE_S, requested
 
 from streamagent import codec, db
+from streamagent.authn import tool_keys
 from streamagent.config import Settings
 from streamagent.events import DecisionRecorded, ToolCommand
 from streamagent.runtime import Batch, Incoming
@@ -76,7 +77,10 @@ def test_a_batch_costs_one_round_trip_and_a_redelivery_none(settings: Settings) 
     decisions = [codec.decode(v) for t, v in producer.sent if t == settings.topic(RUN_EVENTS)]
     assert len(commands) == 20 and all(isinstance(c, ToolCommand) for c in commands)
     keys = load_keys(settings)
-    assert all(c.signature.startswith(f"v1:{keys.signer.key_id}:") and verify(c, keys) is None for c in commands)
+    assert all(
+        c.signature.startswith(f"v1:{keys.signer.key_id}:") and verify(c, tool_keys(keys, c.tool)) is None
+        for c in commands
+    )
     # Every command is produced before the first decision, which says where its command landed.
     assert topics.index(settings.topic(RUN_EVENTS)) == 20
     assert all(isinstance(d, DecisionRecorded) and d.command_offset is not None for d in decisions)
@@ -152,5 +156,5 @@ def test_a_command_recorded_unsigned_is_signed_when_it_is_redriven(settings: Set
     restarted(_batch([_redrive(snap, legacy)]))
     (resent,) = [codec.decode(v) for t, v in producer.sent if t != settings.topic(RUN_EVENTS)]
     assert isinstance(resent, ToolCommand)
-    assert verify(resent, load_keys(settings)) is None
+    assert verify(resent, tool_keys(load_keys(settings), resent.tool)) is None
     assert resent.model_copy(update={"signature": ""}) == legacy

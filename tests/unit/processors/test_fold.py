@@ -11,6 +11,7 @@ import pytest
 from streamagent.processors.state.fold import Applied, RunState, Unprocessable, apply
 from streamagent.processors.workflow import ONBOARDING
 
+from streamagent import events
 from streamagent.events import (
     DecisionAction,
     DecisionRecorded,
@@ -27,6 +28,9 @@ from streamagent.events import (
 )
 
 RUN = "run-0001"
+# The id the decision processor gives the enrich step's command: a result read before its decision
+# must carry it (the fold takes no result for a command the run would not send).
+CMD_E = events.command_id(RUN, "enrich")
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 DEFAULT_DEADLINE_S = 600.0
 STEPS = ("enrich", "jira", "email", "slack")
@@ -77,7 +81,7 @@ def decision(
 
 
 def dispatch(step: str, command_id: str | None = None, decision_id: str | None = None) -> DecisionRecorded:
-    return decision(DecisionAction.dispatch, step, command_id or f"cmd-{step}", decision_id)
+    return decision(DecisionAction.dispatch, step, command_id or events.command_id(RUN, step), decision_id)
 
 
 def result(
@@ -94,7 +98,7 @@ def result(
         event_id=event_id or f"res-{step}-{next(_seq)}",
         run_id=RUN,
         occurred_at=_at(),
-        command_id=command_id or f"cmd-{step}",
+        command_id=command_id or events.command_id(RUN, step, operation),
         tool=step,
         step=step,
         operation=operation,
@@ -280,14 +284,14 @@ def test_a_failed_result_stores_the_error_with_its_kind(kind: str | None, expect
 
 
 def test_a_result_before_its_decision_is_accepted_and_the_late_decision_is_not_superseded() -> None:
-    early = fold([requested(), result("enrich", "cmd-e", output={"industry": "Retail"})])
+    early = fold([requested(), result("enrich", CMD_E, output={"industry": "Retail"})])
     step = early.snapshot.step("enrich")
     assert step.status is StepStatus.succeeded
-    assert step.command_id == "cmd-e"
+    assert step.command_id == CMD_E
     assert step.decision_id is None
     assert step.output == {"industry": "Retail"}
 
-    late = fold([dispatch("enrich", "cmd-e", "dec-e")], early)
+    late = fold([dispatch("enrich", CMD_E, "dec-e")], early)
     step = late.snapshot.step("enrich")
     assert late.snapshot.superseded_decisions == 0
     assert step.status is StepStatus.succeeded
@@ -297,18 +301,19 @@ def test_a_result_before_its_decision_is_accepted_and_the_late_decision_is_not_s
 
 
 def test_a_late_decision_with_another_command_than_the_early_result_is_superseded() -> None:
-    early = fold([requested(), result("enrich", "cmd-e")])
+    early = fold([requested(), result("enrich", CMD_E)])
     late = fold([dispatch("enrich", "cmd-stale", "dec-stale")], early)
     assert late.snapshot.superseded_decisions == 1
     assert late.snapshot.step("enrich").decision_id is None
-    assert late.snapshot.step("enrich").command_id == "cmd-e"
+    assert late.snapshot.step("enrich").command_id == CMD_E
 
 
 def test_a_compensation_result_marks_the_step_compensated() -> None:
     state = fold([requested(), dispatch("jira"), result("jira", output={"key": "ACME"})])
-    undone = fold([result("jira", "cmd-jira-undo", output={"closed": "ACME"}, operation="compensate")], state)
+    undo_id = events.command_id(RUN, "jira", "compensate")  # read before the undo's decision (two topics)
+    undone = fold([result("jira", undo_id, output={"closed": "ACME"}, operation="compensate")], state)
     assert undone.snapshot.step("jira").status is StepStatus.compensated
-    failed_undo = fold([result("jira", "cmd-jira-undo", ok=False, operation="compensate")], state)
+    failed_undo = fold([result("jira", undo_id, ok=False, operation="compensate")], state)
     assert failed_undo.snapshot.step("jira").status is StepStatus.succeeded
 
 

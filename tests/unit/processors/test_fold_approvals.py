@@ -93,7 +93,7 @@ def test_the_run_counts_its_decisions_tool_calls_tokens_and_cost() -> None:
     paid = decision(DecisionAction.dispatch, "jira", command_id="cmd-jira").model_copy(
         update={"prompt_tokens": 100, "completion_tokens": 20, "cost_usd": 0.01}
     )
-    snap = fold([requested(), dispatch("enrich"), result("enrich"), paid, result("jira")]).snapshot
+    snap = fold([requested(), dispatch("enrich"), result("enrich"), paid, result("jira", "cmd-jira")]).snapshot
     assert (snap.decisions, snap.tool_calls, snap.tokens, snap.cost_usd) == (2, 2, 120, 0.01)
     waited = fold([requested(), decision(DecisionAction.wait, "enrich")]).snapshot
     assert (waited.decisions, waited.tool_calls) == (1, 0)  # a wait is a decision, not a call

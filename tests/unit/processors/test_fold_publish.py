@@ -17,7 +17,10 @@ from streamagent.events import (
     RunDeadlineExceeded,
     RunStatus,
     StepStatus,
+    command_id,
 )
+
+CMD_ENRICH = command_id(RUN, "enrich")
 
 
 def publishes(events: list[Event]) -> list[tuple[str, bool]]:
@@ -38,7 +41,7 @@ def test_a_whole_run_publishes_one_snapshot_per_step_plus_the_request() -> None:
 
 
 def test_a_result_folded_before_its_decision_waits_for_the_decision() -> None:
-    cmd = "cmd-enrich"
+    cmd = CMD_ENRICH  # read before its decision: the id the decision processor gives it
     flags = publishes([requested(), result("enrich", cmd), dispatch("enrich", cmd)])
     # The result alone would show a step whose decision the state has not taken in: no snapshot yet.
     assert flags == [("RunRequested", True), ("ToolResult", False), ("DecisionRecorded", True)]
@@ -87,7 +90,7 @@ def test_a_dispatch_records_where_its_command_landed() -> None:
     assert in_flight(state.snapshot) == [step]
 
 
-def _lost(redrive: int, give_up: bool = False, command_id: str = "cmd-enrich") -> CommandLost:
+def _lost(redrive: int, give_up: bool = False, command_id: str = CMD_ENRICH) -> CommandLost:
     return CommandLost(
         run_id=RUN, command_id=command_id, step="enrich", tool="enrich", redrive=redrive, give_up=give_up, evidence="x"
     )
@@ -100,11 +103,11 @@ def _in_flight_enrich() -> RunState:
 
 def test_a_lost_command_asks_for_a_resend_and_the_copy_is_judged_next() -> None:
     applied = apply(_in_flight_enrich(), _lost(1), DEFAULT_DEADLINE_S)
-    assert applied.publish and applied.state.snapshot.redrive_command_id == "cmd-enrich"
+    assert applied.publish and applied.state.snapshot.redrive_command_id == CMD_ENRICH
     assert applied.state.snapshot.step("enrich").redrives == 1
     resent = CommandResent(
         run_id=RUN,
-        command_id="cmd-enrich",
+        command_id=CMD_ENRICH,
         step="enrich",
         tool="enrich",
         redrive=1,
@@ -133,7 +136,7 @@ def test_stale_loss_evidence_changes_nothing_but_the_version() -> None:
 
 
 def test_a_step_ends_the_same_whichever_of_its_decision_and_result_is_folded_first() -> None:
-    cmd = "cmd-enrich"
+    cmd = CMD_ENRICH  # read before its decision: the id the decision processor gives it
     start, decided, done = requested(), dispatch("enrich", cmd), result("enrich", cmd)
     decided_first = publishes_state([start, decided, done])
     result_first = publishes_state([start, done, decided])

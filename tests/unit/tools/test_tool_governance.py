@@ -30,6 +30,7 @@ from streamagent.tools.sdk.runner import ToolRunner
 from streamagent.tools.sdk.schema import SCHEMA as LEDGER_SCHEMA
 
 from streamagent import approval, codec, db
+from streamagent.authn import tool_keys
 from streamagent.config import Settings
 from streamagent.dlq_ops import read_dead_letters
 from streamagent.events import ToolCommand, ToolResult, ToolStatus, now
@@ -220,7 +221,7 @@ def test_the_runner_calls_only_approved_current_commands_at_the_policys_rate(
     settings = settings.model_copy(update={"policies_dir": policies})
     db.migrate(settings, LEDGER_SCHEMA, DECISION_SCHEMA)
     create_topics(settings)
-    keys = load_keys(settings)
+    keys = tool_keys(load_keys(settings), "enrich")  # the enrich tool's own key (streamagent.authn)
     approved = [_approved(_command(f"run-{i}", n=i)) for i in range(6)]
     for command in approved:
         record_decision(settings, command.run_id, 0, command.decision_id, step="enrich")

@@ -30,6 +30,7 @@ from streamagent.tools.sdk.runner import ToolRunner
 from streamagent.tools.sdk.schema import SCHEMA as LEDGER_SCHEMA
 
 from streamagent import codec, db
+from streamagent.authn import tool_keys
 from streamagent.config import Settings
 from streamagent.dlq_ops import read_dead_letters
 from streamagent.events import ToolCommand, ToolResult, ToolStatus, now
@@ -340,6 +341,7 @@ def test_the_runner_claims_once_per_batch_and_keeps_every_guarantee(settings: Se
     settings = settings.model_copy(update={"command_keys": SecretStr(""), "command_keys_file": keys_file})
     keys = load_keys(settings)
     assert len(keys.keys) == 2 and keys.ids[1] == TEST_OLD_KEY[0]
+    keys = tool_keys(keys, "enrich")  # the decision processor signs a tool's commands with that tool's key
     create_topics(settings)
     topic = settings.topic(command_topic("enrich"))
     recorded = codec.encode(
@@ -354,7 +356,7 @@ def test_the_runner_claims_once_per_batch_and_keeps_every_guarantee(settings: Se
     runs = [f"run-{i}" for i in range(12)]
     commands = [sign(_command(run, f"s{step}", -1 if (i, step) == (3, 1) else 13 if (i, step) == (5, 2) else i), keys)
                 for step in range(3) for i, run in enumerate(runs)]  # fmt: skip
-    old_key = parse_keys(" ".join(TEST_OLD_KEY), "the old key")
+    old_key = tool_keys(parse_keys(" ".join(TEST_OLD_KEY), "the old key"), "enrich")
     commands.append(sign(_command("run-old-key", "s0", 21), old_key))  # signed before the rotation: accepted
     commands.append(sign(_command("run-done", "s0", 1), keys))  # already done: its recorded result is republished
     commands.append(sign(_command("run-0", "s0", 0), keys))  # a redelivery of a command: run once, published twice
@@ -476,7 +478,7 @@ def test_a_saturated_runner_keeps_its_place_in_its_group(settings: Settings) -> 
     db.migrate(settings, LEDGER_SCHEMA, DECISION_SCHEMA)
     create_topics(settings)
     topic = settings.topic(command_topic("enrich"))
-    commands = [sign(_command(f"run-{i}", "s0", i), load_keys(settings)) for i in range(3)]
+    commands = [sign(_command(f"run-{i}", "s0", i), tool_keys(load_keys(settings), "enrich")) for i in range(3)]
     for command in commands:
         record_decision(settings, command.run_id, 0, command.decision_id)
     producer = Producer({"bootstrap.servers": settings.bootstrap_servers})

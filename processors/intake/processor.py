@@ -1,0 +1,69 @@
+"""The intake processor: upstream requests in, signed ``RunRequested`` events out.
+
+Its own consumer group on the intake topic (``agent.run.requests``), as many members as partitions.
+Per batch: each request is read (Avro or JSON), validated (schema, sizes, a known workflow) and appended
+to the run log keyed by its run id with the project's partitioner, signed as intake's
+(``streamagent.authn``); a refused one is dead-lettered with a reason that names the field and never
+reaches the run log. Offsets are committed after the appends are acknowledged (the runtime's rule), and
+a redelivered request appends the same event again, which the fold and projection take once.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from confluent_kafka import Message
+from streamagent.processors.intake.request import admit, fields_of
+from streamagent.processors.workflow import load_workflows
+
+from streamagent import codec
+from streamagent.authn import INTAKE, RoleKeys, role_keys
+from streamagent.config import Settings
+from streamagent.events import RunRequested
+from streamagent.metrics import INTAKE_REQUESTS
+from streamagent.runtime import Batch, ConsumerRuntime
+from streamagent.topics import RUN_EVENTS, RUN_REQUESTS
+
+log = logging.getLogger(__name__)
+PROCESSOR = "intake"
+
+
+class IntakeHandler:
+    def __init__(self, settings: Settings, signer: RoleKeys, producer: Any, workflows: frozenset[str]) -> None:
+        self.settings = settings
+        self.signer = signer
+        self.producer = producer
+        self.workflows = workflows
+        self.events_topic = settings.topic(RUN_EVENTS)
+
+    def decode(self, msg: Message) -> RunRequested:
+        """The request as it goes onto the run log; ``Rejected`` (dead-lettered by the runtime) if refused."""
+        try:
+            fields = fields_of(msg.value(), self.settings.max_event_bytes)
+            request = admit(fields, self.workflows, (msg.topic(), msg.partition(), msg.offset()))
+        except Exception:
+            INTAKE_REQUESTS.labels("refused").inc()
+            raise
+        return request
+
+    def __call__(self, batch: Batch) -> None:
+        for item in batch:
+            request = item.event
+            assert isinstance(request, RunRequested)
+            value = codec.encode(request)
+            self.producer.produce(
+                self.events_topic, key=request.run_id.encode(), value=value, headers=self.signer.headers(value)
+            )
+            INTAKE_REQUESTS.labels("accepted").inc()
+            log.info("request accepted", extra={"run_id": request.run_id, "workflow": request.workflow})
+
+
+def build(settings: Settings) -> ConsumerRuntime:
+    signer = role_keys(settings, INTAKE)  # no key, no start (one line naming the setting)
+    workflows = frozenset(load_workflows(settings.workflows_dir))  # a malformed file stops the start
+    runtime = ConsumerRuntime(settings, PROCESSOR, [settings.topic(RUN_REQUESTS)], lambda _: None)
+    handler = IntakeHandler(settings, signer, runtime.producer, workflows)
+    runtime.handler = handler
+    runtime.decoder = handler.decode
+    return runtime

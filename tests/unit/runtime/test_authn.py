@@ -1,0 +1,150 @@
+"""Event authentication (streamagent.authn): who wrote a record, and whether that writer may write it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from helpers import TEST_COMMAND_KEYS, TEST_OLD_KEY
+
+from streamagent import authn, codec
+from streamagent.authn import Authenticator, RoleKeys, Unauthenticated, issue, read_role_keys, tool_keys
+from streamagent.events import (
+    ApprovalGranted,
+    CommandLost,
+    DecisionAction,
+    DecisionRecorded,
+    RunDeadlineExceeded,
+    RunFailed,
+    RunRequested,
+    ToolResult,
+    ToolStatus,
+    now,
+)
+from streamagent.signing import CommandKeyError, parse_keys
+
+PIPELINE = parse_keys(TEST_COMMAND_KEYS, "test keys")
+CORE = Authenticator(PIPELINE)
+
+
+def _result(tool: str = "jira", operation: str = "execute") -> ToolResult:
+    return ToolResult(
+        run_id="r1", command_id="c1", tool=tool, step=tool, operation=operation, status=ToolStatus.succeeded
+    )
+
+
+def _approval(by: str = "grace") -> ApprovalGranted:
+    return ApprovalGranted(run_id="r1", request_id="q1", step="email", by=by)
+
+
+def _signed(role: str, event: object, keys: RoleKeys | None = None) -> tuple[bytes, list[tuple[str, bytes]]]:
+    value = codec.encode(event)  # type: ignore[arg-type]
+    signer = keys or issue(PIPELINE, role)
+    return value, signer.headers(value)
+
+
+def _decision() -> DecisionRecorded:
+    return DecisionRecorded(
+        run_id="r1", decision_id="d1", based_on_version=1, action=DecisionAction.complete, reason="x", decider="t"
+    )
+
+
+@pytest.mark.parametrize(
+    ("role", "event"),
+    [
+        ("decision", _decision()),
+        ("decision", RunFailed(run_id="r1", decision_id="d", status="failed", reason="x")),
+        ("state", RunDeadlineExceeded(run_id="r1", deadline_at=now())),
+        ("state", CommandLost(run_id="r1", command_id="c", step="s", tool="t", redrive=1, evidence="e")),
+        ("tool:jira", _result("jira")),
+        ("tool:jira", _result("jira", "compensate")),
+        ("operator:grace", _approval("grace")),
+    ],
+    ids=lambda x: x if isinstance(x, str) else type(x).__name__,
+)
+def test_each_component_writes_its_own_events(role: str, event: object) -> None:
+    value, headers = _signed(role, event)
+    assert CORE.verify(event, value, headers) == role  # type: ignore[arg-type]
+
+
+def test_a_record_without_the_header_or_with_a_forged_one_is_refused() -> None:
+    event = _result()
+    value = codec.encode(event)
+    with pytest.raises(Unauthenticated, match="no streamagent-auth header"):
+        CORE.verify(event, value, None)
+    with pytest.raises(Unauthenticated, match="malformed"):
+        CORE.verify(event, value, [(authn.HEADER, b"e1:tool:jira:k:nothex")])
+    with pytest.raises(Unauthenticated, match="unknown key 'rogue'"):
+        CORE.verify(event, value, [(authn.HEADER, f"e1:tool:jira:rogue:{'0' * 64}".encode())])
+    # Signed as jira with a key guessed from nothing: same key id, other secret.
+    impostor = RoleKeys("tool:jira", parse_keys(f"{PIPELINE.signer.key_id} {'i' * 64}", "impostor"))
+    with pytest.raises(Unauthenticated, match="does not match"):
+        CORE.verify(event, value, impostor.headers(value))
+
+
+def test_an_altered_record_no_longer_verifies() -> None:
+    value, headers = _signed("tool:jira", _result())
+    altered_event = _result().model_copy(update={"output": {"key": "EVIL"}})
+    with pytest.raises(Unauthenticated, match="does not match"):
+        CORE.verify(altered_event, codec.encode(altered_event), headers)
+    assert CORE.verify(_result(), value, headers) == "tool:jira"
+
+
+def test_a_tool_key_cannot_answer_for_another_tool_nor_approve_nor_end_a_run() -> None:
+    jira = issue(PIPELINE, "tool:jira")
+    for event, why in [
+        (_result("email"), "result of tool 'email' signed as tool:jira"),
+        (_approval(), "only an operator's key answers an approval"),
+        (RunFailed(run_id="r1", decision_id="d", status="failed", reason="x"), "only decision writes it"),
+        (RunRequested.model_validate(_request()), "only intake writes it"),
+    ]:
+        value, headers = _signed("", event, jira)
+        with pytest.raises(Unauthenticated, match=why):
+            CORE.verify(event, value, headers)  # type: ignore[arg-type]
+    # Nor can it claim to be another role in the header: the MAC is over the role, under the role's key.
+    value = codec.encode(_result("email"))
+    forged = jira.headers(value)[0][1].decode().replace("tool:jira", "tool:email").encode()
+    with pytest.raises(Unauthenticated, match="does not match"):
+        CORE.verify(_result("email"), value, [(authn.HEADER, forged)])
+
+
+def test_an_approval_records_the_identity_of_its_key() -> None:
+    value, headers = _signed("operator:grace", _approval("mallory"))
+    with pytest.raises(Unauthenticated, match="says by 'mallory' but is signed by operator 'grace'"):
+        CORE.verify(_approval("mallory"), value, headers)
+
+
+def test_role_keys_differ_per_role_and_follow_a_rotation() -> None:
+    assert tool_keys(PIPELINE, "jira").signer.secret != tool_keys(PIPELINE, "email").signer.secret
+    assert tool_keys(PIPELINE, "jira").ids == PIPELINE.ids  # one derived key per pipeline key, same ids
+    # Signed under the previous pipeline key (before the rotation): still verifies while it is listed.
+    old = parse_keys(" ".join(TEST_OLD_KEY), "old")
+    value, headers = _signed("", _result(), issue(old, "tool:jira"))
+    assert CORE.verify(_result(), value, headers) == "tool:jira"
+    retired = Authenticator(parse_keys(TEST_COMMAND_KEYS.splitlines()[0], "current only"))
+    with pytest.raises(Unauthenticated, match="unknown key 'test-previous'"):
+        retired.verify(_result(), value, headers)
+
+
+def test_a_role_key_file_round_trips_and_names_its_role(tmp_path: Path) -> None:
+    path = tmp_path / "keys" / "tool-jira.keys"
+    issue(PIPELINE, "tool:jira").write(path)
+    assert path.stat().st_mode & 0o777 == 0o600
+    loaded = read_role_keys(path)
+    assert loaded.role == "tool:jira" and loaded.keys == tool_keys(PIPELINE, "jira")
+    (tmp_path / "bare.keys").write_text("k1 " + "x" * 64 + "\n")
+    with pytest.raises(CommandKeyError, match="names no role"):
+        read_role_keys(tmp_path / "bare.keys")
+    with pytest.raises(ValueError, match="is not one of"):
+        issue(PIPELINE, "admin")
+
+
+def _request() -> dict[str, object]:
+    return {
+        "run_id": "r1",
+        "company_name": "Acme",
+        "company_domain": "acme.io",
+        "contact_name": "Ada",
+        "contact_email": "ada@acme.io",
+        "requested_by": "crm",
+    }
