@@ -24,6 +24,9 @@ H_TOPIC = "dlq.source.topic"
 H_PARTITION = "dlq.source.partition"
 H_OFFSET = "dlq.source.offset"
 H_AT = "dlq.at"
+# The original record's authentication (streamagent.authn's header), kept so that `dlq replay` puts back
+# a record its writer signed exactly as it was: without it the fold would refuse it as unauthenticated.
+H_AUTH = "streamagent-auth"
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,7 @@ class DeadLetter:
     at_ms: int
     dlq_offset: int = -1
     dlq_partition: int = -1
+    auth: bytes | None = None
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready view for listings: the value's size, not its bytes."""
@@ -46,11 +50,13 @@ class DeadLetter:
         data["key"] = self.key.decode(errors="replace") if self.key else None
         data["value_bytes"] = len(self.value or b"")
         data.pop("value")
+        data["signed"] = data.pop("auth") is not None
         return data
 
     @classmethod
     def from_message(cls, msg: Message) -> DeadLetter:
-        headers = {k: (v or b"").decode(errors="replace") for k, v in (msg.headers() or [])}
+        raw = dict(msg.headers() or [])
+        headers = {k: (v or b"").decode(errors="replace") for k, v in raw.items()}
         return cls(
             reason=headers.get(H_REASON, "?"),
             error=headers.get(H_ERROR, ""),
@@ -63,7 +69,12 @@ class DeadLetter:
             at_ms=int(headers.get(H_AT, "0")),
             dlq_offset=msg.offset(),
             dlq_partition=msg.partition(),
+            auth=raw.get(H_AUTH),
         )
+
+    def replay_headers(self) -> list[tuple[str, bytes]] | None:
+        """The headers to put the original record back with (its authentication, if it had one)."""
+        return [(H_AUTH, self.auth)] if self.auth is not None else None
 
 
 def headers_for(
@@ -88,19 +99,36 @@ class DeadLetterSink:
 
     def send(self, msg: Message, reason: str, error: str) -> None:
         """Dead-letter ``msg``. The caller flushes before committing the source offset."""
-        self.send_raw(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(), reason, error)
+        self.send_raw(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(), reason, error, msg.headers())
 
     def send_raw(
-        self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None, reason: str, error: str
+        self,
+        topic: str,
+        partition: int,
+        offset: int,
+        key: bytes | None,
+        value: bytes | None,
+        reason: str,
+        error: str,
+        original_headers: object = None,
     ) -> None:
         """Dead-letter a message given by its parts (for clients other than confluent-kafka's)."""
         record(self.processor, topic, partition, offset, reason, error)
-        self.producer.produce(
-            self.topic,
-            key=key,
-            value=value,
-            headers=headers_for(reason, error, self.processor, topic, partition, offset),
-        )
+        headers = headers_for(reason, error, self.processor, topic, partition, offset)
+        auth = _auth_of(original_headers)
+        if auth is not None:
+            headers.append((H_AUTH, auth))
+        self.producer.produce(self.topic, key=key, value=value, headers=headers)
+
+
+def _auth_of(headers: object) -> bytes | None:
+    if not headers:
+        return None
+    pairs = headers.items() if isinstance(headers, dict) else headers
+    for name, value in pairs:  # type: ignore[union-attr]
+        if name == H_AUTH:
+            return value.encode() if isinstance(value, str) else value
+    return None
 
 
 def record(processor: str, topic: str, partition: int, offset: int, reason: str, error: str) -> None:

@@ -47,7 +47,7 @@ def replay(settings: Settings, letters: list[DeadLetter]) -> int:
     """Produce each letter's original key and value to its source topic, unchanged."""
     p = producer(settings)
     for letter in letters:
-        p.produce(letter.source_topic, key=letter.key, value=letter.value)
+        p.produce(letter.source_topic, key=letter.key, value=letter.value, headers=letter.replay_headers())
     remaining = p.flush(30)
     if remaining:
         raise RuntimeError(f"{remaining} dead letters were not acknowledged")

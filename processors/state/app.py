@@ -372,7 +372,14 @@ class StateWorker:
 
     def _dead_letter(self, message: Any, reason: str, error: str) -> None:
         self.dead_letters.send_raw(
-            message.topic, message.partition, message.offset, message.key, message.value, reason, error
+            message.topic,
+            message.partition,
+            message.offset,
+            message.key,
+            message.value,
+            reason,
+            error,
+            getattr(message, "headers", None),
         )
 
     def _gauges(self) -> None:

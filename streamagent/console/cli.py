@@ -309,7 +309,8 @@ def cmd_topics_create(args: argparse.Namespace) -> int:
 
 def cmd_processor(args: argparse.Namespace) -> int:
     # No probe: a child of `up` that starts while the broker restarts waits in its client, not exits.
-    required = ("bootstrap_servers", "database_url") if args.name != "state" else ("bootstrap_servers",)
+    # The state processor and intake use Kafka only; the others also PostgreSQL.
+    required = ("bootstrap_servers",) if args.name in ("state", "intake") else ("bootstrap_servers", "database_url")
     settings = _settings(required, probe=False)
     if args.name in ("state", "decision"):
         _workflows(settings)  # a malformed workflow file: one line, before anything connects

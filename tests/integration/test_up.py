@@ -185,8 +185,12 @@ def test_up_survives_kill_9_restarts_cleanly_reports_crashes_and_stops_on_ctrl_c
 ) -> None:
     env = clean_env(**{**to_env(settings), "STREAMAGENT_UI_PORT": "0"})
     first = Up(env, tmp_path).start()
-    orphans = list(first.children().values())
-    assert len(orphans) == 9  # the sandbox, intake, state, decision, projection, four tools, the page
+    try:
+        orphans = list(first.children().values())
+        assert len(orphans) == 9  # the sandbox, intake, state, decision, projection, four tools, the page
+    except BaseException:
+        first.stop()  # a failed check must not leave a whole stack running behind the suite
+        raise
 
     first.proc.kill()  # type: ignore[union-attr]  # kill -9: no cleanup at all
     first.proc.wait()  # type: ignore[union-attr]

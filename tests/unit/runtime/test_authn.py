@@ -148,3 +148,46 @@ def _request() -> dict[str, object]:
         "contact_email": "ada@acme.io",
         "requested_by": "crm",
     }
+
+
+class _Recorded:
+    """A produced record as a consumer would read it back (the confluent ``Message`` methods used)."""
+
+    def __init__(self, topic: str, key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]]) -> None:
+        self._topic, self._key, self._value, self._headers = topic, key, value, headers
+
+    def topic(self) -> str:
+        return self._topic
+
+    def key(self) -> bytes | None:
+        return self._key
+
+    def value(self) -> bytes | None:
+        return self._value
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        return self._headers
+
+    def partition(self) -> int:
+        return 0
+
+    def offset(self) -> int:
+        return 5
+
+
+def test_a_dead_letter_keeps_the_authentication_so_a_replay_puts_back_a_record_that_verifies() -> None:
+    from streamagent.config import Settings
+    from streamagent.dlq import DeadLetter, DeadLetterSink
+
+    sent: list[_Recorded] = []
+
+    class Producer:
+        def produce(self, topic: str, key: bytes, value: bytes, headers: list[tuple[str, bytes]]) -> None:
+            sent.append(_Recorded(topic, key, value, headers))
+
+    value, headers = _signed("tool:jira", _result())
+    original = _Recorded("agent.tool.results", b"r1", value, headers)
+    DeadLetterSink(Settings(), Producer(), "state").send(original, "processing-error", "a bug, since fixed")  # type: ignore[arg-type]
+    letter = DeadLetter.from_message(sent[0])  # type: ignore[arg-type]
+    assert letter.reason == "processing-error" and letter.summary()["signed"] is True
+    assert CORE.verify(_result(), letter.value, letter.replay_headers()) == "tool:jira"
