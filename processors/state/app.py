@@ -96,13 +96,12 @@ class StateWorker:
         producer: Producer,
         workflows: Workflows | None = None,
         keys: CommandKeys | None = None,
-        authenticate: bool | None = None,
     ) -> None:
         self.settings = settings
         # Every event is folded only if it verifies as written by the component whose job it is
         # (streamagent.authn), and this processor's own timer events are signed as the state role.
         # Off only for a worker built by hand without keys (unit tests of the fold).
-        self.authenticator = Authenticator(keys) if keys is not None and authenticate is not False else None
+        self.authenticator = Authenticator(keys) if keys is not None else None
         self.signer = issue(keys, STATE) if keys is not None else None
         # Every published snapshot is signed (streamagent.signing): the decision processor decides only
         # on snapshots this processor made. None (a worker built by hand in unit tests): unsigned.

@@ -305,7 +305,11 @@ def approval_keys_settings(settings: Settings) -> dict[str, object]:
 
 def local_operator() -> str:
     """The identity `up` issues the local operator's key under: the login name, as a role allows it."""
-    name = re.sub(r"[^A-Za-z0-9_.@-]", "-", getpass.getuser() or "operator").strip("-.") or "operator"
+    try:
+        user = getpass.getuser()
+    except (OSError, KeyError):  # a container's uid with no name: still one operator, named so
+        user = "operator"
+    name = re.sub(r"[^A-Za-z0-9_.@-]", "-", user or "operator").strip("-.") or "operator"
     return name[:100]
 
 

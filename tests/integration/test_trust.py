@@ -42,7 +42,7 @@ from streamagent.events import (
     new_id,
 )
 from streamagent.submit import produce_requests
-from streamagent.topics import RUN_EVENTS, RUN_STATE, TOOL_RESULTS
+from streamagent.topics import RUN_EVENTS, RUN_REQUESTS, RUN_STATE, TOOL_RESULTS
 
 pytestmark = pytest.mark.integration
 
@@ -158,6 +158,13 @@ def test_no_producer_without_a_key_can_approve_fake_a_result_or_end_a_run(
         forged = {e.event_id for _, e in [*results, *run_log]}
         refused = eventually(lambda: _refused(s, forged), timeout=60, interval=0.3, what="every forgery refused")
         assert set(refused) == forged
+        # A request written straight onto the run log (an old producer) is told where requests go.
+        (direct,) = [
+            d
+            for d in read_dead_letters(s, reason="unauthenticated")
+            if d.processor == "state" and codec.decode(d.value).type == "RunRequested"  # type: ignore[attr-defined]
+        ]
+        assert s.topic(RUN_REQUESTS) in direct.error and "intake" in direct.error
 
         # The real Jira result, four seconds after the call, is the one the run uses.
         (done,) = eventually(lambda: ended(s, [second.run_id]), timeout=90, what="the slow run ended")
