@@ -57,16 +57,54 @@ def _run_row(row: tuple[Any, ...]) -> RunRow:
     return RunRow.model_validate(dict(zip(RunRow.model_fields, row, strict=True)))
 
 
-def runs(settings: Settings, status: str | None = None, limit: int = 1000) -> list[RunRow]:
+def runs(settings: Settings, status: str | None = None, limit: int = 1000, before: str | None = None) -> list[RunRow]:
+    """The newest runs first, like ``git log``: ``limit`` keeps the newest; ``before`` (a run id) pages on,
+    to the runs requested before that one."""
     if limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
     with db.connect(settings) as conn:
         rows = conn.execute(
             f"SELECT {_RUN_COLUMNS} FROM runs WHERE (%(status)s::text IS NULL OR status = %(status)s)"
-            " ORDER BY created_at NULLS LAST, run_id LIMIT %(limit)s",
-            {"status": status, "limit": limit},
+            " AND (%(before)s::text IS NULL OR (created_at, run_id) <"
+            " (SELECT created_at, run_id FROM runs WHERE run_id = %(before)s))"
+            " ORDER BY created_at DESC NULLS LAST, run_id DESC LIMIT %(limit)s",
+            {"status": status, "limit": limit, "before": before},
         ).fetchall()
     return [_run_row(row) for row in rows]
+
+
+# A run id may be given by any unique prefix this long (the page shows 8 characters).
+MIN_PREFIX = 6
+
+
+class AmbiguousRun(ValueError):
+    """A run id prefix that more than one run has; ``candidates`` are some of them, newest first."""
+
+    def __init__(self, prefix: str, candidates: list[str]) -> None:
+        super().__init__(f"{prefix!r} is the start of {len(candidates)}{'+' if len(candidates) > 10 else ''} run ids")
+        self.prefix = prefix
+        self.candidates = candidates[:10]
+
+
+def resolve_run(settings: Settings, text: str) -> str | None:
+    """The run id that ``text`` names: the id itself, or the one run whose id starts with it (at least
+    ``MIN_PREFIX`` characters); None if no run; ``AmbiguousRun`` if several."""
+    with db.connect(settings) as conn:
+        if conn.execute("SELECT 1 FROM runs WHERE run_id = %s", (text,)).fetchone():
+            return text
+        if len(text) < MIN_PREFIX:
+            return None
+        escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        found = [
+            run_id
+            for (run_id,) in conn.execute(
+                "SELECT run_id FROM runs WHERE run_id LIKE %s ORDER BY created_at DESC, run_id DESC LIMIT 11",
+                (escaped + "%",),
+            )
+        ]
+    if len(found) > 1:
+        raise AmbiguousRun(text, found)
+    return found[0] if found else None
 
 
 # What the page's search box matches, as a case-insensitive substring: ids, names, addresses, reasons.

@@ -62,6 +62,24 @@ def _settings(require: tuple[str, ...] = (), *, probe: bool = True) -> Settings:
     return settings
 
 
+def _run_id(settings: Settings, given: str) -> str:
+    """The run id a user typed: the whole id or any unique prefix of at least six characters."""
+    from streamagent.processors.projection import queries
+
+    try:
+        found = queries.resolve_run(settings, given)
+    except queries.AmbiguousRun as exc:
+        more = "" if len(exc.candidates) <= 10 else " …"
+        raise CliError(
+            f"run id prefix {given!r} matches several runs: {', '.join(exc.candidates[:10])}{more}; give more of it"
+        ) from None
+    if found is None:
+        short = len(given) < queries.MIN_PREFIX
+        hint = f" (a prefix needs at least {queries.MIN_PREFIX} characters)" if short else ""
+        raise CliError(f"no run {given}{hint}")
+    return found
+
+
 def _require_broker(bootstrap: str, source: str) -> None:
     from streamagent.kafka import probe
 
@@ -403,11 +421,11 @@ def cmd_show(args: argparse.Namespace) -> int:
     from streamagent.processors.projection import queries
 
     settings = _settings(("database_url",))
-    row = queries.run(settings, args.run_id)
+    run_id = _run_id(settings, args.run_id)
+    row = queries.run(settings, run_id)
     if row is None:
-        print(f"error: no run {args.run_id}", file=sys.stderr)
-        return 1
-    entries = queries.timeline(settings, args.run_id)
+        raise CliError(f"no run {args.run_id}")
+    entries = queries.timeline(settings, run_id)
     from streamagent.console.timeline import plan_of
 
     if args.json:
@@ -433,7 +451,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
     from streamagent.processors.projection import queries
 
     settings = _settings(("database_url",))
-    rows = queries.runs(settings, status=args.status, limit=args.limit)
+    before = _run_id(settings, args.before) if args.before else None
+    rows = queries.runs(settings, status=args.status, limit=args.limit, before=before)
     if args.json:
         print(json.dumps([r.model_dump(mode="json") for r in rows], indent=2))
         return 0
@@ -481,7 +500,7 @@ def cmd_approvals(args: argparse.Namespace) -> int:
     from streamagent.processors.projection import queries
 
     settings = _settings(("database_url",))
-    rows = queries.approvals(settings, pending=not args.all, run_id=args.run)
+    rows = queries.approvals(settings, pending=not args.all, run_id=_run_id(settings, args.run) if args.run else None)
     if args.json:
         print(json.dumps([r.model_dump(mode="json") for r in rows], indent=2))
         return 0
@@ -517,6 +536,7 @@ def cmd_answer(args: argparse.Namespace) -> int:
             f"--by {args.by!r}: answers are recorded under the identity of your operator key, {signer.identity!r}"
             " (another person answers with their own key: STREAMAGENT_OPERATOR_KEYS_FILE)"
         )
+    args.run_id = _run_id(settings, args.run_id)
     asked = queries.approvals(settings, pending=False, run_id=args.run_id)
     pending = [r for r in asked if r.step == args.step and r.status == "requested"]
     if not pending:
@@ -846,7 +866,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     runs = add("runs", cmd_runs, "List runs with their status")
     runs.add_argument("--status", choices=["running", "completed", "failed", "escalated"])
-    runs.add_argument("--limit", type=positive_int, default=1000, help="at most this many runs (default 1000)")
+    runs.add_argument(
+        "--limit", type=positive_int, default=1000, help="the newest this many runs, newest first (default 1000)"
+    )
+    runs.add_argument("--before", type=non_empty, metavar="RUN", help="the next page: runs requested before RUN")
     runs.add_argument("--json", action="store_true", help="machine-readable output")
 
     report = add(

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from helpers import ended, eventually
 
 from streamagent.config import Settings, get_settings, to_env
 from streamagent.console.cli import main as cli
 from streamagent.console.demo import sample_requests
 from streamagent.console.stack import Stack
+from streamagent.events import now
+from streamagent.submit import produce_requests
 
 pytestmark = pytest.mark.integration
 
@@ -75,6 +79,28 @@ def test_submit_wait_runs_show_and_dlq(
         assert cli(["show", "no-such-run"]) == 1
         assert cli(["dlq", "list", "--json"]) == 0
         assert json.loads(capsys.readouterr().out) == []
+
+        # -- run lists like `git log`, and run ids by any unique prefix ----------------------------------
+        base = sample_requests(3)
+        stamped = [
+            r.model_copy(update={"run_id": f"feed{c}0-{i}", "occurred_at": now() + timedelta(seconds=i + 1)})
+            for i, (r, c) in enumerate(zip(base, "abb", strict=True))
+        ]
+        produce_requests(s, stamped)
+        eventually(lambda: ended(s, [r.run_id for r in stamped]), timeout=90, what="three more runs ended")
+        capsys.readouterr()
+        assert cli(["runs", "--limit", "2", "--json"]) == 0
+        newest = [r["run_id"] for r in json.loads(capsys.readouterr().out)]
+        assert newest == ["feedb0-2", "feedb0-1"]  # the newest two, newest first
+        assert cli(["runs", "--before", "feedb0-1", "--limit", "1", "--json"]) == 0
+        assert [r["run_id"] for r in json.loads(capsys.readouterr().out)] == ["feeda0-0"]  # the next page
+        assert cli(["show", "feeda0", "--json"]) == 0  # a unique prefix
+        assert json.loads(capsys.readouterr().out)["run"]["run_id"] == "feeda0-0"
+        assert cli(["show", "feedb0"]) == 1  # two runs start so: both are named
+        err = capsys.readouterr().err
+        assert "feedb0-1" in err and "feedb0-2" in err and "several" in err and "Traceback" not in err
+        assert cli(["show", "feeda"]) == 1  # too short to be taken as a prefix
+        assert "at least 6 characters" in capsys.readouterr().err
 
 
 def _fields() -> list[str]:
