@@ -193,6 +193,8 @@ class Child:
     last_exit: int | None = None
     last_error: str = ""
     log_offset: int = 0
+    # How its crashes since it last ran a while (or was stopped) ended: what a crash loop reports.
+    crashes: list[str] = field(default_factory=list)
     _log: IO[bytes] | None = field(default=None, repr=False)
 
     def start(self) -> None:
@@ -622,32 +624,45 @@ class Stack:
             return
         now = time.monotonic()
         if child.next_start == 0.0:
+            code = child.proc.returncode
+            # Stopped, not crashed: SIGTERM or SIGINT from someone else (a rolling restart), or a clean
+            # exit. It is started again, and never counted towards a crash loop.
+            stopped = code in (0, -signal.SIGTERM, -signal.SIGINT)
             # A child that ran a while before dying gets a fresh backoff; a crash loop does not.
-            if now - child.started_at > 30:
+            if stopped or now - child.started_at > 30:
                 child.restarts = 0
+                child.crashes.clear()
+            if not stopped:
+                child.crashes.append(describe_exit(code))
             delay = min(self.max_backoff_s, self.restart_backoff_s * 2**child.restarts)
             child.next_start = now + delay
-            child.last_exit = child.proc.returncode
+            child.last_exit = code
             child.last_error = last_error_line(child.log_path, child.log_offset)
             log.warning(
-                "%s exited with %s; restarting in %.1fs",
+                "%s %s; restarting in %.1fs",
                 child.name,
-                child.proc.returncode,
+                "stopped" if stopped else f"exited with {code}",
                 delay,
                 extra={
                     "child": child.name,
-                    "exit_code": child.proc.returncode,
+                    "exit_code": code,
                     "restarts": child.restarts,
                     "last_error": child.last_error,
                 },
             )
             if self.report is not None:
-                looping = " (crash loop)" if child.restarts + 1 >= CRASH_LOOP_RESTARTS else ""
-                self.report(
-                    f"{child.name} {describe_exit(child.proc.returncode)} after {now - child.started_at:.1f}s"
-                    f"{looping}: {child.last_error or '(its log is empty)'} — restarting in {delay:.1f}s;"
-                    f" log: {child.log_path}"
-                )
+                ran = f"after {now - child.started_at:.1f}s"
+                if stopped:
+                    self.report(f"{child.name} stopped ({describe_exit(code)}) {ran} — restarting in {delay:.1f}s")
+                else:
+                    looping = ""
+                    if child.restarts + 1 >= CRASH_LOOP_RESTARTS:
+                        looping = f" (crash loop: {', '.join(child.crashes[-CRASH_LOOP_RESTARTS:])})"
+                    self.report(
+                        f"{child.name} {describe_exit(code)} {ran}{looping}:"
+                        f" {child.last_error or '(its log is empty)'} — restarting in {delay:.1f}s;"
+                        f" log: {child.log_path}"
+                    )
         if now >= child.next_start:
             child.restarts += 1
             child.next_start = 0.0
@@ -658,10 +673,10 @@ class Stack:
         """Why the stack cannot make progress (a child that keeps crashing), or None."""
         with self._lock:
             for child in self.children.values():
-                if child.restarts >= CRASH_LOOP_RESTARTS and not child.alive():
-                    last = describe_exit(child.last_exit)
+                if child.restarts >= CRASH_LOOP_RESTARTS and not child.alive() and child.crashes:
+                    ends = ", ".join(child.crashes[-CRASH_LOOP_RESTARTS:])
                     return (
-                        f"{child.name} keeps crashing ({child.restarts} restarts, last {last}):"
+                        f"{child.name} keeps crashing ({child.restarts} restarts, last {ends}):"
                         f" {child.last_error or '(its log is empty)'}; log: {child.log_path}"
                     )
         return None

@@ -22,7 +22,7 @@ import pytest
 from streamagent.config import Settings, to_env
 from streamagent.console.demo import NoProgress, wait_for_runs
 from streamagent.console.embedded import free_port, pid_alive
-from streamagent.console.stack import Stack, StackLock, StackStartError
+from streamagent.console.stack import CRASH_LOOP_RESTARTS, Stack, StackLock, StackStartError
 
 pytestmark = pytest.mark.integration
 
@@ -231,13 +231,32 @@ def test_a_crash_looping_child_is_reported_and_ends_a_wait(settings: Settings) -
         eventually(stack.failing, 30, "the crash loop to be noticed")
         message = stack.failing()
         assert message is not None and "tool-nosuch keeps crashing" in message
+        assert "last exit code 2, exit code 2, exit code 2" in message  # how each crash ended
         assert "invalid choice: 'nosuch'" in message  # its last error line, from its log file
         assert any("tool-nosuch exit code 2" in r and "invalid choice: 'nosuch'" in r for r in reports), reports
+        assert any("(crash loop: exit code 2, exit code 2, exit code 2)" in r for r in reports), reports
 
         began = time.monotonic()
         with pytest.raises(NoProgress, match="tool-nosuch keeps crashing"):
             wait_for_runs(stack.settings, ["never-submitted"], timeout_s=120, stuck=stack.failing)
         assert time.monotonic() - began < 5
+
+
+def test_a_child_stopped_with_sigterm_is_restarted_and_never_called_a_crash_loop(settings: Settings) -> None:
+    """A rolling restart stops a child with SIGTERM, again and again: each is reported as a stop."""
+    reports: list[str] = []
+    with Stack(settings, tools=(), processors=(), restart_backoff_s=0.05, report=reports.append) as stack:
+        for n in range(CRASH_LOOP_RESTARTS + 1):
+            pid = stack.kill("sandbox", signal.SIGTERM)
+            eventually(
+                lambda pid=pid: stack.children["sandbox"].alive() and stack.children["sandbox"].proc.pid != pid,
+                30,
+                f"the sandbox started again ({n + 1})",
+            )
+        stops = [r for r in reports if r.startswith("sandbox ")]
+        assert len(stops) == CRASH_LOOP_RESTARTS + 1, reports
+        assert all("stopped (" in r and "crash" not in r for r in stops), stops
+        assert stack.failing() is None
 
 
 def test_a_stack_that_cannot_start_says_why_and_leaves_the_data_dir_free(settings: Settings) -> None:
