@@ -360,10 +360,33 @@ def _validate(values: dict[str, Any]) -> Settings:
         raise SettingsError("; ".join(problems)) from None
 
 
+# Variables with the prefix that are not settings: the test suite's choice of broker and database.
+_NOT_SETTINGS_PREFIXES = (ENV_PREFIX + "TEST_",)
+
+
+def unknown_variables(environ: dict[str, str]) -> list[str]:
+    """``STREAMAGENT_*`` variables that name no setting (a typo is otherwise ignored in silence), each
+    with the nearest setting's name when one is close."""
+    import difflib
+
+    known = {env_name(field) for field in Settings.model_fields}
+    problems = []
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX) or name in known or name.startswith(_NOT_SETTINGS_PREFIXES):
+            continue
+        near = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+        problems.append(f"{name} is not a setting" + (f" (did you mean {near[0]}?)" if near else ""))
+    return problems
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """The process's settings; raises SettingsError naming every invalid variable."""
-    return _validate(_from_env(dict(os.environ)))
+    """The process's settings; raises SettingsError naming every invalid or unknown variable."""
+    environ = dict(os.environ)
+    unknown = unknown_variables(environ)
+    if unknown:
+        raise SettingsError("; ".join(unknown) + " (README: Configuration lists every setting)")
+    return _validate(_from_env(environ))
 
 
 def settings_from(environ: dict[str, str]) -> Settings:

@@ -408,3 +408,23 @@ def test_the_stack_creates_its_key_file_once_and_hands_children_the_path(tmp_pat
     # Keys given explicitly are used as given: nothing is created.
     given = Settings(data_dir=tmp_path / "other", command_keys="k " + "x" * 40)  # type: ignore[arg-type]
     assert command_keys_settings(given) == {} and not (tmp_path / "other").exists()
+
+
+@pytest.mark.parametrize(
+    ("variable", "hint"),
+    [
+        ("STREAMAGENT_BOOTSTRAP_SERVER", "did you mean STREAMAGENT_BOOTSTRAP_SERVERS?"),
+        ("STREAMAGENT_PARTITION", "did you mean STREAMAGENT_PARTITIONS?"),
+        ("STREAMAGENT_FLUX_CAPACITOR", "is not a setting"),
+    ],
+)
+def test_an_unknown_setting_is_refused_with_the_nearest_name(
+    variable: str, hint: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv(variable, "127.0.0.1:9092")
+    monkeypatch.setenv("STREAMAGENT_TEST_KEEP", "1")  # the test suite's own variables are not settings
+    get_settings.cache_clear()
+    code, err = run_main(["runs"], capsys)
+    assert code == 2
+    assert_one_clear_line(err, variable, hint)
+    assert "STREAMAGENT_TEST_KEEP" not in err
