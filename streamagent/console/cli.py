@@ -386,15 +386,25 @@ def _serve_metrics(settings: Settings, name: str) -> None:
 
 # -- submit / inspect --------------------------------------------------------------------------------
 REQUEST_FIELDS = ("company_name", "company_domain", "contact_name", "contact_email", "goal", "requested_by")
+# What a flag holds when it was not given (a flag with a default is "given" only when it differs).
+SUBMIT_DEFAULTS = {"goal": "onboard new client"}
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from streamagent.submit import InvalidRequest, build_request, produce_requests, read_jsonl
 
     known = set(_workflows(get_settings()))
+    skipped: list[str] = []
+    if args.file:
+        given = [f"--{f.replace('_', '-')}" for f in (*REQUEST_FIELDS, "run_id", "deadline_s", "workflow")
+                 if getattr(args, f) not in (None, SUBMIT_DEFAULTS.get(f))]  # fmt: skip
+        if given:
+            raise CliError(f"--file takes every field from the file; {', '.join(given)} cannot go with it", code=2)
+    elif args.skip_invalid:
+        raise CliError("--skip-invalid goes with --file (a request given by flags is one request)", code=2)
     try:
         if args.file:
-            requests = read_jsonl(Path(args.file), known)
+            requests, skipped = read_jsonl(Path(args.file), known, skip_invalid=args.skip_invalid)
         else:
             fields: dict[str, Any] = {f: getattr(args, f) for f in REQUEST_FIELDS}
             fields.update(run_id=args.run_id, deadline_s=args.deadline_s, workflow=args.workflow)
@@ -405,6 +415,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return 2
     except OSError as exc:
         raise CliError(f"cannot read {args.file}: {exc.strerror or exc}", code=2) from None
+    for problem in skipped:
+        print(f"skipped {problem}", file=sys.stderr)
+    if not requests:
+        raise CliError(f"no valid request in {args.file}; nothing was submitted", code=2)
     settings = _settings(("bootstrap_servers", "database_url") if args.wait else ("bootstrap_servers",))
     run_ids = produce_requests(settings, requests)
     for run_id in run_ids:
@@ -851,6 +865,9 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--deadline-s", type=positive_float, help="seconds the run may take")
     submit.add_argument("--workflow", type=non_empty, help="workflow to run (default onboarding)")
     submit.add_argument("--file", help="JSON-lines file, one request object per line (fields as the flags)")
+    submit.add_argument(
+        "--skip-invalid", action="store_true", help="with --file: submit the valid lines, list the others"
+    )
     submit.add_argument("--wait", action="store_true", help="wait until every submitted run has ended")
     submit.add_argument("--timeout", type=positive_float, default=120.0, help="seconds --wait waits (default 120)")
 

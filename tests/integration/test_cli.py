@@ -49,10 +49,11 @@ def test_submit_wait_runs_show_and_dlq(
         requests = sample_requests(2)
         lines = [json.dumps(r.model_dump(mode="json", include=set(_fields()))) for r in requests]
         path = tmp_path / "requests.jsonl"
-        path.write_text("\n".join(lines) + "\n")
+        path.write_text("\n".join([*lines, '{"company_name": "Half a request"}']) + "\n")
         capsys.readouterr()
-        assert cli(["submit", "--file", str(path), "--wait", "--timeout", "90"]) == 0
-        out = capsys.readouterr().out
+        assert cli(["submit", "--file", str(path), "--skip-invalid", "--wait", "--timeout", "90"]) == 0
+        out, err = capsys.readouterr()
+        assert "skipped line 3: company_domain: Field required" in err  # the good lines went through
         run_ids = [r.run_id for r in requests]
         assert all(run_id in out for run_id in run_ids)
 
