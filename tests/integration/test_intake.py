@@ -72,6 +72,13 @@ def test_any_client_key_and_partitioner_runs_and_replays_identical(
         assert all(len(parts) == 1 for parts in by_run.values()) and len(by_run) == 16
         _replay_agrees(capsys, 16)
     _replay_agrees(capsys, 16)  # the stack stopped: the log still rebuilds what was stored
+    # One run by id; an id the log does not have is an error, not "identical"; --json always prints its line.
+    assert cli(["replay", "--runs", requests[0].run_id, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["runs"] == 1
+    assert cli(["replay", "--runs", f"{requests[1].run_id},no-such-run"]) == 2
+    assert "--runs: no run no-such-run in the log" in capsys.readouterr().err
+    assert cli(["replay", "--no-verify", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["runs"] >= 16
 
 
 def _consumed(s: Settings, group: str, name: str) -> bool:

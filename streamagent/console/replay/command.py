@@ -49,6 +49,9 @@ def run_replay(settings: Settings, options: ReplayOptions) -> int:
     rebuilt = rebuild(settings, options.scope, progress)
     progress.end()
     try:
+        unknown = sorted(options.scope.runs - set(rebuilt.states)) if options.scope.runs else []
+        if unknown:
+            raise Usage(f"--runs: no run {', '.join(unknown)} in the log (nothing to replay or compare for it)")
         total_s = rebuilt.seconds
         rate = rebuilt.events / total_s if total_s else 0.0
         letters = Counter((x.processor, x.reason) for x in rebuilt.letters)
@@ -107,6 +110,8 @@ def run_replay(settings: Settings, options: ReplayOptions) -> int:
                 differ = report.count("differ")
                 if differ:
                     print(f"note: {differ} run(s) differ; --apply makes the rebuilt ones live (the log is the truth)")
+        elif options.json:  # --no-verify: the figures of the rebuild alone, still one line of JSON
+            print(json.dumps({"events": rebuilt.events, "runs": len(rebuilt.run_ids), "seconds": round(total_s, 3)}))
         if options.apply:
             projected, written = apply(settings, rebuilt, live_states(settings), options.own_lock)
             print(
