@@ -97,7 +97,7 @@ class RulesDecider:
         return Decision(DecisionAction.complete, "every step succeeded", context=context)
 
     def _compensation(self, workflow: Workflow, snapshot: StateSnapshot, context: dict[str, Any]) -> Decision | None:
-        """Undo, last step first, what an abandoned run (deadline passed) created."""
+        """Undo, last step first, what an abandoned run (failed, escalated, denied, past its deadline) created."""
         if not workflow.undo_pending(snapshot):
             return None
         if any(s.status is StepStatus.compensating for s in snapshot.steps):
@@ -106,9 +106,11 @@ class RulesDecider:
         for state in reversed(snapshot.steps):
             step = workflow.step(state.name)
             if state.status is StepStatus.succeeded and step.compensation is not None:
+                # Why the run is being undone, in its own words (a denial names who denied it).
+                why = snapshot.reason or ("its deadline passed" if snapshot.deadline_exceeded else "it ended")
                 return Decision(
                     DecisionAction.compensate,
-                    f"run abandoned after its deadline: undo {step.name}",
+                    f"run {snapshot.status.value} ({why}): undo {step.name}",
                     step=step.name,
                     tool=step.compensation.tool,
                     arguments=step.compensation.args.build(snapshot.request, results, snapshot.run_id),

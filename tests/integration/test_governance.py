@@ -135,8 +135,10 @@ def test_a_held_step_waits_for_a_person_approved_runs_once_denied_undoes(setting
         }
         assert status[deny.run_id].status == "failed", status[deny.run_id].reason
         assert "denied" in (status[deny.run_id].reason or "") or status[deny.run_id].failed_step == "email"
-        # Denied: no mail, and the Jira project the run made was undone.
+        # Denied: no mail, and the Jira project the run made was undone, saying why and by whom.
         assert effects_of(s, deny.run_id) == {"enrich.find": 1, "jira.create": 1, "jira.delete": 1}
+        undos = [e.payload for e in queries.timeline(s, deny.run_id) if e.payload.get("action") == "compensate"]
+        assert undos and all("refused by grace" in u["reason"] for u in undos), undos
 
         answered = {r.run_id: r for r in queries.approvals(s, pending=False) if r.run_id in waiting}
         assert answered[approve.run_id].status == "granted" and answered[approve.run_id].decided_by == "grace"
