@@ -79,8 +79,14 @@ bench-llm-local: $(STAMP) llm-local
 # an integration test spends most of its time waiting on its stack, so two share the 2 cores well.
 # `make test ARGS='-n 0'` runs it in one process. The slowest 15 tests close the report, so a test that
 # grows (or a machine that is busy) shows before the suite leaves its 15-minute budget.
+# The suite's temporary files live in a directory of its own, not under /tmp/pytest-of-$USER: there, any
+# other pytest run by the same user prunes all but the newest three sessions' directories, and once deleted
+# (and chmod-ed) the data dir of this suite's running PostgreSQL under it (seen: PANIC, pg_control:
+# Permission denied). Removed after a green run; kept for a post-mortem after a red one.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15 $(ARGS)
+	@base=$$(mktemp -d "$${TMPDIR:-/tmp}/streamagent-tests.XXXXXX") && \
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15 --basetemp="$$base" $(ARGS); \
+	rc=$$?; if [ $$rc -eq 0 ]; then rm -rf "$$base"; else echo "test files kept in $$base"; fi; exit $$rc
 
 # The integration suite on a Kafka that is already running: any Kafka (a cluster, a managed service,
 # a broker started by hand, e.g. `make tansu`). PostgreSQL too when DATABASE_URL is given (its user
