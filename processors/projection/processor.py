@@ -50,6 +50,21 @@ def _short(data: dict[str, object], limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+# The arguments that say what a command would do, most telling first (the recipient before the subject).
+_TELLING = ("to", "subject", "channel", "key", "name", "domain", "amount", "text", "body")
+
+
+def telling_arguments(arguments: dict[str, Any], width: int = 48) -> str:
+    """Two arguments that say what a command does (``to=… subject=…``), each cut to ``width``."""
+    scalars = {k: v for k, v in arguments.items() if isinstance(v, str | int | float | bool)}
+    chosen = [k for k in _TELLING if k in scalars][:2] or sorted(scalars)[:2]
+    shown = []
+    for name in chosen:
+        text = str(scalars[name]).replace("\n", " ")
+        shown.append(f"{name}={text if len(text) <= width else text[: width - 1] + '…'}")
+    return " ".join(shown) or "(no arguments)"
+
+
 def summarize(event: Event) -> tuple[str | None, str]:
     """(step, one-line summary) for the timeline."""
     match event:
@@ -70,7 +85,7 @@ def summarize(event: Event) -> tuple[str | None, str]:
             )
         case ApprovalRequested():
             return event.step, (
-                f"approval requested for {event.tool} {_short(event.arguments, 100)}: {event.reason}"
+                f"approval requested for {event.tool} {telling_arguments(event.arguments)}: {event.reason}"
                 f" (expires {event.expires_at.isoformat(timespec='seconds')})"
             )
         case ApprovalGranted():

@@ -521,13 +521,22 @@ def cmd_approvals(args: argparse.Namespace) -> int:
     if not rows:
         print("no approval pending" if not args.all else "no approval requests")
         return 0
-    print(f"{'RUN':<38} {'STEP':<10} {'TOOL':<8} {'STATUS':<9} {'REQUESTED':<20} {'EXPIRES':<20} REASON")
+    from datetime import UTC, datetime
+
+    from streamagent.console.tables import approval_line, human_age
+
+    at = datetime.now(UTC)
+    print(f"{'RUN':<9} {'STEP':<10} {'TOOL':<8} {'STATUS':<9} {'ASKED':>6} {'EXPIRES':>8}  WHAT, AND WHY")
     for r in rows:
-        answered = f" ({r.decided_by})" if r.decided_by else ""
+        expires = human_age(r.expires_at - at) if r.status == "requested" else "-"
         print(
-            f"{r.run_id:<38} {r.step:<10} {r.tool:<8} {r.status:<9}"
-            f" {r.requested_at:%Y-%m-%d %H:%M:%S}  {r.expires_at:%Y-%m-%d %H:%M:%S}  {r.reason}{answered}"
+            f"{r.run_id[:8]:<9} {r.step:<10} {r.tool:<8} {r.status:<9} {human_age(at - r.requested_at) + ' ago':>6}"
+            f" {('in ' + expires) if expires != '-' else '-':>8}  {approval_line(r)}"
         )
+    pending = [r for r in rows if r.status == "requested"]
+    if pending:
+        first = pending[0]
+        print(f"\nanswer with: streamagent approve {first.run_id[:8]} {first.step}   (or deny; --note WHY)")
     return 0
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from datetime import timedelta
 
 from streamagent.config import Settings
-from streamagent.processors.projection.queries import RunRow
+from streamagent.processors.projection.processor import telling_arguments
+from streamagent.processors.projection.queries import ApprovalRow, RunRow
 from streamagent.processors.workflow import WorkflowError, load_workflows
 
 
@@ -72,3 +74,18 @@ def print_runs_table(rows: Sequence[RunRow], steps_of: Mapping[str, int]) -> Non
         print(line)
         if r.status == "running" and r.reason:
             print(f"{'':<38}{r.reason}")  # what the run waits for, e.g. "waiting for tool crm"
+
+
+def approval_line(row: ApprovalRow) -> str:
+    """What a held step would do and the rule that held it, for one line: ``to=… subject=… — reason``."""
+    who = f" ({row.status} by {row.decided_by})" if row.decided_by else ""
+    return f"{telling_arguments(row.arguments)} — {row.reason}{who}"
+
+
+def human_age(delta: timedelta) -> str:
+    """A duration as an operator reads it: 45s, 12m, 3h, 2d."""
+    seconds = max(0, int(delta.total_seconds()))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"

@@ -105,7 +105,14 @@ def test_a_held_step_waits_for_a_person_approved_runs_once_denied_undoes(setting
 
         listed = cli(s, "approvals")
         assert listed.returncode == 0, listed.stderr
-        assert approve.run_id in listed.stdout and deny.run_id in listed.stdout and "email outside" in listed.stdout
+        assert approve.run_id[:8] in listed.stdout and deny.run_id[:8] in listed.stdout
+        # What is being approved, and why: the recipient and the subject, the rule, when it expires.
+        line = next(x for x in listed.stdout.splitlines() if x.startswith(approve.run_id[:8]))
+        assert f"to={approve.contact_email}" in line and "subject=Welcome" in line and "email outside" in line
+        assert " in " in line and "ago" in line  # its age and its expiry
+        assert "answer with: streamagent approve" in listed.stdout
+        shown = cli(s, "show", approve.run_id[:8])
+        assert f"to={approve.contact_email}" in shown.stdout, shown.stdout  # the timeline line names the recipient
 
         # Grace answers with her own operator key: the approver recorded is the key's identity.
         grace = s.model_copy(update={"operator_keys_file": s.data_dir / "grace.keys"})
