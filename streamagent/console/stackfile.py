@@ -117,6 +117,10 @@ def read_stack_file(data_dir: Path) -> dict[str, object] | None:
 ADDRESSES = ("bootstrap_servers", "database_url", "sandbox_url")
 
 
+# The data dir a command uses when STREAMAGENT_DATA_DIR is not set (relative: the project directory's).
+DEFAULT_DATA_DIR = Path(".streamagent")
+
+
 def discover(settings: Settings) -> Settings:
     """Fill unset addresses from a running ``streamagent up`` in the same data dir, if there is one.
 
@@ -125,7 +129,16 @@ def discover(settings: Settings) -> Settings:
     if all(getattr(settings, k) for k in ADDRESSES):
         return settings
     info = read_stack_file(settings.data_dir)
+    updates: dict[str, object] = {}
+    if info is None and settings.data_dir == DEFAULT_DATA_DIR:
+        # Like git: from a subdirectory of the project, the stack of the nearest directory above that
+        # runs one (its data dir then serves for keys and logs too). STREAMAGENT_DATA_DIR names one outright.
+        for parent in Path.cwd().resolve().parents:
+            info = read_stack_file(parent / DEFAULT_DATA_DIR)
+            if info is not None:
+                updates["data_dir"] = parent / DEFAULT_DATA_DIR
+                break
     if info is None:
         return settings
-    updates = {k: str(info[k]) for k in ADDRESSES if not getattr(settings, k) and info.get(k)}
+    updates.update({k: str(info[k]) for k in ADDRESSES if not getattr(settings, k) and info.get(k)})
     return settings.model_copy(update=updates)

@@ -106,3 +106,25 @@ def test_submit_wait_runs_show_and_dlq(
 
 def _fields() -> list[str]:
     return ["run_id", "company_name", "company_domain", "contact_name", "contact_email", "goal", "requested_by"]
+
+
+def test_the_cli_finds_the_stack_from_a_subdirectory_like_git(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    project = tmp_path / "project"
+    (project / "src" / "deep").mkdir(parents=True)
+    with Stack(settings.model_copy(update={"data_dir": project / ".streamagent"}), tools=(), processors=()) as stack:
+        for key, value in to_env(stack.settings).items():
+            monkeypatch.setenv(key, value)
+        # Nothing named: no data dir, no addresses. The CLI must find the stack by walking up.
+        for key in ("DATA_DIR", "BOOTSTRAP_SERVERS", "DATABASE_URL", "SANDBOX_URL"):
+            monkeypatch.delenv(f"STREAMAGENT_{key}")
+        monkeypatch.chdir(project / "src" / "deep")
+        get_settings.cache_clear()
+        assert cli(["runs", "--json"]) == 0, capsys.readouterr().err
+        assert json.loads(capsys.readouterr().out) == []
+        monkeypatch.chdir(tmp_path)  # outside the project: no stack above
+        get_settings.cache_clear()
+        assert cli(["runs"]) == 1
+        assert "no running stack" in capsys.readouterr().err
+    get_settings.cache_clear()
