@@ -35,16 +35,17 @@ _FAULT_FLAGS: tuple[tuple[str, str, type, str, str], ...] = (
     ("--lost-response-rate", "lost_response_rate", float, "F", "share of performed requests answered 504, 0..1"),
 )
 
-_SERVE_DESCRIPTION = """\
+# Made from the APIs and the fault spec themselves, so the help cannot forget one.
+_SERVE_DESCRIPTION = f"""\
 Without a subcommand, serve the sandbox in the foreground until Ctrl-C or SIGTERM:
-one HTTP server imitating the enrichment, Jira, SendGrid-like email and Slack APIs
-(prefixes /enrich, /jira, /email, /slack) that records every effect and injects
+one HTTP server imitating the enrichment, Jira, SendGrid-like email, Slack and CRM APIs
+(prefixes {", ".join("/" + name for name in API_NAMES)}) that records every effect and injects
 faults on demand. The subcommands talk to a running sandbox.
 """
 
 _SERVE_EPILOG = f"""\
 fault specs are JSON objects with the fields of FaultSpec:
-  error_rate, rate_429, retry_after_s, latency_ms, hang_rate, hang_s, fail_next, down
+  {", ".join(FaultSpec.model_fields)}
 
 examples:
   streamagent sandbox --port 8765

@@ -507,3 +507,16 @@ def test_a_lost_response_still_performs_the_effect_and_the_key_replays_it(
     assert retry.status_code == 201 and retry.headers.get("Idempotent-Replayed") == "true"
     assert len(client.effects(api="jira")) == 1
     assert client.stats()["jira"]["faults"]["lost_response"] == 1
+
+
+def test_the_sandbox_help_names_every_api_and_every_fault_field(capsys: pytest.CaptureFixture[str]) -> None:
+    from streamagent.tools.sandbox.apis import API_NAMES
+    from streamagent.tools.sandbox.faults import FaultSpec
+
+    from streamagent.console.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["sandbox", "--help"])
+    text = capsys.readouterr().out
+    assert all(f"/{name}" in text for name in API_NAMES)
+    assert all(field in text for field in FaultSpec.model_fields)
