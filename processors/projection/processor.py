@@ -19,7 +19,7 @@ from streamagent.processors.projection.schema import SCHEMA
 from streamagent.processors.workflow import WorkflowError, load_workflows
 
 from streamagent import db, metrics
-from streamagent.authn import Authenticator, Unauthenticated, tool_role
+from streamagent.authn import ROLE_PATTERN, Authenticator, Unauthenticated, tool_role
 from streamagent.config import Settings
 from streamagent.events import (
     ApprovalDenied,
@@ -287,6 +287,8 @@ class ProjectionHandler:
         if self.authenticator is None:
             return None
         if isinstance(event, ToolCommand):
+            if not ROLE_PATTERN.match(tool_role(event.tool)):  # no tool has that name: no key signs for it
+                return f"command for {event.tool[:64]!r}, which is not a tool name"
             problem = verify(event, self.authenticator.keys_of(tool_role(event.tool)))
             return None if problem is None else f"command: {problem}"
         try:

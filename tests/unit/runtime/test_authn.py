@@ -191,3 +191,17 @@ def test_a_dead_letter_keeps_the_authentication_so_a_replay_puts_back_a_record_t
     letter = DeadLetter.from_message(sent[0])  # type: ignore[arg-type]
     assert letter.reason == "processing-error" and letter.summary()["signed"] is True
     assert CORE.verify(_result(), letter.value, letter.replay_headers()) == "tool:jira"
+
+
+def test_the_projection_refuses_a_forged_command_for_a_name_no_tool_can_have() -> None:
+    """A forged command naming an impossible tool is refused as unauthenticated, not an error to retry."""
+    from streamagent.processors.projection.processor import ProjectionHandler
+
+    from streamagent.config import Settings
+    from streamagent.events import ToolCommand
+
+    handler = ProjectionHandler(Settings(), steps_of={}, authenticator=CORE)
+    forged = ToolCommand(run_id="r1", command_id="c", decision_id="d", tool="Not A Tool!", step="s", deadline_at=now())
+    value = codec.encode(forged)
+    problem = handler._unauthenticated(forged, _Recorded("agent.tool.commands.x", b"r1", value, []))
+    assert problem is not None and "not a tool name" in problem
