@@ -33,7 +33,7 @@ import hashlib
 import hmac
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -324,7 +324,3 @@ def permitted(role: str, event: Event) -> str | None:
     if wanted is None:
         return f"{event.type} is not an event of the run log"
     return None if role == wanted else f"{event.type} signed as {role}: only {wanted} writes it"
-
-
-def roles_of(tools: Iterable[str]) -> list[str]:
-    return [INTAKE, DECISION, STATE, *(tool_role(t) for t in tools)]
