@@ -21,7 +21,7 @@ from pathlib import Path
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from streamagent.console.embedded import EmbeddedBroker
+from streamagent.console.devstack.embedded import EmbeddedBroker
 
 TOPIC = "hop"
 

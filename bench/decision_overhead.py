@@ -56,8 +56,8 @@ import httpx
 from streamagent import codec, db
 from streamagent.config import Settings, get_settings
 from streamagent.console.demo import sample_requests, wait_for_runs
-from streamagent.console.embedded import free_port
-from streamagent.console.stack import Stack
+from streamagent.console.devstack.embedded import free_port
+from streamagent.console.devstack.stack import Stack
 from streamagent.events import DecisionRecorded
 from streamagent.submit import produce_requests
 

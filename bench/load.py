@@ -39,7 +39,7 @@ from streamagent.tools.sandbox.faults import FaultSpec
 from streamagent import codec, db
 from streamagent.config import Settings, get_settings
 from streamagent.console.demo import sample_requests
-from streamagent.console.stack import Stack
+from streamagent.console.devstack.stack import Stack
 from streamagent.submit import produce_requests
 from streamagent.topics import COMMANDS_PREFIX
 

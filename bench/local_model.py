@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 
-from streamagent.console.embedded import free_port
+from streamagent.console.devstack.embedded import free_port
 
 READY_TIMEOUT_S = 180.0  # loading a small model takes seconds; a machine under load, more
 

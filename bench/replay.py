@@ -32,10 +32,10 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartiti
 
 from streamagent.config import Settings, get_settings
 from streamagent.console.demo import sample_requests, wait_for_runs
+from streamagent.console.devstack.stack import Stack
 from streamagent.console.replay.rebuild import drop_schema, rebuild
 from streamagent.console.replay.source import run_topics
 from streamagent.console.replay.verify import verify
-from streamagent.console.stack import Stack
 from streamagent.kafka import admin
 from streamagent.submit import produce_requests
 

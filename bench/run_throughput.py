@@ -34,7 +34,7 @@ from streamagent.tools.sandbox.faults import FaultSpec
 from streamagent import db
 from streamagent.config import Settings
 from streamagent.console.demo import sample_requests, wait_for_runs
-from streamagent.console.stack import Stack
+from streamagent.console.devstack.stack import Stack
 from streamagent.dlq import DeadLetter
 from streamagent.submit import produce_requests
 from streamagent.topics import DEAD_LETTERS as DLQ_TOPIC

@@ -25,7 +25,7 @@ from streamagent.tools.sandbox.model import FakeModel  # noqa: E402
 
 from streamagent.config import Settings  # noqa: E402
 from streamagent.console.demo import sample_requests  # noqa: E402
-from streamagent.console.stack import Stack  # noqa: E402
+from streamagent.console.devstack.stack import Stack  # noqa: E402
 from streamagent.submit import produce_requests  # noqa: E402
 
 PRICES = json.dumps({"fake-model": {"prompt": 0.00015, "completion": 0.0006}})

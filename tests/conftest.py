@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from helpers import TEST_APPROVAL_KEYS, TEST_COMMAND_KEYS
 
 from streamagent.config import Settings, settings_from
-from streamagent.console.embedded import EmbeddedBroker, EmbeddedPostgres
+from streamagent.console.devstack.embedded import EmbeddedBroker, EmbeddedPostgres
 
 BOOTSTRAP_ENV = "STREAMAGENT_TEST_BOOTSTRAP"
 DATABASE_ENV = "STREAMAGENT_TEST_DATABASE_URL"

@@ -42,7 +42,7 @@ class CliError(Exception):
 def _settings(require: tuple[str, ...] = (), *, probe: bool = True) -> Settings:
     """The settings, with addresses filled in from a running ``streamagent up`` in the data dir; every
     address in ``require`` must be known and (broker, database) must answer within a few seconds."""
-    from streamagent.console.stackfile import discover
+    from streamagent.console.devstack.stackfile import discover
 
     given = get_settings()
     settings = discover(given)
@@ -121,7 +121,7 @@ def _require_given(settings: Settings) -> None:
         raise CliError(str(exc), code=2) from None
     _workflows(settings)  # a malformed workflow file is refused before anything starts
     _policy(settings)  # and a malformed policy file
-    from streamagent.console.stack import UnknownTool, stack_tools
+    from streamagent.console.devstack.stack import UnknownTool, stack_tools
 
     try:
         stack_tools(settings)
@@ -214,7 +214,7 @@ def cmd_policies_check(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from streamagent.console.stack import Stack, StackRunning, running_pid
+    from streamagent.console.devstack.stack import Stack, StackRunning, running_pid
 
     settings = get_settings()
     pid = running_pid(settings.data_dir.resolve())
@@ -311,7 +311,7 @@ def port_number(text: str) -> int:
 
 
 def cmd_topics_create(args: argparse.Namespace) -> int:
-    from streamagent.console.stack import stack_tools
+    from streamagent.console.devstack.stack import stack_tools
     from streamagent.kafka import create_topics
     from streamagent.topics import all_topics
 
@@ -686,12 +686,12 @@ def _replay_settings() -> tuple[Settings, Any]:
     """The addresses of the running stack; with none running in the data dir and no addresses given, its
     broker and PostgreSQL alone are started (no processor, no tool) for the length of the command: that
     ``Stack`` is returned to be closed (None when nothing was started)."""
-    from streamagent.console.stackfile import discover, running_pid
+    from streamagent.console.devstack.stackfile import discover, running_pid
 
     found = discover(get_settings())
     if (found.bootstrap_servers and found.database_url) or running_pid(found.data_dir.resolve()) is not None:
         return _settings(("bootstrap_servers", "database_url")), None
-    from streamagent.console.stack import Stack
+    from streamagent.console.devstack.stack import Stack
 
     print(f"no stack runs in {found.data_dir.resolve()}: starting its broker and PostgreSQL only", file=sys.stderr)
     # No sandbox either: a replay calls no tool (the address is a placeholder nothing listens on).
@@ -822,7 +822,7 @@ class Parser(argparse.ArgumentParser):
 
 # -- parser ------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    from streamagent.console.stackfile import discover
+    from streamagent.console.devstack.stackfile import discover
     from streamagent.tools import builtin_tools
     from streamagent.tools.sandbox.cli import register as register_sandbox
 
@@ -1116,8 +1116,8 @@ def _describe(exc: Exception) -> tuple[str, int, bool]:
     import psycopg  # only now: a command that failed early need not pay for these imports
     from confluent_kafka import KafkaException
 
-    from streamagent.console.embedded import EmbeddedStartError
-    from streamagent.console.stack import StackRunning, StackStartError
+    from streamagent.console.devstack.embedded import EmbeddedStartError
+    from streamagent.console.devstack.stack import StackRunning, StackStartError
 
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     first = re.sub(r"[;,:]?\s*log tail:?\s*$", "", first)  # the tail itself goes to the log file

@@ -15,7 +15,7 @@ from streamagent.processors.projection.queries import RunRow
 from streamagent.submit import produce_requests
 
 if TYPE_CHECKING:
-    from streamagent.console.stack import Stack
+    from streamagent.console.devstack.stack import Stack
 
 COMPANIES = [
     ("Acme Robotics", "acme-robotics.io", "Ada Lovelace"),
@@ -91,7 +91,7 @@ def wait_for_runs(
 def start_own_stack(settings: Settings, report: Callable[[str], None] | None = None) -> Stack:
     """A stack for the demo. If ``up`` already runs in the data dir, the demo leaves it alone and runs
     its own stack in ``<data_dir>/demo`` instead (and says so)."""
-    from streamagent.console.stack import Stack, StackRunning
+    from streamagent.console.devstack.stack import Stack, StackRunning
 
     try:
         return Stack(settings, report=report).start()
@@ -106,7 +106,7 @@ def start_own_stack(settings: Settings, report: Callable[[str], None] | None = N
 
 
 def run_demo(settings: Settings, runs: int, timeout_s: float, report: Callable[[str], None] | None = None) -> int:
-    from streamagent.console.stack import stack_tools
+    from streamagent.console.devstack.stack import stack_tools
     from streamagent.console.tables import print_runs_table, steps_per_workflow
 
     print(

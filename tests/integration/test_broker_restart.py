@@ -23,8 +23,8 @@ from streamagent.tools.sandbox import FaultSpec, SandboxClient
 
 from streamagent.config import Settings
 from streamagent.console.demo import sample_requests
-from streamagent.console.embedded import free_port, pid_alive
-from streamagent.console.stack import Stack, cli_argv
+from streamagent.console.devstack.embedded import free_port, pid_alive
+from streamagent.console.devstack.stack import Stack, cli_argv
 from streamagent.dlq_ops import read_dead_letters
 from streamagent.kafka import admin, group_offsets
 from streamagent.metrics import scrape

@@ -13,7 +13,7 @@ from helpers import ended, eventually
 from streamagent.config import Settings, get_settings, to_env
 from streamagent.console.cli import main as cli
 from streamagent.console.demo import sample_requests
-from streamagent.console.stack import Stack
+from streamagent.console.devstack.stack import Stack
 from streamagent.events import now
 from streamagent.submit import produce_requests
 

@@ -21,7 +21,7 @@ from streamagent import codec
 from streamagent.catalogue import now_ms
 from streamagent.config import Settings
 from streamagent.console.demo import sample_requests
-from streamagent.console.stack import Stack
+from streamagent.console.devstack.stack import Stack
 from streamagent.events import StateSnapshot, ToolCommand
 from streamagent.kafka import producer as make_producer
 from streamagent.submit import produce_requests

@@ -18,7 +18,7 @@ from streamagent.tools.sandbox import SandboxClient
 
 from streamagent.config import Settings
 from streamagent.console.demo import sample_requests
-from streamagent.console.stack import Stack
+from streamagent.console.devstack.stack import Stack
 from streamagent.kafka import admin, group_offsets
 from streamagent.submit import produce_requests
 from streamagent.topics import RUN_STATE

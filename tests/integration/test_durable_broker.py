@@ -14,8 +14,8 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from streamagent.console.broker.journal import JOURNAL_FILE, JournalWriter, Offset, Records, scan
-from streamagent.console.embedded import EmbeddedBroker
+from streamagent.console.devstack.broker.journal import JOURNAL_FILE, JournalWriter, Offset, Records, scan
+from streamagent.console.devstack.embedded import EmbeddedBroker
 
 pytestmark = pytest.mark.integration
 

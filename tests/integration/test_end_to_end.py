@@ -16,7 +16,7 @@ from streamagent import tracing
 from streamagent.config import Settings, get_settings
 from streamagent.console.cli import main as cli
 from streamagent.console.demo import sample_requests
-from streamagent.console.stack import Stack
+from streamagent.console.devstack.stack import Stack
 from streamagent.events import RunRequested
 from streamagent.metrics import scrape
 from streamagent.submit import produce_requests

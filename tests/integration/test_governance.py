@@ -19,7 +19,7 @@ from streamagent import codec
 from streamagent.authn import issue
 from streamagent.config import Settings, child_environ
 from streamagent.console.demo import sample_requests
-from streamagent.console.stack import Stack
+from streamagent.console.devstack.stack import Stack
 from streamagent.events import (
     OnboardingRequest,
     RunRequested,

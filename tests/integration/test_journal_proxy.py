@@ -16,11 +16,11 @@ import pytest
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from streamagent.console.broker import wire
-from streamagent.console.broker.journal import JournalWriter, Records, scan
-from streamagent.console.broker.proxy import GroupCommit, JournalProxy
-from streamagent.console.broker.restore import _Connection
-from streamagent.console.embedded import EmbeddedBroker, free_port
+from streamagent.console.devstack.broker import wire
+from streamagent.console.devstack.broker.journal import JournalWriter, Records, scan
+from streamagent.console.devstack.broker.proxy import GroupCommit, JournalProxy
+from streamagent.console.devstack.broker.restore import _Connection
+from streamagent.console.devstack.embedded import EmbeddedBroker, free_port
 
 pytestmark = pytest.mark.integration
 

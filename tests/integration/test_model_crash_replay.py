@@ -28,7 +28,7 @@ from streamagent.tools.sandbox.model import Answer, FakeModel, Request
 from streamagent import codec
 from streamagent.config import Settings
 from streamagent.console.demo import sample_requests
-from streamagent.console.stack import Stack
+from streamagent.console.devstack.stack import Stack
 from streamagent.events import DecisionRecorded, StateSnapshot, ToolCommand
 from streamagent.kafka import consumer as kafka_consumer
 from streamagent.submit import produce_requests

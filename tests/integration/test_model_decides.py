@@ -19,7 +19,7 @@ from streamagent.tools.sandbox.model import PLAN, FakeModel
 from streamagent import codec
 from streamagent.config import Settings
 from streamagent.console.demo import sample_requests
-from streamagent.console.stack import Stack
+from streamagent.console.devstack.stack import Stack
 from streamagent.console.timeline import plan_of
 from streamagent.events import DecisionRecorded, StateSnapshot
 from streamagent.submit import produce_requests

@@ -22,7 +22,7 @@ from streamagent.tools.sandbox import FaultSpec, SandboxClient
 from streamagent import codec
 from streamagent.config import Settings
 from streamagent.console.demo import sample_requests
-from streamagent.console.stack import Stack
+from streamagent.console.devstack.stack import Stack
 from streamagent.dlq_ops import read_dead_letters
 from streamagent.events import now
 from streamagent.kafka import admin, create_topics, group_offsets

@@ -20,7 +20,7 @@ from streamagent.processors.projection import queries
 from streamagent.config import Settings, get_settings, to_env
 from streamagent.console.cli import main as cli
 from streamagent.console.demo import sample_requests
-from streamagent.console.stack import Stack
+from streamagent.console.devstack.stack import Stack
 from streamagent.events import now
 from streamagent.metrics import scrape
 from streamagent.submit import produce_requests

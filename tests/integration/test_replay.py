@@ -23,8 +23,8 @@ from streamagent.tools.sandbox import SandboxClient
 from streamagent.config import Settings, get_settings, to_env
 from streamagent.console.cli import main as cli
 from streamagent.console.demo import sample_requests
+from streamagent.console.devstack.stack import Stack
 from streamagent.console.replay.verify import _fields, changelog_topic, live_states, same_state
-from streamagent.console.stack import Stack
 from streamagent.events import RunRequested
 from streamagent.kafka import producer as make_producer
 from streamagent.submit import produce_requests

@@ -26,7 +26,7 @@ from streamagent.authn import tool_keys
 from streamagent.catalogue import now_ms
 from streamagent.config import Settings
 from streamagent.console.demo import sample_requests
-from streamagent.console.stack import Stack
+from streamagent.console.devstack.stack import Stack
 from streamagent.dlq_ops import read_dead_letters, replay
 from streamagent.events import (
     DecisionAction,

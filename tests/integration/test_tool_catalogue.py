@@ -13,7 +13,7 @@ from helpers import eventually, read_topic
 from streamagent.catalogue import Announcement, Catalogue, decode
 from streamagent.config import Settings, get_settings, to_env
 from streamagent.console.cli import main as cli
-from streamagent.console.stack import Stack
+from streamagent.console.devstack.stack import Stack
 from streamagent.dlq import DeadLetterSink
 from streamagent.kafka import producer as make_producer
 from streamagent.topics import TOOL_REGISTRY

@@ -19,7 +19,7 @@ from streamagent.tools.sandbox import SandboxClient
 from streamagent import approval, codec
 from streamagent.authn import tool_keys
 from streamagent.config import Settings
-from streamagent.console.stack import Stack
+from streamagent.console.devstack.stack import Stack
 from streamagent.dlq_ops import read_dead_letters
 from streamagent.events import ToolCommand, ToolStatus, now
 from streamagent.signing import load_keys, parse_keys, sign

@@ -24,7 +24,7 @@ from streamagent import codec
 from streamagent.config import Settings, get_settings, to_env
 from streamagent.console.cli import main as cli
 from streamagent.console.demo import sample_requests
-from streamagent.console.stack import Stack, local_operator
+from streamagent.console.devstack.stack import Stack, local_operator
 from streamagent.dlq_ops import read_dead_letters
 from streamagent.events import (
     ApprovalDenied,

@@ -21,7 +21,7 @@ from streamagent.tools.sandbox.faults import FaultSpec
 
 from streamagent.config import Settings
 from streamagent.console.demo import sample_requests
-from streamagent.console.stack import Stack
+from streamagent.console.devstack.stack import Stack
 from streamagent.kafka import producer
 from streamagent.submit import produce_requests
 from streamagent.topics import RUN_EVENTS

@@ -21,8 +21,8 @@ import pytest
 
 from streamagent.config import Settings, to_env
 from streamagent.console.demo import NoProgress, wait_for_runs
-from streamagent.console.embedded import free_port, pid_alive
-from streamagent.console.stack import CRASH_LOOP_RESTARTS, Stack, StackLock, StackStartError
+from streamagent.console.devstack.embedded import free_port, pid_alive
+from streamagent.console.devstack.stack import CRASH_LOOP_RESTARTS, Stack, StackLock, StackStartError
 
 pytestmark = pytest.mark.integration
 

@@ -9,7 +9,7 @@ from streamagent.processors.projection import queries
 from streamagent import codec
 from streamagent.config import Settings
 from streamagent.console.demo import sample_requests
-from streamagent.console.stack import Stack
+from streamagent.console.devstack.stack import Stack
 from streamagent.dlq import DeadLetter
 from streamagent.dlq_ops import read_dead_letters
 from streamagent.submit import produce_requests

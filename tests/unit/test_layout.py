@@ -84,6 +84,42 @@ def test_every_layer_imports_only_what_is_below_it() -> None:
     assert not wrong, "\n".join(wrong)
 
 
+# The composition root's rooms and the rooms of it each may use. The front door (``cli``, the demos and
+# what they print) may use every room; a room never uses the front door, and the journal broker, which
+# runs as a process of its own, needs nothing of the project but its settings.
+ROOMS = {
+    "streamagent.console.devstack.broker": {"streamagent.console.devstack.broker"},
+    "streamagent.console.devstack": {"streamagent.console.devstack"},
+    "streamagent.console.replay": {"streamagent.console.replay", "streamagent.console.devstack"},
+    "streamagent.console.ui": {"streamagent.console.ui", "streamagent.console.timeline", "streamagent.console.tables"},
+}
+
+
+def _room(module: str) -> str | None:
+    inside = [r for r in ROOMS if module == r or module.startswith(r + ".")]
+    return max(inside, key=len) if inside else None
+
+
+def test_each_room_of_the_composition_root_uses_only_the_rooms_it_may() -> None:
+    wrong = []
+    for module, imported_set in GRAPH.items():
+        room = _room(module)
+        if room is None:
+            continue
+        for imported in imported_set:
+            if _layer(imported) != "console":
+                continue
+            if not any(imported == r or imported.startswith(r + ".") for r in ROOMS[room]):
+                wrong.append(f"{module} ({room}) imports {imported}")
+    assert not wrong, "\n".join(sorted(wrong))
+
+
+def test_the_journal_broker_needs_nothing_of_the_project_but_its_settings() -> None:
+    broker = "streamagent.console.devstack.broker"
+    used = {i for m, deps in GRAPH.items() if m.startswith(broker) for i in deps if not i.startswith(broker)}
+    assert used <= {"streamagent.config"}, used
+
+
 def test_no_import_circle_between_modules() -> None:
     # A package importing its own submodules (``__init__`` re-exports) is not a circle of modules.
     edges = {m: {i for i in deps if not m.startswith(i + ".")} for m, deps in GRAPH.items()}

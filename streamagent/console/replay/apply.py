@@ -24,7 +24,7 @@ from psycopg import sql
 
 from streamagent import db
 from streamagent.config import Settings
-from streamagent.console.stackfile import running_pid
+from streamagent.console.devstack.stackfile import running_pid
 from streamagent.kafka import admin, producer
 from streamagent.processors.state.fold import RunState
 

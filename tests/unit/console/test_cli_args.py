@@ -16,7 +16,14 @@ import pytest
 
 from streamagent.config import Settings, get_settings
 from streamagent.console import cli
-from streamagent.console.stack import StackLock, StackRunning, discover, last_error_line, read_stack_file, running_pid
+from streamagent.console.devstack.stack import (
+    StackLock,
+    StackRunning,
+    discover,
+    last_error_line,
+    read_stack_file,
+    running_pid,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -322,7 +329,7 @@ def test_tool_accepts_every_tool_the_tools_package_provides() -> None:
 
     from streamagent.config import Settings
     from streamagent.console.cli import build_parser
-    from streamagent.console.stack import stack_tools
+    from streamagent.console.devstack.stack import stack_tools
 
     assert "crm" not in stack_tools(Settings())  # not in the stack's default list, yet deployable
     for name in builtin_tools():
@@ -332,7 +339,7 @@ def test_tool_accepts_every_tool_the_tools_package_provides() -> None:
 def test_the_stack_starts_the_default_workflows_tools_or_the_ones_named(tmp_path: Path) -> None:
     from streamagent.tools import builtin_tools
 
-    from streamagent.console.stack import UnknownTool, stack_tools
+    from streamagent.console.devstack.stack import UnknownTool, stack_tools
 
     assert stack_tools(Settings()) == ("enrich", "jira", "email", "slack")  # workflows/onboarding.toml
     assert stack_tools(Settings(stack_tools="crm, enrich,crm")) == ("crm", "enrich")
@@ -391,7 +398,7 @@ def test_a_malformed_signing_key_is_one_line_without_the_secret(
 
 def test_the_stack_creates_its_key_file_once_and_hands_children_the_path(tmp_path: Path) -> None:
     from streamagent.config import settings_from, to_env
-    from streamagent.console.stack import command_keys_settings
+    from streamagent.console.devstack.stack import command_keys_settings
     from streamagent.signing import load_keys
 
     settings = Settings(data_dir=tmp_path)

@@ -104,7 +104,7 @@ def test_a_tool_without_an_approval_key_does_not_start(
 def test_the_stack_creates_its_approval_key_file_once_and_hands_children_the_path(tmp_path: Path) -> None:
     from streamagent.approval import load_approval_keys
     from streamagent.config import Settings, settings_from, to_env
-    from streamagent.console.stack import approval_keys_settings
+    from streamagent.console.devstack.stack import approval_keys_settings
     from streamagent.signing import load_keys
 
     settings = Settings(data_dir=tmp_path)

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from streamagent.config import ENV_PREFIX, Settings, settings_from
-from streamagent.console.stack import PROCESSORS, stack_tools
+from streamagent.console.devstack.stack import PROCESSORS, stack_tools
 
 ROOT = Path(__file__).resolve().parents[3]
 COMPOSE = ROOT / "docker-compose.yml"

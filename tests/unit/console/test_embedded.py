@@ -16,7 +16,7 @@ import pytest
 from confluent_kafka import Consumer, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from streamagent.console.embedded import (
+from streamagent.console.devstack.embedded import (
     EmbeddedBroker,
     EmbeddedPostgres,
     EmbeddedStartError,
@@ -171,7 +171,7 @@ def test_postgres_reuses_a_server_left_running_by_a_crashed_run(tmp_path: Path) 
     data_dir = tmp_path / "data"
     # os._exit skips atexit: the server outlives its owner, as after a crash.
     crashed_run = (
-        "import os, sys; from pathlib import Path; from streamagent.console.embedded import EmbeddedPostgres; "
+        "import os, sys; from pathlib import Path; from streamagent.console.devstack.embedded import EmbeddedPostgres; "
         "pg = EmbeddedPostgres(Path(sys.argv[1])).start(); print(pg.pid, flush=True); os._exit(0)"
     )
     out = subprocess.run(

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from aiokafka.record.default_records import DefaultRecordBatch, DefaultRecordBatchBuilder
 
-from streamagent.console.broker import wire
-from streamagent.console.broker.journal import Admin, JournalWriter, Offset, Records, scan
-from streamagent.console.broker.restore import offsets_spanned, translate, without_producer
+from streamagent.console.devstack.broker import wire
+from streamagent.console.devstack.broker.journal import Admin, JournalWriter, Offset, Records, scan
+from streamagent.console.devstack.broker.restore import offsets_spanned, translate, without_producer
 
 
 def _batch(producer_id: int = 42, count: int = 3) -> bytes:

@@ -8,7 +8,7 @@ from streamagent.tools.sdk.schema import SCHEMA as LEDGER
 
 from streamagent import db
 from streamagent.config import Settings
-from streamagent.console.stack import SCHEMAS
+from streamagent.console.devstack.stack import SCHEMAS
 
 
 def tables(settings: Settings) -> set[str]:

@@ -1,4 +1,4 @@
-"""The durable embedded broker, one process: ``python -m streamagent.console.broker --listen H:P --data-dir D``.
+"""The durable embedded broker, one process: ``python -m streamagent.console.devstack.broker``.
 
 It starts Tansu (memory storage) on a private port, advertising the public address, restores the
 journal into it, then serves the public address through the journal proxy. Tansu is our child and
@@ -20,12 +20,12 @@ import time
 from pathlib import Path
 
 from streamagent.config import child_environ
-from streamagent.console.broker import wire
-from streamagent.console.broker.journal import JOURNAL_FILE, JournalWriter, rewrite, scan
-from streamagent.console.broker.proxy import GroupCommit, JournalProxy
-from streamagent.console.broker.restore import restore
+from streamagent.console.devstack.broker import wire
+from streamagent.console.devstack.broker.journal import JOURNAL_FILE, JournalWriter, rewrite, scan
+from streamagent.console.devstack.broker.proxy import GroupCommit, JournalProxy
+from streamagent.console.devstack.broker.restore import restore
 
-log = logging.getLogger("streamagent.console.broker")
+log = logging.getLogger("streamagent.console.devstack.broker")
 
 READY_LINE = "journal broker ready"
 
@@ -152,7 +152,7 @@ async def _serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m streamagent.console.broker", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m streamagent.console.devstack.broker", description=__doc__)
     parser.add_argument("--listen", required=True, help="host:port clients connect to")
     parser.add_argument("--data-dir", required=True, help="where the journal and tansu's log live")
     parser.add_argument("--tansu", required=True, help="path of the tansu binary")

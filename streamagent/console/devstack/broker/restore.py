@@ -22,8 +22,8 @@ import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
-from streamagent.console.broker import wire
-from streamagent.console.broker.journal import Admin, Entry, Offset, Records
+from streamagent.console.devstack.broker import wire
+from streamagent.console.devstack.broker.journal import Admin, Entry, Offset, Records
 
 log = logging.getLogger(__name__)
 

@@ -31,8 +31,8 @@ from streamagent import db
 from streamagent.approval import load_approval_keys
 from streamagent.authn import INTAKE, ROLE_KEYS_FILE_VAR, issue, operator_keys_path, operator_role, tool_role
 from streamagent.config import Settings, child_environ
-from streamagent.console.embedded import EmbeddedBroker, EmbeddedPostgres, free_port, pid_alive
-from streamagent.console.stackfile import (
+from streamagent.console.devstack.embedded import EmbeddedBroker, EmbeddedPostgres, free_port, pid_alive
+from streamagent.console.devstack.stackfile import (
     ADDRESSES,
     LOCK_FILE,
     STACK_FILE,

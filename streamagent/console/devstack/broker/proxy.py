@@ -20,8 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import cast
 
-from streamagent.console.broker import wire
-from streamagent.console.broker.journal import Admin, Entry, JournalWriter, Offset, Records
+from streamagent.console.devstack.broker import wire
+from streamagent.console.devstack.broker.journal import Admin, Entry, JournalWriter, Offset, Records
 
 log = logging.getLogger(__name__)
 
