@@ -49,7 +49,9 @@ from streamagent.events import (
     CommandLost,
     CommandResent,
     DecisionRecorded,
+    EntityVersion,
     Event,
+    MemoryWrite,
     RunCompleted,
     RunDeadlineExceeded,
     RunFailed,
@@ -66,12 +68,14 @@ _EVENT_DOMAIN = b"streamagent.event.v1\0"
 INTAKE = "intake"
 DECISION = "decision"
 STATE = "state"
+# The memory processor: the one writer of the memory topic's entity versions.
+MEMORY = "memory"
 TOOL_PREFIX = "tool:"
 OPERATOR_PREFIX = "operator:"
 # A role is a fixed name, or ``tool:<name>`` / ``operator:<identity>``: printable, no spaces, no ':'
 # inside the name (the header splits on it).
 ROLE_PATTERN = re.compile(
-    r"^(intake|decision|state|tool:[a-z][a-z0-9_-]{0,63}|operator:[A-Za-z0-9][A-Za-z0-9_.@-]{0,99})$"
+    r"^(intake|decision|state|memory|tool:[a-z][a-z0-9_-]{0,63}|operator:[A-Za-z0-9][A-Za-z0-9_.@-]{0,99})$"
 )
 _HEADER_VALUE = re.compile(r"^e1:(.+):([A-Za-z0-9][A-Za-z0-9_.-]{0,63}):([0-9a-f]{64})$")
 
@@ -93,7 +97,7 @@ def operator_role(identity: str) -> str:
 def check_role(role: str) -> str:
     if not ROLE_PATTERN.match(role):
         raise ValueError(
-            f"role {role!r} is not one of intake, decision, state, tool:<name>, operator:<identity>"
+            f"role {role!r} is not one of intake, decision, state, memory, tool:<name>, operator:<identity>"
             " (names: letters, digits, '_', '-'; identities may also hold '.' and '@')"
         )
     return role
@@ -285,7 +289,7 @@ class Authenticator:
             )
         return role
 
-    def verify(self, event: Event, value: bytes | None, headers: Any) -> str:
+    def verify(self, event: Event | MemoryWrite | EntityVersion, value: bytes | None, headers: Any) -> str:
         """``writer`` and ``permitted`` together: the role, or ``Unauthenticated`` naming what is wrong."""
         role = self.writer(value, headers)
         problem = permitted(role, event)
@@ -308,8 +312,14 @@ _WRITERS: dict[type[Event], str] = {
 }
 
 
-def permitted(role: str, event: Event) -> str | None:
+def permitted(role: str, event: Event | MemoryWrite | EntityVersion) -> str | None:
     """None if ``role`` may write ``event``; else why not."""
+    if isinstance(event, MemoryWrite | EntityVersion):
+        # A change is admitted by intake (from upstream systems and operators alike); only the memory
+        # processor, which checks versions, publishes what an entity now is.
+        wanted = INTAKE if isinstance(event, MemoryWrite) else MEMORY
+        kind = type(event).__name__
+        return None if role == wanted else f"{kind} signed as {role}: only {wanted} writes it"
     if isinstance(event, ToolResult):
         wanted = tool_role(event.tool)
         return None if role == wanted else f"a result of tool {event.tool!r} signed as {role}, not {wanted}"

@@ -7,6 +7,7 @@ JSON strings so the Avro schemas stay flat and readable by any consumer.
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -436,6 +437,97 @@ class StateSnapshot(BaseModel):
         return {s.name: s.output for s in self.steps if s.status is StepStatus.succeeded}
 
 
+# -- memory: facts the whole system shares ---------------------------------------------------------
+# An entity is a kind of fact (``contact``, ``company``, ``preferences``) and a key within it (a company's
+# domain). Upstream systems and operators ask for a change with a ``MemoryWrite`` (through intake, like a
+# request); the memory processor, the one writer of each key, applies it and publishes the entity's new
+# ``EntityVersion`` on the compacted memory topic, which every reader folds into its table.
+ENTITY_NAME = r"^[a-z][a-z0-9_-]{0,62}$"
+ENTITY_KEY = r"^[^\s/][^\s]{0,199}$"
+MAX_ENTITY_FIELDS = 100
+
+
+def entity_ref(entity: str, key: str) -> str:
+    """``contact/acme.io``: an entity's address, its record key on the memory topics and in a decision."""
+    return f"{entity}/{key}"
+
+
+class MemoryWrite(BaseModel):
+    """A change to one entity: fields to set and to remove, or the entity's deletion."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    SCHEMA_NAME: ClassVar[str] = "io.streamagent.memory.MemoryWrite"
+    JSON_FIELDS: ClassVar[tuple[str, ...]] = ("set",)
+
+    write_id: str = Field(default_factory=new_id, min_length=1, max_length=200)
+    entity: str
+    key: str
+    set: dict[str, Any] = Field(default_factory=dict)
+    unset: list[str] = Field(default_factory=list)
+    delete: bool = False
+    # The version the writer read (0: the entity must not exist yet); None: apply to whatever is current.
+    expected_version: int | None = Field(default=None, ge=0)
+    writer: str = Field(min_length=1, max_length=200)
+    causation_id: str | None = None
+    occurred_at: datetime = Field(default_factory=now)
+    schema_version: int = 1
+
+    @field_validator("key", mode="before")
+    @classmethod
+    def _key(cls, value: Any) -> Any:
+        if isinstance(value, str) and not re.match(ENTITY_KEY, value):
+            raise ValueError("1 to 200 characters, no spaces, not starting with '/'")
+        return value
+
+    @field_validator("entity", mode="before")
+    @classmethod
+    def _entity(cls, value: Any) -> Any:
+        if isinstance(value, str) and not re.match(ENTITY_NAME, value):
+            raise ValueError("a name of lowercase letters, digits, '-' or '_', starting with a letter")
+        return value
+
+    @field_validator("set")
+    @classmethod
+    def _fields(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if len(value) > MAX_ENTITY_FIELDS:
+            raise ValueError(f"at most {MAX_ENTITY_FIELDS} fields")
+        for name in value:
+            if not name or len(name) > 100 or not name.replace("_", "a").replace("-", "a").isalnum():
+                raise ValueError(f"field name {name!r}: letters, digits, '_' or '-', 1 to 100 characters")
+        return value
+
+    @property
+    def ref(self) -> str:
+        return entity_ref(self.entity, self.key)
+
+
+class EntityVersion(BaseModel):
+    """One version of an entity, as the memory processor published it (``deleted``: it no longer exists)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    SCHEMA_NAME: ClassVar[str] = "io.streamagent.memory.EntityVersion"
+    JSON_FIELDS: ClassVar[tuple[str, ...]] = ("fields",)
+
+    entity: str
+    key: str
+    version: int = Field(ge=1)
+    fields: dict[str, Any] = Field(default_factory=dict)
+    deleted: bool = False
+    as_of: datetime
+    writer: str
+    write_id: str
+    # The last writes applied to this key, newest last: a write delivered again is recognised and applied
+    # once, even after the topic was compacted down to this one record.
+    recent_writes: list[str] = Field(default_factory=list)
+    schema_version: int = 1
+
+    @property
+    def ref(self) -> str:
+        return entity_ref(self.entity, self.key)
+
+
 RUN_EVENTS: tuple[type[Event], ...] = (
     RunRequested,
     DecisionRecorded,
@@ -449,4 +541,11 @@ RUN_EVENTS: tuple[type[Event], ...] = (
     ApprovalDenied,
     ApprovalExpired,
 )
-ALL_MODELS: tuple[type[BaseModel], ...] = (*RUN_EVENTS, ToolCommand, ToolResult, StateSnapshot)
+ALL_MODELS: tuple[type[BaseModel], ...] = (
+    *RUN_EVENTS,
+    ToolCommand,
+    ToolResult,
+    StateSnapshot,
+    MemoryWrite,
+    EntityVersion,
+)

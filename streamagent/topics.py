@@ -14,6 +14,12 @@ RUN_STATE = "agent.run.state"
 TOOL_REGISTRY = "agent.tools.registry"
 DEAD_LETTERS = "agent.dlq"
 COMMANDS_PREFIX = "agent.tool.commands."
+# Memory: upstream systems and operators ask for changes of shared entities here (intake validates them),
+MEMORY_REQUESTS = "agent.memory.requests"
+# intake appends what it admitted here, keyed by entity, for the memory processor, the one writer of a key,
+MEMORY_WRITES = "agent.memory.writes"
+# which publishes each entity's versions here (compacted: the table every reader folds).
+MEMORY = "agent.memory"
 
 
 def command_topic(tool: str) -> str:
@@ -44,6 +50,9 @@ def all_topics(tools: tuple[str, ...] = ()) -> list[TopicSpec]:
         TopicSpec(RUN_STATE, compacted=True),
         TopicSpec(TOOL_REGISTRY, compacted=True),
         TopicSpec(DEAD_LETTERS),
+        TopicSpec(MEMORY_REQUESTS),
+        TopicSpec(MEMORY_WRITES),
+        TopicSpec(MEMORY, compacted=True),
     ]
     specs += [TopicSpec(command_topic(t)) for t in tools]
     return specs

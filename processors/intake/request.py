@@ -22,11 +22,11 @@ from collections.abc import Collection
 from datetime import timedelta
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from streamagent import codec
 from streamagent.errors import DecodeError, Rejected
-from streamagent.events import RunRequested, now, requested_event_id, stable_id
+from streamagent.events import MemoryWrite, RunRequested, now, requested_event_id, stable_id
 
 # A run id travels in record keys, URLs and file names: printable, short, no spaces.
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,99}$")
@@ -49,7 +49,7 @@ def _describe(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def fields_of(value: bytes | None, max_bytes: int) -> dict[str, Any]:
+def fields_of(value: bytes | None, max_bytes: int, expected: type[BaseModel] = RunRequested) -> dict[str, Any]:
     """The request's fields from an Avro or a JSON value; ``DecodeError`` names what is unreadable."""
     if not value:
         raise DecodeError("empty", "the request has no value")
@@ -57,8 +57,10 @@ def fields_of(value: bytes | None, max_bytes: int) -> dict[str, Any]:
         raise DecodeError("oversized", f"{len(value)} bytes, more than the {max_bytes} a request may have")
     if value[:2] == codec.MAGIC:
         event = codec.decode(value, max_bytes)
-        if not isinstance(event, RunRequested):
-            raise DecodeError("unexpected-event", f"a {type(event).__name__}: the intake topic takes RunRequested only")
+        if not isinstance(event, expected):
+            raise DecodeError(
+                "unexpected-event", f"a {type(event).__name__}: this intake topic takes {expected.__name__} only"
+            )
         return event.model_dump(mode="python")
     try:
         fields = json.loads(value)
@@ -114,3 +116,31 @@ def admit(fields: dict[str, Any], workflows: Collection[str], position: tuple[st
     if request.occurred_at - now() > MAX_CLOCK_SKEW:
         raise Rejected("invalid-request", f"occurred_at: {request.occurred_at.isoformat()} is in the future")
     return request
+
+
+_WRITE_FIELDS = set(MemoryWrite.model_fields)
+
+
+def admit_write(fields: dict[str, Any], position: tuple[str, int, int]) -> MemoryWrite:
+    """The ``MemoryWrite`` to hand the memory processor, or ``Rejected`` naming every field that is wrong.
+
+    Like a request's run id, a write's ``write_id`` is its idempotency key: one that names none gets one
+    made from its position in the intake topic, so a redelivered record is still one change."""
+    unknown = sorted(set(fields) - _WRITE_FIELDS)
+    if unknown:
+        raise Rejected("invalid-memory-write", f"unknown field(s): {', '.join(unknown)}")
+    data = dict(fields)
+    if data.get("write_id") is None:
+        data["write_id"] = stable_id("memory", *map(str, position))
+    data.pop("schema_version", None)
+    try:
+        write = MemoryWrite.model_validate(data)
+    except ValidationError as exc:
+        raise Rejected("invalid-memory-write", _describe(exc)) from None
+    if write.delete and (write.set or write.unset):
+        raise Rejected("invalid-memory-write", "delete: a deletion sets and unsets nothing")
+    if not (write.delete or write.set or write.unset):
+        raise Rejected("invalid-memory-write", "set: a write changes something (set, unset or delete)")
+    if write.occurred_at - now() > MAX_CLOCK_SKEW:
+        raise Rejected("invalid-memory-write", f"occurred_at: {write.occurred_at.isoformat()} is in the future")
+    return write

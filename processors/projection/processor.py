@@ -14,6 +14,7 @@ from typing import Any
 
 import psycopg
 from psycopg.types.json import Jsonb
+from streamagent.processors.projection.memory import project_versions
 from streamagent.processors.projection.queries import QUALITY_COLUMNS, QualityRow, quality_row
 from streamagent.processors.projection.schema import SCHEMA
 from streamagent.processors.workflow import WorkflowError, load_workflows
@@ -29,6 +30,7 @@ from streamagent.events import (
     CommandLost,
     CommandResent,
     DecisionRecorded,
+    EntityVersion,
     Event,
     RunCompleted,
     RunDeadlineExceeded,
@@ -39,7 +41,7 @@ from streamagent.events import (
 )
 from streamagent.runtime import Batch, ConsumerRuntime
 from streamagent.signing import verify
-from streamagent.topics import COMMANDS_PREFIX, RUN_EVENTS, TOOL_RESULTS
+from streamagent.topics import COMMANDS_PREFIX, MEMORY, RUN_EVENTS, TOOL_RESULTS
 
 log = logging.getLogger(__name__)
 PROCESSOR = "projection"
@@ -222,9 +224,14 @@ class ProjectionHandler:
         # Reconnected on use after PostgreSQL restarts; a batch whose transaction failed is retried
         # whole by the runtime.
         self.db = db.Reconnecting(settings.database_url, autocommit=False)
+        # The batch's entity versions (from the memory topic) and their messages, projected on their own.
+        self.versions: list[tuple[EntityVersion, Any]] = []
 
     def __call__(self, batch: Batch) -> None:
         rows, events = self.rows(batch)
+        if self.versions:
+            with self.db.conn.transaction(), self.db.conn.cursor() as cur:
+                project_versions(cur, self.versions)
         if not rows:
             return
         conn = self.db.conn
@@ -252,8 +259,16 @@ class ProjectionHandler:
         """The batch's ``run_events`` rows and their events (anything else is rejected)."""
         rows: list[tuple[object, ...]] = []
         events: list[Event] = []
+        self.versions = []
         for item in batch:
             event = item.event
+            if isinstance(event, EntityVersion):
+                problem = self._unauthenticated(event, item.message)
+                if problem is not None:
+                    batch.reject(item, "unauthenticated", problem)
+                else:
+                    self.versions.append((event, item.message))
+                continue
             if not isinstance(event, Event):
                 batch.reject(item, "unexpected-event", f"{type(event).__name__} is not a run event")
                 continue
@@ -282,7 +297,7 @@ class ProjectionHandler:
             events.append(event)
         return rows, events
 
-    def _unauthenticated(self, event: Event, msg: Any) -> str | None:
+    def _unauthenticated(self, event: Event | EntityVersion, msg: Any) -> str | None:
         """Why ``event`` must not be projected (None: it verifies). A command is checked as its tool checks it."""
         if self.authenticator is None:
             return None
@@ -485,7 +500,7 @@ class ProjectionHandler:
 def build(settings: Settings) -> ConsumerRuntime:
     db.migrate(settings, SCHEMA, wait_s=db.WAIT_FOREVER)  # started during an outage: wait, do not crash-loop
     commands = "^" + re.escape(settings.topic(COMMANDS_PREFIX)) + ".*"
-    topics = [settings.topic(RUN_EVENTS), settings.topic(TOOL_RESULTS), commands]
+    topics = [settings.topic(RUN_EVENTS), settings.topic(TOOL_RESULTS), commands, settings.topic(MEMORY)]
     handler = ProjectionHandler(settings, authenticator=Authenticator.of(settings))
     try:
         filled = handler.backfill_quality()

@@ -92,5 +92,22 @@ SCHEMA = Schema(
         # delivered again does not count it twice (a replay into an empty database does, once).
         "ALTER TABLE runs ADD COLUMN IF NOT EXISTS quality_counted boolean NOT NULL DEFAULT false",
         "CREATE INDEX IF NOT EXISTS runs_created_at ON runs (created_at)",
+        # Shared memory: every version of every entity, as the memory processor published it
+        # (`streamagent memory get` reads the last, `memory history` all of them).
+        """
+        CREATE TABLE IF NOT EXISTS memory_versions (
+            entity          text NOT NULL,
+            key             text NOT NULL,
+            version         int  NOT NULL,
+            fields          jsonb NOT NULL,
+            deleted         boolean NOT NULL DEFAULT false,
+            as_of           timestamptz NOT NULL,
+            writer          text NOT NULL,
+            write_id        text NOT NULL,
+            kafka_partition int NOT NULL,
+            kafka_offset    bigint NOT NULL,
+            PRIMARY KEY (entity, key, version)
+        )
+        """,
     ),
 )

@@ -18,6 +18,7 @@ from typing import Any
 
 from streamagent import logs
 from streamagent.config import Settings, SettingsError, get_settings
+from streamagent.console.errors import CliError
 
 log = logging.getLogger("streamagent")
 
@@ -29,14 +30,6 @@ _ENV = {
     "database_url": "STREAMAGENT_DATABASE_URL",
     "sandbox_url": "STREAMAGENT_SANDBOX_URL",
 }
-
-
-class CliError(Exception):
-    """A user-facing failure: printed as one line, no traceback."""
-
-    def __init__(self, message: str, code: int = 1) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 def _settings(require: tuple[str, ...] = (), *, probe: bool = True) -> Settings:
@@ -327,15 +320,16 @@ def cmd_topics_create(args: argparse.Namespace) -> int:
 
 def cmd_processor(args: argparse.Namespace) -> int:
     # No probe: a child of `up` that starts while the broker restarts waits in its client, not exits.
-    # The state processor and intake use Kafka only; the others also PostgreSQL.
-    required = ("bootstrap_servers",) if args.name in ("state", "intake") else ("bootstrap_servers", "database_url")
+    # The state, intake and memory processors use Kafka only; the others also PostgreSQL.
+    kafka_only = ("state", "intake", "memory")
+    required = ("bootstrap_servers",) if args.name in kafka_only else ("bootstrap_servers", "database_url")
     settings = _settings(required, probe=False)
     if args.name in ("state", "decision"):
         _workflows(settings)  # a malformed workflow file: one line, before anything connects
-    if args.name == "decision":
+    if args.name in ("decision", "memory"):
         from streamagent.signing import load_keys
 
-        load_keys(settings)  # it signs every command: no key, no start (one line naming the setting)
+        load_keys(settings)  # it signs what it writes: no key, no start (one line naming the setting)
     logs.configure(f"processor-{args.name}", settings.log_level, settings.log_format)
     _serve_metrics(settings, f"processor-{args.name}")
     if args.name == "state":
@@ -349,6 +343,8 @@ def cmd_processor(args: argparse.Namespace) -> int:
         from streamagent.processors.decision.processor import build
     elif args.name == "intake":
         from streamagent.processors.intake.processor import build
+    elif args.name == "memory":
+        from streamagent.processors.memory.processor import build
     else:
         from streamagent.processors.projection.processor import build
     run_until_signalled(build(settings))
@@ -510,6 +506,45 @@ def since_window(text: str) -> Any:
 
 
 # -- approvals ---------------------------------------------------------------------------------------
+def cmd_memory(args: argparse.Namespace) -> int:
+    from streamagent.console import memory
+
+    if args.action == "put":
+        from streamagent.console.devstack.stack import local_operator
+
+        write = memory.build_write(
+            args.entity,
+            args.key,
+            memory.assignments(args.set or []),
+            args.unset or [],
+            args.delete,
+            args.expect_version,
+            args.writer or f"operator:{local_operator()}",
+        )
+        settings = _settings(("bootstrap_servers", "database_url") if args.wait else ("bootstrap_servers",))
+        memory.send(settings, write)
+        if not args.wait:
+            print(f"{write.ref}: write {write.write_id} sent")
+            return 0
+        row = memory.wait_for(settings, write, args.timeout)
+        print(memory.as_json(row, args.entity, args.key) if args.json else memory.describe(row, args.entity, args.key))
+        return 0
+    settings = _settings(("database_url",))
+    if args.action == "get":
+        row = memory.latest(settings, args.entity, args.key)
+        if row is None or row["deleted"]:
+            gone = " (deleted)" if row is not None else ""
+            raise CliError(f"memory has no {args.entity}/{args.key}{gone}")
+        print(memory.as_json(row, args.entity, args.key) if args.json else memory.describe(row, args.entity, args.key))
+        return 0
+    rows = memory.history(settings, args.entity, args.key)
+    if not rows:
+        raise CliError(f"memory has never held {args.entity}/{args.key}")
+    for row in rows:
+        print(memory.as_json(row, args.entity, args.key) if args.json else memory.describe(row, args.entity, args.key))
+    return 0
+
+
 def cmd_approvals(args: argparse.Namespace) -> int:
     from streamagent.processors.projection import queries
 
@@ -915,6 +950,34 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--json", action="store_true", help="machine-readable output")
     report.add_argument("--per-run", action="store_true", help="with --json: every run's signals too")
 
+    memory = add("memory", cmd_memory, "Shared memory: put, get and the history of an entity (contact, company, ...)")
+    memory_actions = memory.add_subparsers(dest="action", required=True, metavar="ACTION")
+    put = memory_actions.add_parser(
+        "put",
+        help="change an entity, as an upstream system would, and wait for its new version",
+        description="Change an entity through intake, as an upstream system would, and wait until the memory"
+        " processor has published its new version (or refused the write, saying why).",
+    )
+    put.add_argument("entity", help="the kind of fact, e.g. contact")
+    put.add_argument("key", help="the entity's key, e.g. acme.io")
+    put.add_argument("--set", action="append", metavar="FIELD=VALUE", help="set a field (FIELD:=JSON for non-text)")
+    put.add_argument("--unset", action="append", metavar="FIELD", help="remove a field")
+    put.add_argument("--delete", action="store_true", help="remove the whole entity")
+    put.add_argument(
+        "--expect-version",
+        type=int,
+        metavar="N",
+        help="refuse the write unless the entity is at version N now (0: it must not exist)",
+    )
+    put.add_argument("--writer", help="who writes (default operator:<your user name>)")
+    put.add_argument("--no-wait", dest="wait", action="store_false", help="send the write and return")
+    put.add_argument("--timeout", type=positive_float, default=30.0, help="seconds to wait (default 30)")
+    put.add_argument("--json", action="store_true", help="print the new version as JSON")
+    for name, help_ in (("get", "the entity as it is now"), ("history", "every version of the entity, oldest first")):
+        reader = memory_actions.add_parser(name, help=help_, description=help_[0].upper() + help_[1:] + ".")
+        reader.add_argument("entity", help="the kind of fact, e.g. contact")
+        reader.add_argument("key", help="the entity's key, e.g. acme.io")
+        reader.add_argument("--json", action="store_true", help="one JSON object per version")
     approvals = add("approvals", cmd_approvals, "List approval requests the guard holds runs for")
     approvals.add_argument("--all", action="store_true", help="answered and expired requests too")
     approvals.add_argument("--run", type=non_empty, help="only this run's requests")
@@ -943,7 +1006,7 @@ def build_parser() -> argparse.ArgumentParser:
     create.set_defaults(func=cmd_topics_create)
 
     processor = add("processor", cmd_processor, "Run one processor in the foreground")
-    processor.add_argument("name", choices=["intake", "state", "decision", "projection"])
+    processor.add_argument("name", choices=["intake", "memory", "state", "decision", "projection"])
 
     tool = add("tool", cmd_tool, "Run one tool (its own consumer group) in the foreground")
     # Any tool the tools package provides: a new tool deploys without editing a list here.

@@ -68,7 +68,7 @@ __all__ = [
     "running_pid",
 ]
 
-PROCESSORS = ("intake", "state", "decision", "projection")
+PROCESSORS = ("intake", "memory", "state", "decision", "projection")
 # A child that died this many times in a row, each soon after it started, is crash-looping.
 CRASH_LOOP_RESTARTS = 3
 

@@ -160,12 +160,12 @@ def test_docker_compose_config_accepts_the_file() -> None:
 
 
 def test_each_service_mounts_only_the_keys_of_its_role(compose: dict[str, Any]) -> None:
-    """Least privilege (streamagent.authn): the pipeline's core (state, decision, projection) mounts the
+    """Least privilege (streamagent.authn): the pipeline's core (state, decision, projection, memory) mounts the
     command keys; intake and each tool mount only their own role key, so a leaked tool container can
     neither sign as another tool nor approve; the approval token keys go to the decision processor (it
     mints tokens) and the tools (they check them); nothing else gets any key."""
     assert {"command-keys", "approval-keys", "intake-key"} <= set(compose["secrets"])
-    core = (["processor", "state"], ["processor", "decision"], ["processor", "projection"])
+    core = (["processor", "state"], ["processor", "decision"], ["processor", "projection"], ["processor", "memory"])
     for name, svc in _streamagent_services(compose).items():
         command = _command(svc)
         env = _environment(svc)

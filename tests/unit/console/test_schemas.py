@@ -32,6 +32,7 @@ def test_each_layer_creates_only_its_own_tables(settings: Settings) -> None:
         "runs",
         "run_events",
         "approvals",
+        "memory_versions",
     }
     assert {s.owner for s in SCHEMAS} == {"projection", "decision", "tool_ledger"}  # the stack applies all
 

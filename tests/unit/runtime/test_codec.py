@@ -27,7 +27,9 @@ from streamagent.events import (
     CommandResent,
     DecisionAction,
     DecisionRecorded,
+    EntityVersion,
     FailureStatus,
+    MemoryWrite,
     OnboardingRequest,
     RunCompleted,
     RunDeadlineExceeded,
@@ -327,6 +329,27 @@ def sample_events() -> list[BaseModel]:
                 decision_id="d-1",
             ),
         ),
+        MemoryWrite(
+            write_id="w-1",
+            entity="contact",
+            key="acme.io",
+            set={"email": "ada@acme.io", "seats": 12, "tags": ["b2b"]},
+            unset=["phone"],
+            expected_version=3,
+            writer="crm",
+            causation_id="crm-event-9",
+            occurred_at=T0,
+        ),
+        EntityVersion(
+            entity="contact",
+            key="acme.io",
+            version=4,
+            fields={"email": "ada@acme.io", "name": "Ada"},
+            as_of=T0 + timedelta(seconds=1),
+            writer="crm",
+            write_id="w-1",
+            recent_writes=["w-0", "w-1"],
+        ),
     ]
 
 
@@ -347,7 +370,7 @@ def test_round_trip_is_equal(event: BaseModel) -> None:
 
 
 def test_snapshot_round_trip_keeps_step_outputs() -> None:
-    snapshot = SAMPLES[-1]
+    snapshot = next(m for m in SAMPLES if isinstance(m, StateSnapshot))
     assert isinstance(snapshot, StateSnapshot)
     decoded = codec.decode(codec.encode(snapshot))
     assert isinstance(decoded, StateSnapshot)
@@ -384,7 +407,10 @@ def test_wire_header_is_c301_and_the_little_endian_crc64_of_the_schema(event: Ba
     # The body after the header is plain schemaless Avro of the current schema.
     record = fastavro.schemaless_reader(io.BytesIO(data[10:]), codec.registry().current[name].parsed, None)
     assert isinstance(record, dict)
-    assert record.get("run_id") == RUN
+    if isinstance(event, MemoryWrite | EntityVersion):  # memory is keyed by entity, not by run
+        assert (record["entity"], record["key"]) == ("contact", "acme.io")
+    else:
+        assert record.get("run_id") == RUN
 
 
 def test_fingerprints_differ_between_schema_versions() -> None:
