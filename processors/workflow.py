@@ -6,10 +6,16 @@ rules decider walks it; the state processor lays out a new run's steps from it. 
 only from the snapshot, so a decision is a pure function of the snapshot it was made on.
 
 An argument value is a template: literal text with ``{path | filter ...}`` placeholders, where a
-path is ``request.<field>``, ``run.id`` or ``steps.<step>.output[.<key>...]`` and the filters are
-``default: <text>`` (used when the path is missing) and ``run_key`` (a key unique per run, see
+path is ``request.<field>``, ``run.id``, ``steps.<step>.output[.<key>...]`` or ``memory.<entity>.<field>``
+(an entity the step ``reads``), and the filters are ``or: <path>`` (another path, used when the first is
+missing), ``default: <text>`` (used when the path is missing) and ``run_key`` (a key unique per run, see
 ``project_key``). A value that is one placeholder and nothing else keeps the type of what it names.
 Non-string TOML values (numbers, booleans) are taken as they are.
+
+Shared memory. ``reads = ["contact:{request.company_domain}"]`` declares that a step reads the ``contact``
+entity keyed by the company's domain: its decision reads that entity's current version from the memory
+table, builds the arguments from it, and records the version, so the tool can refuse the command if the
+entity changed before the call (``stale-memory``).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import re
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -30,6 +36,7 @@ from streamagent.events import (
     RunStatus,
     StateSnapshot,
     StepStatus,
+    entity_ref,
 )
 
 Results = Mapping[str, Mapping[str, Any]]
@@ -76,6 +83,28 @@ def project_key(company_name: str, run_id: str) -> str:
 
 
 _MISSING = object()
+# What a step's decision read from shared memory: entity name -> the fields of its current version (an
+# entity memory has none of is absent).
+Memory = Mapping[str, Mapping[str, Any]]
+_NO_MEMORY: Memory = {}
+
+
+def _lookup(path: tuple[str, ...], request: OnboardingRequest, results: Results, run_id: str, memory: Memory) -> Any:
+    root, rest = path[0], path[1:]
+    found: Any
+    if root == "request":
+        return getattr(request, rest[0])
+    if root == "run":
+        return run_id
+    if root == "memory":
+        found = memory.get(rest[0], _MISSING)
+        keys = rest[1:]
+    else:
+        found = results.get(rest[0], _MISSING)
+        keys = rest[2:]
+    for key in keys:
+        found = found.get(key, _MISSING) if isinstance(found, Mapping) else _MISSING
+    return found
 
 
 @dataclass(frozen=True)
@@ -83,18 +112,15 @@ class Placeholder:
     path: tuple[str, ...]
     default: str | None = None
     run_key: bool = False
+    # Other paths tried in order when the first is missing (``or: request.contact_email``).
+    alternatives: tuple[tuple[str, ...], ...] = ()
 
-    def value(self, request: OnboardingRequest, results: Results, run_id: str) -> Any:
-        root, rest = self.path[0], self.path[1:]
-        found: Any
-        if root == "request":
-            found = getattr(request, rest[0])
-        elif root == "run":
-            found = run_id
-        else:
-            found = results.get(rest[0], _MISSING)
-            for key in rest[2:]:
-                found = found.get(key, _MISSING) if isinstance(found, Mapping) else _MISSING
+    def value(self, request: OnboardingRequest, results: Results, run_id: str, memory: Memory = _NO_MEMORY) -> Any:
+        found: Any = _MISSING
+        for path in (self.path, *self.alternatives):
+            found = _lookup(path, request, results, run_id, memory)
+            if found is not _MISSING:
+                break
         if found is _MISSING:
             if self.default is None:
                 raise KeyError(f"{'.'.join(self.path)} is missing and has no default")
@@ -108,10 +134,10 @@ class Template:
 
     parts: tuple[str | Placeholder, ...]
 
-    def render(self, request: OnboardingRequest, results: Results, run_id: str) -> Any:
+    def render(self, request: OnboardingRequest, results: Results, run_id: str, memory: Memory = _NO_MEMORY) -> Any:
         if len(self.parts) == 1 and isinstance(self.parts[0], Placeholder):
-            return self.parts[0].value(request, results, run_id)
-        return "".join(p if isinstance(p, str) else str(p.value(request, results, run_id)) for p in self.parts)
+            return self.parts[0].value(request, results, run_id, memory)
+        return "".join(p if isinstance(p, str) else str(p.value(request, results, run_id, memory)) for p in self.parts)
 
 
 @dataclass(frozen=True)
@@ -120,11 +146,24 @@ class Arguments:
 
     values: tuple[tuple[str, Template | Any], ...] = ()
 
-    def build(self, request: OnboardingRequest, results: Results, run_id: str) -> dict[str, Any]:
+    def build(
+        self, request: OnboardingRequest, results: Results, run_id: str, memory: Memory = _NO_MEMORY
+    ) -> dict[str, Any]:
         return {
-            name: value.render(request, results, run_id) if isinstance(value, Template) else value
+            name: value.render(request, results, run_id, memory) if isinstance(value, Template) else value
             for name, value in self.values
         }
+
+
+@dataclass(frozen=True)
+class Read:
+    """An entity a step reads: its name and the template of its key (``contact:{request.company_domain}``)."""
+
+    entity: str
+    key: Template
+
+    def ref(self, request: OnboardingRequest, results: Results, run_id: str) -> str:
+        return entity_ref(self.entity, str(self.key.render(request, results, run_id)))
 
 
 @dataclass(frozen=True)
@@ -143,9 +182,17 @@ class Step:
     on_failure: Literal["fail", "escalate"] = "fail"
     # Optional undo, run when the run is abandoned after its deadline.
     compensation: Compensation | None = None
+    # The shared entities its arguments are built from (their versions are recorded with the decision).
+    reads: tuple[Read, ...] = ()
 
-    def build(self, request: OnboardingRequest, results: Results, run_id: str) -> dict[str, Any]:
-        return self.args.build(request, results, run_id)
+    def build(
+        self, request: OnboardingRequest, results: Results, run_id: str, memory: Memory = _NO_MEMORY
+    ) -> dict[str, Any]:
+        return self.args.build(request, results, run_id, memory)
+
+    def read_refs(self, request: OnboardingRequest, results: Results, run_id: str) -> dict[str, str]:
+        """Entity name -> the reference (``contact/acme.io``) this run's step reads."""
+        return {r.entity: r.ref(request, results, run_id) for r in self.reads}
 
 
 @dataclass(frozen=True)
@@ -321,7 +368,7 @@ class _Loader:
 
     def step(self, raw: dict[str, Any], index: int, earlier: list[Step], tools: set[str]) -> Step:
         where = f"steps[{index}]."
-        self.keys(raw, where, {"name", "tool", "needs", "args", "on_failure", "compensate"}, {"name", "tool"})
+        self.keys(raw, where, {"name", "tool", "needs", "args", "on_failure", "compensate", "reads"}, {"name", "tool"})
         name = self.name(raw["name"], where + "name")
         if name in {s.name for s in earlier}:
             raise self.fail(where + "name", f"step {name!r} is declared twice")
@@ -337,7 +384,9 @@ class _Loader:
         on_failure = raw.get("on_failure", "fail")
         if on_failure not in ("fail", "escalate"):
             raise self.fail(where + "on_failure", f"must be 'fail' or 'escalate', not {on_failure!r}")
-        args = self.arguments(raw.get("args", {}), where + "args", set(needs))
+        reads = self.reads(raw.get("reads", []), where + "reads", set(needs))
+        entities = {r.entity for r in reads}
+        args = self.arguments(raw.get("args", {}), where + "args", set(needs), entities)
         compensation = None
         if "compensate" in raw:
             comp = raw["compensate"]
@@ -349,7 +398,27 @@ class _Loader:
                 # An undo may use what its own step produced.
                 self.arguments(comp.get("args", {}), where + "compensate.args", {*needs, name}),
             )
-        return Step(name, tool, args, tuple(needs), on_failure, compensation)
+        return Step(name, tool, args, tuple(needs), on_failure, compensation, reads)
+
+    def reads(self, raw: Any, where: str, visible: set[str]) -> tuple[Read, ...]:
+        if not isinstance(raw, list) or not all(isinstance(r, str) for r in raw):
+            raise self.fail(where, 'must be a list of "entity:{key template}" texts')
+        reads: list[Read] = []
+        for i, text in enumerate(raw):
+            entity, sep, key = text.partition(":")
+            if not sep or not key:
+                raise self.fail(
+                    f"{where}[{i}]",
+                    f'{text!r}: write "entity:{{key template}}", e.g. "contact:{{request.company_domain}}"',
+                )
+            if not _NAME.match(entity):
+                raise self.fail(
+                    f"{where}[{i}]", f"{entity!r}: an entity is a name of lowercase letters, digits, '-' or '_'"
+                )
+            if entity in {r.entity for r in reads}:
+                raise self.fail(f"{where}[{i}]", f"the step reads {entity!r} twice")
+            reads.append(Read(entity, self.template(key, f"{where}[{i}]", visible)))
+        return tuple(reads)
 
     def tool(self, value: Any, where: str, tools: set[str]) -> str:
         tool = self.name(value, where)
@@ -357,20 +426,20 @@ class _Loader:
             raise self.fail(where, f"tool {tool!r} is not in the workflow's tools ({', '.join(sorted(tools))})")
         return tool
 
-    def arguments(self, raw: Any, where: str, visible: set[str]) -> Arguments:
+    def arguments(self, raw: Any, where: str, visible: set[str], entities: Collection[str] = ()) -> Arguments:
         if not isinstance(raw, dict):
             raise self.fail(where, "must be a table of argument = template")
         values = []
         for key, value in raw.items():
             if isinstance(value, str):
-                values.append((key, self.template(value, f"{where}.{key}", visible)))
+                values.append((key, self.template(value, f"{where}.{key}", visible, entities)))
             elif isinstance(value, (dict, list)):
                 raise self.fail(f"{where}.{key}", "must be text, a number or a boolean")
             else:
                 values.append((key, value))
         return Arguments(tuple(values))
 
-    def template(self, text: str, where: str, visible: set[str]) -> Template:
+    def template(self, text: str, where: str, visible: set[str], entities: Collection[str] = ()) -> Template:
         parts: list[str | Placeholder] = []
         last = 0
         for match in _PLACEHOLDER.finditer(text):
@@ -386,7 +455,7 @@ class _Loader:
             if literal:
                 parts.append(literal)
             if match.group(1) is not None:
-                parts.append(self.placeholder(match.group(1), where, visible))
+                parts.append(self.placeholder(match.group(1), where, visible, entities))
         if text[last:]:
             parts.append(text[last:])
         merged: list[str | Placeholder] = []
@@ -397,10 +466,37 @@ class _Loader:
                 merged.append(part)
         return Template(tuple(merged) or ("",))
 
-    def placeholder(self, inner: str, where: str, visible: set[str]) -> Placeholder:
+    def placeholder(self, inner: str, where: str, visible: set[str], entities: Collection[str]) -> Placeholder:
         path_text, *filters = (p.strip() for p in inner.split("|"))
-        path = tuple(path_text.split("."))
         shown = "{" + inner + "}"
+        path = self.place(path_text, shown, where, visible, entities)
+        default, run_key = None, False
+        alternatives: list[tuple[str, ...]] = []
+        for item in filters:
+            name, _, arg = item.partition(":")
+            name = name.strip()
+            if name == "default" and _:
+                default = arg.strip()
+            elif name == "or" and _:
+                alternatives.append(self.place(arg.strip(), shown, where, visible, entities))
+            elif name == "run_key" and not _:
+                run_key = True
+            else:
+                raise self.fail(
+                    where, f"{shown}: unknown filter {item!r} (known: or: <path>, default: <text>, run_key)"
+                )
+        return Placeholder(path, default, run_key, tuple(alternatives))
+
+    def place(
+        self, path_text: str, shown: str, where: str, visible: set[str], entities: Collection[str]
+    ) -> tuple[str, ...]:
+        path = tuple(path_text.split("."))
+        if path[0] == "memory":
+            if len(path) < 3:
+                raise self.fail(where, f"{shown}: write memory.<entity>.<field>")
+            if path[1] not in entities:
+                raise self.fail(where, f"{shown}: the step does not read {path[1]!r} (add it to the step's reads)")
+            return path
         if path[0] == "request":
             if len(path) != 2 or path[1] not in _REQUEST_FIELDS:
                 fields = ", ".join(sorted(_REQUEST_FIELDS))
@@ -414,18 +510,8 @@ class _Loader:
             if path[1] not in visible:
                 raise self.fail(where, f"{shown}: step {path[1]!r} is not in this step's needs")
         else:
-            raise self.fail(where, f"{shown}: a path starts with request., run. or steps., not {path[0]!r}")
-        default, run_key = None, False
-        for item in filters:
-            name, _, arg = item.partition(":")
-            name = name.strip()
-            if name == "default" and _:
-                default = arg.strip()
-            elif name == "run_key" and not _:
-                run_key = True
-            else:
-                raise self.fail(where, f"{shown}: unknown filter {item!r} (known: default: <text>, run_key)")
-        return Placeholder(path, default, run_key)
+            raise self.fail(where, f"{shown}: a path starts with request., run., steps. or memory., not {path[0]!r}")
+        return path
 
 
 @lru_cache(maxsize=1)

@@ -110,7 +110,8 @@ class DecisionRecorded(Event):
     SCHEMA_NAME = "io.streamagent.events.DecisionRecorded"
     JSON_FIELDS = ("arguments", "context")
 
-    schema_version: int = 3
+    # 4: the memory it read (schemas/history/DecisionRecorded.v4.avsc and older decode with none).
+    schema_version: int = 4
     decision_id: str
     based_on_version: int
     action: DecisionAction
@@ -130,6 +131,8 @@ class DecisionRecorded(Event):
     guard_outcome: str | None = None
     guard_reason: str | None = None
     policy_version: str | None = None
+    # The shared memory the decision read: ``contact/acme.io`` -> its version (0: memory had none).
+    memory: dict[str, int] = Field(default_factory=dict)
     # Where the command landed (its produce was acknowledged before this event was written): the
     # state processor judges a command lost only once its tool's group has consumed past it.
     command_partition: int | None = None
@@ -140,7 +143,7 @@ class ToolCommand(Event):
     SCHEMA_NAME = "io.streamagent.events.ToolCommand"
     JSON_FIELDS = ("arguments",)
 
-    schema_version: int = 3
+    schema_version: int = 4
     command_id: str
     decision_id: str
     tool: str
@@ -155,6 +158,13 @@ class ToolCommand(Event):
     # ``a1:<key id>:<expiry ms>:<hex>`` (streamagent.approval): the guard's proof that a person approved
     # this step with exactly these arguments. Checked by the tool for any command policy says needs it.
     approval: str = ""
+    # The memory versions it was decided on (4): the tool refuses it as stale-memory if one changed since.
+    memory: dict[str, int] = Field(default_factory=dict)
+
+
+# A tool's ``error_kind`` for a command it did not execute because the memory it was decided on changed
+# since: the fold puts the step back to be decided again, on the new version.
+STALE_MEMORY = "stale-memory"
 
 
 class ToolStatus(StrEnum):

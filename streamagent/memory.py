@@ -19,6 +19,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, TopicPartition
@@ -169,6 +170,11 @@ class MemoryTable:
         with self._lock:
             return self._entities.get(ref)
 
+    def current(self, ref: str) -> EntityVersion | None:
+        """The entity at ``ref`` as it is now (a ``MemoryReader``); None if memory has none."""
+        found = self.last(ref)
+        return None if found is None or found.deleted else found
+
     def version(self, ref: str) -> int:
         """The entity's current version; 0 when memory has none (never written, or deleted)."""
         found = self.last(ref)
@@ -207,3 +213,11 @@ def stale(table: MemoryTable, seen: dict[str, int]) -> list[str]:
             before = f"v{version}" if version else "none"
             changed.append(f"{ref} {before} → {after}")
     return changed
+
+
+# How a decider reads memory: an entity's reference (``contact/acme.io``) -> its current version, or None.
+MemoryReader = Callable[[str], EntityVersion | None]
+
+
+def no_memory(_ref: str) -> EntityVersion | None:
+    return None

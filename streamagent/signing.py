@@ -181,6 +181,8 @@ def signed_bytes(command: ToolCommand) -> bytes:
         command.operation,
         digest,
     ]
+    if command.memory:  # covered once it exists: a forged version cannot slip past the staleness check
+        fields.append(canonical_json(command.memory))
     return canonical_json(fields).encode()
 
 

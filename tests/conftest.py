@@ -263,6 +263,16 @@ def embedded_postgres(infra: dict[str, object]) -> EmbeddedPostgres:
 @pytest.fixture
 def settings(infra: dict[str, object], tmp_path: Path) -> Settings:
     """Settings for one test: its own topic prefix, consumer groups and database."""
+    return new_settings(infra, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def module_settings(infra: dict[str, object], tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """Settings shared by a module's tests (one stack for several tests): as ``settings``."""
+    return new_settings(infra, tmp_path_factory.mktemp("module"))
+
+
+def new_settings(infra: dict[str, object], tmp_path: Path) -> Settings:
     tag = uuid.uuid4().hex[:10]
     created = infra["created"]
     assert isinstance(created, _Created)

@@ -21,6 +21,8 @@ class Decision:
     cost_usd: float = 0.0
     # Which decider made it, when a decider routes runs to others (per workflow); None: the processor's.
     decider: str | None = None
+    # The shared memory it read: entity reference -> version (0: memory had none).
+    memory: dict[str, int] = field(default_factory=dict)
 
 
 class Decider(Protocol):

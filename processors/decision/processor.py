@@ -69,6 +69,7 @@ from streamagent.events import (
     now,
     stable_id,
 )
+from streamagent.memory import MemoryReader, MemoryTable, no_memory
 from streamagent.metrics import DECISIONS, RESENT_COMMANDS, decision_recorded
 from streamagent.policy import load_policy
 from streamagent.runtime import Batch, ConsumerRuntime, Incoming, Unprocessable
@@ -131,6 +132,7 @@ def follow_up(
             operation=operation,
             arguments=decision.arguments,
             deadline_at=deadline,
+            memory=decision.memory,
         )
         if verdict is not None and verdict.approved and guard is not None:
             command = command.model_copy(update={"approval": guard.token(snap, decision, deadline)})
@@ -410,6 +412,7 @@ class DecisionHandler:
             guard_outcome=verdict.outcome,
             guard_reason=verdict.reason,
             policy_version=verdict.policy_version,
+            memory=decision.memory,
         )
         encoded = codec.encode(event) if event is not None else None
         emission = Emission(record, topic, encoded, isinstance(event, ToolCommand))
@@ -783,6 +786,7 @@ def make_decider(
     available: ToolAvailability = every_tool_available,
     check: ArgumentCheck = no_check,
     entry_of: EntryOf | None = None,
+    memory: MemoryReader = no_memory,
 ) -> Decider:
     """The configured decider; its workflows are read here, so a malformed file stops the processor at start.
 
@@ -791,7 +795,7 @@ def make_decider(
     from streamagent.processors.decision.rules import RulesDecider
 
     workflows = load_workflows(settings.workflows_dir)
-    rules = RulesDecider(workflows, available, check)
+    rules = RulesDecider(workflows, available, check, memory)
     by_model = sorted(w.name for w in workflows.values() if (w.decider or settings.decider) == "llm")
     if not by_model:
         return rules
@@ -802,7 +806,7 @@ def make_decider(
         )
     from streamagent.processors.decision.llm.decider import LlmDecider
 
-    llm = LlmDecider(settings, workflows, available, check, entry_of or (lambda _name: None))
+    llm = LlmDecider(settings, workflows, available, check, entry_of or (lambda _name: None), memory=memory)
     return ChosenDecider(settings.decider, workflows, rules, llm, concurrency=settings.model_concurrency)
 
 
@@ -830,7 +834,12 @@ def build(settings: Settings) -> ConsumerRuntime:
     def available(name: str) -> bool:
         return catalogue.available(name) is not None
 
-    decider = make_decider(settings, available, catalogue_check(catalogue.available), catalogue.available)
+    # Shared memory, a local table of the memory topic (followed on a background thread): reading the
+    # entities a step reads is a dict lookup per entity, never a network call.
+    memory = MemoryTable(settings, "decision-memory").start()
+    decider = make_decider(
+        settings, available, catalogue_check(catalogue.available), catalogue.available, memory.current
+    )
 
     def declared_approval(name: str) -> bool:
         entry = catalogue.available(name)

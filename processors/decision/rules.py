@@ -7,6 +7,7 @@ from typing import Any
 from streamagent.processors.decision.arguments import ArgumentCheck, no_check
 from streamagent.processors.decision.decider import Decision, context_of
 from streamagent.processors.workflow import (
+    Step,
     ToolAvailability,
     UnknownWorkflow,
     Workflow,
@@ -17,6 +18,7 @@ from streamagent.processors.workflow import (
 )
 
 from streamagent.events import DecisionAction, RunStatus, StateSnapshot, StepStatus
+from streamagent.memory import MemoryReader, no_memory
 
 
 def waiting_for(tool: str) -> str:
@@ -31,6 +33,7 @@ class RulesDecider:
         workflows: Workflows | Workflow | None = None,
         available: ToolAvailability = every_tool_available,
         check: ArgumentCheck = no_check,
+        memory: MemoryReader = no_memory,
     ) -> None:
         if isinstance(workflows, Workflow):
             workflows = {workflows.name: workflows}
@@ -39,6 +42,8 @@ class RulesDecider:
         # Do a dispatch's arguments fit the input schema the tool's running version announced? If
         # not, the run escalates with the reason (tool, version, mismatch): never a wrong call.
         self.check = check
+        # The shared memory table: a step that reads an entity is built from its current version.
+        self.memory = memory
 
     def decide(self, snapshot: StateSnapshot) -> Decision | None:
         try:
@@ -76,7 +81,8 @@ class RulesDecider:
                 return Decision(
                     DecisionAction.wait, waiting_for(step.tool), step=step.name, tool=step.tool, context=context
                 )
-            arguments = step.build(snapshot.request, results, snapshot.run_id)
+            seen, facts = self._read(step, snapshot, results, context)
+            arguments = step.build(snapshot.request, results, snapshot.run_id, facts)
             mismatch = self.check(step.tool, arguments)
             if mismatch is not None:
                 return Decision(
@@ -93,8 +99,30 @@ class RulesDecider:
                 tool=step.tool,
                 arguments=arguments,
                 context=context,
+                memory=seen,
             )
         return Decision(DecisionAction.complete, "every step succeeded", context=context)
+
+    def _read(
+        self, step: Step, snapshot: StateSnapshot, results: dict[str, dict[str, Any]], context: dict[str, Any]
+    ) -> tuple[dict[str, int], dict[str, dict[str, Any]]]:
+        """The entities ``step`` reads, as they are now: their versions (recorded with the decision and the
+        command) and their fields (for the arguments); the prepared context shows both."""
+        if not step.reads:
+            return {}, {}
+        seen: dict[str, int] = {}
+        facts: dict[str, dict[str, Any]] = {}
+        shown: dict[str, Any] = {}
+        for entity, ref in step.read_refs(snapshot.request, results, snapshot.run_id).items():
+            found = self.memory(ref)
+            seen[ref] = found.version if found is not None else 0
+            if found is not None:
+                facts[entity] = dict(found.fields)
+                shown[ref] = {"version": found.version, "as_of": found.as_of.isoformat(), "fields": found.fields}
+            else:
+                shown[ref] = {"version": 0, "fields": None}
+        context["memory"] = shown
+        return seen, facts
 
     def _compensation(self, workflow: Workflow, snapshot: StateSnapshot, context: dict[str, Any]) -> Decision | None:
         """Undo, last step first, what an abandoned run (failed, escalated, denied, past its deadline) created."""

@@ -15,6 +15,7 @@ from streamagent.processors.workflow import Workflow, default_workflows
 
 from streamagent.errors import Unprocessable
 from streamagent.events import (
+    STALE_MEMORY,
     ApprovalDenied,
     ApprovalExpired,
     ApprovalGranted,
@@ -403,6 +404,14 @@ def _result(snap: StateSnapshot, event: ToolResult) -> StateSnapshot:
         return snap  # a late copy of the result that the undo already acted on
     if step.command_id not in (None, event.command_id):
         raise Unprocessable("unknown-command", f"{event.command_id} is not the command of step {step.name}")
+    if event.error_kind == STALE_MEMORY:
+        # Not executed: what the decision read changed before the call. The step is decided again, on the
+        # new version, if it still waits for that decision's command (a late copy changes nothing).
+        if step.status is not StepStatus.dispatched or step.decision_id != event.output.get("decision_id"):
+            return snap
+        return _replace_step(
+            snap, step.model_copy(update={"status": StepStatus.pending, "error": f"{STALE_MEMORY}: {event.error}"})
+        )
     ok = event.status is ToolStatus.succeeded
     if not ok and event.error_kind == "deadline":
         # The step ran out of time (its command's deadline is at most the run's, and a tool gives up

@@ -54,10 +54,11 @@ from streamagent.approval import load_approval_keys
 from streamagent.authn import RoleKeys, role_keys, tool_role
 from streamagent.config import Settings
 from streamagent.dlq import DeadLetterSink
-from streamagent.errors import Rejected, outage
-from streamagent.events import ToolCommand, ToolResult, ToolStatus, stable_id
+from streamagent.errors import DependencyUnavailable, Rejected, outage
+from streamagent.events import STALE_MEMORY, ToolCommand, ToolResult, ToolStatus, stable_id
 from streamagent.kafka import consumer as make_consumer
 from streamagent.kafka import producer as make_producer
+from streamagent.memory import MemoryTable, stale
 from streamagent.metrics import (
     EVENTS_PROCESSED,
     TOOL_ATTEMPTS,
@@ -199,6 +200,8 @@ class ToolRunner:
         self.member_id = settings.group_instance_id or f"{socket.gethostname()}-{os.getpid()}"
         self._started_at_ms = int(time.time() * 1000)
         self.timeout_s = tool.call_timeout(settings.tool_timeout_s)
+        # The shared memory table, started with the first command that read memory (most tools never do).
+        self._memory: MemoryTable | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -558,6 +561,10 @@ class ToolRunner:
             await self._produce(self._results_topic, command.run_id.encode(), recorded)
             return
         assert entry is not None
+        changed = await self._memory_changed(command)
+        if changed:
+            await self._stale_memory(command, changed)
+            return
         result = await self._attempts(command, entry.attempts)
         encoded = codec.encode(result)
         await self.writer.finish(cid, result.status.value, encoded)  # durable before it is published
@@ -565,6 +572,53 @@ class ToolRunner:
         await self._produce(self._results_topic, command.run_id.encode(), encoded)
         TOOL_CALLS.labels(self.tool.name, result.status.value).inc()
         TOOL_ATTEMPTS.labels(self.tool.name).observe(result.attempts)
+
+    async def _memory_changed(self, command: ToolCommand) -> list[str]:
+        """The shared entities the command was decided on that changed since (empty: none, or it read none).
+
+        The check sits here, after the ledger's dedupe (a command already done republishes its result, whatever
+        memory says now) and right before the effect. It waits until this tool's memory table holds every
+        version the broker had acknowledged when the check began (one fetch wait, ~50-70 ms, only for
+        commands that read memory) and then compares versions: a dict lookup per entity."""
+        if not command.memory or command.operation != "execute":
+            return []
+        loop = asyncio.get_running_loop()
+        if self._memory is None:
+            self._memory = await loop.run_in_executor(
+                None, lambda: MemoryTable(self.settings, f"tool-{self.tool.name}-memory").start()
+            )
+        table = self._memory
+        asked = time.monotonic()
+        if not await loop.run_in_executor(None, table.fresh_since, asked):
+            raise DependencyUnavailable("kafka", f"the memory table did not catch up with {table.topic}")
+        return stale(table, command.memory)
+
+    async def _stale_memory(self, command: ToolCommand, changed: list[str]) -> None:
+        """Publish that the command was not executed because what it was decided on changed: the fold
+        puts the step back to be decided again on the new version. Nothing goes into the ledger (no
+        effect was made), so the step's next command, under the same id, is executed."""
+        log.warning(
+            "command not executed, memory changed since its decision: %s",
+            "; ".join(changed),
+            extra={"run_id": command.run_id, "command_id": command.command_id},
+        )
+        result = ToolResult(
+            event_id=stable_id(command.command_id, "stale-memory", command.decision_id),
+            run_id=command.run_id,
+            causation_id=command.event_id,
+            command_id=command.command_id,
+            tool=self.tool.name,
+            step=command.step,
+            operation=command.operation,
+            status=ToolStatus.failed,
+            output={"decision_id": command.decision_id, "changed": changed},
+            error=f"decided on memory that changed before the call: {'; '.join(changed)}",
+            error_kind=STALE_MEMORY,
+            attempts=0,
+        )
+        encoded = codec.encode(result)
+        await self._produce(self._results_topic, command.run_id.encode(), encoded)
+        TOOL_CALLS.labels(self.tool.name, STALE_MEMORY).inc()
 
     async def _attempts(self, command: ToolCommand, recorded: int) -> ToolResult:
         """Call until success, a permanent error or the deadline. ``recorded`` attempts are already in

@@ -41,6 +41,7 @@ from streamagent.processors.workflow import (
 from streamagent.catalogue import ToolEntry
 from streamagent.config import Settings
 from streamagent.events import DecisionAction, RunStatus, StateSnapshot, StepStatus
+from streamagent.memory import MemoryReader, no_memory
 from streamagent.pricing import Prices, cost_usd, parse_prices
 
 log = logging.getLogger(__name__)
@@ -64,13 +65,15 @@ class LlmDecider:
         client: ModelClient | None = None,
         planner_client: ModelClient | None = None,
         ledger: RunLedger | None = None,
+        memory: MemoryReader = no_memory,
     ) -> None:
         self.workflows = workflows
         self.available = available
         self.check = check
         self.entry_of = entry_of
         self.client = client or ModelClient(settings, decider=self.name)
-        self.rules = RulesDecider(workflows, available, check)
+        # The rules decide what the workflow decides (failures, the end, the fallback), from shared memory too.
+        self.rules = RulesDecider(workflows, available, check, memory)
         self.budget = settings.model_context_tokens
         self.prices = parse_prices(settings.model_prices)
         self.settings = settings

@@ -1,0 +1,136 @@
+"""Shared memory on the real broker and PostgreSQL: entity versions written through intake, read into the
+decision that mails the client's contact (and recorded with it), refused writes that were based on an old
+version, and a command refused as stale-memory when the contact changed between its decision and its
+call, then decided again and sent once, to the new address."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from helpers import ended, eventually
+from streamagent.tools.sandbox import SandboxClient
+
+from streamagent.config import Settings, get_settings, to_env
+from streamagent.console.cli import main as cli
+from streamagent.console.demo import sample_requests
+from streamagent.console.devstack.stack import Stack
+from streamagent.events import RunRequested
+from streamagent.submit import produce_requests
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def stack(module_settings: Settings) -> Iterator[Stack]:
+    with Stack(module_settings) as running:
+        yield running
+
+
+@pytest.fixture
+def s(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    for key, value in to_env(stack.settings).items():
+        monkeypatch.setenv(key, value)
+    get_settings.cache_clear()
+    return stack.settings
+
+
+def _request(domain: str, contact: str) -> RunRequested:
+    (request,) = sample_requests(1, requested_by="memory-test")
+    return request.model_copy(update={"company_domain": domain, "contact_email": contact})
+
+
+def _emails(s: Settings, run_id: str) -> list[str]:
+    effects = SandboxClient(s.sandbox_url).effects(api="email", run_id=run_id)
+    return [e.request["personalizations"][0]["to"][0]["email"] for e in effects]
+
+
+def _email_decisions(s: Settings, run_id: str) -> list[dict[str, object]]:
+    with psycopg.connect(s.database_url) as conn:
+        rows = conn.execute(
+            "SELECT payload FROM run_events WHERE run_id=%s AND type='DecisionRecorded' AND step='email'"
+            " AND payload->>'action'='dispatch' ORDER BY kafka_offset",
+            (run_id,),
+        ).fetchall()
+    return [r[0] for r in rows]
+
+
+def test_a_decision_reads_the_contact_from_memory_and_records_its_version(
+    s: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert (
+        cli(["memory", "put", "contact", "memory-one.io", "--set", "email=ada@memory-one.io", "--set", "name=Ada"]) == 0
+    )
+    assert "contact/memory-one.io v1" in capsys.readouterr().out
+    known = _request("memory-one.io", "old@memory-one.io")
+    unknown = _request("memory-none.io", "request@memory-none.io")
+    produce_requests(s, [known, unknown])
+    rows = eventually(lambda: ended(s, [known.run_id, unknown.run_id]), timeout=90, what="both runs ended")
+    assert {r.status for r in rows} == {"completed"}
+    # Memory's contact, not the request's; the request's where memory has none.
+    assert _emails(s, known.run_id) == ["ada@memory-one.io"]
+    assert _emails(s, unknown.run_id) == ["request@memory-none.io"]
+    (decided,) = _email_decisions(s, known.run_id)
+    assert decided["memory"] == {"contact/memory-one.io": 1}
+    assert decided["context"]["memory"]["contact/memory-one.io"]["fields"]["name"] == "Ada"
+    assert _email_decisions(s, unknown.run_id)[0]["memory"] == {"contact/memory-none.io": 0}
+
+
+def test_writes_are_versioned_checked_and_deletions_remove_the_entity(
+    s: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    put = ["memory", "put", "contact", "memory-two.io"]
+    assert cli([*put, "--set", "email=a@memory-two.io", "--expect-version", "0"]) == 0
+    assert cli([*put, "--set", "email=b@memory-two.io", "--set", "seats:=12", "--expect-version", "1"]) == 0
+    capsys.readouterr()
+    # A writer that read v1 cannot overwrite v2: refused, with both versions named, and nothing changes.
+    assert cli([*put, "--set", "email=c@memory-two.io", "--expect-version", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "version-conflict" in err and "expected v1, memory has v2" in err
+    assert cli(["memory", "get", "contact", "memory-two.io", "--json"]) == 0
+    now = json.loads(capsys.readouterr().out)
+    assert (now["version"], now["fields"]) == (2, {"email": "b@memory-two.io", "seats": 12})
+    assert cli([*put, "--delete"]) == 0
+    capsys.readouterr()
+    assert cli(["memory", "get", "contact", "memory-two.io"]) == 1
+    assert "memory has no contact/memory-two.io (deleted)" in capsys.readouterr().err
+    assert cli(["memory", "history", "contact", "memory-two.io", "--json"]) == 0
+    history = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(h["version"], h["deleted"]) for h in history] == [(1, False), (2, False), (3, True)]
+    assert all(h["writer"].startswith("operator:") for h in history)
+    # A bad write is refused before anything is sent, naming the field.
+    assert cli(["memory", "put", "Contact", "x.io", "--set", "a=b"]) == 2
+    assert "entity:" in capsys.readouterr().err
+
+
+def test_a_command_decided_on_a_contact_that_changed_before_the_call_is_decided_again(
+    stack: Stack, s: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli(["memory", "put", "contact", "memory-three.io", "--set", "email=first@memory-three.io"]) == 0
+    email_tool = stack.children["tool-email"].pid
+    assert email_tool is not None
+    os.kill(email_tool, signal.SIGSTOP)  # the email tool holds still: the command waits in its topic
+    try:
+        request = _request("memory-three.io", "request@memory-three.io")
+        produce_requests(s, [request])
+        eventually(lambda: _email_decisions(s, request.run_id) or None, timeout=60, what="the email dispatched")
+        assert cli(["memory", "put", "contact", "memory-three.io", "--set", "email=second@memory-three.io"]) == 0
+    finally:
+        os.kill(email_tool, signal.SIGCONT)
+    (row,) = eventually(lambda: ended(s, [request.run_id]), timeout=90, what="the run ended")
+    assert row.status == "completed"
+    # Not executed on the old contact: refused as stale-memory, decided again on v2, sent once, to v2.
+    assert _emails(s, request.run_id) == ["second@memory-three.io"]
+    decisions = _email_decisions(s, request.run_id)
+    assert [d["memory"] for d in decisions] == [{"contact/memory-three.io": 1}, {"contact/memory-three.io": 2}]
+    with psycopg.connect(s.database_url) as conn:
+        (stale,) = conn.execute(
+            "SELECT payload FROM run_events WHERE run_id=%s AND type='ToolResult' AND payload->>'error_kind'"
+            " = 'stale-memory'",
+            (request.run_id,),
+        ).fetchone()
+    assert stale["output"]["changed"] == ["contact/memory-three.io v1 → v2"]
