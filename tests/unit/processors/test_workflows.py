@@ -73,7 +73,7 @@ def _old_args(step: str, req: OnboardingRequest, results: dict[str, dict[str, An
         "text": (
             f"New client {req.company_name} ({company.get('industry', '?')}, "
             f"{company.get('employees', '?')} employees): Jira {project['key']}, "
-            f"welcome mail {mail.get('message_id', '?')} sent to {req.contact_email}."
+            f"welcome mail {mail.get('message_id', '?')} sent to {mail.get('to', '?')}."
         ),
     }
 
@@ -81,7 +81,7 @@ def _old_args(step: str, req: OnboardingRequest, results: dict[str, dict[str, An
 FULL = {
     "enrich": {"name": "Acme", "industry": "Robotics", "employees": 120},
     "jira": {"id": "10001", "key": "ACMEX1Y2Z3"},
-    "email": {"message_id": "m-42"},
+    "email": {"message_id": "m-42", "to": "ada@acme-robotics.io"},
 }
 SPARSE = {"enrich": {}, "jira": {"key": "ACMEX1Y2Z3"}, "email": {}}
 
@@ -112,6 +112,38 @@ def test_a_required_output_that_is_missing_is_an_error_not_a_guess() -> None:
 def test_the_default_folder_is_the_repository_workflows_folder() -> None:
     assert Path(__file__).resolve().parents[3] / "workflows" == DEFAULT_WORKFLOWS_DIR
     assert "onboarding" in default_workflows()
+
+
+def test_the_onboarding_email_goes_to_the_contact_memory_holds_else_to_the_requests() -> None:
+    email = ONBOARDING.step("email")
+    assert email.read_refs(REQUEST, FULL, RUN) == {"contact": "contact/acme-robotics.io"}
+    remembered = {"contact": {"email": "grace@acme-robotics.io", "name": "Grace Hopper"}}
+    built = email.build(REQUEST, FULL, RUN, remembered)
+    assert built["to"] == "grace@acme-robotics.io" and built["body"].startswith("Hello Grace Hopper,")
+    partly = email.build(REQUEST, FULL, RUN, {"contact": {"name": "Grace Hopper"}})
+    assert partly["to"] == REQUEST.contact_email  # memory has no email: the request's
+    assert email.build(REQUEST, FULL, RUN)["to"] == REQUEST.contact_email
+
+
+def test_a_memory_path_needs_the_entity_among_the_steps_reads(tmp_path: Path) -> None:
+    text = GOOD.replace(
+        'args.domain = "{request.company_domain}"',
+        'reads = ["company:{request.company_domain}"]\n'
+        'args.domain = "{memory.company.domain | or: request.company_domain}"',
+    )
+    workflow = load_workflow(_write(tmp_path, text))
+    look = workflow.steps[0]
+    assert look.build(REQUEST, {}, RUN, {"company": {"domain": "acme.example"}})["domain"] == "acme.example"
+    for bad, why in (
+        ('"{memory.contact.email}"', "does not read 'contact'"),
+        ('"{memory.company}"', "memory.<entity>.<field>"),
+        ('"{request.company_domain | or: nowhere.x}"', "a path starts with"),
+    ):
+        with pytest.raises(WorkflowError, match=why):
+            load_workflow(_write(tmp_path, text.replace('"{memory.company.domain | or: request.company_domain}"', bad)))
+    for reads, why in (('["company"]', "entity:"), ('["Company:{run.id}"]', "an entity is a name"), ('"x"', "list")):
+        with pytest.raises(WorkflowError, match=why):
+            load_workflow(_write(tmp_path, text.replace('["company:{request.company_domain}"]', reads)))
 
 
 # -- the loader: good and malformed files ------------------------------------------------------------
