@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel
+from streamagent.processors.projection.causal import causal_order
 
 from streamagent import db
 from streamagent.config import Settings
@@ -149,11 +150,11 @@ def timeline(settings: Settings, run_id: str) -> list[TimelineEntry]:
     with db.connect(settings) as conn:
         rows = conn.execute(
             "SELECT occurred_at, type, step, summary, event_id, causation_id, payload FROM run_events"
-            " WHERE run_id = %s ORDER BY occurred_at, recorded_at",
+            " WHERE run_id = %s ORDER BY occurred_at, recorded_at, kafka_offset, event_id",
             (run_id,),
         ).fetchall()
     fields = list(TimelineEntry.model_fields)
-    return [TimelineEntry.model_validate(dict(zip(fields, row, strict=True))) for row in rows]
+    return causal_order([TimelineEntry.model_validate(dict(zip(fields, row, strict=True))) for row in rows])
 
 
 def status_counts(settings: Settings, run_ids: list[str]) -> dict[str, int]:
