@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -135,20 +135,47 @@ _APPROVAL_STATUS = {
 
 
 def _new_step(name: str) -> dict[str, Any]:
-    return {"name": name, "status": "pending", "attempts": None, "duration_ms": None, "tool": None, "undo": None}
+    return {
+        "name": name,
+        "status": "pending",
+        "attempts": None,
+        "sent": 0,
+        "started_at": None,
+        "ended_at": None,
+        "duration_ms": None,
+        "last_call_ms": None,
+        "tool": None,
+        "undo": None,
+    }
+
+
+def _ms(delta: timedelta) -> int:
+    return round(delta.total_seconds() * 1000)
 
 
 def step_progress(workflow_steps: Sequence[str], entries: Sequence[TimelineEntry]) -> list[dict[str, Any]]:
     """Each step of the run's workflow (then any other step its events name) with how it went so far:
     pending, awaiting approval (then approved, denied or approval expired), running (a command is out),
-    succeeded or failed, with attempts and latency of its result. A compensation (``operation`` other
-    than execute) does not change that; it is noted in ``undo``."""
+    succeeded or failed. A compensation (``operation`` other than execute) does not change that; it is
+    noted in ``undo``.
+
+    The figures are the step's, not one execution's: ``duration_ms`` runs from the step's first command
+    to its final result (a held step's wait for a person comes before its first command, so it is not
+    counted). A result's own ``duration_ms`` covers only the tool's last execution of the command: a tool
+    that restarted, or waited out an outage, claims the command afresh and starts that clock again, so
+    after a 39 s outage it can say 31 ms; it is kept as ``last_call_ms``. ``attempts`` is the result's
+    count, which the tool keeps in its ledger across restarts; ``sent`` is how many times the command
+    was sent (the decision's command, then each re-drive of a lost one)."""
     steps: dict[str, dict[str, Any]] = {name: _new_step(name) for name in workflow_steps}
+    first_command: dict[str, datetime] = {}
     for e in entries:
         if e.step and e.type in _APPROVAL_STATUS:  # a person's gate on the step: waiting, or answered
             approval = steps.setdefault(e.step, _new_step(e.step))
             if approval["status"] in ("pending", *_APPROVAL_STATUS.values()):
                 approval["status"] = _APPROVAL_STATUS[e.type]
+            continue
+        if e.step and e.type == "CommandResent":
+            steps.setdefault(e.step, _new_step(e.step))["sent"] += 1
             continue
         if not e.step or e.type not in ("ToolCommand", "ToolResult"):
             continue
@@ -158,12 +185,20 @@ def step_progress(workflow_steps: Sequence[str], entries: Sequence[TimelineEntry
         if operation != "execute":
             status = "running" if e.type == "ToolCommand" else str(e.payload.get("status", "?"))
             step["undo"] = f"{operation} {status}"
-        elif e.type == "ToolCommand" and step["status"] in ("pending", "approved"):
-            step["status"] = "running"
-        elif e.type == "ToolResult":
+        elif e.type == "ToolCommand":
+            step["sent"] += 1
+            first_command.setdefault(e.step, e.occurred_at)
+            step["started_at"] = _iso(first_command[e.step])
+            if step["status"] in ("pending", "approved"):
+                step["status"] = "running"
+        else:
             step["status"] = str(e.payload.get("status", "?"))
             step["attempts"] = e.payload.get("attempts")
-            step["duration_ms"] = e.payload.get("duration_ms")
+            step["last_call_ms"] = e.payload.get("duration_ms")
+            step["ended_at"] = _iso(e.occurred_at)
+            began = first_command.get(e.step)
+            # A result without its command in the timeline (not projected yet): no span to tell.
+            step["duration_ms"] = max(0, _ms(e.occurred_at - began)) if began is not None else None
     return list(steps.values())
 
 

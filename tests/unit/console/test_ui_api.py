@@ -123,6 +123,37 @@ def test_a_decision_shows_the_guards_verdict_and_an_approved_step_runs() -> None
     assert denied["steps"][0]["status"] == "denied"
 
 
+def test_a_step_card_tells_the_steps_span_not_the_last_executions() -> None:
+    # "8 attempt(s) · 31 ms" for a step that took 39 s: the tool restarted during the outage, claimed the
+    # command afresh (its ledger counts every try, 8) and timed only its own last execution (31 ms).
+    entries = [
+        entry(0, "RunRequested"),
+        entry(5, "DecisionRecorded", "slack"),
+        entry(6, "ToolCommand", "slack", tool="slack"),
+        entry(20_006, "CommandResent", "slack", tool="slack", redrive=1),  # thought lost, sent again
+        entry(39_006, "ToolResult", "slack", tool="slack", status="succeeded", attempts=8, duration_ms=31),
+    ]
+    (slack,) = run_view(row(), entries, {}, ["slack"])["steps"]
+    assert (slack["status"], slack["attempts"], slack["sent"]) == ("succeeded", 8, 2)
+    assert slack["duration_ms"] == 39_000 and slack["last_call_ms"] == 31
+    assert slack["started_at"] == (T0 + timedelta(milliseconds=6)).isoformat()
+    # While it runs: since when, and no figures yet; an undo's result changes none of them.
+    running = run_view(row(), entries[:4], {}, ["slack"])["steps"][0]
+    assert (running["status"], running["attempts"], running["duration_ms"], running["sent"]) == (
+        "running",
+        None,
+        None,
+        2,
+    )
+    undone = run_view(
+        row(),
+        [*entries, entry(40_000, "ToolResult", "slack", status="succeeded", operation="compensate", duration_ms=5)],
+        {},
+        ["slack"],
+    )["steps"][0]
+    assert (undone["duration_ms"], undone["undo"]) == (39_000, "compensate succeeded")
+
+
 @pytest.fixture
 def server() -> Iterator[UiServer]:
     server = UiServer(Settings(), "127.0.0.1", 0).start()  # no database: only what needs none is asked
