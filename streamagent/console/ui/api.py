@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from streamagent.config import Settings
 from streamagent.console.timeline import ChatMessage, DecisionCost, ModelContext
 from streamagent.console.timeline import _text as text_of  # the same text `show --context` prints
+from streamagent.console.ui.approvals import approvals_view
 from streamagent.processors.projection import queries
 from streamagent.processors.projection.queries import RunRow, TimelineEntry
 from streamagent.processors.workflow import WorkflowError, load_workflows
@@ -38,14 +39,20 @@ class ApiError(Exception):
         self.status = status
 
 
+# Runs per page of the page's list; ``?page_size=N`` in the page's address asks for another size.
+PAGE_SIZE = 50
+
+
 class RunsQuery(BaseModel):
-    """``/api/runs?status=&q=&limit=``."""
+    """``/api/runs?status=&q=&limit=&before=``: ``before`` (a run id, or a prefix ``streamagent runs
+    --before`` would take) pages on to the runs listed after that one, as ``git log`` does."""
 
     model_config = ConfigDict(extra="forbid")
 
     status: Status | None = None
     q: str | None = Field(None, max_length=200)
     limit: int = Field(200, ge=1, le=1000)
+    before: str | None = Field(None, max_length=200)
 
 
 def parse_runs_query(params: Mapping[str, str]) -> RunsQuery:
@@ -69,9 +76,13 @@ def run_summary(row: RunRow, steps_of: Mapping[str, int]) -> dict[str, Any]:
     return data
 
 
-def runs_view(rows: Sequence[RunRow], counts: Mapping[str, int], steps_of: Mapping[str, int]) -> dict[str, Any]:
+def runs_view(
+    rows: Sequence[RunRow], counts: Mapping[str, int], steps_of: Mapping[str, int], more: bool = False
+) -> dict[str, Any]:
+    """A page of runs; ``next_before`` is the cursor of the next page (None: this page is the last)."""
     return {
         "runs": [run_summary(row, steps_of) for row in rows],
+        "next_before": rows[-1].run_id if more and rows else None,
         "counts": {status: int(counts.get(status, 0)) for status in (*STATUSES, *sorted(set(counts) - set(STATUSES)))},
         "at": datetime.now(UTC).isoformat(),
     }
@@ -238,9 +249,27 @@ class Source:
         return {name: [s.name for s in w.steps] for name, w in workflows.items()}
 
     def runs(self, query: RunsQuery) -> dict[str, Any]:
-        rows = queries.search_runs(self.settings, query.status, query.q, query.limit)
+        before = self._cursor(query.before) if query.before else None
+        # One run more than the page holds: whether an older page exists, without a query of its own.
+        rows = queries.search_runs(self.settings, query.status, query.q, query.limit + 1, before)
         steps_of = {name: len(steps) for name, steps in self._workflows().items()}
-        return runs_view(rows, queries.count_by_status(self.settings), steps_of)
+        more = len(rows) > query.limit
+        return runs_view(rows[: query.limit], queries.count_by_status(self.settings), steps_of, more)
+
+    def _cursor(self, given: str) -> str:
+        """The run id ``before`` names, resolved as the CLI's ``runs --before`` resolves it."""
+        try:
+            found = queries.resolve_run(self.settings, given)
+        except queries.AmbiguousRun as exc:
+            raise ApiError(400, f"before: {exc}") from None
+        if found is None:
+            raise ApiError(400, f"before: no run {given}")
+        return found
+
+    def approvals(self) -> dict[str, Any]:
+        rows = queries.approvals(self.settings)
+        runs = queries.runs_by_id(self.settings, sorted({r.run_id for r in rows})) if rows else {}
+        return approvals_view(rows, runs, datetime.now(UTC))
 
     def run(self, run_id: str) -> dict[str, Any]:
         row = queries.run(self.settings, run_id)

@@ -45,7 +45,12 @@ def entry(ms: int, type_: str, step: str | None = None, **payload: Any) -> Timel
 
 
 def test_the_filters_are_validated_and_an_empty_box_means_no_filter() -> None:
-    assert parse_runs_query({"status": "", "q": ""}).model_dump() == {"status": None, "q": None, "limit": 200}
+    assert parse_runs_query({"status": "", "q": "", "before": ""}).model_dump() == {
+        "status": None,
+        "q": None,
+        "limit": 200,
+        "before": None,
+    }
     assert parse_runs_query({"status": "failed", "q": "acme", "limit": "5"}).status == "failed"
     for bad in ({"status": "sleeping"}, {"limit": "0"}, {"limit": "many"}, {"order": "asc"}):
         with pytest.raises(ApiError) as caught:
@@ -168,7 +173,7 @@ def test_the_server_serves_the_page_and_only_reads(server: UiServer) -> None:
     assert 'src="/app.js"' in page.text and "http" not in page.text.replace('href="/', "")  # nothing from elsewhere
     assert httpx.get(server.url + "/app.js").headers["content-type"].startswith("text/javascript")
     assert httpx.get(server.url + "/api/health").json() == {"ok": True}
-    assert httpx.get(server.url + "/api/config").json() == {"poll_s": 1.0}
+    assert httpx.get(server.url + "/api/config").json() == {"poll_s": 1.0, "page_size": 50}
     assert httpx.get(server.url + "/static/../../pyproject.toml").status_code == 404
     assert httpx.get(server.url + "/api/runs?status=sleeping").status_code == 400
     for method in ("POST", "PUT", "DELETE"):
