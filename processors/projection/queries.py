@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel
+from streamagent.processors.projection.causal import causal_order
 
 from streamagent import db
 from streamagent.config import Settings
@@ -57,6 +58,16 @@ def _run_row(row: tuple[Any, ...]) -> RunRow:
     return RunRow.model_validate(dict(zip(RunRow.model_fields, row, strict=True)))
 
 
+# The order of ``runs`` and the page's list, newest first, and the cursor that pages on through it: the
+# runs strictly after ``%(before)s`` (a run id) in that order. ``run_id`` breaks ties of ``created_at``,
+# so two runs requested in the same microsecond are neither both shown nor both skipped by a page.
+_NEWEST_FIRST = "ORDER BY created_at DESC NULLS LAST, run_id DESC"
+_BEFORE = (
+    "(%(before)s::text IS NULL OR (created_at, run_id) <"
+    " (SELECT created_at, run_id FROM runs WHERE run_id = %(before)s))"
+)
+
+
 def runs(settings: Settings, status: str | None = None, limit: int = 1000, before: str | None = None) -> list[RunRow]:
     """The newest runs first, like ``git log``: ``limit`` keeps the newest; ``before`` (a run id) pages on,
     to the runs requested before that one."""
@@ -65,9 +76,7 @@ def runs(settings: Settings, status: str | None = None, limit: int = 1000, befor
     with db.connect(settings) as conn:
         rows = conn.execute(
             f"SELECT {_RUN_COLUMNS} FROM runs WHERE (%(status)s::text IS NULL OR status = %(status)s)"
-            " AND (%(before)s::text IS NULL OR (created_at, run_id) <"
-            " (SELECT created_at, run_id FROM runs WHERE run_id = %(before)s))"
-            " ORDER BY created_at DESC NULLS LAST, run_id DESC LIMIT %(limit)s",
+            f" AND {_BEFORE} {_NEWEST_FIRST} LIMIT %(limit)s",
             {"status": status, "limit": limit, "before": before},
         ).fetchall()
     return [_run_row(row) for row in rows]
@@ -112,9 +121,10 @@ _SEARCHED = ("run_id", "company_name", "company_domain", "contact_email", "reque
 
 
 def search_runs(
-    settings: Settings, status: str | None = None, text: str | None = None, limit: int = 200
+    settings: Settings, status: str | None = None, text: str | None = None, limit: int = 200, before: str | None = None
 ) -> list[RunRow]:
-    """The newest runs first (the page's list), optionally of one status and matching ``text``."""
+    """The newest runs first (the page's list), optionally of one status and matching ``text``; ``before``
+    (a run id) pages on as in ``runs``."""
     if limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
     pattern = None
@@ -125,9 +135,8 @@ def search_runs(
     with db.connect(settings) as conn:
         rows = conn.execute(
             f"SELECT {_RUN_COLUMNS} FROM runs WHERE (%(status)s::text IS NULL OR status = %(status)s)"
-            f" AND (%(pattern)s::text IS NULL OR {matches})"
-            " ORDER BY created_at DESC NULLS FIRST, run_id LIMIT %(limit)s",
-            {"status": status, "pattern": pattern, "limit": limit},
+            f" AND (%(pattern)s::text IS NULL OR {matches}) AND {_BEFORE} {_NEWEST_FIRST} LIMIT %(limit)s",
+            {"status": status, "pattern": pattern, "limit": limit, "before": before},
         ).fetchall()
     return [_run_row(row) for row in rows]
 
@@ -145,15 +154,24 @@ def run(settings: Settings, run_id: str) -> RunRow | None:
     return _run_row(row) if row else None
 
 
+def runs_by_id(settings: Settings, run_ids: list[str]) -> dict[str, RunRow]:
+    """The rows of those of ``run_ids`` that exist, by id."""
+    with db.connect(settings) as conn:
+        rows = conn.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id = ANY(%s)", (run_ids,)).fetchall()
+    return {r.run_id: r for r in map(_run_row, rows)}
+
+
 def timeline(settings: Settings, run_id: str) -> list[TimelineEntry]:
+    """The run's events, each after the event that caused it (``causal.causal_order``); unrelated events
+    by time, then as projected (a topic partition's offsets are the order its events were written in)."""
     with db.connect(settings) as conn:
         rows = conn.execute(
             "SELECT occurred_at, type, step, summary, event_id, causation_id, payload FROM run_events"
-            " WHERE run_id = %s ORDER BY occurred_at, recorded_at",
+            " WHERE run_id = %s ORDER BY occurred_at, recorded_at, kafka_offset, event_id",
             (run_id,),
         ).fetchall()
     fields = list(TimelineEntry.model_fields)
-    return [TimelineEntry.model_validate(dict(zip(fields, row, strict=True))) for row in rows]
+    return causal_order([TimelineEntry.model_validate(dict(zip(fields, row, strict=True))) for row in rows])
 
 
 def status_counts(settings: Settings, run_ids: list[str]) -> dict[str, int]:

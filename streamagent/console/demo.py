@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import shlex
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from streamagent.config import Settings
+from streamagent.config import ENV_PREFIX, Settings
 from streamagent.events import RunRequested, new_id
 from streamagent.processors.projection import queries
 from streamagent.processors.projection.queries import RunRow
@@ -105,6 +107,19 @@ def start_own_stack(settings: Settings, report: Callable[[str], None] | None = N
         return Stack(settings.model_copy(update={"data_dir": own}), report=report).start()
 
 
+def timeline_hint(run_id: str, stack_dir: Path, data_dir: Path) -> str:
+    """The demo's closing line: the ``show`` command for one of its runs, with the whole run id, and the
+    data dir it needs when the demo ran its own stack beside a running one (``streamagent show`` reads
+    the stack of ``data_dir``, where that run is not)."""
+    if stack_dir.resolve() == data_dir.resolve():  # the stack holds its data dir resolved
+        return f"see one run's timeline: streamagent show {run_id}  (while `streamagent up` runs)"
+    env = f"{ENV_PREFIX}DATA_DIR={shlex.quote(str(stack_dir))}"
+    return (
+        f"see one run's timeline: {env} streamagent show {run_id}"
+        f"  (while `{env} streamagent up` runs: the demo's own stack)"
+    )
+
+
 def run_demo(settings: Settings, runs: int, timeout_s: float, report: Callable[[str], None] | None = None) -> int:
     from streamagent.console.devstack.stack import stack_tools
     from streamagent.console.tables import print_runs_table, steps_per_workflow
@@ -135,7 +150,7 @@ def run_demo(settings: Settings, runs: int, timeout_s: float, report: Callable[[
         completed = sum(1 for r in rows if r.status == "completed")
         print(f"\n{completed}/{len(run_ids)} runs completed in {elapsed:.1f}s")
         if rows:
-            print(f"see one run's timeline: streamagent show {rows[0].run_id}  (while `streamagent up` runs)")
+            print(timeline_hint(rows[0].run_id, s.data_dir, settings.data_dir))
     ok = completed == len(run_ids)
     if not ok:
         print("demo FAILED: not every run completed", file=sys.stderr)

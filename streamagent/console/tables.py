@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
 
@@ -80,6 +81,12 @@ def approval_line(row: ApprovalRow) -> str:
     """What a held step would do and the rule that held it, for one line: ``to=… subject=… — reason``."""
     who = f" ({row.status} by {row.decided_by})" if row.decided_by else ""
     return f"{telling_arguments(row.arguments)} — {row.reason}{who}"
+
+
+def answer_command(verb: str, run_id: str, step: str, note: str | None = None) -> str:
+    """The command line that answers a held step (``verb``: approve or deny), quoted to paste into a shell."""
+    words = ["streamagent", verb, run_id, step, *(["--note", note] if note is not None else [])]
+    return " ".join(shlex.quote(word) for word in words)
 
 
 def human_age(delta: timedelta) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from streamagent.config import Settings
 from streamagent.console.timeline import ChatMessage, DecisionCost, ModelContext
 from streamagent.console.timeline import _text as text_of  # the same text `show --context` prints
+from streamagent.console.ui.approvals import approvals_view
 from streamagent.processors.projection import queries
 from streamagent.processors.projection.queries import RunRow, TimelineEntry
 from streamagent.processors.workflow import WorkflowError, load_workflows
@@ -38,14 +39,20 @@ class ApiError(Exception):
         self.status = status
 
 
+# Runs per page of the page's list; ``?page_size=N`` in the page's address asks for another size.
+PAGE_SIZE = 50
+
+
 class RunsQuery(BaseModel):
-    """``/api/runs?status=&q=&limit=``."""
+    """``/api/runs?status=&q=&limit=&before=``: ``before`` (a run id, or a prefix ``streamagent runs
+    --before`` would take) pages on to the runs listed after that one, as ``git log`` does."""
 
     model_config = ConfigDict(extra="forbid")
 
     status: Status | None = None
     q: str | None = Field(None, max_length=200)
     limit: int = Field(200, ge=1, le=1000)
+    before: str | None = Field(None, max_length=200)
 
 
 def parse_runs_query(params: Mapping[str, str]) -> RunsQuery:
@@ -69,9 +76,13 @@ def run_summary(row: RunRow, steps_of: Mapping[str, int]) -> dict[str, Any]:
     return data
 
 
-def runs_view(rows: Sequence[RunRow], counts: Mapping[str, int], steps_of: Mapping[str, int]) -> dict[str, Any]:
+def runs_view(
+    rows: Sequence[RunRow], counts: Mapping[str, int], steps_of: Mapping[str, int], more: bool = False
+) -> dict[str, Any]:
+    """A page of runs; ``next_before`` is the cursor of the next page (None: this page is the last)."""
     return {
         "runs": [run_summary(row, steps_of) for row in rows],
+        "next_before": rows[-1].run_id if more and rows else None,
         "counts": {status: int(counts.get(status, 0)) for status in (*STATUSES, *sorted(set(counts) - set(STATUSES)))},
         "at": datetime.now(UTC).isoformat(),
     }
@@ -135,20 +146,47 @@ _APPROVAL_STATUS = {
 
 
 def _new_step(name: str) -> dict[str, Any]:
-    return {"name": name, "status": "pending", "attempts": None, "duration_ms": None, "tool": None, "undo": None}
+    return {
+        "name": name,
+        "status": "pending",
+        "attempts": None,
+        "sent": 0,
+        "started_at": None,
+        "ended_at": None,
+        "duration_ms": None,
+        "last_call_ms": None,
+        "tool": None,
+        "undo": None,
+    }
+
+
+def _ms(delta: timedelta) -> int:
+    return round(delta.total_seconds() * 1000)
 
 
 def step_progress(workflow_steps: Sequence[str], entries: Sequence[TimelineEntry]) -> list[dict[str, Any]]:
     """Each step of the run's workflow (then any other step its events name) with how it went so far:
     pending, awaiting approval (then approved, denied or approval expired), running (a command is out),
-    succeeded or failed, with attempts and latency of its result. A compensation (``operation`` other
-    than execute) does not change that; it is noted in ``undo``."""
+    succeeded or failed. A compensation (``operation`` other than execute) does not change that; it is
+    noted in ``undo``.
+
+    The figures are the step's, not one execution's: ``duration_ms`` runs from the step's first command
+    to its final result (a held step's wait for a person comes before its first command, so it is not
+    counted). A result's own ``duration_ms`` covers only the tool's last execution of the command: a tool
+    that restarted, or waited out an outage, claims the command afresh and starts that clock again, so
+    after a 39 s outage it can say 31 ms; it is kept as ``last_call_ms``. ``attempts`` is the result's
+    count, which the tool keeps in its ledger across restarts; ``sent`` is how many times the command
+    was sent (the decision's command, then each re-drive of a lost one)."""
     steps: dict[str, dict[str, Any]] = {name: _new_step(name) for name in workflow_steps}
+    first_command: dict[str, datetime] = {}
     for e in entries:
         if e.step and e.type in _APPROVAL_STATUS:  # a person's gate on the step: waiting, or answered
             approval = steps.setdefault(e.step, _new_step(e.step))
             if approval["status"] in ("pending", *_APPROVAL_STATUS.values()):
                 approval["status"] = _APPROVAL_STATUS[e.type]
+            continue
+        if e.step and e.type == "CommandResent":
+            steps.setdefault(e.step, _new_step(e.step))["sent"] += 1
             continue
         if not e.step or e.type not in ("ToolCommand", "ToolResult"):
             continue
@@ -158,12 +196,20 @@ def step_progress(workflow_steps: Sequence[str], entries: Sequence[TimelineEntry
         if operation != "execute":
             status = "running" if e.type == "ToolCommand" else str(e.payload.get("status", "?"))
             step["undo"] = f"{operation} {status}"
-        elif e.type == "ToolCommand" and step["status"] in ("pending", "approved"):
-            step["status"] = "running"
-        elif e.type == "ToolResult":
+        elif e.type == "ToolCommand":
+            step["sent"] += 1
+            first_command.setdefault(e.step, e.occurred_at)
+            step["started_at"] = _iso(first_command[e.step])
+            if step["status"] in ("pending", "approved"):
+                step["status"] = "running"
+        else:
             step["status"] = str(e.payload.get("status", "?"))
             step["attempts"] = e.payload.get("attempts")
-            step["duration_ms"] = e.payload.get("duration_ms")
+            step["last_call_ms"] = e.payload.get("duration_ms")
+            step["ended_at"] = _iso(e.occurred_at)
+            began = first_command.get(e.step)
+            # A result without its command in the timeline (not projected yet): no span to tell.
+            step["duration_ms"] = max(0, _ms(e.occurred_at - began)) if began is not None else None
     return list(steps.values())
 
 
@@ -203,9 +249,27 @@ class Source:
         return {name: [s.name for s in w.steps] for name, w in workflows.items()}
 
     def runs(self, query: RunsQuery) -> dict[str, Any]:
-        rows = queries.search_runs(self.settings, query.status, query.q, query.limit)
+        before = self._cursor(query.before) if query.before else None
+        # One run more than the page holds: whether an older page exists, without a query of its own.
+        rows = queries.search_runs(self.settings, query.status, query.q, query.limit + 1, before)
         steps_of = {name: len(steps) for name, steps in self._workflows().items()}
-        return runs_view(rows, queries.count_by_status(self.settings), steps_of)
+        more = len(rows) > query.limit
+        return runs_view(rows[: query.limit], queries.count_by_status(self.settings), steps_of, more)
+
+    def _cursor(self, given: str) -> str:
+        """The run id ``before`` names, resolved as the CLI's ``runs --before`` resolves it."""
+        try:
+            found = queries.resolve_run(self.settings, given)
+        except queries.AmbiguousRun as exc:
+            raise ApiError(400, f"before: {exc}") from None
+        if found is None:
+            raise ApiError(400, f"before: no run {given}")
+        return found
+
+    def approvals(self) -> dict[str, Any]:
+        rows = queries.approvals(self.settings)
+        runs = queries.runs_by_id(self.settings, sorted({r.run_id for r in rows})) if rows else {}
+        return approvals_view(rows, runs, datetime.now(UTC))
 
     def run(self, run_id: str) -> dict[str, Any]:
         row = queries.run(self.settings, run_id)

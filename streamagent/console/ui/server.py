@@ -21,7 +21,7 @@ import psycopg
 from confluent_kafka import KafkaException
 
 from streamagent.config import Settings
-from streamagent.console.ui.api import ApiError, Source, parse_runs_query
+from streamagent.console.ui.api import PAGE_SIZE, ApiError, Source, parse_runs_query
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +76,13 @@ class Handler(BaseHTTPRequestHandler):
         if path == "/api/health":
             return {"ok": True}
         if path == "/api/config":
-            return {"poll_s": source.settings.ui_poll_s}
+            return {"poll_s": source.settings.ui_poll_s, "page_size": PAGE_SIZE}
         if path == "/api/runs":
             return source.runs(parse_runs_query(params))
         if path.startswith("/api/runs/") and len(path) > len("/api/runs/"):
             return source.run(unquote(path.removeprefix("/api/runs/")))
+        if path == "/api/approvals":
+            return source.approvals()
         if path == "/api/dlq":
             return source.dead_letters()
         raise ApiError(404, f"no endpoint {path}")

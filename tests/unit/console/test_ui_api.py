@@ -45,7 +45,12 @@ def entry(ms: int, type_: str, step: str | None = None, **payload: Any) -> Timel
 
 
 def test_the_filters_are_validated_and_an_empty_box_means_no_filter() -> None:
-    assert parse_runs_query({"status": "", "q": ""}).model_dump() == {"status": None, "q": None, "limit": 200}
+    assert parse_runs_query({"status": "", "q": "", "before": ""}).model_dump() == {
+        "status": None,
+        "q": None,
+        "limit": 200,
+        "before": None,
+    }
     assert parse_runs_query({"status": "failed", "q": "acme", "limit": "5"}).status == "failed"
     for bad in ({"status": "sleeping"}, {"limit": "0"}, {"limit": "many"}, {"order": "asc"}):
         with pytest.raises(ApiError) as caught:
@@ -123,6 +128,37 @@ def test_a_decision_shows_the_guards_verdict_and_an_approved_step_runs() -> None
     assert denied["steps"][0]["status"] == "denied"
 
 
+def test_a_step_card_tells_the_steps_span_not_the_last_executions() -> None:
+    # "8 attempt(s) · 31 ms" for a step that took 39 s: the tool restarted during the outage, claimed the
+    # command afresh (its ledger counts every try, 8) and timed only its own last execution (31 ms).
+    entries = [
+        entry(0, "RunRequested"),
+        entry(5, "DecisionRecorded", "slack"),
+        entry(6, "ToolCommand", "slack", tool="slack"),
+        entry(20_006, "CommandResent", "slack", tool="slack", redrive=1),  # thought lost, sent again
+        entry(39_006, "ToolResult", "slack", tool="slack", status="succeeded", attempts=8, duration_ms=31),
+    ]
+    (slack,) = run_view(row(), entries, {}, ["slack"])["steps"]
+    assert (slack["status"], slack["attempts"], slack["sent"]) == ("succeeded", 8, 2)
+    assert slack["duration_ms"] == 39_000 and slack["last_call_ms"] == 31
+    assert slack["started_at"] == (T0 + timedelta(milliseconds=6)).isoformat()
+    # While it runs: since when, and no figures yet; an undo's result changes none of them.
+    running = run_view(row(), entries[:4], {}, ["slack"])["steps"][0]
+    assert (running["status"], running["attempts"], running["duration_ms"], running["sent"]) == (
+        "running",
+        None,
+        None,
+        2,
+    )
+    undone = run_view(
+        row(),
+        [*entries, entry(40_000, "ToolResult", "slack", status="succeeded", operation="compensate", duration_ms=5)],
+        {},
+        ["slack"],
+    )["steps"][0]
+    assert (undone["duration_ms"], undone["undo"]) == (39_000, "compensate succeeded")
+
+
 @pytest.fixture
 def server() -> Iterator[UiServer]:
     server = UiServer(Settings(), "127.0.0.1", 0).start()  # no database: only what needs none is asked
@@ -137,7 +173,7 @@ def test_the_server_serves_the_page_and_only_reads(server: UiServer) -> None:
     assert 'src="/app.js"' in page.text and "http" not in page.text.replace('href="/', "")  # nothing from elsewhere
     assert httpx.get(server.url + "/app.js").headers["content-type"].startswith("text/javascript")
     assert httpx.get(server.url + "/api/health").json() == {"ok": True}
-    assert httpx.get(server.url + "/api/config").json() == {"poll_s": 1.0}
+    assert httpx.get(server.url + "/api/config").json() == {"poll_s": 1.0, "page_size": 50}
     assert httpx.get(server.url + "/static/../../pyproject.toml").status_code == 404
     assert httpx.get(server.url + "/api/runs?status=sleeping").status_code == 400
     for method in ("POST", "PUT", "DELETE"):

@@ -3,7 +3,8 @@
 "use strict";
 
 const $ = (sel) => document.querySelector(sel);
-const state = { view: "runs", runId: null, status: "", q: "", pollMs: 1000, shown: {}, open: new Set() };
+// `pages`: how many pages of the runs list are shown (the "older" button adds one, a new filter resets it).
+const state = { view: "runs", runId: null, status: "", q: "", pollMs: 1000, pageSize: 50, pages: 1, shown: {}, open: new Set() };
 
 // Builds an element; text always goes in as text, never as HTML (every value comes from the events).
 function el(tag, attrs, ...children) {
@@ -40,6 +41,10 @@ function fmtCost(usd) {
   if (usd < 0.0001) return "<$0.0001";
   return usd < 1 ? `$${usd.toFixed(4)}` : `$${usd.toFixed(2)}`;
 }
+function fmtMs(ms) {
+  if (ms === null || ms === undefined) return "–";
+  return ms < 1000 ? `${ms} ms` : fmtSeconds(ms / 1000);
+}
 const fmtOffset = (ms) => (ms < 10000 ? `+${ms} ms` : `+${(ms / 1000).toFixed(ms < 100000 ? 2 : 1)} s`);
 const json = (value) => JSON.stringify(value, null, 2);
 const badge = (status) => el("span", { class: `badge ${status}` }, status);
@@ -47,8 +52,8 @@ const badge = (status) => el("span", { class: `badge ${status}` }, status);
 // -- routing --------------------------------------------------------------------------------------
 function route() {
   const hash = location.hash.replace(/^#\/?/, "");
-  if (hash === "dlq") {
-    state.view = "dlq";
+  if (hash === "dlq" || hash === "approvals") {
+    state.view = hash;
   } else {
     state.view = "runs";
     const match = hash.match(/^runs\/(.+)$/);
@@ -61,8 +66,8 @@ function route() {
   }
   $("#runs-view").hidden = state.view !== "runs";
   $("#dlq-view").hidden = state.view !== "dlq";
-  $("#nav-runs").classList.toggle("active", state.view === "runs");
-  $("#nav-dlq").classList.toggle("active", state.view === "dlq");
+  $("#approvals-view").hidden = state.view !== "approvals";
+  for (const view of ["runs", "dlq", "approvals"]) $(`#nav-${view}`).classList.toggle("active", state.view === view);
   refreshNow();
 }
 
@@ -102,13 +107,38 @@ function renderRuns(data) {
   );
   $("#runs tbody").replaceChildren(...rows);
   $("#runs-empty").hidden = rows.length > 0;
+  $("#older").hidden = !data.next_before;
+  $("#runs-shown").textContent = rows.length ? `${rows.length} newest${data.next_before ? "" : " (all)"}` : "";
+}
+
+// A new filter starts again from the newest page.
+function setFilter(change) {
+  Object.assign(state, change, { pages: 1 });
+  state.shown.runs = null;
+  refreshNow();
 }
 
 function setStatus(status) {
-  state.status = status;
   $("#status").value = status;
-  state.shown.runs = null;
-  refreshNow();
+  setFilter({ status });
+}
+
+// The list as `git log` shows it: the newest page, then each older page by its cursor (the last run of
+// the page before), as many pages as the "older" button asked for; all of them stay live.
+async function fetchRuns() {
+  const params = new URLSearchParams({ limit: String(state.pageSize) });
+  if (state.status) params.set("status", state.status);
+  if (state.q) params.set("q", state.q);
+  const first = await getJSON(`/api/runs?${params}`);
+  const runs = [...first.runs];
+  let next = first.next_before;
+  for (let page = 1; page < state.pages && next; page++) {
+    params.set("before", next);
+    const older = await getJSON(`/api/runs?${params}`);
+    runs.push(...older.runs);
+    next = older.next_before;
+  }
+  return { ...first, runs, next_before: next };
 }
 
 // -- one run's timeline ---------------------------------------------------------------------------
@@ -148,7 +178,14 @@ function entryDetails(e) {
   if (e.type === "ToolResult") {
     const body = p.status === "succeeded" ? json(p.output) : `${p.error_kind || "error"}: ${p.error || ""}`;
     return [
-      el("div", { class: "meta" }, el("span", {}, `attempts: ${p.attempts}`), el("span", {}, `latency: ${p.duration_ms} ms`), el("span", {}, `command ${p.command_id}`)),
+      el(
+        "div",
+        { class: "meta" },
+        el("span", {}, `attempts: ${p.attempts}`),
+        // Timed by the tool process that answered: after a restart or an outage, only its own execution.
+        el("span", {}, `latency of the last execution: ${p.duration_ms} ms`),
+        el("span", {}, `command ${p.command_id}`),
+      ),
       el("pre", {}, body),
     ];
   }
@@ -211,8 +248,12 @@ function renderRun(data) {
           { class: s.status, dataset: { step: s.name, status: s.status } },
           el("b", {}, s.name),
           s.status,
-          s.attempts ? ` · ${s.attempts} attempt(s)` : "",
-          s.duration_ms !== null && s.duration_ms !== undefined ? ` · ${s.duration_ms} ms` : "",
+          // The step's own figures: the tool's count of attempts, and first command to final result.
+          s.attempts ? ` · ${s.attempts} attempt${s.attempts === 1 ? "" : "s"}` : "",
+          s.duration_ms !== null && s.duration_ms !== undefined
+            ? el("span", { class: "took", title: s.last_call_ms !== null ? `the tool's last execution: ${s.last_call_ms} ms` : null }, ` · ${fmtMs(s.duration_ms)}`)
+            : "",
+          s.sent > 1 ? el("div", { class: "sent" }, `command sent ${s.sent}×`) : null,
           s.undo ? el("div", { class: "undo" }, s.undo) : null,
         ),
       ),
@@ -225,6 +266,51 @@ function renderNoRun(message) {
   const detail = $("#run-detail");
   delete detail.dataset.runId;
   detail.replaceChildren(el("p", { class: "empty" }, message));
+}
+
+// -- approvals ------------------------------------------------------------------------------------
+function renderApprovalsCount(data) {
+  const count = $("#approvals-count");
+  count.textContent = String(data.waiting_runs);
+  count.dataset.count = String(data.waiting_runs);
+  count.title = `${data.waiting_runs} run(s) waiting for approval`;
+}
+
+// A command to paste into a terminal: selected whole on a click, and copied by its button.
+function commandLine(text, kind) {
+  const code = el("code", { class: `command ${kind}`, title: "click to select" }, text);
+  code.addEventListener("click", () => window.getSelection().selectAllChildren(code));
+  const copy = el("button", { type: "button", class: "copy", title: "copy to the clipboard" }, "copy");
+  copy.addEventListener("click", async () => {
+    try {
+      await navigator.clipboard.writeText(text);
+      copy.textContent = "copied";
+    } catch {
+      window.getSelection().selectAllChildren(code); // no clipboard (not a secure origin): selected instead
+      copy.textContent = "selected: press Ctrl+C";
+    }
+  });
+  return el("div", { class: "answer" }, code, copy);
+}
+
+function renderApprovals(data) {
+  const rows = data.approvals.map((a) =>
+    el(
+      "tr",
+      { dataset: { runId: a.run_id, step: a.step } },
+      el("td", { class: "mono", title: a.run_id }, el("a", { href: `#/runs/${encodeURIComponent(a.run_id)}` }, a.run_short)),
+      el("td", {}, a.workflow || "?", a.company_name ? el("div", { class: "empty" }, a.company_name) : null),
+      el("td", {}, a.step),
+      el("td", {}, a.tool),
+      el("td", { class: "what", title: json(a.arguments) }, a.what),
+      el("td", { class: "rule" }, a.reason, el("div", { class: "empty" }, `policy ${a.policy_version}`)),
+      el("td", { title: fmtDate(a.requested_at) }, `${a.age} ago`),
+      el("td", { class: "expires", title: fmtDate(a.expires_at) }, a.expires_in ? `in ${a.expires_in}` : "overdue (expiring)"),
+      el("td", {}, commandLine(a.approve, "approve"), commandLine(a.deny, "deny")),
+    ),
+  );
+  $("#approvals tbody").replaceChildren(...rows);
+  $("#approvals-empty").hidden = rows.length > 0;
 }
 
 // -- dead letters ---------------------------------------------------------------------------------
@@ -256,15 +342,20 @@ function changed(key, data) {
 }
 
 async function refresh() {
+  // The header's count of runs waiting for approval, on every view.
+  const approvals = await getJSON("/api/approvals");
+  renderApprovalsCount(approvals);
+  if (state.view === "approvals") {
+    // Ages and expiries change by the minute, so the view is redrawn when they do, not on every refresh.
+    if (changed("approvals", approvals)) renderApprovals(approvals);
+    return approvals.approvals.length > 0;
+  }
   if (state.view === "dlq") {
     const data = await getJSON("/api/dlq");
     if (changed("dlq", data)) renderDlq(data);
     return false;
   }
-  const params = new URLSearchParams();
-  if (state.status) params.set("status", state.status);
-  if (state.q) params.set("q", state.q);
-  const runs = await getJSON(`/api/runs?${params}`);
+  const runs = await fetchRuns();
   if (changed("runs", { ...runs, selected: state.runId })) renderRuns(runs);
   let busy = runs.runs.some((r) => r.status === "running");
   if (state.runId) {
@@ -311,19 +402,24 @@ const refreshNow = () => tick();
 
 async function start() {
   try {
-    state.pollMs = Math.max(200, (await getJSON("/api/config")).poll_s * 1000);
+    const config = await getJSON("/api/config");
+    state.pollMs = Math.max(200, config.poll_s * 1000);
+    state.pageSize = config.page_size || state.pageSize;
   } catch {
-    /* the default */
+    /* the defaults */
   }
+  // `?page_size=N` in the page's address: another page size for this tab.
+  const asked = Number(new URLSearchParams(location.search).get("page_size"));
+  if (Number.isInteger(asked) && asked >= 1 && asked <= 1000) state.pageSize = asked;
+  $("#older").addEventListener("click", () => {
+    state.pages += 1;
+    refreshNow();
+  });
   $("#status").addEventListener("change", (ev) => setStatus(ev.target.value));
   let typing = null;
   $("#search").addEventListener("input", (ev) => {
     clearTimeout(typing);
-    typing = setTimeout(() => {
-      state.q = ev.target.value.trim();
-      state.shown.runs = null;
-      refreshNow();
-    }, 250);
+    typing = setTimeout(() => setFilter({ q: ev.target.value.trim() }), 250);
   });
   document.addEventListener("visibilitychange", () => !document.hidden && refreshNow());
   window.addEventListener("hashchange", route);
