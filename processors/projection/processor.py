@@ -23,6 +23,7 @@ from streamagent import db, metrics
 from streamagent.authn import ROLE_PATTERN, Authenticator, Unauthenticated, tool_role
 from streamagent.config import Settings
 from streamagent.events import (
+    STALE_MEMORY,
     ApprovalDenied,
     ApprovalExpired,
     ApprovalGranted,
@@ -67,6 +68,17 @@ def telling_arguments(arguments: dict[str, Any], width: int = 48) -> str:
     return " ".join(shown) or "(no arguments)"
 
 
+def _read(memory: dict[str, int]) -> str:
+    """`` [read contact/acme.io v3]``: the shared memory a decision was based on (v0: memory had none)."""
+    if not memory:
+        return ""
+    return (
+        " [read "
+        + ", ".join(f"{ref} v{version}" if version else f"{ref} (none)" for ref, version in sorted(memory.items()))
+        + "]"
+    )
+
+
 def summarize(event: Event) -> tuple[str | None, str]:
     """(step, one-line summary) for the timeline."""
     match event:
@@ -83,7 +95,7 @@ def summarize(event: Event) -> tuple[str | None, str]:
                 guard = f" [guard {event.guard_outcome}{why}; policy {event.policy_version}]"
             return event.step, (
                 f"decided {event.action.value}{target} on state v{event.based_on_version}"
-                f" [{event.decider}]: {event.reason}{guard}"
+                f" [{event.decider}]: {event.reason}{guard}{_read(event.memory)}"
             )
         case ApprovalRequested():
             return event.step, (
@@ -98,6 +110,8 @@ def summarize(event: Event) -> tuple[str | None, str]:
             return event.step, "approval request expired unanswered"
         case ToolCommand():
             return event.step, f"command {event.operation} → {event.tool} {_short(event.arguments, 100)}"
+        case ToolResult() if event.error_kind == STALE_MEMORY:
+            return event.step, f"{event.tool} not called, to be decided again: {event.error}"
         case ToolResult():
             outcome = (
                 _short(event.output) if event.status.value == "succeeded" else f"{event.error_kind}: {event.error}"

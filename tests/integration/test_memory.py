@@ -78,6 +78,12 @@ def test_a_decision_reads_the_contact_from_memory_and_records_its_version(
     assert decided["memory"] == {"contact/memory-one.io": 1}
     assert decided["context"]["memory"]["contact/memory-one.io"]["fields"]["name"] == "Ada"
     assert _email_decisions(s, unknown.run_id)[0]["memory"] == {"contact/memory-none.io": 0}
+    # `show` says what each decision read.
+    capsys.readouterr()
+    assert cli(["show", known.run_id]) == 0
+    assert "[read contact/memory-one.io v1]" in capsys.readouterr().out
+    assert cli(["show", unknown.run_id]) == 0
+    assert "[read contact/memory-none.io (none)]" in capsys.readouterr().out
 
 
 def test_writes_are_versioned_checked_and_deletions_remove_the_entity(
@@ -134,3 +140,8 @@ def test_a_command_decided_on_a_contact_that_changed_before_the_call_is_decided_
             (request.run_id,),
         ).fetchone()
     assert stale["output"]["changed"] == ["contact/memory-three.io v1 → v2"]
+    capsys.readouterr()
+    assert cli(["show", request.run_id]) == 0
+    shown = capsys.readouterr().out
+    assert "email not called, to be decided again: decided on memory that changed" in shown
+    assert "[read contact/memory-three.io v2]" in shown
