@@ -756,9 +756,13 @@ def cmd_replay_decisions(args: argparse.Namespace) -> int:
     updates: dict[str, object] = {}
     if args.workflows is not None:
         updates["workflows_dir"] = args.workflows
+    if args.policies is not None:
+        updates["policies_dir"] = args.policies
     if args.decider in ("rules", "llm"):
         updates["decider"] = args.decider
-    _workflows(base.model_copy(update=updates))  # a malformed candidate is refused before anything connects
+    # A malformed candidate is refused before anything connects.
+    _workflows(base.model_copy(update=updates))
+    _policy(base.model_copy(update=updates))
     settings, infra = _replay_settings()
     try:
         candidate = settings.model_copy(update=updates)
@@ -1005,11 +1009,13 @@ def build_parser() -> argparse.ArgumentParser:
         "decisions",
         help="Re-decide recorded snapshots with a candidate decider and diff against what was recorded",
         description="Re-decide recorded snapshots with a candidate decider (rules, llm, or the configured one"
-        " with --workflows DIR) and diff against the recorded decisions. Nothing is produced and no tool is"
-        " called; an llm candidate makes real calls to the configured model endpoint.",
+        " with --workflows DIR) and policy (--policies DIR), each with its run's approvals and the tool"
+        " catalogue as of that decision, and diff against the recorded decisions. Nothing is produced and no"
+        " tool is called; an llm candidate makes real calls to the configured model endpoint.",
     )
     decisions.add_argument("--decider", choices=("configured", "rules", "llm"), default="configured")
     decisions.add_argument("--workflows", type=Path, metavar="DIR", help="the candidate's workflow files")
+    decisions.add_argument("--policies", type=Path, metavar="DIR", help="the candidate's policy files")
     decisions.add_argument(
         "--max-decisions", type=positive_int, metavar="N", help="re-decide at most N snapshots (caps model calls)"
     )

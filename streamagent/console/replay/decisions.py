@@ -6,8 +6,20 @@ model candidate gets a plan ledger that keeps plans in memory (the live ``run_pl
 through its spending query, never written). A model candidate does make real calls to the configured
 endpoint: that is the point of asking it; ``--max-decisions`` bounds how many snapshots it is asked about.
 
-The snapshots are the ones the live decider saw: read from ``agent.run.state`` by (run, version); a
-version the topic no longer holds (Apache Kafka compacts it) is re-derived by folding the run's events.
+Each recorded decision is re-decided with the inputs the live decision processor had for it, through
+the live code path (processors/decision/gating.py): the decider, then the guard.
+
+- The snapshot the live decider saw: read from ``agent.run.state`` by (run, version); a version the
+  topic no longer holds (Apache Kafka compacts it) is re-derived by folding the run's events. It holds
+  the run's approvals up to that decision (requested, granted, denied, expired), which the guard reads.
+  A decision the processor made on waking a run that waited for a tool has no snapshot on any topic:
+  its state is derived from the wait's, as the processor derives it (``woken.after_wait``).
+- The tool catalogue as it was at the decision's moment (``registry.RegistryHistory``): which tools had
+  a live member, their input schemas, which declare that every call needs approval. When that is not
+  known exactly (the registry compacted, or it disagrees with what the decision recorded it saw), the
+  decision is not compared and the report says why: a guess would report differences that are not.
+- The candidate's workflows (``--workflows``) and policy (``--policies``): the candidate. The guard
+  judges at the decision's recorded moment, so wall-time budgets count as they did then.
 """
 
 from __future__ import annotations
@@ -20,17 +32,23 @@ from typing import Any
 
 from streamagent import codec, db
 from streamagent.config import Settings, SettingsError, env_name
-from streamagent.events import DecisionRecorded, StateSnapshot
+from streamagent.events import DecisionAction, DecisionRecorded, StateSnapshot, stable_id
 from streamagent.kafka import admin
 from streamagent.processors.decision.decider import Decider, Decision
+from streamagent.processors.decision.gating import CatalogueInputs, catalogue_inputs, decide
 from streamagent.processors.decision.llm.ledger import PlanRecord, RunLedger
+from streamagent.processors.decision.woken import after_wait
+from streamagent.processors.guard.stage import GuardStage
 from streamagent.processors.workflow import load_workflows
 from streamagent.topics import RUN_STATE
 
 from .rebuild import Scope, rebuild
+from .registry import RegistryHistory, read_registry
 from .source import whole_topic
 
-KINDS = ("same", "different tool", "different arguments", "different outcome", "not re-decided")
+KINDS = ("same", "different tool", "different arguments", "different outcome", "catalogue unknown", "not re-decided")
+# Not differences: decisions that were not compared, and why is reported.
+NOT_COMPARED = ("catalogue unknown", "not re-decided")
 CANDIDATES = ("configured", "rules", "llm")
 
 
@@ -48,14 +66,16 @@ class ReplayLedger(RunLedger):
         return self.plans.setdefault(record.run_id, record)
 
 
-def candidate_decider(settings: Settings, which: str) -> Decider:
+def candidate_decider(settings: Settings, which: str, inputs: CatalogueInputs | None = None) -> Decider:
     """``rules``, ``llm`` (every run asks the model), or ``configured``: as the decision processor chooses
-    per workflow; with ``settings.workflows_dir`` as the candidate's workflows."""
+    per workflow; with ``settings.workflows_dir`` as the candidate's workflows, reading the catalogue
+    through ``inputs`` (None: every tool available, no schema checked)."""
     from streamagent.processors.decision.choice import ChosenDecider
     from streamagent.processors.decision.rules import RulesDecider
 
     workflows = load_workflows(settings.workflows_dir)
-    rules = RulesDecider(workflows)
+    catalogue = (inputs.available, inputs.check) if inputs is not None else ()
+    rules = RulesDecider(workflows, *catalogue)
     by_model = which == "llm" or any((w.decider or settings.decider) == "llm" for w in workflows.values())
     if which == "rules" or not by_model:
         return rules
@@ -63,10 +83,33 @@ def candidate_decider(settings: Settings, which: str) -> Decider:
         raise SettingsError(f"a model candidate needs {env_name('openai_base_url')}: the endpoint to ask")
     from streamagent.processors.decision.llm.decider import LlmDecider
 
-    llm = LlmDecider(settings, workflows, ledger=ReplayLedger(settings.database_url))
+    entries = (*catalogue, inputs.entry_of) if inputs is not None else ()
+    llm = LlmDecider(settings, workflows, *entries, ledger=ReplayLedger(settings.database_url))
     if which == "llm":
         return llm
     return ChosenDecider(settings.decider, workflows, rules, llm)
+
+
+@dataclass
+class Candidate:
+    """What re-decides: the decider and the guard, both reading the catalogue as of the decision at hand."""
+
+    decider: Decider
+    guard: GuardStage
+    registry: RegistryHistory
+
+    @property
+    def policy_version(self) -> str:
+        return self.guard.policies.current().version
+
+
+def candidate(settings: Settings, which: str) -> Candidate:
+    """The candidate of ``settings`` (its workflows and policies folders), over the registry's history."""
+    registry = read_registry(settings)
+    inputs = catalogue_inputs(registry.entry_of)
+    return Candidate(
+        candidate_decider(settings, which, inputs), GuardStage(settings, inputs.declared_approval), registry
+    )
 
 
 @dataclass
@@ -76,9 +119,15 @@ class Compared:
     kind: str
     recorded: DecisionRecorded
     candidate: Decision | None
+    why: str | None = None  # why it was not compared
 
     def lines(self) -> list[str]:
         r, c = self.recorded, self.candidate
+        if self.kind in NOT_COMPARED:
+            return [
+                f"{self.run_id} v{self.version}: {self.kind}: {self.why}",
+                f"    recorded  [{r.decider}] {_describe(r.action.value, r.step, r.tool, r.arguments, r.reason)}",
+            ]
         got = (
             "no decision (waits for the next event)"
             if c is None
@@ -96,12 +145,17 @@ class DecisionReport:
     compared: list[Compared] = field(default_factory=list)
     missing_snapshots: int = 0
     seconds: float = 0.0
+    policy_version: str = ""  # the candidate's
+    other_policies: dict[str, int] = field(default_factory=dict)  # recorded under another version: how many
 
     def counts(self) -> dict[str, int]:
         return {k: sum(1 for c in self.compared if c.kind == k) for k in KINDS}
 
     def differing(self) -> list[Compared]:
-        return [c for c in self.compared if c.kind not in ("same", "not re-decided")]
+        return [c for c in self.compared if c.kind != "same" and c.kind not in NOT_COMPARED]
+
+    def unknown(self) -> list[Compared]:
+        return [c for c in self.compared if c.kind == "catalogue unknown"]
 
 
 def _describe(action: str, step: str | None, tool: str | None, arguments: dict[str, Any], reason: str) -> str:
@@ -158,18 +212,39 @@ def snapshots(
     return found
 
 
-def replay_decisions(
-    settings: Settings,
-    candidate: Decider,
-    runs: list[str] | None = None,
-    since: datetime | None = None,
-    limit: int | None = None,
-    progress: Callable[[str, int, int | None], None] | None = None,
-) -> DecisionReport:
-    started = time.monotonic()
-    report = DecisionReport()
-    records = recorded_decisions(settings, runs, since)
-    wanted = {(r.run_id, r.based_on_version) for r in records}
+def woken_from(record: DecisionRecorded) -> tuple[str, int] | None:
+    """The (run, version) of the wait a decision was made on waking from, or None: the decision
+    processor decides a woken run on a state whose last event is that wait (``after_wait``)."""
+    version = record.based_on_version - 1
+    waited = stable_id(record.run_id, "decision", str(version))
+    return (record.run_id, version) if version >= 1 and record.causation_id == waited else None
+
+
+def recorded_waits(settings: Settings, keys: set[tuple[str, int]]) -> dict[tuple[str, int], DecisionRecorded]:
+    """The recorded waits for a tool at ``keys`` (also those outside ``--since``, which woken decisions need)."""
+    if not keys:
+        return {}
+    with db.connect(settings) as conn:
+        rows = conn.execute(
+            "SELECT d.decision_event FROM decisions d JOIN unnest(%s::text[], %s::bigint[]) AS k(run_id, version)"
+            " ON d.run_id = k.run_id AND d.based_on_version = k.version WHERE d.action = 'wait'",
+            ([r for r, _ in keys], [v for _, v in keys]),
+        ).fetchall()
+    out = {}
+    for (event,) in rows:
+        record = codec.decode(bytes(event))
+        if isinstance(record, DecisionRecorded) and record.tool is not None:
+            out[(record.run_id, record.based_on_version)] = record
+    return out
+
+
+def decided_on(settings: Settings, records: list[DecisionRecorded]) -> dict[tuple[str, int], StateSnapshot]:
+    """The snapshot each recorded decision was decided on, by (run, version), where one can be had."""
+    woken = {(r.run_id, r.based_on_version): w for r in records if (w := woken_from(r)) is not None}
+    waits = recorded_waits(settings, set(woken.values()))
+    woken = {key: w for key, w in woken.items() if w in waits}
+    wanted = {(r.run_id, r.based_on_version) for r in records} - set(woken)
+    wanted |= set(woken.values())
     snaps = snapshots(settings, wanted)
     lost = {run_id for run_id, version in wanted if (run_id, version) not in snaps}
     if lost:  # compacted away: fold those runs again for the snapshots they published
@@ -178,16 +253,59 @@ def replay_decisions(
             for version, snap in versions.items():
                 if (run_id, version) in wanted:
                     snaps.setdefault((run_id, version), snap)
+    for key, wait in woken.items():
+        if wait in snaps:
+            snaps[key] = after_wait(snaps[wait], waits[wait])
+    return snaps
+
+
+def saw_otherwise(record: DecisionRecorded, entry_of: Callable[[str], object | None]) -> str | None:
+    """Where the catalogue rebuilt for ``record`` contradicts what the decision recorded it saw (the
+    tools its context lists as available; the tool it waited for): None when it does not. A
+    contradiction is an announcement that reached the live catalogue after the decision's moment, or
+    a registry record lost."""
+    seen = record.context.get("available_tools")
+    missing = sorted(t for t in seen if entry_of(t) is None) if isinstance(seen, list) else []
+    if missing:
+        return f"the decision saw {', '.join(missing)} available; the registry shows no live member then"
+    waited = record.action is DecisionAction.wait and record.tool is not None
+    if waited and entry_of(record.tool or "") is not None:
+        return f"the decision waited for {record.tool}; the registry shows it available then"
+    return None
+
+
+def replay_decisions(
+    settings: Settings,
+    candidate: Candidate,
+    runs: list[str] | None = None,
+    since: datetime | None = None,
+    limit: int | None = None,
+    progress: Callable[[str, int, int | None], None] | None = None,
+) -> DecisionReport:
+    started = time.monotonic()
+    report = DecisionReport(policy_version=candidate.policy_version)
+    records = recorded_decisions(settings, runs, since)
+    snaps = decided_on(settings, records)
+    registry = candidate.registry
     for i, record in enumerate(records):
-        snap = snaps.get((record.run_id, record.based_on_version))
+        key = (record.run_id, record.based_on_version)
+        snap = snaps.get(key)
         if snap is None or (limit is not None and i >= limit):
             report.missing_snapshots += snap is None
-            report.compared.append(Compared(record.run_id, record.based_on_version, "not re-decided", record, None))
+            why = "no snapshot: neither the topic nor the log held it" if snap is None else "past --max-decisions"
+            report.compared.append(Compared(*key, "not re-decided", record, None, why))
             continue
-        decision = candidate.decide(snap)
-        report.compared.append(
-            Compared(record.run_id, record.based_on_version, compare(record, decision), record, decision)
-        )
+        registry.move_to(record.occurred_at)
+        unknown = registry.unknown_at(record.occurred_at) or saw_otherwise(record, registry.entry_of)
+        if unknown is not None:
+            report.compared.append(Compared(*key, "catalogue unknown", record, None, unknown))
+            continue
+        if record.policy_version and record.policy_version != report.policy_version:
+            report.other_policies[record.policy_version] = report.other_policies.get(record.policy_version, 0) + 1
+        # As live: the decider, then the guard, judging at the decision's moment (budgets of wall time).
+        _, verdict = decide(candidate.decider, candidate.guard, snap, record.occurred_at)
+        decision = verdict.decision if verdict is not None else None
+        report.compared.append(Compared(*key, compare(record, decision), record, decision))
         if progress is not None:
             progress("re-decide", i + 1, len(records))
     report.seconds = time.monotonic() - started
