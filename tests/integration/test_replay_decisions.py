@@ -18,6 +18,7 @@ from helpers import ended, eventually
 from streamagent.processors.projection import queries
 
 from streamagent.authn import issue
+from streamagent.catalogue import Catalogue
 from streamagent.config import Settings, child_environ, get_settings, to_env
 from streamagent.console.cli import main as cli
 from streamagent.console.demo import sample_requests
@@ -67,6 +68,12 @@ def waiting(s: Settings, held: list[str], for_crm: str) -> bool:
     return set(held) <= asked and crm is not None and crm.reason == "waiting for tool crm"
 
 
+def tools_up(s: Settings, names: tuple[str, ...]) -> bool:
+    with Catalogue(s) as catalogue:
+        catalogue.load()
+        return all(catalogue.available(name) is not None for name in names)
+
+
 def replayed(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict, str]:
     capsys.readouterr()
     code = cli(["replay", "decisions", *args, "--json"])
@@ -89,6 +96,9 @@ def test_replay_decisions_on_an_unchanged_setup_agrees_with_approvals_and_a_late
         for key, value in to_env(s).items():
             monkeypatch.setenv(key, value)
         get_settings.cache_clear()
+        # The runs start once the tools are up: a run decided before its tool announced itself waits and
+        # is woken, which a replay re-decides too, but it would make the counts below a matter of timing.
+        eventually(lambda: tools_up(s, stack.tools), timeout=60, interval=0.2, what="the four tools announced")
         approve, deny = request("acme-robotics.io"), request("acme-robotics.io")
         late = request("ok.example", workflow="onboarding-with-crm")
         run_ids = produce_requests(s, [approve, deny, late])
