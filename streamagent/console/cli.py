@@ -750,7 +750,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_replay_decisions(args: argparse.Namespace) -> int:
-    from streamagent.console.replay.command import run_decisions
+    from streamagent.console.replay.command import Usage, run_decisions
 
     base = get_settings()
     updates: dict[str, object] = {}
@@ -767,6 +767,8 @@ def cmd_replay_decisions(args: argparse.Namespace) -> int:
     try:
         candidate = settings.model_copy(update=updates)
         return run_decisions(candidate, args.decider, _run_ids(args), args.since, args.max_decisions, args.json)
+    except Usage as exc:
+        raise CliError(str(exc), code=2) from None
     finally:
         if infra is not None:
             infra.close()

@@ -136,6 +136,12 @@ def test_replay_decisions_on_an_unchanged_setup_agrees_with_approvals_and_a_late
         assert {"approval", "allowed"} <= {p.get("guard_outcome") for p in with_outcome}
         assert any(p["reason"] == "waiting for tool crm" for p in with_outcome)
 
+        # One run by id; an id with no recorded decision is an error, not "no difference".
+        code, report, out = replayed(capsys, "--runs", late.run_id)
+        assert code == 0 and report["counts"]["same"] == sum(report["counts"].values()) >= 6, out
+        assert cli(["replay", "decisions", "--runs", f"{late.run_id},no-such-run"]) == 2
+        assert "--runs: no decision recorded for run no-such-run" in capsys.readouterr().err
+
         # Changed: a policy that holds nothing. The two held decisions would now have sent the mail.
         free = tmp_path / "free"
         free.mkdir()

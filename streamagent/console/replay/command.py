@@ -19,7 +19,7 @@ from datetime import datetime
 from streamagent.config import Settings
 
 from .apply import Refused, apply, live_writers
-from .decisions import KINDS, candidate, replay_decisions
+from .decisions import KINDS, UnknownRuns, candidate, replay_decisions
 from .progress import ProgressLine
 from .rebuild import Scope, drop_schema, rebuild
 from .verify import live_states, same_state, verify
@@ -154,8 +154,12 @@ def run_decisions(
 ) -> int:
     chosen = candidate(settings, which)
     progress = ProgressLine()
-    report = replay_decisions(settings, chosen, runs, since, limit, progress)
-    progress.end()
+    try:
+        report = replay_decisions(settings, chosen, runs, since, limit, progress)
+    except UnknownRuns as exc:
+        raise Usage(str(exc)) from None
+    finally:
+        progress.end()
     counts = report.counts()
     not_compared = counts["catalogue unknown"] + counts["not re-decided"]
     print(

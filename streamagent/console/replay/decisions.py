@@ -52,6 +52,10 @@ NOT_COMPARED = ("catalogue unknown", "not re-decided")
 CANDIDATES = ("configured", "rules", "llm")
 
 
+class UnknownRuns(ValueError):
+    """``--runs`` names a run with no recorded decision (in the ``--since`` window): not "no difference"."""
+
+
 class ReplayLedger(RunLedger):
     """A run's spending read from the live table; plans made during the replay stay in memory."""
 
@@ -285,6 +289,9 @@ def replay_decisions(
     started = time.monotonic()
     report = DecisionReport(policy_version=candidate.policy_version)
     records = recorded_decisions(settings, runs, since)
+    unknown = sorted(set(runs or ()) - {r.run_id for r in records})
+    if unknown:  # before asking anything: a model candidate's calls cost money
+        raise UnknownRuns(f"--runs: no decision recorded for run {', '.join(unknown)} (nothing to re-decide for it)")
     snaps = decided_on(settings, records)
     registry = candidate.registry
     for i, record in enumerate(records):
