@@ -32,19 +32,15 @@ from typing import Any
 
 from streamagent import codec, db
 from streamagent.config import Settings, SettingsError, env_name
-from streamagent.events import DecisionAction, DecisionRecorded, StateSnapshot, stable_id
-from streamagent.kafka import admin
+from streamagent.events import DecisionRecorded
 from streamagent.processors.decision.decider import Decider, Decision
 from streamagent.processors.decision.gating import CatalogueInputs, catalogue_inputs, decide
 from streamagent.processors.decision.llm.ledger import PlanRecord, RunLedger
-from streamagent.processors.decision.woken import after_wait
 from streamagent.processors.guard.stage import GuardStage
 from streamagent.processors.workflow import load_workflows
-from streamagent.topics import RUN_STATE
 
-from .rebuild import Scope, rebuild
-from .registry import RegistryHistory, read_registry
-from .source import whole_topic
+from .registry import RegistryHistory, read_registry, saw_otherwise
+from .snapshots import decided_on
 
 KINDS = ("same", "different tool", "different arguments", "different outcome", "catalogue unknown", "not re-decided")
 # Not differences: decisions that were not compared, and why is reported.
@@ -127,11 +123,6 @@ class Compared:
 
     def lines(self) -> list[str]:
         r, c = self.recorded, self.candidate
-        if self.kind in NOT_COMPARED:
-            return [
-                f"{self.run_id} v{self.version}: {self.kind}: {self.why}",
-                f"    recorded  [{r.decider}] {_describe(r.action.value, r.step, r.tool, r.arguments, r.reason)}",
-            ]
         got = (
             "no decision (waits for the next event)"
             if c is None
@@ -194,88 +185,6 @@ def recorded_decisions(settings: Settings, runs: list[str] | None, since: dateti
         assert isinstance(record, DecisionRecorded)
         out.append(record)
     return out
-
-
-def snapshots(
-    settings: Settings, wanted: set[tuple[str, int]], timeout_s: float = 120.0
-) -> dict[tuple[str, int], StateSnapshot]:
-    """Every (run, version) of ``wanted`` the snapshot topic still holds."""
-    topic = settings.topic(RUN_STATE)
-    meta = admin(settings).list_topics(timeout=10).topics.get(topic)
-    found: dict[tuple[str, int], StateSnapshot] = {}
-    if meta is None or not wanted:
-        return found
-    runs = {r.encode() for r, _ in wanted}
-    # A snapshot compaction removed is re-derived by the caller: what was read by the deadline is enough.
-    for msg in whole_topic(settings, topic, list(meta.partitions), "replay.decisions", timeout_s, to_the_end=False):
-        if msg.key() not in runs:
-            continue
-        snap = codec.decode(msg.value())
-        if isinstance(snap, StateSnapshot) and (snap.run_id, snap.version) in wanted:
-            found[(snap.run_id, snap.version)] = snap
-    return found
-
-
-def woken_from(record: DecisionRecorded) -> tuple[str, int] | None:
-    """The (run, version) of the wait a decision was made on waking from, or None: the decision
-    processor decides a woken run on a state whose last event is that wait (``after_wait``)."""
-    version = record.based_on_version - 1
-    waited = stable_id(record.run_id, "decision", str(version))
-    return (record.run_id, version) if version >= 1 and record.causation_id == waited else None
-
-
-def recorded_waits(settings: Settings, keys: set[tuple[str, int]]) -> dict[tuple[str, int], DecisionRecorded]:
-    """The recorded waits for a tool at ``keys`` (also those outside ``--since``, which woken decisions need)."""
-    if not keys:
-        return {}
-    with db.connect(settings) as conn:
-        rows = conn.execute(
-            "SELECT d.decision_event FROM decisions d JOIN unnest(%s::text[], %s::bigint[]) AS k(run_id, version)"
-            " ON d.run_id = k.run_id AND d.based_on_version = k.version WHERE d.action = 'wait'",
-            ([r for r, _ in keys], [v for _, v in keys]),
-        ).fetchall()
-    out = {}
-    for (event,) in rows:
-        record = codec.decode(bytes(event))
-        if isinstance(record, DecisionRecorded) and record.tool is not None:
-            out[(record.run_id, record.based_on_version)] = record
-    return out
-
-
-def decided_on(settings: Settings, records: list[DecisionRecorded]) -> dict[tuple[str, int], StateSnapshot]:
-    """The snapshot each recorded decision was decided on, by (run, version), where one can be had."""
-    woken = {(r.run_id, r.based_on_version): w for r in records if (w := woken_from(r)) is not None}
-    waits = recorded_waits(settings, set(woken.values()))
-    woken = {key: w for key, w in woken.items() if w in waits}
-    wanted = {(r.run_id, r.based_on_version) for r in records} - set(woken)
-    wanted |= set(woken.values())
-    snaps = snapshots(settings, wanted)
-    lost = {run_id for run_id, version in wanted if (run_id, version) not in snaps}
-    if lost:  # compacted away: fold those runs again for the snapshots they published
-        folded = rebuild(settings, Scope(runs=frozenset(lost)), project=False)
-        for run_id, versions in folded.snapshots.items():
-            for version, snap in versions.items():
-                if (run_id, version) in wanted:
-                    snaps.setdefault((run_id, version), snap)
-    for key, wait in woken.items():
-        if wait in snaps:
-            snaps[key] = after_wait(snaps[wait], waits[wait])
-    return snaps
-
-
-def saw_otherwise(record: DecisionRecorded, entry_of: Callable[[str], object | None]) -> str | None:
-    """Where the catalogue rebuilt for ``record`` contradicts what the decision recorded it saw (the
-    tools its context lists as available; the tool it waited for): None when it does not. A
-    contradiction is an announcement that reached the live catalogue after the decision's moment, or
-    a registry record lost."""
-    seen = record.context.get("available_tools")
-    missing = sorted(t for t in seen if entry_of(t) is None) if isinstance(seen, list) else []
-    if missing:
-        return f"the decision saw {', '.join(missing)} available; the registry shows no live member then"
-    waited = record.action is DecisionAction.wait and record.tool is not None
-    if waited and entry_of(record.tool or "") is not None:
-        return f"the decision waited for {record.tool}; the registry shows it available then"
-    return None
 
 
 def replay_decisions(

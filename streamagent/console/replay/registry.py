@@ -16,6 +16,7 @@ the topic's ``min.compaction.lag.ms`` uncompacted: that is how far back decision
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import pairwise
@@ -24,6 +25,7 @@ from confluent_kafka import Message
 
 from streamagent.catalogue import CatalogueState, ToolEntry, Undecodable, decode
 from streamagent.config import Settings
+from streamagent.events import DecisionAction, DecisionRecorded
 from streamagent.kafka import admin
 from streamagent.topics import TOOL_REGISTRY
 
@@ -117,3 +119,18 @@ def _sent_ms(key: bytes | None, value: bytes | None, stamp: int) -> int:
     except Undecodable:
         return stamp
     return announcement.at_ms if announcement is not None and announcement.at_ms is not None else stamp
+
+
+def saw_otherwise(record: DecisionRecorded, entry_of: Callable[[str], object | None]) -> str | None:
+    """Where the catalogue rebuilt for ``record`` contradicts what the decision recorded it saw (the
+    tools its context lists as available; the tool it waited for): None when it does not. A
+    contradiction is an announcement that reached the live catalogue after the decision's moment, or
+    a registry record lost."""
+    seen = record.context.get("available_tools")
+    missing = sorted(t for t in seen if entry_of(t) is None) if isinstance(seen, list) else []
+    if missing:
+        return f"the decision saw {', '.join(missing)} available; the registry shows no live member then"
+    waited = record.action is DecisionAction.wait and record.tool is not None
+    if waited and entry_of(record.tool or "") is not None:
+        return f"the decision waited for {record.tool}; the registry shows it available then"
+    return None

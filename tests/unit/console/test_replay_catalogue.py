@@ -15,8 +15,9 @@ from streamagent.tools.email import Email
 from streamagent.tools.enrich import Enrich
 
 from streamagent.config import Settings
-from streamagent.console.replay.decisions import candidate_decider, saw_otherwise, woken_from
-from streamagent.console.replay.registry import Record, RegistryHistory
+from streamagent.console.replay.decisions import candidate_decider
+from streamagent.console.replay.registry import Record, RegistryHistory, saw_otherwise
+from streamagent.console.replay.snapshots import woken_from
 from streamagent.events import (
     DecisionAction,
     DecisionRecorded,
