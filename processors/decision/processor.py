@@ -39,10 +39,12 @@ from datetime import timedelta
 from typing import Any
 
 from confluent_kafka import Producer
-from streamagent.processors.decision.arguments import ArgumentCheck, catalogue_check, no_check
+from streamagent.processors.decision.arguments import ArgumentCheck, no_check
 from streamagent.processors.decision.choice import ChosenDecider, EntryOf
 from streamagent.processors.decision.decider import Decider, Decision
+from streamagent.processors.decision.gating import catalogue_inputs, decide
 from streamagent.processors.decision.schema import SCHEMA
+from streamagent.processors.decision.woken import after_wait
 from streamagent.processors.guard.judge import Verdict
 from streamagent.processors.guard.stage import GuardStage
 from streamagent.processors.workflow import ToolAvailability, every_tool_available, load_workflows
@@ -335,9 +337,8 @@ class DecisionHandler:
         if memory is None:
             return
         with tracing.span("decision", snap.run_id, {"streamagent.snapshot.version": snap.version}) as span:
-            decision = self.decider.decide(snap)
-            tracing.decided(span, decision)
-            verdict = self.guard.judge(snap, decision) if decision is not None else None
+            proposal, verdict = decide(self.decider, self.guard, snap)
+            tracing.decided(span, proposal)
             tracing.annotate(span, {"streamagent.guard.outcome": verdict.outcome if verdict is not None else None})
         with self._lock:
             self._record(snap, partition, memory, verdict, new)
@@ -496,24 +497,7 @@ class DecisionHandler:
                 run_id, RunMemory(memory.version, memory.decision_id, memory.emission) if memory else None
             )
             self._remember(run_id, RunMemory(version, wait.record.decision_id, wait))
-            woken.append(
-                (
-                    waited.model_copy(
-                        update={
-                            "version": version + 1,
-                            "last_event_id": wait.record.event_id,
-                            "last_decision_id": wait.record.decision_id,
-                            "reason": wait.record.reason,
-                            "redrive_command_id": None,
-                            # What folding the wait adds to the run's spend (processors/state/fold.py).
-                            "decisions": waited.decisions + 1,
-                            "tokens": waited.tokens + wait.record.prompt_tokens + wait.record.completion_tokens,
-                            "cost_usd": waited.cost_usd + wait.record.cost_usd,
-                        }
-                    ),
-                    partition,
-                )
-            )
+            woken.append((after_wait(waited, wait.record), partition))
             log.debug("waking", extra={"run_id": run_id, "version": version + 1, "tool": wait.record.tool})
         emissions: list[Emission] = []
         new: list[tuple[StateSnapshot, Emission, int]] = []
@@ -831,23 +815,14 @@ def build(settings: Settings) -> ConsumerRuntime:
     catalogue = Catalogue(settings, dead_letters=DeadLetterSink(settings, runtime.producer, "catalogue"))
     catalogue.start()  # read to its end first, then followed; stopped with the process (a daemon thread)
 
-    def available(name: str) -> bool:
-        return catalogue.available(name) is not None
-
+    inputs = catalogue_inputs(catalogue.available)
     # Shared memory, a local table of the memory topic (followed on a background thread): reading the
     # entities a step reads is a dict lookup per entity, never a network call.
     memory = MemoryTable(settings, "decision-memory").start()
-    decider = make_decider(
-        settings, available, catalogue_check(catalogue.available), catalogue.available, memory.current
-    )
-
-    def declared_approval(name: str) -> bool:
-        entry = catalogue.available(name)
-        return entry is not None and entry.requires_approval
-
-    guard = GuardStage(settings, declared_approval, keys=load_approval_keys(settings))
+    decider = make_decider(settings, inputs.available, inputs.check, inputs.entry_of, memory.current)
+    guard = GuardStage(settings, inputs.declared_approval, keys=load_approval_keys(settings))
     handler = DecisionHandler(
-        settings, decider, runtime.producer, available=available, keys=keys, guard=guard, snapshot_keys=keys
+        settings, decider, runtime.producer, available=inputs.available, keys=keys, guard=guard, snapshot_keys=keys
     )
     runtime.handler = handler
     state_topic = settings.topic(RUN_STATE)

@@ -785,19 +785,25 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_replay_decisions(args: argparse.Namespace) -> int:
-    from streamagent.console.replay.command import run_decisions
+    from streamagent.console.replay.command import Usage, run_decisions
 
     base = get_settings()
     updates: dict[str, object] = {}
     if args.workflows is not None:
         updates["workflows_dir"] = args.workflows
+    if args.policies is not None:
+        updates["policies_dir"] = args.policies
     if args.decider in ("rules", "llm"):
         updates["decider"] = args.decider
-    _workflows(base.model_copy(update=updates))  # a malformed candidate is refused before anything connects
+    # A malformed candidate is refused before anything connects.
+    _workflows(base.model_copy(update=updates))
+    _policy(base.model_copy(update=updates))
     settings, infra = _replay_settings()
     try:
         candidate = settings.model_copy(update=updates)
         return run_decisions(candidate, args.decider, _run_ids(args), args.since, args.max_decisions, args.json)
+    except Usage as exc:
+        raise CliError(str(exc), code=2) from None
     finally:
         if infra is not None:
             infra.close()
@@ -1068,11 +1074,13 @@ def build_parser() -> argparse.ArgumentParser:
         "decisions",
         help="Re-decide recorded snapshots with a candidate decider and diff against what was recorded",
         description="Re-decide recorded snapshots with a candidate decider (rules, llm, or the configured one"
-        " with --workflows DIR) and diff against the recorded decisions. Nothing is produced and no tool is"
-        " called; an llm candidate makes real calls to the configured model endpoint.",
+        " with --workflows DIR) and policy (--policies DIR), each with its run's approvals and the tool"
+        " catalogue as of that decision, and diff against the recorded decisions. Nothing is produced and no"
+        " tool is called; an llm candidate makes real calls to the configured model endpoint.",
     )
     decisions.add_argument("--decider", choices=("configured", "rules", "llm"), default="configured")
     decisions.add_argument("--workflows", type=Path, metavar="DIR", help="the candidate's workflow files")
+    decisions.add_argument("--policies", type=Path, metavar="DIR", help="the candidate's policy files")
     decisions.add_argument(
         "--max-decisions", type=positive_int, metavar="N", help="re-decide at most N snapshots (caps model calls)"
     )

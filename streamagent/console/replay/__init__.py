@@ -1,8 +1,19 @@
 """``streamagent replay``: rebuild derived state from the log beside the live one, verify it, apply it;
 and re-decide recorded snapshots with a candidate decider, side effects off."""
 
-from .decisions import DecisionReport, candidate_decider, replay_decisions
+from .decisions import Candidate, DecisionReport, candidate, candidate_decider, replay_decisions
 from .rebuild import Rebuilt, Scope, rebuild
 from .verify import Report, verify
 
-__all__ = ["DecisionReport", "Rebuilt", "Report", "Scope", "candidate_decider", "rebuild", "replay_decisions", "verify"]
+__all__ = [
+    "Candidate",
+    "DecisionReport",
+    "Rebuilt",
+    "Report",
+    "Scope",
+    "candidate",
+    "candidate_decider",
+    "rebuild",
+    "replay_decisions",
+    "verify",
+]

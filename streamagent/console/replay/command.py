@@ -4,6 +4,9 @@
     reads the log, rebuilds beside the live state, verifies, prints the differences, and drops its schema
     unless ``--keep`` (to query it) or ``--apply`` (to make it live, only with the stack stopped).
 ``replay decisions`` (exit 0: the candidate decides like the recorded decisions; 1: some differ)
+    re-decides each recorded decision with the inputs it had (snapshot, approvals, catalogue as of then)
+    and the candidate's workflows and policy; a decision whose catalogue is not known exactly is counted
+    and explained, not compared, and is no difference.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from datetime import datetime
 from streamagent.config import Settings
 
 from .apply import Refused, apply, live_writers
-from .decisions import candidate_decider, replay_decisions
+from .decisions import KINDS, UnknownRuns, candidate, replay_decisions
 from .progress import ProgressLine
 from .rebuild import Scope, drop_schema, rebuild
 from .verify import live_states, same_state, verify
@@ -143,27 +146,45 @@ def verify_after(settings: Settings, rebuilt: object) -> bool:
 
 def run_decisions(
     settings: Settings,
-    candidate: str,
+    which: str,
     runs: list[str] | None,
     since: datetime | None,
     limit: int | None,
     as_json: bool = False,
 ) -> int:
-    decider = candidate_decider(settings, candidate)
+    chosen = candidate(settings, which)
     progress = ProgressLine()
-    report = replay_decisions(settings, decider, runs, since, limit, progress)
-    progress.end()
+    try:
+        report = replay_decisions(settings, chosen, runs, since, limit, progress)
+    except UnknownRuns as exc:
+        raise Usage(str(exc)) from None
+    finally:
+        progress.end()
     counts = report.counts()
+    not_compared = counts["catalogue unknown"] + counts["not re-decided"]
     print(
-        f"re-decided {len(report.compared) - counts['not re-decided']:,} of {len(report.compared):,} recorded"
-        f" decisions with the {candidate} decider ({settings.workflows_dir}) in {report.seconds:.1f}s;"
-        " nothing was produced, no tool was called"
+        f"re-decided {len(report.compared) - not_compared:,} of {len(report.compared):,} recorded"
+        f" decisions with the {which} decider ({settings.workflows_dir}) and policy {report.policy_version}"
+        f" ({settings.policies_dir}), each with its run's approvals and the tool catalogue as of that decision,"
+        f" in {report.seconds:.1f}s; nothing was produced, no tool was called"
     )
-    for kind in ("same", "different tool", "different arguments", "different outcome", "not re-decided"):
+    for kind in KINDS:
         print(f"  {counts[kind]:>6}  {kind}")
     differing = report.differing()
     if report.missing_snapshots:
         print(f"  ({report.missing_snapshots} had no snapshot to re-decide: neither the topic nor the log held it)")
+    unknown = report.unknown()
+    if unknown:
+        reasons = Counter(c.why for c in unknown)
+        print(f"{len(unknown)} decision(s) not compared: the tool catalogue as of them is not known exactly")
+        for why, n in reasons.most_common(SHOWN):
+            print(f"  {n:>6}  {why}")
+    if report.other_policies:
+        versions = ", ".join(f"{v} ({n})" for v, n in sorted(report.other_policies.items()))
+        print(
+            f"note: {sum(report.other_policies.values())} re-decided decision(s) were recorded under another"
+            f" policy version than the candidate's {report.policy_version}: {versions}"
+        )
     if differing:
         runs_hit = sorted({c.run_id for c in differing})
         print(f"{len(differing)} decision(s) of {len(runs_hit)} run(s) differ; the first {min(SHOWN, len(differing))}:")
@@ -175,6 +196,7 @@ def run_decisions(
                 {
                     "counts": counts,
                     "differing": [{"run_id": c.run_id, "version": c.version, "kind": c.kind} for c in differing],
+                    "catalogue_unknown": [{"run_id": c.run_id, "version": c.version, "why": c.why} for c in unknown],
                 }
             )
         )

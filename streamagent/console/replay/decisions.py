@@ -6,8 +6,20 @@ model candidate gets a plan ledger that keeps plans in memory (the live ``run_pl
 through its spending query, never written). A model candidate does make real calls to the configured
 endpoint: that is the point of asking it; ``--max-decisions`` bounds how many snapshots it is asked about.
 
-The snapshots are the ones the live decider saw: read from ``agent.run.state`` by (run, version); a
-version the topic no longer holds (Apache Kafka compacts it) is re-derived by folding the run's events.
+Each recorded decision is re-decided with the inputs the live decision processor had for it, through
+the live code path (processors/decision/gating.py): the decider, then the guard.
+
+- The snapshot the live decider saw: read from ``agent.run.state`` by (run, version); a version the
+  topic no longer holds (Apache Kafka compacts it) is re-derived by folding the run's events. It holds
+  the run's approvals up to that decision (requested, granted, denied, expired), which the guard reads.
+  A decision the processor made on waking a run that waited for a tool has no snapshot on any topic:
+  its state is derived from the wait's, as the processor derives it (``woken.after_wait``).
+- The tool catalogue as it was at the decision's moment (``registry.RegistryHistory``): which tools had
+  a live member, their input schemas, which declare that every call needs approval. When that is not
+  known exactly (the registry compacted, or it disagrees with what the decision recorded it saw), the
+  decision is not compared and the report says why: a guess would report differences that are not.
+- The candidate's workflows (``--workflows``) and policy (``--policies``): the candidate. The guard
+  judges at the decision's recorded moment, so wall-time budgets count as they did then.
 """
 
 from __future__ import annotations
@@ -20,18 +32,24 @@ from typing import Any
 
 from streamagent import codec, db
 from streamagent.config import Settings, SettingsError, env_name
-from streamagent.events import DecisionRecorded, StateSnapshot
-from streamagent.kafka import admin
+from streamagent.events import DecisionRecorded
 from streamagent.processors.decision.decider import Decider, Decision
+from streamagent.processors.decision.gating import CatalogueInputs, catalogue_inputs, decide
 from streamagent.processors.decision.llm.ledger import PlanRecord, RunLedger
+from streamagent.processors.guard.stage import GuardStage
 from streamagent.processors.workflow import load_workflows
-from streamagent.topics import RUN_STATE
 
-from .rebuild import Scope, rebuild
-from .source import whole_topic
+from .registry import RegistryHistory, read_registry, saw_otherwise
+from .snapshots import decided_on
 
-KINDS = ("same", "different tool", "different arguments", "different outcome", "not re-decided")
+KINDS = ("same", "different tool", "different arguments", "different outcome", "catalogue unknown", "not re-decided")
+# Not differences: decisions that were not compared, and why is reported.
+NOT_COMPARED = ("catalogue unknown", "not re-decided")
 CANDIDATES = ("configured", "rules", "llm")
+
+
+class UnknownRuns(ValueError):
+    """``--runs`` names a run with no recorded decision (in the ``--since`` window): not "no difference"."""
 
 
 class ReplayLedger(RunLedger):
@@ -48,14 +66,16 @@ class ReplayLedger(RunLedger):
         return self.plans.setdefault(record.run_id, record)
 
 
-def candidate_decider(settings: Settings, which: str) -> Decider:
+def candidate_decider(settings: Settings, which: str, inputs: CatalogueInputs | None = None) -> Decider:
     """``rules``, ``llm`` (every run asks the model), or ``configured``: as the decision processor chooses
-    per workflow; with ``settings.workflows_dir`` as the candidate's workflows."""
+    per workflow; with ``settings.workflows_dir`` as the candidate's workflows, reading the catalogue
+    through ``inputs`` (None: every tool available, no schema checked)."""
     from streamagent.processors.decision.choice import ChosenDecider
     from streamagent.processors.decision.rules import RulesDecider
 
     workflows = load_workflows(settings.workflows_dir)
-    rules = RulesDecider(workflows)
+    catalogue = (inputs.available, inputs.check) if inputs is not None else ()
+    rules = RulesDecider(workflows, *catalogue)
     by_model = which == "llm" or any((w.decider or settings.decider) == "llm" for w in workflows.values())
     if which == "rules" or not by_model:
         return rules
@@ -63,10 +83,33 @@ def candidate_decider(settings: Settings, which: str) -> Decider:
         raise SettingsError(f"a model candidate needs {env_name('openai_base_url')}: the endpoint to ask")
     from streamagent.processors.decision.llm.decider import LlmDecider
 
-    llm = LlmDecider(settings, workflows, ledger=ReplayLedger(settings.database_url))
+    entries = (*catalogue, inputs.entry_of) if inputs is not None else ()
+    llm = LlmDecider(settings, workflows, *entries, ledger=ReplayLedger(settings.database_url))
     if which == "llm":
         return llm
     return ChosenDecider(settings.decider, workflows, rules, llm)
+
+
+@dataclass
+class Candidate:
+    """What re-decides: the decider and the guard, both reading the catalogue as of the decision at hand."""
+
+    decider: Decider
+    guard: GuardStage
+    registry: RegistryHistory
+
+    @property
+    def policy_version(self) -> str:
+        return self.guard.policies.current().version
+
+
+def candidate(settings: Settings, which: str) -> Candidate:
+    """The candidate of ``settings`` (its workflows and policies folders), over the registry's history."""
+    registry = read_registry(settings)
+    inputs = catalogue_inputs(registry.entry_of)
+    return Candidate(
+        candidate_decider(settings, which, inputs), GuardStage(settings, inputs.declared_approval), registry
+    )
 
 
 @dataclass
@@ -76,6 +119,7 @@ class Compared:
     kind: str
     recorded: DecisionRecorded
     candidate: Decision | None
+    why: str | None = None  # why it was not compared
 
     def lines(self) -> list[str]:
         r, c = self.recorded, self.candidate
@@ -96,12 +140,17 @@ class DecisionReport:
     compared: list[Compared] = field(default_factory=list)
     missing_snapshots: int = 0
     seconds: float = 0.0
+    policy_version: str = ""  # the candidate's
+    other_policies: dict[str, int] = field(default_factory=dict)  # recorded under another version: how many
 
     def counts(self) -> dict[str, int]:
         return {k: sum(1 for c in self.compared if c.kind == k) for k in KINDS}
 
     def differing(self) -> list[Compared]:
-        return [c for c in self.compared if c.kind not in ("same", "not re-decided")]
+        return [c for c in self.compared if c.kind != "same" and c.kind not in NOT_COMPARED]
+
+    def unknown(self) -> list[Compared]:
+        return [c for c in self.compared if c.kind == "catalogue unknown"]
 
 
 def _describe(action: str, step: str | None, tool: str | None, arguments: dict[str, Any], reason: str) -> str:
@@ -138,56 +187,41 @@ def recorded_decisions(settings: Settings, runs: list[str] | None, since: dateti
     return out
 
 
-def snapshots(
-    settings: Settings, wanted: set[tuple[str, int]], timeout_s: float = 120.0
-) -> dict[tuple[str, int], StateSnapshot]:
-    """Every (run, version) of ``wanted`` the snapshot topic still holds."""
-    topic = settings.topic(RUN_STATE)
-    meta = admin(settings).list_topics(timeout=10).topics.get(topic)
-    found: dict[tuple[str, int], StateSnapshot] = {}
-    if meta is None or not wanted:
-        return found
-    runs = {r.encode() for r, _ in wanted}
-    # A snapshot compaction removed is re-derived by the caller: what was read by the deadline is enough.
-    for msg in whole_topic(settings, topic, list(meta.partitions), "replay.decisions", timeout_s, to_the_end=False):
-        if msg.key() not in runs:
-            continue
-        snap = codec.decode(msg.value())
-        if isinstance(snap, StateSnapshot) and (snap.run_id, snap.version) in wanted:
-            found[(snap.run_id, snap.version)] = snap
-    return found
-
-
 def replay_decisions(
     settings: Settings,
-    candidate: Decider,
+    candidate: Candidate,
     runs: list[str] | None = None,
     since: datetime | None = None,
     limit: int | None = None,
     progress: Callable[[str, int, int | None], None] | None = None,
 ) -> DecisionReport:
     started = time.monotonic()
-    report = DecisionReport()
+    report = DecisionReport(policy_version=candidate.policy_version)
     records = recorded_decisions(settings, runs, since)
-    wanted = {(r.run_id, r.based_on_version) for r in records}
-    snaps = snapshots(settings, wanted)
-    lost = {run_id for run_id, version in wanted if (run_id, version) not in snaps}
-    if lost:  # compacted away: fold those runs again for the snapshots they published
-        folded = rebuild(settings, Scope(runs=frozenset(lost)), project=False)
-        for run_id, versions in folded.snapshots.items():
-            for version, snap in versions.items():
-                if (run_id, version) in wanted:
-                    snaps.setdefault((run_id, version), snap)
+    unknown = sorted(set(runs or ()) - {r.run_id for r in records})
+    if unknown:  # before asking anything: a model candidate's calls cost money
+        raise UnknownRuns(f"--runs: no decision recorded for run {', '.join(unknown)} (nothing to re-decide for it)")
+    snaps = decided_on(settings, records)
+    registry = candidate.registry
     for i, record in enumerate(records):
-        snap = snaps.get((record.run_id, record.based_on_version))
+        key = (record.run_id, record.based_on_version)
+        snap = snaps.get(key)
         if snap is None or (limit is not None and i >= limit):
             report.missing_snapshots += snap is None
-            report.compared.append(Compared(record.run_id, record.based_on_version, "not re-decided", record, None))
+            why = "no snapshot: neither the topic nor the log held it" if snap is None else "past --max-decisions"
+            report.compared.append(Compared(*key, "not re-decided", record, None, why))
             continue
-        decision = candidate.decide(snap)
-        report.compared.append(
-            Compared(record.run_id, record.based_on_version, compare(record, decision), record, decision)
-        )
+        registry.move_to(record.occurred_at)
+        unknown = registry.unknown_at(record.occurred_at) or saw_otherwise(record, registry.entry_of)
+        if unknown is not None:
+            report.compared.append(Compared(*key, "catalogue unknown", record, None, unknown))
+            continue
+        if record.policy_version and record.policy_version != report.policy_version:
+            report.other_policies[record.policy_version] = report.other_policies.get(record.policy_version, 0) + 1
+        # As live: the decider, then the guard, judging at the decision's moment (budgets of wall time).
+        _, verdict = decide(candidate.decider, candidate.guard, snap, record.occurred_at)
+        decision = verdict.decision if verdict is not None else None
+        report.compared.append(Compared(*key, compare(record, decision), record, decision))
         if progress is not None:
             progress("re-decide", i + 1, len(records))
     report.seconds = time.monotonic() - started
