@@ -145,3 +145,13 @@ def test_a_command_decided_on_a_contact_that_changed_before_the_call_is_decided_
     shown = capsys.readouterr().out
     assert "email not called, to be decided again: decided on memory that changed" in shown
     assert "[read contact/memory-three.io v2]" in shown
+
+
+def test_replay_re_decides_with_the_memory_each_decision_read(s: Settings, capsys: pytest.CaptureFixture[str]) -> None:
+    """After the tests above (the module's stack): every decision, those that read memory included (a
+    contact's v1, v2, and none), re-decides the same: replay reads the versions the decision recorded."""
+    capsys.readouterr()
+    assert cli(["replay", "decisions", "--decider", "rules", "--json"]) == 0, capsys.readouterr()
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert figures["differing"] == [] and figures["counts"]["memory unknown"] == 0
+    assert figures["counts"]["same"] >= 12

@@ -19,7 +19,7 @@ from datetime import datetime
 from streamagent.config import Settings
 
 from .apply import Refused, apply, live_writers
-from .decisions import KINDS, UnknownRuns, candidate, replay_decisions
+from .decisions import KINDS, NOT_COMPARED, UnknownRuns, candidate, replay_decisions
 from .progress import ProgressLine
 from .rebuild import Scope, drop_schema, rebuild
 from .verify import live_states, same_state, verify
@@ -161,11 +161,12 @@ def run_decisions(
     finally:
         progress.end()
     counts = report.counts()
-    not_compared = counts["catalogue unknown"] + counts["not re-decided"]
+    not_compared = sum(counts[k] for k in NOT_COMPARED)
     print(
         f"re-decided {len(report.compared) - not_compared:,} of {len(report.compared):,} recorded"
         f" decisions with the {which} decider ({settings.workflows_dir}) and policy {report.policy_version}"
-        f" ({settings.policies_dir}), each with its run's approvals and the tool catalogue as of that decision,"
+        f" ({settings.policies_dir}), each with its run's approvals, the tool catalogue and the shared memory"
+        f" as of that decision,"
         f" in {report.seconds:.1f}s; nothing was produced, no tool was called"
     )
     for kind in KINDS:
@@ -176,7 +177,7 @@ def run_decisions(
     unknown = report.unknown()
     if unknown:
         reasons = Counter(c.why for c in unknown)
-        print(f"{len(unknown)} decision(s) not compared: the tool catalogue as of them is not known exactly")
+        print(f"{len(unknown)} decision(s) not compared: the catalogue or memory as of them is not known exactly")
         for why, n in reasons.most_common(SHOWN):
             print(f"  {n:>6}  {why}")
     if report.other_policies:

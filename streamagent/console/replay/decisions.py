@@ -33,18 +33,28 @@ from typing import Any
 from streamagent import codec, db
 from streamagent.config import Settings, SettingsError, env_name
 from streamagent.events import DecisionRecorded
+from streamagent.memory import MemoryReader, no_memory
 from streamagent.processors.decision.decider import Decider, Decision
 from streamagent.processors.decision.gating import CatalogueInputs, catalogue_inputs, decide
 from streamagent.processors.decision.llm.ledger import PlanRecord, RunLedger
 from streamagent.processors.guard.stage import GuardStage
 from streamagent.processors.workflow import load_workflows
 
+from .memory import MemoryHistory, read_memory
 from .registry import RegistryHistory, read_registry, saw_otherwise
 from .snapshots import decided_on
 
-KINDS = ("same", "different tool", "different arguments", "different outcome", "catalogue unknown", "not re-decided")
+KINDS = (
+    "same",
+    "different tool",
+    "different arguments",
+    "different outcome",
+    "catalogue unknown",
+    "memory unknown",
+    "not re-decided",
+)
 # Not differences: decisions that were not compared, and why is reported.
-NOT_COMPARED = ("catalogue unknown", "not re-decided")
+NOT_COMPARED = ("catalogue unknown", "memory unknown", "not re-decided")
 CANDIDATES = ("configured", "rules", "llm")
 
 
@@ -66,7 +76,9 @@ class ReplayLedger(RunLedger):
         return self.plans.setdefault(record.run_id, record)
 
 
-def candidate_decider(settings: Settings, which: str, inputs: CatalogueInputs | None = None) -> Decider:
+def candidate_decider(
+    settings: Settings, which: str, inputs: CatalogueInputs | None = None, memory: MemoryReader = no_memory
+) -> Decider:
     """``rules``, ``llm`` (every run asks the model), or ``configured``: as the decision processor chooses
     per workflow; with ``settings.workflows_dir`` as the candidate's workflows, reading the catalogue
     through ``inputs`` (None: every tool available, no schema checked)."""
@@ -75,7 +87,7 @@ def candidate_decider(settings: Settings, which: str, inputs: CatalogueInputs | 
 
     workflows = load_workflows(settings.workflows_dir)
     catalogue = (inputs.available, inputs.check) if inputs is not None else ()
-    rules = RulesDecider(workflows, *catalogue)
+    rules = RulesDecider(workflows, *catalogue, memory=memory)
     by_model = which == "llm" or any((w.decider or settings.decider) == "llm" for w in workflows.values())
     if which == "rules" or not by_model:
         return rules
@@ -84,7 +96,7 @@ def candidate_decider(settings: Settings, which: str, inputs: CatalogueInputs | 
     from streamagent.processors.decision.llm.decider import LlmDecider
 
     entries = (*catalogue, inputs.entry_of) if inputs is not None else ()
-    llm = LlmDecider(settings, workflows, *entries, ledger=ReplayLedger(settings.database_url))
+    llm = LlmDecider(settings, workflows, *entries, ledger=ReplayLedger(settings.database_url), memory=memory)
     if which == "llm":
         return llm
     return ChosenDecider(settings.decider, workflows, rules, llm)
@@ -97,6 +109,7 @@ class Candidate:
     decider: Decider
     guard: GuardStage
     registry: RegistryHistory
+    memory: MemoryHistory
 
     @property
     def policy_version(self) -> str:
@@ -106,9 +119,13 @@ class Candidate:
 def candidate(settings: Settings, which: str) -> Candidate:
     """The candidate of ``settings`` (its workflows and policies folders), over the registry's history."""
     registry = read_registry(settings)
+    memory = read_memory(settings)
     inputs = catalogue_inputs(registry.entry_of)
     return Candidate(
-        candidate_decider(settings, which, inputs), GuardStage(settings, inputs.declared_approval), registry
+        candidate_decider(settings, which, inputs, memory.current),
+        GuardStage(settings, inputs.declared_approval),
+        registry,
+        memory,
     )
 
 
@@ -150,7 +167,7 @@ class DecisionReport:
         return [c for c in self.compared if c.kind != "same" and c.kind not in NOT_COMPARED]
 
     def unknown(self) -> list[Compared]:
-        return [c for c in self.compared if c.kind == "catalogue unknown"]
+        return [c for c in self.compared if c.kind in ("catalogue unknown", "memory unknown")]
 
 
 def _describe(action: str, step: str | None, tool: str | None, arguments: dict[str, Any], reason: str) -> str:
@@ -215,6 +232,10 @@ def replay_decisions(
         unknown = registry.unknown_at(record.occurred_at) or saw_otherwise(record, registry.entry_of)
         if unknown is not None:
             report.compared.append(Compared(*key, "catalogue unknown", record, None, unknown))
+            continue
+        forgotten = candidate.memory.move_to(record)  # the entity versions this decision read
+        if forgotten is not None:
+            report.compared.append(Compared(*key, "memory unknown", record, None, forgotten))
             continue
         if record.policy_version and record.policy_version != report.policy_version:
             report.other_policies[record.policy_version] = report.other_policies.get(record.policy_version, 0) + 1

@@ -1,0 +1,67 @@
+"""Shared memory as a decision read it: every version the memory topic holds, by entity and version.
+
+A recorded decision names the version of each entity it read (``DecisionRecorded.memory``); a replay
+re-decides it with exactly those versions. An entity the recorded decision did not read (a candidate
+workflow that reads more) is taken as it was at the decision's moment: its last version applied then.
+When a version the decision read is no longer on the topic (compacted away on Apache Kafka), the
+decision is not compared and the report says so, as for a catalogue not known exactly.
+"""
+
+from __future__ import annotations
+
+import bisect
+from datetime import datetime
+
+from streamagent import codec
+from streamagent.config import Settings
+from streamagent.errors import DecodeError
+from streamagent.events import DecisionRecorded, EntityVersion
+from streamagent.kafka import admin
+from streamagent.topics import MEMORY
+
+from .source import whole_topic
+
+
+class MemoryHistory:
+    """``move_to(decision)`` sets what ``current(ref)`` answers: the entity as that decision read it."""
+
+    def __init__(self, versions: list[EntityVersion]) -> None:
+        self.by_ref: dict[str, dict[int, EntityVersion]] = {}
+        self.timeline: dict[str, list[tuple[datetime, int]]] = {}
+        for v in versions:
+            self.by_ref.setdefault(v.ref, {})[v.version] = v
+        for ref, found in self.by_ref.items():
+            self.timeline[ref] = sorted((v.as_of, v.version) for v in found.values())
+        self._read: dict[str, int] = {}
+        self._at: datetime | None = None
+
+    def move_to(self, record: DecisionRecorded) -> str | None:
+        """Take ``record``'s reads; why it cannot be re-decided exactly (a version no longer held), or None."""
+        self._read, self._at = dict(record.memory), record.occurred_at
+        gone = [f"{ref} v{v}" for ref, v in sorted(record.memory.items()) if v and v not in self.by_ref.get(ref, {})]
+        return f"memory no longer holds {', '.join(gone)} (compacted)" if gone else None
+
+    def current(self, ref: str) -> EntityVersion | None:
+        if ref in self._read:
+            version = self._read[ref]
+            found = self.by_ref.get(ref, {}).get(version) if version else None
+        else:  # not read by the recorded decision: as it was at that moment
+            times = self.timeline.get(ref, [])
+            index = bisect.bisect_right(times, (self._at, 1 << 62)) if self._at is not None else len(times)
+            found = self.by_ref[ref][times[index - 1][1]] if index else None
+        return None if found is None or found.deleted else found
+
+
+def read_memory(settings: Settings, timeout_s: float = 120.0) -> MemoryHistory:
+    topic = settings.topic(MEMORY)
+    meta = admin(settings).list_topics(timeout=10).topics.get(topic)
+    versions: list[EntityVersion] = []
+    if meta is not None:
+        for msg in whole_topic(settings, topic, sorted(meta.partitions), "replay.memory", timeout_s):
+            try:
+                version = codec.decode(msg.value())
+            except DecodeError:
+                continue  # the projection dead-letters what it cannot read; nothing to re-decide from
+            if isinstance(version, EntityVersion):
+                versions.append(version)
+    return MemoryHistory(versions)
