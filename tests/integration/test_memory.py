@@ -155,3 +155,15 @@ def test_replay_re_decides_with_the_memory_each_decision_read(s: Settings, capsy
     figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert figures["differing"] == [] and figures["counts"]["memory unknown"] == 0
     assert figures["counts"]["same"] >= 12
+
+
+def test_replay_rebuilds_the_memory_table_from_the_admitted_writes(
+    s: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every entity the tests above wrote (a deletion and a refused conflict among them) rebuilds to the
+    version the memory processor published."""
+    capsys.readouterr()
+    assert cli(["replay"]) == 0, capsys.readouterr()
+    out = capsys.readouterr().out
+    (line,) = [x for x in out.splitlines() if x.strip().startswith("memory ")]
+    assert line.split()[1:3] == ["3", "same"], out  # memory-one, -two (deleted), -three

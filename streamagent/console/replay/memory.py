@@ -20,6 +20,7 @@ from streamagent.kafka import admin
 from streamagent.topics import MEMORY
 
 from .source import whole_topic
+from .verify import Difference, Section, read_last
 
 
 class MemoryHistory:
@@ -65,3 +66,56 @@ def read_memory(settings: Settings, timeout_s: float = 120.0) -> MemoryHistory:
             if isinstance(version, EntityVersion):
                 versions.append(version)
     return MemoryHistory(versions)
+
+
+def verify_memory(settings: Settings, timeout_s: float = 120.0) -> Section:
+    """The memory table rebuilt from the admitted writes (``agent.memory.writes``, each partition in order,
+    through the memory processor's own ``apply`` and signature check) against the versions the memory
+    processor published (``agent.memory``, the last per entity): version, fields and deletion must agree.
+    ``behind``: a write the processor has not published yet (a running stack catching up)."""
+    from streamagent.authn import Authenticator, Unauthenticated
+    from streamagent.events import MemoryWrite, now
+    from streamagent.processors.memory.apply import apply
+    from streamagent.topics import MEMORY_WRITES
+
+    section = Section("memory")
+    authenticator = Authenticator.of(settings)
+    rebuilt: dict[str, EntityVersion] = {}
+    topic = settings.topic(MEMORY_WRITES)
+    meta = admin(settings).list_topics(timeout=10).topics.get(topic)
+    if meta is not None:
+        for msg in whole_topic(settings, topic, sorted(meta.partitions), "replay.memory-writes", timeout_s):
+            try:
+                write = codec.decode(msg.value())
+                if not isinstance(write, MemoryWrite):
+                    continue
+                authenticator.verify(write, msg.value(), msg.headers())
+            except (DecodeError, Unauthenticated):
+                continue  # refused live too (dead-lettered), so nothing to rebuild from it
+            applied = apply(rebuilt.get(write.ref), write, now())
+            if applied.outcome == "applied" and applied.version is not None:
+                rebuilt[write.ref] = applied.version
+    live: dict[str, EntityVersion | None] = {}
+    for key, value in read_last(settings, settings.topic(MEMORY), timeout_s).items():
+        decoded = codec.decode(value) if value is not None else None
+        live[key.decode(errors="replace")] = decoded if isinstance(decoded, EntityVersion) else None
+    for ref in sorted(set(rebuilt) | set(live)):
+        mine, theirs = rebuilt.get(ref), live.get(ref, ...)
+        if theirs is None:
+            section.same += 1  # removed from the topic by a tombstone: gone for every reader
+        elif theirs is ...:
+            assert mine is not None
+            section.found.append(Difference(ref, "behind", f"v{mine.version} not published yet"))
+        elif mine is None:
+            section.found.append(Difference(ref, "differ", f"v{theirs.version} published, no admitted write makes it"))
+        elif (mine.version, mine.fields, mine.deleted) == (theirs.version, theirs.fields, theirs.deleted):
+            section.same += 1
+        elif mine.version > theirs.version:
+            section.found.append(Difference(ref, "behind", f"rebuilt v{mine.version}, published v{theirs.version}"))
+        else:
+            section.found.append(
+                Difference(
+                    ref, "differ", f"rebuilt v{mine.version} {mine.fields}, published v{theirs.version} {theirs.fields}"
+                )
+            )
+    return section

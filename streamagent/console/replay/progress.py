@@ -8,10 +8,11 @@ from typing import TextIO
 
 
 class ProgressLine:
-    def __init__(self, stream: TextIO = sys.stderr, every_s: float = 1.0) -> None:
-        self.stream = stream
+    def __init__(self, stream: TextIO | None = None, every_s: float = 1.0) -> None:
+        # Looked up now, not at import: whoever replaced sys.stderr since (a test's capture) is written to.
+        self.stream = stream or sys.stderr
         self.every_s = every_s
-        self.tty = stream.isatty()
+        self.tty = self.stream.isatty()
         self.phase = ""
         self.started = 0.0
         self.shown = 0.0

@@ -112,7 +112,12 @@ def live_states(settings: Settings) -> dict[str, RunState]:
 
 
 def verify(settings: Settings, rebuilt: Rebuilt) -> Report:
-    return Report([_states(settings, rebuilt), _snapshots(settings, rebuilt), _projection(settings, rebuilt)])
+    sections = [_states(settings, rebuilt), _snapshots(settings, rebuilt), _projection(settings, rebuilt)]
+    if rebuilt.scope.full:  # memory is shared by every run: a replay of some runs leaves it out
+        from .memory import verify_memory
+
+        sections.append(verify_memory(settings))
+    return Report(sections)
 
 
 def _scope(rebuilt: Rebuilt, live: set[str]) -> set[str]:
