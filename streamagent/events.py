@@ -245,6 +245,24 @@ class CommandResent(Event):
     command_offset: int
 
 
+class MemoryChanged(Event):
+    """An entity a decision of this run read has a new version (the decision processor's memory watch).
+
+    What it means is the run's state's to say: a step held for approval on the old version is decided
+    again (a person must approve what will actually be done); a dispatched step is checked by its tool
+    before the call (``stale-memory``); a step whose effect is done keeps it, and this records that the
+    facts changed after it."""
+
+    SCHEMA_NAME = "io.streamagent.events.MemoryChanged"
+
+    decision_id: str  # the decision that read the older version
+    step: str
+    ref: str
+    read_version: int  # what the decision read (0: memory had none)
+    version: int  # what memory holds now (0: deleted)
+    as_of: datetime  # when the new version was applied
+
+
 class ApprovalRequested(Event):
     """The guard holds a step until a person approves it (``streamagent approve RUN STEP``)."""
 
@@ -540,6 +558,7 @@ class EntityVersion(BaseModel):
 
 RUN_EVENTS: tuple[type[Event], ...] = (
     RunRequested,
+    MemoryChanged,
     DecisionRecorded,
     RunCompleted,
     RunFailed,

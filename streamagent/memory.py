@@ -20,6 +20,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, TopicPartition
@@ -27,7 +28,7 @@ from confluent_kafka import Consumer, KafkaError, TopicPartition
 from streamagent import codec
 from streamagent.config import Settings
 from streamagent.errors import DecodeError
-from streamagent.events import EntityVersion, entity_ref
+from streamagent.events import EntityVersion, entity_ref, now
 from streamagent.kafka import client_config
 from streamagent.topics import MEMORY
 
@@ -51,6 +52,8 @@ class MemoryTable:
         self.topic = settings.topic(MEMORY)
         self.rejected = 0
         self._entities: dict[str, EntityVersion] = {}
+        # References changed since the last ``take_changes`` and when (the memory watch reads them).
+        self._changes: dict[str, datetime] = {}
         self._lock = threading.Lock()
         self._consumer: Consumer | None = None
         self._partitions: set[int] = set()
@@ -114,7 +117,9 @@ class MemoryTable:
     def _apply(self, key: bytes | None, value: bytes | None) -> None:
         if value is None:  # a tombstone: the entity is gone
             if key is not None:
-                self._entities.pop(key.decode(errors="replace"), None)
+                ref = key.decode(errors="replace")
+                self._entities.pop(ref, None)
+                self._changes[ref] = now()
             return
         try:
             version = codec.decode(value)
@@ -128,6 +133,7 @@ class MemoryTable:
             return
         # A deletion is kept as the key's last version (readers see no entity), so versions never go back.
         self._entities[version.ref] = version
+        self._changes[version.ref] = version.as_of
 
     def start(self) -> MemoryTable:
         self.load()
@@ -179,6 +185,12 @@ class MemoryTable:
         """The entity's current version; 0 when memory has none (never written, or deleted)."""
         found = self.last(ref)
         return 0 if found is None or found.deleted else found.version
+
+    def take_changes(self) -> dict[str, datetime]:
+        """Every reference that changed since the last call, with when (the changes are then forgotten)."""
+        with self._lock:
+            changes, self._changes = self._changes, {}
+        return changes
 
     def entities(self) -> dict[str, EntityVersion]:
         """Every entity that exists now, by reference."""

@@ -43,6 +43,7 @@ from streamagent.processors.decision.arguments import ArgumentCheck, no_check
 from streamagent.processors.decision.choice import ChosenDecider, EntryOf
 from streamagent.processors.decision.decider import Decider, Decision
 from streamagent.processors.decision.gating import catalogue_inputs, decide
+from streamagent.processors.decision.memory_watch import MemoryWatch
 from streamagent.processors.decision.schema import SCHEMA
 from streamagent.processors.decision.woken import after_wait
 from streamagent.processors.guard.judge import Verdict
@@ -708,6 +709,10 @@ class DecisionHandler:
             # Their statement deleted any older wait row already; this only makes sure no row outlives
             # a newer decision (a row left behind would be woken, and skipped, at every tick).
             self._drop_waits(replaced)
+        read = [(e.record, partition) for _, e, _, partition in records if e.record.memory]
+        if read:  # what they read, for the memory watch (a statement only for decisions that read memory)
+            self.round_trips += 1
+            MemoryWatch.note(self.conn, read)
         return out
 
     # -- producing ---------------------------------------------------------------------------------
@@ -827,11 +832,15 @@ def build(settings: Settings) -> ConsumerRuntime:
     runtime.handler = handler
     state_topic = settings.topic(RUN_STATE)
 
+    watch = MemoryWatch(memory, runtime.producer, handler.signer, settings.topic(RUN_EVENTS))
+
     def tick() -> None:
         # The assignment first: a restarted instance, or one given another's partitions, learns from
         # the table what their runs wait for before it wakes anything.
-        handler.assign(runtime.assigned(state_topic))
+        owned = runtime.assigned(state_topic)
+        handler.assign(owned)
         handler.wake()
+        watch.tick(handler.conn, owned)
 
     runtime.tick = tick
     return runtime

@@ -75,5 +75,20 @@ SCHEMA = Schema(
             created_at         timestamptz NOT NULL DEFAULT now()
         )
         """,
+        # The shared memory each decision read, per (run, step, entity): the memory watch tells a run
+        # when an entity its decision read has changed since (processors/decision/memory_watch.py).
+        """
+        CREATE TABLE IF NOT EXISTS decision_reads (
+            run_id       text   NOT NULL,
+            step         text   NOT NULL,
+            ref          text   NOT NULL,
+            version      int    NOT NULL,
+            decision_id  text   NOT NULL,
+            partition    int    NOT NULL,
+            recorded_at  timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (run_id, step, ref)
+        )
+        """,
+        "CREATE INDEX IF NOT EXISTS decision_reads_by_ref ON decision_reads (ref, partition)",
     ),
 )

@@ -33,6 +33,7 @@ from streamagent.events import (
     DecisionRecorded,
     EntityVersion,
     Event,
+    MemoryChanged,
     RunCompleted,
     RunDeadlineExceeded,
     RunFailed,
@@ -66,6 +67,17 @@ def telling_arguments(arguments: dict[str, Any], width: int = 48) -> str:
         text = str(scalars[name]).replace("\n", " ")
         shown.append(f"{name}={text if len(text) <= width else text[: width - 1] + '…'}")
     return " ".join(shown) or "(no arguments)"
+
+
+# A memory change that came after the step's effect is kept (the effect is not undone) and said so, with how
+# long after: "decided on contact/acme.io v3; v4 arrived since, 2 s after the step's effect (kept)".
+AFTER_EFFECT_SQL = (
+    "UPDATE run_events m SET summary = m.summary || ', ' || round(extract(epoch FROM"
+    " ((m.payload->>'as_of')::timestamptz - r.occurred_at)))::text || ' s after the step''s effect (kept)'"
+    " FROM run_events r WHERE m.event_id = ANY(%s) AND r.run_id = m.run_id AND r.type = 'ToolResult'"
+    " AND r.step = m.step AND r.payload->>'status' = 'succeeded' AND r.payload->>'operation' = 'execute'"
+    " AND (m.payload->>'as_of')::timestamptz >= r.occurred_at AND m.summary NOT LIKE '%%(kept)'"
+)
 
 
 def _read(memory: dict[str, int]) -> str:
@@ -120,6 +132,10 @@ def summarize(event: Event) -> tuple[str | None, str]:
                 f"{event.tool} {event.status.value} after {event.attempts} attempt(s),"
                 f" {event.duration_ms} ms: {outcome}"
             )
+        case MemoryChanged():
+            before = f"v{event.read_version}" if event.read_version else "none"
+            after = f"v{event.version}" if event.version else "a deletion"
+            return event.step, f"decided on {event.ref} {before}; {after} arrived since"
         case RunCompleted():
             return None, f"completed: {event.reason}"
         case RunFailed():
@@ -260,6 +276,9 @@ class ProjectionHandler:
                     rows,
                 )
                 self._update_runs(cur, events)
+                changed = [e.event_id for e in events if isinstance(e, MemoryChanged)]
+                if changed:
+                    cur.execute(AFTER_EFFECT_SQL, (changed,))
                 asked = self._update_quality(quality, events)
             changed = self._quality_changes(quality) if asked else []
         # Counted once the transaction is committed: a batch that failed and is retried counts once.

@@ -27,6 +27,7 @@ from streamagent.events import (
     DecisionAction,
     DecisionRecorded,
     Event,
+    MemoryChanged,
     OnboardingRequest,
     RunCompleted,
     RunDeadlineExceeded,
@@ -141,6 +142,8 @@ def apply(state: RunState | None, event: Event, default_deadline_s: float, workf
         snap = _end(moved, RunStatus.completed, event.reason)
     elif isinstance(event, RunFailed):
         snap = _end(moved, RunStatus(event.status.value), event.reason)
+    elif isinstance(event, MemoryChanged):
+        snap = _memory_changed(moved, event)
     elif isinstance(event, RunDeadlineExceeded):
         snap = moved.model_copy(update={"deadline_exceeded": True}) if moved.status is RunStatus.running else moved
     else:
@@ -365,6 +368,22 @@ def _where(event: DecisionRecorded) -> dict[str, object]:
         "dispatched_at": event.occurred_at,
         "redrives": 0,
     }
+
+
+def _memory_changed(snap: StateSnapshot, event: MemoryChanged) -> StateSnapshot:
+    """A step held for approval on what memory no longer says is decided again (the person must approve
+    what will be done); anything else is a record (a dispatched step's tool checks before its call, a done
+    step keeps its effect)."""
+    if snap.status is not RunStatus.running or snap.last_decision_id != event.decision_id:
+        return snap
+    step = _step(snap, event.step)
+    held = snap.approval(event.step)
+    if step.status is not StepStatus.pending or held is None or held.status is not ApprovalStatus.requested:
+        return snap
+    now_text = f"v{event.version}" if event.version else "deleted"
+    before = f"v{event.read_version}" if event.read_version else "none"
+    reason = f"{event.ref} changed {before} → {now_text} while step {event.step} waited for approval: decided again"
+    return snap.model_copy(update={"reason": reason})
 
 
 def _check_result(snap: StateSnapshot, event: ToolResult, workflow: Workflow | None) -> None:

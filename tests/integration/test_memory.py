@@ -25,9 +25,24 @@ from streamagent.submit import produce_requests
 pytestmark = pytest.mark.integration
 
 
+# Mail to held-memory.example waits for a person; the other tests' mail goes straight through.
+HOLD_POLICY = """
+[approvals]
+timeout_s = 600
+
+[[approvals.rules]]
+tool = "email"
+argument = "to"
+matching = '@held-memory\\.example$'
+reason = "mail to held-memory.example needs a person"
+"""
+
+
 @pytest.fixture(scope="module")
-def stack(module_settings: Settings) -> Iterator[Stack]:
-    with Stack(module_settings) as running:
+def stack(module_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    policies = tmp_path_factory.mktemp("policies")
+    (policies / "approvals.toml").write_text(HOLD_POLICY)
+    with Stack(module_settings.model_copy(update={"policies_dir": policies})) as running:
         yield running
 
 
@@ -147,6 +162,59 @@ def test_a_command_decided_on_a_contact_that_changed_before_the_call_is_decided_
     assert "[read contact/memory-three.io v2]" in shown
 
 
+def _approval_asked(s: Settings, run_id: str, to: str) -> bool:
+    with psycopg.connect(s.database_url) as conn:
+        rows = conn.execute(
+            "SELECT 1 FROM run_events WHERE run_id=%s AND type='ApprovalRequested' AND payload->'arguments'->>'to'=%s",
+            (run_id, to),
+        ).fetchall()
+    return bool(rows)
+
+
+def _shown(run_id: str, capsys: pytest.CaptureFixture[str]) -> str:
+    capsys.readouterr()
+    assert cli(["show", run_id]) == 0
+    return capsys.readouterr().out
+
+
+def test_a_contact_that_changes_while_its_mail_waits_for_approval_is_approved_anew_and_after_the_mail_is_recorded(
+    s: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    put = ["memory", "put", "contact", "memory-four.io"]
+    assert cli([*put, "--set", "email=first@held-memory.example"]) == 0
+    request = _request("memory-four.io", "request@memory-four.io")
+    produce_requests(s, [request])
+    eventually(lambda: _approval_asked(s, request.run_id, "first@held-memory.example"), timeout=60, what="held, v1")
+    # The contact changes while the mail waits: the step is decided again, and the person is asked about
+    # the mail that would now be sent, not the one they were first shown.
+    assert cli([*put, "--set", "email=second@held-memory.example"]) == 0
+    eventually(lambda: _approval_asked(s, request.run_id, "second@held-memory.example"), timeout=60, what="asked anew")
+    assert "decided on contact/memory-four.io v1; v2 arrived since" in _shown(request.run_id, capsys)
+    assert cli(["approve", request.run_id, "email"]) == 0
+    (row,) = eventually(lambda: ended(s, [request.run_id]), timeout=90, what="the run ended")
+    assert row.status == "completed"
+    assert _emails(s, request.run_id) == ["second@held-memory.example"]
+    with psycopg.connect(s.database_url) as conn:
+        read = [
+            r[0]
+            for r in conn.execute(
+                "SELECT payload->'memory' FROM run_events WHERE run_id=%s AND type='DecisionRecorded' AND step='email'"
+                " ORDER BY kafka_offset",
+                (request.run_id,),
+            ).fetchall()
+        ]
+    assert read[0] == {"contact/memory-four.io": 1} and read[-1] == {"contact/memory-four.io": 2}
+    # After the mail went out, a change is recorded against the run, not hidden, and the mail is kept.
+    assert cli([*put, "--set", "email=third@held-memory.example"]) == 0
+    eventually(
+        lambda: "v3 arrived since" in _shown(request.run_id, capsys) or None,
+        timeout=60,
+        what="the late change recorded",
+    )
+    assert "after the step's effect (kept)" in _shown(request.run_id, capsys)
+    assert _emails(s, request.run_id) == ["second@held-memory.example"]
+
+
 def test_replay_re_decides_with_the_memory_each_decision_read(s: Settings, capsys: pytest.CaptureFixture[str]) -> None:
     """After the tests above (the module's stack): every decision, those that read memory included (a
     contact's v1, v2, and none), re-decides the same: replay reads the versions the decision recorded."""
@@ -163,7 +231,7 @@ def test_replay_rebuilds_the_memory_table_from_the_admitted_writes(
     """Every entity the tests above wrote (a deletion and a refused conflict among them) rebuilds to the
     version the memory processor published."""
     capsys.readouterr()
-    assert cli(["replay"]) == 0, capsys.readouterr()
+    assert cli(["replay"]) == 0, capsys.readouterr().out
     out = capsys.readouterr().out
     (line,) = [x for x in out.splitlines() if x.strip().startswith("memory ")]
-    assert line.split()[1:3] == ["3", "same"], out  # memory-one, -two (deleted), -three
+    assert line.split()[1:3] == ["4", "same"], out  # memory-one, -two (deleted), -three, -four

@@ -28,8 +28,8 @@ import psycopg
 
 from streamagent.authn import Authenticator
 from streamagent.config import Settings
-from streamagent.events import Event, ToolCommand
-from streamagent.processors.projection.processor import ProjectionHandler
+from streamagent.events import Event, MemoryChanged, ToolCommand
+from streamagent.processors.projection.processor import AFTER_EFFECT_SQL, ProjectionHandler
 from streamagent.runtime import Batch
 
 EVENT_COLUMNS = (
@@ -46,6 +46,7 @@ class BulkProjection(ProjectionHandler):
         self.counted: set[str] = set()
         self.costed: set[str] = set()
         self.touched: set[str] = set()
+        self.memory_changes: list[str] = []  # MemoryChanged event ids: said "after the effect" at the end
 
     def start(self) -> None:
         """Drop ``run_events``' indexes for the load (nothing reads the table until ``finish``)."""
@@ -63,6 +64,7 @@ class BulkProjection(ProjectionHandler):
                 self.copied.add(row[0])  # type: ignore[arg-type]
                 fresh.append(row)
         conn = self.db.conn
+        self.memory_changes += [e.event_id for e in events if isinstance(e, MemoryChanged)]
         with conn.transaction():
             with conn.cursor() as cur, cur.copy(f"COPY run_events ({EVENT_COLUMNS}) FROM STDIN") as copy:
                 for row in fresh:
@@ -97,3 +99,5 @@ class BulkProjection(ProjectionHandler):
                 super()._recount(cur, counted[i : i + RECOUNT_CHUNK], costed[i : i + RECOUNT_CHUNK])
             for i in range(0, len(touched), RECOUNT_CHUNK):
                 self.recompute_quality(cur, touched[i : i + RECOUNT_CHUNK])
+            if self.memory_changes:  # as live, once every result is in the table
+                cur.execute(AFTER_EFFECT_SQL, (self.memory_changes,))
