@@ -675,7 +675,6 @@ class Stack:
             )
         if now < state.next_try:
             return changed
-        self.infra_restarts[name] = self.infra_restarts.get(name, 0) + 1
         try:
             start()
         except Exception as exc:  # keep supervising; tried again with backoff
@@ -689,6 +688,9 @@ class Stack:
                 state.last_failure = reason
                 self._tell(f"embedded {name} could not start again: {reason}; trying again with backoff")
             return changed
+        # Counted once it answers (PostgreSQL has recovered, the broker restored its journal): a caller
+        # waiting for the restart may use it at once.
+        self.infra_restarts[name] = self.infra_restarts.get(name, 0) + 1
         state.failures, state.last_failure, state.down_since = 0, "", None
         state.started_at = time.monotonic()
         self._tell(f"embedded {name} restarted at {at} in {state.started_at - now:.1f}s (pid {part.pid})")
