@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -25,10 +26,16 @@ class RepeatFilter(logging.Filter):
     numbers blanked, so "after 0ms" and "after 1ms" are one), then at most one every ``window_s``
     seconds, carrying ``repeated``: how many alike lines were dropped since the last one shown."""
 
-    def __init__(self, loggers: tuple[str, ...] = REPEATING_LOGGERS, window_s: float = REPEAT_WINDOW_S) -> None:
+    def __init__(
+        self,
+        loggers: tuple[str, ...] = REPEATING_LOGGERS,
+        window_s: float = REPEAT_WINDOW_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         super().__init__()
         self.prefixes = tuple(loggers)
         self.window_s = window_s
+        self.clock = clock
         self._seen: OrderedDict[tuple[str, int, str], list[float | int]] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -37,7 +44,7 @@ class RepeatFilter(logging.Filter):
         if not any(name == p or name.startswith(p + ".") for p in self.prefixes):
             return True
         key = (name, record.levelno, re.sub(r"\d+", "#", record.getMessage()))
-        now = time.monotonic()
+        now = self.clock()
         with self._lock:
             seen = self._seen.get(key)
             if seen is not None and now - seen[0] < self.window_s:
