@@ -139,7 +139,8 @@ def recorded(settings: Settings, run_ids: list[str]) -> list[DecisionRecorded]:
 def measure(args: argparse.Namespace, decider: str, data_dir: Path) -> dict[str, object]:
     model = FakeModelProcess() if decider == "llm" and not args.endpoint else None
     try:
-        update: dict[str, object] = {"data_dir": data_dir, "decider": decider}
+        # Free ports: a benchmark must not take (or be refused) the addresses of a `up` running on this machine.
+        update: dict[str, object] = {"data_dir": data_dir, "decider": decider, "broker_port": 0, "sandbox_port": 0}
         if model is not None:
             update.update(openai_base_url=model.url, model="fake-model")
         elif decider == "llm":

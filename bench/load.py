@@ -533,7 +533,9 @@ def print_header(settings: Settings, args: argparse.Namespace) -> None:
 def bench(args: argparse.Namespace, data_dir: Path) -> int:
     started = time.monotonic()
     # Every other setting comes from the environment (STREAMAGENT_*), so tuning runs need no code change.
-    base = get_settings().model_copy(update={"data_dir": data_dir, "partitions": args.partitions})
+    # Free ports: a benchmark must not take (or be refused) the addresses of a `up` running on this machine.
+    free = {"broker_port": 0, "sandbox_port": 0}
+    base = get_settings().model_copy(update={"data_dir": data_dir, "partitions": args.partitions, **free})
     with Stack(base) as stack:
         settings = stack.settings
         print_header(settings, args)

@@ -107,7 +107,9 @@ def fill(settings: Settings, events: int, burst: int, deadline: float) -> int:
 
 
 def bench(args: argparse.Namespace, data: Path) -> int:
-    base = get_settings().model_copy(update={"data_dir": data, "partitions": args.partitions})
+    # Free ports: a benchmark must not take (or be refused) the addresses of a `up` running on this machine.
+    free = {"broker_port": 0, "sandbox_port": 0}
+    base = get_settings().model_copy(update={"data_dir": data, "partitions": args.partitions, **free})
     with Stack(base) as stack:
         s = stack.settings
         if warm_up(s, 120) is None:

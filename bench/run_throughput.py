@@ -292,7 +292,8 @@ def print_sandbox(settings: Settings, run_ids: list[str]) -> int:
 
 def bench(args: argparse.Namespace, data_dir: Path) -> int:
     started = time.monotonic()
-    with Stack(Settings(data_dir=data_dir, partitions=args.partitions)) as stack:
+    # Free ports: a benchmark must not take (or be refused) the addresses of a `up` running on this machine.
+    with Stack(Settings(data_dir=data_dir, partitions=args.partitions, broker_port=0, sandbox_port=0)) as stack:
         settings = stack.settings
         print_machine(settings, args)
         print(f"stack up in {time.monotonic() - started:.1f} s", flush=True)

@@ -51,6 +51,13 @@ class Settings(BaseModel):
     bootstrap_servers: str = Field("", description="Kafka bootstrap servers; empty: embedded broker")
     database_url: str = Field("", description="PostgreSQL URL; empty starts embedded PostgreSQL")
     sandbox_url: str = Field("", description="Base URL of the SaaS sandbox; empty starts it")
+    # Fixed ports for what the embedded stack starts: every `up` serves the same addresses, so a process
+    # started by hand beside it (`streamagent tool crm`) reconnects when the stack comes back, instead of
+    # dialling the last stack's random port for ever. 8470 (the page), 8471, 8472: one uncommon block on
+    # loopback, clear of Kafka's 9092 and the usual dev servers. 0 picks a free port at each start
+    # (tests that run several stacks at once).
+    broker_port: int = Field(8471, ge=0, le=65535, description="Port of the embedded broker; 0 picks a free one")
+    sandbox_port: int = Field(8472, ge=0, le=65535, description="Port of the stack's SaaS sandbox; 0 picks a free one")
     # The sandbox (tools/sandbox) stands in for the SaaS APIs: its initial faults, as JSON {api: spec},
     # and the seed of its random faults, so that a faulty run can be reproduced.
     sandbox_faults: str = Field("", description='Sandbox faults at start, JSON {"api": spec}')

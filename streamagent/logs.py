@@ -4,11 +4,60 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+# Kafka clients whose retry lines repeat while a broker is down: librdkafka logs a failed connect every
+# ~50 ms per client (seen: 850 lines a minute from one tool waiting for a stopped `up`), aiokafka (faust)
+# as often. Our own loggers say an outage once and its end once, and are never collapsed.
+REPEATING_LOGGERS = ("librdkafka", "aiokafka", "kafka")
+REPEAT_WINDOW_S = 30.0
+
+
+class RepeatFilter(logging.Filter):
+    """Lets the first of a run of alike lines through (alike: same logger, level and text with its
+    numbers blanked, so "after 0ms" and "after 1ms" are one), then at most one every ``window_s``
+    seconds, carrying ``repeated``: how many alike lines were dropped since the last one shown."""
+
+    def __init__(
+        self,
+        loggers: tuple[str, ...] = REPEATING_LOGGERS,
+        window_s: float = REPEAT_WINDOW_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__()
+        self.prefixes = tuple(loggers)
+        self.window_s = window_s
+        self.clock = clock
+        self._seen: OrderedDict[tuple[str, int, str], list[float | int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        name = record.name
+        if not any(name == p or name.startswith(p + ".") for p in self.prefixes):
+            return True
+        key = (name, record.levelno, re.sub(r"\d+", "#", record.getMessage()))
+        now = self.clock()
+        with self._lock:
+            seen = self._seen.get(key)
+            if seen is not None and now - seen[0] < self.window_s:
+                seen[1] += 1
+                return False
+            dropped = int(seen[1]) if seen is not None else 0
+            self._seen[key] = [now, 0]
+            self._seen.move_to_end(key)
+            while len(self._seen) > 512:  # bounded: one entry per kind of line
+                self._seen.popitem(last=False)
+        if dropped:
+            record.repeated = dropped
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -69,6 +118,7 @@ def configure_file(
 def _install(handlers: list[logging.Handler], process_name: str, level: str, fmt: str) -> None:
     for handler in handlers:
         handler.setFormatter(JsonFormatter(process_name) if fmt == "json" else TextFormatter(process_name))
+        handler.addFilter(RepeatFilter())  # one each: a shared one would drop the line the first let through
     root = logging.getLogger()
     for old in root.handlers:
         if isinstance(old, logging.FileHandler):

@@ -295,6 +295,10 @@ def new_settings(infra: dict[str, object], tmp_path: Path) -> Settings:
         topic_prefix=prefix,
         partitions=4,
         data_dir=tmp_path / "data",
+        # Free ports, picked when a stack starts: tests run several stacks at once (pytest -n), and the
+        # fixed defaults (one `up` per machine) would collide.
+        broker_port=0,
+        sandbox_port=0,
         log_format="json",
         command_keys=SecretStr(TEST_COMMAND_KEYS),
         approval_keys=SecretStr(TEST_APPROVAL_KEYS),

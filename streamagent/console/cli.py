@@ -132,18 +132,6 @@ def _require_given(settings: Settings) -> None:
         _require_database(settings.database_url, _ENV["database_url"])
 
 
-def _can_listen(host: str, port: int) -> bool:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as http.server binds
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
 def _workflows(settings: Settings) -> dict[str, Any]:
     """The workflows of ``workflows_dir``; a malformed file is one line naming file, field and reason."""
     from streamagent.processors.workflow import WorkflowError, load_workflows
@@ -214,12 +202,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     if pid is not None:  # said before anything else; Stack.start checks again under the lock
         raise StackRunning(settings.data_dir.resolve(), pid)
     _require_given(settings)
-    if settings.ui_port and not _can_listen(settings.ui_host, settings.ui_port):
-        raise CliError(
-            f"the run timeline page cannot listen on {settings.ui_host}:{settings.ui_port} (in use?);"
-            " set STREAMAGENT_UI_PORT to another port, or to 0 to start the stack without it",
-            code=2,
-        )
+    # A port in use (broker, sandbox, page) is refused by Stack.start, in one line naming its setting: only
+    # once it holds the data dir's lock, after the leftovers of a `kill -9`-ed `up` (which held the very
+    # same ports) have ended.
     began = time.monotonic()
     print(f"starting the stack in {settings.data_dir.resolve()}…", flush=True)
     # Until it is up, Ctrl-C or SIGTERM interrupts the start, which stops whatever was started.
@@ -729,10 +714,10 @@ def _replay_settings() -> tuple[Settings, Any]:
     from streamagent.console.devstack.stack import Stack
 
     print(f"no stack runs in {found.data_dir.resolve()}: starting its broker and PostgreSQL only", file=sys.stderr)
-    # No sandbox either: a replay calls no tool (the address is a placeholder nothing listens on).
-    infra = Stack(
-        found.model_copy(update={"sandbox_url": found.sandbox_url or "http://127.0.0.1:9"}), tools=(), processors=()
-    ).start()
+    # No sandbox either: a replay calls no tool (the address is a placeholder nothing listens on). A free
+    # port for the broker: a tool started by hand, waiting for `up` at the fixed one, must not join it.
+    update = {"sandbox_url": found.sandbox_url or "http://127.0.0.1:9", "broker_port": 0}
+    infra = Stack(found.model_copy(update=update), tools=(), processors=()).start()
     return infra.settings, infra
 
 
@@ -1188,8 +1173,10 @@ def _describe(exc: Exception) -> tuple[str, int, bool]:
     from confluent_kafka import KafkaException
 
     from streamagent.console.devstack.embedded import EmbeddedStartError
-    from streamagent.console.devstack.stack import StackRunning, StackStartError
+    from streamagent.console.devstack.stack import PortInUse, StackRunning, StackStartError
 
+    if isinstance(exc, PortInUse):  # a setting to change, like an invalid one
+        return str(exc), 2, True
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     first = re.sub(r"[;,:]?\s*log tail:?\s*$", "", first)  # the tail itself goes to the log file
     if isinstance(exc, StackRunning | StackStartError | EmbeddedStartError):

@@ -95,6 +95,9 @@ def start_own_stack(settings: Settings, report: Callable[[str], None] | None = N
     its own stack in ``<data_dir>/demo`` instead (and says so)."""
     from streamagent.console.devstack.stack import Stack, StackRunning
 
+    # Free ports: a demo is thrown away when it ends, nothing attaches to its addresses, and it must run
+    # beside an `up` (here or in another project) that holds the fixed ones.
+    settings = settings.model_copy(update={"broker_port": 0, "sandbox_port": 0})
     try:
         return Stack(settings, report=report).start()
     except StackRunning as exc:

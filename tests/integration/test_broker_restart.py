@@ -102,6 +102,7 @@ def _answers(url: str) -> bool:
 def _power_cut(stack: Stack) -> None:
     """kill -9 of every process of the stack at once, and nothing tidied up after."""
     stack._stop.set()  # the test's own supervisor thread must not restart anything
+    stack._released.set()  # nor wait for a stop() that never comes (it would park until then)
     if stack._supervisor is not None:
         stack._supervisor.join(5)
     pids = [c.pid for c in stack.children.values() if c.pid is not None]

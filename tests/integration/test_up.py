@@ -51,8 +51,10 @@ def eventually(predicate: Callable[[], object], timeout: float, what: str) -> No
 
 def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMAGENT_")}
-    # No run timeline page unless a test asks for one: its default port may be taken on this machine.
-    return {**env, "STREAMAGENT_UI_PORT": "0", **extra}
+    # No run timeline page unless a test asks for one, and free ports for the broker and the sandbox:
+    # their fixed defaults may be taken on this machine, or by another test's stack.
+    free = {"STREAMAGENT_UI_PORT": "0", "STREAMAGENT_BROKER_PORT": "0", "STREAMAGENT_SANDBOX_PORT": "0"}
+    return {**env, **free, **extra}
 
 
 def cli(args: list[str], env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:

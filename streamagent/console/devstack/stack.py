@@ -8,13 +8,14 @@ all use it, so the tests exercise the same wiring a user runs.
 
 from __future__ import annotations
 
-import ctypes
+import contextlib
 import getpass
 import json
 import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -30,8 +31,13 @@ import psutil
 from streamagent import db
 from streamagent.approval import load_approval_keys
 from streamagent.authn import INTAKE, ROLE_KEYS_FILE_VAR, issue, operator_keys_path, operator_role, tool_role
-from streamagent.config import Settings, child_environ
-from streamagent.console.devstack.embedded import EmbeddedBroker, EmbeddedPostgres, free_port, pid_alive
+from streamagent.config import Settings, child_environ, env_name
+from streamagent.console.devstack.embedded import (
+    EmbeddedBroker,
+    EmbeddedPostgres,
+    die_with_parent,
+    free_port,
+)
 from streamagent.console.devstack.stackfile import (
     ADDRESSES,
     LOCK_FILE,
@@ -77,29 +83,42 @@ class StackStartError(RuntimeError):
     """The stack could not start; the message says which part and why."""
 
 
-# -- child processes die with their parent -------------------------------------------------------
-_PR_SET_PDEATHSIG = 1
-try:
-    _prctl = ctypes.CDLL(None, use_errno=True).prctl
-except (OSError, AttributeError):  # not Linux
-    _prctl = None
+class PortInUse(StackStartError):
+    """A fixed port of the stack is taken; the message names the setting that moves it."""
 
 
-def _die_with_parent(parent: int) -> Callable[[], None]:
-    """A ``preexec_fn``: the child gets SIGTERM when its parent dies, even by ``kill -9``, so a restarted
-    ``up`` never competes with orphans of the one before.
+# The loopback address the broker and the sandbox listen on (the page's is a setting: ui_host).
+LOOPBACK = "127.0.0.1"
 
-    Linux ties this to the *thread* that forked the child, not the process: start children only from
-    threads that live as long as the stack (the main thread, the supervisor), never from a short-lived
-    helper thread, or they get SIGTERM when that thread ends."""
 
-    def preexec() -> None:
-        if _prctl is not None:
-            _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os.kill(os.getpid(), signal.SIGTERM)
+def _port_is_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # As the servers bind: a just-stopped server's connections in TIME_WAIT do not hold the port.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
 
-    return preexec
+
+def ports_in_use(settings: Settings, ui_port: int | None) -> str | None:
+    """One line naming each fixed port the stack would listen on that something else holds, and the
+    setting that moves it; None when all are free. Only what the stack starts counts (a broker given
+    by STREAMAGENT_BOOTSTRAP_SERVERS needs no port here), and 0 ("a free one") is never taken."""
+    wanted = []
+    if not settings.bootstrap_servers:
+        wanted.append(("the broker", LOOPBACK, settings.broker_port, "broker_port", "0 picks a free one"))
+    if not settings.sandbox_url:
+        wanted.append(("the sandbox", LOOPBACK, settings.sandbox_port, "sandbox_port", "0 picks a free one"))
+    if ui_port:
+        wanted.append(("the run timeline page", settings.ui_host, ui_port, "ui_port", "0: no page"))
+    problems = [
+        f"port {port} for {what} is in use; set {env_name(setting)} to another port ({zero})"
+        for what, host, port, setting, zero in wanted
+        if port and not _port_is_free(host, port)
+    ]
+    return "; ".join(problems) or None
 
 
 def _create_time(pid: int) -> float | None:
@@ -109,24 +128,36 @@ def _create_time(pid: int) -> float | None:
         return None
 
 
-def _stop_leftover(pid: int, create_time: object, what: str, report: Callable[[str], None] | None) -> None:
-    if pid <= 0 or create_time is None:
-        return
+def _recorded(pid: int | None) -> dict[str, object] | None:
+    """How stack.json names a process: its pid and start time (a pid alone may by now be anyone's)."""
+    return None if pid is None else {"pid": pid, "create_time": _create_time(pid)}
+
+
+def _leftover(entry: object) -> psutil.Process | None:
+    """The process a stale stack.json entry names, if that very process (same pid *and* start time) runs."""
+    if not isinstance(entry, dict):
+        return None
     try:
-        proc = psutil.Process(pid)
-        if proc.create_time() != create_time:
-            return  # the pid now belongs to another process
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except psutil.TimeoutExpired:
-            proc.kill()
-    except psutil.Error:
-        return
-    message = f"stopped the {what} (pid {pid}) left running by a stack that crashed"
-    log.warning(message)
-    if report is not None:
-        report(message)
+        proc = psutil.Process(int(entry.get("pid") or 0))
+        if entry.get("create_time") is None or proc.create_time() != entry["create_time"]:
+            return None  # the pid now belongs to another process
+        return None if proc.status() == psutil.STATUS_ZOMBIE else proc
+    except (psutil.Error, ValueError, TypeError):
+        return None
+
+
+def _journal_brokers(journal_dir: Path) -> list[psutil.Process]:
+    """Journal brokers serving ``journal_dir``, found by their command line: one an older `up` started
+    (without a parent-death signal, in its own session) outlives it and is named by no stack.json."""
+    found = []
+    target = str(journal_dir)
+    for proc in psutil.process_iter(["cmdline"]):
+        argv = proc.info.get("cmdline") or []
+        if "streamagent.console.devstack.broker" in argv and "--data-dir" in argv:
+            index = argv.index("--data-dir") + 1
+            if index < len(argv) and str(Path(argv[index]).resolve()) == target:
+                found.append(proc)
+    return found
 
 
 def describe_exit(code: int | None) -> str:
@@ -211,7 +242,12 @@ class Child:
             # Its own process group: a Ctrl-C in the terminal reaches only the supervisor, which then
             # stops the children in order instead of racing them.
             process_group=0,
-            preexec_fn=_die_with_parent(os.getpid()),  # prctl only: takes no lock between fork and exec
+            # SIGKILL when `up` dies however it dies: a graceful stop can hang with the broker going down at
+            # the same moment (seen: the faust state processor still waiting on a fetch 40 s on), and every
+            # process is crash-safe by design (resume, never restart; one effect per command id), so the
+            # hard stop loses nothing. The broker (SIGTERM: it flushes its journal) and PostgreSQL (SIGINT:
+            # fast shutdown) are stopped gently instead; see embedded.py.
+            preexec_fn=die_with_parent(os.getpid(), signal.SIGKILL),  # prctl only: takes no lock between fork and exec
         )
         self.started_at = time.monotonic()
         log.info("started %s", self.name, extra={"child": self.name, "pid": self.proc.pid})
@@ -369,13 +405,19 @@ class Stack:
         self.postgres: EmbeddedPostgres | None = None
         self.children: dict[str, Child] = {}
         self._stop = threading.Event()
+        # The supervisor thread lives until stop() has stopped everything: a process it restarted has
+        # its parent-death signal tied to that thread (PR_SET_PDEATHSIG is per thread), and would
+        # otherwise be stopped by the kernel before the processes that depend on it.
+        self._released = threading.Event()
+        self._parked = threading.Event()
         self._supervisor: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._file_lock = threading.Lock()
         self.infra_restarts: dict[str, int] = {}
         # How long a dead broker or PostgreSQL stays down before the supervisor starts it again (tests
         # hold an outage open with it; 0 restarts at once).
         self.infra_restart_delay_s = infra_restart_delay_s
-        self._down_since: dict[str, float] = {}
+        self._infra: dict[str, _Infra] = {}
         self._data_lock: StackLock | None = None
         self.ui_port = ui_port
         self.ui_url = ""
@@ -397,6 +439,11 @@ class Stack:
 
     def _start(self, data: Path) -> None:
         self._reap_leftovers(data)
+        # After the leftovers of a crashed stack are gone (they held these very ports), before anything
+        # starts: a taken port is refused in one line naming its setting, not met as a child's crash loop.
+        taken = ports_in_use(self.settings, self.ui_port)
+        if taken:
+            raise PortInUse(taken)
         updates: dict[str, object] = {"data_dir": data}
         # First: a missing or malformed key stops the start before anything is started.
         updates.update(command_keys_settings(self.settings.model_copy(update=updates)))
@@ -404,16 +451,21 @@ class Stack:
         check_policies(self.settings)
         if not self.settings.bootstrap_servers:
             self.broker = EmbeddedBroker(
-                data / "broker", storage=self.settings.broker_storage, fsync=self.settings.broker_fsync
+                data / "broker",
+                host=LOOPBACK,
+                port=self.settings.broker_port or None,
+                storage=self.settings.broker_storage,
+                fsync=self.settings.broker_fsync,
             ).start()
             updates["bootstrap_servers"] = self.broker.bootstrap_servers
         if not self.settings.database_url:
+            # Its URL names a unix socket in its data dir: the same at every start, like the fixed ports.
             self.postgres = EmbeddedPostgres(data / "postgres").start()
             updates["database_url"] = self.postgres.url
         sandbox_port = None
         if not self.settings.sandbox_url:
-            sandbox_port = free_port()
-            updates["sandbox_url"] = f"http://127.0.0.1:{sandbox_port}"
+            sandbox_port = self.settings.sandbox_port or free_port(LOOPBACK)
+            updates["sandbox_url"] = f"http://{LOOPBACK}:{sandbox_port}"
         self.settings = self.settings.model_copy(update=updates)
         create_topics(self.settings, all_topics(self.tools))
         db.migrate(self.settings, *SCHEMAS)
@@ -427,7 +479,7 @@ class Stack:
             self._add(
                 Child(
                     "sandbox",
-                    cli_argv("sandbox", "--port", str(sandbox_port), *faults),
+                    cli_argv("sandbox", "--host", LOOPBACK, "--port", str(sandbox_port), *faults),
                     env,
                     logs / "sandbox.log",
                 )
@@ -479,6 +531,7 @@ class Stack:
         with self._lock:
             self._add(child)
             child.start()
+        self._write_stack_file()
         return child
 
     def add_processor(self, name: str) -> Child:
@@ -490,6 +543,7 @@ class Stack:
         with self._lock:
             self._add(child)
             child.start()
+        self._write_stack_file()
         return child
 
     def undeploy(self, name: str, sig: int = signal.SIGTERM) -> None:
@@ -499,16 +553,17 @@ class Stack:
         if child.alive() and child.proc is not None and sig != signal.SIGTERM:
             child.proc.send_signal(sig)
         child.stop()
+        self._write_stack_file()
 
     def stop(self) -> list[str]:
         """Stop everything this stack started; returns what was running when asked to stop. Idempotent."""
-        # What runs is read before the supervisor thread ends: a child that thread restarted gets
-        # SIGTERM from the kernel when the thread exits (PR_SET_PDEATHSIG is per thread).
         with self._lock:
             running = [c.name for c in self.children.values() if c.alive()]
         self._stop.set()
         if self._supervisor is not None:
-            self._supervisor.join(5)
+            # Parked, not ended: it restarts nothing more, and what it restarted keeps running until
+            # stopped here, in order (see _released).
+            self._parked.wait(65)  # a broker restart in progress finishes first (its own deadline: 60 s)
         stopped: list[str] = list(running)
         with self._lock:
             for child in self.children.values():
@@ -524,11 +579,15 @@ class Stack:
             if self.broker.running:
                 stopped.append("broker")
             self.broker.stop()
-        if self._data_lock is not None:
-            # Only the lock holder writes or removes the stack file.
-            (self.settings.data_dir / STACK_FILE).unlink(missing_ok=True)
-            self._data_lock.release()
-            self._data_lock = None
+        self._released.set()
+        if self._supervisor is not None:
+            self._supervisor.join(5)
+        with self._file_lock:
+            if self._data_lock is not None:
+                # Only the lock holder writes or removes the stack file.
+                (self.settings.data_dir / STACK_FILE).unlink(missing_ok=True)
+                self._data_lock.release()
+                self._data_lock = None
         return stopped
 
     def force_stop(self) -> list[str]:
@@ -569,60 +628,90 @@ class Stack:
 
     # -- supervision -----------------------------------------------------------------------------
     def _supervise(self) -> None:
-        while not self._stop.wait(0.2):
-            self._check_dependencies()
-            with self._lock:
-                for child in self.children.values():
-                    self._check(child)
+        try:
+            while not self._stop.wait(0.2):
+                changed = self._check_dependencies()
+                with self._lock:
+                    for child in self.children.values():
+                        changed = self._check(child) or changed
+                if changed:  # stack.json names the processes that run now, and how the last ones ended
+                    self._write_stack_file()
+        finally:
+            self._parked.set()
+            self._released.wait()
 
-    def _check_dependencies(self) -> None:
+    def _check_dependencies(self) -> bool:
         """Restart a dead embedded broker or PostgreSQL in place: same port, same data dir, so the
         processes (which retry through the outage) reconnect to the same address. The broker comes
-        back with its journal; PostgreSQL recovers from its WAL."""
-        if self.broker is not None and self._due("broker", not self.broker.running):
-            log.warning("embedded broker died; restarting it on %s", self.broker.bootstrap_servers)
-            self.infra_restarts["broker"] = self.infra_restarts.get("broker", 0) + 1
-            started = time.monotonic()
-            try:
-                self.broker.restart()
-            except Exception:  # keep supervising; the next round tries again
-                log.exception("embedded broker did not restart; trying again")
-            else:
-                self._report_infra("broker", f"restarted on {self.broker.bootstrap_servers}", started)
-        pg = self.postgres
-        if pg is not None and self._due("postgres", pg.pid is None or not pid_alive(pg.pid)):
-            log.warning("embedded postgres died; restarting it in %s", pg.data_dir)
-            self.infra_restarts["postgres"] = self.infra_restarts.get("postgres", 0) + 1
-            started = time.monotonic()
-            try:
-                pg.stop()  # forgets the dead server's handle, so that start() initialises afresh
-                pg.start()
-            except Exception:  # keep supervising; the next round tries again
-                log.exception("embedded postgres did not restart; trying again")
-            else:
-                self._report_infra("postgres", f"restarted in {pg.data_dir}", started)
+        back with its journal; PostgreSQL recovers from its WAL. True if something died or started."""
+        changed = False
+        if self.broker is not None:
+            changed |= self._revive("broker", self.broker, self.broker.restart, self.broker.bootstrap_servers)
+        if self.postgres is not None:
+            changed |= self._revive("postgres", self.postgres, self.postgres.start, str(self.postgres.data_dir))
+        return changed
 
-    def _due(self, name: str, dead: bool) -> bool:
-        """Whether a dead dependency has been down long enough to be started again."""
-        if not dead or self._stop.is_set():
-            self._down_since.pop(name, None)
+    def _revive(self, name: str, part: EmbeddedBroker | EmbeddedPostgres, start: Callable[[], object], at: str) -> bool:
+        state = self._infra.setdefault(name, _Infra())
+        if part.running or self._stop.is_set():
+            state.down_since = None
             return False
-        since = self._down_since.setdefault(name, time.monotonic())
-        if time.monotonic() - since < self.infra_restart_delay_s:
-            return False
-        del self._down_since[name]
+        now = time.monotonic()
+        changed = False
+        if state.down_since is None:  # just noticed: say how it ended, and why, once
+            state.down_since, changed = now, True
+            code = part.last_exit
+            stopped = code in (0, -signal.SIGTERM, -signal.SIGINT)
+            if stopped or now - state.started_at > 30:
+                state.crashes.clear()
+            if not stopped:
+                state.crashes.append(describe_exit(code))
+            state.last_exit, state.last_error = code, last_error_line(part.log_path, part.log_start)
+            state.next_try = now + self.infra_restart_delay_s
+            ended = describe_exit(code) if code is not None else "died"
+            self._tell(
+                f"embedded {name} {ended} after {now - state.started_at:.1f}s{self._looping(state.crashes)}:"
+                f" {state.last_error or '(its log is empty)'} — restarting it at {at}; log: {part.log_path}"
+            )
+        if now < state.next_try:
+            return changed
+        try:
+            start()
+        except Exception as exc:  # keep supervising; tried again with backoff
+            state.failures += 1
+            delay = min(self.max_backoff_s, self.restart_backoff_s * 2**state.failures)
+            state.next_try = time.monotonic() + delay
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            reason = re.sub(r"[;,:]?\s*log tail:?\s*$", "", reason)
+            log.warning("embedded %s did not start again: %s", name, reason, exc_info=True)
+            if reason != state.last_failure:  # once per reason, not once per attempt
+                state.last_failure = reason
+                self._tell(f"embedded {name} could not start again: {reason}; trying again with backoff")
+            return changed
+        # Counted once it answers (PostgreSQL has recovered, the broker restored its journal): a caller
+        # waiting for the restart may use it at once.
+        self.infra_restarts[name] = self.infra_restarts.get(name, 0) + 1
+        state.failures, state.last_failure, state.down_since = 0, "", None
+        state.started_at = time.monotonic()
+        self._tell(f"embedded {name} restarted at {at} in {state.started_at - now:.1f}s (pid {part.pid})")
         return True
 
-    def _report_infra(self, name: str, what: str, started: float) -> None:
-        line = f"embedded {name} died; {what} in {time.monotonic() - started:.1f}s"
+    def _looping(self, crashes: list[str]) -> str:
+        if len(crashes) < CRASH_LOOP_RESTARTS:
+            return ""
+        return f" (crash loop: {', '.join(crashes[-CRASH_LOOP_RESTARTS:])})"
+
+    def _tell(self, line: str) -> None:
         log.warning(line)
         if self.report is not None:
             self.report(line)
 
-    def _check(self, child: Child) -> None:
+    def _check(self, child: Child) -> bool:
+        """Notice a dead child and start it again after its backoff; True if it died or started."""
         if child.proc is None or child.alive():
-            return
+            return False
         now = time.monotonic()
+        changed = child.next_start == 0.0
         if child.next_start == 0.0:
             code = child.proc.returncode
             # Stopped, not crashed: SIGTERM or SIGINT from someone else (a rolling restart), or a clean
@@ -668,9 +757,16 @@ class Stack:
             child.next_start = 0.0
             child.stop()
             child.start()
+            changed = True
+        return changed
 
     def failing(self) -> str | None:
-        """Why the stack cannot make progress (a child that keeps crashing), or None."""
+        """Why the stack cannot make progress (a child, the broker or PostgreSQL that keeps crashing), or None."""
+        for name, state in list(self._infra.items()):
+            if state.down_since is not None and len(state.crashes) >= CRASH_LOOP_RESTARTS:
+                ends = ", ".join(state.crashes[-CRASH_LOOP_RESTARTS:])
+                why = state.last_failure or state.last_error or "(its log is empty)"
+                return f"embedded {name} keeps crashing (last {ends}): {why}"
         with self._lock:
             for child in self.children.values():
                 if child.restarts >= CRASH_LOOP_RESTARTS and not child.alive() and child.crashes:
@@ -709,39 +805,99 @@ class Stack:
         raise StackStartError(f"{url} did not answer within {timeout}s")
 
     def _write_stack_file(self) -> None:
+        """``stack.json``: the addresses (what the CLI and a tool started by hand read), and every process
+        that runs now with its start time, so that the next stack in this data dir can tell, after a
+        ``kill -9`` of this one, which processes were ours. Rewritten whenever one is restarted."""
+        with self._lock:
+            processes: dict[str, object] = {
+                name: {
+                    **(_recorded(child.pid if child.alive() else None) or {"pid": None}),
+                    "restarts": child.restarts,
+                    "last_exit": describe_exit(child.last_exit) if child.last_exit is not None else None,
+                    "last_error": child.last_error or None,
+                }
+                for name, child in self.children.items()
+            }
+        for name, part in (("broker", self.broker), ("postgres", self.postgres)):
+            if part is not None:
+                state = self._infra.get(name, _Infra())
+                processes[name] = {
+                    **(_recorded(part.pid) or {"pid": None}),
+                    "restarts": self.infra_restarts.get(name, 0),
+                    "last_exit": describe_exit(state.last_exit) if state.last_exit is not None else None,
+                    "last_error": state.last_failure or state.last_error or None,
+                }
         info: dict[str, object] = {
             "bootstrap_servers": self.settings.bootstrap_servers,
             "database_url": self.settings.database_url,
             "sandbox_url": self.settings.sandbox_url,
+            "ui_url": self.ui_url or None,
             "topic_prefix": self.settings.topic_prefix,
             "pid": os.getpid(),
+            "create_time": _create_time(os.getpid()),
+            "processes": processes,
         }
-        broker_pid = self.broker.pid if self.broker is not None else None
-        if broker_pid is not None:
-            # The broker runs in its own session, so it outlives a `kill -9` of this process; the next
-            # stack in this data dir stops it (see _reap_leftovers).
-            info["broker"] = {"pid": broker_pid, "create_time": _create_time(broker_pid)}
-        path = self.settings.data_dir / STACK_FILE
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(info, indent=2))
-        tmp.replace(path)  # readers never see half a file
+        if "broker" in processes:
+            info["broker"] = processes["broker"]  # as earlier versions wrote it
+        with self._file_lock:
+            if self._data_lock is None or self._released.is_set():
+                return  # stopped (or stopping): only the running holder of the lock writes the file
+            path = self.settings.data_dir / STACK_FILE
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(info, indent=2))
+            tmp.replace(path)  # readers never see half a file
 
     def _reap_leftovers(self, data: Path) -> None:
-        """We hold the lock, so a stack file here is stale: its stack died without stopping. Stop the
-        embedded broker it left running, if that very process (same pid *and* start time) still runs."""
+        """We hold the lock, so a stack file here is stale: its stack died without stopping. Its children
+        die with it (a parent-death signal each) but may still be shutting down, holding the ports and
+        the journal: wait for every process it names (same pid *and* start time) to end, stopping any
+        that does not. Journal brokers on this data dir's journal that no stack file names (left by a
+        version of `up` that did not tie them to itself) are stopped too."""
         path = data / STACK_FILE
-        try:
-            info = json.loads(path.read_text())
-        except (OSError, ValueError):
-            return
-        if not isinstance(info, dict):
-            info = {}
-        pid = info.get("pid", "?")
-        message = f"the last stack in {data} (pid {pid}) did not stop cleanly; its stack.json is ignored"
-        log.warning(message)
-        if self.report is not None:
-            self.report(message)
-        broker = info.get("broker")
-        if isinstance(broker, dict):
-            _stop_leftover(int(broker.get("pid", 0)), broker.get("create_time"), "embedded broker", self.report)
+        info: object = None
+        if path.exists():
+            try:
+                info = json.loads(path.read_text())
+            except (OSError, ValueError):
+                info = {}
+            message = (
+                f"the last stack in {data} (pid {info.get('pid', '?') if isinstance(info, dict) else '?'})"
+                " did not stop cleanly; its stack.json is ignored"
+            )
+            self._tell(message)
+        named: dict[str, object] = {}
+        if isinstance(info, dict):
+            processes = info.get("processes")
+            named = dict(processes) if isinstance(processes, dict) else {}
+            named.setdefault("broker", info.get("broker"))
+        left = {name: proc for name, proc in ((n, _leftover(e)) for n, e in named.items()) if proc is not None}
+        for proc in _journal_brokers(data / "broker"):
+            if proc.pid not in {p.pid for p in left.values()}:
+                left[f"broker (pid {proc.pid}, named by no stack.json)"] = proc
+        if left:
+            _, alive = psutil.wait_procs(list(left.values()), timeout=10)  # ending on their own, most likely
+            for proc in alive:
+                # PostgreSQL's fast shutdown is SIGINT (SIGTERM would wait for every client to leave).
+                with contextlib.suppress(psutil.Error):
+                    proc.send_signal(signal.SIGINT if proc.name() == "postgres" else signal.SIGTERM)
+            _, alive = psutil.wait_procs(alive, timeout=10)
+            for proc in alive:
+                with contextlib.suppress(psutil.Error):
+                    proc.kill()
+            psutil.wait_procs(alive, timeout=5)
+            self._tell(f"waited for what the last stack left running to end: {', '.join(sorted(left))}")
         path.unlink(missing_ok=True)
+
+
+@dataclass
+class _Infra:
+    """What the supervisor knows of the embedded broker or PostgreSQL: when it started, how it ended."""
+
+    started_at: float = field(default_factory=time.monotonic)
+    down_since: float | None = None
+    next_try: float = 0.0
+    failures: int = 0  # failed starts in a row
+    crashes: list[str] = field(default_factory=list)
+    last_exit: int | None = None
+    last_error: str = ""
+    last_failure: str = ""  # why the last start failed

@@ -261,8 +261,10 @@ def test_up_refuses_a_page_port_in_use_before_starting_anything(
         get_settings.cache_clear()
         code, err = run_main(["up"], capsys)
     assert code == 2
-    assert_one_clear_line(err, f"127.0.0.1:{port}", "STREAMAGENT_UI_PORT")
-    assert not (tmp_path / "data" / "stack.lock").exists()
+    assert_one_clear_line(err, f"port {port} for the run timeline page is in use", "set STREAMAGENT_UI_PORT")
+    # Refused under the data dir's lock (after what a crashed `up` left had ended), before anything started.
+    assert not (tmp_path / "data" / "stack.json").exists() and not (tmp_path / "data" / "postgres").exists()
+    assert running_pid(tmp_path / "data") is None
 
 
 def test_up_with_an_invalid_setting_starts_nothing(tmp_path: Path) -> None:

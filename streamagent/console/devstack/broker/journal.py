@@ -13,6 +13,7 @@ writer truncates it away on open, so the file is always a clean sequence of whol
 
 from __future__ import annotations
 
+import fcntl
 import os
 import struct
 import zlib
@@ -23,6 +24,40 @@ from pathlib import Path
 _FRAME = struct.Struct(">II")  # payload length (kind byte included), crc32 of kind + payload
 RECORDS, OFFSET, ADMIN = 1, 2, 3
 JOURNAL_FILE = "journal.log"
+LOCK_FILE = "journal.lock"
+# How a broker refused for a held journal says so (the first words of its one line): the launcher
+# (``embedded.EmbeddedBroker``) recognises it in the broker's log.
+IN_USE = "journal in use:"
+
+
+class JournalInUse(RuntimeError):
+    """Another live process holds the journal's lock."""
+
+
+def lock_journal(data_dir: Path) -> int:
+    """Take the journal's lock for the life of this process (the returned descriptor is never closed):
+    an exclusive ``flock`` on ``<data_dir>/journal.lock``. Two brokers on one journal would each append
+    their own offsets and restore the other's half-written history: the second is refused, with the
+    holder's pid. The kernel drops the lock when its holder dies, however it dies, so a lock file left
+    by ``kill -9`` never blocks a restart; the file is never deleted (deleting a lock file lets two
+    processes lock two different files of one name)."""
+    path = data_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            holder = os.pread(fd, 32, 0).decode().strip() or "unknown"
+        except OSError:
+            holder = "unknown"
+        os.close(fd)
+        raise JournalInUse(
+            f"{IN_USE} {data_dir / JOURNAL_FILE} is held by another broker (pid {holder}); two brokers on one"
+            f" journal would corrupt it: stop that one first (`kill {holder}`)"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 @dataclass(frozen=True)
