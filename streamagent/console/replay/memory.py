@@ -19,8 +19,8 @@ from streamagent.events import DecisionRecorded, EntityVersion
 from streamagent.kafka import admin
 from streamagent.topics import MEMORY
 
+from .sections import Difference, Section, read_last
 from .source import whole_topic
-from .verify import Difference, Section, read_last
 
 
 class MemoryHistory:

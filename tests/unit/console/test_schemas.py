@@ -21,14 +21,12 @@ def test_each_layer_creates_only_its_own_tables(settings: Settings) -> None:
     db.migrate(settings, LEDGER)
     assert tables(settings) == {"tool_ledger"}
     db.migrate(settings, DECISION)
-    assert tables(settings) == {"tool_ledger", "decisions", "decision_progress", "decision_waits", "run_plans"}
+    decision = {"decisions", "decision_progress", "decision_waits", "run_plans", "decision_reads"}
+    assert tables(settings) == {"tool_ledger", *decision}
     db.migrate(settings, PROJECTION)
     assert tables(settings) == {
         "tool_ledger",
-        "decisions",
-        "decision_progress",
-        "decision_waits",
-        "run_plans",
+        *decision,
         "runs",
         "run_events",
         "approvals",
