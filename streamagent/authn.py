@@ -21,7 +21,7 @@ are the pipeline's trusted core and already hold the pipeline keys; everything o
 derived key that cannot be turned into another. An HMAC costs ~2 µs a record against ~50-120 µs for
 an Ed25519 verification, and every event is verified twice (fold and projection). What HMAC cannot
 give is non-repudiation against the core itself: a process holding the pipeline keys could compute an
-operator's key. That is the trade taken here (README: Trust).
+operator's key. That is the trade taken here (docs/security/trust.md).
 
 Which role may write what (``permitted``) is the second half: a valid tool key still cannot approve a
 step, answer for another tool, or end a run.

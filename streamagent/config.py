@@ -392,7 +392,7 @@ def get_settings() -> Settings:
     environ = dict(os.environ)
     unknown = unknown_variables(environ)
     if unknown:
-        raise SettingsError("; ".join(unknown) + " (README: Configuration lists every setting)")
+        raise SettingsError("; ".join(unknown) + " (docs/operations/configuration.md lists every setting)")
     return _validate(_from_env(environ))
 
 

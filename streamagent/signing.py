@@ -144,7 +144,8 @@ def read_key_set(
 
 
 def create_key_file(
-    path: Path, header: str = "command signing keys: the first signs, every one verifies (README: command signing)"
+    path: Path,
+    header: str = "command signing keys: the first signs, every one verifies (docs/security/command-signing.md)",
 ) -> bool:
     """Write one fresh random key to ``path`` (mode 0600) unless the file exists; True if written.
 

@@ -1,7 +1,7 @@
 """The quality report: runs' stored signals aggregated the way one reports on an API's reliability.
 
 Pure functions of ``queries.QualityRow`` lists, so the arithmetic is tested without a database.
-Definitions (also in the README, "Quality report"):
+Definitions (also in docs/operations/quality-report.md):
 
 - success rate: completed ÷ ended (completed + failed + escalated); running runs are not counted in it.
 - duration percentiles: over ended runs, request to end, interpolated between the closest ranks

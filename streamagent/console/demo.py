@@ -141,7 +141,7 @@ def run_demo(settings: Settings, runs: int, timeout_s: float, report: Callable[[
         requests = sample_requests(runs)
         submitted = time.monotonic()
         run_ids = produce_requests(s, requests)
-        print(f"submitted {len(run_ids)} onboarding requests to {s.topic('agent.run.events')}", flush=True)
+        print(f"submitted {len(run_ids)} onboarding requests to {s.topic('agent.run.requests')}", flush=True)
         try:
             rows = wait_for_runs(s, run_ids, timeout_s, progress=True, stuck=stack.failing)
         except NoProgress as exc:

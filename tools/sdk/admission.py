@@ -1,6 +1,6 @@
 """What a tool checks between a command's signature and its external call: is it stale, is it approved.
 
-The order, for every command (README "Governance: what a tool checks"):
+The order, for every command (docs/governance/tool-checks.md):
 
 1. signature (runner ``_decode``): ``unauthenticated``;
 2. dedupe: a command id whose ledger row is final republishes its recorded result, whatever follows;

@@ -334,7 +334,7 @@ def approval_keys_settings(settings: Settings) -> dict[str, object]:
         load_approval_keys(settings)  # named but unusable: refused here, in one line, before any child starts
         return {}
     path = settings.approval_keys_path.resolve()
-    header = "approval token keys: the first signs, every one verifies (README: Governance: what a tool checks)"
+    header = "approval token keys: the first signs, every one verifies (docs/governance/tool-checks.md)"
     if create_key_file(path, header):
         log.info("created the approval key file %s", path)
     load_approval_keys(settings)
