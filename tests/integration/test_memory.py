@@ -217,6 +217,11 @@ def test_a_contact_that_changes_while_its_mail_waits_for_approval_is_approved_an
     )
     assert "after the step's effect (kept)" in _shown(request.run_id, capsys)
     assert _emails(s, request.run_id) == ["second@held-memory.example"]
+    # Counted in the quality report, with the stale-memory refusal of the earlier test.
+    capsys.readouterr()
+    assert cli(["report", "--json"]) == 0
+    total = json.loads(capsys.readouterr().out)["total"]
+    assert (total["stale_memory"], total["memory_after_effect"]) == (1, 1)
 
 
 def _crm_decisions(s: Settings, run_id: str) -> list[dict[str, object]]:
