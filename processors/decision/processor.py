@@ -53,7 +53,7 @@ from streamagent.processors.workflow import ToolAvailability, every_tool_availab
 
 from streamagent import codec, db, tracing
 from streamagent.approval import load_approval_keys
-from streamagent.authn import DECISION, issue, tool_keys
+from streamagent.authn import DECISION, Authenticator, issue, tool_keys
 from streamagent.catalogue import Catalogue
 from streamagent.config import Settings, SettingsError, env_name
 from streamagent.dlq import DeadLetterSink
@@ -829,7 +829,7 @@ def build(settings: Settings) -> ConsumerRuntime:
     inputs = catalogue_inputs(catalogue.available)
     # Shared memory, a local table of the memory topic (followed on a background thread): reading the
     # entities a step reads is a dict lookup per entity, never a network call.
-    memory = MemoryTable(settings, "decision-memory").start()
+    memory = MemoryTable(settings, "decision-memory", Authenticator(keys)).start()
     decider = make_decider(settings, inputs.available, inputs.check, inputs.entry_of, memory.current)
     guard = GuardStage(settings, inputs.declared_approval, keys=load_approval_keys(settings))
     handler = DecisionHandler(
