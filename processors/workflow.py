@@ -167,6 +167,19 @@ class Read:
 
 
 @dataclass(frozen=True)
+class Write:
+    """A change a step's success makes to an entity: ``writes.company.key = "{request.company_domain}"``,
+    ``writes.company.set.crm_account_id = "{steps.crm.output.id}"``."""
+
+    entity: str
+    key: Template
+    fields: Arguments
+
+    def ref(self, request: OnboardingRequest, results: Results, run_id: str) -> str:
+        return entity_ref(self.entity, str(self.key.render(request, results, run_id)))
+
+
+@dataclass(frozen=True)
 class Compensation:
     tool: str
     args: Arguments
@@ -184,6 +197,8 @@ class Step:
     compensation: Compensation | None = None
     # The shared entities its arguments are built from (their versions are recorded with the decision).
     reads: tuple[Read, ...] = ()
+    # What its result tells shared memory once it succeeded (the decision processor writes it).
+    writes: tuple[Write, ...] = ()
 
     def build(
         self, request: OnboardingRequest, results: Results, run_id: str, memory: Memory = _NO_MEMORY
@@ -368,7 +383,8 @@ class _Loader:
 
     def step(self, raw: dict[str, Any], index: int, earlier: list[Step], tools: set[str]) -> Step:
         where = f"steps[{index}]."
-        self.keys(raw, where, {"name", "tool", "needs", "args", "on_failure", "compensate", "reads"}, {"name", "tool"})
+        allowed = {"name", "tool", "needs", "args", "on_failure", "compensate", "reads", "writes"}
+        self.keys(raw, where, allowed, {"name", "tool"})
         name = self.name(raw["name"], where + "name")
         if name in {s.name for s in earlier}:
             raise self.fail(where + "name", f"step {name!r} is declared twice")
@@ -398,7 +414,30 @@ class _Loader:
                 # An undo may use what its own step produced.
                 self.arguments(comp.get("args", {}), where + "compensate.args", {*needs, name}),
             )
-        return Step(name, tool, args, tuple(needs), on_failure, compensation, reads)
+        writes = self.writes(raw.get("writes", {}), where + "writes", {*needs, name})
+        return Step(name, tool, args, tuple(needs), on_failure, compensation, reads, writes)
+
+    def writes(self, raw: Any, where: str, visible: set[str]) -> tuple[Write, ...]:
+        if not isinstance(raw, dict):
+            raise self.fail(where, "must be a table: writes.<entity>.key and writes.<entity>.set.<field>")
+        out = []
+        for entity, spec in raw.items():
+            at = f"{where}.{entity}"
+            if not _NAME.match(entity):
+                raise self.fail(at, f"{entity!r}: an entity is a name of lowercase letters, digits, '-' or '_'")
+            if not isinstance(spec, dict):
+                raise self.fail(at, "must be a table with key and set")
+            self.keys(spec, at + ".", {"key", "set"}, {"key", "set"})
+            if not isinstance(spec["key"], str) or not isinstance(spec["set"], dict) or not spec["set"]:
+                raise self.fail(at, "key must be a template and set a table of field = template")
+            out.append(
+                Write(
+                    entity,
+                    self.template(spec["key"], at + ".key", visible),
+                    self.arguments(spec["set"], at + ".set", visible),
+                )
+            )
+        return tuple(out)
 
     def reads(self, raw: Any, where: str, visible: set[str]) -> tuple[Read, ...]:
         if not isinstance(raw, list) or not all(isinstance(r, str) for r in raw):

@@ -317,11 +317,16 @@ _WRITERS: dict[type[Event], str] = {
 def permitted(role: str, event: Event | MemoryWrite | EntityVersion) -> str | None:
     """None if ``role`` may write ``event``; else why not."""
     if isinstance(event, MemoryWrite | EntityVersion):
-        # A change is admitted by intake (from upstream systems and operators alike); only the memory
-        # processor, which checks versions, publishes what an entity now is.
-        wanted = INTAKE if isinstance(event, MemoryWrite) else MEMORY
-        kind = type(event).__name__
-        return None if role == wanted else f"{kind} signed as {role}: only {wanted} writes it"
+        # A change is admitted by intake (from upstream systems and operators alike) or sent by the decision
+        # processor (what a run's step found out); only the memory processor, which checks versions,
+        # publishes what an entity now is.
+        if isinstance(event, MemoryWrite):
+            return (
+                None
+                if role in (INTAKE, DECISION)
+                else f"MemoryWrite signed as {role}: only intake or decision writes it"
+            )
+        return None if role == MEMORY else f"EntityVersion signed as {role}: only memory writes it"
     if isinstance(event, ToolResult):
         wanted = tool_role(event.tool)
         return None if role == wanted else f"a result of tool {event.tool!r} signed as {role}, not {wanted}"

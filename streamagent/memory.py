@@ -2,7 +2,7 @@
 
 The memory topic (``agent.memory``, compacted) holds one ``EntityVersion`` per change of an entity, keyed
 ``<entity>/<key>``; the memory processor is its only writer. Every process that decides on memory (the
-decision processor) or must not act on stale memory (a tool, the state processor's watch) keeps a
+decision processor, whose memory watch tells runs of changes) or must not act on stale memory (a tool) keeps a
 ``MemoryTable``: an assigned consumer (no group, nothing committed) reads every partition from the start
 and keeps the last version of each key, so a read is a dict lookup, never a network call. The table
 is as current as the last fetch; ``fresh_since(t)`` waits until it holds everything the broker had
@@ -26,6 +26,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from streamagent import codec
+from streamagent.authn import Authenticator, Unauthenticated
 from streamagent.config import Settings
 from streamagent.errors import DecodeError
 from streamagent.events import EntityVersion, entity_ref, now
@@ -46,8 +47,13 @@ class MemoryTable:
     - ``start()`` / ``stop()``: then follow the topic in a daemon thread.
     """
 
-    def __init__(self, settings: Settings, name: str = "memory-table") -> None:
+    def __init__(
+        self, settings: Settings, name: str = "memory-table", authenticator: Authenticator | None = None
+    ) -> None:
         self.settings = settings
+        # With the pipeline keys (the decision and memory processors hold them), a version not signed by
+        # the memory processor is skipped; a tool holds only its own key and reads what the topic holds.
+        self.authenticator = authenticator
         self.name = name
         self.topic = settings.topic(MEMORY)
         self.rejected = 0
@@ -111,10 +117,10 @@ class MemoryTable:
                     if msg.error().code() == KafkaError._PARTITION_EOF:
                         at_end.add(msg.partition())
                     continue
-                self._apply(msg.key(), msg.value())
+                self._apply(msg.key(), msg.value(), msg.headers())
         return at_end
 
-    def _apply(self, key: bytes | None, value: bytes | None) -> None:
+    def _apply(self, key: bytes | None, value: bytes | None, headers: Any = None) -> None:
         if value is None:  # a tombstone: the entity is gone
             if key is not None:
                 ref = key.decode(errors="replace")
@@ -131,6 +137,13 @@ class MemoryTable:
         if not isinstance(version, EntityVersion):
             self.rejected += 1
             return
+        if self.authenticator is not None:
+            try:
+                self.authenticator.verify(version, value, headers)
+            except Unauthenticated as exc:
+                self.rejected += 1
+                log.warning("unauthenticated memory record skipped: %s", exc, extra={"entity": version.ref})
+                return
         # A deletion is kept as the key's last version (readers see no entity), so versions never go back.
         self._entities[version.ref] = version
         self._changes[version.ref] = version.as_of

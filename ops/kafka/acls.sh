@@ -26,14 +26,27 @@ allow() {  # allow PRINCIPAL OPERATION RESOURCE-FLAGS...
 topic() { echo --topic "$PREFIX$1"; }
 group() { echo --group "${PREFIX}streamagent.$1"; }  # Settings.group: <prefix>streamagent.<name>
 
-# Upstream systems (CRMs, signup forms, webhook relays): the intake topic, nothing else.
+# Upstream systems (CRMs, signup forms, webhook relays): the intake topics, nothing else (requests, and
+# changes of shared memory).
 allow "User:upstream" Write $(topic agent.run.requests)
 allow "User:upstream" Describe $(topic agent.run.requests)
+allow "User:upstream" Write $(topic agent.memory.requests)
+allow "User:upstream" Describe $(topic agent.memory.requests)
 
-# Intake: reads requests, appends signed RunRequested events to the run log.
+# Intake: reads requests, appends signed RunRequested events to the run log and admitted memory writes
+# to the memory processor's topic.
 allow "User:intake" Read $(topic agent.run.requests)
+allow "User:intake" Read $(topic agent.memory.requests)
 allow "User:intake" Read $(group intake)
 allow "User:intake" Write $(topic agent.run.events)
+allow "User:intake" Write $(topic agent.memory.writes)
+
+# Memory processor: the one writer of each entity: reads admitted writes, publishes entity versions (it
+# reads its own topic back, from the start, for its table).
+allow "User:memory" Read $(topic agent.memory.writes)
+allow "User:memory" Read $(group memory)
+allow "User:memory" Read $(topic agent.memory)
+allow "User:memory" Write $(topic agent.memory)
 
 # State processor: folds the run log and the results; writes snapshots, its timer events, its changelog.
 allow "User:state" Read $(topic agent.run.events)
@@ -50,11 +63,15 @@ allow "User:decision" Read $(group decision)
 allow "User:decision" Read $(group catalogue)
 allow "User:decision" Write $(topic agent.run.events)
 allow "User:decision" Write --topic "${PREFIX}agent.tool.commands." --resource-pattern-type prefixed
+# Shared memory: its table of agent.memory (the memory watch), and what succeeded steps write.
+allow "User:decision" Read $(topic agent.memory)
+allow "User:decision" Write $(topic agent.memory.writes)
 
 # Projection: reads the run log, the results and the commands (audit); writes only dead letters.
 allow "User:projection" Read $(topic agent.run.events)
 allow "User:projection" Read $(topic agent.tool.results)
 allow "User:projection" Read --topic "${PREFIX}agent.tool.commands." --resource-pattern-type prefixed
+allow "User:projection" Read $(topic agent.memory)
 allow "User:projection" Read $(group projection)
 
 # Each tool: its own command topic and group; writes results and its registry announcements.
@@ -63,13 +80,14 @@ for tool in $TOOLS; do
     allow "User:tool-$tool" Read $(group "tool.$tool")
     allow "User:tool-$tool" Write $(topic agent.tool.results)
     allow "User:tool-$tool" Write $(topic agent.tools.registry)
+    allow "User:tool-$tool" Read $(topic agent.memory)  # the staleness check before a call
 done
 
 # Operators (approve, deny): the run log only; the event is refused unless it carries an operator key.
 allow "User:operator" Write $(topic agent.run.events)
 
 # Every component may dead-letter what it cannot process; operators read and replay dead letters.
-for principal in intake state decision projection operator $(for t in $TOOLS; do echo "tool-$t"; done); do
+for principal in intake memory state decision projection operator $(for t in $TOOLS; do echo "tool-$t"; done); do
     allow "User:$principal" Write $(topic agent.dlq)
 done
 allow "User:operator" Read $(topic agent.dlq)

@@ -80,6 +80,8 @@ class MemoryWatch:
             version = 0 if now is None or now.deleted else now.version
             if version == read:
                 continue  # changed and changed back, or a notice of a version the decision had already read
+            if now is not None and now.writer.startswith(f"run:{run_id}/"):
+                continue  # the run's own step wrote it (memory_writes): news to others, not to this run
             notice = MemoryChanged(
                 event_id=stable_id(run_id, "memory-changed", decision_id, ref, str(version)),
                 run_id=run_id,

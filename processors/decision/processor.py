@@ -44,6 +44,7 @@ from streamagent.processors.decision.choice import ChosenDecider, EntryOf
 from streamagent.processors.decision.decider import Decider, Decision
 from streamagent.processors.decision.gating import catalogue_inputs, decide
 from streamagent.processors.decision.memory_watch import MemoryWatch
+from streamagent.processors.decision.memory_writes import MemoryWriter
 from streamagent.processors.decision.schema import SCHEMA
 from streamagent.processors.decision.woken import after_wait
 from streamagent.processors.guard.judge import Verdict
@@ -52,7 +53,7 @@ from streamagent.processors.workflow import ToolAvailability, every_tool_availab
 
 from streamagent import codec, db, tracing
 from streamagent.approval import load_approval_keys
-from streamagent.authn import DECISION, issue, tool_keys
+from streamagent.authn import DECISION, Authenticator, issue, tool_keys
 from streamagent.catalogue import Catalogue
 from streamagent.config import Settings, SettingsError, env_name
 from streamagent.dlq import DeadLetterSink
@@ -77,7 +78,7 @@ from streamagent.metrics import DECISIONS, RESENT_COMMANDS, decision_recorded
 from streamagent.policy import load_policy
 from streamagent.runtime import Batch, ConsumerRuntime, Incoming, Unprocessable
 from streamagent.signing import CommandKeys, load_keys, sign, verify, verify_snapshot_bytes
-from streamagent.topics import RUN_EVENTS, RUN_STATE, command_topic
+from streamagent.topics import MEMORY_WRITES, RUN_EVENTS, RUN_STATE, command_topic
 
 log = logging.getLogger(__name__)
 PROCESSOR = "decision"
@@ -245,6 +246,8 @@ class DecisionHandler:
         self.concurrency = max(1, int(getattr(decider, "concurrency", 1)))
         self.recall_first = bool(getattr(decider, "costly", False))
         self._lock = threading.Lock()
+        # Sends the memory writes of succeeded steps (None: the workflows write nothing, or a test).
+        self.memory_writer: MemoryWriter | None = None
 
     @property
     def conn(self) -> Any:
@@ -296,6 +299,9 @@ class DecisionHandler:
         emissions += self._store(new)
         self._undo = {}  # stored: memory and table agree from here on
         self._emit(emissions, resends)
+        if self.memory_writer is not None:  # what succeeded steps tell shared memory (verified snapshots only)
+            shown = [item.event for item in batch if isinstance(item.event, StateSnapshot)]
+            self.memory_writer.after(self.conn, shown)
 
     # -- per snapshot ----------------------------------------------------------------------------
     def _run(
@@ -823,7 +829,7 @@ def build(settings: Settings) -> ConsumerRuntime:
     inputs = catalogue_inputs(catalogue.available)
     # Shared memory, a local table of the memory topic (followed on a background thread): reading the
     # entities a step reads is a dict lookup per entity, never a network call.
-    memory = MemoryTable(settings, "decision-memory").start()
+    memory = MemoryTable(settings, "decision-memory", Authenticator(keys)).start()
     decider = make_decider(settings, inputs.available, inputs.check, inputs.entry_of, memory.current)
     guard = GuardStage(settings, inputs.declared_approval, keys=load_approval_keys(settings))
     handler = DecisionHandler(
@@ -833,6 +839,9 @@ def build(settings: Settings) -> ConsumerRuntime:
     state_topic = settings.topic(RUN_STATE)
 
     watch = MemoryWatch(memory, runtime.producer, handler.signer, settings.topic(RUN_EVENTS))
+    workflows = load_workflows(settings.workflows_dir)
+    if any(step.writes for w in workflows.values() for step in w.steps):
+        handler.memory_writer = MemoryWriter(workflows, runtime.producer, handler.signer, settings.topic(MEMORY_WRITES))
 
     def tick() -> None:
         # The assignment first: a restarted instance, or one given another's partitions, learns from

@@ -88,7 +88,7 @@ class MemoryHandler:
 
 def build(settings: Settings) -> ConsumerRuntime:
     pipeline = load_keys(settings)  # it verifies intake's writes and signs as memory: the trusted core
-    table = MemoryTable(settings, "memory-writer").start()
+    table = MemoryTable(settings, "memory-writer", Authenticator(pipeline)).start()
     runtime = ConsumerRuntime(settings, PROCESSOR, [settings.topic(MEMORY_WRITES)], lambda _: None)
     runtime.handler = MemoryHandler(settings, table, Authenticator(pipeline), issue(pipeline, MEMORY), runtime.producer)
     return runtime

@@ -218,6 +218,14 @@ WITH ended AS (
             '{{}}'
         ) AS waits
     FROM approvals a JOIN ended USING (run_id) GROUP BY a.run_id
+), remembered AS (
+    SELECT e.run_id,
+        count(DISTINCT e.event_id) FILTER (
+            WHERE e.type = 'ToolResult' AND e.payload->>'error_kind' = 'stale-memory'
+        ) AS stale_memory,
+        count(DISTINCT e.event_id) FILTER (WHERE e.type = 'MemoryChanged' AND e.summary LIKE '%%(kept)')
+            AS memory_after_effect
+    FROM run_events e JOIN ended USING (run_id) WHERE e.type IN ('ToolResult', 'MemoryChanged') GROUP BY e.run_id
 )
 UPDATE runs SET
     decisions = coalesce(decided.decisions, 0),
@@ -227,9 +235,12 @@ UPDATE runs SET
     retries = coalesce(results.retries, 0),
     approvals = coalesce(asked.approvals, 0),
     approval_waits_s = coalesce(asked.waits, '{{}}'),
+    stale_memory = coalesce(remembered.stale_memory, 0),
+    memory_after_effect = coalesce(remembered.memory_after_effect, 0),
     duration_s = extract(epoch FROM runs.ended_at - runs.created_at)::float8,
     quality_counted = true
 FROM ended LEFT JOIN decided USING (run_id) LEFT JOIN results USING (run_id) LEFT JOIN asked USING (run_id)
+    LEFT JOIN remembered USING (run_id)
 WHERE runs.run_id = ended.run_id
 RETURNING ended.quality_counted, ended.tool_calls, ended.retries, ended.guard_refusals, ended.approvals,
     ended.waits, {", ".join("runs." + c for c in QUALITY_COLUMNS.split(", "))}

@@ -208,6 +208,8 @@ class QualityRow(BaseModel):
     guard_refusals: int = 0
     approvals: int = 0
     approval_waits_s: list[float] = []
+    stale_memory: int = 0
+    memory_after_effect: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = 0.0

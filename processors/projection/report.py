@@ -93,6 +93,10 @@ class Figures(BaseModel):
     approvals: int
     approval_wait_p50_s: float | None
     approval_wait_p95_s: float | None
+    # Shared memory: commands not executed because what they were decided on changed (decided again), and
+    # changes that arrived after a step's effect (the effect kept, the change recorded).
+    stale_memory: int = 0
+    memory_after_effect: int = 0
 
 
 class Report(BaseModel):
@@ -138,6 +142,8 @@ def figures(rows: Iterable[QualityRow]) -> Figures:
         approvals=sum(r.approvals for r in ended),
         approval_wait_p50_s=percentile(waits, 50),
         approval_wait_p95_s=percentile(waits, 95),
+        stale_memory=sum(r.stale_memory for r in ended),
+        memory_after_effect=sum(r.memory_after_effect for r in ended),
     )
 
 

@@ -92,6 +92,9 @@ SCHEMA = Schema(
         # delivered again does not count it twice (a replay into an empty database does, once).
         "ALTER TABLE runs ADD COLUMN IF NOT EXISTS quality_counted boolean NOT NULL DEFAULT false",
         "CREATE INDEX IF NOT EXISTS runs_created_at ON runs (created_at)",
+        # Quality signals of shared memory: commands refused as stale-memory, changes after an effect.
+        "ALTER TABLE runs ADD COLUMN IF NOT EXISTS stale_memory int NOT NULL DEFAULT 0",
+        "ALTER TABLE runs ADD COLUMN IF NOT EXISTS memory_after_effect int NOT NULL DEFAULT 0",
         # Shared memory: every version of every entity, as the memory processor published it
         # (`streamagent memory get` reads the last, `memory history` all of them).
         """

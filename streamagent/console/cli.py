@@ -968,7 +968,7 @@ def build_parser() -> argparse.ArgumentParser:
         reader = memory_actions.add_parser(name, help=help_, description=help_[0].upper() + help_[1:] + ".")
         reader.add_argument("entity", help="the kind of fact, e.g. contact")
         reader.add_argument("key", help="the entity's key, e.g. acme.io")
-        reader.add_argument("--json", action="store_true", help="one JSON object per version")
+        reader.add_argument("--json", action="store_true", help="JSON: one object per version printed")
     approvals = add("approvals", cmd_approvals, "List approval requests the guard holds runs for")
     approvals.add_argument("--all", action="store_true", help="answered and expired requests too")
     approvals.add_argument("--run", type=non_empty, help="only this run's requests")

@@ -128,7 +128,7 @@ def run_demo(settings: Settings, runs: int, timeout_s: float, report: Callable[[
     from streamagent.console.tables import print_runs_table, steps_per_workflow
 
     print(
-        "starting the embedded stack (Kafka broker, PostgreSQL, SaaS sandbox, 3 processors,"
+        "starting the embedded stack (Kafka broker, PostgreSQL, SaaS sandbox, 5 processors,"
         f" tools: {', '.join(stack_tools(settings))})…",
         flush=True,
     )

@@ -120,7 +120,7 @@ def wait_for(settings: Settings, write: MemoryWrite, timeout_s: float) -> dict[s
         if time.monotonic() > deadline:
             raise CliError(
                 f"{write.ref}: no version for write {write.write_id} within {timeout_s:g}s"
-                " (are the intake, memory and projection processors running? `streamagent status`)"
+                " (are the intake, memory and projection processors running? see `up`'s terminal and its logs)"
             )
         time.sleep(0.1)  # polling the database, not synchronising a test
 

@@ -89,6 +89,8 @@ def render(report: Report) -> str:
         f"ended runs: {t.decisions} decisions, {t.tool_calls} tool calls ({t.excess_tool_calls} beyond the"
         f" workflows' {t.min_tool_calls} steps), {t.tool_attempts} attempts ({t.retries} retries),"
         f" {tokens} tokens, {_usd(t.cost_usd)} in total; duration max {_seconds(t.duration_max_s)}",
+        f"shared memory: {t.stale_memory} command(s) decided again because what they read changed before"
+        f" the call; {t.memory_after_effect} change(s) arrived after a step's effect (kept, recorded)",
     ]
     if report.failure_reasons:
         lines += ["", "Top failure reasons:"]

@@ -16,9 +16,11 @@ from helpers import ended, eventually
 from streamagent.tools.sandbox import SandboxClient
 
 from streamagent.config import Settings, get_settings, to_env
+from streamagent.console import memory
 from streamagent.console.cli import main as cli
 from streamagent.console.demo import sample_requests
 from streamagent.console.devstack.stack import Stack
+from streamagent.dlq_ops import read_dead_letters
 from streamagent.events import RunRequested
 from streamagent.submit import produce_requests
 
@@ -42,7 +44,9 @@ reason = "mail to held-memory.example needs a person"
 def stack(module_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     policies = tmp_path_factory.mktemp("policies")
     (policies / "approvals.toml").write_text(HOLD_POLICY)
-    with Stack(module_settings.model_copy(update={"policies_dir": policies})) as running:
+    # The CRM too: the onboarding-with-crm runs share the company's account id through memory.
+    shared = module_settings.model_copy(update={"policies_dir": policies, "stack_tools": "enrich,jira,email,slack,crm"})
+    with Stack(shared) as running:
         yield running
 
 
@@ -213,6 +217,69 @@ def test_a_contact_that_changes_while_its_mail_waits_for_approval_is_approved_an
     )
     assert "after the step's effect (kept)" in _shown(request.run_id, capsys)
     assert _emails(s, request.run_id) == ["second@held-memory.example"]
+    # Counted in the quality report, with the stale-memory refusal of the earlier test.
+    capsys.readouterr()
+    assert cli(["report", "--json"]) == 0
+    total = json.loads(capsys.readouterr().out)["total"]
+    assert (total["stale_memory"], total["memory_after_effect"]) == (1, 1)
+
+
+def _crm_decisions(s: Settings, run_id: str) -> list[dict[str, object]]:
+    with psycopg.connect(s.database_url) as conn:
+        rows = conn.execute(
+            "SELECT payload FROM run_events WHERE run_id=%s AND type='DecisionRecorded' AND step='crm'"
+            " AND payload->>'action'='dispatch' ORDER BY kafka_offset",
+            (run_id,),
+        ).fetchall()
+    return [r[0] for r in rows]
+
+
+def test_runs_for_one_company_share_its_crm_account_and_cannot_overwrite_each_other(
+    stack: Stack, s: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first, second = (
+        _request("memory-five.io", f"{who}@memory-five.io").model_copy(update={"workflow": "onboarding-with-crm"})
+        for who in ("a", "b")
+    )
+    crm = stack.children["tool-crm"].pid
+    assert crm is not None
+    os.kill(crm, signal.SIGSTOP)  # both runs decide their CRM step before either is done: both read "none"
+    try:
+        produce_requests(s, [first, second])
+        for run in (first, second):
+            eventually(lambda run=run: _crm_decisions(s, run.run_id) or None, timeout=60, what="crm dispatched")
+    finally:
+        os.kill(crm, signal.SIGCONT)
+    rows = eventually(lambda: ended(s, [first.run_id, second.run_id]), timeout=90, what="both runs ended")
+    assert {r.status for r in rows} == {"completed"}
+    assert all(_crm_decisions(s, r.run_id)[0]["memory"] == {"company/memory-five.io": 0} for r in (first, second))
+    # One write won (v1); the other, based on the same "none", was refused by the version check, not
+    # applied over it: it waits in the dead letters with both versions named.
+    capsys.readouterr()
+    assert cli(["memory", "history", "company", "memory-five.io", "--json"]) == 0
+    history = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [h["version"] for h in history] == [1]
+    winner = history[0]["writer"]
+    assert winner in (f"run:{first.run_id}/crm", f"run:{second.run_id}/crm") and history[0]["fields"]["crm_account_id"]
+    refused = [
+        letter for letter in read_dead_letters(s, reason="version-conflict") if "company/memory-five.io" in letter.error
+    ]
+    assert len(refused) == 1 and "expected v0, memory has v1" in refused[0].error
+    # A later run for the company reads the account id the first one created, and writes on v1.
+    third = _request("memory-five.io", "c@memory-five.io").model_copy(update={"workflow": "onboarding-with-crm"})
+    produce_requests(s, [third])
+    (row,) = eventually(lambda: ended(s, [third.run_id]), timeout=90, what="the third run ended")
+    assert row.status == "completed"
+    (decided,) = _crm_decisions(s, third.run_id)
+    assert decided["memory"] == {"company/memory-five.io": 1}
+    seen = decided["context"]["memory"]["company/memory-five.io"]["fields"]
+    assert seen["crm_account_id"] == history[0]["fields"]["crm_account_id"]
+    latest = eventually(
+        lambda: (found := memory.latest(s, "company", "memory-five.io")) and found["version"] == 2 and found,
+        timeout=30,
+        what="the third run's write applied on v1",
+    )
+    assert latest["writer"] == f"run:{third.run_id}/crm"
 
 
 def test_replay_re_decides_with_the_memory_each_decision_read(s: Settings, capsys: pytest.CaptureFixture[str]) -> None:
@@ -234,4 +301,4 @@ def test_replay_rebuilds_the_memory_table_from_the_admitted_writes(
     assert cli(["replay"]) == 0, capsys.readouterr().out
     out = capsys.readouterr().out
     (line,) = [x for x in out.splitlines() if x.strip().startswith("memory ")]
-    assert line.split()[1:3] == ["4", "same"], out  # memory-one, -two (deleted), -three, -four
+    assert line.split()[1:3] == ["5", "same"], out  # contacts memory-one, -two (deleted), -three, -four; a company

@@ -97,7 +97,7 @@ class BulkProjection(ProjectionHandler):
             counted, costed, touched = sorted(self.counted), sorted(self.costed), sorted(self.touched)
             for i in range(0, max(len(counted), len(costed)), RECOUNT_CHUNK):
                 super()._recount(cur, counted[i : i + RECOUNT_CHUNK], costed[i : i + RECOUNT_CHUNK])
+            if self.memory_changes:  # as live, once every result is in the table (and before the counts)
+                cur.execute(AFTER_EFFECT_SQL, (self.memory_changes,))
             for i in range(0, len(touched), RECOUNT_CHUNK):
                 self.recompute_quality(cur, touched[i : i + RECOUNT_CHUNK])
-            if self.memory_changes:  # as live, once every result is in the table
-                cur.execute(AFTER_EFFECT_SQL, (self.memory_changes,))
