@@ -6,8 +6,8 @@ from typing import Any
 
 from streamagent.processors.decision.arguments import ArgumentCheck, no_check
 from streamagent.processors.decision.decider import Decision, context_of
+from streamagent.processors.decision.reads import read
 from streamagent.processors.workflow import (
-    Step,
     ToolAvailability,
     UnknownWorkflow,
     Workflow,
@@ -81,8 +81,10 @@ class RulesDecider:
                 return Decision(
                     DecisionAction.wait, waiting_for(step.tool), step=step.name, tool=step.tool, context=context
                 )
-            seen, facts = self._read(step, snapshot, results, context)
-            arguments = step.build(snapshot.request, results, snapshot.run_id, facts)
+            memory = read(step, snapshot, results, self.memory)
+            if memory.shown:
+                context["memory"] = memory.shown
+            arguments = step.build(snapshot.request, results, snapshot.run_id, memory.facts)
             mismatch = self.check(step.tool, arguments)
             if mismatch is not None:
                 return Decision(
@@ -99,30 +101,9 @@ class RulesDecider:
                 tool=step.tool,
                 arguments=arguments,
                 context=context,
-                memory=seen,
+                memory=memory.versions,
             )
         return Decision(DecisionAction.complete, "every step succeeded", context=context)
-
-    def _read(
-        self, step: Step, snapshot: StateSnapshot, results: dict[str, dict[str, Any]], context: dict[str, Any]
-    ) -> tuple[dict[str, int], dict[str, dict[str, Any]]]:
-        """The entities ``step`` reads, as they are now: their versions (recorded with the decision and the
-        command) and their fields (for the arguments); the prepared context shows both."""
-        if not step.reads:
-            return {}, {}
-        seen: dict[str, int] = {}
-        facts: dict[str, dict[str, Any]] = {}
-        shown: dict[str, Any] = {}
-        for entity, ref in step.read_refs(snapshot.request, results, snapshot.run_id).items():
-            found = self.memory(ref)
-            seen[ref] = found.version if found is not None else 0
-            if found is not None:
-                facts[entity] = dict(found.fields)
-                shown[ref] = {"version": found.version, "as_of": found.as_of.isoformat(), "fields": found.fields}
-            else:
-                shown[ref] = {"version": 0, "fields": None}
-        context["memory"] = shown
-        return seen, facts
 
     def _compensation(self, workflow: Workflow, snapshot: StateSnapshot, context: dict[str, Any]) -> Decision | None:
         """Undo, last step first, what an abandoned run (failed, escalated, denied, past its deadline) created."""

@@ -19,9 +19,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from streamagent.processors.decision.reads import read
 from streamagent.processors.workflow import Workflow
 
 from streamagent.events import StateSnapshot, StepStatus
+from streamagent.memory import MemoryReader, no_memory
 
 CHARS_PER_TOKEN = 4
 MIN_KEPT = 80  # characters of a result kept at least, so the model still sees what it was
@@ -43,6 +45,8 @@ class Prepared:
     messages: list[dict[str, Any]]
     estimated_tokens: int
     truncated: dict[str, int]  # step -> characters cut from its result
+    # step -> the memory versions its prepared arguments were built from (recorded if the model runs it)
+    memory: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 def estimate_tokens(text: str) -> int:
@@ -84,9 +88,15 @@ def system_message(workflow: Workflow, offered: Sequence[OfferedTool]) -> str:
 
 
 def remaining_steps(
-    snapshot: StateSnapshot, workflow: Workflow, offered: Sequence[OfferedTool]
+    snapshot: StateSnapshot,
+    workflow: Workflow,
+    offered: Sequence[OfferedTool],
+    memory: MemoryReader = no_memory,
+    versions: dict[str, dict[str, int]] | None = None,
 ) -> list[dict[str, Any]]:
-    """The steps not yet succeeded, in order; a ready one (its needs done) carries its prepared arguments."""
+    """The steps not yet succeeded, in order; a ready one (its needs done) carries its prepared arguments,
+    built from shared memory as it is now for a step that reads it (the entities shown beside them, and
+    their versions put in ``versions``)."""
     results = snapshot.results()
     names = {t.name for t in offered}
     out = []
@@ -105,7 +115,12 @@ def remaining_steps(
         }
         if ready:
             try:
-                item["arguments"] = step.build(snapshot.request, results, snapshot.run_id)
+                facts = read(step, snapshot, results, memory)
+                if facts.shown:
+                    item["memory"] = facts.shown
+                    if versions is not None:
+                        versions[step.name] = facts.versions
+                item["arguments"] = step.build(snapshot.request, results, snapshot.run_id, facts.facts)
             except KeyError as exc:  # an output the template names is missing: say so, let the model judge
                 item["arguments_missing"] = str(exc)
         out.append(item)
@@ -145,6 +160,7 @@ def build_messages(
     budget_tokens: int,
     plan: str | None = None,
     plan_missing: str | None = None,
+    memory: MemoryReader = no_memory,
 ) -> Prepared:
     """The messages for ``snapshot``, trimmed to ``budget_tokens`` by the rule in the module docstring.
 
@@ -155,7 +171,8 @@ def build_messages(
         plan = snapshot.plan.plan
         plan_missing = None if plan is not None else snapshot.plan.error or "the planner failed"
     system = {"role": "system", "content": system_message(workflow, offered) + plan_section(plan, plan_missing)}
-    remaining = remaining_steps(snapshot, workflow, offered)
+    versions: dict[str, dict[str, int]] = {}
+    remaining = remaining_steps(snapshot, workflow, offered, memory, versions)
     done = {s.name: _dump(s.output) for s in snapshot.steps if s.status is StepStatus.succeeded}
     shown = dict(done)
 
@@ -172,7 +189,7 @@ def build_messages(
         shown = {s: _cut(t, level) for s, t in done.items()}
         current = messages()
     truncated = {s: len(t) - level for s, t in done.items() if shown[s] != t}
-    return Prepared(current, message_tokens(current), truncated)
+    return Prepared(current, message_tokens(current), truncated, versions)
 
 
 def _cut(text: str, level: int) -> str:

@@ -74,6 +74,7 @@ class LlmDecider:
         self.client = client or ModelClient(settings, decider=self.name)
         # The rules decide what the workflow decides (failures, the end, the fallback), from shared memory too.
         self.rules = RulesDecider(workflows, available, check, memory)
+        self.memory = memory
         self.budget = settings.model_context_tokens
         self.prices = parse_prices(settings.model_prices)
         self.settings = settings
@@ -160,8 +161,10 @@ class LlmDecider:
             budget_tokens=self.budget,
             plan=plan.plan if plan is not None else None,
             plan_missing=missing,
+            memory=self.memory,
         )
         audit.truncated = prepared.truncated
+        audit.memory = prepared.memory
         return list(prepared.messages)
 
     def _estimate(self, messages: list[dict[str, Any]], extra_tokens: int = 0) -> Spending:
@@ -226,6 +229,8 @@ class LlmDecider:
             audit.add(messages, completion)
             try:
                 decision = judge(parse(completion.message), snapshot, workflow, names, self.check, {})
+                if decision.step in audit.memory:  # the versions its prepared arguments showed the model
+                    decision = replace(decision, memory=audit.memory[decision.step])
             except Refused as exc:
                 audit.refused.append(str(exc))
                 if turn == 2:
@@ -287,6 +292,7 @@ class _Audit:
 
     def __init__(self, model: str, style: str, truncated: dict[str, int]) -> None:
         self.model, self.style, self.truncated = model, style, truncated
+        self.memory: dict[str, dict[str, int]] = {}  # step -> memory versions the prompt showed
         self.answers: list[dict[str, Any]] = []
         self.refused: list[str] = []
         self.attempts = 0

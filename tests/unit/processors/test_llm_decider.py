@@ -302,3 +302,42 @@ def test_a_batch_decides_its_runs_at_once_and_redelivered_costs_no_call(settings
     first(_batch(snapshots))  # redelivered: answered from memory
     handler()(_batch(snapshots))  # after a restart: answered from the table
     assert model.calls == 8
+
+
+def test_the_model_is_shown_the_contact_memory_holds_and_its_decision_records_that_version(model: FakeModel) -> None:
+    """Memory reaches the model as code prepared it: the email step's arguments are built from the contact
+    memory holds, the entity is shown beside them, and the dispatch records the version the prompt showed."""
+    from datetime import UTC, datetime
+
+    from streamagent.events import EntityVersion
+
+    contact = EntityVersion(
+        entity="contact",
+        key=DOMAIN,
+        version=4,
+        fields={"email": "grace@" + DOMAIN, "name": "Grace"},
+        as_of=datetime(2026, 12, 6, tzinfo=UTC),
+        writer="crm",
+        write_id="w-4",
+    )
+    run = Run()
+    run.dispatch("enrich", {"domain": DOMAIN})
+    run.result("enrich", {"industry": "robotics", "employees": 120})
+    run.dispatch("jira", {"key": "ACME1"})
+    run.result("jira", {"id": "10001", "key": "ACME1"})
+    chosen = LlmDecider(
+        llm_settings(model.url),
+        {ONBOARDING.name: ONBOARDING},
+        lambda _t: True,
+        catalogue_check(ENTRIES.get),
+        ENTRIES.get,
+        memory=lambda ref: contact if ref == f"contact/{DOMAIN}" else None,
+    )
+    model.script(Answer.call("email", {"to": "grace@" + DOMAIN, "subject": "Welcome", "body": "Hello Grace"}))
+    decision = chosen.decide(run.snap)
+    assert decision is not None and decision.step == "email"
+    assert decision.memory == {f"contact/{DOMAIN}": 4}
+    prompt = model.requests[0].messages[-1]["content"]
+    remaining = json.loads(prompt.split("Remaining steps, in order (JSON):\n", 1)[1].split("\nDecide", 1)[0])
+    (email,) = [s for s in remaining if s["step"] == "email"]
+    assert email["arguments"]["to"] == "grace@" + DOMAIN and email["memory"][f"contact/{DOMAIN}"]["version"] == 4
