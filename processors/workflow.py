@@ -169,7 +169,7 @@ class Read:
 @dataclass(frozen=True)
 class Write:
     """A change a step's success makes to an entity: ``writes.company.key = "{request.company_domain}"``,
-    ``writes.company.set.crm_account_id = "{steps.crm.output.id}"``."""
+    ``writes.company.set.account_id = "{steps.accounts.output.id}"``."""
 
     entity: str
     key: Template

@@ -1,7 +1,7 @@
 """What a run tells shared memory: a step that succeeded writes the entities its workflow says it writes.
 
-``writes.company.key = "{request.company_domain}"`` with ``writes.company.set.crm_account_id =
-"{steps.crm.output.id}"`` makes the CRM account id the first run created visible to every later run for
+``writes.company.key = "{request.company_domain}"`` with ``writes.company.set.account_id =
+"{steps.accounts.output.id}"`` makes the account id the first run created visible to every later run for
 that company. The decision processor, which sees every snapshot, sends the write once it sees the step
 succeeded: to ``agent.memory.writes``, keyed by the entity, signed as the decision processor, to the
 memory processor that is the entity's one writer.

@@ -425,7 +425,9 @@ class ProjectionHandler:
         if requested:
             cur.executemany(
                 "UPDATE runs SET company_name=%s, company_domain=%s, contact_email=%s, requested_by=%s, workflow=%s,"
-                " workflow_steps=%s, created_at=LEAST(created_at, %s) WHERE run_id=%s",
+                # A run was created when it was requested (the upstream's time): the list orders runs so,
+                # whatever events of the run were projected first.
+                " workflow_steps=%s, created_at=%s WHERE run_id=%s",
                 [
                     (
                         e.company_name,
