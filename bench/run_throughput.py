@@ -169,7 +169,10 @@ def topic_fill(settings: Settings, timeout_s: float = 60.0) -> tuple[list[TopicF
         }
     )
     metadata = consumer.list_topics(timeout=10)
-    partitions = [TopicPartition(t, p, 0) for t in topics for p in metadata.topics[t].partitions]
+    # A sandbox API without a deployed tool (crm) has no command topic: nothing to count there.
+    partitions = [
+        TopicPartition(t, p, 0) for t in topics if t in metadata.topics for p in metadata.topics[t].partitions
+    ]
     consumer.assign(partitions)
     counts: Counter[tuple[str, int]] = Counter({(tp.topic, tp.partition): 0 for tp in partitions})
     pending = set(counts)

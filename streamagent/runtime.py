@@ -140,7 +140,7 @@ class ConsumerRuntime:
         log.info("consuming", extra={"processor": self.name, "topics": self.topics})
         try:
             while not self.stop_event.is_set():
-                messages = consumer.consume(self.batch_size, timeout=0.2)
+                messages = self._next_batch(consumer)
                 if messages:
                     self.process(messages)
                 if self.tick is not None and not self.stop_event.is_set():
@@ -149,6 +149,20 @@ class ConsumerRuntime:
             self.producer.flush(10)
             consumer.close()
             log.info("stopped", extra={"processor": self.name})
+
+    def _next_batch(self, consumer: Consumer) -> list[Message]:
+        """What has arrived, up to a batch; if nothing has, wait up to 0.2 s for the first message only.
+
+        ``consume(n, timeout)`` returns early only once ``n`` messages are there: asked for a batch, it
+        held a lone message for the whole timeout (measured: 200 ms on every hop of a run under light
+        load). Under load the local queue holds whole batches and this returns them at once."""
+        messages = consumer.consume(self.batch_size, timeout=0)
+        if messages:
+            return messages
+        first = consumer.poll(0.2)
+        if first is None:
+            return []
+        return [first, *consumer.consume(self.batch_size - 1, timeout=0)] if self.batch_size > 1 else [first]
 
     def stop(self) -> None:
         self.stop_event.set()
