@@ -159,3 +159,25 @@ def group_offsets(
     request = [ConsumerGroupTopicPartitions(group, [TopicPartition(t, p) for t, p in partitions])]
     result = client.list_consumer_group_offsets(request, request_timeout=timeout_s)[group].result(timeout_s)
     return {(tp.topic, tp.partition): tp.offset for tp in result.topic_partitions or []}
+
+
+def table_reader(settings: Settings, topic: str, name: str) -> tuple[Consumer, set[int]]:
+    """A consumer assigned every partition of ``topic`` from its first offset, for a process that folds
+    the whole topic into a table of its own (the tool catalogue, the memory table): no group is joined and
+    nothing is committed; partition EOF events say when each partition has been read to its end (not
+    ListOffsets, which is wrong on the embedded broker)."""
+    consumer = Consumer(
+        {
+            **client_config(settings),
+            "group.id": settings.group(name),  # required by the client; never joined
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+            "fetch.wait.max.ms": settings.fetch_wait_ms,
+            "auto.offset.reset": "earliest",
+        }
+    )
+    metadata = consumer.list_topics(topic, timeout=10)
+    found = metadata.topics.get(topic)
+    partitions = sorted(found.partitions) if found is not None and found.error is None else []
+    consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
+    return consumer, set(partitions)

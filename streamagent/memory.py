@@ -23,14 +23,14 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, TopicPartition
+from confluent_kafka import Consumer, KafkaError
 
 from streamagent import codec
 from streamagent.authn import Authenticator, Unauthenticated
 from streamagent.config import Settings
 from streamagent.errors import DecodeError
 from streamagent.events import EntityVersion, entity_ref, now
-from streamagent.kafka import client_config
+from streamagent.kafka import table_reader
 from streamagent.topics import MEMORY
 
 log = logging.getLogger(__name__)
@@ -73,22 +73,7 @@ class MemoryTable:
     # -- feeding ---------------------------------------------------------------------------------------
     def _open(self) -> Consumer:
         if self._consumer is None:
-            consumer = Consumer(
-                {
-                    **client_config(self.settings),
-                    "group.id": self.settings.group(self.name),  # required by the client; never joined
-                    "enable.auto.commit": False,
-                    "enable.partition.eof": True,
-                    "fetch.wait.max.ms": self.settings.fetch_wait_ms,
-                    "auto.offset.reset": "earliest",
-                }
-            )
-            metadata = consumer.list_topics(self.topic, timeout=10)
-            topic = metadata.topics.get(self.topic)
-            partitions = sorted(topic.partitions) if topic is not None and topic.error is None else []
-            consumer.assign([TopicPartition(self.topic, p, 0) for p in partitions])
-            self._partitions = set(partitions)
-            self._consumer = consumer
+            self._consumer, self._partitions = table_reader(self.settings, self.topic, self.name)
         return self._consumer
 
     def load(self, timeout_s: float = 30.0) -> MemoryTable:
