@@ -91,13 +91,13 @@ class TopicBytes:
 
 
 _TABLE = re.compile(r"\b(?:INTO|UPDATE|FROM|JOIN)\s+([a-z_][a-z0-9_.]*)", re.IGNORECASE)
-_VERB = re.compile(r"^\s*(WITH\b.*?\)\s*)?(\w+)", re.IGNORECASE | re.DOTALL)
+_VERB = re.compile(r"^\s*(\w+)")
 
 
 def statement_kind(query: str) -> tuple[str, str]:
     """(verb, first table) of a normalised statement, e.g. ('INSERT', 'run_events')."""
     verb_match = _VERB.match(query)
-    verb = (verb_match.group(2) if verb_match else "?").upper()
+    verb = (verb_match.group(1) if verb_match else "?").upper()  # WITH: a statement with a CTE
     table_match = _TABLE.search(query)
     return verb, table_match.group(1) if table_match else "-"
 
