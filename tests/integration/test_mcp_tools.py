@@ -207,7 +207,7 @@ def test_both_tools_used_by_a_workflow_decided_by_the_scripted_model(helpdesk: H
     asked = helpdesk.model.requests[before:]
     assert asked, "the model was never asked"
     # The model was offered the MCP tools with the server's schema as the function's parameters.
-    offered = {t["function"]["name"]: t["function"] for r in asked for t in (r.tools or [])}
+    offered = {t["function"]["name"]: t["function"] for r in asked for t in (r.body.get("tools") or [])}
     assert offered["http_create_ticket"]["parameters"]["required"] == ["subject", "customer"]
     assert "domain" in offered["http_lookup_customer"]["parameters"]["properties"]
 
@@ -259,9 +259,8 @@ def test_stdio_server_gone_makes_its_tools_unavailable_and_runs_wait_until_it_is
     desk = helpdesk
     # The stdio server is the tool process's child: kill it and keep it from starting again (the tool
     # process starts it anew on every reconnect) until the test lets it.
-    stdio = [c for c in calls(desk.record) if c["transport"] == "stdio"]
-    server = psutil.Process(int(stdio[-1]["pid"]))  # type: ignore[arg-type]
-    assert str(SERVER) in server.cmdline()  # the server the tool process started, not a reused pid
+    tool_process = psutil.Process(desk.stack.children["tool-mcp-helpdesk"].pid)
+    (server,) = [p for p in tool_process.children() if str(SERVER) in p.cmdline()]
     desk.refuse_file.write_text("down")
     try:
         server.kill()

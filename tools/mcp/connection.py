@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -40,7 +39,8 @@ def _target(config: ServerConfig) -> StdioServerParameters | str:
     return StdioServerParameters(
         command=config.command[0],
         args=config.command[1:],
-        env={**os.environ, **config.env},
+        # The SDK gives the child a few safe variables of this process's (HOME, PATH, ...) plus these.
+        env=dict(config.env) or None,
         cwd=str(config.cwd) if config.cwd is not None else None,
     )
 

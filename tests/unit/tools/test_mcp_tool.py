@@ -83,7 +83,7 @@ def test_a_missing_file_or_server_is_named(tmp_path: Path) -> None:
     with pytest.raises(mcp_config.McpConfigError, match="no MCP servers file at"):
         mcp_config.load(tmp_path / "absent.toml")
     path = write(tmp_path, '[servers.a]\ncommand = ["x"]\n[servers.a.tools.t]\n')
-    with pytest.raises(mcp_config.McpConfigError, match="no MCP server 'b' .*configures: a"):
+    with pytest.raises(mcp_config.McpConfigError, match=r"no MCP server 'b' .*configures: a"):
         mcp_config.server(path, "b")
 
 
