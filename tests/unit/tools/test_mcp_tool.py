@@ -8,6 +8,7 @@ test (tests/integration/test_mcp_tools.py) exercises for real.
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+from helpers import TEST_APPROVAL_KEYS, TEST_COMMAND_KEYS
 from mcp_server import calls
 from streamagent.tools.mcp import config as mcp_config
 from streamagent.tools.mcp.connection import ServerConnection
@@ -176,3 +178,49 @@ def test_a_server_that_is_not_connected_is_retryable_and_records_no_start(tmp_pa
         assert log.started == {} and calls(record, "create_ticket") == []
 
     asyncio.run(with_tool(tmp_path, "", body))
+
+
+CLI_MISTAKES = [
+    (["tool", "mcp"], "", "tool mcp needs --server NAME"),
+    (["tool", "mcp", "--server", "nope"], "", "no MCP servers file at"),
+    (["tool", "mcp", "--server", "b"], '[servers.a]\ncommand = ["x"]\n[servers.a.tools.t]\n', "no MCP server 'b'"),
+    (
+        ["tool", "mcp", "--server", "a", "--tool", "u"],
+        '[servers.a]\ncommand = ["x"]\n[servers.a.tools.t]\n',
+        "no tool u",
+    ),
+    (["tool", "crm", "--server", "a"], "", "options of `streamagent tool mcp`"),
+]
+
+
+@pytest.mark.parametrize(("argv", "servers", "needle"), CLI_MISTAKES, ids=[" ".join(a) for a, _s, _n in CLI_MISTAKES])
+def test_a_users_mistake_is_one_line_and_exit_2(
+    argv: list[str], servers: str, needle: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    from streamagent.config import get_settings
+    from streamagent.console import cli
+
+    for key in list(os.environ):
+        if key.startswith("STREAMAGENT_"):
+            monkeypatch.delenv(key)
+    env = {
+        "DATA_DIR": str(tmp_path / "data"),
+        "BOOTSTRAP_SERVERS": "127.0.0.1:1",  # never reached: each mistake is refused before
+        "DATABASE_URL": "postgresql://x@127.0.0.1:1/x",
+        "SANDBOX_URL": "http://127.0.0.1:1",
+        "COMMAND_KEYS": TEST_COMMAND_KEYS,
+        "APPROVAL_KEYS": TEST_APPROVAL_KEYS,
+    }
+    if servers:
+        env["MCP_CONFIG"] = str(write(tmp_path, servers))
+    for name, value in env.items():
+        monkeypatch.setenv(f"STREAMAGENT_{name}", value)
+    get_settings.cache_clear()
+    try:
+        code = cli.main(argv)
+    finally:
+        get_settings.cache_clear()
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert needle in lines[0], lines[0]
