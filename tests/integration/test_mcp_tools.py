@@ -19,21 +19,27 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import psutil
 import pytest
+from confluent_kafka import Producer
 from helpers import ended, eventually
 from mcp_server import calls
 from streamagent.processors.projection import queries
 from streamagent.tools.sandbox.model import FakeModel
 
+from streamagent import codec
 from streamagent.catalogue import Catalogue
 from streamagent.config import Settings
 from streamagent.console.demo import sample_requests
 from streamagent.console.devstack.stack import Stack
-from streamagent.events import RunRequested
+from streamagent.dlq_ops import read_dead_letters
+from streamagent.events import RunRequested, ToolCommand, now
+from streamagent.signing import parse_keys, sign
 from streamagent.submit import produce_requests
+from streamagent.topics import command_topic
 
 pytestmark = pytest.mark.integration
 
@@ -210,6 +216,38 @@ def test_both_tools_used_by_a_workflow_decided_by_the_scripted_model(helpdesk: H
     offered = {t["function"]["name"]: t["function"] for r in asked for t in (r.body.get("tools") or [])}
     assert offered["http_create_ticket"]["parameters"]["required"] == ["subject", "customer"]
     assert "domain" in offered["http_lookup_customer"]["parameters"]["properties"]
+
+
+def test_a_forged_or_undecodable_command_to_an_mcp_tool_is_dead_lettered_and_never_called(helpdesk: Helpdesk) -> None:
+    """The MCP tool's commands go through the SDK's signature check and dead-letter path: a command
+    signed with a key the pipeline does not hold, and bytes that are no event, reach no server."""
+    desk = helpdesk
+    s = desk.settings
+    domain = f"forged-{uuid.uuid4().hex[:6]}.example.com"
+    forged = ToolCommand(
+        run_id=f"run-{domain}",
+        command_id=f"cmd-{domain}",
+        decision_id=f"dec-{domain}",
+        tool="create_ticket",
+        step="ticket",
+        arguments={"subject": "Free money", "customer": domain},
+        deadline_at=now() + timedelta(seconds=60),
+    )
+    stranger = parse_keys("stranger " + "e" * 64, "a key the pipeline does not hold")
+    topic = s.topic(command_topic("create_ticket"))
+    producer = Producer({"bootstrap.servers": s.bootstrap_servers})
+    producer.produce(topic, key=forged.run_id.encode(), value=codec.encode(sign(forged, stranger)))
+    producer.produce(topic, key=b"junk", value=b"not an event")
+    assert producer.flush(10) == 0
+
+    def letters() -> dict[str, str] | None:
+        mine = {d.reason: d.error for d in read_dead_letters(s) if d.processor == "tool.create_ticket"}
+        return mine if len(mine) >= 2 else None
+
+    dead = eventually(letters, timeout=60, what="both commands dead-lettered by the MCP tool")
+    assert set(dead) == {"unauthenticated", "not-avro"}, dead
+    assert effects(desk, "create_ticket", [domain]) == Counter()
+    assert desk.stack.children["tool-mcp-helpdesk"].restarts == 0  # one bad message never stops the process
 
 
 def test_kill_9_mid_call_reports_an_unknown_outcome_and_never_calls_twice(helpdesk: Helpdesk) -> None:

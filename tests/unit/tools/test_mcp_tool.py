@@ -141,6 +141,7 @@ def test_the_tool_announces_the_servers_schema_and_is_called_at_most_once(tmp_pa
         announced = tool.declaration(member_id="m", state="up")
         assert announced.name == "create_ticket" and announced.input_schema["required"] == ["subject", "customer"]
         assert announced.retry is not None and announced.retry["max_attempts"] == 1
+        assert announced.requires_approval is False and announced.timeout_s is None
         args = tool.parse({"subject": "Onboard Acme", "customer": "acme.io"})
         out = await tool.call(args, ctx(http))  # type: ignore[arg-type]
         assert out.model_dump()["customer"] == "acme.io" and out.model_dump()["ticket_id"].startswith("T-")
@@ -159,6 +160,8 @@ def test_the_tool_announces_the_servers_schema_and_is_called_at_most_once(tmp_pa
 def test_with_an_idempotency_key_the_command_id_is_the_key_and_repeats_are_allowed(tmp_path: Path) -> None:
     async def body(tool: McpTool, http: httpx.AsyncClient, log: MemoryCallLog, record: Path, _c: Any) -> None:
         assert tool.retry.max_attempts == 0  # retried until the deadline, like any tool
+        announced = tool.declaration(member_id="m", state="up")
+        assert announced.requires_approval is True and announced.timeout_s == 7 and announced.version == "3"
         args = tool.parse({"subject": "Onboard Acme", "customer": "acme.io", "request_id": "from-the-model"})
         await tool.call(args, ctx(http, "cmd-7"))  # type: ignore[arg-type]
         await tool.call(args, ctx(http, "cmd-7", attempt=2))  # type: ignore[arg-type]
@@ -166,7 +169,8 @@ def test_with_an_idempotency_key_the_command_id_is_the_key_and_repeats_are_allow
         assert [c["arguments"]["request_id"] for c in sent] == ["cmd-7", "cmd-7"]  # type: ignore[index]
         assert log.started == {}  # nothing to record: the server dedupes on the key
 
-    asyncio.run(with_tool(tmp_path, 'idempotency_key = "request_id"', body))
+    options = 'idempotency_key = "request_id"\nrequires_approval = true\ntimeout_s = 7\nversion = "3"'
+    asyncio.run(with_tool(tmp_path, options, body))
 
 
 def test_a_server_that_is_not_connected_is_retryable_and_records_no_start(tmp_path: Path) -> None:
