@@ -176,6 +176,11 @@ class Settings(BaseModel):
     run_deadline_s: float = Field(600.0, gt=0, description="Default deadline of a run")
     command_deadline_s: float = Field(120.0, gt=0, description="How long a tool may keep retrying a command")
     tool_timeout_s: float = Field(5.0, gt=0, description="HTTP timeout of one tool call")
+    # MCP servers whose tools `streamagent tool mcp --server NAME` deploys (docs/guides/mcp.md); unset:
+    # mcp.toml in the data dir (not in the workflows folder: every *.toml there is read as a workflow).
+    # The probe is how soon a server that went away is noticed.
+    mcp_config: Path | None = Field(None, description="TOML file of MCP servers; unset: <data dir>/mcp.toml")
+    mcp_probe_s: float = Field(2.0, gt=0, description="How often an MCP tool process checks its server is there")
     # The run timeline page (`streamagent ui`; `streamagent up` serves it too). A fixed port keeps its
     # address the same from one `up` to the next; loopback by default, since the page shows every
     # request's contact data and the prompts the model saw (read-only, no login).
@@ -231,6 +236,7 @@ class Settings(BaseModel):
         "approval_keys_file",
         "role_keys_file",
         "operator_keys_file",
+        "mcp_config",
         mode="before",
     )
     @classmethod
@@ -315,6 +321,10 @@ class Settings(BaseModel):
     def approval_keys_path(self) -> Path:
         """Where the approval token keys are read from when they are not given inline."""
         return self.approval_keys_file if self.approval_keys_file is not None else self.data_dir / "approval-keys"
+
+    @property
+    def mcp_config_path(self) -> Path:
+        return self.mcp_config if self.mcp_config is not None else self.data_dir / "mcp.toml"
 
     @property
     def registry_lease_s(self) -> float:

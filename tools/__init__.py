@@ -19,8 +19,9 @@ from streamagent.tools.sdk.tool import Tool
 
 log = logging.getLogger(__name__)
 
-# Subpackages that hold no tool: the SDK itself and the SaaS stand-in.
-_NOT_TOOLS = {"sdk", "sandbox"}
+# Subpackages that hold no tool: the SDK itself, the SaaS stand-in, and the MCP bridge (its tools are
+# an MCP server's, deployed with `streamagent tool mcp --server NAME`).
+_NOT_TOOLS = {"sdk", "sandbox", "mcp"}
 ENTRY_POINT_GROUP = "streamagent.tools"
 
 

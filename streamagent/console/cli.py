@@ -24,6 +24,8 @@ log = logging.getLogger("streamagent")
 
 # How long a command a person runs waits for the broker or PostgreSQL to answer before saying it
 # cannot reach it (the whole command then fails within a few seconds, not after client timeouts).
+# `streamagent tool mcp --server NAME` runs an MCP server's tools (streamagent.tools.mcp), not a tool of that name.
+MCP = "mcp"
 PROBE_TIMEOUT_S = 2.5
 _ENV = {
     "bootstrap_servers": "STREAMAGENT_BOOTSTRAP_SERVERS",
@@ -346,9 +348,35 @@ def cmd_tool(args: argparse.Namespace) -> int:
     load_keys(settings)  # it verifies every command: no key, no start (one line naming the setting)
     load_approval_keys(settings)  # and every approval token
     _policy(settings)  # it enforces the policy: a malformed file, no start
+    if args.name == MCP:
+        return _tool_mcp(args, settings)
+    if args.server or args.tool:
+        raise CliError(f"--server and --tool are options of `streamagent tool {MCP}`, not of tool {args.name}", 2)
     logs.configure(f"tool-{args.name}", settings.log_level, settings.log_format)
     _serve_metrics(settings, f"tool-{args.name}")
     run_tool(settings, builtin_tools()[args.name]())
+    return 0
+
+
+def _tool_mcp(args: argparse.Namespace, settings: Settings) -> int:
+    """``streamagent tool mcp --server NAME [--tool T ...]``: the server's exposed tools (docs/guides/mcp.md)."""
+    from streamagent.tools.mcp import config as mcp_config
+    from streamagent.tools.mcp.runner import run_mcp_server, select
+
+    if not args.server:
+        raise CliError(f"tool {MCP} needs --server NAME (a server of {settings.mcp_config_path})", 2)
+    try:
+        server = mcp_config.server(settings.mcp_config_path, args.server)
+        select(server, args.tool or ())
+    except mcp_config.McpConfigError as exc:
+        raise CliError(str(exc), 2) from None
+    name = f"mcp-{args.server}"
+    logs.configure(f"tool-{name}", settings.log_level, settings.log_format)
+    _serve_metrics(settings, f"tool-{name}")
+    try:
+        run_mcp_server(settings, args.server, server, args.tool or ())
+    except mcp_config.McpConfigError as exc:  # found only once the server listed its tools
+        raise CliError(str(exc), 2) from None
     return 0
 
 
@@ -1000,8 +1028,13 @@ def build_parser() -> argparse.ArgumentParser:
     processor.add_argument("name", choices=["intake", "memory", "state", "decision", "projection"])
 
     tool = add("tool", cmd_tool, "Run one tool (its own consumer group) in the foreground")
-    # Any tool the tools package provides: a new tool deploys without editing a list here.
-    tool.add_argument("name", choices=sorted(builtin_tools()))
+    # Any tool the tools package provides: a new tool deploys without editing a list here. `mcp` runs
+    # an MCP server's tools instead (each its own consumer group), named by --server.
+    tool.add_argument("name", choices=sorted({*builtin_tools(), MCP}))
+    tool.add_argument("--server", help=f"with `{MCP}`: the MCP server (of STREAMAGENT_MCP_CONFIG) whose tools to run")
+    tool.add_argument(
+        "--tool", action="append", metavar="NAME", help=f"with `{MCP}`: run only this exposed tool (repeatable)"
+    )
 
     tools = add("tools", cmd_tools, "List the tool catalogue: name, version, status, members, approval, schema")
     tools.add_argument("--json", action="store_true", help="machine-readable output (full JSON schemas)")

@@ -658,7 +658,7 @@ class ToolRunner:
                 break
             except PermanentError as exc:
                 await self.breaker.success()  # the API answered; it is up
-                error, kind = str(exc), "permanent"
+                error, kind = str(exc), exc.kind
                 break
             except RetryableError as exc:
                 await self.breaker.failure()
