@@ -24,9 +24,7 @@ from streamagent.tools.enrich import Company, Enrich, EnrichInput
 from streamagent.tools.jira import Jira, Project, ProjectRequest
 from streamagent.tools.sandbox.apis import ApiRequest, company_profile, make_apis
 from streamagent.tools.sdk import (
-    BreakerState,
     CallContext,
-    CircuitBreaker,
     PermanentError,
     RetryableError,
     RetryPolicy,
@@ -34,6 +32,7 @@ from streamagent.tools.sdk import (
     body,
     check,
 )
+from streamagent.tools.sdk.breaker import BreakerState, CircuitBreaker
 from streamagent.tools.sdk.offsets import PartitionOffsets
 from streamagent.tools.slack import Post, Posted, Slack
 
