@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from string import Template
 
-PYPROJECT = Template('''\
+PYPROJECT = Template("""\
 [build-system]
 # setuptools 70.1 and later build wheels without the separate `wheel` package
 requires = ["setuptools>=70.1"]
@@ -35,7 +35,7 @@ where = ["src"]
 
 [tool.pytest.ini_options]
 testpaths = ["tests"]
-''')
+""")
 
 INIT = Template('''\
 """The $name tool for streamagent."""
@@ -132,7 +132,7 @@ def test_the_tool_describes_itself_for_the_catalogue() -> None:
     assert announced["input_schema"]["required"] == ["subject"]
 ''')
 
-WORKFLOW = Template('''\
+WORKFLOW = Template("""\
 # A workflow that uses the $name tool. Workflows are data: keep this file with your own workflows
 # (outside the streamagent repository) and list that folder in STREAMAGENT_WORKFLOWS_DIR.
 name = "$name-example"
@@ -144,9 +144,9 @@ name = "record"
 tool = "$name"
 args.subject = "New client {request.company_name}"
 args.text = "{request.contact_name} <{request.contact_email}> of {request.company_domain}"
-''')
+""")
 
-README = Template('''\
+README = Template("""\
 # $dist
 
 The `$name` tool for streamagent: a team's own tool in its own package, deployed
@@ -189,4 +189,4 @@ streamagent submit --workflow $name-example --company-name Acme --company-domain
 
 Only `streamagent.tools.sdk`'s public names (`Tool`, `CallContext`, the errors, `RetryPolicy`, the
 testing helpers) are stable; import nothing else from streamagent.
-''')
+""")
