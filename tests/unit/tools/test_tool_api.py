@@ -161,3 +161,30 @@ def test_tool_urls_send_a_tool_to_its_own_api_and_the_others_to_the_sandbox() ->
 def test_bad_tool_urls_are_refused_naming_the_variable(value: str, reason: str) -> None:
     with pytest.raises(SettingsError, match=f"STREAMAGENT_TOOL_URLS=.* is invalid: .*{re.escape(reason)}"):
         settings_from({"STREAMAGENT_TOOL_URLS": value})
+
+
+# -- tools from other packages: the entry-point group ------------------------------------------------
+class _EntryPoint:
+    def __init__(self, name: str, value: str, loaded: object) -> None:
+        self.name, self.value, self._loaded = name, value, loaded
+
+    def load(self) -> object:
+        if isinstance(self._loaded, Exception):
+            raise self._loaded
+        return self._loaded
+
+
+def test_an_entry_point_tool_is_found_and_a_broken_package_hides_no_other_tool(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import streamagent.tools as tools
+
+    registered = [
+        _EntryPoint("broken", "broken_tool.tool:Broken", ImportError("No module named 'requests'")),
+        _EntryPoint("notes", "notes_tool:Notes", Notes),
+        _EntryPoint("junk", "junk_tool:NotATool", object),
+    ]
+    monkeypatch.setattr(tools, "entry_points", lambda group: registered if group == "streamagent.tools" else [])
+    found = tools.builtin_tools.__wrapped__()
+    assert found["notes"] is Notes and {"crm", "enrich"} <= set(found) and "broken" not in found
+    assert "broken_tool.tool:Broken cannot be loaded" in caplog.text and "not a Tool subclass" in caplog.text
