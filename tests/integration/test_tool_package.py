@@ -36,8 +36,9 @@ pytestmark = pytest.mark.integration
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-# Unique per session: the venv is shared with whatever else runs meanwhile.
-NAME = f"desk-{uuid.uuid4().hex[:6]}"
+# Unique per session: the venv is shared with whatever else runs meanwhile. After every shipped tool's name
+# in sorted order, so a test listing the known tools meanwhile still sees them first.
+NAME = f"team-desk-{uuid.uuid4().hex[:6]}"
 MODULE = NAME.replace("-", "_") + "_tool"
 RUNS = 4
 
