@@ -583,7 +583,8 @@ class ToolRunner:
         The check sits here, after the ledger's dedupe (a command already done republishes its result, whatever
         memory says now) and right before the effect. It waits until this tool's memory table holds every
         version the broker had acknowledged when the check began (one fetch wait, ~50-70 ms, only for
-        commands that read memory) and then compares versions: a dict lookup per entity."""
+        commands that read memory; the wait holds no thread) and then compares versions: a dict lookup
+        per entity."""
         if not command.memory or command.operation != "execute":
             return []
         loop = asyncio.get_running_loop()
@@ -593,7 +594,7 @@ class ToolRunner:
             )
         table = self._memory
         asked = time.monotonic()
-        if not await loop.run_in_executor(None, table.fresh_since, asked):
+        if not await table.caught_up(asked):
             raise DependencyUnavailable("kafka", f"the memory table did not catch up with {table.topic}")
         return stale(table, command.memory)
 

@@ -89,6 +89,9 @@ class PortInUse(StackStartError):
 
 # The loopback address the broker and the sandbox listen on (the page's is a setting: ui_host).
 LOOPBACK = "127.0.0.1"
+# How long a started HTTP child (the sandbox, the page) may take to answer its health probe. A readiness
+# bound, not a wait: on a loaded 2-core machine a Python process took over 20 s to import and listen.
+_READY_S = 60.0
 
 
 def _port_is_free(host: str, port: int) -> bool:
@@ -503,9 +506,9 @@ class Stack:
             child.start()
         if sandbox_port is not None:
             sandbox = self.children["sandbox"]
-            self._wait_http(self.settings.sandbox_url + "/_sandbox/health", timeout=20, child=sandbox)
+            self._wait_http(self.settings.sandbox_url + "/_sandbox/health", timeout=_READY_S, child=sandbox)
         if self.ui_url:
-            self._wait_http(self.ui_url + "/api/health", timeout=20, child=self.children["ui"])
+            self._wait_http(self.ui_url + "/api/health", timeout=_READY_S, child=self.children["ui"])
         self._write_stack_file()
         self._supervisor = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
         self._supervisor.start()
