@@ -7,6 +7,7 @@ mean "start the embedded component".
 
 from __future__ import annotations
 
+import json
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -172,7 +173,15 @@ class Settings(BaseModel):
     stack_tools: str = Field(
         "", description="Tools `up` starts (comma-separated, or all); empty: the default workflow's"
     )
-    workflows_dir: Path = Field(DEFAULT_WORKFLOWS_DIR, description="Folder of workflow files (*.toml)")
+    # Several folders (a team's own beside the shipped ones) are joined by os.pathsep, as in PATH; a workflow
+    # named in two of them is refused (processors/workflow.py load_workflows), never silently shadowed.
+    workflows_dir: Path = Field(
+        DEFAULT_WORKFLOWS_DIR, description="Folder(s) of workflow files (*.toml); several: separated by `:`"
+    )
+    # A tool from another package calls its own team's API, not the SaaS sandbox: its base URL by tool name.
+    # One variable for every process, so the same environment deploys twenty tools; a tool not named here
+    # calls sandbox_url.
+    tool_urls: str = Field("", description='Base URL of a tool\'s API by tool name, JSON {"tool": "https://..."}')
     run_deadline_s: float = Field(600.0, gt=0, description="Default deadline of a run")
     command_deadline_s: float = Field(120.0, gt=0, description="How long a tool may keep retrying a command")
     tool_timeout_s: float = Field(5.0, gt=0, description="HTTP timeout of one tool call")
@@ -229,6 +238,16 @@ class Settings(BaseModel):
 
         parse_prices(value)  # refused at start, naming the variable, rather than at the first decision
         return value
+
+    @field_validator("tool_urls")
+    @classmethod
+    def _tool_urls_parse(cls, value: str) -> str:
+        parse_tool_urls(value)  # refused at start, naming the variable, rather than at a tool's first call
+        return value
+
+    def tool_url(self, tool: str) -> str:
+        """The base URL ``tool`` calls: its own from ``tool_urls``, else the sandbox's."""
+        return parse_tool_urls(self.tool_urls).get(tool, self.sandbox_url)
 
     @field_validator(
         "command_keys_file",
@@ -338,6 +357,22 @@ class Settings(BaseModel):
         return f"{self.topic_prefix}streamagent.{name}"
 
 
+def parse_tool_urls(text: str) -> dict[str, str]:
+    """``tool_urls``: a JSON object of tool name to an http(s) base URL; raises ValueError saying what is wrong."""
+    if not text.strip():
+        return {}
+    try:
+        urls = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"tool_urls is not JSON: {exc}") from None
+    if not isinstance(urls, dict):
+        raise ValueError('tool_urls must be a JSON object {"tool": "https://..."}')
+    for tool, url in urls.items():
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise ValueError(f"tool_urls: the URL of tool {tool!r} must be an http:// or https:// URL, not {url!r}")
+    return urls
+
+
 def _from_env(environ: dict[str, str]) -> dict[str, str]:
     values: dict[str, str] = {}
     for field in Settings.model_fields:
@@ -373,6 +408,9 @@ def _validate(values: dict[str, Any]) -> Settings:
                 problems.append(str(error["msg"]).removeprefix("Value error, "))
                 continue
             name, value = env_name(field), values.get(field)
+            if error["type"] == "value_error":  # a validator's own words say more than the field's type
+                problems.append(f"{name}={value!r} is invalid: {str(error['msg']).removeprefix('Value error, ')}")
+                continue
             problems.append(f"{name}={value!r} is invalid: expected {_expected(field)}")
         raise SettingsError("; ".join(problems)) from None
 

@@ -47,7 +47,11 @@ def builtin_tools() -> dict[str, type[Tool[Any, Any]]]:
         for tool in _declared_in(importlib.import_module(f"{__name__}.{info.name}")):
             found.setdefault(tool.name, tool)
     for ep in entry_points(group=ENTRY_POINT_GROUP):
-        tool = ep.load()
+        try:
+            tool = ep.load()
+        except Exception as exc:  # one team's broken package must not take every other tool down with it
+            log.warning("entry point %s = %s cannot be loaded (%r); ignored", ep.name, ep.value, exc)
+            continue
         if not (inspect.isclass(tool) and issubclass(tool, Tool)):
             log.warning("entry point %s = %s is not a Tool subclass; ignored", ep.name, ep.value)
             continue

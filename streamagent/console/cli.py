@@ -340,11 +340,14 @@ def cmd_processor(args: argparse.Namespace) -> int:
 
 def cmd_tool(args: argparse.Namespace) -> int:
     from streamagent.approval import load_approval_keys
+    from streamagent.config import parse_tool_urls
     from streamagent.signing import load_keys
     from streamagent.tools import builtin_tools
     from streamagent.tools.sdk.runner import run_tool
 
-    settings = _settings(("bootstrap_servers", "database_url", "sandbox_url"), probe=False)
+    own_api = args.name in parse_tool_urls(get_settings().tool_urls)  # then the sandbox need not be running
+    needs = ("bootstrap_servers", "database_url") if own_api else ("bootstrap_servers", "database_url", "sandbox_url")
+    settings = _settings(needs, probe=False)
     load_keys(settings)  # it verifies every command: no key, no start (one line naming the setting)
     load_approval_keys(settings)  # and every approval token
     _policy(settings)  # it enforces the policy: a malformed file, no start
@@ -1039,6 +1042,10 @@ def build_parser() -> argparse.ArgumentParser:
     tools = add("tools", cmd_tools, "List the tool catalogue: name, version, status, members, approval, schema")
     tools.add_argument("--json", action="store_true", help="machine-readable output (full JSON schemas)")
 
+    from streamagent.console.new import add_parser as add_new
+
+    add_new(sub)  # `new tool NAME`: a team's own tool package, outside this repository
+
     keys = add("keys", lambda a: 2, "Issue role keys: intake's, a tool's, an operator's")
     keys_sub = keys.add_subparsers(dest="keys_command", metavar="SUBCOMMAND", required=True)
     keys_issue = keys_sub.add_parser(
@@ -1097,7 +1104,12 @@ def build_parser() -> argparse.ArgumentParser:
         " tool is called; an llm candidate makes real calls to the configured model endpoint.",
     )
     decisions.add_argument("--decider", choices=("configured", "rules", "llm"), default="configured")
-    decisions.add_argument("--workflows", type=Path, metavar="DIR", help="the candidate's workflow files")
+    decisions.add_argument(
+        "--workflows",
+        type=Path,
+        metavar="DIR",
+        help=f"the candidate's workflow folder(s), several joined by {os.pathsep!r}",
+    )
     decisions.add_argument("--policies", type=Path, metavar="DIR", help="the candidate's policy files")
     decisions.add_argument(
         "--max-decisions", type=positive_int, metavar="N", help="re-decide at most N snapshots (caps model calls)"
@@ -1149,7 +1161,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _log_file(args: argparse.Namespace, settings: Settings) -> tuple[str, Path] | None:
     """Where a command logs; None for the children of ``up`` (their stderr is their log file)."""
-    if args.command in ("processor", "tool") or (args.command == "sandbox" and not args.sandbox_command):
+    # `new` writes files where the user is: no .streamagent/ log folder beside them.
+    if args.command in ("processor", "tool", "new") or (args.command == "sandbox" and not args.sandbox_command):
         return None
     name = args.command if args.command in ("up", "demo", "ui") else "cli"
     return name, settings.data_dir / "logs" / f"{name}.log"
@@ -1169,6 +1182,8 @@ def main(argv: list[str] | None = None) -> int:
     log_path = (
         logs.configure_file(target[0], target[1], settings.log_level, settings.log_format, verbose) if target else None
     )
+    if args.command == "new" and not verbose:  # no log file, and its errors are the one line printed below
+        logging.getLogger().addHandler(logging.NullHandler())
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

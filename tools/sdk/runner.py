@@ -114,14 +114,16 @@ class _HttpClients:
     holds more than ``HTTP_SHARD_CONNECTIONS`` requests and the total stays ``max_in_flight``.
     """
 
-    def __init__(self, settings: Settings, max_in_flight: int, timeout_s: float | None = None) -> None:
+    def __init__(
+        self, settings: Settings, max_in_flight: int, timeout_s: float | None = None, base_url: str = ""
+    ) -> None:
         shards = max(1, math.ceil(max_in_flight / HTTP_SHARD_CONNECTIONS))
         per_shard = math.ceil(max_in_flight / shards)
         timeout = httpx.Timeout(timeout_s or settings.tool_timeout_s)
         limits = httpx.Limits(max_connections=per_shard, max_keepalive_connections=per_shard)
         verify = httpx.create_ssl_context()  # loading the CA bundle once, not once per client
         self.clients = [
-            httpx.AsyncClient(base_url=settings.sandbox_url, timeout=timeout, limits=limits, verify=verify)
+            httpx.AsyncClient(base_url=base_url or settings.sandbox_url, timeout=timeout, limits=limits, verify=verify)
             for _ in range(shards)
         ]
         self.busy = [0] * shards
@@ -220,7 +222,9 @@ class ToolRunner:
         poller = loop.run_in_executor(None, self._poll_producer)
         await self._announce("up")
         heartbeat = asyncio.create_task(self._heartbeat())
-        self._http = _HttpClients(self.settings, self.max_in_flight, self.timeout_s)
+        # A tool of another team's package calls that team's API (``tool_urls``), the others the sandbox.
+        base_url = self.settings.tool_url(self.tool.name)
+        self._http = _HttpClients(self.settings, self.max_in_flight, self.timeout_s, base_url)
         self.http = self._http.clients[0]
         try:
             log.info("tool consuming", extra={"tool": self.tool.name, "topic": self.topic})
