@@ -80,6 +80,14 @@ class Settings(BaseModel):
     fetch_wait_ms: int = Field(50, ge=1)
     session_timeout_ms: int = Field(6000, ge=1000)
     heartbeat_interval_ms: int = Field(1000, ge=100)
+    # How a consumer group splits its partitions (the confluent-kafka members; faust uses its own).
+    # Incremental cooperative assignment moves only the partitions that change owner, but on the embedded
+    # broker its second round never comes: the member giving partitions up revokes them and the joining
+    # member is never assigned them (measured; docs/production/scaling.md). So the embedded default is
+    # eager (roundrobin: every rebalance stops the whole group briefly); compose sets cooperative-sticky.
+    kafka_assignment_strategy: Literal["roundrobin", "range", "cooperative-sticky"] = Field(
+        "roundrobin", description="partition.assignment.strategy of the confluent-kafka consumer groups"
+    )
     # Static group membership: a restarted process that comes back under the same instance id
     # takes its partitions back without waiting for its dead predecessor's session to expire.
     group_instance_id: str = Field("", description="Kafka group.instance.id; empty: dynamic membership")

@@ -139,13 +139,16 @@ def confluent_partitions(consumer: Any, topics: list[str] | None = None) -> list
     return out
 
 
-def faust_partitions(consumer: Any) -> list[PartitionStatus]:
-    """The same for a faust (aiokafka) consumer: its assignment, the offset it read last, and the
-    high-water mark of the last fetch (``highwater``)."""
+def faust_partitions(consumer: Any, topics: list[str]) -> list[PartitionStatus]:
+    """The same for a faust (aiokafka) consumer: its assignment of ``topics`` (not the table's changelog,
+    which faust also assigns, as standby), the offset it read last, and the high-water mark of the last
+    fetch (``highwater``)."""
     out = []
     try:
         read = getattr(consumer, "_read_offset", {})
         for tp in consumer.assignment():
+            if tp.topic not in topics:
+                continue
             last = read.get(tp) if hasattr(read, "get") else None
             position = last + 1 if last is not None else None
             high = consumer.highwater(tp)

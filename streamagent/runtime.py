@@ -172,7 +172,6 @@ class ConsumerRuntime:
         log.info("consuming", extra={"processor": self.name, "topics": self.topics})
         try:
             while not self.stop_event.is_set():
-                self._revoked = set()
                 messages = self._next_batch(consumer)
                 if messages:
                     self.process(messages)
@@ -189,8 +188,9 @@ class ConsumerRuntime:
     # -- rebalances --------------------------------------------------------------------------------
     def _assigned(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         added = {(tp.topic, tp.partition) for tp in partitions}
+        # Not taken off ``_revoked``: a partition revoked and assigned again during a batch (an eager
+        # rebalance) is read again from its committed offset, so the batch's messages of it are dropped.
         self.owned |= added
-        self._revoked -= added
         self._rebalanced("assigned", added, self.on_assign)
 
     def _revoked_cb(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -234,13 +234,24 @@ class ConsumerRuntime:
         ``consume(n, timeout)`` returns early only once ``n`` messages are there: asked for a batch, it
         held a lone message for the whole timeout (measured: 200 ms on every hop of a run under light
         load). Under load the local queue holds whole batches and this returns them at once."""
+        self._revoked = set()
         messages = consumer.consume(self.batch_size, timeout=0)
-        if messages:
-            return messages
-        first = consumer.poll(0.2)
-        if first is None:
-            return []
-        return [first, *consumer.consume(self.batch_size - 1, timeout=0)] if self.batch_size > 1 else [first]
+        if not messages:
+            first = consumer.poll(0.2)
+            if first is None:
+                return []
+            messages = [first]
+            if self.batch_size > 1:
+                # What one call returns is current (the client discards what a rebalance made stale),
+                # but a rebalance served by this second call may have taken ``first``'s partition.
+                self._revoked = set()
+                rest = consumer.consume(self.batch_size - 1, timeout=0)
+                if (first.topic(), first.partition()) in self._revoked:
+                    messages = []
+                messages += rest
+        # From here on, a partition taken away (in ``_wait``) is dropped from this batch and not committed.
+        self._revoked = set()
+        return messages
 
     def stop(self) -> None:
         self.stop_event.set()

@@ -668,7 +668,7 @@ def build_app(settings: Settings) -> faust.App:
     async def watch() -> None:
         sync()
         if members.due() and not app.rebalancing:
-            members.announce(faust_partitions(app.consumer))
+            members.announce(faust_partitions(app.consumer, [events_topic, settings.topic(TOOL_RESULTS)]))
         if worker.report_due(time.time()):
             try:  # a gauge is never worth failing the timer: it tries again at the next interval
                 ends = {(tp.topic, tp.partition): app.consumer.highwater(tp) for tp in app.consumer.assignment()}

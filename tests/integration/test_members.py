@@ -42,6 +42,8 @@ GROUPS = {
     **{f"tool-{api}": f"tool.{api}" for api in APIS},
 }
 # The groups every onboarding run passes through (memory only folds memory writes, which it has none of).
+# The churn burst: enough runs in flight through every rebalance (slow calls keep them there).
+RUNS = 200
 RUN_PATH = [g for g in GROUPS.values() if g != "memory"]
 
 
@@ -61,6 +63,32 @@ def live(s: Settings) -> dict[str, list[MemberStatus]]:
         if not m.gone(now_ms):
             out.setdefault(m.group, []).append(m)
     return out
+
+
+def owners(s: Settings) -> dict[str, list[tuple[str, int]]]:
+    """Per group, its live members and how many partitions each owns."""
+    groups = live(s)
+    return {g: [(m.member, len(m.partitions)) for m in groups.get(g, [])] for g in GROUPS.values()}
+
+
+def wait_for_owners(s: Settings, count: int, state: int | None = None) -> None:
+    """Until ``count`` members of every group own partitions (``state`` of the state group's, if given;
+    the message says who owns what if not)."""
+
+    def enough() -> bool:
+        found = owners(s)
+        wanted = {g: state if g == "state" and state is not None else count for g in found}
+        return all(len([n for _, n in o if n]) == wanted[g] for g, o in found.items())
+
+    try:
+        eventually(
+            enough,
+            timeout=120,
+            interval=0.5,
+            what=f"{count} members owning partitions in every group",
+        )
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; owners: {owners(s)}") from None
 
 
 def decided_twice(s: Settings) -> list[tuple[str, int, int]]:
@@ -94,12 +122,7 @@ def test_two_members_in_every_group_split_the_work(
     info = json.loads((s.data_dir / "stack.json").read_text())
     assert info["members"]["processor-decision"] == ["processor-decision", "processor-decision-2"]
     # Both members of every group own partitions (from their announcements) before the burst.
-    eventually(
-        lambda: all(len([m for m in live(s).get(g, []) if m.partitions]) == 2 for g in GROUPS.values()),
-        timeout=120,
-        interval=0.5,
-        what="two members owning partitions in every group",
-    )
+    wait_for_owners(s, 2)
     sandbox = SandboxClient(s.sandbox_url)
     began = time.monotonic()
     run_ids = produce_requests(s, sample_requests(600))
@@ -139,7 +162,7 @@ def test_members_join_leave_and_die_during_a_burst(stack: Stack, capsys: pytest.
         sandbox.set_faults(api, FaultSpec(latency_ms=40))
     dead_before = len(read_topic(s, s.topic(DEAD_LETTERS)))
     effects_before = len(sandbox.effects())
-    run_ids = produce_requests(s, sample_requests(300))
+    run_ids = produce_requests(s, sample_requests(RUNS))
     marks: list[str] = []
     began = time.monotonic()
 
@@ -150,12 +173,10 @@ def test_members_join_leave_and_die_during_a_burst(stack: Stack, capsys: pytest.
     for base in GROUPS:
         stack.add_member(base)
     mark("a third member started in every group")
-    eventually(
-        lambda: all(len([m for m in live(s).get(g, []) if m.partitions]) == 3 for g in GROUPS.values()),
-        timeout=120,
-        interval=0.5,
-        what="three members owning partitions in every group",
-    )
+    # The faust state group gives a third member no partition of 4 (faust's assignor keeps the 2 + 2 it
+    # had; the member joins and stands by): only the confluent-kafka groups are asked for three owners.
+    wait_for_owners(s, 3, state=2)
+    assert len(live(s)["state"]) == 3, owners(s)
     mark("every third member owns partitions")
     # One member of each group leaves (SIGTERM, not restarted).
     for base in GROUPS:
@@ -165,9 +186,9 @@ def test_members_join_leave_and_die_during_a_burst(stack: Stack, capsys: pytest.
     for name in ("processor-state-2", "processor-decision-2", "tool-jira-2"):
         stack.kill(name)
     mark("kill -9 of processor-state-2, processor-decision-2, tool-jira-2")
-    rows = eventually(lambda: ended(s, run_ids), timeout=400, interval=0.5, what="300 runs ended")
+    rows = eventually(lambda: ended(s, run_ids), timeout=400, interval=0.5, what=f"{RUNS} runs ended")
     mark("every run ended")
-    assert Counter(r.status for r in rows) == {"completed": 300}
+    assert Counter(r.status for r in rows) == {"completed": RUNS}
     effects = sandbox.effects()[effects_before:]
     per = Counter((e.run_id, e.api) for e in effects)
     assert {k: n for k, n in per.items() if n > 1} == {}
@@ -176,6 +197,6 @@ def test_members_join_leave_and_die_during_a_burst(stack: Stack, capsys: pytest.
     dead = read_topic(s, s.topic(DEAD_LETTERS))
     assert len(dead) == dead_before, [dict(m.headers() or []) for m in dead[-5:]]
     with capsys.disabled():
-        print("\n[members churn] 300 runs, 0 duplicate effects, 0 decided twice, 0 dead letters:")
+        print(f"\n[members churn] {RUNS} runs, 0 duplicate effects, 0 decided twice, 0 dead letters:")
         for line in marks:
             print("  " + line)
