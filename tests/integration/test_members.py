@@ -72,13 +72,13 @@ def owners(s: Settings) -> dict[str, list[tuple[str, int]]]:
 
 
 def wait_for_owners(s: Settings, count: int, state: int | None = None) -> None:
-    """Until ``count`` members of every group own partitions (``state`` of the state group's, if given;
-    the message says who owns what if not)."""
+    """Until ``count`` members of every group own partitions (at least ``state`` of the state group's, if
+    given; the message says who owns what if not)."""
 
     def enough() -> bool:
         found = owners(s)
-        wanted = {g: state if g == "state" and state is not None else count for g in found}
-        return all(len([n for _, n in o if n]) == wanted[g] for g, o in found.items())
+        owning = {g: len([n for _, n in o if n]) for g, o in found.items()}
+        return all(n >= state if g == "state" and state is not None else n == count for g, n in owning.items())
 
     try:
         eventually(
@@ -173,8 +173,9 @@ def test_members_join_leave_and_die_during_a_burst(stack: Stack, capsys: pytest.
     for base in GROUPS:
         stack.add_member(base)
     mark("a third member started in every group")
-    # The faust state group gives a third member no partition of 4 (faust's assignor keeps the 2 + 2 it
-    # had; the member joins and stands by): only the confluent-kafka groups are asked for three owners.
+    # The faust state group does not always give a third member a partition of 4 (seen once: faust's
+    # assignor kept the 2 + 2 it had, the newcomer stood by): the confluent-kafka groups must have three
+    # owners, the state group three members of which at least two own partitions.
     wait_for_owners(s, 3, state=2)
     assert len(live(s)["state"]) == 3, owners(s)
     mark("every third member owns partitions")

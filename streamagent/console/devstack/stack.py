@@ -526,11 +526,13 @@ class Stack:
         kind, _, name = base.partition("-")
         role = name if kind == "processor" else tool_role(name)
         child = member_name(base, index)
-        # Two faust (aiokafka) state members with static ids never settle on the embedded broker: each
-        # heartbeat is refused ("member_id was not recognized" / "rebalancing") and the group rejoins
-        # every ~7 s, for ever (measured; confluent-kafka members with static ids split their partitions
-        # fine). Several state members therefore join with dynamic membership; one keeps its static id.
-        static = not (base == "processor-state" and (self.members.get(base, 1) > 1 or index > 1))
+        # Static membership only for a group of one. On the embedded broker it breaks groups of several:
+        # two faust (aiokafka) state members with static ids never settle (every heartbeat refused, a
+        # rejoin every ~7 s, for ever), and a tool member killed with kill -9 and restarted under its
+        # static id left its group's rebalance unfinished for minutes, nobody owning the partitions
+        # (both measured). Several members join with dynamic membership instead: a killed one is then
+        # replaced after its session timeout. A member added to a group of one is dynamic too.
+        static = self.members.get(base, 1) == 1 and index == 1
         return Child(
             child,
             cli_argv(kind, name),
