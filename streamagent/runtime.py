@@ -17,14 +17,15 @@ once when it ends, and shown in ``streamagent_dependency_up``. Any other error i
 ``HANDLER_RETRY`` times, then the batch is retried one message at a time so that only the message
 that can never be processed is dead-lettered, with its reason.
 
-Rebalances (several members in a group; ``partition.assignment.strategy=cooperative-sticky``): the
-runtime knows which partitions it owns from the client's assign/revoke/lost callbacks, which run on
-its own thread inside a poll. A handler's per-partition memory is dropped through ``on_revoke`` and
-rebuilt through ``on_assign``. A batch is processed between two polls, so a partition can be taken
-away during a batch only while an outage is waited out (``_wait`` polls to keep the membership): the
-messages of a revoked partition are then dropped from the batch before the next attempt, nothing is
-produced for them, and their offsets are never committed; their new owner reads them again from the
-last commit (handlers are idempotent). A commit refused because the group moved on
+Rebalances (several members in a group; eager ``roundrobin`` on the embedded broker, incremental
+``cooperative-sticky`` on Kafka: ``kafka_assignment_strategy``): the runtime knows which partitions it
+owns from the client's assign/revoke/lost callbacks, which run on its own thread inside a poll. A
+handler's per-partition memory is dropped through ``on_revoke`` and rebuilt through ``on_assign``. A
+batch is processed between two polls, so a partition can be taken away during a batch only while an
+outage is waited out (``_wait`` polls to keep the membership): the messages of a revoked partition are
+then dropped from the batch before the next attempt, nothing is produced for them, and their offsets
+are never committed; their new owner (this member again, after an eager rebalance) reads them again
+from the last commit (handlers are idempotent). A commit refused because the group moved on
 (ILLEGAL_GENERATION, UNKNOWN_MEMBER_ID, REBALANCE_IN_PROGRESS, ...) drops the batch's commit the same
 way instead of failing the process. Every rebalance, and every ``member_report_s``, the member
 announces what it owns on the members topic (``streamagent.members``; ``streamagent status``).
