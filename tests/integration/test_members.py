@@ -15,6 +15,7 @@ import signal
 import time
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
 import pytest
@@ -42,8 +43,8 @@ GROUPS = {
     **{f"tool-{api}": f"tool.{api}" for api in APIS},
 }
 # The groups every onboarding run passes through (memory only folds memory writes, which it has none of).
-# The churn burst: enough runs in flight through every rebalance (slow calls keep them there).
-RUNS = 200
+# The churn burst: a wave of runs before each event (slow calls keep them in flight through it).
+WAVE = 100
 RUN_PATH = [g for g in GROUPS.values() if g != "memory"]
 
 
@@ -91,6 +92,15 @@ def wait_for_owners(s: Settings, count: int, state: int | None = None) -> None:
         )
     except AssertionError as exc:
         raise AssertionError(f"{exc}; owners: {owners(s)}") from None
+
+
+def finished(s: Settings, run_ids: list[str]) -> set[str]:
+    """The runs of ``run_ids`` that have ended, as projected."""
+    with psycopg.connect(s.database_url) as conn:
+        rows = conn.execute(
+            "SELECT run_id FROM runs WHERE run_id = ANY(%s) AND status <> 'running'", (run_ids,)
+        ).fetchall()
+    return {r for (r,) in rows}
 
 
 def decided_twice(s: Settings) -> list[tuple[str, int, int]]:
@@ -164,14 +174,21 @@ def test_members_join_leave_and_die_during_a_burst(stack: Stack, capsys: pytest.
         sandbox.set_faults(api, FaultSpec(latency_ms=40))
     dead_before = len(read_topic(s, s.topic(DEAD_LETTERS)))
     effects_before = len(sandbox.effects())
-    run_ids = produce_requests(s, sample_requests(RUNS))
+    run_ids: list[str] = []
     marks: list[str] = []
     began = time.monotonic()
 
+    def wave() -> None:
+        """A wave of runs just before each event, so that each event happens with runs in flight."""
+        run_ids.extend(produce_requests(s, sample_requests(WAVE)))
+
     def mark(what: str) -> None:
-        marks.append(f"{time.monotonic() - began:5.1f}s {what}")
+        unended = len(run_ids) - len(finished(s, run_ids))
+        marks.append(f"{time.monotonic() - began:5.1f}s {what} ({unended} runs in flight)")
+        assert unended > 0, f"no run in flight at: {what}"
 
     # A member joins every group.
+    wave()
     for base in GROUPS:
         stack.add_member(base)
     mark("a third member started in every group")
@@ -180,17 +197,19 @@ def test_members_join_leave_and_die_during_a_burst(stack: Stack, capsys: pytest.
     # owners, the state group three members of which at least two own partitions.
     wait_for_owners(s, 3, state=2)
     mark("every third member owns partitions")
-    # One member of each group leaves (SIGTERM, not restarted).
-    for base in GROUPS:
-        stack.undeploy(f"{base}-3", signal.SIGTERM)
+    # One member of each group leaves (SIGTERM, not restarted), all at once.
+    wave()
+    with ThreadPoolExecutor(len(GROUPS)) as pool:
+        list(pool.map(lambda base: stack.undeploy(f"{base}-3", signal.SIGTERM), GROUPS))
     mark("one member of every group stopped with SIGTERM")
     # kill -9: a state, a decision and a tool member (the supervisor starts each again).
+    wave()
     for name in ("processor-state-2", "processor-decision-2", "tool-jira-2"):
         stack.kill(name)
     mark("kill -9 of processor-state-2, processor-decision-2, tool-jira-2")
-    rows = eventually(lambda: ended(s, run_ids), timeout=400, interval=0.5, what=f"{RUNS} runs ended")
-    mark("every run ended")
-    assert Counter(r.status for r in rows) == {"completed": RUNS}
+    rows = eventually(lambda: ended(s, run_ids), timeout=400, interval=0.5, what=f"{len(run_ids)} runs ended")
+    marks.append(f"{time.monotonic() - began:5.1f}s every run ended")
+    assert Counter(r.status for r in rows) == {"completed": len(run_ids)}
     effects = sandbox.effects()[effects_before:]
     per = Counter((e.run_id, e.api) for e in effects)
     assert {k: n for k, n in per.items() if n > 1} == {}
@@ -199,6 +218,6 @@ def test_members_join_leave_and_die_during_a_burst(stack: Stack, capsys: pytest.
     dead = read_topic(s, s.topic(DEAD_LETTERS))
     assert len(dead) == dead_before, [dict(m.headers() or []) for m in dead[-5:]]
     with capsys.disabled():
-        print(f"\n[members churn] {RUNS} runs, 0 duplicate effects, 0 decided twice, 0 dead letters:")
+        print(f"\n[members churn] {len(run_ids)} runs, 0 duplicate effects, 0 decided twice, 0 dead letters:")
         for line in marks:
             print("  " + line)
