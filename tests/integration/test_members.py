@@ -182,10 +182,11 @@ def test_members_join_leave_and_die_during_a_burst(stack: Stack, capsys: pytest.
         """A wave of runs just before each event, so that each event happens with runs in flight."""
         run_ids.extend(produce_requests(s, sample_requests(WAVE)))
 
-    def mark(what: str) -> None:
+    def mark(what: str, event: bool = True) -> None:
+        """Note the time; an event (join, leave, kill) must happen with runs in flight."""
         unended = len(run_ids) - len(finished(s, run_ids))
         marks.append(f"{time.monotonic() - began:5.1f}s {what} ({unended} runs in flight)")
-        assert unended > 0, f"no run in flight at: {what}"
+        assert unended > 0 or not event, f"no run in flight at: {what}"
 
     # A member joins every group.
     wave()
@@ -196,7 +197,7 @@ def test_members_join_leave_and_die_during_a_burst(stack: Stack, capsys: pytest.
     # assignor kept the 2 + 2 it had, the newcomer stood by): the confluent-kafka groups must have three
     # owners, the state group three members of which at least two own partitions.
     wait_for_owners(s, 3, state=2)
-    mark("every third member owns partitions")
+    mark("every third member owns partitions", event=False)
     # One member of each group leaves (SIGTERM, not restarted), all at once.
     wave()
     with ThreadPoolExecutor(len(GROUPS)) as pool:
