@@ -81,9 +81,27 @@ class Settings(BaseModel):
     fetch_wait_ms: int = Field(50, ge=1)
     session_timeout_ms: int = Field(6000, ge=1000)
     heartbeat_interval_ms: int = Field(1000, ge=100)
+    # How a consumer group splits its partitions (the confluent-kafka members; faust uses its own).
+    # Incremental cooperative assignment moves only the partitions that change owner, but on the embedded
+    # broker its second round never comes: the member giving partitions up revokes them and the joining
+    # member is never assigned them (measured; docs/production/scaling.md). So the embedded default is
+    # eager (roundrobin: every rebalance stops the whole group briefly); compose sets cooperative-sticky.
+    kafka_assignment_strategy: Literal["roundrobin", "range", "cooperative-sticky"] = Field(
+        "roundrobin", description="partition.assignment.strategy of the confluent-kafka consumer groups"
+    )
     # Static group membership: a restarted process that comes back under the same instance id
     # takes its partitions back without waiting for its dead predecessor's session to expire.
     group_instance_id: str = Field("", description="Kafka group.instance.id; empty: dynamic membership")
+    # This member's name within its groups (``up`` gives each member process its own: processor-decision-2):
+    # what `streamagent status` shows, and the identity the state processor's members go by. Empty:
+    # host-pid.
+    instance_id: str = Field("", description="This member's name in `streamagent status`; empty: host-pid")
+    # Scale-out: how many members of each group `up` and the stack run (comma-separated group=count:
+    # intake, memory, state, decision, projection, tools = every tool, or one tool by its name).
+    stack_members: str = Field("", description="Members per group `up` runs, e.g. state=2,decision=2,tools=2,jira=3")
+    # Every member announces its partitions and lag on the members topic at each rebalance and this often.
+    member_report_s: float = Field(5.0, gt=0, description="How often a member announces its partitions and lag")
+    member_silent_reports: int = Field(3, ge=1, description="Missed announcements: then status shows a member gone")
     max_event_bytes: int = Field(512 * 1024, ge=1, description="Larger events are dead-lettered")
 
     # Kafka security and replication, for a secured or managed cluster (the embedded broker is PLAINTEXT
@@ -226,6 +244,18 @@ class Settings(BaseModel):
     log_level: LogLevel = Field("INFO", description="DEBUG | INFO | WARNING | ERROR | CRITICAL (any case)")
     log_format: LogFormat = Field("json", description="json | text")
 
+    @field_validator("group_instance_id", "instance_id")
+    @classmethod
+    def _host_placeholder(cls, value: str) -> str:
+        # ``decision-{host}``: replicas of one compose service (`--scale`) share their environment, and one
+        # static id for all of them would fence each other; each container's hostname is its own and
+        # survives a restart of that container, so each replica keeps a static identity of its own.
+        if "{host}" in value:
+            import socket
+
+            return value.replace("{host}", socket.gethostname())
+        return value
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _level_any_case(cls, value: object) -> object:
@@ -344,6 +374,11 @@ class Settings(BaseModel):
     @property
     def mcp_config_path(self) -> Path:
         return self.mcp_config if self.mcp_config is not None else self.data_dir / "mcp.toml"
+
+    @property
+    def member_lease_s(self) -> float:
+        """How long a member's announcement stays valid without a fresh one."""
+        return self.member_report_s * self.member_silent_reports
 
     @property
     def registry_lease_s(self) -> float:

@@ -82,7 +82,7 @@ def consumer(settings: Settings, group: str, **overrides: Any) -> Consumer:
         "heartbeat.interval.ms": settings.heartbeat_interval_ms,
         "max.poll.interval.ms": max(300_000, settings.session_timeout_ms),
         "fetch.message.max.bytes": 16 * 1024 * 1024,
-        "partition.assignment.strategy": "cooperative-sticky",
+        "partition.assignment.strategy": settings.kafka_assignment_strategy,
     }
     if settings.group_instance_id:
         conf["group.instance.id"] = f"{settings.group_instance_id}.{group}"

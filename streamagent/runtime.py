@@ -16,6 +16,19 @@ as it lasts: nothing is dead-lettered and nothing is committed meanwhile, the co
 once when it ends, and shown in ``streamagent_dependency_up``. Any other error is retried
 ``HANDLER_RETRY`` times, then the batch is retried one message at a time so that only the message
 that can never be processed is dead-lettered, with its reason.
+
+Rebalances (several members in a group; eager ``roundrobin`` on the embedded broker, incremental
+``cooperative-sticky`` on Kafka: ``kafka_assignment_strategy``): the runtime knows which partitions it
+owns from the client's assign/revoke/lost callbacks, which run on its own thread inside a poll. A
+handler's per-partition memory is dropped through ``on_revoke`` and rebuilt through ``on_assign``. A
+batch is processed between two polls, so a partition can be taken away during a batch only while an
+outage is waited out (``_wait`` polls to keep the membership): the messages of a revoked partition are
+then dropped from the batch before the next attempt, nothing is produced for them, and their offsets
+are never committed; their new owner (this member again, after an eager rebalance) reads them again
+from the last commit (handlers are idempotent). A commit refused because the group moved on
+(ILLEGAL_GENERATION, UNKNOWN_MEMBER_ID, REBALANCE_IN_PROGRESS, ...) drops the batch's commit the same
+way instead of failing the process. Every rebalance, and every ``member_report_s``, the member
+announces what it owns on the members topic (``streamagent.members``; ``streamagent status``).
 """
 
 from __future__ import annotations
@@ -37,6 +50,7 @@ from streamagent.dlq import DeadLetterSink
 from streamagent.errors import Rejected, Unprocessable, outage
 from streamagent.kafka import consumer as make_consumer
 from streamagent.kafka import producer as make_producer
+from streamagent.members import MemberAnnouncer, confluent_partitions
 from streamagent.metrics import EVENTS_PROCESSED, DependencyHealth, HopTimer
 from streamagent.retry import RetryPolicy
 
@@ -76,6 +90,16 @@ class Batch:
     def __len__(self) -> int:
         return len(self.items) - len(self._rejected)
 
+    def drop(self, partitions: set[tuple[str, int]]) -> int:
+        """Leave out the messages of ``partitions`` (revoked: their new owner does them); how many."""
+        kept = [it for it in self.items if (it.message.topic(), it.message.partition()) not in partitions]
+        dropped = len(self.items) - len(kept)
+        if dropped:
+            rejected = {id(self.items[i]) for i in self._rejected}
+            self.items = kept
+            self._rejected = {i for i, it in enumerate(kept) if id(it) in rejected}
+        return dropped
+
     def reject(self, item: Incoming, reason: str, detail: str) -> None:
         """Dead-letter one message; the rest of the batch goes on."""
         index = next(i for i, it in enumerate(self.items) if it is item)
@@ -85,6 +109,8 @@ class Batch:
 
 
 BatchHandler = Callable[[Batch], None]
+# Called on the consuming thread with the partitions just assigned or taken away ((topic, partition)).
+RebalanceHook = Callable[[set[tuple[str, int]]], None]
 
 
 # Retries of a handler that raised something that is neither ``Rejected`` nor an outage (a bug, or a
@@ -132,11 +158,18 @@ class ConsumerRuntime:
         # Called on the consuming thread after every poll, with or without messages (never during a
         # batch): for work due without a new message, e.g. the decision layer waking waiting runs.
         self.tick: Callable[[], None] | None = None
+        # Per-partition memory of the handler: dropped on revoke, rebuilt on assign (see the module doc).
+        self.on_assign: list[RebalanceHook] = []
+        self.on_revoke: list[RebalanceHook] = []
+        self.owned: set[tuple[str, int]] = set()
+        # Partitions taken away since the batch in hand was polled: its messages of them are dropped.
+        self._revoked: set[tuple[str, int]] = set()
+        self.members = MemberAnnouncer(settings, self.producer, name)
 
     def run(self) -> None:
         consumer = make_consumer(self.settings, self.name, **self.consumer_config)
         self._consumer = consumer
-        consumer.subscribe(self.topics)
+        consumer.subscribe(self.topics, on_assign=self._assigned, on_revoke=self._revoked_cb, on_lost=self._lost)
         log.info("consuming", extra={"processor": self.name, "topics": self.topics})
         try:
             while not self.stop_event.is_set():
@@ -145,10 +178,56 @@ class ConsumerRuntime:
                     self.process(messages)
                 if self.tick is not None and not self.stop_event.is_set():
                     self._tick()
+                if self.members.due():
+                    self._announce()
         finally:
+            self._announce("left")
             self.producer.flush(10)
-            consumer.close()
+            consumer.close()  # leaves the group: its partitions move at once, not after the session timeout
             log.info("stopped", extra={"processor": self.name})
+
+    # -- rebalances --------------------------------------------------------------------------------
+    def _assigned(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        added = {(tp.topic, tp.partition) for tp in partitions}
+        # Not taken off ``_revoked``: a partition revoked and assigned again during a batch (an eager
+        # rebalance) is read again from its committed offset, so the batch's messages of it are dropped.
+        self.owned |= added
+        self._rebalanced("assigned", added, self.on_assign)
+
+    def _revoked_cb(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._take_away("revoked", partitions)
+
+    def _lost(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Lost, not revoked: the session expired (a long stall) and the group gave them to another
+        # member already. The same for us: forget them, commit nothing for them.
+        self._take_away("lost", partitions)
+
+    def _take_away(self, how: str, partitions: list[TopicPartition]) -> None:
+        gone = {(tp.topic, tp.partition) for tp in partitions}
+        self.owned -= gone
+        self._revoked |= gone
+        self._rebalanced(how, gone, self.on_revoke)
+
+    def _rebalanced(self, how: str, partitions: set[tuple[str, int]], hooks: list[RebalanceHook]) -> None:
+        if not partitions:
+            return
+        self.members.rebalances += 1
+        log.info(
+            "partitions %s",
+            how,
+            extra={"processor": self.name, "partitions": sorted(partitions), "owned": sorted(self.owned)},
+        )
+        for hook in hooks:
+            try:
+                hook(partitions)
+            except Exception:  # a hook only drops or marks memory; never worth leaving the group over
+                log.exception("%s hook failed", how)
+        self.members.next_soon()
+
+    def _announce(self, state: str = "up") -> None:
+        consumer = self._consumer
+        partitions = confluent_partitions(consumer) if consumer is not None and state == "up" else []
+        self.members.announce(partitions, "left" if state == "left" else "up")
 
     def _next_batch(self, consumer: Consumer) -> list[Message]:
         """What has arrived, up to a batch; if nothing has, wait up to 0.2 s for the first message only.
@@ -156,13 +235,24 @@ class ConsumerRuntime:
         ``consume(n, timeout)`` returns early only once ``n`` messages are there: asked for a batch, it
         held a lone message for the whole timeout (measured: 200 ms on every hop of a run under light
         load). Under load the local queue holds whole batches and this returns them at once."""
+        self._revoked = set()
         messages = consumer.consume(self.batch_size, timeout=0)
-        if messages:
-            return messages
-        first = consumer.poll(0.2)
-        if first is None:
-            return []
-        return [first, *consumer.consume(self.batch_size - 1, timeout=0)] if self.batch_size > 1 else [first]
+        if not messages:
+            first = consumer.poll(0.2)
+            if first is None:
+                return []
+            messages = [first]
+            if self.batch_size > 1:
+                # What one call returns is current (the client discards what a rebalance made stale),
+                # but a rebalance served by this second call may have taken ``first``'s partition.
+                self._revoked = set()
+                rest = consumer.consume(self.batch_size - 1, timeout=0)
+                if (first.topic(), first.partition()) in self._revoked:
+                    messages = []
+                messages += rest
+        # From here on, a partition taken away (in ``_wait``) is dropped from this batch and not committed.
+        self._revoked = set()
+        return messages
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -206,18 +296,40 @@ class ConsumerRuntime:
             items.append(Incoming(msg, event))
         if not offsets:
             return
+        self.members.processed += len(messages)
         if items and not self._handle(Batch(items, self.dead_letters)):
             return  # stopping mid-retry: leave the batch uncommitted for the next owner
         if not self._flush():
             return
-        if self._consumer is not None:
-            tps = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
-            try:
-                self._consumer.commit(offsets=tps, asynchronous=False)
-            except KafkaException as exc:
-                # A rebalance during a long outage gave the partitions away: their new owner redoes
-                # the batch, which the handlers' idempotence makes harmless.
-                log.warning("commit refused (%s); the batch will be redelivered to the partitions' owner", exc)
+        self._commit(offsets)
+
+    def _commit(self, offsets: dict[tuple[str, int], int]) -> None:
+        """Commit what this member still owns; a partition taken away meanwhile is its new owner's."""
+        if self._consumer is None:
+            return
+        owned = {key: o for key, o in offsets.items() if key not in self._revoked}
+        if len(owned) < len(offsets):
+            log.info(
+                "not committing revoked partitions",
+                extra={"processor": self.name, "partitions": sorted(set(offsets) - set(owned))},
+            )
+        if not owned:
+            return
+        tps = [TopicPartition(t, p, o) for (t, p), o in owned.items()]
+        try:
+            self._consumer.commit(offsets=tps, asynchronous=False)
+        except KafkaException as exc:
+            # The group moved on under this batch (the commit carries the consumer's generation, and
+            # the coordinator refuses an old one: ILLEGAL_GENERATION, UNKNOWN_MEMBER_ID,
+            # REBALANCE_IN_PROGRESS, ...). The partitions' owner redoes the batch from the last
+            # commit, which the handlers' idempotence makes harmless: drop it, do not crash.
+            error = exc.args[0] if exc.args else None
+            code = error.name() if hasattr(error, "name") else str(exc)
+            log.warning(
+                "commit refused (%s); the batch is redone by the partitions' owner",
+                code,
+                extra={"processor": self.name, "partitions": sorted(owned)},
+            )
 
     def _flush(self) -> bool:
         """Wait until the broker has acknowledged everything the handler produced (an outage of the
@@ -260,6 +372,11 @@ class ConsumerRuntime:
         outages = 0
         down: set[str] = set()
         while True:
+            if self._revoked and batch.drop(self._revoked):
+                # Taken away while this batch waited out an outage (``_wait`` polls): not ours to do.
+                log.info("dropped the revoked partitions' messages from a batch in flight")
+                if not len(batch):
+                    return None
             try:
                 self.handler(batch)
             except Exception as exc:

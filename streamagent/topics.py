@@ -20,6 +20,9 @@ MEMORY_REQUESTS = "agent.memory.requests"
 MEMORY_WRITES = "agent.memory.writes"
 # which publishes each entity's versions here (compacted: the table every reader folds).
 MEMORY = "agent.memory"
+# Every consumer-group member announces here, keyed by group and member, which partitions it owns, its
+# lag and how much it has done (compacted: `streamagent status` folds the last announcement per key).
+MEMBERS = "agent.members"
 
 
 def command_topic(tool: str) -> str:
@@ -53,6 +56,7 @@ def all_topics(tools: tuple[str, ...] = ()) -> list[TopicSpec]:
         TopicSpec(MEMORY_REQUESTS),
         TopicSpec(MEMORY_WRITES),
         TopicSpec(MEMORY, compacted=True),
+        TopicSpec(MEMBERS, compacted=True),
     ]
     specs += [TopicSpec(command_topic(t)) for t in tools]
     return specs

@@ -441,6 +441,17 @@ class DecisionHandler:
         if record.action is DecisionAction.wait and record.tool is not None:
             self.waiting.add(record.tool)
 
+    def revoked(self, _partitions: set[tuple[str, int]]) -> None:
+        """Partitions were taken away (a rebalance): forget what was decided for every run, and the wait
+        index. Memory is keyed by run, not partition, so all of it goes; the runs still owned are
+        recalled from the table with their next snapshot (one query per batch), and the next tick
+        rebuilds the wait index for the partitions owned then. A run that comes back to this member
+        later is thus never answered from memory older than another member's decisions."""
+        self.memory.clear()
+        self._undo = {}
+        # Owning nothing until the tick reads what is owned now: nothing is woken for a partition that left.
+        self.owned, self.waiting = frozenset(), set()
+
     # -- waking waiting runs ---------------------------------------------------------------------
     def assign(self, partitions: frozenset[int]) -> None:
         """The state topic's partitions this instance owns now; on a change, the index of waited-for
@@ -836,6 +847,7 @@ def build(settings: Settings) -> ConsumerRuntime:
         settings, decider, runtime.producer, available=inputs.available, keys=keys, guard=guard, snapshot_keys=keys
     )
     runtime.handler = handler
+    runtime.on_revoke.append(handler.revoked)
     state_topic = settings.topic(RUN_STATE)
 
     watch = MemoryWatch(memory, runtime.producer, handler.signer, settings.topic(RUN_EVENTS))

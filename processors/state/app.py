@@ -53,6 +53,7 @@ from streamagent.events import (
 )
 from streamagent.kafka import admin, group_offsets
 from streamagent.kafka import producer as make_producer
+from streamagent.members import MemberAnnouncer, faust_partitions
 from streamagent.metrics import (
     EVENTS_PROCESSED,
     REDRIVES,
@@ -637,6 +638,7 @@ def build_app(settings: Settings) -> faust.App:
     store = FaustTableStore(table, producer, table.changelog_topic.get_topic_name())
     worker = StateWorker(settings, store, producer, keys=load_keys(settings))
     events_topic = settings.topic(RUN_EVENTS)
+    members = MemberAnnouncer(settings, producer, PROCESSOR)  # `streamagent status`: partitions, lag, work
 
     async def settle() -> None:
         """Everything this batch caused is acknowledged before faust may commit its offsets."""
@@ -659,11 +661,14 @@ def build_app(settings: Settings) -> faust.App:
         async for batch in stream.take_events(settings.batch_size, within=settings.fetch_wait_ms / 1000):
             sync()
             worker.fold_batch([event.message for event in batch])
+            members.processed += len(batch)
             await settle()
 
     @app.timer(interval=0.5)
     async def watch() -> None:
         sync()
+        if members.due() and not app.rebalancing:
+            members.announce(faust_partitions(app.consumer, [events_topic, settings.topic(TOOL_RESULTS)]))
         if worker.report_due(time.time()):
             try:  # a gauge is never worth failing the timer: it tries again at the next interval
                 ends = {(tp.topic, tp.partition): app.consumer.highwater(tp) for tp in app.consumer.assignment()}

@@ -116,11 +116,12 @@ def _require_given(settings: Settings) -> None:
         raise CliError(str(exc), code=2) from None
     _workflows(settings)  # a malformed workflow file is refused before anything starts
     _policy(settings)  # and a malformed policy file
-    from streamagent.console.devstack.stack import UnknownTool, stack_tools
+    from streamagent.console.devstack.members import MembersError, parse_members
+    from streamagent.console.devstack.stack import PROCESSORS, UnknownTool, stack_tools
 
     try:
-        stack_tools(settings)
-    except UnknownTool as exc:
+        parse_members(settings.stack_members, PROCESSORS, stack_tools(settings))
+    except (UnknownTool, MembersError) as exc:
         raise CliError(str(exc), code=2) from None
     if settings.metrics_port:
         raise CliError(
@@ -684,6 +685,18 @@ def cmd_tools(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from streamagent.console.status import render, status
+
+    settings = _settings(("bootstrap_servers",))
+    rows = status(settings)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(render(rows, settings.topic_prefix))
+    return 0
+
+
 def schema_summary(schema: dict[str, Any]) -> str:
     """``domain: string, employees?: integer``: the input fields, ``?`` marking optional ones."""
     required = set(schema.get("required", ()))
@@ -1038,6 +1051,13 @@ def build_parser() -> argparse.ArgumentParser:
     tool.add_argument(
         "--tool", action="append", metavar="NAME", help=f"with `{MCP}`: run only this exposed tool (repeatable)"
     )
+
+    status = add(
+        "status",
+        cmd_status,
+        "Every consumer group's members: the partitions each owns, its lag and its work (from the members topic)",
+    )
+    status.add_argument("--json", action="store_true", help="machine-readable output")
 
     tools = add("tools", cmd_tools, "List the tool catalogue: name, version, status, members, approval, schema")
     tools.add_argument("--json", action="store_true", help="machine-readable output (full JSON schemas)")

@@ -58,6 +58,7 @@ from streamagent.errors import DependencyUnavailable, Rejected, outage
 from streamagent.events import STALE_MEMORY, ToolCommand, ToolResult, ToolStatus, stable_id
 from streamagent.kafka import consumer as make_consumer
 from streamagent.kafka import producer as make_producer
+from streamagent.members import MemberAnnouncer, confluent_partitions
 from streamagent.memory import MemoryTable, stale
 from streamagent.metrics import (
     EVENTS_PROCESSED,
@@ -204,6 +205,8 @@ class ToolRunner:
         self.timeout_s = tool.call_timeout(settings.tool_timeout_s)
         # The shared memory table, started with the first command that read memory (most tools never do).
         self._memory: MemoryTable | None = None
+        # This member's partitions, lag and work on the members topic (`streamagent status`).
+        self.members = MemberAnnouncer(settings, self.producer, self.processor)
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -217,7 +220,7 @@ class ToolRunner:
         self.ledger = await Ledger.open(self.settings, stop=self.stop_event, health=self.health)
         self.writer = LedgerWriter(self.ledger, max_batch=max(self.max_in_flight, 1))
         consumer = make_consumer(self.settings, self.processor, **self.consumer_config)
-        consumer.subscribe([self.topic], on_revoke=self._revoked)
+        consumer.subscribe([self.topic], on_assign=self._assigned, on_revoke=self._revoked, on_lost=self._revoked)
         self._consumer = consumer
         poller = loop.run_in_executor(None, self._poll_producer)
         await self._announce("up")
@@ -253,6 +256,8 @@ class ToolRunner:
                 if time.monotonic() - last_commit >= COMMIT_INTERVAL_S:
                     await self._commit()
                     last_commit = time.monotonic()
+                if self.members.due():
+                    await loop.run_in_executor(self._kafka, self._announce_member)
             if self._tasks:
                 await asyncio.wait(self._tasks, timeout=10)
             await self._commit()
@@ -260,6 +265,8 @@ class ToolRunner:
             heartbeat.cancel()
             await self._http.aclose()
         await self._leave()
+        with contextlib.suppress(Exception):
+            await loop.run_in_executor(self._kafka, self._announce_member, "left")
         await self.writer.close()
         self._stopping = True
         await poller
@@ -318,7 +325,26 @@ class ToolRunner:
         except Exception as exc:
             log.warning("leave announcement not delivered: %r", exc, extra={"tool": self.tool.name})
 
+    def _announce_member(self, state: str = "up") -> None:
+        """In the Kafka thread: what this member owns now, on the members topic."""
+        partitions = confluent_partitions(self._consumer) if state == "up" else []
+        self.members.announce(partitions, "left" if state == "left" else "up")
+
+    def _assigned(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
+        if partitions:
+            self.members.rebalances += 1
+            self.members.next_soon()
+            log.info(
+                "partitions assigned", extra={"tool": self.tool.name, "partitions": [p.partition for p in partitions]}
+            )
+
     def _revoked(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
+        if partitions:
+            self.members.rebalances += 1
+            self.members.next_soon()
+            log.info(
+                "partitions revoked", extra={"tool": self.tool.name, "partitions": [p.partition for p in partitions]}
+            )
         # Called from the Kafka thread. Commands of revoked partitions may still finish here; the new
         # owner finds them in the ledger (or re-runs them under the same idempotency key), so nothing
         # runs twice.
@@ -338,11 +364,18 @@ class ToolRunner:
         if offsets:
             loop = asyncio.get_running_loop()
             try:
-                await loop.run_in_executor(
-                    self._kafka, lambda: self._consumer.commit(offsets=offsets, asynchronous=False)
-                )
+                await loop.run_in_executor(self._kafka, self._commit_owned, offsets)
             except Exception as exc:  # a rebalance can refuse a commit; the work is redone, safely
                 log.warning("commit failed: %r", exc)
+
+    def _commit_owned(self, offsets: list[TopicPartition]) -> None:
+        """In the Kafka thread (where rebalances happen, so the assignment cannot change meanwhile):
+        commit only the partitions this member still owns; a revoked one's offsets are its new owner's
+        to commit (the forgetting of its tracker may not have reached the loop yet)."""
+        owned = {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
+        mine = [tp for tp in offsets if (tp.topic, tp.partition) in owned]
+        if mine:
+            self._consumer.commit(offsets=mine, asynchronous=False)
 
     # -- a consumed batch ------------------------------------------------------------------------
     def _accept(self, batch: list[Message]) -> None:
@@ -359,6 +392,7 @@ class ToolRunner:
             if counter is None:
                 counter = self._processed[topic] = EVENTS_PROCESSED.labels(self.processor, topic)
             counter.inc()
+            self.members.processed += 1
             tracker = self._offsets[(topic, msg.partition())]
             tracker.received(msg.offset())
             try:

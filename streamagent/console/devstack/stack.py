@@ -38,6 +38,7 @@ from streamagent.console.devstack.embedded import (
     die_with_parent,
     free_port,
 )
+from streamagent.console.devstack.members import group_of, member_name, parse_members
 from streamagent.console.devstack.stackfile import (
     ADDRESSES,
     LOCK_FILE,
@@ -229,11 +230,16 @@ class Child:
     log_offset: int = 0
     # How its crashes since it last ran a while (or was stopped) ended: what a crash loop reports.
     crashes: list[str] = field(default_factory=list)
+    # A static group.instance.id (its name): see Stack._member for the one exception.
+    static: bool = True
     _log: IO[bytes] | None = field(default=None, repr=False)
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self.env["STREAMAGENT_GROUP_INSTANCE_ID"] = f"{self.env.get('STREAMAGENT_TOPIC_PREFIX', '')}{self.name}"
+        # Its own static identity: a restarted member comes back as itself (one per member process).
+        static = f"{self.env.get('STREAMAGENT_TOPIC_PREFIX', '')}{self.name}" if self.static else ""
+        self.env["STREAMAGENT_GROUP_INSTANCE_ID"] = static
+        self.env["STREAMAGENT_INSTANCE_ID"] = self.name
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the child
         self.log_offset = self._log.tell()
         self.proc = subprocess.Popen(
@@ -401,6 +407,8 @@ class Stack:
         self.settings = settings
         self.tools = tools if tools is not None else stack_tools(settings)
         self.processors = processors
+        # Members per group (STREAMAGENT_STACK_MEMBERS): refused here, in one line, before anything starts.
+        self.members = parse_members(settings.stack_members, processors, self.tools)
         self.sandbox_faults = sandbox_faults or {}
         self.restart_backoff_s = restart_backoff_s
         self.max_backoff_s = max_backoff_s
@@ -488,25 +496,25 @@ class Stack:
                 )
             )
         for name in self.processors:
-            self._add(
-                Child(
-                    f"processor-{name}", cli_argv("processor", name), self._env_of(name), logs / f"processor-{name}.log"
-                )
-            )
+            for index in range(1, self.members[f"processor-{name}"] + 1):
+                self._add(self._member(f"processor-{name}", index))
         for name in self.tools:
-            self._add(
-                Child(f"tool-{name}", cli_argv("tool", name), self._env_of(tool_role(name)), logs / f"tool-{name}.log")
-            )
+            for index in range(1, self.members[f"tool-{name}"] + 1):
+                self._add(self._member(f"tool-{name}", index))
         if self.ui_port is not None:
             host = self.settings.ui_host
             port = self.ui_port or free_port(host)
             self.ui_url = f"http://{host}:{port}"
             self._add(Child("ui", cli_argv("ui", "--host", host, "--port", str(port)), env, logs / "ui.log"))
-        for child in self.children.values():
-            child.start()
         if sandbox_port is not None:
+            # First, on its own: with many members per group, a sandbox started among them answered its
+            # health check only after 20 s on a busy machine, and the tools need it from their first command.
             sandbox = self.children["sandbox"]
+            sandbox.start()
             self._wait_http(self.settings.sandbox_url + "/_sandbox/health", timeout=_READY_S, child=sandbox)
+        for child in self.children.values():
+            if child.proc is None:
+                child.start()
         if self.ui_url:
             self._wait_http(self.ui_url + "/api/health", timeout=_READY_S, child=self.children["ui"])
         self._write_stack_file()
@@ -515,6 +523,44 @@ class Stack:
 
     def _add(self, child: Child) -> None:
         self.children[child.name] = child
+
+    def _member(self, base: str, index: int) -> Child:
+        """Member ``index`` of a processor's or a tool's group (``base``: processor-decision, tool-jira)."""
+        kind, _, name = base.partition("-")
+        role = name if kind == "processor" else tool_role(name)
+        child = member_name(base, index)
+        # Static membership only for a group of one. On the embedded broker it breaks groups of several:
+        # two faust (aiokafka) state members with static ids never settle (every heartbeat refused, a
+        # rejoin every ~7 s, for ever), and a tool member killed with kill -9 and restarted under its
+        # static id left its group's rebalance unfinished for minutes, nobody owning the partitions
+        # (both measured). Several members join with dynamic membership instead: a killed one is then
+        # replaced after its session timeout. A member added to a group of one is dynamic too.
+        static = self.members.get(base, 1) == 1 and index == 1
+        return Child(
+            child,
+            cli_argv(kind, name),
+            self._env_of(role),
+            self.settings.data_dir / "logs" / f"{child}.log",
+            static=static,
+        )
+
+    def add_member(self, base: str) -> Child:
+        """One more member of a running group (``processor-decision``, ``tool-jira``), under the next
+        free name: the group rebalances to give it partitions."""
+        with self._lock:
+            index = 1
+            while member_name(base, index) in self.children:
+                index += 1
+            child = self._member(base, index)
+            self._add(child)
+            child.start()
+        self._write_stack_file()
+        return child
+
+    def members_of(self, base: str) -> list[str]:
+        """The member processes of one group now (``processor-decision``: processor-decision, -2, ...)."""
+        with self._lock:
+            return [n for n in self.children if group_of(n, {base}) == base]
 
     def _env_of(self, role: str) -> dict[str, str]:
         """A child's environment: a child that signs as a role outside the core gets that role's key file."""
@@ -842,7 +888,14 @@ class Stack:
                     "last_exit": describe_exit(state.last_exit) if state.last_exit is not None else None,
                     "last_error": state.last_failure or state.last_error or None,
                 }
+        bases = {n for n in self.members}
+        groups: dict[str, list[str]] = {}
+        for name in processes:
+            base = group_of(name, bases)
+            if base in bases:
+                groups.setdefault(base, []).append(name)
         info: dict[str, object] = {
+            "members": groups,
             "bootstrap_servers": self.settings.bootstrap_servers,
             "database_url": self.settings.database_url,
             "sandbox_url": self.settings.sandbox_url,

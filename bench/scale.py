@@ -1,0 +1,288 @@
+"""Scale-out benchmark (issue 21): 1 and 2 members per consumer group, and what a rebalance costs.
+
+For each setting of ``--members`` it starts an embedded stack with that many members in every group
+(``STREAMAGENT_STACK_MEMBERS``), completes one warm-up run, and then:
+
+1. a clean burst of ``--runs`` runs: runs/s and the stack's CPU per run (from /proc, as bench/load.py),
+   with no member joining or leaving;
+2. a churn burst of ``--runs`` runs, during which a member joins every group, then one member of every
+   group leaves (SIGTERM), then a state, a decision and a tool (jira) member are killed with kill -9 (the
+   supervisor starts each again). The pause of each event is the time a partition made no progress:
+   every group's committed offsets are polled (``--sample-s``) and, per (group, partition) that made
+   progress after the event, the longest stretch without a commit advance from the event to the next
+   event is taken; ``*_pause_p99_s`` is the p99 of those over every group's run-path partitions (the
+   partitions that did not move pause little, so the p99 is the moved partitions' pause).
+
+Both bursts count duplicate effects (a (run, api) the sandbox performed more than once). Per setting it
+prints a human table and then one line of pure JSON:
+
+    .venv/bin/python bench/scale.py                          # 1 and 2 members, 2,000-run bursts
+    .venv/bin/python bench/scale.py --members 2 --runs 200   # a quick check
+
+Exit status 0 when every run of every burst completed with no duplicate effect, else 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from itertools import pairwise
+from pathlib import Path
+
+import psycopg
+from confluent_kafka import KafkaException
+from streamagent.tools.sandbox.client import SandboxClient
+
+from streamagent.config import Settings, get_settings
+from streamagent.console.demo import sample_requests
+from streamagent.console.devstack.stack import Stack
+from streamagent.kafka import admin, group_offsets
+from streamagent.members import read_members
+from streamagent.submit import produce_requests
+from streamagent.topics import COMMANDS_PREFIX, RUN_EVENTS, RUN_REQUESTS, RUN_STATE, TOOL_RESULTS
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from load import CpuMeter, positive_ints  # sibling scripts, not a package
+from run_throughput import in_data_dir, percentile, warm_up
+
+APIS = ("enrich", "jira", "email", "slack")
+GROUPS = ["intake", "memory", "state", "decision", "projection", *(f"tool.{a}" for a in APIS)]
+BASES = {
+    "intake": "processor-intake",
+    "memory": "processor-memory",
+    "state": "processor-state",
+    "decision": "processor-decision",
+    "projection": "processor-projection",
+    **{f"tool.{a}": f"tool-{a}" for a in APIS},
+}
+KILLED = ("state", "decision", "tool.jira")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Members per group: runs/s, CPU per run, rebalance pauses.")
+    parser.add_argument("--members", type=positive_ints, default=[1, 2], help="members per group to run (1,2)")
+    parser.add_argument("--runs", type=int, default=2000, help="runs per burst (default 2000)")
+    parser.add_argument("--timeout", type=float, help="seconds a burst may take (default 120 + 0.5 s per run)")
+    parser.add_argument("--sample-s", type=float, default=0.25, help="how often committed offsets are read")
+    parser.add_argument("--settle-s", type=float, default=20.0, help="seconds between churn events (default 20)")
+    parser.add_argument("--data-dir", type=Path, help="new or empty dir for the stacks' files; default: temp")
+    args = parser.parse_args(argv)
+    if args.runs <= 0:
+        parser.error("--runs must be positive")
+    return args
+
+
+def run_path(topic: str, prefix: str) -> bool:
+    name = topic.removeprefix(prefix)
+    return name in (RUN_REQUESTS, RUN_EVENTS, TOOL_RESULTS, RUN_STATE) or name.startswith(COMMANDS_PREFIX)
+
+
+class Progress:
+    """When each group's committed offset of each run-path partition last advanced (sampled)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.client = admin(settings)
+        self.partitions: dict[str, list[tuple[str, int]]] = {}
+        self.last: dict[tuple[str, str, int], int] = {}
+        self.advances: dict[tuple[str, str, int], list[float]] = {}
+
+    def learn(self) -> None:
+        """Which partitions each group reads, from its members' announcements."""
+        for m in read_members(self.settings).values():
+            parts = {(p.topic, p.partition) for p in m.partitions if run_path(p.topic, self.settings.topic_prefix)}
+            self.partitions[m.group] = sorted(set(self.partitions.get(m.group, [])) | parts)
+
+    def sample(self) -> None:
+        now = time.monotonic()
+        for group, parts in self.partitions.items():
+            if not parts:
+                continue
+            try:
+                offsets = group_offsets(self.client, self.settings.group(group), parts, timeout_s=5)
+            except KafkaException:  # the coordinator busy with a rebalance: the next sample says it
+                continue
+            for (topic, partition), offset in offsets.items():
+                key = (group, topic, partition)
+                if offset > self.last.get(key, -1):
+                    if key in self.last:
+                        self.advances.setdefault(key, []).append(now)
+                    self.last[key] = offset
+
+    def pauses(self, start: float, end: float, groups: Iterable[str] | None = None) -> list[float]:
+        """Per (group, partition) that advanced after ``start``: the longest stretch without an advance
+        from ``start`` until ``end`` (or its last advance before ``end``)."""
+        wanted = set(groups) if groups is not None else None
+        out = []
+        for (group, _topic, _p), times in self.advances.items():
+            if wanted is not None and group not in wanted:
+                continue
+            after = [t for t in times if start < t <= end]
+            if not after:
+                continue  # no work on this partition in the window: no pause to speak of
+            before = [t for t in times if t <= start]
+            edges = [max(before[-1], start) if before else start, *after]
+            out.append(max(b - a for a, b in pairwise(edges)))
+        return out
+
+
+def ended(conn: psycopg.Connection, run_ids: list[str]) -> Counter[str]:
+    rows = conn.execute("SELECT status FROM runs WHERE run_id = ANY(%s)", (run_ids,)).fetchall()
+    return Counter(str(status) for (status,) in rows)
+
+
+def wait(
+    settings: Settings, run_ids: list[str], timeout_s: float, on_tick: Iterable[object] = ()
+) -> tuple[Counter[str], float]:
+    began = time.monotonic()
+    with psycopg.connect(settings.database_url, autocommit=True) as conn:
+        while True:
+            counts = ended(conn, run_ids)
+            done = sum(n for status, n in counts.items() if status != "running")
+            if done == len(run_ids) or time.monotonic() - began > timeout_s:
+                return counts, time.monotonic() - began
+            for tick in on_tick:
+                tick()  # type: ignore[operator]
+            time.sleep(0.25)  # the poll interval of a deadline-bounded wait
+
+
+def duplicates(settings: Settings, run_ids: list[str]) -> int:
+    wanted = set(run_ids)
+    with SandboxClient(settings.sandbox_url) as sandbox:
+        per = Counter((e.run_id, e.api) for e in sandbox.effects() if e.run_id in wanted)
+    return sum(n - 1 for n in per.values() if n > 1)
+
+
+def churn(stack: Stack, members: int, runs: int, args: argparse.Namespace) -> dict[str, object]:
+    s = stack.settings
+    progress = Progress(s)
+    progress.learn()
+    run_ids = produce_requests(s, sample_requests(runs, requested_by="bench-churn"))
+    deadline = time.monotonic() + (args.timeout or 120 + 0.5 * runs)
+    marks: dict[str, float] = {}
+
+    def hold(seconds: float) -> None:
+        until = time.monotonic() + seconds
+        while time.monotonic() < until:
+            progress.sample()
+            time.sleep(args.sample_s)  # the sampling interval
+
+    hold(args.settle_s / 2)  # the burst under way, partitions progressing
+    marks["join"] = time.monotonic()
+    for group in GROUPS:
+        stack.add_member(BASES[group])
+    hold(args.settle_s)
+    progress.learn()
+    marks["leave"] = time.monotonic()
+    for group in GROUPS:
+        stack.undeploy(f"{BASES[group]}-{members + 1}", signal.SIGTERM)
+    hold(args.settle_s)
+    marks["kill"] = time.monotonic()
+    for group in KILLED:
+        stack.kill(BASES[group] if members == 1 else f"{BASES[group]}-2")
+    counts, _ = wait(s, run_ids, max(1.0, deadline - time.monotonic()), on_tick=[progress.sample])
+    hold(1.0)
+    end = time.monotonic()
+    join = progress.pauses(marks["join"], marks["leave"])
+    leave = progress.pauses(marks["leave"], marks["kill"])
+    kill = progress.pauses(marks["kill"], end, KILLED)
+    p99 = lambda xs: round(percentile(xs, 0.99), 2) if xs else None  # noqa: E731
+    return {
+        "churn_runs": runs,
+        "churn_completed": counts.get("completed", 0),
+        "churn_duplicate_effects": duplicates(s, run_ids),
+        "join_pause_p99_s": p99(join),
+        "leave_pause_p99_s": p99(leave),
+        "kill_pause_p99_s": p99(kill),
+        "join_pause_max_s": round(max(join), 2) if join else None,
+        "leave_pause_max_s": round(max(leave), 2) if leave else None,
+        "kill_pause_max_s": round(max(kill), 2) if kill else None,
+        "pause_samples": {"join": len(join), "leave": len(leave), "kill": len(kill)},
+    }
+
+
+def setting(members: int, args: argparse.Namespace, data_dir: Path) -> dict[str, object]:
+    spec = ",".join(f"{g}={members}" for g in ("intake", "memory", "state", "decision", "projection", "tools"))
+    base = get_settings().model_copy(
+        update={
+            "data_dir": data_dir / f"members-{members}",
+            "broker_port": 0,
+            "sandbox_port": 0,
+            "stack_members": spec,
+            "member_report_s": 1.0,
+        }
+    )
+    started = time.monotonic()
+    with Stack(base) as stack:
+        s = stack.settings
+        print(f"\n{members} member(s) per group: stack up in {time.monotonic() - started:.1f} s", flush=True)
+        if warm_up(s, 180) is None:
+            raise SystemExit("the warm-up run did not end within 180 s")
+        run_ids = produce_requests(s, sample_requests(args.runs, requested_by="bench-scale"))
+        meter = CpuMeter(stack)
+        meter.begin()
+        counts, took = wait(s, run_ids, args.timeout or 120 + 0.5 * args.runs, on_tick=[meter.poll])
+        meter.end()
+        cpu = meter.ms_by_process()
+        stack_ms = sum(ms for name, ms in cpu.items() if name != "sandbox")
+        result: dict[str, object] = {
+            "bench": "scale",
+            "members": members,
+            "runs": args.runs,
+            "completed": counts.get("completed", 0),
+            "duplicate_effects": duplicates(s, run_ids),
+            "runs_per_s": round(counts.get("completed", 0) / took, 1),
+            "cpu_ms_per_run": round(stack_ms / args.runs, 2),
+            "partitions": s.partitions,
+            "session_timeout_ms": s.session_timeout_ms,
+            "load_avg": round(os.getloadavg()[0], 2),
+        }
+        result.update(churn(stack, members, args.runs, args))
+    return result
+
+
+def print_table(result: dict[str, object]) -> None:
+    print(f"members per group: {result['members']}")
+    for key in (
+        "runs",
+        "completed",
+        "duplicate_effects",
+        "runs_per_s",
+        "cpu_ms_per_run",
+        "churn_completed",
+        "churn_duplicate_effects",
+        "join_pause_p99_s",
+        "leave_pause_p99_s",
+        "kill_pause_p99_s",
+        "join_pause_max_s",
+        "leave_pause_max_s",
+        "kill_pause_max_s",
+        "load_avg",
+    ):
+        print(f"  {key:<28} {result[key]}")
+
+
+def bench(args: argparse.Namespace, data_dir: Path) -> int:
+    ok = True
+    for members in args.members:
+        result = setting(members, args, data_dir)
+        print_table(result)
+        print(json.dumps(result), flush=True)
+        ok = ok and result["completed"] == args.runs and result["churn_completed"] == args.runs
+        ok = ok and not result["duplicate_effects"] and not result["churn_duplicate_effects"]
+    print("OK" if ok else "FAILED: a run did not complete, or an effect was repeated")
+    return 0 if ok else 1
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    return in_data_dir(parse_args(list(argv) if argv is not None else None), bench, "streamagent-scale-")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
