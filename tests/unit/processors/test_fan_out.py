@@ -13,14 +13,21 @@ import fastavro
 import pytest
 from streamagent.processors.decision.decider import Decision
 from streamagent.processors.decision.gating import decide
+from streamagent.processors.decision.processor import DecisionHandler
 from streamagent.processors.decision.rules import RulesDecider
+from streamagent.processors.decision.schema import SCHEMA as DECISION_SCHEMA
 from streamagent.processors.guard.stage import GuardStage
 from streamagent.processors.state.fold import RunState, apply, needs_decision
 from streamagent.processors.workflow import Workflow, WorkflowError, load_workflow
+from streamagent.tools.sandbox.model import Answer, FakeModel
+from test_decision_handler import LandingProducer, _batch
+from test_llm_decider import decider as llm_decider
+from test_llm_decider import llm_settings
 
-from streamagent import codec
+from streamagent import codec, db
 from streamagent.config import Settings
 from streamagent.events import (
+    CommandResent,
     DecisionAction,
     DecisionRecorded,
     Event,
@@ -29,11 +36,13 @@ from streamagent.events import (
     RunStatus,
     StateSnapshot,
     StepStatus,
+    ToolCommand,
     ToolResult,
     ToolStatus,
     command_id,
 )
 from streamagent.policy import PolicyStore
+from streamagent.topics import RUN_EVENTS
 
 RUN = "run-fan-1"
 T0 = datetime(2026, 1, 1, 9, 0, tzinfo=UTC)
@@ -389,3 +398,76 @@ def test_decision_recorded_v5_round_trips_and_older_versions_decode(tmp_path: Pa
     assert fastavro.schema.to_parsing_canonical_form(v4.parsed) != fastavro.schema.to_parsing_canonical_form(
         codec.registry().current[v4.name].parsed
     )
+
+
+def test_the_handler_stores_a_fan_out_once_sends_each_command_and_re_sends_only_the_lost_one(
+    settings: Settings, tmp_path: Path
+) -> None:
+    db.migrate(settings, DECISION_SCHEMA)
+    wf = workflow(tmp_path)
+    run = Run(wf)
+    producer = LandingProducer()
+    handler = DecisionHandler(settings, RulesDecider(wf), producer)  # type: ignore[arg-type]
+    handler(_batch([run.snap]))
+    events = settings.topic(RUN_EVENTS)
+    commands = [(t, v) for t, v in producer.sent if t != events]
+    decoded = [codec.decode(v) for _, v in commands]
+    assert [(c.step, c.tool) for c in decoded if isinstance(c, ToolCommand)] == [("a1", "jira"), ("b1", "enrich")]
+    assert len({c.decision_id for c in decoded if isinstance(c, ToolCommand)}) == 1  # one decision, two commands
+    (record,) = [codec.decode(v) for t, v in producer.sent if t == events]
+    assert isinstance(record, DecisionRecorded)
+    # Produced after both commands were acknowledged, carrying where each landed (the loss checks' evidence).
+    assert [(d.step, d.command_offset) for d in record.dispatched()] == [("a1", 0), ("b1", 0)]
+
+    producer.sent.clear()
+    handler(_batch([run.snap]))  # redelivered: the recorded bytes again, nothing decided anew
+    assert [(t, v) for t, v in producer.sent if t != events] == commands
+
+    # b1's command is found lost: exactly its recorded bytes go again, also after a restart (no memory).
+    lost = run.snap.model_copy(update={"version": run.snap.version + 2, "redrive_command_id": decoded[1].command_id})
+    for fresh in (handler, DecisionHandler(settings, RulesDecider(wf), producer)):  # type: ignore[arg-type]
+        producer.sent.clear()
+        fresh(_batch([lost]))
+        assert [(t, v) for t, v in producer.sent if t != events] == [commands[1]]
+        (resent,) = [codec.decode(v) for t, v in producer.sent if t == events]
+        assert isinstance(resent, CommandResent) and (resent.step, resent.tool) == ("b1", "enrich")
+
+
+def test_the_model_answers_two_calls_and_one_decision_starts_both(tmp_path: Path) -> None:
+    wf = workflow(tmp_path)
+    run = Run(wf)
+    jira = {"key": "NORT123456", "name": "Northwind", "lead_email": "zed@northwind.io"}
+    with FakeModel() as model:
+        model.script(Answer.calls(("jira", jira), ("enrich", {"domain": "northwind.io"})))
+        decision = llm_decider(llm_settings(model.url), wf).decide(run.snap)
+        prompt = model.requests[0]
+    assert decision is not None and steps_of(decision) == ["a1", "b1"]
+    assert decision.arguments == jira and decision.parallel[0].arguments == {"domain": "northwind.io"}
+    assert [c["function"]["name"] for c in decision.context["answers"][0]["tool_calls"]] == ["jira", "enrich"]
+    system, user = (m["content"] for m in prompt.messages)
+    assert "call every ready step in one answer" in system and "at most 2 calls" in user
+    described = {t["function"]["name"]: t["function"]["description"] for t in prompt.body["tools"]}
+    assert described["jira"].startswith("Ready now: step a1.") and described["email"].startswith("No step")
+
+
+def test_one_valid_and_one_invalid_call_the_valid_stands_and_the_other_is_repaired_or_falls_back(
+    tmp_path: Path,
+) -> None:
+    wf = workflow(tmp_path)
+    run = Run(wf)
+    jira = {"key": "NORT123456", "name": "Northwind", "lead_email": "zed@northwind.io"}
+    with FakeModel() as model:
+        model.script(
+            Answer.calls(("jira", jira), ("enrich", {"domain": 42})),
+            Answer.call("enrich", {"domain": "northwind.io"}),
+        )
+        repaired = llm_decider(llm_settings(model.url), wf).decide(run.snap)
+        repair_turn = model.requests[1].messages[-1]["content"]
+        model.script(Answer.calls(("jira", jira), ("enrich", {"domain": 42})), Answer.call("nope"))
+        fell_back = llm_decider(llm_settings(model.url), wf).decide(run.snap)
+    assert repaired is not None and steps_of(repaired) == ["a1", "b1"] and repaired.context["fallback"] is None
+    assert "Accepted: the calls for a1" in repair_turn
+    assert repaired.parallel[0].arguments == {"domain": "northwind.io"}
+    # Refused twice: the valid call still runs; the rules start the other ready step beside it.
+    assert fell_back is not None and steps_of(fell_back) == ["a1", "b1"] and fell_back.arguments == jira
+    assert fell_back.context["fallback"] == "rules" and fell_back.parallel[0].reason.startswith("fallback to rules")
