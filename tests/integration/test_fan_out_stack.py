@@ -358,3 +358,10 @@ def test_replay_rebuilds_the_fan_out_runs_and_re_decides_them_the_same(
     print(f"\n[fan-out replay] decisions: {counts}")
     assert code == 0 and report["differing"] == [], out
     assert counts["same"] == sum(counts.values()) >= 40, out
+
+    # `show` names every step a decision started, and each step's command.
+    one = next(r for r in queries.runs(s, limit=1000) if r.workflow == "branches" and r.status == "completed")
+    capsys.readouterr()
+    assert cli(["show", one.run_id]) == 0
+    shown = capsys.readouterr().out
+    assert "decided dispatch a1 + b1" in shown and "command execute → enrich" in shown, shown
