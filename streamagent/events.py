@@ -398,6 +398,8 @@ class StepState(BaseModel):
     command_offset: int | None = None
     dispatched_at: datetime | None = None
     redrives: int = 0
+    # When its result was folded (the result's time): a failed fan-out is undone last finished first.
+    finished_at: datetime | None = None
 
 
 class OnboardingRequest(BaseModel):
@@ -471,7 +473,8 @@ class StateSnapshot(BaseModel):
     redrive_command_id: str | None = None
     plan: RunPlan | None = None
     # 4: the plan and governance (schemas/history/StateSnapshot.v3.avsc and older decode with neither).
-    schema_version: int = 4
+    # 5: when each step finished (history/StateSnapshot.v4.avsc and older decode with none).
+    schema_version: int = 5
     # Governance: approval requests and what the run has spent, for the guard's budgets.
     approvals: list[ApprovalState] = Field(default_factory=list)
     decisions: int = 0  # decisions taken (recorded and applied)

@@ -132,10 +132,12 @@ class RulesDecider:
         if any(s.status is StepStatus.compensating for s in snapshot.steps):
             return None  # one undo at a time
         results = snapshot.results()
-        # Last started first: the reverse of the declared order for a run of one step at a time; in a
-        # fan-out, steps started by one decision are undone in reverse declared order.
+        # Last finished first (a run of one step at a time: the reverse of the declared order); a step
+        # folded before this field existed counts from when it was started.
         order = sorted(
-            enumerate(snapshot.steps), key=lambda p: (p[1].dispatched_at or snapshot.created_at, p[0]), reverse=True
+            enumerate(snapshot.steps),
+            key=lambda p: (p[1].finished_at or p[1].dispatched_at or snapshot.created_at, p[0]),
+            reverse=True,
         )
         for _, state in order:
             step = workflow.step(state.name)

@@ -465,6 +465,7 @@ def _result(snap: StateSnapshot, event: ToolResult) -> StateSnapshot:
                 "command_id": event.command_id,
                 "output": event.output,
                 "error": None if ok else f"{event.error_kind or 'error'}: {event.error}",
+                "finished_at": event.occurred_at,
             }
         ),
     )

@@ -5,6 +5,7 @@ per step, the undo order, and the schema (DecisionRecorded v5, older versions st
 from __future__ import annotations
 
 import itertools
+import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -471,3 +472,59 @@ def test_one_valid_and_one_invalid_call_the_valid_stands_and_the_other_is_repair
     # Refused twice: the valid call still runs; the rules start the other ready step beside it.
     assert fell_back is not None and steps_of(fell_back) == ["a1", "b1"] and fell_back.arguments == jira
     assert fell_back.context["fallback"] == "rules" and fell_back.parallel[0].reason.startswith("fallback to rules")
+
+
+TWO_PROJECTS = """
+name = "two-projects"
+goal = "two undoable steps at once, then a mail"
+tools = ["jira", "email"]
+max_parallel = 2
+[[steps]]
+name = "x"
+tool = "jira"
+args.key = "{request.company_name | run_key}"
+compensate.tool = "jira"
+compensate.args.key = "{steps.x.output.key}"
+[[steps]]
+name = "y"
+tool = "jira"
+args.key = "{request.contact_name | run_key}"
+compensate.tool = "jira"
+compensate.args.key = "{steps.y.output.key}"
+[[steps]]
+name = "z"
+tool = "email"
+needs = ["x", "y"]
+args.to = "{request.contact_email}"
+"""
+
+
+def test_a_failed_fan_out_is_undone_last_finished_first(tmp_path: Path) -> None:
+    path = tmp_path / "two-projects.toml"
+    path.write_text(TWO_PROJECTS)
+    run = Run(load_workflow(path))
+    run.record(run.decide())  # type: ignore[arg-type]  # x and y started by one decision
+    run.result("y")  # y finishes first,
+    run.result("x")  # x last
+    assert run.snap.step("x").finished_at > run.snap.step("y").finished_at  # type: ignore[operator]
+    run.record(run.decide())  # type: ignore[arg-type]  # z
+    run.result("z", ok=False)
+    run.record(run.decide())  # type: ignore[arg-type]  # the run fails
+    undone = []
+    while (undo := run.decide()) is not None:
+        undone.append(undo.step)
+        run.record(undo)
+        run.result(undo.step or "", operation="compensate")
+    assert undone == ["x", "y"]
+
+
+def test_state_snapshot_v5_carries_when_steps_finished_and_v4_still_decodes(tmp_path: Path) -> None:
+    run = Run(workflow(tmp_path))
+    run.record(run.decide())  # type: ignore[arg-type]
+    run.result("a1")
+    snap = run.snap
+    assert codec.decode(codec.encode(snap)) == snap and snap.step("a1").finished_at is not None
+    older = [e for e in codec.registry().by_fingerprint.values() if e.name.endswith("StateSnapshot") and not e.current]
+    v4 = next(e for e in older if "approvals" in json.dumps(e.parsed) and "finished_at" not in json.dumps(e.parsed))
+    old = codec.decode(codec.encode(snap.model_copy(update={"schema_version": 4}), schema=v4))
+    assert isinstance(old, StateSnapshot) and old.step("a1").finished_at is None
