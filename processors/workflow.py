@@ -230,6 +230,32 @@ class Workflow:
     # What one run may spend on model calls; None follows the settings (0 there: no cap).
     max_tokens_per_run: int | None = None
     max_cost_usd_per_run: float | None = None
+    # How many steps may be in flight at once (fan-out): 1 runs one step at a time, as workflows
+    # always did; more lets every step whose needs are met start together, up to this many.
+    max_parallel: int = 1
+    # When a step fails for good while other branches still run: "finish" lets them finish (their
+    # later steps start too), "stop" starts no further step. Either way the run then ends as the failed
+    # step says and, with compensate_abandoned, what succeeded is undone.
+    on_branch_failure: Literal["finish", "stop"] = "finish"
+
+    def ready(self, snapshot: StateSnapshot) -> list[Step]:
+        """The pending steps whose needs have all succeeded, in declaration order (none once a branch
+        failed and the workflow stops on a branch failure)."""
+        states = {s.name: s for s in snapshot.steps}
+        if self.on_branch_failure == "stop" and any(s.status is StepStatus.failed for s in snapshot.steps):
+            return []
+        return [
+            step
+            for step in self.steps
+            if (state := states.get(step.name)) is not None
+            and state.status is StepStatus.pending
+            and all(states[n].status is StepStatus.succeeded for n in step.needs if n in states)
+        ]
+
+    def room(self, snapshot: StateSnapshot) -> int:
+        """How many more steps may start now (``max_parallel`` less those in flight)."""
+        flying = sum(1 for s in snapshot.steps if s.status is StepStatus.dispatched)
+        return max(0, self.max_parallel - flying)
 
     def step(self, name: str) -> Step:
         for step in self.steps:
@@ -242,13 +268,20 @@ class Workflow:
         return tuple(s.name for s in self.steps)
 
     def undo_pending(self, snapshot: StateSnapshot) -> bool:
-        """An abandoned run (escalated after its deadline), or one a person stopped (an approval denied,
-        so it failed), that created something it can undo."""
+        """An abandoned run (escalated after its deadline), one a person stopped (an approval denied, so
+        it failed), or a fan-out with a failed branch, that created something it can undo."""
         abandoned = snapshot.status is RunStatus.escalated and snapshot.deadline_exceeded
         denied = snapshot.status is RunStatus.failed and any(
             a.status is ApprovalStatus.denied for a in snapshot.approvals
         )
-        if not (self.compensate_abandoned and (abandoned or denied)):
+        # A fan-out whose branch failed for good: the other branches' work is undone too (a run that
+        # runs one step at a time keeps what it created and reports it, as it always did).
+        branch_failed = (
+            snapshot.status is RunStatus.failed
+            and self.max_parallel > 1
+            and any(s.status is StepStatus.failed for s in snapshot.steps)
+        )
+        if not (self.compensate_abandoned and (abandoned or denied or branch_failed)):
             return False
         return any(
             s.status is StepStatus.succeeded and self.step(s.name).compensation is not None for s in snapshot.steps
@@ -343,6 +376,8 @@ class _Loader:
                 "planner",
                 "max_tokens_per_run",
                 "max_cost_usd_per_run",
+                "max_parallel",
+                "on_branch_failure",
             },
             {"name", "goal", "tools", "steps"},
         )
@@ -381,6 +416,12 @@ class _Loader:
             isinstance(max_cost, bool) or not isinstance(max_cost, (int, float)) or not max_cost > 0
         ):
             raise self.fail("max_cost_usd_per_run", f"must be a number of USD > 0, not {max_cost!r}")
+        max_parallel = data.get("max_parallel", 1)
+        if isinstance(max_parallel, bool) or not isinstance(max_parallel, int) or not 1 <= max_parallel <= 64:
+            raise self.fail("max_parallel", f"must be a whole number from 1 to 64, not {max_parallel!r}")
+        on_branch_failure = data.get("on_branch_failure", "finish")
+        if on_branch_failure not in ("finish", "stop"):
+            raise self.fail("on_branch_failure", f"must be 'finish' or 'stop', not {on_branch_failure!r}")
         raw_steps = data["steps"]
         if not isinstance(raw_steps, list) or not raw_steps or not all(isinstance(s, dict) for s in raw_steps):
             raise self.fail("steps", "must be a non-empty array of tables ([[steps]])")
@@ -399,6 +440,8 @@ class _Loader:
             planner=planner,
             max_tokens_per_run=max_tokens,
             max_cost_usd_per_run=float(max_cost) if max_cost is not None else None,
+            max_parallel=max_parallel,
+            on_branch_failure=on_branch_failure,
         )
 
     def step(self, raw: dict[str, Any], index: int, earlier: list[Step], tools: set[str]) -> Step:

@@ -20,7 +20,7 @@ import fastavro.schema
 from pydantic import BaseModel, ValidationError
 
 from streamagent.errors import DecodeError
-from streamagent.events import ALL_MODELS, StateSnapshot
+from streamagent.events import ALL_MODELS, DecisionRecorded, StateSnapshot
 
 __all__ = ["DecodeError", "decode", "encode", "registry"]
 
@@ -79,6 +79,9 @@ def _to_record(model: BaseModel) -> dict[str, Any]:
     if isinstance(model, StateSnapshot):
         for step in record["steps"]:
             step["output"] = json.dumps(step["output"], sort_keys=True, default=str)
+    if isinstance(model, DecisionRecorded):
+        for dispatch in record["parallel"]:
+            dispatch["arguments"] = json.dumps(dispatch["arguments"], sort_keys=True, default=str)
     for key, value in record.items():
         if hasattr(value, "value") and not isinstance(value, dict):  # StrEnum -> its symbol
             record[key] = value.value
@@ -92,6 +95,9 @@ def _from_record(model: type[BaseModel], record: dict[str, Any]) -> BaseModel:
     if model is StateSnapshot:
         for step in record["steps"]:
             step["output"] = json.loads(step["output"])
+    if model is DecisionRecorded:
+        for dispatch in record.get("parallel") or ():
+            dispatch["arguments"] = json.loads(dispatch["arguments"])
     return model.model_validate(record)
 
 
@@ -164,3 +170,23 @@ def with_landing(decision: bytes, partition: int, offset: int) -> bytes:
         record = decode(decision)
         return encode(record.model_copy(update={"command_partition": partition, "command_offset": offset}))
     return decision[:-2] + b"\x02" + _zigzag_varint(partition) + b"\x02" + _zigzag_varint(offset)
+
+
+def with_landings(decision: bytes, landings: dict[str, tuple[int, int]]) -> bytes:
+    """A fan-out's DecisionRecorded plus where each of its commands landed, by command id. One command:
+    the two-byte rewrite of ``with_landing``; several: decoded and encoded again (rarer, and one encode)."""
+    record = decode(decision)
+    assert isinstance(record, DecisionRecorded)
+    first = landings.get(record.command_id or "")
+    if not record.parallel:
+        return with_landing(decision, *first) if first is not None else decision
+    parallel = [
+        p.model_copy(update={"command_partition": at[0], "command_offset": at[1]})
+        if (at := landings.get(p.command_id)) is not None
+        else p
+        for p in record.parallel
+    ]
+    update: dict[str, object] = {"parallel": parallel}
+    if first is not None:
+        update.update(command_partition=first[0], command_offset=first[1])
+    return encode(record.model_copy(update=update))

@@ -106,12 +106,27 @@ class DecisionAction(StrEnum):
     wait = "wait"
 
 
+class ParallelDispatch(BaseModel):
+    """A further step a fan-out decision dispatches beside the one its ``step`` names: one command each."""
+
+    model_config = ConfigDict(frozen=True)
+
+    step: str
+    tool: str
+    command_id: str
+    arguments: dict[str, Any] = Field(default_factory=dict)
+    memory: dict[str, int] = Field(default_factory=dict)
+    command_partition: int | None = None
+    command_offset: int | None = None
+
+
 class DecisionRecorded(Event):
     SCHEMA_NAME = "io.streamagent.events.DecisionRecorded"
     JSON_FIELDS = ("arguments", "context")
 
     # 4: the memory it read (schemas/history/DecisionRecorded.v4.avsc and older decode with none).
-    schema_version: int = 4
+    # 5: the further steps of a fan-out (history/DecisionRecorded.v5.avsc and older decode with none).
+    schema_version: int = 5
     decision_id: str
     based_on_version: int
     action: DecisionAction
@@ -133,10 +148,27 @@ class DecisionRecorded(Event):
     policy_version: str | None = None
     # The shared memory the decision read: ``contact/acme.io`` -> its version (0: memory had none).
     memory: dict[str, int] = Field(default_factory=dict)
+    # A fan-out: the further steps this decision dispatches beside ``step``, each with its own command.
+    parallel: list[ParallelDispatch] = Field(default_factory=list)
     # Where the command landed (its produce was acknowledged before this event was written): the
     # state processor judges a command lost only once its tool's group has consumed past it.
     command_partition: int | None = None
     command_offset: int | None = None
+
+    def dispatched(self) -> list[ParallelDispatch]:
+        """Every step this decision sends a command for (a dispatch or an undo), the first one first."""
+        if self.action not in (DecisionAction.dispatch, DecisionAction.compensate) or self.step is None:
+            return []
+        first = ParallelDispatch(
+            step=self.step,
+            tool=self.tool or "",
+            command_id=self.command_id or "",
+            arguments=self.arguments,
+            memory=self.memory,
+            command_partition=self.command_partition,
+            command_offset=self.command_offset,
+        )
+        return [first, *self.parallel]
 
 
 class ToolCommand(Event):
@@ -366,6 +398,8 @@ class StepState(BaseModel):
     command_offset: int | None = None
     dispatched_at: datetime | None = None
     redrives: int = 0
+    # When its result was folded (the result's time): a failed fan-out is undone last finished first.
+    finished_at: datetime | None = None
 
 
 class OnboardingRequest(BaseModel):
@@ -439,7 +473,8 @@ class StateSnapshot(BaseModel):
     redrive_command_id: str | None = None
     plan: RunPlan | None = None
     # 4: the plan and governance (schemas/history/StateSnapshot.v3.avsc and older decode with neither).
-    schema_version: int = 4
+    # 5: when each step finished (history/StateSnapshot.v4.avsc and older decode with none).
+    schema_version: int = 5
     # Governance: approval requests and what the run has spent, for the guard's budgets.
     approvals: list[ApprovalState] = Field(default_factory=list)
     decisions: int = 0  # decisions taken (recorded and applied)

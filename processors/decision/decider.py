@@ -23,6 +23,12 @@ class Decision:
     decider: str | None = None
     # The shared memory it read: entity reference -> version (0: memory had none).
     memory: dict[str, int] = field(default_factory=dict)
+    # A fan-out: further dispatches (each its step, tool, arguments and memory) made by the same decision.
+    parallel: tuple[Decision, ...] = ()
+
+    def dispatches(self) -> tuple[Decision, ...]:
+        """Every step this decision dispatches, itself first (none unless it is a dispatch)."""
+        return (self, *self.parallel) if self.action is DecisionAction.dispatch else ()
 
 
 class Decider(Protocol):

@@ -12,7 +12,7 @@ registry as it was at the recorded decision).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 from streamagent.processors.decision.arguments import ArgumentCheck, catalogue_check
@@ -22,7 +22,7 @@ from streamagent.processors.guard.judge import Verdict
 from streamagent.processors.guard.stage import GuardStage
 from streamagent.processors.workflow import ToolAvailability
 
-from streamagent.events import StateSnapshot
+from streamagent.events import DecisionAction, StateSnapshot
 
 
 @dataclass(frozen=True)
@@ -53,4 +53,41 @@ def decide(
     on it at ``at`` (default: now). ``Verdict.decision`` is what is recorded: the proposal, or the
     wait for approval or the escalation that replaces it."""
     proposal = decider.decide(snap)
-    return proposal, guard.judge(snap, proposal, at) if proposal is not None else None
+    if proposal is None:
+        return None, None
+    if not proposal.parallel:
+        return proposal, guard.judge(snap, proposal, at)
+    return proposal, judge_fan_out(guard, snap, proposal, at)
+
+
+def judge_fan_out(guard: GuardStage, snap: StateSnapshot, proposal: Decision, at: datetime | None) -> Verdict:
+    """Each step of a fan-out judged on its own, as if dispatched one after the other (a budget of tool
+    calls counts each). The steps the guard lets through are dispatched together; a step it holds for
+    approval, or refuses, is left out and proposed again on its own by a later decision (so an
+    approval-gated step waits alone while the others run). None let through: the first one's verdict."""
+    verdicts: list[Verdict] = []
+    counted = snap
+    for index, step in enumerate(proposal.dispatches()):
+        # The model's spending is the decision's, judged once, with its first step.
+        one = replace(step, parallel=()) if index == 0 else replace(step, context=proposal.context)
+        verdict = guard.judge(counted, one, at)
+        verdicts.append(verdict)
+        if verdict.decision.action is DecisionAction.dispatch:
+            counted = counted.model_copy(update={"tool_calls": counted.tool_calls + 1})
+    passed = [v for v in verdicts if v.decision.action is DecisionAction.dispatch]
+    if not passed:
+        return verdicts[0]
+    lead, *rest = passed
+    left_out = [v.decision.step for v in verdicts if v not in passed]
+    reason = proposal.reason + (f"; {', '.join(s or '' for s in left_out)} left for later" if left_out else "")
+    decision = replace(
+        lead.decision,
+        reason=reason,
+        context=proposal.context,
+        prompt_tokens=proposal.prompt_tokens,
+        completion_tokens=proposal.completion_tokens,
+        cost_usd=proposal.cost_usd,
+        decider=proposal.decider,
+        parallel=tuple(v.decision for v in rest),
+    )
+    return replace(lead, decision=decision, parallel=tuple(rest))

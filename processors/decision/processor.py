@@ -28,6 +28,7 @@ appears wakes them a page per tick between batches instead of in one stalling pa
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -65,6 +66,7 @@ from streamagent.events import (
     DecisionRecorded,
     Event,
     FailureStatus,
+    ParallelDispatch,
     RunCompleted,
     RunFailed,
     StateSnapshot,
@@ -119,29 +121,7 @@ def follow_up(
         )
         return settings.topic(RUN_EVENTS), request
     if decision.action in (DecisionAction.dispatch, DecisionAction.compensate):
-        assert decision.step is not None and decision.tool is not None
-        operation = "compensate" if decision.action is DecisionAction.compensate else "execute"
-        cid = command_id(snap.run_id, decision.step, operation)
-        # An undo runs after the run's deadline by definition; it gets its own.
-        limit = now() + timedelta(seconds=settings.command_deadline_s)
-        deadline = limit if operation == "compensate" else min(snap.deadline_at, limit)
-        command = ToolCommand(
-            event_id=stable_id(cid, "command"),
-            run_id=snap.run_id,
-            causation_id=decision_id,
-            command_id=cid,
-            decision_id=decision_id,
-            tool=decision.tool,
-            step=decision.step,
-            operation=operation,
-            arguments=decision.arguments,
-            deadline_at=deadline,
-            memory=decision.memory,
-        )
-        if verdict is not None and verdict.approved and guard is not None:
-            command = command.model_copy(update={"approval": guard.token(snap, decision, deadline)})
-        # Under the tool's own key (streamagent.authn): the tool holds that key only, not the pipeline's.
-        return settings.topic(command_topic(decision.tool)), sign(command, tool_keys(keys, decision.tool))
+        return dispatch_step(settings, snap, decision, decision_id, keys, verdict, guard)
     if decision.action is DecisionAction.complete:
         done = RunCompleted(
             event_id=stable_id(snap.run_id, "completed"),
@@ -166,6 +146,43 @@ def follow_up(
     return settings.topic(RUN_EVENTS), ended
 
 
+def dispatch_step(
+    settings: Settings,
+    snap: StateSnapshot,
+    decision: Decision,
+    decision_id: str,
+    keys: CommandKeys,
+    verdict: Verdict | None = None,
+    guard: GuardStage | None = None,
+) -> tuple[str, ToolCommand]:
+    """How one step of a decision is started, the one place that knows it: a signed command to the step's
+    tool (each step of a fan-out comes through here). A step that starts a child run instead of a tool
+    call would be started here too."""
+    assert decision.step is not None and decision.tool is not None
+    operation = "compensate" if decision.action is DecisionAction.compensate else "execute"
+    cid = command_id(snap.run_id, decision.step, operation)
+    # An undo runs after the run's deadline by definition; it gets its own.
+    limit = now() + timedelta(seconds=settings.command_deadline_s)
+    deadline = limit if operation == "compensate" else min(snap.deadline_at, limit)
+    command = ToolCommand(
+        event_id=stable_id(cid, "command"),
+        run_id=snap.run_id,
+        causation_id=decision_id,
+        command_id=cid,
+        decision_id=decision_id,
+        tool=decision.tool,
+        step=decision.step,
+        operation=operation,
+        arguments=decision.arguments,
+        deadline_at=deadline,
+        memory=decision.memory,
+    )
+    if verdict is not None and verdict.approved and guard is not None:
+        command = command.model_copy(update={"approval": guard.token(snap, decision, deadline)})
+    # Under the tool's own key (streamagent.authn): the tool holds that key only, not the pipeline's.
+    return settings.topic(command_topic(decision.tool)), sign(command, tool_keys(keys, decision.tool))
+
+
 @dataclass
 class Emission:
     """A decision on its way out: its record, and the follow-up it causes (a command or the run's end)."""
@@ -175,6 +192,20 @@ class Emission:
     follow_up: bytes | None
     is_command: bool
     encoded: bytes = b""  # the record as stored (without where its command landed)
+    # A fan-out's further commands (topic, signed bytes), in the order of ``record.parallel``.
+    more: tuple[tuple[str, bytes], ...] = ()
+
+    def only(self, command: str) -> Emission | None:
+        """This emission narrowed to one of its commands (the one a re-drive re-sends), or None."""
+        if command == self.record.command_id:
+            return replace(self, more=())
+        for dispatch, (topic, value) in zip(self.record.parallel, self.more, strict=False):
+            if dispatch.command_id == command:
+                update = {"step": dispatch.step, "tool": dispatch.tool, "command_id": command, "parallel": []}
+                return replace(
+                    self, record=self.record.model_copy(update=update), topic=topic, follow_up=value, more=()
+                )
+        return None
 
 
 @dataclass
@@ -186,11 +217,17 @@ class RunMemory:
     emission: Emission | None = None
 
 
-def _emission(decision: bytes, topic: str | None, follow: bytes | None) -> Emission:
+def _emission(decision: bytes, topic: str | None, follow: bytes | None, more: Any = None) -> Emission:
     record = codec.decode(bytes(decision))
     assert isinstance(record, DecisionRecorded)
     is_command = record.action in (DecisionAction.dispatch, DecisionAction.compensate)
-    return Emission(record, topic, bytes(follow) if follow is not None else None, is_command, bytes(decision))
+    further = tuple((t, bytes.fromhex(v)) for t, v in more or ())
+    return Emission(record, topic, bytes(follow) if follow is not None else None, is_command, bytes(decision), further)
+
+
+def _more_column(emission: Emission) -> str | None:
+    """A fan-out's further commands as stored (jsonb: [[topic, hex bytes], ...]); None for one command."""
+    return json.dumps([[topic, value.hex()] for topic, value in emission.more]) if emission.more else None
 
 
 class DecisionHandler:
@@ -400,6 +437,20 @@ class DecisionHandler:
         decision = verdict.decision
         decision_id = stable_id(snap.run_id, "decision", str(snap.version))
         topic, event = follow_up(self.settings, snap, decision, decision_id, self.keys, verdict, self.guard)
+        more: list[tuple[str, bytes]] = []
+        parallel: list[ParallelDispatch] = []
+        for further, judged in zip(decision.parallel, verdict.parallel, strict=True):
+            at, command = dispatch_step(self.settings, snap, further, decision_id, self.keys, judged, self.guard)
+            more.append((at, codec.encode(command)))
+            parallel.append(
+                ParallelDispatch(
+                    step=command.step,
+                    tool=command.tool,
+                    command_id=command.command_id,
+                    arguments=further.arguments,
+                    memory=further.memory,
+                )
+            )
         record = DecisionRecorded(
             event_id=decision_id,
             run_id=snap.run_id,
@@ -421,9 +472,10 @@ class DecisionHandler:
             guard_reason=verdict.reason,
             policy_version=verdict.policy_version,
             memory=decision.memory,
+            parallel=parallel,
         )
         encoded = codec.encode(event) if event is not None else None
-        emission = Emission(record, topic, encoded, isinstance(event, ToolCommand))
+        emission = Emission(record, topic, encoded, isinstance(event, ToolCommand), more=tuple(more))
         new.append((snap, emission, partition))
         if snap.run_id not in self._undo:
             self._undo[snap.run_id] = RunMemory(memory.version, memory.decision_id, memory.emission)
@@ -572,9 +624,11 @@ class DecisionHandler:
 
     def _resend(self, snap: StateSnapshot, memory: RunMemory, resends: list[tuple[StateSnapshot, Emission]]) -> None:
         """The state processor found this run's command lost: send the recorded command again."""
-        emission = memory.emission
-        if emission is None or emission.record.command_id != snap.redrive_command_id:
-            emission = self._by_command(snap.run_id, snap.redrive_command_id or "")
+        wanted = snap.redrive_command_id or ""
+        emission = memory.emission.only(wanted) if memory.emission is not None else None
+        if emission is None:
+            found = self._by_command(snap.run_id, wanted)
+            emission = found.only(wanted) if found is not None else None
         if emission is None or not emission.is_command:
             log.error("asked to re-send an unknown command", extra={"run_id": snap.run_id})
             return
@@ -617,16 +671,17 @@ class DecisionHandler:
         self.round_trips += 1
         rows = self.conn.execute(
             "SELECT DISTINCT ON (run_id) run_id, based_on_version, decision_id, decision_event, follow_up_topic,"
-            " follow_up_event FROM decisions WHERE run_id = ANY(%s) ORDER BY run_id, based_on_version DESC",
+            " follow_up_event, parallel_follow_ups FROM decisions WHERE run_id = ANY(%s)"
+            " ORDER BY run_id, based_on_version DESC",
             (unknown,),
         ).fetchall()
-        for run_id, version, decision_id, decision, topic, follow in rows:
-            self._remember(run_id, RunMemory(int(version), decision_id, _emission(decision, topic, follow)))
+        for run_id, version, decision_id, decision, topic, follow, more in rows:
+            self._remember(run_id, RunMemory(int(version), decision_id, _emission(decision, topic, follow, more)))
 
     def _recorded(self, snap: StateSnapshot) -> Emission | None:
         self.round_trips += 1
         row = self.conn.execute(
-            "SELECT decision_event, follow_up_topic, follow_up_event FROM decisions"
+            "SELECT decision_event, follow_up_topic, follow_up_event, parallel_follow_ups FROM decisions"
             " WHERE run_id = %s AND based_on_version = %s",
             (snap.run_id, snap.version),
         ).fetchone()
@@ -635,13 +690,13 @@ class DecisionHandler:
     def _by_command(self, run_id: str, command_id: str) -> Emission | None:
         self.round_trips += 1
         rows = self.conn.execute(
-            "SELECT decision_event, follow_up_topic, follow_up_event FROM decisions WHERE run_id = %s"
-            " AND follow_up_topic IS NOT NULL ORDER BY based_on_version DESC",
+            "SELECT decision_event, follow_up_topic, follow_up_event, parallel_follow_ups FROM decisions"
+            " WHERE run_id = %s AND follow_up_topic IS NOT NULL ORDER BY based_on_version DESC",
             (run_id,),
         ).fetchall()
         for row in rows:
             emission = _emission(*row)
-            if emission.record.command_id == command_id:
+            if any(d.command_id == command_id for d in emission.record.dispatched()):
                 return emission
         return None
 
@@ -664,13 +719,15 @@ class DecisionHandler:
         rows = self.conn.execute(
             "WITH incoming AS (SELECT * FROM unnest(%s::text[], %s::bigint[], %s::text[], %s::text[], %s::text[],"
             " %s::bytea[], %s::text[], %s::bytea[], %s::text[], %s::int[], %s::bytea[], %s::bigint[],"
-            " %s::bigint[], %s::float8[])"
+            " %s::bigint[], %s::float8[], %s::jsonb[])"
             " AS n(run_id, based_on_version, decision_id, action, step, decision_event, follow_up_topic,"
-            " follow_up_event, wait_tool, partition, snapshot, prompt_tokens, completion_tokens, cost_usd)),"
+            " follow_up_event, wait_tool, partition, snapshot, prompt_tokens, completion_tokens, cost_usd,"
+            " parallel_follow_ups)),"
             " inserted AS (INSERT INTO decisions (run_id, based_on_version, decision_id, action, step,"
-            " decision_event, follow_up_topic, follow_up_event, prompt_tokens, completion_tokens, cost_usd)"
+            " decision_event, follow_up_topic, follow_up_event, prompt_tokens, completion_tokens, cost_usd,"
+            " parallel_follow_ups)"
             " SELECT run_id, based_on_version, decision_id, action, step, decision_event, follow_up_topic,"
-            " follow_up_event, prompt_tokens, completion_tokens, cost_usd FROM incoming"
+            " follow_up_event, prompt_tokens, completion_tokens, cost_usd, parallel_follow_ups FROM incoming"
             " ON CONFLICT DO NOTHING RETURNING run_id, based_on_version),"
             " decided AS (SELECT n.* FROM incoming n JOIN inserted i USING (run_id, based_on_version)),"
             " unwaited AS (DELETE FROM decision_waits w USING decided d WHERE d.wait_tool IS NULL"
@@ -703,6 +760,7 @@ class DecisionHandler:
                 [e.record.prompt_tokens for _, e, _, _ in records],
                 [e.record.completion_tokens for _, e, _, _ in records],
                 [e.record.cost_usd for _, e, _, _ in records],
+                [_more_column(e) for _, e, _, _ in records],
             ),
         ).fetchall()
         inserted = {(run_id, int(version)) for run_id, version in rows}
@@ -726,7 +784,13 @@ class DecisionHandler:
             # Their statement deleted any older wait row already; this only makes sure no row outlives
             # a newer decision (a row left behind would be woken, and skipped, at every tick).
             self._drop_waits(replaced)
-        read = [(e.record, partition) for _, e, _, partition in records if e.record.memory]
+        # Per step: a fan-out's steps each read their own entities.
+        read = [
+            (e.record.model_copy(update={"step": d.step, "memory": d.memory}) if e.record.parallel else e.record, p)
+            for _, e, _, p in records
+            for d in (e.record.dispatched() if e.record.parallel else [e.record])
+            if d.memory
+        ]
         if read:  # what they read, for the memory watch (a statement only for decisions that read memory)
             self.round_trips += 1
             MemoryWatch.note(self.conn, read)
@@ -735,16 +799,21 @@ class DecisionHandler:
     # -- producing ---------------------------------------------------------------------------------
     def _emit(self, emissions: list[Emission], resends: list[tuple[StateSnapshot, Emission]]) -> None:
         """Commands first; once acknowledged, each decision with where its command landed, then endings."""
-        landed: dict[int, tuple[int, int]] = {}
-        pending = [(i, e) for i, e in enumerate(emissions) if e.is_command and e.topic and e.follow_up]
-        pending += [(len(emissions) + i, e) for i, (_, e) in enumerate(resends)]
-        for index, emission in pending:
-            self.producer.produce(
-                emission.topic,
-                key=emission.record.run_id.encode(),
-                value=emission.follow_up,
-                on_delivery=_landed(landed, index),
-            )
+        landed: dict[tuple[int, str], tuple[int, int]] = {}
+        # Every command, keyed by (its emission, its command id): a fan-out's decision sends several.
+        pending: list[tuple[tuple[int, str], str, str, bytes]] = []
+        for i, e in enumerate(emissions):
+            if e.is_command and e.topic and e.follow_up:
+                pending.append(((i, e.record.command_id or ""), e.record.run_id, e.topic, e.follow_up))
+                pending += [
+                    ((i, d.command_id), e.record.run_id, topic, value)
+                    for d, (topic, value) in zip(e.record.parallel, e.more, strict=True)
+                ]
+        for i, (_, e) in enumerate(resends):
+            assert e.topic is not None and e.follow_up is not None
+            pending.append(((len(emissions) + i, e.record.command_id or ""), e.record.run_id, e.topic, e.follow_up))
+        for key, run_id, topic, value in pending:
+            self.producer.produce(topic, key=run_id.encode(), value=value, on_delivery=_landed(landed, key))
         if pending:
             remaining = self.producer.flush(30)
             if remaining:
@@ -752,8 +821,11 @@ class DecisionHandler:
         events = self.settings.topic(RUN_EVENTS)
         for index, emission in enumerate(emissions):
             value = emission.encoded or codec.encode(emission.record)
-            if index in landed:
-                value = codec.with_landing(value, *landed[index])
+            if emission.more:
+                commands = [d.command_id for d in emission.record.dispatched()]
+                value = codec.with_landings(value, {c: landed[(index, c)] for c in commands if (index, c) in landed})
+            elif (index, emission.record.command_id or "") in landed:
+                value = codec.with_landing(value, *landed[(index, emission.record.command_id or "")])
             key = emission.record.run_id.encode()
             self.producer.produce(events, key=key, value=value, headers=self.signer.headers(value))
             if not emission.is_command and emission.topic and emission.follow_up:
@@ -761,7 +833,7 @@ class DecisionHandler:
                     emission.topic, key=key, value=emission.follow_up, headers=self.signer.headers(emission.follow_up)
                 )
         for i, (snap, emission) in enumerate(resends):
-            partition, offset = landed[len(emissions) + i]
+            partition, offset = landed[(len(emissions) + i, emission.record.command_id or "")]
             step = snap.step(emission.record.step or "")
             resent = CommandResent(
                 event_id=stable_id(emission.record.command_id or "", "resent", str(step.redrives)),
@@ -779,10 +851,10 @@ class DecisionHandler:
             self.producer.produce(events, key=snap.run_id.encode(), value=value, headers=self.signer.headers(value))
 
 
-def _landed(landed: dict[int, tuple[int, int]], index: int) -> Callable[[Any, Any], None]:
+def _landed(landed: dict[tuple[int, str], tuple[int, int]], key: tuple[int, str]) -> Callable[[Any, Any], None]:
     def on_delivery(err: Any, msg: Any) -> None:
         if err is None:
-            landed[index] = (msg.partition(), msg.offset())
+            landed[key] = (msg.partition(), msg.offset())
 
     return on_delivery
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from streamagent.processors.decision.arguments import ArgumentCheck, no_check
 from streamagent.processors.decision.decider import Decision, context_of
 from streamagent.processors.decision.reads import read
 from streamagent.processors.workflow import (
+    Step,
     ToolAvailability,
     UnknownWorkflow,
     Workflow,
@@ -61,29 +63,40 @@ class RulesDecider:
                 f"deadline {snapshot.deadline_at.isoformat()} passed before the run finished",
                 context=context,
             )
+        failed = next((s for s in snapshot.steps if s.status is StepStatus.failed), None)
+        flying = [s for s in snapshot.steps if s.status is StepStatus.dispatched]
+        ready = workflow.ready(snapshot)
+        # A step that fails for good ends the run, once nothing else of a fan-out still runs or may
+        # start (``on_branch_failure``: the other branches finish, or nothing further starts).
+        if failed is not None and (workflow.max_parallel <= 1 or not (flying or ready)):
+            step = workflow.step(failed.name)
+            action = DecisionAction.escalate if step.on_failure == "escalate" else DecisionAction.fail
+            return Decision(action, f"step {step.name} failed: {failed.error}", step=step.name, context=context)
+        if flying and workflow.max_parallel <= 1:
+            return None  # its result is on the way
+        chosen = ready[: workflow.room(snapshot)]
+        if not chosen:
+            if flying or any(s.status is not StepStatus.succeeded for s in snapshot.steps):
+                return None  # results are on the way; what is left needs them
+            return Decision(DecisionAction.complete, "every step succeeded", context=context)
+        return self._dispatch(workflow, snapshot, chosen, context)
+
+    def _dispatch(
+        self, workflow: Workflow, snapshot: StateSnapshot, chosen: list[Step], context: dict[str, Any]
+    ) -> Decision:
+        """One decision dispatching the chosen ready steps (one, or a fan-out of several)."""
         results = snapshot.results()
-        for state in snapshot.steps:
-            if state.status is StepStatus.failed:
-                step = workflow.step(state.name)
-                action = DecisionAction.escalate if step.on_failure == "escalate" else DecisionAction.fail
-                return Decision(action, f"step {step.name} failed: {state.error}", step=step.name, context=context)
-        for state in snapshot.steps:
-            if state.status is StepStatus.succeeded:
-                continue
-            if state.status is StepStatus.dispatched:
-                return None  # its result is on the way
-            step = workflow.step(state.name)
-            missing = [n for n in step.needs if n not in results]
-            if missing:
-                return None
-            if not self.available(step.tool):
-                # Recorded, so the run shows what it waits for; it escalates at its deadline.
-                return Decision(
-                    DecisionAction.wait, waiting_for(step.tool), step=step.name, tool=step.tool, context=context
-                )
+        startable = [step for step in chosen if self.available(step.tool)]
+        if not startable:
+            # Recorded, so the run shows what it waits for; it escalates at its deadline.
+            step = chosen[0]
+            wait = waiting_for(step.tool)
+            return Decision(DecisionAction.wait, wait, step=step.name, tool=step.tool, context=context)
+        dispatches: list[Decision] = []
+        for step in startable:
             memory = read(step, snapshot, results, self.memory)
             if memory.shown:
-                context["memory"] = memory.shown
+                context.setdefault("memory", {}).update(memory.shown)
             arguments = step.build(snapshot.request, results, snapshot.run_id, memory.facts)
             mismatch = self.check(step.tool, arguments)
             if mismatch is not None:
@@ -94,16 +107,23 @@ class RulesDecider:
                     tool=step.tool,
                     context=context,
                 )
-            return Decision(
-                DecisionAction.dispatch,
-                f"{step.name} is the next step and {', '.join(step.needs) or 'nothing'} it needs is done",
-                step=step.name,
-                tool=step.tool,
-                arguments=arguments,
-                context=context,
-                memory=memory.versions,
+            why = f"{step.name} is the next step and {', '.join(step.needs) or 'nothing'} it needs is done"
+            dispatches.append(
+                Decision(
+                    DecisionAction.dispatch,
+                    why,
+                    step=step.name,
+                    tool=step.tool,
+                    arguments=arguments,
+                    memory=memory.versions,
+                )
             )
-        return Decision(DecisionAction.complete, "every step succeeded", context=context)
+        first, *more = dispatches
+        if more:
+            names = ", ".join(d.step or "" for d in dispatches)
+            reason = f"{names} are ready (what each needs is done): started together"
+            return replace(first, reason=reason, context=context, parallel=tuple(more))
+        return replace(first, context=context)
 
     def _compensation(self, workflow: Workflow, snapshot: StateSnapshot, context: dict[str, Any]) -> Decision | None:
         """Undo, last step first, what an abandoned run (failed, escalated, denied, past its deadline) created."""
@@ -112,7 +132,14 @@ class RulesDecider:
         if any(s.status is StepStatus.compensating for s in snapshot.steps):
             return None  # one undo at a time
         results = snapshot.results()
-        for state in reversed(snapshot.steps):
+        # Last finished first (a run of one step at a time: the reverse of the declared order); a step
+        # folded before this field existed counts from when it was started.
+        order = sorted(
+            enumerate(snapshot.steps),
+            key=lambda p: (p[1].finished_at or p[1].dispatched_at or snapshot.created_at, p[0]),
+            reverse=True,
+        )
+        for _, state in order:
             step = workflow.step(state.name)
             if state.status is StepStatus.succeeded and step.compensation is not None:
                 # Why the run is being undone, in its own words (a denial names who denied it).

@@ -56,6 +56,9 @@ SCHEMA = Schema(
         # are read from the stored event instead (processors/decision/llm/ledger.py).
         "ALTER TABLE decisions ADD COLUMN IF NOT EXISTS prompt_tokens bigint,"
         " ADD COLUMN IF NOT EXISTS completion_tokens bigint, ADD COLUMN IF NOT EXISTS cost_usd double precision",
+        # A fan-out's further commands ([[topic, hex bytes], ...]), stored with its decision like the first
+        # one: a redelivered snapshot re-emits them all, a re-drive re-sends the one found lost.
+        "ALTER TABLE decisions ADD COLUMN IF NOT EXISTS parallel_follow_ups jsonb",
         # One plan per run, made once (by the planner, at the run's first model decision) and reused
         # by every later decision, after any restart. ``plan`` NULL with ``error``: the planner failed,
         # and the run goes on without a plan rather than paying again. ``based_on_version``: the state

@@ -57,6 +57,8 @@ class Verdict:
     policy_version: str
     ask: ApprovalAsk | None = None
     approved: bool = False  # the command carries an approval token (minted by the stage)
+    # A fan-out: the verdicts of the further dispatches ``decision.parallel`` holds, in its order.
+    parallel: tuple[Verdict, ...] = ()
 
 
 def judge(

@@ -100,7 +100,9 @@ def summarize(event: Event) -> tuple[str | None, str]:
                 f" contact {event.contact_name} <{event.contact_email}>"
             )
         case DecisionRecorded():
-            target = f" {event.step}" if event.step else ""
+            # A fan-out names every step it starts: "decided dispatch crm + jira".
+            target = f" {' + '.join(d.step for d in event.dispatched())}" if event.parallel else ""
+            target = target or (f" {event.step}" if event.step else "")
             guard = ""
             if event.guard_outcome is not None:
                 why = f": {event.guard_reason}" if event.guard_reason else ""
@@ -208,7 +210,10 @@ WITH ended AS (
             WHERE e.payload->>'action' IN ('dispatch', 'compensate')
             AND e.payload->>'guard_outcome' IS DISTINCT FROM 'approval'
             AND e.payload->>'guard_outcome' IS DISTINCT FROM 'refused'
-        ) AS tool_calls,
+        ) + coalesce(sum(jsonb_array_length(e.payload->'parallel')) FILTER (
+            -- a fan-out's further commands (one row per decision: events are projected by id)
+            WHERE e.payload->>'action' = 'dispatch' AND jsonb_typeof(e.payload->'parallel') = 'array'
+        ), 0) AS tool_calls,
         count(DISTINCT e.payload->>'decision_id')
             FILTER (WHERE e.payload->>'guard_outcome' = 'refused') AS guard_refusals
     FROM run_events e JOIN ended USING (run_id) WHERE e.type = 'DecisionRecorded' GROUP BY e.run_id

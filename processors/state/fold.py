@@ -29,6 +29,7 @@ from streamagent.events import (
     Event,
     MemoryChanged,
     OnboardingRequest,
+    ParallelDispatch,
     RunCompleted,
     RunDeadlineExceeded,
     RunFailed,
@@ -90,18 +91,27 @@ def in_flight(snap: StateSnapshot) -> list[StepState]:
 def needs_decision(snap: StateSnapshot, workflow: Workflow | None = None) -> bool:
     """Whether the decider has something to decide on this state.
 
-    Not while a command is in flight (its result will come), nor while a result waits for the
-    decision that caused it (the two travel on different topics), nor once the run is over unless
-    an abandoned run still has something to undo. This is what keeps the loop at one snapshot and
-    one decision per step: a recorded decision that only marks a step dispatched asks for nothing.
+    Not while a result waits for the decision that caused it (the two travel on different topics),
+    nor once the run is over unless an abandoned run still has something to undo. While a command is
+    in flight, only a workflow that fans out (``max_parallel`` > 1) asks again, and only when a step is
+    ready and there is room for it: its result will come otherwise. This is what keeps the loop at one
+    snapshot and one decision per step: a recorded decision that only marks steps dispatched asks for
+    nothing unless it left a ready step and room.
     """
-    if in_flight(snap):
-        return False
     if any(s.command_id is not None and s.decision_id is None for s in snap.steps):
         return False
+    workflow = workflow or default_workflows().get(snap.request.workflow)
+    if in_flight(snap):
+        return (
+            snap.status is RunStatus.running
+            and workflow is not None
+            and workflow.max_parallel > 1
+            and not snap.deadline_exceeded
+            and workflow.room(snap) > 0
+            and bool(workflow.ready(snap))
+        )
     if snap.status is RunStatus.running:
         return True
-    workflow = workflow or default_workflows().get(snap.request.workflow)
     return workflow is not None and workflow.undo_pending(snap)
 
 
@@ -271,41 +281,51 @@ def _decision(snap: StateSnapshot, event: DecisionRecorded) -> StateSnapshot:
         return snap
     if snap.reason is not None:
         snap = snap.model_copy(update={"reason": None})  # no longer waiting
-    step = _step(snap, event.step)
+    # A fan-out names several steps, each with its own command: each is taken in (or not) on its own.
+    taken = False
+    for dispatch in event.dispatched():
+        snap, took = _dispatch(snap, event, dispatch)
+        taken = taken or took
+    return snap if taken else _superseded(snap)
+
+
+def _dispatch(snap: StateSnapshot, event: DecisionRecorded, dispatch: ParallelDispatch) -> tuple[StateSnapshot, bool]:
+    step = _step(snap, dispatch.step)
+    where = {
+        "command_partition": dispatch.command_partition,
+        "command_offset": dispatch.command_offset,
+        "dispatched_at": event.occurred_at,
+        "redrives": 0,
+    }
     if step.status is StepStatus.pending:
-        return _replace_step(
-            snap,
-            step.model_copy(
-                update={
-                    "status": StepStatus.dispatched,
-                    "command_id": event.command_id,
-                    "decision_id": event.decision_id,
-                    "attempts": step.attempts + 1,
-                    **_where(event),
-                }
-            ),
-        )
-    if step.command_id == event.command_id and step.decision_id is None:
+        update = {
+            "status": StepStatus.dispatched,
+            "command_id": dispatch.command_id,
+            "decision_id": event.decision_id,
+            "attempts": step.attempts + 1,
+            **where,
+        }
+        return _replace_step(snap, step.model_copy(update=update)), True
+    if step.command_id == dispatch.command_id and step.decision_id is None:
         # The tool's result was folded before the decision that caused it (they travel on two
         # topics): the decision is the one that ran, not a stale one. It is recorded as the dispatch
         # would have been, so the step ends the same whichever of the two topics was read first
         # (`streamagent replay` folds them in timestamp order and compares with the live state).
-        update = {"decision_id": event.decision_id, "attempts": step.attempts + 1, **_where(event)}
-        return _replace_step(snap, step.model_copy(update=update))
-    return _superseded(snap)
+        update = {"decision_id": event.decision_id, "attempts": step.attempts + 1, **where}
+        return _replace_step(snap, step.model_copy(update=update)), True
+    return snap, False
 
 
 def _spent(snap: StateSnapshot, event: DecisionRecorded) -> StateSnapshot:
     """What the decision adds to the run's counts, for the guard's budgets: one decision, its model
-    tokens and cost, and a tool call if it sent a command (a dispatch or undo the fold took in)."""
-    sent = event.action in (DecisionAction.dispatch, DecisionAction.compensate) and any(
-        s.command_id == event.command_id and s.decision_id == event.decision_id for s in snap.steps
-    )
+    tokens and cost, and a tool call per command it sent (each dispatch or undo the fold took in)."""
+    commands = {d.command_id for d in event.dispatched()}
+    sent = sum(1 for s in snap.steps if s.command_id in commands and s.decision_id == event.decision_id)
     return snap.model_copy(
         update={
             "last_decision_id": event.decision_id,
             "decisions": snap.decisions + 1,
-            "tool_calls": snap.tool_calls + (1 if sent else 0),
+            "tool_calls": snap.tool_calls + sent,
             "tokens": snap.tokens + event.prompt_tokens + event.completion_tokens,
             "cost_usd": snap.cost_usd + event.cost_usd,
         }
@@ -445,6 +465,7 @@ def _result(snap: StateSnapshot, event: ToolResult) -> StateSnapshot:
                 "command_id": event.command_id,
                 "output": event.output,
                 "error": None if ok else f"{event.error_kind or 'error'}: {event.error}",
+                "finished_at": event.occurred_at,
             }
         ),
     )

@@ -39,11 +39,19 @@ class Answer:
     headers: dict[str, str] = field(default_factory=dict)
     delay_s: float = 0.0
     usage: bool = True
+    # Further tool calls of the same answer (parallel tool calls), each (tool, arguments).
+    more: tuple[tuple[str, Any], ...] = ()
 
     @classmethod
     def call(cls, tool: str, arguments: dict[str, Any] | str | None = None, *, usage: bool = True) -> Answer:
         """A tool call (``tools`` style); a str ``arguments`` is sent verbatim."""
         return cls(tool=tool, arguments={} if arguments is None else arguments, usage=usage)
+
+    @classmethod
+    def calls(cls, *calls: tuple[str, dict[str, Any] | str]) -> Answer:
+        """Several tool calls in one answer (the OpenAI API's parallel tool calls), in order."""
+        (tool, arguments), *more = calls
+        return cls(tool=tool, arguments=arguments, more=tuple(more))
 
     @classmethod
     def json(cls, tool: str, arguments: dict[str, Any] | None = None) -> Answer:
@@ -144,13 +152,14 @@ class FakeModel:
             answer = Answer.json(tool, arguments) if body.get("response_format") else Answer.call(tool, arguments)
         message: dict[str, Any] = {"role": "assistant", "content": answer.content}
         if answer.tool is not None:
-            arguments = answer.arguments if isinstance(answer.arguments, str) else json.dumps(answer.arguments)
+            calls = [(answer.tool, answer.arguments), *answer.more]
             message["tool_calls"] = [
                 {
-                    "id": f"call_{len(self.requests)}",
+                    "id": f"call_{len(self.requests)}" + (f"_{i}" if i else ""),
                     "type": "function",
-                    "function": {"name": answer.tool, "arguments": arguments},
+                    "function": {"name": tool, "arguments": args if isinstance(args, str) else json.dumps(args)},
                 }
+                for i, (tool, args) in enumerate(calls)
             ]
         out: dict[str, Any] = {
             "id": f"chatcmpl-{len(self.requests)}",

@@ -112,23 +112,38 @@ def _from_json(text: str, where: str) -> ModelAnswer:
 
 def parse(message: Any) -> ModelAnswer:
     """The answer in a chat completion's ``message`` (the openai client's object); raises ``Refused``."""
-    calls = list(getattr(message, "tool_calls", None) or [])
+    calls = parse_calls(message)
     if len(calls) > 1:
-        names = ", ".join(c.function.name for c in calls)
+        names = ", ".join(c.tool if isinstance(c, ModelAnswer) else "?" for c in calls)
         raise Refused(f"one step at a time: answer with exactly one call, not {len(calls)} ({names})")
+    if isinstance(calls[0], Refused):
+        raise calls[0]
+    return calls[0]
+
+
+def parse_calls(message: Any) -> list[ModelAnswer | Refused]:
+    """Every call of the answer, each read on its own (a call that cannot be read is its ``Refused``, so the
+    others still count: a model may call several tools at once); raises ``Refused`` for no answer at all."""
+    calls = list(getattr(message, "tool_calls", None) or [])
     if calls:
-        function = calls[0].function
-        text = function.arguments or "{}"
-        try:
-            arguments = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise Refused(
-                f"the arguments of {function.name} are not valid JSON"
-                f" ({exc.msg} at character {exc.pos}): {text[:200]!r}"
-            ) from None
-        if not isinstance(arguments, dict):
-            raise Refused(f"the arguments of {function.name} must be a JSON object, not {type(arguments).__name__}")
-        return ModelAnswer(tool=function.name, arguments=arguments)
+        return [_call(c.function) for c in calls]
+    return [_content(message)]
+
+
+def _call(function: Any) -> ModelAnswer | Refused:
+    text = function.arguments or "{}"
+    try:
+        arguments = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return Refused(
+            f"the arguments of {function.name} are not valid JSON ({exc.msg} at character {exc.pos}): {text[:200]!r}"
+        )
+    if not isinstance(arguments, dict):
+        return Refused(f"the arguments of {function.name} must be a JSON object, not {type(arguments).__name__}")
+    return ModelAnswer(tool=function.name, arguments=arguments)
+
+
+def _content(message: Any) -> ModelAnswer:
     content = (getattr(message, "content", None) or "").strip()
     if not content:
         raise Refused("the answer is empty: answer with one call")

@@ -72,14 +72,24 @@ def system_message(workflow: Workflow, offered: Sequence[OfferedTool]) -> str:
         f"- {s.name}: tool {s.tool}" + (f", needs {', '.join(s.needs)}" if s.needs else "") for s in workflow.steps
     )
     tools = ", ".join(t.name for t in offered) or "none right now"
+    if workflow.max_parallel > 1:
+        at_once = (
+            f"- Steps may run at once: call every ready step in one answer, one call per step (at most"
+            f" {workflow.max_parallel} steps run at a time); complete, escalate and wait are answered alone.\n"
+            "- A step may run only once every step it needs has succeeded; take the ready steps.\n"
+        )
+    else:
+        at_once = (
+            "- One step at a time: answer with exactly one call.\n"
+            "- A step may run only once every step it needs has succeeded; take the first ready step.\n"
+        )
     return (
         f'You decide the next action of one run of the workflow "{workflow.name}".\n'
         f"Goal: {workflow.goal}\n"
         f"Steps, in order:\n{steps}\n"
         "Policy you must respect:\n"
         f"- Call only the tools offered to you ({tools}) or complete, escalate, wait.\n"
-        "- One step at a time: answer with exactly one call.\n"
-        "- A step may run only once every step it needs has succeeded; take the first ready step.\n"
+        f"{at_once}"
         "- Use the arguments prepared for a ready step; change them only if they are clearly wrong.\n"
         "- Call complete only when every step has succeeded.\n"
         "- Call wait with the tool's name when the next step's tool is unavailable.\n"
@@ -104,7 +114,8 @@ def remaining_steps(
         if state.status is StepStatus.succeeded:
             continue
         step = workflow.step(state.name)
-        ready = all(n in results for n in step.needs)
+        # A step in flight is not ready again (a fan-out asks while other steps run).
+        ready = state.status is StepStatus.pending and all(n in results for n in step.needs)
         item: dict[str, Any] = {
             "step": step.name,
             "tool": step.tool,
@@ -127,7 +138,9 @@ def remaining_steps(
     return out
 
 
-def _user_message(snapshot: StateSnapshot, remaining: list[dict[str, Any]], results: dict[str, str]) -> str:
+def _user_message(
+    snapshot: StateSnapshot, remaining: list[dict[str, Any]], results: dict[str, str], room: int = 1
+) -> str:
     done = "\n".join(f"- {step}: {text}" for step, text in results.items()) or "- nothing yet"
     failed = "\n".join(f"- {s.name}: {s.error}" for s in snapshot.steps if s.error) or "- nothing"
     return (
@@ -136,7 +149,11 @@ def _user_message(snapshot: StateSnapshot, remaining: list[dict[str, Any]], resu
         f"Done, with what each step returned:\n{done}\n"
         f"Failed, and why:\n{failed}\n"
         f"{REMAINING_MARKER}\n{_dump(remaining)}\n"
-        "Decide the next action: one call."
+        + (
+            "Decide the next action: one call."
+            if room <= 1
+            else f"Decide the next actions: one call per ready step, at most {room} calls."
+        )
     )
 
 
@@ -175,9 +192,10 @@ def build_messages(
     remaining = remaining_steps(snapshot, workflow, offered, memory, versions)
     done = {s.name: _dump(s.output) for s in snapshot.steps if s.status is StepStatus.succeeded}
     shown = dict(done)
+    room = workflow.room(snapshot) if workflow.max_parallel > 1 else 1
 
     def messages() -> list[dict[str, Any]]:
-        return [system, {"role": "user", "content": _user_message(snapshot, remaining, shown)}]
+        return [system, {"role": "user", "content": _user_message(snapshot, remaining, shown, room)}]
 
     current = messages()
     level = max((len(t) for t in done.values()), default=0)

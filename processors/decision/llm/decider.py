@@ -21,10 +21,16 @@ import psycopg
 from streamagent.processors.decision.arguments import ArgumentCheck, no_check
 from streamagent.processors.decision.choice import EntryOf
 from streamagent.processors.decision.decider import Decision, context_of
-from streamagent.processors.decision.llm.answer import Refused, parse
+from streamagent.processors.decision.llm.answer import Refused, parse, parse_calls
 from streamagent.processors.decision.llm.budget import Caps, Spending
 from streamagent.processors.decision.llm.client import Completion, ModelClient, ModelUnavailable
-from streamagent.processors.decision.llm.context import OfferedTool, build_messages, estimate_tokens, message_tokens
+from streamagent.processors.decision.llm.context import (
+    PSEUDO_TOOLS,
+    OfferedTool,
+    build_messages,
+    estimate_tokens,
+    message_tokens,
+)
 from streamagent.processors.decision.llm.judge import judge
 from streamagent.processors.decision.llm.ledger import PlanRecord, RunLedger
 from streamagent.processors.decision.llm.planner import Planner
@@ -94,8 +100,10 @@ class LlmDecider:
             or any(s.status is StepStatus.failed for s in snapshot.steps)
         ):
             return self.rules.decide(snapshot)  # the workflow's own policy: no judgement to make
-        if any(s.status is StepStatus.dispatched for s in snapshot.steps):
-            return None  # its result is on the way
+        if any(s.status is StepStatus.dispatched for s in snapshot.steps) and not (
+            workflow.max_parallel > 1 and workflow.room(snapshot) and workflow.ready(snapshot)
+        ):
+            return None  # its result is on the way (a fan-out asks only while a ready step has room)
         # Outside the catch-all below: PostgreSQL down is an outage of the batch (retried whole), not a
         # reason to decide the run differently.
         audit = self._prepare(snapshot, workflow)
@@ -196,6 +204,8 @@ class LlmDecider:
 
     def _ask(self, snapshot: StateSnapshot, workflow: Workflow, audit: _Audit) -> Decision | None:
         offered = self.offered(workflow)
+        if workflow.max_parallel > 1:
+            offered = _say_ready(offered, workflow, snapshot)
         names = {t.name for t in offered}
         planning = audit.planned and audit.plan is None
         planner_messages = self.planner.messages(snapshot, workflow, offered) if planning else []
@@ -216,6 +226,7 @@ class LlmDecider:
         # One time limit for the decision's calls, the repair turn included (the plan had its own): past
         # it the fallback decides, however many retries were left.
         deadline = time.monotonic() + self.settings.model_decision_timeout_s
+        taken: dict[str, Decision] = {}  # a fan-out's calls taken so far, by step (kept across the repair)
         for turn in (1, 2):
             if turn == 2:
                 # The repair turn is a call of its own: it too must fit the run's caps.
@@ -228,17 +239,90 @@ class LlmDecider:
                 return self._fallback(snapshot, workflow, f"model unavailable: {exc.reason}", audit, messages)
             audit.add(messages, completion)
             try:
-                decision = judge(parse(completion.message), snapshot, workflow, names, self.check, {})
-                if decision.step in audit.memory:  # the versions its prepared arguments showed the model
-                    decision = replace(decision, memory=audit.memory[decision.step])
+                if workflow.max_parallel > 1:
+                    decision, refused = self._calls(completion, snapshot, workflow, names, audit, taken)
+                else:
+                    single = judge(parse(completion.message), snapshot, workflow, names, self.check, {})
+                    decision, refused = self._remember(single, audit), []
             except Refused as exc:
-                audit.refused.append(str(exc))
-                if turn == 2:
-                    return self._fallback(snapshot, workflow, f"answer refused twice: {exc}", audit, messages)
-                messages = messages + _repair(completion, str(exc))
-                continue
-            return self._finish(decision, snapshot, sorted(names), audit, messages)
+                decision, refused = None, [str(exc)]
+            if not refused and decision is not None:
+                return self._finish(decision, snapshot, sorted(names), audit, messages)
+            audit.refused += refused
+            if turn == 2:
+                if taken:  # the calls that held run; the refused ones fall back
+                    return self._partial(snapshot, workflow, taken, "; ".join(refused), audit, messages)
+                why = f"answer refused twice: {'; '.join(refused)}"
+                return self._fallback(snapshot, workflow, why, audit, messages)
+            fan_out = sorted(taken) if workflow.max_parallel > 1 else None
+            messages = messages + _repair(completion, "; ".join(refused), fan_out)
         raise AssertionError("unreachable")
+
+    @staticmethod
+    def _remember(decision: Decision, audit: _Audit) -> Decision:
+        if decision.step in audit.memory:  # the versions its prepared arguments showed the model
+            decision = replace(decision, memory=audit.memory[decision.step])
+        return decision
+
+    def _calls(
+        self,
+        completion: Completion,
+        snapshot: StateSnapshot,
+        workflow: Workflow,
+        names: set[str],
+        audit: _Audit,
+        taken: dict[str, Decision],
+    ) -> tuple[Decision | None, list[str]]:
+        """A fan-out's answer, each call judged on its own: the dispatches taken (added to ``taken``, with
+        those of an earlier turn) as one decision, and why each other call was refused. complete,
+        escalate and wait stand only alone."""
+        calls = parse_calls(completion.message)
+        refused: list[str] = []
+        room = workflow.room(snapshot)
+        for call in calls:
+            if isinstance(call, Refused):
+                refused.append(str(call))
+                continue
+            if call.tool in PSEUDO_TOOLS:
+                if len(calls) == 1 and not taken:
+                    return judge(call, snapshot, workflow, names, self.check, {}), []
+                refused.append(f"{call.tool} must be the only call of an answer")
+                continue
+            if len(taken) >= room:
+                refused.append(f"{call.tool}: at most {room} step(s) may start now")
+                continue
+            try:
+                decision = self._remember(judge(call, snapshot, workflow, names, self.check, {}, taken), audit)
+            except Refused as exc:
+                refused.append(str(exc))
+                continue
+            assert decision.step is not None
+            taken[decision.step] = decision
+        return _together(list(taken.values())), refused
+
+    def _partial(
+        self,
+        snapshot: StateSnapshot,
+        workflow: Workflow,
+        taken: dict[str, Decision],
+        why: str,
+        audit: _Audit,
+        messages: list[dict[str, Any]],
+    ) -> Decision:
+        """Some calls held and others were refused twice: the held ones run, and the refused steps fall back
+        to the workflow's fallback (the rules start what is ready beside them; escalate: they are left for
+        the next decision, which asks again)."""
+        audit.fallback, audit.fallback_reason = workflow.fallback, f"calls refused twice: {why}"
+        dispatches = list(taken.values())
+        if workflow.fallback == "rules":
+            ruled = self.rules.decide(snapshot)
+            room = workflow.room(snapshot) - len(dispatches)
+            more = [d for d in (ruled.dispatches() if ruled is not None else ()) if d.step not in taken][: max(0, room)]
+            dispatches += [replace(d, reason=f"fallback to rules ({why}): {d.reason}", parallel=()) for d in more]
+        decision = _together(dispatches)
+        assert decision is not None
+        offered = sorted(t.name for t in self.offered(workflow))
+        return self._finish(decision, snapshot, offered, audit, messages)
 
     def _finish(
         self,
@@ -274,10 +358,43 @@ class LlmDecider:
         return self._finish(decision, snapshot, offered, audit, messages)
 
 
-def _repair(completion: Completion, error: str) -> list[dict[str, Any]]:
+def _say_ready(offered: list[OfferedTool], workflow: Workflow, snapshot: StateSnapshot) -> list[OfferedTool]:
+    """A fan-out's offered tools, each saying which of its steps may start now (the model calls several)."""
+    ready: dict[str, list[str]] = {}
+    for step in workflow.ready(snapshot):
+        ready.setdefault(step.tool, []).append(step.name)
+    out = []
+    for tool in offered:
+        steps = ready.get(tool.name)
+        note = f"Ready now: step {', '.join(steps)}." if steps else "No step of this tool is ready now."
+        out.append(replace(tool, description=f"{note} {tool.description}".strip()))
+    return out
+
+
+def _together(dispatches: list[Decision]) -> Decision | None:
+    """The model's dispatches as one decision: the first, with the others started beside it."""
+    if not dispatches:
+        return None
+    first, *more = dispatches
+    if not more:
+        return first
+    names = ", ".join(d.step or "" for d in dispatches)
+    return replace(first, reason=f"{names} are the next steps (model)", parallel=tuple(more))
+
+
+def _repair(completion: Completion, error: str, accepted: list[str] | None = None) -> list[dict[str, Any]]:
     """The turn that quotes why the answer was refused. A tool call must be answered by a tool message
-    with its id (the chat API refuses a conversation that leaves one unanswered)."""
-    refused = f"Refused: {error}. Answer again with exactly one call that respects the policy."
+    with its id (the chat API refuses a conversation that leaves one unanswered). ``accepted``: a fan-out's
+    steps whose calls held (they run; the model answers again only for the others)."""
+    if accepted:
+        refused = (
+            f"Refused: {error}. Accepted: the calls for {', '.join(accepted)}; they will run. Answer again with"
+            " the calls for the other ready steps only, respecting the policy."
+        )
+    elif accepted is not None:
+        refused = f"Refused: {error}. Answer again with the calls for the ready steps, respecting the policy."
+    else:
+        refused = f"Refused: {error}. Answer again with exactly one call that respects the policy."
     calls = completion.raw.get("tool_calls") or []
     # Content "" rather than null beside tool calls: llama-cpp-python's server refuses a null content.
     assistant = {"role": "assistant", "content": completion.raw.get("content") or ""}

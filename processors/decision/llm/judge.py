@@ -27,8 +27,10 @@ def judge(
     offered: Collection[str],
     check: ArgumentCheck,
     context: dict[str, Any],
+    taken: Collection[str] = (),
 ) -> Decision:
-    """The decision ``answer`` stands for, or ``Refused``."""
+    """The decision ``answer`` stands for, or ``Refused``. ``taken``: steps other calls of the same answer
+    already start (a fan-out), so a second call of one tool goes to the tool's next step."""
     pending = [s for s in snapshot.steps if s.status is not StepStatus.succeeded]
     if answer.tool == "complete":
         if pending:
@@ -44,7 +46,9 @@ def judge(
     if answer.tool not in offered:
         known = ", ".join([*sorted(offered), "complete", "escalate", "wait"])
         raise Refused(f"unknown tool {answer.tool!r}: call one of {known}")
-    step = _step_for(answer.tool, snapshot, workflow, [s.name for s in pending])
+    # Not a step in flight (a fan-out asks while others run), nor one this answer already starts.
+    startable = [s.name for s in pending if s.status is StepStatus.pending and s.name not in taken]
+    step = _step_for(answer.tool, snapshot, workflow, startable)
     mismatch = check(answer.tool, answer.arguments)
     if mismatch is not None:
         raise Refused(f"arguments refused: {mismatch}")

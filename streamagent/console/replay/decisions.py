@@ -185,6 +185,13 @@ def compare(recorded: DecisionRecorded, candidate: Decision | None) -> str:
         return "different tool"
     if candidate.arguments != recorded.arguments:
         return "different arguments"
+    # A fan-out: the further steps it started, each with its tool and arguments.
+    theirs = [(p.step, p.tool, p.arguments) for p in recorded.parallel]
+    ours = [(d.step, d.tool, d.arguments) for d in candidate.parallel]
+    if [s[:2] for s in ours] != [s[:2] for s in theirs]:
+        return "different tool"
+    if ours != theirs:
+        return "different arguments"
     return "same"
 
 
