@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import re
 import signal
@@ -127,22 +128,30 @@ def measure(sizes: list[int], checkpoint: bool) -> list[dict[str, object]]:
                         **_wait_recovered(log, before, started),
                     }
                 )
+                print(json.dumps({"bench": "state_recovery", "partial": True, **rows[-1]}), flush=True)
                 if checkpoint:
                     time.sleep(2.0)  # four checkpoint intervals: the one covering the fill is written
                 before = _recoveries(log)
                 child = stack.children["processor-state"]
-                old = stack.kill("processor-state", signal.SIGTERM)
-                while child.pid in (None, old) or not child.alive():
-                    time.sleep(0.02)
+                old = child.pid
+                stopping = time.time()
+                assert old is not None
+                os.kill(old, signal.SIGTERM)
+                deadline = time.monotonic() + 300
+                while (child.pid in (None, old) or not child.alive()) and time.monotonic() < deadline:
+                    time.sleep(0.02)  # the supervisor restarts it once it has left
+                leave_s = round(time.time() - stopping, 3)
                 rows.append(
                     {
                         "ended_runs": size,
                         "changelog_records": 2 * size,
                         "checkpoint": checkpoint,
                         "start": "takeover",
+                        "leave_s": leave_s,
                         **_wait_recovered(log, before, time.time()),
                     }
                 )
+                print(json.dumps({"bench": "state_recovery", "partial": True, **rows[-1]}), flush=True)
     return rows
 
 

@@ -93,7 +93,7 @@ class Settings(BaseModel):
     state_retention_s: float = Field(3600.0, ge=0, description="Ended runs leave the state table after this; 0: never")
     # Per owned partition, the table's runs and the changelog offset they cover, written this often to
     # the checkpoint topic; recovery loads the last one and reads the changelog after it only.
-    state_checkpoint_interval_s: float = Field(10.0, ge=0, description="State table checkpoint interval; 0: never")
+    state_checkpoint_interval_s: float = Field(60.0, ge=0, description="State table checkpoint interval; 0: never")
 
     # Kafka security and replication, for a secured or managed cluster (the embedded broker is PLAINTEXT
     # with one replica). Clients take them through streamagent.kafka.client_config (confluent) and

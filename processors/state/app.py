@@ -27,7 +27,7 @@ from typing import Any
 import faust
 from aiokafka.partitioner import DefaultPartitioner
 from confluent_kafka import Producer
-from streamagent.processors.state.checkpoint import CheckpointedStore, checkpoint_topic, last_records, record_at
+from streamagent.processors.state.checkpoint import CheckpointedStore, checkpoint_topic, last_records, records_at
 from streamagent.processors.state.checkpoint import decode as decode_checkpoint
 from streamagent.processors.state.checkpoint import encode as encode_checkpoint
 from streamagent.processors.state.fold import RunState, apply, in_flight, needs_decision
@@ -690,12 +690,15 @@ class Checkpoints:
         """The last checkpoint of each partition that still fits its changelog: the record it ends on is
         still there. (A broker that lost its data, or a changelog deleted and rewritten by ``replay
         --apply``, has another record there or none: that checkpoint is ignored, the changelog read whole.)"""
+        found = {
+            p: decode_checkpoint(value)
+            for p, value in last_records(self.settings, self.topic, partitions).items()
+            if value is not None
+        }
+        there = records_at(self.settings, self.changelog, {p: offset for p, (offset, _, _) in found.items()})
         out: dict[int, tuple[int, str, dict[str, bytes]]] = {}
-        for p, value in last_records(self.settings, self.topic, partitions).items():
-            if value is None:
-                continue
-            offset, ends_on, runs = decode_checkpoint(value)
-            if record_at(self.settings, self.changelog, p, offset) == ends_on:
+        for p, (offset, ends_on, runs) in found.items():
+            if there.get(p) == ends_on:
                 out[p] = (offset, ends_on, runs)
                 self.written[p] = offset
             else:

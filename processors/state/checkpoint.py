@@ -62,8 +62,12 @@ def decode(value: bytes) -> tuple[int, str, dict[str, bytes]]:
     return int(body["offset"]), str(body["ends_on"]), {k: v.encode() for k, v in body["runs"].items()}
 
 
-def record_at(settings: Settings, topic: str, partition: int, offset: int, timeout_s: float = 15.0) -> str | None:
-    """The digest of the record at ``offset`` (None: there is none)."""
+def records_at(
+    settings: Settings, topic: str, offsets: dict[int, int], timeout_s: float = 15.0
+) -> dict[int, str | None]:
+    """The digest of the record at each partition's given offset (None: there is none), one consumer."""
+    if not offsets:
+        return {}
     consumer = Consumer(
         {
             **client_config(settings),
@@ -71,20 +75,22 @@ def record_at(settings: Settings, topic: str, partition: int, offset: int, timeo
             "enable.auto.commit": False,
             "fetch.wait.max.ms": 10,
             "auto.offset.reset": "error",
+            "enable.partition.eof": True,
         }
     )
     try:
-        consumer.assign([TopicPartition(topic, partition, offset)])
+        consumer.assign([TopicPartition(topic, p, o) for p, o in offsets.items()])
+        out: dict[int, str | None] = {}
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        while len(out) < len(offsets) and time.monotonic() < deadline:
             msg = consumer.poll(0.1)
-            if msg is None:
+            if msg is None or msg.partition() in out:
                 continue
             if msg.error():
-                return None
-            if msg.offset() == offset:
-                return digest(msg.key(), msg.value())
-        return None
+                out[msg.partition()] = None  # past the end, or out of range: not the checkpoint's record
+            elif msg.offset() == offsets[msg.partition()]:
+                out[msg.partition()] = digest(msg.key(), msg.value())
+        return out
     finally:
         consumer.close()
 
