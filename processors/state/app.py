@@ -634,6 +634,7 @@ class Checkpoints:
         self.written: dict[int, int] = {}  # partition -> changelog offset of its last checkpoint
         self._at = time.time()
         self.data: CheckpointedStore | None = None
+        self._created = False
 
     def table_store(self, app: faust.App, table: Any) -> CheckpointedStore:
         self.data = CheckpointedStore(
@@ -651,8 +652,13 @@ class Checkpoints:
         self.data.partition_of = self.worker.partition
         if self.settings.state_checkpoint_interval_s > 0:
             self.data.loader = self.load
-            _create_topic(self.settings, self.topic)
         return self.data
+
+    def _ensure_topic(self) -> None:
+        """Created on first use (in a thread, once faust has started), like faust creates its changelog."""
+        if not self._created:
+            _create_topic(self.settings, self.topic)
+            self._created = True
 
     def due(self, now: float) -> bool:
         interval = self.settings.state_checkpoint_interval_s
@@ -664,6 +670,7 @@ class Checkpoints:
     def write(self) -> int:
         """One record per owned partition whose changelog moved since its last checkpoint; returns how many."""
         assert self.data is not None
+        self._ensure_topic()
         owned = self.worker.assigned or frozenset()
         # The offsets first, then the runs: every record up to an offset was put before it was acked.
         none = (-1, "")
@@ -690,6 +697,7 @@ class Checkpoints:
         """The last checkpoint of each partition that still fits its changelog: the record it ends on is
         still there. (A broker that lost its data, or a changelog deleted and rewritten by ``replay
         --apply``, has another record there or none: that checkpoint is ignored, the changelog read whole.)"""
+        self._ensure_topic()
         found = {
             p: decode_checkpoint(value)
             for p, value in last_records(self.settings, self.topic, partitions).items()

@@ -36,7 +36,7 @@ def _port(log: Path) -> int | None:
 
 
 def test_two_state_members_keep_the_stack_bound_on_running_runs(settings: Settings) -> None:
-    settings = settings.model_copy(update={"max_running_runs": BOUND, "state_session_timeout_ms": 2000})
+    settings = settings.model_copy(update={"max_running_runs": BOUND})
     with Stack(settings) as stack:
         s = stack.settings
         first = stack.children["processor-state"]
