@@ -756,7 +756,11 @@ def build_app(settings: Settings) -> faust.App:
         consumer_max_fetch_size=16 * 1024 * 1024,
         stream_buffer_maxsize=max(4096, settings.batch_size * 4),
         datadir=str(settings.data_dir / "faust"),
-        consumer_group_instance_id=settings.group_instance_id or None,
+        # No static membership for the state group: on the embedded broker two faust members with
+        # instance ids rebalanced every ~7 s for as long as they ran (5 assignments each in 60 s; without
+        # ids, one), and a restart under the same id still waited the full join and sync (measured
+        # 2026-12-07, docs/operations/state-recovery.md). STREAMAGENT_GROUP_INSTANCE_ID is not used here.
+        consumer_group_instance_id=None,
         key_serializer="json",
         value_serializer="json",
     )
