@@ -103,6 +103,16 @@ class Settings(BaseModel):
     member_report_s: float = Field(5.0, gt=0, description="How often a member announces its partitions and lag")
     member_silent_reports: int = Field(3, ge=1, description="Missed announcements: then status shows a member gone")
     max_event_bytes: int = Field(512 * 1024, ge=1, description="Larger events are dead-lettered")
+    # The state processor's group alone: the embedded broker holds both JoinGroup and SyncGroup for half
+    # the session timeout (measured), so a state member owns its partitions a whole session timeout
+    # after it asks. Apache Kafka refuses less than group.min.session.timeout.ms (6000 by default).
+    state_session_timeout_ms: int = Field(0, ge=0, description="State group's session timeout; 0: session_timeout_ms")
+    # An ended run leaves the state table this long after its end (a tombstone in the changelog), so a
+    # takeover recovers runs in flight, not history. Events of a run after that are dead-lettered.
+    state_retention_s: float = Field(3600.0, ge=0, description="Ended runs leave the state table after this; 0: never")
+    # Per owned partition, the table's runs and the changelog offset they cover, written this often to
+    # the checkpoint topic; recovery loads the last one and reads the changelog after it only.
+    state_checkpoint_interval_s: float = Field(60.0, ge=0, description="State table checkpoint interval; 0: never")
 
     # Kafka security and replication, for a secured or managed cluster (the embedded broker is PLAINTEXT
     # with one replica). Clients take them through streamagent.kafka.client_config (confluent) and

@@ -27,9 +27,12 @@ from typing import Any
 import faust
 from aiokafka.partitioner import DefaultPartitioner
 from confluent_kafka import Producer
+from streamagent.processors.state.checkpoint import CheckpointedStore, checkpoint_topic, last_records, records_at
+from streamagent.processors.state.checkpoint import decode as decode_checkpoint
+from streamagent.processors.state.checkpoint import encode as encode_checkpoint
 from streamagent.processors.state.fold import RunState, apply, in_flight, needs_decision
 from streamagent.processors.state.store import FaustTableStore, RunStore, maybe_active
-from streamagent.processors.state.watch import APPROVAL, DEADLINE, REDRIVE, Admission, DueQueue
+from streamagent.processors.state.watch import APPROVAL, DEADLINE, REDRIVE, RETAIN, Admission, DueQueue
 from streamagent.processors.workflow import UnknownWorkflow, Workflow, Workflows, load_workflows, lookup
 
 from streamagent import codec, faust_compat, tracing
@@ -169,19 +172,20 @@ class StateWorker:
         """
         if assigned == self.assigned:
             return
+        self.release()
         self.assigned = assigned
-        self.cache.clear()
-        self.suspects.clear()
-        self.checks.clear()
-        self.queue.forget_partitions(assigned)
-        self.admission.reset()
         waiting: list[tuple[datetime, str]] = []
         republish: list[RunState] = []
+        expire_at = time.time() + self.settings.state_retention_s
         for run_id, value in self.store.raw_items():
-            if not maybe_active(value):
-                continue  # a finished run: skipped without parsing, so recovery stays cheap at scale
             partition = self.partition(run_id)
             if partition not in assigned:
+                continue
+            if not maybe_active(value):
+                # A finished run: not parsed, so this scan stays cheap; it leaves the table within one
+                # retention from now (its end time would need parsing; an extra retention is harmless).
+                if self.settings.state_retention_s > 0:
+                    self.queue.schedule(partition, run_id, RETAIN, expire_at)
                 continue
             state = RunState.model_validate_json(value)
             snap = state.snapshot
@@ -207,6 +211,21 @@ class StateWorker:
             "partitions assigned",
             extra={"partitions": sorted(assigned), "active_runs": len(self.cache), "republished": len(republish)},
         )
+
+    def release(self) -> None:
+        """Forget every per-partition piece of memory (partitions revoked, or about to be re-read).
+
+        Called on revoke, before faust hands the partitions to another member, so the timer never acts
+        (deadline, approval expiry, loss check, retention) for a partition this member no longer owns.
+        """
+        self.assigned = None
+        self.cache.clear()
+        self.suspects.clear()
+        self.checks.clear()
+        self.positions.clear()
+        self.queue.forget_partitions(())
+        self.admission.reset()
+        self._run_of.clear()
 
     # -- the fold --------------------------------------------------------------------------------
     def fold_batch(self, messages: list[Any]) -> None:
@@ -325,6 +344,8 @@ class StateWorker:
         self.queue.cancel(run_id, DEADLINE)
         self.queue.cancel(run_id, REDRIVE)
         self.queue.cancel(run_id, APPROVAL)
+        if self.settings.state_retention_s > 0:
+            self.queue.schedule(partition, run_id, RETAIN, time.time() + self.settings.state_retention_s)
         self.cache.pop(run_id, None)
         while (next_id := self.admission.next_waiting(partition)) is not None:
             waiting = self.state(next_id)
@@ -422,6 +443,10 @@ class StateWorker:
             if state is None:
                 continue
             snap = state.snapshot
+            if kind == RETAIN:
+                if not self._active(snap):
+                    self.store.delete(run_id, partition)
+                continue
             if kind == DEADLINE:
                 if snap.status is RunStatus.running and not snap.deadline_exceeded:
                     self._emit(
@@ -598,8 +623,121 @@ async def _blocking(fn: Any, *args: Any) -> Any:
     return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
 
+class Checkpoints:
+    """Writes and reads the state table's checkpoints (see ``checkpoint``) for the owned partitions."""
+
+    def __init__(self, settings: Settings, worker: StateWorker, store: FaustTableStore, changelog: str) -> None:
+        self.settings = settings
+        self.worker = worker
+        self.store = store
+        self.changelog = changelog
+        self.topic = checkpoint_topic(settings)
+        self.written: dict[int, int] = {}  # partition -> changelog offset of its last checkpoint
+        self._at = time.time()
+        self.data: CheckpointedStore | None = None
+        self._created = False
+
+    def table_store(self, app: faust.App, table: Any) -> CheckpointedStore:
+        self.data = CheckpointedStore(
+            "memory://",
+            app,
+            table,
+            table_name=table.name,
+            key_type=table.key_type,
+            key_serializer=table.key_serializer,
+            value_serializer=table.value_serializer,
+            value_type=table.value_type,
+            loop=table.loop,
+            options=table.options,
+        )
+        self.data.partition_of = self.worker.partition
+        if self.settings.state_checkpoint_interval_s > 0:
+            self.data.loader = self.load
+        return self.data
+
+    def _ensure_topic(self) -> None:
+        """Created on first use (in a thread, once faust has started), like faust creates its changelog."""
+        if not self._created:
+            _create_topic(self.settings, self.topic)
+            self._created = True
+
+    def due(self, now: float) -> bool:
+        interval = self.settings.state_checkpoint_interval_s
+        if interval <= 0 or now - self._at < interval:
+            return False
+        self._at = now
+        return True
+
+    def write(self) -> int:
+        """One record per owned partition whose changelog moved since its last checkpoint; returns how many."""
+        assert self.data is not None
+        self._ensure_topic()
+        owned = self.worker.assigned or frozenset()
+        # The offsets first, then the runs: every record up to an offset was put before it was acked.
+        none = (-1, "")
+        covers = {p: max(self.store.written.get(p, none), self.data.applied.get(p, none)) for p in owned}
+        runs: dict[int, dict[str, bytes]] = {p: {} for p in owned}
+        for key, value in list(self.data.data.items()):
+            p = self.worker.partition(key)
+            if p in runs and value is not None:
+                runs[p][key] = value
+        count = 0
+        for p, (offset, ends_on) in covers.items():
+            if offset < 0 or self.written.get(p) == offset:
+                continue
+            value = encode_checkpoint(offset, ends_on, runs[p])
+            self.worker.producer.produce(self.topic, key=str(p).encode(), value=value, partition=p)
+            self.written[p] = offset
+            count += 1
+        if count:
+            self.worker.producer.flush(30)
+            log.debug("state checkpoints written", extra={"partitions": count})
+        return count
+
+    def load(self, partitions: list[int]) -> dict[int, tuple[int, str, dict[str, bytes]]]:
+        """The last checkpoint of each partition that still fits its changelog: the record it ends on is
+        still there. (A broker that lost its data, or a changelog deleted and rewritten by ``replay
+        --apply``, has another record there or none: that checkpoint is ignored, the changelog read whole.)"""
+        self._ensure_topic()
+        found = {
+            p: decode_checkpoint(value)
+            for p, value in last_records(self.settings, self.topic, partitions).items()
+            if value is not None
+        }
+        there = records_at(self.settings, self.changelog, {p: offset for p, (offset, _, _) in found.items()})
+        out: dict[int, tuple[int, str, dict[str, bytes]]] = {}
+        for p, (offset, ends_on, runs) in found.items():
+            if there.get(p) == ends_on:
+                out[p] = (offset, ends_on, runs)
+                self.written[p] = offset
+            else:
+                log.warning("state checkpoint of partition %d does not match its changelog: ignored", p)
+        return out
+
+
+def _create_topic(settings: Settings, topic: str) -> None:
+    from confluent_kafka.admin import NewTopic
+
+    client = admin(settings)
+    if topic in client.list_topics(timeout=10).topics:
+        return
+    spec = NewTopic(
+        topic,
+        num_partitions=settings.partitions,
+        replication_factor=settings.replication_factor,
+        config={"cleanup.policy": "compact"},
+    )
+    for future in client.create_topics([spec], operation_timeout=10).values():
+        try:
+            future.result()
+        except Exception as exc:  # created meanwhile by another member
+            if "TOPIC_ALREADY_EXISTS" not in str(exc):
+                raise
+
+
 def build_app(settings: Settings) -> faust.App:
     faust_compat.apply(settings)
+    session_ms = settings.state_session_timeout_ms or settings.session_timeout_ms
     brokers = ";".join(f"kafka://{s.strip()}" for s in settings.bootstrap_servers.split(","))
     app = faust.App(
         settings.group(PROCESSOR),
@@ -610,15 +748,20 @@ def build_app(settings: Settings) -> faust.App:
         broker_credentials=faust_compat.broker_credentials(settings),
         web_enabled=False,
         consumer_auto_offset_reset="earliest",
-        broker_session_timeout=settings.session_timeout_ms / 1000,
-        broker_heartbeat_interval=settings.heartbeat_interval_ms / 1000,
+        broker_session_timeout=session_ms / 1000,
+        # At most a third of the session, as Kafka advises: a shortened state session keeps its heartbeats.
+        broker_heartbeat_interval=min(settings.heartbeat_interval_ms, session_ms // 3) / 1000,
         broker_commit_interval=0.5,
         producer_linger=settings.linger_ms / 1000,
         producer_max_request_size=16 * 1024 * 1024,
         consumer_max_fetch_size=16 * 1024 * 1024,
         stream_buffer_maxsize=max(4096, settings.batch_size * 4),
         datadir=str(settings.data_dir / "faust"),
-        consumer_group_instance_id=settings.group_instance_id or None,
+        # No static membership for the state group: on the embedded broker two faust members with
+        # instance ids rebalanced every ~7 s for as long as they ran (5 assignments each in 60 s; without
+        # ids, one), and a restart under the same id still waited the full join and sync (measured
+        # 2026-12-07, docs/operations/state-recovery.md). STREAMAGENT_GROUP_INSTANCE_ID is not used here.
+        consumer_group_instance_id=None,
         key_serializer="json",
         value_serializer="json",
     )
@@ -635,10 +778,20 @@ def build_app(settings: Settings) -> faust.App:
         "runs", default=None, partitions=settings.partitions, key_type=str, value_type=bytes, use_partitioner=True
     )
     producer = make_producer(settings)
-    store = FaustTableStore(table, producer, table.changelog_topic.get_topic_name())
+    changelog = table.changelog_topic.get_topic_name()
+    store = FaustTableStore(table, producer, changelog)
     worker = StateWorker(settings, store, producer, keys=load_keys(settings))
     events_topic = settings.topic(RUN_EVENTS)
     members = MemberAnnouncer(settings, producer, PROCESSOR)  # `streamagent status`: partitions, lag, work
+    checkpoints = Checkpoints(settings, worker, store, changelog)
+    table._data = checkpoints.table_store(app, table)
+
+    @app.on_partitions_revoked.connect
+    async def on_revoked(app: faust.App, revoked: Any, **kwargs: Any) -> None:
+        # Drop every per-partition memory before the partitions move; ``sync`` rebuilds it from the
+        # table once recovery of the new assignment completes. A revoke is also where faust would
+        # commit: our batches are settled (flushed) before they are acked, so nothing is pending.
+        worker.release()
 
     async def settle() -> None:
         """Everything this batch caused is acknowledged before faust may commit its offsets."""
@@ -651,7 +804,18 @@ def build_app(settings: Settings) -> faust.App:
         if app.rebalancing or not app.tables.recovery.completed.is_set():
             return
         assigned = frozenset(tp.partition for tp in app.consumer.assignment() if tp.topic == events_topic)
+        if assigned == worker.assigned:
+            return
         worker.sync_assignment(assigned)
+        data = checkpoints.data
+        if data is not None:
+            # In the message itself: faust's log format drops extras. Tests read it (recovery is bounded).
+            log.info(
+                "state recovered: %d run(s) from checkpoints, %d changelog record(s) read",
+                data.loaded_runs,
+                data.recovered_records,
+            )
+            data.loaded_runs = data.recovered_records = 0
 
     @app.agent(events)
     async def fold(stream: Any) -> None:
@@ -669,14 +833,17 @@ def build_app(settings: Settings) -> faust.App:
         sync()
         if members.due() and not app.rebalancing:
             members.announce(faust_partitions(app.consumer, [events_topic, settings.topic(TOOL_RESULTS)]))
+        if worker.assigned is None or app.rebalancing or not app.tables.recovery.completed.is_set():
+            return  # between a revoke and the end of recovery: this member owns nothing to act on
         if worker.report_due(time.time()):
             try:  # a gauge is never worth failing the timer: it tries again at the next interval
                 ends = {(tp.topic, tp.partition): app.consumer.highwater(tp) for tp in app.consumer.assignment()}
                 worker.report(ends, time.time())
             except Exception as exc:
                 log.debug("lag not reported: %r", exc)
-        if worker.assigned is not None:
-            await worker.tick()
+        await worker.tick()
+        if checkpoints.due(time.time()):
+            await _blocking(checkpoints.write)
 
     app.worker_state = worker  # type: ignore[attr-defined]
     return app

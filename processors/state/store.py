@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from typing import Any, Protocol
 
 from confluent_kafka import Producer
+from streamagent.processors.state.checkpoint import digest
 from streamagent.processors.state.fold import RunState
 
 
@@ -27,6 +28,8 @@ class RunStore(Protocol):
 
     def raw_items(self) -> Iterator[tuple[str, bytes]]: ...
 
+    def delete(self, run_id: str, partition: int) -> None: ...
+
 
 class FaustTableStore:
     """A faust table (value serializer ``raw``) whose changelog this process writes itself."""
@@ -35,6 +38,9 @@ class FaustTableStore:
         self.table = table
         self.producer = producer
         self.changelog_topic = changelog_topic
+        # Per partition, the highest changelog offset acknowledged (delivery reports) and its record's
+        # digest: what a checkpoint covers, and the record it ends on.
+        self.written: dict[int, tuple[int, str]] = {}
 
     def get(self, run_id: str) -> RunState | None:
         value = self.table.data.get(run_id)
@@ -46,7 +52,20 @@ class FaustTableStore:
         self.table.data[run_id] = value
         # Keys as faust's json key serializer writes them, so its recovery restores them as str.
         key = json.dumps(run_id).encode()
-        self.producer.produce(self.changelog_topic, key=key, value=value, partition=partition)
+        self.producer.produce(self.changelog_topic, key=key, value=value, partition=partition, on_delivery=self._acked)
+
+    def delete(self, run_id: str, partition: int) -> None:
+        """A run past its retention leaves the table: a tombstone in the changelog (compaction drops it
+        on Kafka; recovery deletes it)."""
+        self.table.data.pop(run_id, None)
+        key = json.dumps(run_id).encode()
+        self.producer.produce(self.changelog_topic, key=key, value=None, partition=partition, on_delivery=self._acked)
+
+    def _acked(self, err: Any, msg: Any) -> None:
+        if err is None:
+            p = msg.partition()
+            if msg.offset() > self.written.get(p, (-1, ""))[0]:
+                self.written[p] = (msg.offset(), digest(msg.key(), msg.value()))
 
     def raw_items(self) -> Iterator[tuple[str, bytes]]:
         return iter(list(self.table.data.items()))
@@ -69,6 +88,9 @@ class MemoryStore:
 
     def raw_items(self) -> Iterator[tuple[str, bytes]]:
         return iter(list(self.data.items()))
+
+    def delete(self, run_id: str, partition: int) -> None:
+        self.data.pop(run_id, None)
 
 
 _ACTIVE_MARKS = (b'"status":"running"', b'"status":"dispatched"', b'"status":"compensating"')

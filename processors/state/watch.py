@@ -20,6 +20,7 @@ from collections.abc import Iterable
 DEADLINE = "deadline"
 REDRIVE = "redrive"
 APPROVAL = "approval"  # the earliest expiry of a run's pending approval requests
+RETAIN = "retain"  # an ended run leaves the state table (``state_retention_s`` after its end)
 
 
 class DueQueue:
@@ -87,7 +88,13 @@ class DueQueue:
 
 
 class Admission:
-    """At most ``per_partition`` active runs per partition; the rest wait in arrival order."""
+    """At most ``per_partition`` active runs per partition; the rest wait in arrival order.
+
+    The bound is per partition, so it holds per stack however the partitions are spread over state
+    members (a partition has one owner at a time, and its count is rebuilt from the table when it
+    moves): the stack runs at most ``partitions * ceil(max_running_runs / partitions)`` runs, and a
+    partition that has the room admits even while another partition's runs wait.
+    """
 
     def __init__(self, per_partition: int) -> None:
         self.per_partition = per_partition  # 0: unbounded

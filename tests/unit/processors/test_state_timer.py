@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -75,7 +76,8 @@ def test_a_tick_touches_only_what_is_due_however_many_runs_finished(finished: in
 
 def test_recovery_skips_finished_runs_without_parsing_them() -> None:
     worker, _, producer = _worker(finished=1000, running=3)
-    assert len(worker.cache) == 3 and len(worker.queue) == 3
+    # Deadlines of the three live runs, and the retention of each finished one (scheduled unparsed).
+    assert len(worker.cache) == 3 and len(worker.queue) == 3 + 1000
     # Runs waiting for a decision get their snapshot again after a rebalance (a crash may have lost it).
     assert len(producer.sent) == 3
 
@@ -141,3 +143,25 @@ def test_a_run_that_ends_mid_batch_keeps_every_event_of_the_batch() -> None:
     assert state is not None
     assert state.applied == [e.event_id for e in events]
     assert state.snapshot.version == len(events)
+
+
+def test_an_ended_run_leaves_the_table_after_its_retention() -> None:
+    worker, store, _ = _worker(finished=5, running=2)
+    retention = worker.settings.state_retention_s
+    asyncio.run(worker.tick(now=time.time() + retention - 60))
+    assert len(store.data) == 7  # not yet
+    asyncio.run(worker.tick(now=time.time() + retention + 1))
+    # The finished ones are gone; the live runs stay whatever their age.
+    assert sorted(store.data) == ["live-0", "live-1"]
+
+
+def test_release_forgets_every_partition_memory() -> None:
+    worker, _, _ = _worker(finished=3, running=3)
+    worker.positions[("events", 0)] = 7
+    worker.release()
+    assert (worker.assigned, worker.cache, len(worker.queue), worker.positions) == (None, {}, 0, {})
+    assert (worker.admission.running, worker.admission.queued) == (0, 0)
+    # The live runs' partitions went to another member: nothing of theirs is rebuilt here.
+    theirs = {worker.partition(f"live-{i}") for i in range(3)}
+    worker.sync_assignment(frozenset(set(range(4)) - theirs))
+    assert worker.cache == {} and worker.admission.running == 0 and worker.queue.scheduled("live-0", DEADLINE) is None
