@@ -435,23 +435,25 @@ class ProjectionHandler:
         )
         requested = [e for e in events if isinstance(e, RunRequested)]
         if requested:
-            cur.executemany(
-                "UPDATE runs SET company_name=%s, company_domain=%s, contact_email=%s, requested_by=%s, workflow=%s,"
-                # A run was created when it was requested (the upstream's time): the list orders runs so,
-                # whatever events of the run were projected first.
-                " workflow_steps=%s, created_at=%s WHERE run_id=%s",
+            # One statement per batch (as every per-run update below): a run was created when it was
+            # requested (the upstream's time), so the list orders runs so, whatever events of the run
+            # were projected first.
+            cur.execute(
+                "UPDATE runs r SET company_name=u.company_name, company_domain=u.company_domain,"
+                " contact_email=u.contact_email, requested_by=u.requested_by, workflow=u.workflow,"
+                " workflow_steps=u.workflow_steps, created_at=u.created_at"
+                " FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::int[],"
+                " %s::timestamptz[]) AS u(run_id, company_name, company_domain, contact_email, requested_by,"
+                " workflow, workflow_steps, created_at) WHERE r.run_id = u.run_id",
                 [
-                    (
-                        e.company_name,
-                        e.company_domain,
-                        e.contact_email,
-                        e.requested_by,
-                        e.workflow,
-                        self.steps_of.get(e.workflow),
-                        e.occurred_at,
-                        e.run_id,
-                    )
-                    for e in requested
+                    [e.run_id for e in requested],
+                    [e.company_name for e in requested],
+                    [e.company_domain for e in requested],
+                    [e.contact_email for e in requested],
+                    [e.requested_by for e in requested],
+                    [e.workflow for e in requested],
+                    [self.steps_of.get(e.workflow) for e in requested],
+                    [e.occurred_at for e in requested],
                 ],
             )
         self._recount(cur, *self.recounted(events))
@@ -468,12 +470,18 @@ class ProjectionHandler:
             )
         waits = [(e.reason, r) for r, e in last.items() if e.action.value == "wait"]
         if waits:
-            cur.executemany("UPDATE runs SET reason=%s WHERE run_id=%s AND status='running'", waits)
+            cur.execute(
+                "UPDATE runs r SET reason=u.reason FROM unnest(%s::text[], %s::text[]) AS u(reason, run_id)"
+                " WHERE r.run_id = u.run_id AND r.status='running'",
+                [[reason for reason, _ in waits], [run_id for _, run_id in waits]],
+            )
         completed = [e for e in events if isinstance(e, RunCompleted)]
         if completed:
-            cur.executemany(
-                "UPDATE runs SET status='completed', reason=%s, ended_at=%s WHERE run_id=%s",
-                [(e.reason, e.occurred_at, e.run_id) for e in completed],
+            cur.execute(
+                "UPDATE runs r SET status='completed', reason=u.reason, ended_at=u.ended_at"
+                " FROM unnest(%s::text[], %s::text[], %s::timestamptz[]) AS u(run_id, reason, ended_at)"
+                " WHERE r.run_id = u.run_id",
+                [[e.run_id for e in completed], [e.reason for e in completed], [e.occurred_at for e in completed]],
             )
         failed = [e for e in events if isinstance(e, RunFailed)]
         if failed:
