@@ -21,9 +21,13 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from streamagent.tools.drafting import facts_of
+
 # The block of the prepared context the default answer reads (processors/decision/llm/context.py
 # writes it; tools do not import processors, so the marker is repeated here).
 REMAINING_MARKER = "Remaining steps, in order (JSON):"
+# The fake's drafts end with this line: a test can tell a drafted mail from the template's.
+DRAFTED_SIGNATURE = "(drafted by the scripted model)"
 # What the fake answers a planner (a request offering no tools and no answer format) by default.
 PLAN = "1. Run the workflow's steps in order, each once its needs are done. 2. Escalate if a result looks wrong."
 
@@ -136,6 +140,9 @@ class FakeModel:
 
     def reply(self, body: dict[str, Any], answer: Answer) -> dict[str, Any]:
         """The chat.completion object for ``answer`` (the next step when it names nothing)."""
+        if answer.tool is None and answer.content is None and (facts := facts_of(body.get("messages") or [])):
+            # The draft tool's request: a welcome email written from the facts it was given.
+            answer = Answer.text(json.dumps(draft_email(facts)))
         if answer.tool is None and answer.content is None and not (body.get("tools") or body.get("response_format")):
             # Neither tools nor an answer format: a planner's request, answered with a plan in words.
             answer = Answer.text(PLAN)
@@ -168,6 +175,21 @@ class FakeModel:
                 "total_tokens": prompt + completion,
             }
         return out
+
+
+def draft_email(facts: dict[str, Any]) -> dict[str, str]:
+    """What the fake answers a draft request: a mail that names every fact it was given."""
+    industry = facts.get("industry") or "your"
+    return {
+        "subject": f"{facts.get('company_name')}, welcome aboard: your project {facts.get('jira_key')} is ready",
+        "body": (
+            f"Dear {facts.get('contact_name')},\n\n"
+            f"Thank you for choosing us. Your onboarding project {facts.get('jira_key')} is open, and the team"
+            f" that knows the {industry} industry is already on it for {facts.get('company_name')}.\n\n"
+            "We will be in touch this week with the first milestones.\n\nThe onboarding team\n"
+            f"{DRAFTED_SIGNATURE}"
+        ),
+    }
 
 
 def next_step(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
