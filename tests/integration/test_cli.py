@@ -65,7 +65,7 @@ def test_submit_wait_runs_show_and_dlq(
         shown = json.loads(capsys.readouterr().out)
         assert shown["run"]["status"] == "completed"
         steps = [e["step"] for e in shown["timeline"] if e["type"] == "ToolResult"]
-        assert steps == ["enrich", "jira", "email", "slack"]
+        assert steps == ["enrich", "jira", "draft", "email", "slack"]
 
         assert cli(["sandbox", "effects", "--json"]) == 0
         effects = json.loads(capsys.readouterr().out)

@@ -53,7 +53,7 @@ def assert_one_effect_per_step(s: Settings, run_ids: list[str]) -> None:
 def test_runs_waiting_for_crm_complete_once_the_crm_tool_is_deployed(settings: Settings) -> None:
     assert [p for p in PROCESSORS.rglob("*") if "crm" in p.name.lower() or (p.suffix == ".py" and names_crm(p))] == []
     requests = [r.model_copy(update={"workflow": WORKFLOW}) for r in sample_requests(3)]
-    with Stack(settings, tools=("enrich", "jira", "email", "slack")) as stack:
+    with Stack(settings, tools=("enrich", "jira", "draft", "email", "slack")) as stack:
         s = stack.settings
         run_ids = produce_requests(s, requests)
 
@@ -87,7 +87,7 @@ def test_runs_waiting_for_crm_complete_after_the_decision_processor_is_killed_wh
     no snapshot of theirs comes again (a recorded wait asks the state processor for none), so only
     the restarted processor's ``decision_waits`` can tell it who waits. Then crm is deployed."""
     requests = [r.model_copy(update={"workflow": WORKFLOW}) for r in sample_requests(8)]
-    with Stack(settings, tools=("enrich", "jira", "email", "slack")) as stack:
+    with Stack(settings, tools=("enrich", "jira", "draft", "email", "slack")) as stack:
         s = stack.settings
         run_ids = produce_requests(s, requests)
         eventually(lambda: waiting_for_crm(s, run_ids), timeout=40, interval=0.2, what="the runs waiting for tool crm")

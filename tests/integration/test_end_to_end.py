@@ -23,7 +23,9 @@ from streamagent.submit import produce_requests
 
 pytestmark = pytest.mark.integration
 
-STEPS = ["enrich", "jira", "email", "slack"]
+STEPS = ["enrich", "jira", "draft", "email", "slack"]
+# The steps that call a SaaS API (the draft, with no model configured, calls none: the template is sent).
+APIS = ["enrich", "jira", "email", "slack"]
 
 
 def test_twenty_runs_complete_with_one_effect_per_step(
@@ -35,7 +37,7 @@ def test_twenty_runs_complete_with_one_effect_per_step(
         run_ids = produce_requests(s, requests)
         rows = eventually(lambda: ended(s, run_ids), timeout=120, what="all 20 runs ended")
         assert Counter(r.status for r in rows) == {"completed": 20}
-        assert all(r.steps_done == 4 for r in rows)
+        assert all(r.steps_done == 5 for r in rows)
 
         effects = SandboxClient(s.sandbox_url).effects()
         by_api = Counter(e.api for e in effects)
@@ -89,7 +91,7 @@ def test_twenty_runs_complete_with_one_effect_per_step(
         spans = receiver.spans(tracing.run_trace_id(request.run_id))
         names = Counter((span.service, span.name) for span in spans)
         assert names[("streamagent-processor-state", "run")] == 1, names
-        assert names[("streamagent-processor-decision", "decision")] == 5, names  # 4 dispatches, 1 completion
+        assert names[("streamagent-processor-decision", "decision")] == 6, names  # 5 dispatches, 1 completion
         for step in STEPS:
             assert names[(f"streamagent-tool-{step}", f"tool {step}")] == 1, names
         (root,) = [span for span in spans if span.name == "run"]
@@ -99,7 +101,7 @@ def test_twenty_runs_complete_with_one_effect_per_step(
 
 def _assert_effects_of(request: RunRequested, effects: list) -> None:  # type: ignore[type-arg]
     by_api = {e.api: e for e in effects}
-    assert sorted(by_api) == sorted(STEPS) and len(effects) == 4
+    assert sorted(by_api) == sorted(APIS) and len(effects) == 4
     key = project_key(request.company_name, request.run_id)
     assert by_api["enrich"].request["domain"] == request.company_domain
     jira = by_api["jira"].request

@@ -39,7 +39,7 @@ from streamagent.topics import RUN_EVENTS
 
 pytestmark = pytest.mark.integration
 
-STEPS = ["enrich", "jira", "email", "slack"]
+STEPS = ["enrich", "jira", "draft", "email", "slack"]
 
 # Mail to held.example waits for a person; the sample runs mail elsewhere and go straight through.
 HOLD_POLICY = """
@@ -120,7 +120,7 @@ def test_a_run_submitted_while_the_page_is_open_shows_live_until_completed(setti
         assert results == STEPS
         types = page.evaluate("[...document.querySelectorAll('#timeline .entry')].map(e => e.dataset.type)")
         assert types[0] == "RunRequested" and types[-1] == "RunCompleted"
-        assert types.count("DecisionRecorded") == 5 and types.count("ToolCommand") == 4
+        assert types.count("DecisionRecorded") == 6 and types.count("ToolCommand") == 5
         assert page.evaluate(chips) == ",".join(f"{step}:succeeded" for step in STEPS)
         assert page.evaluate(f"{detail}.querySelector('.reason').textContent") == "every step succeeded"
         # A result's details say its attempts (slack's: several, through the outage) and latency.

@@ -8,7 +8,9 @@ first ready step of the "Remaining steps" block, with its prepared arguments; ``
 step's tool is not offered; ``complete`` when nothing remains), in the style the request asks for; a
 request offering no tools and no answer format (a planner's) gets ``PLAN``, a plan in words.
 Every request is recorded (model, messages, tools offered, response_format) so tests count calls
-and read what was sent; ``GET /_fake/stats`` answers ``{"calls": n}`` for a server in its own process.
+and read what was sent; ``GET /_fake/stats`` answers ``{"calls": n, "drafts": m}`` for a server in its
+own process. The draft tool's requests (recognised by its prompt) are kept apart (``drafts``, scripted
+with ``script_draft``) and answered by default with a mail written from the facts they carry.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class Answer:
     headers: dict[str, str] = field(default_factory=dict)
     delay_s: float = 0.0
     usage: bool = True
+    draft: bool = False  # the default answer to a draft request: a mail from its facts
 
     @classmethod
     def call(cls, tool: str, arguments: dict[str, Any] | str | None = None, *, usage: bool = True) -> Answer:
@@ -86,8 +89,12 @@ class FakeModel:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
         self._answers: deque[Answer] = deque()
+        self._draft_answers: deque[Answer] = deque()
         self._lock = threading.Lock()
         self.requests: list[Request] = []
+        # The draft tool's requests (tools/draft.py) apart from the decider's: a test counting decisions
+        # is not disturbed by the mail being drafted, and a scripted decision is never taken by a draft.
+        self.drafts: list[Request] = []
         self._server = ThreadingHTTPServer((host, port), _handler(self))
         self._server.daemon_threads = True
         self._thread: threading.Thread | None = None
@@ -105,6 +112,12 @@ class FakeModel:
     def script(self, *answers: Answer) -> FakeModel:
         with self._lock:
             self._answers.extend(answers)
+        return self
+
+    def script_draft(self, *answers: Answer) -> FakeModel:
+        """Answers to the draft tool's next requests (then: a good draft from the facts given)."""
+        with self._lock:
+            self._draft_answers.extend(answers)
         return self
 
     def start(self) -> FakeModel:
@@ -125,22 +138,26 @@ class FakeModel:
     # -- answering -------------------------------------------------------------------------------
     def _take(self, body: dict[str, Any]) -> Answer:
         tools = [t.get("function", {}).get("name", "") for t in body.get("tools") or []]
+        request = Request(
+            time.monotonic(),
+            str(body.get("model", "")),
+            list(body.get("messages") or []),
+            tools,
+            body.get("response_format"),
+            body,
+        )
         with self._lock:
-            self.requests.append(
-                Request(
-                    time.monotonic(),
-                    str(body.get("model", "")),
-                    list(body.get("messages") or []),
-                    tools,
-                    body.get("response_format"),
-                    body,
-                )
-            )
+            if facts_of(request.messages) is not None:
+                self.drafts.append(request)
+                answer = self._draft_answers.popleft() if self._draft_answers else Answer()
+                # Marked as a draft's: a scripted text or error is sent as is, an unscripted one is a draft.
+                return answer if answer.content is not None or answer.status != 200 else Answer(draft=True)
+            self.requests.append(request)
             return self._answers.popleft() if self._answers else Answer()
 
     def reply(self, body: dict[str, Any], answer: Answer) -> dict[str, Any]:
         """The chat.completion object for ``answer`` (the next step when it names nothing)."""
-        if answer.tool is None and answer.content is None and (facts := facts_of(body.get("messages") or [])):
+        if answer.draft and (facts := facts_of(body.get("messages") or [])):
             # The draft tool's request: a welcome email written from the facts it was given.
             answer = Answer.text(json.dumps(draft_email(facts)))
         if answer.tool is None and answer.content is None and not (body.get("tools") or body.get("response_format")):
@@ -230,7 +247,7 @@ def _handler(model: FakeModel) -> type[BaseHTTPRequestHandler]:
         def do_GET(self) -> None:
             # What a process outside this one (a benchmark, make demo-llm) reads to count the calls.
             if self.path.rstrip("/") == "/_fake/stats":
-                self._send(200, {"calls": model.calls})
+                self._send(200, {"calls": model.calls, "drafts": len(model.drafts)})
             else:
                 self._send(404, {"error": {"message": f"no route {self.path}", "type": "invalid_request_error"}})
 

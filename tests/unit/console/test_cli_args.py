@@ -343,7 +343,7 @@ def test_the_stack_starts_the_default_workflows_tools_or_the_ones_named(tmp_path
 
     from streamagent.console.devstack.stack import UnknownTool, stack_tools
 
-    assert stack_tools(Settings()) == ("enrich", "jira", "email", "slack")  # workflows/onboarding.toml
+    assert stack_tools(Settings()) == ("enrich", "jira", "draft", "email", "slack")  # workflows/onboarding.toml
     assert stack_tools(Settings(stack_tools="crm, enrich,crm")) == ("crm", "enrich")
     assert set(stack_tools(Settings(stack_tools="all"))) == set(builtin_tools())
     with pytest.raises(UnknownTool, match=r"fax.*known: crm, email, enrich, jira, slack"):
