@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 from typing import Any, Literal
 
-import openai
 from pydantic import BaseModel
 from streamagent.tools.drafting import Draft, Facts, UnreadableAnswer, messages, problems, read_answer
 from streamagent.tools.sdk import CallContext, Tool
@@ -64,6 +63,9 @@ class DraftEmail(Tool[DraftInput, Drafted]):
         settings = self.settings
         if not model_endpoint.configured(settings):
             return self._template(args, ctx, "no model configured (OPENAI_BASE_URL is empty)")
+        # Imported here: every CLI command lists the tools, and the openai client takes seconds to import.
+        import openai
+
         model = settings.draft_model or settings.model
         sent = messages(Facts.model_validate(args.model_dump(include=set(Facts.model_fields))))
         client = openai.AsyncOpenAI(

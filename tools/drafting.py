@@ -13,7 +13,7 @@ import json
 import re
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 # The first words of the system prompt: the fake model (tools/sandbox/model.py) recognises a draft
 # request by them.
@@ -55,6 +55,12 @@ class Facts(BaseModel):
     employees: int | None = None
     country: str = ""
     goal: str = ""
+
+    @field_validator("employees", mode="before")
+    @classmethod
+    def _unknown_is_none(cls, value: object) -> object:
+        # A workflow passes "" when the enrichment did not say (`{... | default: }`).
+        return None if value == "" else value
 
     def required(self) -> dict[str, str]:
         """The facts a draft must contain, by what they are."""

@@ -45,7 +45,8 @@ def stack(module_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -
     policies = tmp_path_factory.mktemp("policies")
     (policies / "approvals.toml").write_text(HOLD_POLICY)
     # The CRM too: the onboarding-with-crm runs share the company's account id through memory.
-    shared = module_settings.model_copy(update={"policies_dir": policies, "stack_tools": "enrich,jira,draft,email,slack,crm"})
+    tools = "enrich,jira,draft,email,slack,crm"
+    shared = module_settings.model_copy(update={"policies_dir": policies, "stack_tools": tools})
     with Stack(shared) as running:
         yield running
 

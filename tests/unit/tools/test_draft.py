@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 
 import httpx
 import pytest
-from streamagent.tools.draft import DraftEmail, DraftInput, Drafted
+from streamagent.tools.draft import Drafted, DraftEmail, DraftInput
 from streamagent.tools.drafting import (
     BODY_MAX_CHARS,
     DRAFT_MARKER,
