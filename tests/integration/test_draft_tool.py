@@ -14,10 +14,10 @@ import json
 import shutil
 from collections.abc import Iterator
 
-import httpx
 import psycopg
 import pytest
 from helpers import ended, eventually
+from streamagent.processors.projection import queries
 from streamagent.tools.sandbox import SandboxClient
 from streamagent.tools.sandbox.model import DRAFTED_SIGNATURE, Answer, FakeModel
 
@@ -25,6 +25,7 @@ from streamagent.config import DEFAULT_WORKFLOWS_DIR, Settings, get_settings, to
 from streamagent.console.cli import main as cli
 from streamagent.console.demo import drafts, drafts_line, sample_requests
 from streamagent.console.devstack.stack import Stack
+from streamagent.console.ui.api import timeline_entry
 from streamagent.submit import produce_requests
 
 pytestmark = pytest.mark.integration
@@ -95,7 +96,7 @@ def _json_out(capsys: pytest.CaptureFixture[str], argv: list[str]) -> object:
 
 
 def test_the_demos_welcome_emails_are_drafted_by_the_model_and_cost_the_run(
-    s: Settings, stack: Stack, model: FakeModel, capsys: pytest.CaptureFixture[str]
+    s: Settings, model: FakeModel, capsys: pytest.CaptureFixture[str]
 ) -> None:
     requests = sample_requests(2, requested_by="draft-test")
     run_ids = produce_requests(s, requests)
@@ -134,9 +135,11 @@ def test_the_demos_welcome_emails_are_drafted_by_the_model_and_cost_the_run(
     assert "[asked model fake-writer]" in line and "tokens" in line
     assert "system: You write the welcome email" in shown and "Facts (JSON):" in shown
     assert "answer: {" in shown and DRAFTED_SIGNATURE in shown
-    # ... and so does the run page.
-    page = httpx.get(f"{stack.ui_url}/api/runs/{run_ids[0]}", timeout=10).json()
-    (entry,) = [e for e in page["timeline"] if e["type"] == "ToolResult" and e["step"] == "draft"]
+    # ... and so does the run page (what its API serves for each timeline entry; the page lays it out as a
+    # decision's messages and answer).
+    entries = queries.timeline(s, run_ids[0])
+    page = [timeline_entry(e, entries[0].occurred_at) for e in entries]
+    (entry,) = [e for e in page if e["type"] == "ToolResult" and e["step"] == "draft"]
     assert entry["model"]["messages"][0]["content"].startswith("You write the welcome email")
     assert json.loads(entry["model"]["answers"][0])["body"] == _mails(s, run_ids[0])[0]["body"]
     assert entry["model"]["prompt_tokens"] > 0

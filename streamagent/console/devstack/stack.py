@@ -278,6 +278,10 @@ class Child:
 SCHEMAS = (PROJECTION_SCHEMA, DECISION_SCHEMA, LEDGER_SCHEMA)
 
 
+# How long the stack waits for the sandbox and the page to answer after starting every child.
+READY_S = 90.0
+
+
 def cli_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "streamagent.console.cli", *args]
 
@@ -501,11 +505,13 @@ class Stack:
             self._add(Child("ui", cli_argv("ui", "--host", host, "--port", str(port)), env, logs / "ui.log"))
         for child in self.children.values():
             child.start()
+        # Every child starts at once: on a loaded 2-core machine a dozen Python processes importing together
+        # took over 20 s before the sandbox answered (2026-12-07, load ~25); a child that dies is seen at once.
         if sandbox_port is not None:
             sandbox = self.children["sandbox"]
-            self._wait_http(self.settings.sandbox_url + "/_sandbox/health", timeout=20, child=sandbox)
+            self._wait_http(self.settings.sandbox_url + "/_sandbox/health", timeout=READY_S, child=sandbox)
         if self.ui_url:
-            self._wait_http(self.ui_url + "/api/health", timeout=20, child=self.children["ui"])
+            self._wait_http(self.ui_url + "/api/health", timeout=READY_S, child=self.children["ui"])
         self._write_stack_file()
         self._supervisor = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
         self._supervisor.start()
