@@ -51,6 +51,10 @@ def test_twenty_runs_complete_with_one_effect_per_step(
             assert types[0] == "RunRequested" and "RunCompleted" in types
             results = [e.step for e in entries if e.type == "ToolResult"]
             assert results == STEPS, f"steps out of order for {request.run_id}: {results}"
+            # No model is configured: the welcome email is the workflow's template, and the draft says why.
+            (drafted,) = [e.payload for e in entries if e.type == "ToolResult" and e.step == "draft"]
+            assert drafted["output"]["drafted_by"] == "template" and drafted["prompt_tokens"] == 0
+            assert drafted["output"]["fallback_reason"] == "no model configured (OPENAI_BASE_URL is empty)"
             # Every decision and command is caused by the event before it in the chain.
             ids = {e.event_id for e in entries}
             assert all(e.causation_id in ids for e in entries if e.type != "RunRequested")
@@ -111,7 +115,7 @@ def _assert_effects_of(request: RunRequested, effects: list) -> None:  # type: i
     mail = by_api["email"].request
     assert mail["personalizations"][0]["to"][0]["email"] == request.contact_email
     body = mail["content"][0]["value"]
-    assert key in body and request.contact_name in body
+    assert key in body and body.startswith(f"Hello {request.contact_name},\n\nWelcome aboard!")
     text = by_api["slack"].request["text"]
     assert key in text and industry in text and by_api["email"].response["message_id"] in text
     # The command id is the idempotency key every API call carried.
