@@ -3,13 +3,12 @@
 from streamagent.tools.sdk.breaker import BreakerState, CircuitBreaker
 from streamagent.tools.sdk.errors import PermanentError, RetryableError, ToolError
 from streamagent.tools.sdk.retry import RetryPolicy
-from streamagent.tools.sdk.tool import CallContext, ModelUse, Tool, body, check
+from streamagent.tools.sdk.tool import CallContext, Tool, body, check
 
 __all__ = [
     "BreakerState",
     "CallContext",
     "CircuitBreaker",
-    "ModelUse",
     "PermanentError",
     "RetryPolicy",
     "RetryableError",

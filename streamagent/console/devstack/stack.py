@@ -89,6 +89,9 @@ class PortInUse(StackStartError):
 
 # The loopback address the broker and the sandbox listen on (the page's is a setting: ui_host).
 LOOPBACK = "127.0.0.1"
+# How long a started HTTP child (the sandbox, the page) may take to answer its health probe. A readiness
+# bound, not a wait: on a loaded 2-core machine a Python process took over 20 s to import and listen.
+_READY_S = 60.0
 
 
 def _port_is_free(host: str, port: int) -> bool:
@@ -276,10 +279,6 @@ class Child:
 
 # Every layer's tables, created before any process starts so that readers (``runs``, ``show``) find them.
 SCHEMAS = (PROJECTION_SCHEMA, DECISION_SCHEMA, LEDGER_SCHEMA)
-
-
-# How long the stack waits for the sandbox and the page to answer after starting every child.
-READY_S = 90.0
 
 
 def cli_argv(*args: str) -> list[str]:
@@ -505,13 +504,11 @@ class Stack:
             self._add(Child("ui", cli_argv("ui", "--host", host, "--port", str(port)), env, logs / "ui.log"))
         for child in self.children.values():
             child.start()
-        # Every child starts at once: on a loaded 2-core machine a dozen Python processes importing together
-        # took over 20 s before the sandbox answered (2026-12-07, load ~25); a child that dies is seen at once.
         if sandbox_port is not None:
             sandbox = self.children["sandbox"]
-            self._wait_http(self.settings.sandbox_url + "/_sandbox/health", timeout=READY_S, child=sandbox)
+            self._wait_http(self.settings.sandbox_url + "/_sandbox/health", timeout=_READY_S, child=sandbox)
         if self.ui_url:
-            self._wait_http(self.ui_url + "/api/health", timeout=READY_S, child=self.children["ui"])
+            self._wait_http(self.ui_url + "/api/health", timeout=_READY_S, child=self.children["ui"])
         self._write_stack_file()
         self._supervisor = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
         self._supervisor.start()

@@ -23,7 +23,8 @@ from streamagent.tools.drafting import (
     read_answer,
 )
 from streamagent.tools.sandbox.model import DRAFTED_SIGNATURE, Answer, FakeModel
-from streamagent.tools.sdk import CallContext, ModelUse
+from streamagent.tools.sdk import CallContext
+from streamagent.tools.sdk.tool import ModelUse
 
 from streamagent import codec
 from streamagent.config import Settings
