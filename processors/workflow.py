@@ -21,6 +21,7 @@ entity changed before the call (``stale-memory``).
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import tomllib
 from collections.abc import Callable, Collection, Mapping
@@ -265,16 +266,35 @@ def lookup(workflows: Workflows, name: str) -> Workflow:
 
 
 # -- loading ---------------------------------------------------------------------------------------
-def load_workflows(directory: Path) -> dict[str, Workflow]:
-    """Every ``*.toml`` under ``directory``, by workflow name; raises ``WorkflowError`` on the first bad one."""
-    if not directory.is_dir():
-        raise WorkflowError(directory, "workflows_dir", "is not a directory")
-    workflows = {}
-    for path in sorted(directory.glob("*.toml")):
-        workflow = load_workflow(path)
-        workflows[workflow.name] = workflow
+def workflow_dirs(directories: Path | str) -> list[Path]:
+    """The folders of a ``workflows_dir`` value: one path, or several joined by ``os.pathsep``."""
+    parts = str(directories).split(os.pathsep)
+    if any(not part.strip() for part in parts):
+        raise WorkflowError(
+            directories, "workflows_dir", f"has an empty entry (folders are separated by {os.pathsep!r})"
+        )
+    return [Path(part) for part in parts]
+
+
+def load_workflows(directories: Path | str) -> dict[str, Workflow]:
+    """Every ``*.toml`` of every folder of ``directories`` (see ``workflow_dirs``), by workflow name.
+
+    Folders are read in the order given, files by name; a workflow named twice, in one folder or in two,
+    is refused naming both files: no folder silently shadows another, so which file a run follows never
+    depends on the order of a variable. Raises ``WorkflowError`` on the first bad file or folder.
+    """
+    workflows: dict[str, Workflow] = {}
+    for directory in workflow_dirs(directories):
+        if not directory.is_dir():
+            raise WorkflowError(directory, "workflows_dir", "is not a directory")
+        for path in sorted(directory.glob("*.toml")):
+            workflow = load_workflow(path)
+            if workflow.name in workflows:
+                first = workflows[workflow.name].source
+                raise WorkflowError(path, "name", f"workflow {workflow.name!r} is declared in {first} already")
+            workflows[workflow.name] = workflow
     if not workflows:
-        raise WorkflowError(directory, "workflows_dir", "holds no *.toml workflow")
+        raise WorkflowError(directories, "workflows_dir", "holds no *.toml workflow")
     return workflows
 
 

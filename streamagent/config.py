@@ -7,6 +7,7 @@ mean "start the embedded component".
 
 from __future__ import annotations
 
+import json
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -174,10 +175,23 @@ class Settings(BaseModel):
     stack_tools: str = Field(
         "", description="Tools `up` starts (comma-separated, or all); empty: the default workflow's"
     )
-    workflows_dir: Path = Field(DEFAULT_WORKFLOWS_DIR, description="Folder of workflow files (*.toml)")
+    # Several folders (a team's own beside the shipped ones) are joined by os.pathsep, as in PATH; a workflow
+    # named in two of them is refused (processors/workflow.py load_workflows), never silently shadowed.
+    workflows_dir: Path = Field(
+        DEFAULT_WORKFLOWS_DIR, description="Folder(s) of workflow files (*.toml); several: separated by `:`"
+    )
+    # A tool from another package calls its own team's API, not the SaaS sandbox: its base URL by tool name.
+    # One variable for every process, so the same environment deploys twenty tools; a tool not named here
+    # calls sandbox_url.
+    tool_urls: str = Field("", description='Base URL of a tool\'s API by tool name, JSON {"tool": "https://..."}')
     run_deadline_s: float = Field(600.0, gt=0, description="Default deadline of a run")
     command_deadline_s: float = Field(120.0, gt=0, description="How long a tool may keep retrying a command")
     tool_timeout_s: float = Field(5.0, gt=0, description="HTTP timeout of one tool call")
+    # MCP servers whose tools `streamagent tool mcp --server NAME` deploys (docs/guides/mcp.md); unset:
+    # mcp.toml in the data dir (not in the workflows folder: every *.toml there is read as a workflow).
+    # The probe is how soon a server that went away is noticed.
+    mcp_config: Path | None = Field(None, description="TOML file of MCP servers; unset: <data dir>/mcp.toml")
+    mcp_probe_s: float = Field(2.0, gt=0, description="How often an MCP tool process checks its server is there")
     # The run timeline page (`streamagent ui`; `streamagent up` serves it too). A fixed port keeps its
     # address the same from one `up` to the next; loopback by default, since the page shows every
     # request's contact data and the prompts the model saw (read-only, no login).
@@ -227,12 +241,23 @@ class Settings(BaseModel):
         parse_prices(value)  # refused at start, naming the variable, rather than at the first decision
         return value
 
+    @field_validator("tool_urls")
+    @classmethod
+    def _tool_urls_parse(cls, value: str) -> str:
+        parse_tool_urls(value)  # refused at start, naming the variable, rather than at a tool's first call
+        return value
+
+    def tool_url(self, tool: str) -> str:
+        """The base URL ``tool`` calls: its own from ``tool_urls``, else the sandbox's."""
+        return parse_tool_urls(self.tool_urls).get(tool, self.sandbox_url)
+
     @field_validator(
         "command_keys_file",
         "openai_api_key_file",
         "approval_keys_file",
         "role_keys_file",
         "operator_keys_file",
+        "mcp_config",
         mode="before",
     )
     @classmethod
@@ -319,6 +344,10 @@ class Settings(BaseModel):
         return self.approval_keys_file if self.approval_keys_file is not None else self.data_dir / "approval-keys"
 
     @property
+    def mcp_config_path(self) -> Path:
+        return self.mcp_config if self.mcp_config is not None else self.data_dir / "mcp.toml"
+
+    @property
     def registry_lease_s(self) -> float:
         """How long a tool member's announcement stays valid without a fresh one."""
         return self.registry_heartbeat_s * self.registry_lease_heartbeats
@@ -328,6 +357,22 @@ class Settings(BaseModel):
 
     def group(self, name: str) -> str:
         return f"{self.topic_prefix}streamagent.{name}"
+
+
+def parse_tool_urls(text: str) -> dict[str, str]:
+    """``tool_urls``: a JSON object of tool name to an http(s) base URL; raises ValueError saying what is wrong."""
+    if not text.strip():
+        return {}
+    try:
+        urls = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"tool_urls is not JSON: {exc}") from None
+    if not isinstance(urls, dict):
+        raise ValueError('tool_urls must be a JSON object {"tool": "https://..."}')
+    for tool, url in urls.items():
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise ValueError(f"tool_urls: the URL of tool {tool!r} must be an http:// or https:// URL, not {url!r}")
+    return urls
 
 
 def _from_env(environ: dict[str, str]) -> dict[str, str]:
@@ -365,6 +410,9 @@ def _validate(values: dict[str, Any]) -> Settings:
                 problems.append(str(error["msg"]).removeprefix("Value error, "))
                 continue
             name, value = env_name(field), values.get(field)
+            if error["type"] == "value_error":  # a validator's own words say more than the field's type
+                problems.append(f"{name}={value!r} is invalid: {str(error['msg']).removeprefix('Value error, ')}")
+                continue
             problems.append(f"{name}={value!r} is invalid: expected {_expected(field)}")
         raise SettingsError("; ".join(problems)) from None
 

@@ -15,6 +15,7 @@ so the table is rebuilt from the whole history there (``BROKER-NOTES.md``), with
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import threading
@@ -69,6 +70,8 @@ class MemoryTable:
         # started (plus one fetch wait) is in the table once that poll returns.
         self._polled_from = 0.0
         self._polled = threading.Condition(self._lock)
+        # Coroutines waiting in ``caught_up``: (the poll start they need, their loop, their future).
+        self._waiters: list[tuple[float, asyncio.AbstractEventLoop, asyncio.Future[bool]]] = []
 
     # -- feeding ---------------------------------------------------------------------------------------
     def _open(self) -> Consumer:
@@ -93,6 +96,10 @@ class MemoryTable:
         with self._polled:
             self._polled_from = started
             self._polled.notify_all()
+            ready = [w for w in self._waiters if w[0] <= started]
+            self._waiters = [w for w in self._waiters if w[0] > started]
+        for _, loop, future in ready:
+            loop.call_soon_threadsafe(_settle, future, True)
 
     def _fold(self, batch: list[Any]) -> set[int]:
         at_end: set[int] = set()
@@ -152,6 +159,11 @@ class MemoryTable:
         if self._thread is not None:
             self._thread.join(10)
             self._thread = None
+        with self._lock:
+            waiting, self._waiters = self._waiters, []
+        for _, loop, future in waiting:
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits any more
+                loop.call_soon_threadsafe(_settle, future, False)
         if self._consumer is not None:
             with contextlib.suppress(Exception):
                 self._consumer.close()
@@ -202,7 +214,7 @@ class MemoryTable:
         client's fetcher always has one outstanding, answered within the fetch wait; so a poll that *starts*
         one fetch wait (plus a margin for the round trip) after ``moment`` returns it. False if the follower
         did not get there within ``timeout_s`` (it is not running, or the broker is unreachable)."""
-        wanted = moment + self.settings.fetch_wait_ms / 1000 + 0.02
+        wanted = self._wanted(moment)
         deadline = time.monotonic() + timeout_s
         with self._polled:
             while self._polled_from < wanted:
@@ -211,6 +223,37 @@ class MemoryTable:
                     return False
                 self._polled.wait(left)
         return True
+
+    async def caught_up(self, moment: float, timeout_s: float = 2.0) -> bool:
+        """``fresh_since`` for a coroutine: the wait holds no thread. A tool checks memory before each effect;
+        with a thread per waiting command, a burst of them filled the executor that its ledger and Kafka
+        calls share, and each stood in line for one fetch wait (~70 ms)."""
+        wanted = self._wanted(moment)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bool] = loop.create_future()
+        with self._lock:
+            if self._polled_from >= wanted:
+                return True
+            if self._thread is None:
+                return False
+            entry = (wanted, loop, future)
+            self._waiters.append(entry)
+        try:
+            return await asyncio.wait_for(future, timeout_s)
+        except TimeoutError:
+            with self._lock, contextlib.suppress(ValueError):
+                self._waiters.remove(entry)
+            return False
+
+    def _wanted(self, moment: float) -> float:
+        # A poll that starts one fetch wait (plus a round trip's margin) after ``moment`` returns everything
+        # acknowledged by then.
+        return moment + self.settings.fetch_wait_ms / 1000 + 0.02
+
+
+def _settle(future: asyncio.Future[bool], value: bool) -> None:
+    if not future.done():  # a waiter that timed out was cancelled
+        future.set_result(value)
 
 
 def stale(table: MemoryTable, seen: dict[str, int]) -> list[str]:

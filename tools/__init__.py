@@ -19,8 +19,9 @@ from streamagent.tools.sdk.tool import Tool
 
 log = logging.getLogger(__name__)
 
-# Subpackages that hold no tool: the SDK itself and the SaaS stand-in.
-_NOT_TOOLS = {"sdk", "sandbox"}
+# Subpackages that hold no tool: the SDK itself, the SaaS stand-in, and the MCP bridge (its tools are
+# an MCP server's, deployed with `streamagent tool mcp --server NAME`).
+_NOT_TOOLS = {"sdk", "sandbox", "mcp"}
 ENTRY_POINT_GROUP = "streamagent.tools"
 
 
@@ -46,7 +47,11 @@ def builtin_tools() -> dict[str, type[Tool[Any, Any]]]:
         for tool in _declared_in(importlib.import_module(f"{__name__}.{info.name}")):
             found.setdefault(tool.name, tool)
     for ep in entry_points(group=ENTRY_POINT_GROUP):
-        tool = ep.load()
+        try:
+            tool = ep.load()
+        except Exception as exc:  # one team's broken package must not take every other tool down with it
+            log.warning("entry point %s = %s cannot be loaded (%r); ignored", ep.name, ep.value, exc)
+            continue
         if not (inspect.isclass(tool) and issubclass(tool, Tool)):
             log.warning("entry point %s = %s is not a Tool subclass; ignored", ep.name, ep.value)
             continue

@@ -24,6 +24,8 @@ log = logging.getLogger("streamagent")
 
 # How long a command a person runs waits for the broker or PostgreSQL to answer before saying it
 # cannot reach it (the whole command then fails within a few seconds, not after client timeouts).
+# `streamagent tool mcp --server NAME` runs an MCP server's tools (streamagent.tools.mcp), not a tool of that name.
+MCP = "mcp"
 PROBE_TIMEOUT_S = 2.5
 _ENV = {
     "bootstrap_servers": "STREAMAGENT_BOOTSTRAP_SERVERS",
@@ -338,17 +340,46 @@ def cmd_processor(args: argparse.Namespace) -> int:
 
 def cmd_tool(args: argparse.Namespace) -> int:
     from streamagent.approval import load_approval_keys
+    from streamagent.config import parse_tool_urls
     from streamagent.signing import load_keys
     from streamagent.tools import builtin_tools
     from streamagent.tools.sdk.runner import run_tool
 
-    settings = _settings(("bootstrap_servers", "database_url", "sandbox_url"), probe=False)
+    own_api = args.name in parse_tool_urls(get_settings().tool_urls)  # then the sandbox need not be running
+    needs = ("bootstrap_servers", "database_url") if own_api else ("bootstrap_servers", "database_url", "sandbox_url")
+    settings = _settings(needs, probe=False)
     load_keys(settings)  # it verifies every command: no key, no start (one line naming the setting)
     load_approval_keys(settings)  # and every approval token
     _policy(settings)  # it enforces the policy: a malformed file, no start
+    if args.name == MCP:
+        return _tool_mcp(args, settings)
+    if args.server or args.tool:
+        raise CliError(f"--server and --tool are options of `streamagent tool {MCP}`, not of tool {args.name}", 2)
     logs.configure(f"tool-{args.name}", settings.log_level, settings.log_format)
     _serve_metrics(settings, f"tool-{args.name}")
     run_tool(settings, builtin_tools()[args.name]())
+    return 0
+
+
+def _tool_mcp(args: argparse.Namespace, settings: Settings) -> int:
+    """``streamagent tool mcp --server NAME [--tool T ...]``: the server's exposed tools (docs/guides/mcp.md)."""
+    from streamagent.tools.mcp import config as mcp_config
+    from streamagent.tools.mcp.runner import run_mcp_server, select
+
+    if not args.server:
+        raise CliError(f"tool {MCP} needs --server NAME (a server of {settings.mcp_config_path})", 2)
+    try:
+        server = mcp_config.server(settings.mcp_config_path, args.server)
+        select(server, args.tool or ())
+    except mcp_config.McpConfigError as exc:
+        raise CliError(str(exc), 2) from None
+    name = f"mcp-{args.server}"
+    logs.configure(f"tool-{name}", settings.log_level, settings.log_format)
+    _serve_metrics(settings, f"tool-{name}")
+    try:
+        run_mcp_server(settings, args.server, server, args.tool or ())
+    except mcp_config.McpConfigError as exc:  # found only once the server listed its tools
+        raise CliError(str(exc), 2) from None
     return 0
 
 
@@ -1000,11 +1031,20 @@ def build_parser() -> argparse.ArgumentParser:
     processor.add_argument("name", choices=["intake", "memory", "state", "decision", "projection"])
 
     tool = add("tool", cmd_tool, "Run one tool (its own consumer group) in the foreground")
-    # Any tool the tools package provides: a new tool deploys without editing a list here.
-    tool.add_argument("name", choices=sorted(builtin_tools()))
+    # Any tool the tools package provides: a new tool deploys without editing a list here. `mcp` runs
+    # an MCP server's tools instead (each its own consumer group), named by --server.
+    tool.add_argument("name", choices=sorted({*builtin_tools(), MCP}))
+    tool.add_argument("--server", help=f"with `{MCP}`: the MCP server (of STREAMAGENT_MCP_CONFIG) whose tools to run")
+    tool.add_argument(
+        "--tool", action="append", metavar="NAME", help=f"with `{MCP}`: run only this exposed tool (repeatable)"
+    )
 
     tools = add("tools", cmd_tools, "List the tool catalogue: name, version, status, members, approval, schema")
     tools.add_argument("--json", action="store_true", help="machine-readable output (full JSON schemas)")
+
+    from streamagent.console.new import add_parser as add_new
+
+    add_new(sub)  # `new tool NAME`: a team's own tool package, outside this repository
 
     keys = add("keys", lambda a: 2, "Issue role keys: intake's, a tool's, an operator's")
     keys_sub = keys.add_subparsers(dest="keys_command", metavar="SUBCOMMAND", required=True)
@@ -1064,7 +1104,12 @@ def build_parser() -> argparse.ArgumentParser:
         " tool is called; an llm candidate makes real calls to the configured model endpoint.",
     )
     decisions.add_argument("--decider", choices=("configured", "rules", "llm"), default="configured")
-    decisions.add_argument("--workflows", type=Path, metavar="DIR", help="the candidate's workflow files")
+    decisions.add_argument(
+        "--workflows",
+        type=Path,
+        metavar="DIR",
+        help=f"the candidate's workflow folder(s), several joined by {os.pathsep!r}",
+    )
     decisions.add_argument("--policies", type=Path, metavar="DIR", help="the candidate's policy files")
     decisions.add_argument(
         "--max-decisions", type=positive_int, metavar="N", help="re-decide at most N snapshots (caps model calls)"
@@ -1116,7 +1161,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _log_file(args: argparse.Namespace, settings: Settings) -> tuple[str, Path] | None:
     """Where a command logs; None for the children of ``up`` (their stderr is their log file)."""
-    if args.command in ("processor", "tool") or (args.command == "sandbox" and not args.sandbox_command):
+    # `new` writes files where the user is: no .streamagent/ log folder beside them.
+    if args.command in ("processor", "tool", "new") or (args.command == "sandbox" and not args.sandbox_command):
         return None
     name = args.command if args.command in ("up", "demo", "ui") else "cli"
     return name, settings.data_dir / "logs" / f"{name}.log"
@@ -1136,6 +1182,8 @@ def main(argv: list[str] | None = None) -> int:
     log_path = (
         logs.configure_file(target[0], target[1], settings.log_level, settings.log_format, verbose) if target else None
     )
+    if args.command == "new" and not verbose:  # no log file, and its errors are the one line printed below
+        logging.getLogger().addHandler(logging.NullHandler())
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -5,9 +5,11 @@ call, then decided again and sent once, to the new address."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
+import time
 from collections.abc import Iterator
 
 import psycopg
@@ -22,6 +24,7 @@ from streamagent.console.demo import sample_requests
 from streamagent.console.devstack.stack import Stack
 from streamagent.dlq_ops import read_dead_letters
 from streamagent.events import RunRequested
+from streamagent.memory import MemoryTable
 from streamagent.submit import produce_requests
 
 pytestmark = pytest.mark.integration
@@ -131,6 +134,27 @@ def test_writes_are_versioned_checked_and_deletions_remove_the_entity(
     # A bad write is refused before anything is sent, naming the field.
     assert cli(["memory", "put", "Contact", "x.io", "--set", "a=b"]) == 2
     assert "entity:" in capsys.readouterr().err
+
+
+def test_a_followers_wait_for_the_broker_returns_every_version_acknowledged_before_it(
+    s: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    table = MemoryTable(s, "test-caught-up").start()
+    try:
+        assert cli(["memory", "put", "contact", "memory-fresh.io", "--set", "email=a@memory-fresh.io"]) == 0
+        capsys.readouterr()
+
+        async def many() -> list[bool]:
+            # A burst of commands checking memory at once, as a tool does: each wait is a future on the
+            # loop, so all of them are answered by the follower's next polls.
+            return await asyncio.gather(*(table.caught_up(time.monotonic()) for _ in range(200)))
+
+        assert asyncio.run(many()) == [True] * 200
+        assert table.version("contact/memory-fresh.io") == 1
+    finally:
+        table.stop()
+    # A stopped follower cannot vouch for anything.
+    assert asyncio.run(table.caught_up(time.monotonic())) is False
 
 
 def test_a_command_decided_on_a_contact_that_changed_before_the_call_is_decided_again(
@@ -309,4 +333,5 @@ def test_replay_rebuilds_the_memory_table_from_the_admitted_writes(
     assert cli(["replay"]) == 0, capsys.readouterr().out
     out = capsys.readouterr().out
     (line,) = [x for x in out.splitlines() if x.strip().startswith("memory ")]
-    assert line.split()[1:3] == ["5", "same"], out  # contacts memory-one, -two (deleted), -three, -four; a company
+    # contacts memory-one, -two (deleted), -three, -four, -fresh; a company
+    assert line.split()[1:3] == ["6", "same"], out

@@ -17,3 +17,12 @@ class RetryableError(ToolError):
 
 class PermanentError(ToolError):
     """The call can never succeed as asked (4xx, invalid input); retrying would only repeat it."""
+
+    kind = "permanent"  # the result's error_kind
+
+
+class UnknownOutcome(PermanentError):
+    """A call that is not safe to repeat was started and its outcome is not known (the process died, or
+    the connection broke, mid-call): reported as the step's failure instead of a second call."""
+
+    kind = "unknown-outcome"

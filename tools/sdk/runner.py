@@ -114,14 +114,16 @@ class _HttpClients:
     holds more than ``HTTP_SHARD_CONNECTIONS`` requests and the total stays ``max_in_flight``.
     """
 
-    def __init__(self, settings: Settings, max_in_flight: int, timeout_s: float | None = None) -> None:
+    def __init__(
+        self, settings: Settings, max_in_flight: int, timeout_s: float | None = None, base_url: str = ""
+    ) -> None:
         shards = max(1, math.ceil(max_in_flight / HTTP_SHARD_CONNECTIONS))
         per_shard = math.ceil(max_in_flight / shards)
         timeout = httpx.Timeout(timeout_s or settings.tool_timeout_s)
         limits = httpx.Limits(max_connections=per_shard, max_keepalive_connections=per_shard)
         verify = httpx.create_ssl_context()  # loading the CA bundle once, not once per client
         self.clients = [
-            httpx.AsyncClient(base_url=settings.sandbox_url, timeout=timeout, limits=limits, verify=verify)
+            httpx.AsyncClient(base_url=base_url or settings.sandbox_url, timeout=timeout, limits=limits, verify=verify)
             for _ in range(shards)
         ]
         self.busy = [0] * shards
@@ -220,7 +222,9 @@ class ToolRunner:
         poller = loop.run_in_executor(None, self._poll_producer)
         await self._announce("up")
         heartbeat = asyncio.create_task(self._heartbeat())
-        self._http = _HttpClients(self.settings, self.max_in_flight, self.timeout_s)
+        # A tool of another team's package calls that team's API (``tool_urls``), the others the sandbox.
+        base_url = self.settings.tool_url(self.tool.name)
+        self._http = _HttpClients(self.settings, self.max_in_flight, self.timeout_s, base_url)
         self.http = self._http.clients[0]
         try:
             log.info("tool consuming", extra={"tool": self.tool.name, "topic": self.topic})
@@ -579,7 +583,8 @@ class ToolRunner:
         The check sits here, after the ledger's dedupe (a command already done republishes its result, whatever
         memory says now) and right before the effect. It waits until this tool's memory table holds every
         version the broker had acknowledged when the check began (one fetch wait, ~50-70 ms, only for
-        commands that read memory) and then compares versions: a dict lookup per entity."""
+        commands that read memory; the wait holds no thread) and then compares versions: a dict lookup
+        per entity."""
         if not command.memory or command.operation != "execute":
             return []
         loop = asyncio.get_running_loop()
@@ -589,7 +594,7 @@ class ToolRunner:
             )
         table = self._memory
         asked = time.monotonic()
-        if not await loop.run_in_executor(None, table.fresh_since, asked):
+        if not await table.caught_up(asked):
             raise DependencyUnavailable("kafka", f"the memory table did not catch up with {table.topic}")
         return stale(table, command.memory)
 
@@ -658,7 +663,7 @@ class ToolRunner:
                 break
             except PermanentError as exc:
                 await self.breaker.success()  # the API answered; it is up
-                error, kind = str(exc), "permanent"
+                error, kind = str(exc), exc.kind
                 break
             except RetryableError as exc:
                 await self.breaker.failure()

