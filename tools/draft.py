@@ -48,6 +48,7 @@ class DraftEmail(Tool[DraftInput, Drafted]):
 
     def __init__(self, settings: Settings | None = None) -> None:
         self._settings = settings
+        self._client: Any = None  # one openai client (and its connection pool) for the process's calls
 
     @property
     def settings(self) -> Settings:
@@ -68,20 +69,19 @@ class DraftEmail(Tool[DraftInput, Drafted]):
 
         model = settings.draft_model or settings.model
         sent = messages(Facts.model_validate(args.model_dump(include=set(Facts.model_fields))))
-        client = openai.AsyncOpenAI(
-            base_url=settings.openai_base_url,
-            api_key=model_endpoint.api_key(settings),
-            timeout=settings.model_timeout_s,
-            max_retries=settings.model_max_retries,
-        )
+        if self._client is None:
+            self._client = openai.AsyncOpenAI(
+                base_url=settings.openai_base_url,
+                api_key=model_endpoint.api_key(settings),
+                timeout=settings.model_timeout_s,
+                max_retries=settings.model_max_retries,
+            )
         try:
-            response = await client.chat.completions.create(model=model, messages=sent, temperature=0.3)  # type: ignore[arg-type]
+            response = await self._client.chat.completions.create(model=model, messages=sent, temperature=0.3)
         except openai.APIError as exc:
             reason = f"the model could not be asked: {type(exc).__name__}: {exc}"
             log.warning("draft: %s", reason, extra={"run_id": ctx.run_id})
             return self._template(args, ctx, reason, {"model": model, "messages": sent})
-        finally:
-            await client.close()
         answer = response.choices[0].message.content if response.choices else None
         usage = response.usage
         prompt = usage.prompt_tokens if usage else sum(len(str(m["content"])) for m in sent) // CHARS_PER_TOKEN
