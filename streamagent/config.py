@@ -165,6 +165,8 @@ class Settings(BaseModel):
     openai_api_key_file: Path | None = Field(None, description="File holding the API key; replaces OPENAI_API_KEY")
     model: str = Field("gpt-4o-mini", description="Model name sent with every chat completion")
     model_timeout_s: float = Field(30.0, gt=0, description="HTTP timeout of one model call")
+    # The draft tool (tools/draft.py) asks the same endpoint; a cheaper model often writes a mail as well.
+    draft_model: str = Field("", description="Model the draft tool asks; empty: STREAMAGENT_MODEL")
     model_max_retries: int = Field(3, ge=0, description="Retries of a model call on 429/5xx/timeout/connection error")
     # The whole of one decision (every attempt, backoff and the repair turn; not the planner, which has its
     # own timeout): past it the workflow's fallback decides, so a slow model never holds a run for longer.

@@ -206,8 +206,10 @@ class ToolStatus(StrEnum):
 
 class ToolResult(Event):
     SCHEMA_NAME = "io.streamagent.events.ToolResult"
-    JSON_FIELDS = ("output",)
+    JSON_FIELDS = ("output", "model_context")
 
+    # 2: what a model-backed tool spent and asked (schemas/history/ToolResult.v1.avsc decodes with none).
+    schema_version: int = 2
     command_id: str
     tool: str
     step: str
@@ -218,6 +220,14 @@ class ToolResult(Event):
     error_kind: str | None = None
     attempts: int = 1
     duration_ms: int = 0
+    # A tool that asks a model reports it here, apart from its output: the fold adds the tokens and
+    # cost to the run's spending (the guard's budgets), the projection to the run's figures, and the
+    # timeline shows the context; later steps' arguments see only the output.
+    model: str | None = None
+    prompt_tokens: int = Field(0, ge=0)
+    completion_tokens: int = Field(0, ge=0)
+    cost_usd: float = Field(0.0, ge=0)
+    model_context: dict[str, Any] = Field(default_factory=dict)
 
 
 class RunCompleted(Event):

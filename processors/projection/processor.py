@@ -130,9 +130,10 @@ def summarize(event: Event) -> tuple[str | None, str]:
             outcome = (
                 _short(event.output) if event.status.value == "succeeded" else f"{event.error_kind}: {event.error}"
             )
+            asked = f" [asked model {event.model}]" if event.model else ""
             return event.step, (
                 f"{event.tool} {event.status.value} after {event.attempts} attempt(s),"
-                f" {event.duration_ms} ms: {outcome}"
+                f" {event.duration_ms} ms{asked}: {outcome}"
             )
         case MemoryChanged():
             before = f"v{event.read_version}" if event.read_version else "none"
@@ -159,8 +160,13 @@ def summarize(event: Event) -> tuple[str | None, str]:
 RULES_DECIDER = "rules"
 
 
-def _costs(event: DecisionRecorded) -> bool:
-    """Whether the decision changes a run's tokens, cost or model-decision count."""
+def _costs(event: Event) -> bool:
+    """Whether the event changes a run's tokens, cost or model-decision count: a decision, or the result
+    of a tool that asked a model (its tokens count in the run's like the decider's)."""
+    if isinstance(event, ToolResult):
+        return bool(event.prompt_tokens or event.completion_tokens or event.cost_usd)
+    if not isinstance(event, DecisionRecorded):
+        return False
     return bool(
         event.decider != RULES_DECIDER
         or event.prompt_tokens
@@ -495,7 +501,7 @@ class ProjectionHandler:
     def recounted(events: list[Event]) -> tuple[list[str], list[str]]:
         """(runs whose ``steps_done``, runs whose tokens and cost) ``events`` may change."""
         counted = sorted({e.run_id for e in events if isinstance(e, ToolResult) and e.operation == "execute"})
-        costed = sorted({e.run_id for e in events if isinstance(e, DecisionRecorded) and _costs(e)})
+        costed = sorted({e.run_id for e in events if _costs(e)})
         return counted, costed
 
     def _recount(self, cur: psycopg.Cursor[Any], counted: list[str], costed: list[str]) -> None:
@@ -517,9 +523,10 @@ class ProjectionHandler:
                 " (SELECT coalesce(sum((payload->>'prompt_tokens')::bigint), 0),"
                 " coalesce(sum((payload->>'completion_tokens')::bigint), 0),"
                 " coalesce(sum((payload->>'cost_usd')::numeric), 0),"
-                " count(*) FILTER (WHERE payload->>'decider' <> %s),"
+                " count(*) FILTER (WHERE type = 'DecisionRecorded' AND payload->>'decider' <> %s),"
                 " count(*) FILTER (WHERE payload->'context'->'tokens_estimated' = 'true'::jsonb)"
-                " FROM run_events WHERE run_events.run_id = runs.run_id AND type = 'DecisionRecorded')"
+                " FROM run_events WHERE run_events.run_id = runs.run_id"
+                " AND type IN ('DecisionRecorded', 'ToolResult'))"
                 " WHERE run_id = ANY(%s)",
                 (RULES_DECIDER, costed),
             )

@@ -147,7 +147,7 @@ def apply(state: RunState | None, event: Event, default_deadline_s: float, workf
         snap = _approval_answered(moved, event)
     elif isinstance(event, ToolResult):
         _check_result(moved, event, workflow)
-        snap = _result(moved, event)
+        snap = _tool_spent(_result(moved, event), moved, event)
     elif isinstance(event, RunCompleted):
         snap = _end(moved, RunStatus.completed, event.reason)
     elif isinstance(event, RunFailed):
@@ -428,6 +428,19 @@ def _check_result(snap: StateSnapshot, event: ToolResult, workflow: Workflow | N
             "wrong-tool",
             f"a {event.operation} result of step {event.step!r} from {event.tool!r}; the step's tool is {tool!r}",
         )
+
+
+def _tool_spent(snap: StateSnapshot, before: StateSnapshot, event: ToolResult) -> StateSnapshot:
+    """A model-backed tool's tokens and cost join the run's spending (the guard's budgets), once: a
+    result that changed nothing (delivered again) was counted when it first arrived."""
+    if snap is before or not (event.prompt_tokens or event.completion_tokens or event.cost_usd):
+        return snap
+    return snap.model_copy(
+        update={
+            "tokens": snap.tokens + event.prompt_tokens + event.completion_tokens,
+            "cost_usd": snap.cost_usd + event.cost_usd,
+        }
+    )
 
 
 def _result(snap: StateSnapshot, event: ToolResult) -> StateSnapshot:

@@ -65,8 +65,11 @@ def wait_for_runs(
     """Poll the projection until every run has ended or the timeout passes; returns the final rows.
 
     ``stuck`` is asked on every poll; a message from it ends the wait at once with NoProgress."""
+    from streamagent.console.tables import steps_per_workflow
+
     deadline = time.monotonic() + timeout_s
     wanted = set(run_ids)
+    steps_of = steps_per_workflow(settings) if progress else {}
     last_line = ""
     while True:
         reason = stuck() if stuck is not None else None
@@ -77,9 +80,10 @@ def wait_for_runs(
         if progress:
             counts = {s: sum(1 for r in rows if r.status == s) for s in ("completed", "failed", "escalated")}
             steps = sum(r.steps_done for r in rows)
+            total = sum(steps_of.get(r.workflow or "", 0) for r in rows) or "?"
             line = (
                 f"  {len(ended)}/{len(run_ids)} runs ended ({counts['completed']} completed, {counts['failed']} failed,"
-                f" {counts['escalated']} escalated), {steps}/{4 * len(run_ids)} steps done"
+                f" {counts['escalated']} escalated), {steps}/{total} steps done"
             )
             if line != last_line:
                 print(line, flush=True)
@@ -88,6 +92,29 @@ def wait_for_runs(
             order = {run_id: i for i, run_id in enumerate(run_ids)}
             return sorted(rows, key=lambda r: order[r.run_id])
         time.sleep(0.25)  # polling interval of a progress display
+
+
+def drafts(settings: Settings, run_ids: list[str]) -> list[dict[str, object]]:
+    """Who wrote each run's welcome email: the output of its ``draft`` step (``drafted_by`` model or
+    template, and why the template), read from the run's timeline; runs with no draft are left out."""
+    found = []
+    for run_id in run_ids:
+        for entry in queries.timeline(settings, run_id):
+            output = entry.payload.get("output")
+            drafted = isinstance(output, dict) and output.get("drafted_by")
+            if entry.type == "ToolResult" and entry.payload.get("tool") == "draft" and drafted:
+                found.append({"run_id": run_id, **output})
+    return found
+
+
+def drafts_line(found: list[dict[str, object]]) -> str | None:
+    """``welcome emails: 2 drafted by the model, 1 by the template (no model configured ...)``."""
+    if not found:
+        return None
+    by_model = sum(1 for d in found if d.get("drafted_by") == "model")
+    reasons = sorted({str(d.get("fallback_reason")) for d in found if d.get("drafted_by") != "model"})
+    template = f", {len(found) - by_model} by the template ({'; '.join(reasons)})" if len(found) > by_model else ""
+    return f"welcome emails: {by_model} drafted by the model{template}"
 
 
 def start_own_stack(settings: Settings, report: Callable[[str], None] | None = None) -> Stack:
@@ -152,6 +179,9 @@ def run_demo(settings: Settings, runs: int, timeout_s: float, report: Callable[[
         print_runs_table(rows, steps_per_workflow(s))
         completed = sum(1 for r in rows if r.status == "completed")
         print(f"\n{completed}/{len(run_ids)} runs completed in {elapsed:.1f}s")
+        drafted = drafts_line(drafts(s, run_ids))
+        if drafted:
+            print(drafted)
         if rows:
             print(timeline_hint(rows[0].run_id, s.data_dir, settings.data_dir))
     ok = completed == len(run_ids)

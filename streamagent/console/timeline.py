@@ -1,7 +1,8 @@
 """What ``streamagent show`` prints: a run's timeline, what each decision cost, and what a model saw.
 
 A model decision's ``DecisionRecorded`` event carries the exact chat messages sent and what the model
-answered in its ``context`` (written by the decider); this module only reads them back. The context is
+answered in its ``context`` (written by the decider), and a model-backed tool's ``ToolResult`` the same in
+its ``model_context``; this module only reads them back. The context is
 read through a lenient pydantic model so that an event written by an older or newer decider (other
 keys, a message without content) still prints instead of failing the command.
 """
@@ -70,6 +71,18 @@ class DecisionCost(BaseModel):
             return ""
         tokens = f"{'~' if self.estimated else ''}{self.prompt_tokens}+{self.completion_tokens} tokens"
         return f" · {tokens} {format_cost(self.cost_usd)}"
+
+
+def tool_model_cost(payload: Mapping[str, Any]) -> DecisionCost | None:
+    """A ToolResult's model use (a model-backed tool such as ``draft``), laid out like a decision's:
+    its tokens, cost, and the prompt and answer; None for a tool that asked no model."""
+    context = payload.get("model_context")
+    if not isinstance(context, dict) or not context:
+        return None
+    try:
+        return DecisionCost.model_validate({**payload, "decider": f"tool {payload.get('tool')}", "context": context})
+    except ValidationError:
+        return None
 
 
 def trim(text: str, full: bool) -> str:
@@ -176,6 +189,9 @@ def print_timeline(
                 cost = DecisionCost.model_validate(e.payload)
             except ValidationError:  # not worth failing the timeline over: print the line without it
                 cost = None
+            note = cost.note() if cost else ""
+        elif e.type == "ToolResult":
+            cost = tool_model_cost(e.payload)
             note = cost.note() if cost else ""
         print(f"  +{offset:8.0f} ms  {e.type:<20} {e.step or '':<7} {e.summary}{note}")
         if context and cost is not None and cost.by_model:

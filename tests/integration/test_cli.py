@@ -32,7 +32,7 @@ def env(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[Setting
 def test_topics_create_is_idempotent(env: Settings, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli(["topics", "create"]) == 0
     first = capsys.readouterr().out
-    assert "created 13 topic(s)" in first and env.topic("agent.run.state") in first
+    assert "created 14 topic(s)" in first and env.topic("agent.run.state") in first
     assert env.topic("agent.run.requests") in first  # the intake topic, the one upstream systems write
     assert cli(["topics", "create"]) == 0
     assert "created 0 topic(s): none, all existed" in capsys.readouterr().out
@@ -65,7 +65,7 @@ def test_submit_wait_runs_show_and_dlq(
         shown = json.loads(capsys.readouterr().out)
         assert shown["run"]["status"] == "completed"
         steps = [e["step"] for e in shown["timeline"] if e["type"] == "ToolResult"]
-        assert steps == ["enrich", "jira", "email", "slack"]
+        assert steps == ["enrich", "jira", "draft", "email", "slack"]
 
         assert cli(["sandbox", "effects", "--json"]) == 0
         effects = json.loads(capsys.readouterr().out)

@@ -29,7 +29,7 @@ from streamagent.topics import RUN_STATE, TOOL_REGISTRY, command_topic
 
 pytestmark = pytest.mark.integration
 
-STEPS = 4
+STEPS = 5
 
 
 def _events_of(settings: Settings, run_ids: list[str], types: tuple[str, ...]) -> list[tuple[str, str, dict, datetime]]:
@@ -63,7 +63,7 @@ def test_one_step_is_one_snapshot_and_one_decision(settings: Settings) -> None:
         with psycopg.connect(s.database_url) as conn:
             stored = conn.execute("SELECT count(*) FROM decisions WHERE run_id = ANY(%s)", (run_ids,)).fetchone()
         assert stored is not None and stored[0] == len(run_ids) * (STEPS + 1)
-        for tool in ("enrich", "jira", "email", "slack"):
+        for tool in ("enrich", "jira", "draft", "email", "slack"):
             assert set(_commands(s, tool).values()) == {1}, f"a {tool} command was sent twice"
 
 

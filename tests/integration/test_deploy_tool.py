@@ -53,7 +53,7 @@ def assert_one_effect_per_step(s: Settings, run_ids: list[str]) -> None:
 def test_runs_waiting_for_crm_complete_once_the_crm_tool_is_deployed(settings: Settings) -> None:
     assert [p for p in PROCESSORS.rglob("*") if "crm" in p.name.lower() or (p.suffix == ".py" and names_crm(p))] == []
     requests = [r.model_copy(update={"workflow": WORKFLOW}) for r in sample_requests(3)]
-    with Stack(settings, tools=("enrich", "jira", "email", "slack")) as stack:
+    with Stack(settings, tools=("enrich", "jira", "draft", "email", "slack")) as stack:
         s = stack.settings
         run_ids = produce_requests(s, requests)
 
@@ -68,7 +68,7 @@ def test_runs_waiting_for_crm_complete_once_the_crm_tool_is_deployed(settings: S
 
         rows = eventually(lambda: ended(s, run_ids), timeout=40, interval=0.2, what="the runs ended")
         assert Counter(r.status for r in rows) == {"completed": len(run_ids)}, [(r.run_id, r.reason) for r in rows]
-        assert all(r.steps_done == 5 for r in rows)
+        assert all(r.steps_done == 6 for r in rows)
         # Nothing was restarted: the processors and the first tools are the processes they were.
         assert {n: c.pid for n, c in stack.children.items() if n in started} == started
         assert {n: c.restarts for n, c in stack.children.items() if c.restarts} == {}
@@ -87,7 +87,7 @@ def test_runs_waiting_for_crm_complete_after_the_decision_processor_is_killed_wh
     no snapshot of theirs comes again (a recorded wait asks the state processor for none), so only
     the restarted processor's ``decision_waits`` can tell it who waits. Then crm is deployed."""
     requests = [r.model_copy(update={"workflow": WORKFLOW}) for r in sample_requests(8)]
-    with Stack(settings, tools=("enrich", "jira", "email", "slack")) as stack:
+    with Stack(settings, tools=("enrich", "jira", "draft", "email", "slack")) as stack:
         s = stack.settings
         run_ids = produce_requests(s, requests)
         eventually(lambda: waiting_for_crm(s, run_ids), timeout=40, interval=0.2, what="the runs waiting for tool crm")
@@ -117,7 +117,7 @@ def test_runs_waiting_for_crm_complete_after_the_decision_processor_is_killed_wh
 
         rows = eventually(lambda: ended(s, run_ids), timeout=60, interval=0.2, what="the runs ended")
         assert Counter(r.status for r in rows) == {"completed": len(run_ids)}, [(r.run_id, r.reason) for r in rows]
-        assert all(r.steps_done == 5 for r in rows)
+        assert all(r.steps_done == 6 for r in rows)
         assert_one_effect_per_step(s, run_ids)
         with psycopg.connect(s.database_url) as conn:
             assert conn.execute("SELECT count(*) FROM decision_waits").fetchone() == (0,)

@@ -23,7 +23,9 @@ from streamagent.submit import produce_requests
 
 pytestmark = pytest.mark.integration
 
-STEPS = ["enrich", "jira", "email", "slack"]
+STEPS = ["enrich", "jira", "draft", "email", "slack"]
+# The steps that call a SaaS API (the draft, with no model configured, calls none: the template is sent).
+APIS = ["enrich", "jira", "email", "slack"]
 
 
 def test_twenty_runs_complete_with_one_effect_per_step(
@@ -35,7 +37,7 @@ def test_twenty_runs_complete_with_one_effect_per_step(
         run_ids = produce_requests(s, requests)
         rows = eventually(lambda: ended(s, run_ids), timeout=120, what="all 20 runs ended")
         assert Counter(r.status for r in rows) == {"completed": 20}
-        assert all(r.steps_done == 4 for r in rows)
+        assert all(r.steps_done == 5 for r in rows)
 
         effects = SandboxClient(s.sandbox_url).effects()
         by_api = Counter(e.api for e in effects)
@@ -49,6 +51,10 @@ def test_twenty_runs_complete_with_one_effect_per_step(
             assert types[0] == "RunRequested" and "RunCompleted" in types
             results = [e.step for e in entries if e.type == "ToolResult"]
             assert results == STEPS, f"steps out of order for {request.run_id}: {results}"
+            # No model is configured: the welcome email is the workflow's template, and the draft says why.
+            (drafted,) = [e.payload for e in entries if e.type == "ToolResult" and e.step == "draft"]
+            assert drafted["output"]["drafted_by"] == "template" and drafted["prompt_tokens"] == 0
+            assert drafted["output"]["fallback_reason"] == "no model configured (OPENAI_BASE_URL is empty)"
             # Every decision and command is caused by the event before it in the chain.
             ids = {e.event_id for e in entries}
             assert all(e.causation_id in ids for e in entries if e.type != "RunRequested")
@@ -89,7 +95,7 @@ def test_twenty_runs_complete_with_one_effect_per_step(
         spans = receiver.spans(tracing.run_trace_id(request.run_id))
         names = Counter((span.service, span.name) for span in spans)
         assert names[("streamagent-processor-state", "run")] == 1, names
-        assert names[("streamagent-processor-decision", "decision")] == 5, names  # 4 dispatches, 1 completion
+        assert names[("streamagent-processor-decision", "decision")] == 6, names  # 5 dispatches, 1 completion
         for step in STEPS:
             assert names[(f"streamagent-tool-{step}", f"tool {step}")] == 1, names
         (root,) = [span for span in spans if span.name == "run"]
@@ -99,7 +105,7 @@ def test_twenty_runs_complete_with_one_effect_per_step(
 
 def _assert_effects_of(request: RunRequested, effects: list) -> None:  # type: ignore[type-arg]
     by_api = {e.api: e for e in effects}
-    assert sorted(by_api) == sorted(STEPS) and len(effects) == 4
+    assert sorted(by_api) == sorted(APIS) and len(effects) == 4
     key = project_key(request.company_name, request.run_id)
     assert by_api["enrich"].request["domain"] == request.company_domain
     jira = by_api["jira"].request
@@ -109,7 +115,7 @@ def _assert_effects_of(request: RunRequested, effects: list) -> None:  # type: i
     mail = by_api["email"].request
     assert mail["personalizations"][0]["to"][0]["email"] == request.contact_email
     body = mail["content"][0]["value"]
-    assert key in body and request.contact_name in body
+    assert key in body and body.startswith(f"Hello {request.contact_name},\n\nWelcome aboard!")
     text = by_api["slack"].request["text"]
     assert key in text and industry in text and by_api["email"].response["message_id"] in text
     # The command id is the idempotency key every API call carried.

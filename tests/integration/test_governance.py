@@ -182,14 +182,14 @@ def test_a_policy_edit_applies_to_the_next_decision_budgets_and_approval_timeout
         assert eventually(lambda: ended(s, [before.run_id]), timeout=60, what="a run")[0].status == "completed"
 
         # While the stack runs: a tool-call budget for onboarding runs, and approvals that expire in 1 s.
-        policy.write_text(ALLOW_LIST.format(timeout=1) + "\n[workflows.onboarding.budgets]\nmax_tool_calls = 3\n")
+        policy.write_text(ALLOW_LIST.format(timeout=1) + "\n[workflows.onboarding.budgets]\nmax_tool_calls = 4\n")
         over, unanswered = request("ok.example"), request("acme-robotics.io")
         produce_requests(s, [over, unanswered])
         rows = {r.run_id: r for r in eventually(lambda: ended(s, [over.run_id, unanswered.run_id]), timeout=60)}
 
         assert rows[over.run_id].status == "escalated"
-        assert "max_tool_calls=3" in (rows[over.run_id].reason or ""), rows[over.run_id].reason
-        # Three calls made, the fourth refused before it reached a tool topic.
+        assert "max_tool_calls=4" in (rows[over.run_id].reason or ""), rows[over.run_id].reason
+        # Four calls made (enrich, jira, draft, email), the fifth refused before it reached a tool topic.
         assert effects_of(s, over.run_id)["slack.post_message"] == 0
 
         assert rows[unanswered.run_id].status == "escalated"

@@ -37,7 +37,9 @@ from streamagent.topics import RUN_EVENTS, RUN_STATE, command_topic
 pytestmark = pytest.mark.integration
 
 DECISION = "processor-decision"
-STEPS = {"enrich": "enrich", "jira": "jira", "email": "email", "slack": "slack"}  # onboarding: step -> tool
+# onboarding: step -> tool
+STEPS = {"enrich": "enrich", "jira": "jira", "draft": "draft", "email": "email", "slack": "slack"}
+APIS = ("enrich", "jira", "email", "slack")  # the tools that call the sandbox (the draft asks the model)
 # The first line of the prepared user message (processors/decision/llm/context.py).
 DECIDES = re.compile(r"^Run (\S+), state version (\d+)\.")
 
@@ -93,7 +95,7 @@ def assert_one_command_per_step(s: Settings, run_ids: list[str]) -> None:
     one ledger row that succeeded, one dispatch recorded, and one projected result."""
     wanted = set(run_ids)
     effects = Counter((e.run_id, e.api) for e in SandboxClient(s.sandbox_url).effects() if e.run_id in wanted)
-    assert effects == {(r, tool): 1 for r in run_ids for tool in STEPS.values()}, effects
+    assert effects == {(r, tool): 1 for r in run_ids for tool in APIS}, effects
     for step, tool in STEPS.items():
         ids: dict[str, set[str]] = {}
         for msg in read_topic(s, s.topic(command_topic(tool))):

@@ -60,10 +60,12 @@ def test_runs_decided_by_the_model_with_one_call_per_decision(settings: Settings
             assert {d.decider for d in records} == {"llm"}
             assert all(d.context.get("fallback") is None for d in records)
             decided = by_model(records)
-            # Every decision of a run was the model's: 4 dispatches and the completion (waits for a tool
+            # Every decision of a run was the model's: 5 dispatches and the completion (waits for a tool
             # not yet announced at start are model decisions too).
             assert len(decided) == len(records)
-            assert Counter(d.action.value for d in decided)["dispatch"] == 12
+            assert Counter(d.action.value for d in decided)["dispatch"] == 15
+            # The model decided that the mail be drafted; the draft tool asked it to write it (apart).
+            assert len(model.drafts) == 3
             assert Counter(d.action.value for d in decided)["complete"] == 3
             for d in decided:
                 assert d.context["messages"][0]["role"] == "system" and d.context["answers"]

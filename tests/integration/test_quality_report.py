@@ -27,7 +27,7 @@ from streamagent.submit import produce_requests
 
 pytestmark = pytest.mark.integration
 
-STEPS = 4  # workflows/onboarding.toml
+STEPS = 5  # workflows/onboarding.toml
 # The sandbox answers the first two enrich calls 503. Which runs they hit is not the test's to choose: a
 # call of a run that ends early (the late run's deadline, the stale run's budget) may not be retried, so
 # the retries the report must count are those its results record, at most two.

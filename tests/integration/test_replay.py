@@ -42,8 +42,10 @@ def _workflows(into: Path, subject: str) -> Path:
     stock = (REPO_WORKFLOWS / "onboarding.toml").read_text()
     (into / "onboarding.toml").write_text(stock)
     variant = stock.replace('name = "onboarding"', f'name = "{ESCALATING}"', 1)
+    # The subject the draft falls back to (no model in this test): the mail's subject.
     variant = variant.replace(
-        'args.subject = "Welcome to streamagent, {request.company_name}"', f'args.subject = "{subject}"'
+        'args.template_subject = "Welcome to streamagent, {request.company_name}"',
+        f'args.template_subject = "{subject}"',
     )
     variant = variant.replace(
         'name = "email"\ntool = "email"\n', 'name = "email"\ntool = "email"\non_failure = "escalate"\n'

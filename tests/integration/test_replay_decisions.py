@@ -91,7 +91,7 @@ def test_replay_decisions_on_an_unchanged_setup_agrees_with_approvals_and_a_late
     (policies / "approvals.toml").write_text(ALLOW_LIST)
     settings = settings.model_copy(update={"policies_dir": policies})
     # crm is not deployed at first: the crm run waits for it.
-    with Stack(settings, tools=("enrich", "jira", "email", "slack")) as stack:
+    with Stack(settings, tools=("enrich", "jira", "draft", "email", "slack")) as stack:
         s = stack.settings
         for key, value in to_env(s).items():
             monkeypatch.setenv(key, value)

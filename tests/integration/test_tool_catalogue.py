@@ -98,4 +98,4 @@ def test_tools_lists_the_live_catalogue_and_a_stopped_tool_becomes_unavailable(
         )
         assert email["members"] == [] and email["input_schema"]["required"] == ["to", "subject", "body"]
         tools = listed(capsys)
-        assert {n for n, t in tools.items() if t["status"] == "available"} == {"enrich", "jira"}
+        assert {n for n, t in tools.items() if t["status"] == "available"} == {"enrich", "jira", "draft"}

@@ -1,7 +1,7 @@
 """The run timeline page in a real headless Chromium, on the real embedded stack.
 
 The page is loaded before the run exists; the run is submitted during the test (with Slack down, so
-it stays in flight at its last step) and must appear as ``running`` with three steps done, then, once
+it stays in flight at its last step) and must appear as ``running`` with four steps done, then, once
 Slack is back, reach ``completed`` on screen without a reload (the page refreshes itself), and its
 timeline must show the four onboarding steps. A poison message shows on the dead-letters tab with its
 reason. The JSON endpoints the page reads are checked on the same stack (a 400 for a bad filter, 404
@@ -39,7 +39,7 @@ from streamagent.topics import RUN_EVENTS
 
 pytestmark = pytest.mark.integration
 
-STEPS = ["enrich", "jira", "email", "slack"]
+STEPS = ["enrich", "jira", "draft", "email", "slack"]
 
 # Mail to held.example waits for a person; the sample runs mail elsewhere and go straight through.
 HOLD_POLICY = """
@@ -92,9 +92,9 @@ def test_a_run_submitted_while_the_page_is_open_shows_live_until_completed(setti
             "[...document.querySelectorAll('#steps li')].map(li => `${li.dataset.step}:${li.dataset.status}`).join()"
         )
         page.wait_for(
-            f"{chips} === 'enrich:succeeded,jira:succeeded,email:succeeded,slack:running'",
+            f"{chips} === 'enrich:succeeded,jira:succeeded,draft:succeeded,email:succeeded,slack:running'",
             timeout=90,
-            what="three steps done and slack retrying, on screen",
+            what="four steps done and slack retrying, on screen",
         )
         assert page.evaluate(f"{row}.querySelector('td.status').textContent") == "running"
         assert page.evaluate(f"{detail}.dataset.status") == "running"
@@ -106,7 +106,9 @@ def test_a_run_submitted_while_the_page_is_open_shows_live_until_completed(setti
             "document.querySelector('#approvals-count').dataset.count === '1'", timeout=60, what="1 run held, counted"
         )
 
-        # Slack is back: the same page, never reloaded, shows the run completed.
+        # Slack is back once each of the three runs' calls was refused at least once (so the run's slack
+        # step shows several attempts): the same page, never reloaded, shows the run completed.
+        eventually(lambda: sandbox.stats()["slack"]["requests"] >= len(runs), timeout=60, what="slack refused each run")
         sandbox.clear_faults()
         page.wait_for(
             f"{row}.querySelector('td.status').textContent === 'completed'",
@@ -120,7 +122,7 @@ def test_a_run_submitted_while_the_page_is_open_shows_live_until_completed(setti
         assert results == STEPS
         types = page.evaluate("[...document.querySelectorAll('#timeline .entry')].map(e => e.dataset.type)")
         assert types[0] == "RunRequested" and types[-1] == "RunCompleted"
-        assert types.count("DecisionRecorded") == 5 and types.count("ToolCommand") == 4
+        assert types.count("DecisionRecorded") == 6 and types.count("ToolCommand") == 5
         assert page.evaluate(chips) == ",".join(f"{step}:succeeded" for step in STEPS)
         assert page.evaluate(f"{detail}.querySelector('.reason').textContent") == "every step succeeded"
         # A result's details say its attempts (slack's: several, through the outage) and latency.

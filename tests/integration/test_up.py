@@ -189,7 +189,7 @@ def test_up_survives_kill_9_restarts_cleanly_reports_crashes_and_stops_on_ctrl_c
     first = Up(env, tmp_path).start()
     try:
         orphans = list(first.children().values())
-        assert len(orphans) == 10  # the sandbox, intake, memory, state, decision, projection, four tools, the page
+        assert len(orphans) == 11  # the sandbox, intake, memory, state, decision, projection, five tools, the page
     except BaseException:
         first.stop()  # a failed check must not leave a whole stack running behind the suite
         raise
@@ -219,7 +219,7 @@ def test_up_survives_kill_9_restarts_cleanly_reports_crashes_and_stops_on_ctrl_c
         took = time.monotonic() - began
         assert_gone(children, 5, "up's children to be gone after Ctrl-C")
         assert took < 20, f"Ctrl-C took {took:.1f}s"
-        assert "stopped 10 process(es) in" in second.out
+        assert "stopped 11 process(es) in" in second.out
         assert not (settings.data_dir / "stack.json").exists()
         assert "Traceback" not in second.out + second.err
     finally:

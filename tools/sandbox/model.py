@@ -8,7 +8,9 @@ first ready step of the "Remaining steps" block, with its prepared arguments; ``
 step's tool is not offered; ``complete`` when nothing remains), in the style the request asks for; a
 request offering no tools and no answer format (a planner's) gets ``PLAN``, a plan in words.
 Every request is recorded (model, messages, tools offered, response_format) so tests count calls
-and read what was sent; ``GET /_fake/stats`` answers ``{"calls": n}`` for a server in its own process.
+and read what was sent; ``GET /_fake/stats`` answers ``{"calls": n, "drafts": m}`` for a server in its
+own process. The draft tool's requests (recognised by its prompt) are kept apart (``drafts``, scripted
+with ``script_draft``) and answered by default with a mail written from the facts they carry.
 """
 
 from __future__ import annotations
@@ -21,9 +23,13 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from streamagent.tools.drafting import facts_of
+
 # The block of the prepared context the default answer reads (processors/decision/llm/context.py
 # writes it; tools do not import processors, so the marker is repeated here).
 REMAINING_MARKER = "Remaining steps, in order (JSON):"
+# The fake's drafts end with this line: a test can tell a drafted mail from the template's.
+DRAFTED_SIGNATURE = "(drafted by the scripted model)"
 # What the fake answers a planner (a request offering no tools and no answer format) by default.
 PLAN = "1. Run the workflow's steps in order, each once its needs are done. 2. Escalate if a result looks wrong."
 
@@ -41,6 +47,7 @@ class Answer:
     usage: bool = True
     # Further tool calls of the same answer (parallel tool calls), each (tool, arguments).
     more: tuple[tuple[str, Any], ...] = ()
+    draft: bool = False  # the default answer to a draft request: a mail from its facts
 
     @classmethod
     def call(cls, tool: str, arguments: dict[str, Any] | str | None = None, *, usage: bool = True) -> Answer:
@@ -90,8 +97,12 @@ class FakeModel:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
         self._answers: deque[Answer] = deque()
+        self._draft_answers: deque[Answer] = deque()
         self._lock = threading.Lock()
         self.requests: list[Request] = []
+        # The draft tool's requests (tools/draft.py) apart from the decider's: a test counting decisions
+        # is not disturbed by the mail being drafted, and a scripted decision is never taken by a draft.
+        self.drafts: list[Request] = []
         self._server = ThreadingHTTPServer((host, port), _handler(self))
         self._server.daemon_threads = True
         self._thread: threading.Thread | None = None
@@ -109,6 +120,12 @@ class FakeModel:
     def script(self, *answers: Answer) -> FakeModel:
         with self._lock:
             self._answers.extend(answers)
+        return self
+
+    def script_draft(self, *answers: Answer) -> FakeModel:
+        """Answers to the draft tool's next requests (then: a good draft from the facts given)."""
+        with self._lock:
+            self._draft_answers.extend(answers)
         return self
 
     def start(self) -> FakeModel:
@@ -129,21 +146,28 @@ class FakeModel:
     # -- answering -------------------------------------------------------------------------------
     def _take(self, body: dict[str, Any]) -> Answer:
         tools = [t.get("function", {}).get("name", "") for t in body.get("tools") or []]
+        request = Request(
+            time.monotonic(),
+            str(body.get("model", "")),
+            list(body.get("messages") or []),
+            tools,
+            body.get("response_format"),
+            body,
+        )
         with self._lock:
-            self.requests.append(
-                Request(
-                    time.monotonic(),
-                    str(body.get("model", "")),
-                    list(body.get("messages") or []),
-                    tools,
-                    body.get("response_format"),
-                    body,
-                )
-            )
+            if facts_of(request.messages) is not None:
+                self.drafts.append(request)
+                answer = self._draft_answers.popleft() if self._draft_answers else Answer()
+                # Marked as a draft's: a scripted text or error is sent as is, an unscripted one is a draft.
+                return answer if answer.content is not None or answer.status != 200 else Answer(draft=True)
+            self.requests.append(request)
             return self._answers.popleft() if self._answers else Answer()
 
     def reply(self, body: dict[str, Any], answer: Answer) -> dict[str, Any]:
         """The chat.completion object for ``answer`` (the next step when it names nothing)."""
+        if answer.draft and (facts := facts_of(body.get("messages") or [])):
+            # The draft tool's request: a welcome email written from the facts it was given.
+            answer = Answer.text(json.dumps(draft_email(facts)))
         if answer.tool is None and answer.content is None and not (body.get("tools") or body.get("response_format")):
             # Neither tools nor an answer format: a planner's request, answered with a plan in words.
             answer = Answer.text(PLAN)
@@ -177,6 +201,21 @@ class FakeModel:
                 "total_tokens": prompt + completion,
             }
         return out
+
+
+def draft_email(facts: dict[str, Any]) -> dict[str, str]:
+    """What the fake answers a draft request: a mail that names every fact it was given."""
+    industry = facts.get("industry") or "your"
+    return {
+        "subject": f"{facts.get('company_name')}, welcome aboard: your project {facts.get('jira_key')} is ready",
+        "body": (
+            f"Dear {facts.get('contact_name')},\n\n"
+            f"Thank you for choosing us. Your onboarding project {facts.get('jira_key')} is open, and the team"
+            f" that knows the {industry} industry is already on it for {facts.get('company_name')}.\n\n"
+            "We will be in touch this week with the first milestones.\n\nThe onboarding team\n"
+            f"{DRAFTED_SIGNATURE}"
+        ),
+    }
 
 
 def next_step(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -217,7 +256,7 @@ def _handler(model: FakeModel) -> type[BaseHTTPRequestHandler]:
         def do_GET(self) -> None:
             # What a process outside this one (a benchmark, make demo-llm) reads to count the calls.
             if self.path.rstrip("/") == "/_fake/stats":
-                self._send(200, {"calls": model.calls})
+                self._send(200, {"calls": model.calls, "drafts": len(model.drafts)})
             else:
                 self._send(404, {"error": {"message": f"no route {self.path}", "type": "invalid_request_error"}})
 

@@ -47,7 +47,7 @@ from streamagent.tools.sdk.ledger import Claimed, ClaimRequest, Ledger, LedgerEn
 from streamagent.tools.sdk.offsets import PartitionOffsets
 from streamagent.tools.sdk.ratelimit import RateLimiter
 from streamagent.tools.sdk.schema import SCHEMA as LEDGER_SCHEMA
-from streamagent.tools.sdk.tool import CallContext, Tool
+from streamagent.tools.sdk.tool import CallContext, ModelUse, Tool
 
 from streamagent import codec, db, tracing
 from streamagent.approval import load_approval_keys
@@ -668,6 +668,7 @@ class ToolRunner:
         error, kind = "", ""
         output: dict[str, Any] = {}
         status = ToolStatus.failed
+        used = ModelUse()  # shared by the attempts: every model call made is counted
         while True:
             if self.stop_event.is_set():
                 raise Stopping
@@ -687,7 +688,7 @@ class ToolRunner:
                     TOOL_CALL_SECONDS.labels(self.tool.name).time(),
                     tracing.span(f"tool {self.tool.name}", command.run_id, self._span_attributes(command, attempt)),
                 ):
-                    ctx = CallContext(http, command.run_id, command.command_id, attempt)
+                    ctx = CallContext(http, command.run_id, command.command_id, attempt, used)
                     output = await self._call_once(command, ctx)
                 await self.breaker.success()
                 if self.health.is_down("sandbox"):
@@ -739,6 +740,11 @@ class ToolRunner:
             error_kind=None if status is ToolStatus.succeeded else kind,
             attempts=attempt,
             duration_ms=int((time.monotonic() - started) * 1000),
+            model=used.model,
+            prompt_tokens=used.prompt_tokens,
+            completion_tokens=used.completion_tokens,
+            cost_usd=used.cost_usd,
+            model_context=used.context,
         )
 
     def _span_attributes(self, command: ToolCommand, attempt: int) -> dict[str, str | int]:

@@ -8,7 +8,7 @@ by hand), and the live catalogue (``streamagent.catalogue``) is built from those
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
 import httpx
@@ -22,14 +22,41 @@ In = TypeVar("In", bound=BaseModel)
 Out = TypeVar("Out", bound=BaseModel)
 
 
+@dataclass
+class ModelUse:
+    """What a tool's model calls spent and saw, summed over a command's attempts (a failed attempt's
+    tokens were paid for too). The runner puts it on the ToolResult, apart from the output."""
+
+    model: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    context: dict[str, Any] = field(default_factory=dict)
+
+    def add(
+        self, model: str, prompt_tokens: int, completion_tokens: int, cost_usd: float, context: dict[str, Any]
+    ) -> None:
+        self.model = model
+        self.prompt_tokens += prompt_tokens
+        self.completion_tokens += completion_tokens
+        self.cost_usd = round(self.cost_usd + cost_usd, 6)
+        self.context = context  # the last call's: what the result was made from
+
+    def describe(self, context: dict[str, Any]) -> None:
+        """Record what the tool did without a model call (a fallback's reason), for the timeline."""
+        self.context = context
+
+
 @dataclass(frozen=True)
 class CallContext:
-    """Everything one attempt needs: an HTTP client already carrying the idempotency key."""
+    """Everything one attempt needs: an HTTP client already carrying the idempotency key, and where
+    a tool that asks a model reports what it spent (``model_use``)."""
 
     http: httpx.AsyncClient
     run_id: str
     command_id: str
     attempt: int
+    model_use: ModelUse = field(default_factory=ModelUse)
 
     @property
     def headers(self) -> dict[str, str]:

@@ -20,7 +20,7 @@ import openai
 from streamagent.processors.decision.llm.answer import response_format, tool_specs
 from streamagent.processors.decision.llm.context import OfferedTool
 
-from streamagent import tracing
+from streamagent import model_endpoint, tracing
 from streamagent.config import Settings
 from streamagent.metrics import MODEL_CALL_SECONDS, MODEL_CALLS
 
@@ -50,10 +50,7 @@ class Completion:
 def api_key(settings: Settings, role: str = "executor") -> str:
     if role == "planner" and settings.planner_api_key.get_secret_value():
         return settings.planner_api_key.get_secret_value()
-    if settings.openai_api_key_file is not None:
-        return settings.openai_api_key_file.read_text(encoding="utf-8").strip()
-    # Local servers (vLLM, Ollama, llama.cpp) take any key; the openai client insists on one.
-    return settings.openai_api_key.get_secret_value() or "no-key"
+    return model_endpoint.api_key(settings)
 
 
 def retry_after(response: Any) -> float | None:

@@ -17,7 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from streamagent.config import Settings
-from streamagent.console.timeline import ChatMessage, DecisionCost, ModelContext
+from streamagent.console.timeline import ChatMessage, DecisionCost, ModelContext, tool_model_cost
 from streamagent.console.timeline import _text as text_of  # the same text `show --context` prints
 from streamagent.console.ui.approvals import approvals_view
 from streamagent.processors.projection import queries
@@ -218,6 +218,10 @@ def timeline_entry(entry: TimelineEntry, start: datetime | None) -> dict[str, An
     data["offset_ms"] = round((entry.occurred_at - start).total_seconds() * 1000) if start else 0
     if entry.type == "DecisionRecorded":
         data["decision"] = decision_details(entry.payload)
+    elif entry.type == "ToolResult" and tool_model_cost(entry.payload) is not None:
+        # A model-backed tool's prompt and answer, shown as a decision's are.
+        data["model"] = decision_details({**entry.payload, "context": entry.payload["model_context"]})
+        data["model"]["decider"] = f"tool {entry.payload.get('tool')}"
     return data
 
 

@@ -343,10 +343,10 @@ def test_the_stack_starts_the_default_workflows_tools_or_the_ones_named(tmp_path
 
     from streamagent.console.devstack.stack import UnknownTool, stack_tools
 
-    assert stack_tools(Settings()) == ("enrich", "jira", "email", "slack")  # workflows/onboarding.toml
+    assert stack_tools(Settings()) == ("enrich", "jira", "draft", "email", "slack")  # workflows/onboarding.toml
     assert stack_tools(Settings(stack_tools="crm, enrich,crm")) == ("crm", "enrich")
     assert set(stack_tools(Settings(stack_tools="all"))) == set(builtin_tools())
-    with pytest.raises(UnknownTool, match=r"fax.*known: crm, email, enrich, jira, slack"):
+    with pytest.raises(UnknownTool, match=r"fax.*known: crm, draft, email, enrich, jira, slack"):
         stack_tools(Settings(stack_tools="enrich,fax"))
     # A workflows folder without the default workflow: nothing to infer, no tool started.
     (tmp_path / "other.toml").write_text(

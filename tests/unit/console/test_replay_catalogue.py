@@ -161,7 +161,9 @@ def test_the_live_gating_over_the_catalogue_as_of_then_waits_for_a_missing_tool_
     inputs = catalogue_inputs(mail.entry_of)
     decider, guard = candidate_decider(settings, "rules", inputs), GuardStage(settings, inputs.declared_approval)
     jira = {"key": "ACME", "id": "1", "url": "u"}
-    snap = snapshot("onboarding", {**enriched, "jira": jira}, ["enrich", "jira", "email", "slack"], "ada@acme.io")
+    drafted = {"subject": "Welcome", "body": "Hello Ada", "drafted_by": "template"}
+    done = {**enriched, "jira": jira, "draft": drafted}
+    snap = snapshot("onboarding", done, ["enrich", "jira", "draft", "email", "slack"], "ada@acme.io")
     mail.move_to(at(5))
     _, verdict = decide(decider, guard, snap, at(5))
     assert verdict is not None and verdict.outcome == "approval" and verdict.decision.action is DecisionAction.wait

@@ -88,7 +88,10 @@ def test_cli_submit_file_naming_an_unknown_workflow_submits_nothing(
 
 def test_workflows_check_lists_the_workflows(unroutable: None, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["workflows", "check"]) == 0
-    assert "ok  onboarding: enrich(enrich) -> jira(jira) -> email(email) -> slack(slack)" in capsys.readouterr().out
+    assert (
+        "ok  onboarding: enrich(enrich) -> jira(jira) -> draft(draft) -> email(email) -> slack(slack)"
+        in capsys.readouterr().out
+    )
 
 
 @pytest.mark.parametrize("command", [["workflows", "check"], _flags()])

@@ -30,10 +30,10 @@ def row(run_id: str, workflow: str | None, status: str, steps: int, reason: str 
 
 def test_steps_are_counted_against_each_runs_own_workflow(capsys: pytest.CaptureFixture[str]) -> None:
     steps_of = steps_per_workflow(Settings())
-    assert steps_of["onboarding"] == 4 and steps_of["onboarding-with-crm"] == 5
+    assert steps_of["onboarding"] == 5 and steps_of["onboarding-with-crm"] == 6
     print_runs_table(
         [
-            row("r1", "onboarding", "completed", 4),
+            row("r1", "onboarding", "completed", 5),
             row("r2", "onboarding-with-crm", "running", 4, "waiting for tool crm"),
             row("r3", "retired-workflow", "failed", 1),
         ],
@@ -41,8 +41,8 @@ def test_steps_are_counted_against_each_runs_own_workflow(capsys: pytest.Capture
     )
     lines = capsys.readouterr().out.splitlines()
     assert "workflow" in lines[0] and "steps" in lines[0]
-    assert lines[1].startswith("r1") and " 4/4 " in lines[1] and "2.00s" in lines[1]
-    assert lines[2].startswith("r2") and " 4/5 " in lines[2]
+    assert lines[1].startswith("r1") and " 5/5 " in lines[1] and "2.00s" in lines[1]
+    assert lines[2].startswith("r2") and " 4/6 " in lines[2]
     assert lines[3].strip() == "waiting for tool crm"  # the wait shows under its run
     assert lines[4].startswith("r3") and " 1/? " in lines[4]  # a workflow no file defines any more
 

@@ -49,6 +49,8 @@ def output_of(step: str, arguments: dict[str, Any]) -> dict[str, Any]:
         return company_profile(arguments["domain"])
     if step == "jira":
         return {"id": "10001", "key": arguments["key"], "url": "http://sandbox.test/jira/10001"}
+    if step == "draft":  # no model configured in the tool: the workflow's template
+        return {"subject": arguments["template_subject"], "body": arguments["template_body"], "drafted_by": "template"}
     if step == "email":
         return {"message_id": "msg-42", "to": arguments["to"]}
     return {"channel": arguments.get("channel", "#x"), "ts": "1714554000.000007"}

@@ -33,7 +33,7 @@ RUN = "run-0001"
 CMD_E = events.command_id(RUN, "enrich")
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 DEFAULT_DEADLINE_S = 600.0
-STEPS = ("enrich", "jira", "email", "slack")
+STEPS = ("enrich", "jira", "draft", "email", "slack")
 _seq = itertools.count(1)
 
 

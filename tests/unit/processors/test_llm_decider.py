@@ -61,7 +61,7 @@ def test_a_tool_call_dispatches_with_validated_arguments_tokens_and_cost(model: 
     assert model.calls == 1
     sent = model.requests[0]
     assert sent.model == "test-model"
-    assert sent.tools == ["enrich", "jira", "email", "slack", "complete", "escalate", "wait"]
+    assert sent.tools == ["enrich", "jira", "draft", "email", "slack", "complete", "escalate", "wait"]
     # What the model saw and answered is recorded, with the tokens the endpoint reported.
     assert decision.context["messages"] == sent.messages
     assert decision.context["answers"][0]["tool_calls"][0]["function"]["name"] == "enrich"
@@ -174,7 +174,7 @@ def test_json_schema_style(model: FakeModel) -> None:
     sent = model.requests[0]
     assert sent.tools == [] and sent.response_format is not None
     branches = sent.response_format["json_schema"]["schema"]["anyOf"]
-    assert [b["properties"]["tool"]["const"] for b in branches][:4] == ["enrich", "jira", "email", "slack"]
+    assert [b["properties"]["tool"]["const"] for b in branches][:5] == ["enrich", "jira", "draft", "email", "slack"]
     model.script(Answer.text("I think we should enrich first."))
     again = decider(settings).decide(Run().snap)
     assert again is not None and again.step == "enrich" and "not valid JSON" in again.context["refused"][0]
@@ -187,7 +187,7 @@ def test_json_object_style_for_llama_cpp_python(model: FakeModel) -> None:
     sent = model.requests[0].response_format
     assert sent is not None and sent["type"] == "json_object" and "json_schema" not in sent
     names = [b["properties"]["tool"]["const"] for b in sent["schema"]["anyOf"]]
-    assert names[:4] == ["enrich", "jira", "email", "slack"]
+    assert names[:5] == ["enrich", "jira", "draft", "email", "slack"]
     assert decision.context["answer_style"] == "json_object"
 
 
@@ -225,7 +225,7 @@ def test_wait_complete_and_what_needs_no_model(model: FakeModel) -> None:
     assert failed is not None and failed.action is DecisionAction.fail
     assert model.calls == calls
     done = Run()
-    for step in ("enrich", "jira", "email", "slack"):
+    for step in ("enrich", "jira", "draft", "email", "slack"):
         decision = decider(llm_settings(model.url)).decide(done.snap)
         assert decision is not None and decision.step == step
         done.done(step, decision.arguments)
@@ -325,6 +325,8 @@ def test_the_model_is_shown_the_contact_memory_holds_and_its_decision_records_th
     run.result("enrich", {"industry": "robotics", "employees": 120})
     run.dispatch("jira", {"key": "ACME1"})
     run.result("jira", {"id": "10001", "key": "ACME1"})
+    run.dispatch("draft", {"company_name": "Acme Robotics"})
+    run.result("draft", {"subject": "Welcome", "body": "Hello Grace", "drafted_by": "model"})
     chosen = LlmDecider(
         llm_settings(model.url),
         {ONBOARDING.name: ONBOARDING},

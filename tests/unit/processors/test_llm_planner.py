@@ -95,7 +95,7 @@ def test_one_plan_per_run_across_decisions_and_a_restart(llm_db: Settings, model
     follow(run, second)
     restarted = handler(llm_db, PLANNED)  # a new process on the same database
     third = decide(restarted, run)
-    assert third.step == "email" and _planner_calls(model) == 1 and model.calls == calls + 1
+    assert third.step == "draft" and _planner_calls(model) == 1 and model.calls == calls + 1
     assert PLAN in str(_executor(model)[-1][0]["content"]) and third.context["plan"]["carried"] is False
     # The run's totals (what the decisions table sums) include the plan exactly once.
     with db.connect(llm_db) as conn:

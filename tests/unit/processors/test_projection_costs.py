@@ -242,7 +242,7 @@ def test_show_of_a_rules_run_has_no_cost_lines(
     )
     projection(batch(settings, [requested("run-rules"), decided("run-rules", 1, "enrich", "rules"), done]))
     out = run_cli(["show", "run-rules", "--context"], capsys)
-    assert "steps done=1/4" in out and "ToolResult           enrich" in out
+    assert "steps done=1/5" in out and "ToolResult           enrich" in out
     assert "total:" not in out and "tokens" not in out
     assert len(out.splitlines()) == 4  # header and three events: no context for a rules decision
 

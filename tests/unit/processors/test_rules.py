@@ -46,6 +46,13 @@ def sandbox_output(step: str, arguments: dict[str, Any]) -> dict[str, Any]:
         return company_profile(arguments["domain"])
     if step == "jira":
         return {"id": "10001", "key": arguments["key"], "url": "http://sandbox.test/jira/rest/api/3/project/10001"}
+    if step == "draft":  # no model configured: the workflow's template
+        return {
+            "subject": arguments["template_subject"],
+            "body": arguments["template_body"],
+            "drafted_by": "template",
+            "fallback_reason": "no model configured (OPENAI_BASE_URL is empty)",
+        }
     if step == "email":
         return {"message_id": "5d0e8a8c-msg-42", "to": arguments["to"]}
     if step == "slack":
@@ -152,7 +159,7 @@ def test_walks_the_onboarding_steps_in_order_then_completes() -> None:
         assert run.snap.step(decision.step).status is StepStatus.dispatched
         assert DECIDER.decide(run.snap) is None  # waits while the step is dispatched
         run.result(decision.step, command_id, sandbox_output(decision.step, decision.arguments))
-    assert seen == [("enrich", "enrich"), ("jira", "jira"), ("email", "email"), ("slack", "slack")]
+    assert seen == [("enrich", "enrich"), ("jira", "jira"), ("draft", "draft"), ("email", "email"), ("slack", "slack")]
     final = DECIDER.decide(run.snap)
     assert final is not None
     assert final.action is DecisionAction.complete
@@ -164,7 +171,7 @@ def test_walks_the_onboarding_steps_in_order_then_completes() -> None:
 
 def test_later_steps_use_earlier_results() -> None:
     run = Run()
-    enrich, jira, email, slack = run.step_through(4)
+    enrich, jira, draft, email, slack = run.step_through(5)
     profile = company_profile(DOMAIN)
     key = project_key(COMPANY, RUN)
 
@@ -176,6 +183,9 @@ def test_later_steps_use_earlier_results() -> None:
     assert f"{profile['employees']} employees" in jira.arguments["description"]
     assert jira.arguments["lead_email"] == CONTACT
 
+    assert draft.arguments["company_name"] == COMPANY and draft.arguments["jira_key"] == key
+    assert draft.arguments["contact_name"] == "Ada Lovelace" and draft.arguments["industry"] == profile["industry"]
+    # The mail is the draft's output (here the template: no model is configured).
     assert email.arguments["to"] == CONTACT
     assert COMPANY in email.arguments["subject"]
     assert key in email.arguments["body"]
@@ -190,7 +200,7 @@ def test_later_steps_use_earlier_results() -> None:
 
 def test_every_dispatch_is_valid_input_of_its_tool() -> None:
     tools = builtin_tools()
-    for decision in Run().step_through(4):
+    for decision in Run().step_through(5):
         assert decision.tool is not None
         tools[decision.tool]().parse(decision.arguments)  # raises PermanentError if not
 
@@ -294,9 +304,15 @@ def test_the_decision_context_holds_what_the_audit_trail_needs() -> None:
     context = decision.context
     assert context["request"] == run.snap.request.model_dump()
     assert context["request"]["company_name"] == COMPANY
-    assert context["steps"] == {"enrich": "succeeded", "jira": "pending", "email": "pending", "slack": "pending"}
+    assert context["steps"] == {
+        "enrich": "succeeded",
+        "jira": "pending",
+        "draft": "pending",
+        "email": "pending",
+        "slack": "pending",
+    }
     assert context["results"] == {"enrich": company_profile(DOMAIN)}
-    assert context["available_tools"] == sorted({"enrich", "jira", "email", "slack"})
+    assert context["available_tools"] == sorted({"enrich", "jira", "draft", "email", "slack"})
     assert context["version"] == run.snap.version
     assert context["run_id"] == RUN
 
@@ -324,7 +340,7 @@ def test_every_kind_of_decision_carries_the_context(kind: str) -> None:
     if kind == "dispatch":
         decision = DECIDER.decide(run.snap)
     elif kind == "complete":
-        run.step_through(4)
+        run.step_through(len(ONBOARDING.steps))
         decision = DECIDER.decide(run.snap)
     elif kind == "escalate":
         run._apply(RunDeadlineExceeded(run_id=RUN, deadline_at=run.snap.deadline_at))

@@ -57,16 +57,27 @@ def _old_args(step: str, req: OnboardingRequest, results: dict[str, dict[str, An
             ),
             "lead_email": req.contact_email,
         }
-    if step == "email":
+    if step == "draft":
+        # The mail the code built is now the draft's template; the model, when configured, writes its own.
         company, project = results["enrich"], results["jira"]
         return {
-            "to": req.contact_email,
-            "subject": f"Welcome to streamagent, {req.company_name}",
-            "body": (
+            "company_name": req.company_name,
+            "company_domain": req.company_domain,
+            "contact_name": req.contact_name,
+            "jira_key": project["key"],
+            "industry": company.get("industry", ""),
+            "employees": company.get("employees", ""),
+            "country": company.get("country", ""),
+            "goal": req.goal,
+            "template_subject": f"Welcome to streamagent, {req.company_name}",
+            "template_body": (
                 f"Hello {req.contact_name},\n\nWelcome aboard! We set up Jira project {project['key']} "
                 f"for {req.company_name}, tailored to the {company.get('industry', 'your')} industry.\n"
             ),
         }
+    if step == "email":
+        draft = results["draft"]
+        return {"to": req.contact_email, "subject": draft["subject"], "body": draft["body"]}
     company, project, mail = results["enrich"], results["jira"], results["email"]
     return {
         "channel": "#onboarding",
@@ -81,9 +92,10 @@ def _old_args(step: str, req: OnboardingRequest, results: dict[str, dict[str, An
 FULL = {
     "enrich": {"name": "Acme", "industry": "Robotics", "employees": 120},
     "jira": {"id": "10001", "key": "ACMEX1Y2Z3"},
+    "draft": {"subject": "Welcome, Acme", "body": "Dear Ada, ...", "drafted_by": "model"},
     "email": {"message_id": "m-42", "to": "ada@acme-robotics.io"},
 }
-SPARSE = {"enrich": {}, "jira": {"key": "ACMEX1Y2Z3"}, "email": {}}
+SPARSE = {"enrich": {}, "jira": {"key": "ACMEX1Y2Z3"}, "draft": {"subject": "s", "body": "b"}, "email": {}}
 
 
 @pytest.mark.parametrize("results", [FULL, SPARSE], ids=["full", "missing-optional-keys"])
@@ -93,20 +105,28 @@ def test_the_onboarding_file_builds_exactly_the_arguments_the_code_built(results
 
 
 def test_the_onboarding_file_keeps_order_needs_failure_policy_and_the_undo() -> None:
-    assert ONBOARDING.step_names == ("enrich", "jira", "email", "slack")
-    assert [s.needs for s in ONBOARDING.steps] == [(), ("enrich",), ("enrich", "jira"), ("enrich", "jira", "email")]
-    assert [s.on_failure for s in ONBOARDING.steps] == ["fail", "fail", "fail", "escalate"]
+    assert ONBOARDING.step_names == ("enrich", "jira", "draft", "email", "slack")
+    assert [s.needs for s in ONBOARDING.steps] == [
+        (),
+        ("enrich",),
+        ("enrich", "jira"),
+        ("enrich", "jira", "draft"),
+        ("enrich", "jira", "email"),
+    ]
+    assert [s.on_failure for s in ONBOARDING.steps] == ["fail", "fail", "fail", "fail", "escalate"]
     undo = ONBOARDING.step("jira").compensation
     assert undo is not None and undo.tool == "jira"
     assert undo.args.build(REQUEST, FULL, RUN) == {"key": "ACMEX1Y2Z3"}
     assert [s.name for s in ONBOARDING.steps if s.compensation] == ["jira"]
-    assert ONBOARDING.goal and set(ONBOARDING.tools) == {"enrich", "jira", "email", "slack"}
+    assert ONBOARDING.goal and set(ONBOARDING.tools) == {"enrich", "jira", "draft", "email", "slack"}
     assert ONBOARDING.compensate_abandoned
 
 
 def test_a_required_output_that_is_missing_is_an_error_not_a_guess() -> None:
     with pytest.raises(KeyError, match=r"steps\.jira\.output\.key"):
-        ONBOARDING.step("email").build(REQUEST, {"enrich": {}, "jira": {}}, RUN)
+        ONBOARDING.step("draft").build(REQUEST, {"enrich": {}, "jira": {}}, RUN)
+    with pytest.raises(KeyError, match=r"steps\.draft\.output\.body"):
+        ONBOARDING.step("email").build(REQUEST, {"enrich": {}, "jira": {}, "draft": {"subject": "s"}}, RUN)
 
 
 def test_the_default_folder_is_the_repository_workflows_folder() -> None:
@@ -115,11 +135,16 @@ def test_the_default_folder_is_the_repository_workflows_folder() -> None:
 
 
 def test_the_onboarding_email_goes_to_the_contact_memory_holds_else_to_the_requests() -> None:
-    email = ONBOARDING.step("email")
+    email, draft = ONBOARDING.step("email"), ONBOARDING.step("draft")
     assert email.read_refs(REQUEST, FULL, RUN) == {"contact": "contact/acme-robotics.io"}
+    assert draft.read_refs(REQUEST, FULL, RUN) == {"contact": "contact/acme-robotics.io"}
     remembered = {"contact": {"email": "grace@acme-robotics.io", "name": "Grace Hopper"}}
     built = email.build(REQUEST, FULL, RUN, remembered)
-    assert built["to"] == "grace@acme-robotics.io" and built["body"].startswith("Hello Grace Hopper,")
+    assert built["to"] == "grace@acme-robotics.io" and built["body"] == FULL["draft"]["body"]
+    # The draft greets the contact memory holds: the model writes to her, and so does the template.
+    drafting = draft.build(REQUEST, FULL, RUN, remembered)
+    assert drafting["contact_name"] == "Grace Hopper" and drafting["template_body"].startswith("Hello Grace Hopper,")
+    assert draft.build(REQUEST, FULL, RUN)["contact_name"] == REQUEST.contact_name
     partly = email.build(REQUEST, FULL, RUN, {"contact": {"name": "Grace Hopper"}})
     assert partly["to"] == REQUEST.contact_email  # memory has no email: the request's
     assert email.build(REQUEST, FULL, RUN)["to"] == REQUEST.contact_email
@@ -359,7 +384,7 @@ def test_once_the_tool_is_available_the_step_is_dispatched_and_the_wait_is_clear
 def test_every_tool_is_available_by_default() -> None:
     decision = RulesDecider().decide(apply(None, _requested(), 600.0).state.snapshot)
     assert decision is not None and decision.action is DecisionAction.dispatch
-    assert decision.context["available_tools"] == ["email", "enrich", "jira", "slack"]
+    assert decision.context["available_tools"] == ["draft", "email", "enrich", "jira", "slack"]
 
 
 def test_a_snapshot_of_a_workflow_the_decider_does_not_know_escalates() -> None:

@@ -19,6 +19,7 @@ import pytest
 from pydantic import BaseModel
 from streamagent.tools import builtin_tools
 from streamagent.tools.crm import Crm
+from streamagent.tools.draft import DraftEmail
 from streamagent.tools.email import SENDER, Email, Mail, Sent
 from streamagent.tools.enrich import Company, Enrich, EnrichInput
 from streamagent.tools.jira import Jira, Project, ProjectRequest
@@ -403,12 +404,13 @@ def test_announcement_describes_the_tool(name: str) -> None:
     json.dumps(announcement)  # goes on the registry topic as JSON
 
 
-def test_builtin_tools_are_the_four_onboarding_tools_and_crm() -> None:
+def test_builtin_tools_are_the_onboarding_tools_and_crm() -> None:
     # Tools of this repository only: a tool package another test installs into the venv meanwhile is no builtin.
     ours = {name: cls for name, cls in builtin_tools().items() if cls.__module__.startswith("streamagent.tools.")}
     assert ours == {
         "enrich": Enrich,
         "jira": Jira,
+        "draft": DraftEmail,
         "email": Email,
         "slack": Slack,
         "crm": Crm,

@@ -178,6 +178,8 @@ function entryDetails(e) {
   if (e.type === "ToolResult") {
     const body = p.status === "succeeded" ? json(p.output) : `${p.error_kind || "error"}: ${p.error || ""}`;
     return [
+      // A model-backed tool (draft): what it asked the model and what the model answered.
+      ...(e.model ? decisionDetails(e.model) : []),
       el(
         "div",
         { class: "meta" },
@@ -201,8 +203,8 @@ function renderRun(data) {
   detail.dataset.runId = run.run_id;
   detail.dataset.status = run.status;
   const note = (e) => {
-    if (e.type !== "DecisionRecorded" || !e.decision) return null;
-    const d = e.decision;
+    const d = e.decision || e.model;
+    if (!d) return null;
     return [
       d.guard && d.guard.outcome !== "allowed" ? el("span", { class: `guard-badge ${d.guard.outcome}` }, `guard: ${d.guard.outcome}`) : null,
       d.prompt_tokens || d.cost_usd ? el("span", { class: "cost" }, `${d.prompt_tokens}+${d.completion_tokens} tokens ${fmtCost(d.cost_usd)}`) : null,
