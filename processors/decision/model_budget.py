@@ -1,5 +1,5 @@
-"""What a run may still spend on models, written on each command it sends: a model-backed tool (a
-draft) checks its own call against it before making it, as the model decider checks its calls. Pure.
+"""What a run may still spend on models, written on each command it sends: a tool that asks a model
+checks its own call against it before making it, as the model decider checks its calls. Pure.
 
 Two limits bound a run's model spending: its workflow's per-run caps (``max_tokens_per_run``,
 ``max_cost_usd_per_run``, or the settings' defaults; 0: none) and its policy's budgets (``max_tokens``,

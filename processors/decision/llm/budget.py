@@ -1,7 +1,7 @@
 """The per-run spending caps of model-decided runs: whether the next call may be made. Pure.
 
 A run may spend at most ``max_tokens_per_run`` model tokens (prompt + completion, summed over its
-recorded decisions, its plan included, and over its tools' model calls, a draft's) and
+recorded decisions, its plan included, and over the model calls of its tools) and
 ``max_cost_usd_per_run`` dollars. Before a model call the
 decider adds what the run spent to an estimate of the call (its prompt, counted with the context
 builder's rule); over a cap, the call is not made and the run escalates with a reason naming the cap,

@@ -134,7 +134,7 @@ class LlmDecider:
         if not ((audit.planned and folded is None) or audit.caps.active):
             return audit
         ledger = self.ledger.spent(snapshot.run_id)
-        # The ledger has the run's decisions only; what its tools spent on models (a draft) is folded
+        # The ledger has the run's decisions only; what its tools spent on models is folded
         # apart in its state, so the sum counts each once.
         audit.spent = ledger.spent + Spending(snapshot.tool_tokens, round(snapshot.tool_cost_usd, 6))
         audit.last_version = ledger.last_version
