@@ -175,7 +175,8 @@ class ToolCommand(Event):
     SCHEMA_NAME = "io.streamagent.events.ToolCommand"
     JSON_FIELDS = ("arguments",)
 
-    schema_version: int = 4
+    # 5: the run's model budget left (schemas/history/ToolCommand.v4.avsc and older decode with none).
+    schema_version: int = 5
     command_id: str
     decision_id: str
     tool: str
@@ -192,6 +193,11 @@ class ToolCommand(Event):
     approval: str = ""
     # The memory versions it was decided on (4): the tool refuses it as stale-memory if one changed since.
     memory: dict[str, int] = Field(default_factory=dict)
+    # What the run may still spend on models when this was decided (5): the least of what its workflow's
+    # per-run caps and its policy budgets leave; None: no cap. A model-backed tool checks its call against
+    # it before making it. Signed once set, so it cannot be raised on the way.
+    budget_tokens: int | None = Field(None, ge=0)
+    budget_cost_usd: float | None = Field(None, ge=0)
 
 
 # A tool's ``error_kind`` for a command it did not execute because the memory it was decided on changed
@@ -484,13 +490,18 @@ class StateSnapshot(BaseModel):
     plan: RunPlan | None = None
     # 4: the plan and governance (schemas/history/StateSnapshot.v3.avsc and older decode with neither).
     # 5: when each step finished (history/StateSnapshot.v4.avsc and older decode with none).
-    schema_version: int = 5
+    # 6: the tools' part of the spending (history/StateSnapshot.v5.avsc and older decode with 0).
+    schema_version: int = 6
     # Governance: approval requests and what the run has spent, for the guard's budgets.
     approvals: list[ApprovalState] = Field(default_factory=list)
     decisions: int = 0  # decisions taken (recorded and applied)
     tool_calls: int = 0  # commands sent: dispatches and undos
     tokens: int = 0  # model tokens, prompt + completion
     cost_usd: float = 0.0
+    # The part of ``tokens``/``cost_usd`` the run's tools spent (a draft): the model decider's ledger has
+    # its decisions only, so its caps add these to it.
+    tool_tokens: int = 0
+    tool_cost_usd: float = 0.0
     # ``s1:<key id>:<hex>``: the state processor's HMAC over the snapshot; the decision processor
     # decides only on snapshots that verify (a forged one names no run the pipeline knows).
     signature: str = ""

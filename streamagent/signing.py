@@ -6,7 +6,8 @@ needs nothing of the decision layer (no read of its tables) to tell a real comma
 
 What is signed: HMAC-SHA256, under a shared key, of a canonical encoding of the command's identity
 (``command_id``, ``run_id``, ``decision_id``, ``tool``, ``step``, ``operation``) and the SHA-256 of the
-canonical JSON of its arguments. The signature travels in the event as ``v1:<key id>:<hex>``: the key
+canonical JSON of its arguments, and (when set) the memory versions and the model budget the command
+carries. The signature travels in the event as ``v1:<key id>:<hex>``: the key
 id tells a verifier which of its keys to use, so two keys can be valid at once while one replaces the
 other. Not signed: the envelope (event id, causation, time) and ``deadline_at``; a replayed copy of a
 signed command has the same ``command_id``, and the tool ledger runs a command id once.
@@ -184,6 +185,9 @@ def signed_bytes(command: ToolCommand) -> bytes:
     ]
     if command.memory:  # covered once it exists: a forged version cannot slip past the staleness check
         fields.append(canonical_json(command.memory))
+    if command.budget_tokens is not None or command.budget_cost_usd is not None:
+        # Covered once set: a tool that trusts its budget must not be handed a larger one on the way.
+        fields.append(canonical_json({"tokens": command.budget_tokens, "cost_usd": command.budget_cost_usd}))
     return canonical_json(fields).encode()
 
 

@@ -6,6 +6,10 @@ the mail is drafted, and this tool asks the model. What the call spent and the p
 the ToolResult beside the output (``CallContext.model_use``): the run's budget counts them and its
 timeline shows them. The output says who wrote the mail (``drafted_by``) and, for the template, why.
 
+The call is checked against the run's model budget before it is made (``CallContext.budget``, from the
+signed command: what the workflow's per-run caps and the policy's budgets leave): a prompt and the longest
+answer allowed (MAX_COMPLETION_TOKENS) that would not fit send the template, with the budget as the reason.
+
 A model that fails is not retried by the runner: the template is a good mail, and a run should not wait
 on, or pay again for, a nicer one. The endpoint's own retries (STREAMAGENT_MODEL_MAX_RETRIES) apply.
 """
@@ -16,7 +20,16 @@ import logging
 from typing import Any, Literal
 
 from pydantic import BaseModel
-from streamagent.tools.drafting import Draft, Facts, UnreadableAnswer, messages, problems, read_answer
+from streamagent.tools.drafting import (
+    MAX_COMPLETION_TOKENS,
+    Draft,
+    Facts,
+    UnreadableAnswer,
+    messages,
+    problems,
+    prompt_tokens,
+    read_answer,
+)
 from streamagent.tools.sdk import CallContext, Tool
 
 from streamagent import model_endpoint
@@ -69,6 +82,16 @@ class DraftEmail(Tool[DraftInput, Drafted]):
 
         model = settings.draft_model or settings.model
         sent = messages(Facts.model_validate(args.model_dump(include=set(Facts.model_fields))))
+        prices = parse_prices(settings.model_prices)
+        # Checked before the call, as the decider checks its own: the prompt and the longest answer allowed.
+        need = prompt_tokens(sent) + MAX_COMPLETION_TOKENS
+        over = ctx.budget.refuses(
+            ctx.model_use.prompt_tokens + ctx.model_use.completion_tokens + need,
+            ctx.model_use.cost_usd + cost_usd(prices, model, prompt_tokens(sent), MAX_COMPLETION_TOKENS),
+        )
+        if over is not None:
+            log.warning("draft: model not asked: %s", over, extra={"run_id": ctx.run_id})
+            return self._template(args, ctx, over, {"model": model, "messages": sent})
         if self._client is None:
             self._client = openai.AsyncOpenAI(
                 base_url=settings.openai_base_url,
@@ -77,7 +100,9 @@ class DraftEmail(Tool[DraftInput, Drafted]):
                 max_retries=settings.model_max_retries,
             )
         try:
-            response = await self._client.chat.completions.create(model=model, messages=sent, temperature=0.3)
+            response = await self._client.chat.completions.create(
+                model=model, messages=sent, temperature=0.3, max_tokens=MAX_COMPLETION_TOKENS
+            )
         except openai.APIError as exc:
             reason = f"the model could not be asked: {type(exc).__name__}: {exc}"
             log.warning("draft: %s", reason, extra={"run_id": ctx.run_id})
@@ -87,7 +112,7 @@ class DraftEmail(Tool[DraftInput, Drafted]):
         prompt = usage.prompt_tokens if usage else sum(len(str(m["content"])) for m in sent) // CHARS_PER_TOKEN
         completion = usage.completion_tokens if usage else len(answer or "") // CHARS_PER_TOKEN
         context: dict[str, Any] = {"model": model, "messages": sent, "answer": answer, "usage_reported": bool(usage)}
-        cost = cost_usd(parse_prices(settings.model_prices), model, prompt, completion)
+        cost = cost_usd(prices, model, prompt, completion)
         ctx.model_use.add(model, prompt, completion, cost, context)
         try:
             draft = read_answer(answer)

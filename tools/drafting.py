@@ -10,6 +10,7 @@ else falls back to the workflow's template, with the reasons recorded.
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any
 
@@ -23,6 +24,12 @@ FACTS_MARKER = "Facts (JSON):"
 SUBJECT_MAX_CHARS = 150
 BODY_MIN_CHARS = 80
 BODY_MAX_CHARS = 4000
+# The most the model may answer (sent as max_tokens): a subject and body at their longest, as JSON, at
+# about 3 characters a token. The budget check reserves all of it: an answer is paid before it is read.
+MAX_COMPLETION_TOKENS = 1500
+# The model decider's count (processors/decision/llm/context.py ``message_tokens``): one token per 4
+# characters of each message, rounded up, so a draft's prompt is counted as a decision's is.
+CHARS_PER_TOKEN = 4
 
 # Text left for a person to fill in. Braces of any kind; square brackets around words ("[Name]",
 # "[Your Company]"); angle brackets around a short phrase ("<contact name>"), not an e-mail address
@@ -84,6 +91,11 @@ def messages(facts: Facts) -> list[dict[str, Any]]:
         {"role": "system", "content": SYSTEM_PROMPT},
         {"role": "user", "content": f"{FACTS_MARKER}\n{json.dumps(known, indent=1, sort_keys=True)}"},
     ]
+
+
+def prompt_tokens(sent: list[dict[str, Any]]) -> int:
+    """The prompt's tokens, counted as the model decider counts its own before a call."""
+    return sum(math.ceil(len(str(m.get("content") or "")) / CHARS_PER_TOKEN) for m in sent)
 
 
 def facts_of(messages: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -44,8 +44,10 @@ from streamagent.processors.decision.arguments import ArgumentCheck, no_check
 from streamagent.processors.decision.choice import ChosenDecider, EntryOf
 from streamagent.processors.decision.decider import Decider, Decision
 from streamagent.processors.decision.gating import catalogue_inputs, decide
+from streamagent.processors.decision.llm.budget import Caps
 from streamagent.processors.decision.memory_watch import MemoryWatch
 from streamagent.processors.decision.memory_writes import MemoryWriter
+from streamagent.processors.decision.model_budget import Left, left
 from streamagent.processors.decision.schema import SCHEMA
 from streamagent.processors.decision.woken import after_wait
 from streamagent.processors.guard.judge import Verdict
@@ -94,6 +96,7 @@ def follow_up(
     keys: CommandKeys,
     verdict: Verdict | None = None,
     guard: GuardStage | None = None,
+    budget: Left | None = None,
 ) -> tuple[str | None, Event | None]:
     """The event a decision sends into the world, and the topic it goes to (none for a plain wait).
 
@@ -121,7 +124,7 @@ def follow_up(
         )
         return settings.topic(RUN_EVENTS), request
     if decision.action in (DecisionAction.dispatch, DecisionAction.compensate):
-        return dispatch_step(settings, snap, decision, decision_id, keys, verdict, guard)
+        return dispatch_step(settings, snap, decision, decision_id, keys, verdict, guard, budget)
     if decision.action is DecisionAction.complete:
         done = RunCompleted(
             event_id=stable_id(snap.run_id, "completed"),
@@ -154,6 +157,7 @@ def dispatch_step(
     keys: CommandKeys,
     verdict: Verdict | None = None,
     guard: GuardStage | None = None,
+    budget: Left | None = None,
 ) -> tuple[str, ToolCommand]:
     """How one step of a decision is started, the one place that knows it: a signed command to the step's
     tool (each step of a fan-out comes through here). A step that starts a child run instead of a tool
@@ -176,6 +180,9 @@ def dispatch_step(
         arguments=decision.arguments,
         deadline_at=deadline,
         memory=decision.memory,
+        # What the run may still spend on models (processors/decision/model_budget.py); signed below.
+        budget_tokens=budget.tokens if budget is not None else None,
+        budget_cost_usd=budget.cost_usd if budget is not None else None,
     )
     if verdict is not None and verdict.approved and guard is not None:
         command = command.model_copy(update={"approval": guard.token(snap, decision, deadline)})
@@ -423,6 +430,15 @@ class DecisionHandler:
             return None
         return memory
 
+    def _model_budget(self, snap: StateSnapshot, decision: Decision) -> Left | None:
+        """What the run may still spend on models, for the commands of ``decision``; None: nothing sent."""
+        if decision.action not in (DecisionAction.dispatch, DecisionAction.compensate):
+            return None
+        workflows = getattr(self.decider, "workflows", None) or {}
+        workflow = workflows.get(snap.request.workflow)
+        caps = Caps.of(workflow, self.settings) if workflow is not None else Caps()
+        return left(snap, decision, caps, self.guard.policies.current().budgets_for(snap.request.workflow))
+
     def _record(
         self,
         snap: StateSnapshot,
@@ -436,11 +452,14 @@ class DecisionHandler:
             return
         decision = verdict.decision
         decision_id = stable_id(snap.run_id, "decision", str(snap.version))
-        topic, event = follow_up(self.settings, snap, decision, decision_id, self.keys, verdict, self.guard)
+        budget = self._model_budget(snap, decision)
+        topic, event = follow_up(self.settings, snap, decision, decision_id, self.keys, verdict, self.guard, budget)
         more: list[tuple[str, bytes]] = []
         parallel: list[ParallelDispatch] = []
         for further, judged in zip(decision.parallel, verdict.parallel, strict=True):
-            at, command = dispatch_step(self.settings, snap, further, decision_id, self.keys, judged, self.guard)
+            at, command = dispatch_step(
+                self.settings, snap, further, decision_id, self.keys, judged, self.guard, budget
+            )
             more.append((at, codec.encode(command)))
             parallel.append(
                 ParallelDispatch(

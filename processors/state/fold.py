@@ -432,13 +432,17 @@ def _check_result(snap: StateSnapshot, event: ToolResult, workflow: Workflow | N
 
 def _tool_spent(snap: StateSnapshot, before: StateSnapshot, event: ToolResult) -> StateSnapshot:
     """A model-backed tool's tokens and cost join the run's spending (the guard's budgets), once: a
-    result that changed nothing (delivered again) was counted when it first arrived."""
+    result that changed nothing (delivered again) was counted when it first arrived. They are also kept
+    apart (``tool_tokens``): the model decider's caps add them to its ledger, which has decisions only."""
     if snap is before or not (event.prompt_tokens or event.completion_tokens or event.cost_usd):
         return snap
+    tokens = event.prompt_tokens + event.completion_tokens
     return snap.model_copy(
         update={
-            "tokens": snap.tokens + event.prompt_tokens + event.completion_tokens,
+            "tokens": snap.tokens + tokens,
             "cost_usd": snap.cost_usd + event.cost_usd,
+            "tool_tokens": snap.tool_tokens + tokens,
+            "tool_cost_usd": snap.tool_cost_usd + event.cost_usd,
         }
     )
 

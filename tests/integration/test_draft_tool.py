@@ -1,8 +1,9 @@
 """The welcome email is drafted by a model: the ``draft`` tool (its own consumer group) asks the scripted
 fake model (tools/sandbox/model.py, over real HTTP) on the real broker and PostgreSQL. The demo's runs
 mail the model's draft; a draft that fails the checks falls back to the workflow's template and says why;
-the draft's tokens and cost are the run's (its budget stops it, `runs`, `report` and `show` count them);
-its prompt and answer are in the run's timeline and on the run page.
+the draft's tokens and cost are the run's (`runs`, `report` and `show` count them); a run whose budget
+(the policy's or the workflow's per-run cap) cannot pay for the draft's call gets the template, the model
+not asked; its prompt and answer are in the run's timeline and on the run page.
 
 The template path with no model configured is proven on every default stack: test_end_to_end checks its
 runs' mails are the template's, with the reason.
@@ -30,12 +31,14 @@ from streamagent.submit import produce_requests
 
 pytestmark = pytest.mark.integration
 
-# A workflow like onboarding whose runs may spend 50 model tokens: the draft spends more.
+# Workflows like onboarding whose runs may spend 50 model tokens, by a policy budget and by the
+# workflow's own per-run cap: the draft's call (its prompt and the longest answer it allows) needs more.
 BUDGET_WORKFLOW = "onboarding-capped"
 BUDGET_POLICY = f"""
 [workflows.{BUDGET_WORKFLOW}.budgets]
 max_tokens = 50
 """
+CAPPED_WORKFLOW = "onboarding-per-run-cap"
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +55,8 @@ def stack(module_settings: Settings, model: FakeModel, tmp_path_factory: pytest.
     onboarding = (DEFAULT_WORKFLOWS_DIR / "onboarding.toml").read_text()
     capped = onboarding.replace('name = "onboarding"', f'name = "{BUDGET_WORKFLOW}"')
     (workflows / f"{BUDGET_WORKFLOW}.toml").write_text(capped)
+    per_run = onboarding.replace('name = "onboarding"', f'name = "{CAPPED_WORKFLOW}"\nmax_tokens_per_run = 50')
+    (workflows / f"{CAPPED_WORKFLOW}.toml").write_text(per_run)
     policies = tmp_path_factory.mktemp("policies")
     shutil.copy(module_settings.policies_dir / "default.toml", policies)
     (policies / "budget.toml").write_text(BUDGET_POLICY)
@@ -170,17 +175,40 @@ def test_a_draft_that_fails_validation_is_replaced_by_the_template_with_the_reas
     assert result["model_context"]["fallback_reason"] == reason
 
 
-def test_a_run_over_its_token_budget_stops_on_the_drafts_tokens(s: Settings) -> None:
+def _command_budgets(s: Settings, run_id: str) -> list[tuple[object, object]]:
+    with psycopg.connect(s.database_url) as conn:
+        rows = conn.execute(
+            "SELECT payload FROM run_events WHERE run_id=%s AND type='ToolCommand' AND step='draft'", (run_id,)
+        ).fetchall()
+    return [(r[0].get("budget_tokens"), r[0].get("budget_cost_usd")) for r in rows]
+
+
+@pytest.mark.parametrize(
+    ("workflow", "limit"),
+    [(BUDGET_WORKFLOW, "policy budget max_tokens"), (CAPPED_WORKFLOW, "max_tokens_per_run")],
+    ids=["policy-budget", "workflow-cap"],
+)
+def test_a_draft_over_the_runs_token_budget_sends_the_template_without_asking_the_model(
+    s: Settings, model: FakeModel, workflow: str, limit: str
+) -> None:
+    asked = len(model.drafts)
     (request,) = sample_requests(1, requested_by="draft-test")
-    request = request.model_copy(update={"workflow": BUDGET_WORKFLOW})
+    request = request.model_copy(update={"workflow": workflow})
     run_ids = produce_requests(s, [request])
     (row,) = eventually(lambda: ended(s, run_ids), timeout=120, what="the capped run ended")
 
+    # The rules decided (no tokens): the draft's command says the run may spend all 50 of its tokens ...
+    assert _command_budgets(s, request.run_id) == [(50, None)]
+    # ... and its call needs more, so the model was not asked: the template went out, saying why.
+    assert len(model.drafts) == asked
     (result,) = _draft_results(s, request.run_id)
-    spent = result["prompt_tokens"] + result["completion_tokens"]
-    assert result["output"]["drafted_by"] == "model" and spent > 50
-    # The guard refused the mail: the run escalated on the draft's tokens, and nothing was sent.
-    assert row.status == "escalated"
-    assert row.reason is not None and f"budget max_tokens=50 exceeded: the run has spent {spent} tokens" in row.reason
-    assert _mails(s, request.run_id) == []
-    assert row.prompt_tokens + row.completion_tokens == spent
+    reason = result["output"]["fallback_reason"]
+    assert result["output"]["drafted_by"] == "template"
+    assert reason.startswith("over the run's model budget: the call needs up to ") and limit in reason
+    assert "and the run may spend 50 more" in reason
+    assert (result["prompt_tokens"], result["completion_tokens"], result["cost_usd"]) == (0, 0, 0.0)
+    # Nothing was spent, so nothing stops the run: it completes with the template's mail.
+    assert row.status == "completed", row.reason
+    (mail,) = _mails(s, request.run_id)
+    assert mail["body"].startswith(f"Hello {request.contact_name},\n\nWelcome aboard!")
+    assert row.prompt_tokens + row.completion_tokens == 0

@@ -47,7 +47,7 @@ from streamagent.tools.sdk.ledger import Claimed, ClaimRequest, Ledger, LedgerEn
 from streamagent.tools.sdk.offsets import PartitionOffsets
 from streamagent.tools.sdk.ratelimit import RateLimiter
 from streamagent.tools.sdk.schema import SCHEMA as LEDGER_SCHEMA
-from streamagent.tools.sdk.tool import CallContext, ModelUse, Tool
+from streamagent.tools.sdk.tool import CallContext, ModelBudget, ModelUse, Tool
 
 from streamagent import codec, db, tracing
 from streamagent.approval import load_approval_keys
@@ -688,7 +688,8 @@ class ToolRunner:
                     TOOL_CALL_SECONDS.labels(self.tool.name).time(),
                     tracing.span(f"tool {self.tool.name}", command.run_id, self._span_attributes(command, attempt)),
                 ):
-                    ctx = CallContext(http, command.run_id, command.command_id, attempt, used)
+                    budget = ModelBudget(command.budget_tokens, command.budget_cost_usd)
+                    ctx = CallContext(http, command.run_id, command.command_id, attempt, used, budget)
                     output = await self._call_once(command, ctx)
                 await self.breaker.success()
                 if self.health.is_down("sandbox"):

@@ -48,15 +48,42 @@ class ModelUse:
 
 
 @dataclass(frozen=True)
+class ModelBudget:
+    """What the run may still spend on models, as its command says (the least of what the workflow's
+    per-run caps and the policy's budgets left when the step was decided); None: no cap. A tool that
+    asks a model checks the call before making it: a cap is a promise that the money is not spent."""
+
+    tokens: int | None = None
+    cost_usd: float | None = None
+
+    def refuses(self, tokens: int, cost_usd: float) -> str | None:
+        """Why a call estimated at ``tokens`` and ``cost_usd`` (with what this command spent already)
+        may not be made; None: it may."""
+        if self.tokens is not None and tokens > self.tokens:
+            return (
+                f"over the run's model budget: the call needs up to {tokens} tokens and the run may spend"
+                f" {self.tokens} more (the least its max_tokens_per_run and policy budget max_tokens leave)"
+            )
+        if self.cost_usd is not None and cost_usd > self.cost_usd:
+            return (
+                f"over the run's model budget: the call may cost ${cost_usd:.6f} and the run may spend"
+                f" ${self.cost_usd:.6f} more (the least its max_cost_usd_per_run and policy budget max_cost_usd leave)"
+            )
+        return None
+
+
+@dataclass(frozen=True)
 class CallContext:
-    """Everything one attempt needs: an HTTP client already carrying the idempotency key, and where
-    a tool that asks a model reports what it spent (``model_use``)."""
+    """Everything one attempt needs: an HTTP client already carrying the idempotency key, where a tool
+    that asks a model reports what it spent (``model_use``), and what the run may still spend (``budget``)."""
 
     http: httpx.AsyncClient
     run_id: str
     command_id: str
     attempt: int
     model_use: ModelUse = field(default_factory=ModelUse)
+    # From the command, read-only: what the run may still spend on models (ModelBudget; no cap by default).
+    budget: ModelBudget = field(default_factory=ModelBudget)
 
     @property
     def headers(self) -> dict[str, str]:

@@ -1,11 +1,13 @@
 """The per-run spending caps of model-decided runs: whether the next call may be made. Pure.
 
 A run may spend at most ``max_tokens_per_run`` model tokens (prompt + completion, summed over its
-recorded decisions, its plan included) and ``max_cost_usd_per_run`` dollars. Before a model call the
+recorded decisions, its plan included, and over the model calls of its tools) and
+``max_cost_usd_per_run`` dollars. Before a model call the
 decider adds what the run spent to an estimate of the call (its prompt, counted with the context
 builder's rule); over a cap, the call is not made and the run escalates with a reason naming the cap,
 what was spent and the estimate. Checked before the call rather than after: a cap is a promise that
-the money is not spent, not a report that it was.
+the money is not spent, not a report that it was. A model-backed tool is told what the caps leave on its
+command (``ToolCommand.budget_tokens``) and checks its own call the same way.
 """
 
 from __future__ import annotations

@@ -134,7 +134,10 @@ class LlmDecider:
         if not ((audit.planned and folded is None) or audit.caps.active):
             return audit
         ledger = self.ledger.spent(snapshot.run_id)
-        audit.spent, audit.last_version = ledger.spent, ledger.last_version
+        # The ledger has the run's decisions only; what its tools spent on models is folded
+        # apart in its state, so the sum counts each once.
+        audit.spent = ledger.spent + Spending(snapshot.tool_tokens, round(snapshot.tool_cost_usd, 6))
+        audit.last_version = ledger.last_version
         if audit.planned and folded is None:
             # Not folded yet (the run's first decisions): the planner's table, written before any use.
             audit.plan = self.ledger.plan(snapshot.run_id)
@@ -196,6 +199,8 @@ class LlmDecider:
             "max_cost_usd_per_run": audit.caps.max_cost_usd,
             "spent_tokens": spent.tokens,
             "spent_cost_usd": spent.cost_usd,
+            "tool_tokens": snapshot.tool_tokens,  # of spent_tokens: what the run's tools spent on models
+            "tool_cost_usd": snapshot.tool_cost_usd,
             "estimate_tokens": estimate.tokens,
             "estimate_cost_usd": estimate.cost_usd,
             "exceeded": why,
@@ -423,7 +428,7 @@ class _Audit:
         self.planned = False
         self.plan: PlanRecord | None = None
         self.charged = False  # this decision carries the plan's tokens and cost
-        self.spent = Spending()  # what the run's recorded decisions spent
+        self.spent = Spending()  # what the run's recorded decisions and its tools' model calls spent
         self.last_version = 0  # the run's latest state version with a recorded decision
         self.budget: dict[str, Any] | None = None  # set when a cap stopped a call
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from llm_flow import decide, follow, handler, llm, model_settings, workflow_file
-from llm_runs import Run
+from llm_runs import Run, output_of
 from streamagent.processors.decision.llm.budget import Caps, Spending
 from streamagent.processors.decision.llm.ledger import RunLedger
 from streamagent.processors.decision.schema import SCHEMA as DECISION_SCHEMA
@@ -17,8 +17,18 @@ from streamagent.processors.workflow import ONBOARDING, WorkflowError, load_work
 from streamagent.tools.sandbox.model import Answer, FakeModel
 
 from streamagent import codec, db
+from streamagent.authn import tool_keys
 from streamagent.config import Settings
-from streamagent.events import DecisionAction, FailureStatus, RunFailed
+from streamagent.events import (
+    DecisionAction,
+    DecisionRecorded,
+    FailureStatus,
+    RunFailed,
+    ToolCommand,
+    ToolResult,
+    ToolStatus,
+)
+from streamagent.signing import verify
 from streamagent.topics import RUN_EVENTS
 
 LLM = replace(ONBOARDING, decider="llm")
@@ -147,3 +157,81 @@ def test_workflow_caps_are_checked(tmp_path: Path) -> None:
     ):
         with pytest.raises(WorkflowError, match=error):
             load_workflow(workflow_file(tmp_path, ONBOARDING.source, header))
+
+
+def _drafted(run: Run, record: DecisionRecorded, tokens: tuple[int, int], cost: float) -> None:
+    """Fold ``record`` and its tool's result, which asked a model (a draft) for ``tokens`` and ``cost``."""
+    run._apply(record)
+    assert record.step is not None and record.tool is not None and record.command_id is not None
+    run._apply(
+        ToolResult(
+            event_id=f"res-{record.step}",
+            run_id=run.snap.run_id,
+            occurred_at=run.clock,
+            command_id=record.command_id,
+            tool=record.tool,
+            step=record.step,
+            status=ToolStatus.succeeded,
+            output=output_of(record.step, record.arguments),
+            model="fake-writer",
+            prompt_tokens=tokens[0],
+            completion_tokens=tokens[1],
+            cost_usd=cost,
+        )
+    )
+
+
+def test_the_token_cap_counts_what_the_runs_tools_spent_on_models(llm_db: Settings, model: FakeModel) -> None:
+    run = Run()
+    first = decide(handler(llm_db, replace(LLM, max_tokens_per_run=100_000)), run)
+    decided = first.prompt_tokens + first.completion_tokens
+    _drafted(run, first, (700, 300), 0.002)  # the step's tool asked a model for 1000 tokens
+    assert (run.snap.tool_tokens, run.snap.tokens) == (1000, decided + 1000)
+    probe = llm(llm_db, replace(LLM, max_tokens_per_run=1)).decide(run.snap)
+    assert probe is not None and model.calls == 1
+    budget = probe.context["budget"]
+    # The ledger's decisions plus the tool's tokens, each once.
+    assert (budget["spent_tokens"], budget["tool_tokens"]) == (decided + 1000, 1000)
+    estimate = budget["estimate_tokens"]
+
+    cap = decided + estimate + 500  # room for the next call on the decisions alone, not with the tool's 1000
+    capped = llm(llm_db, replace(LLM, max_tokens_per_run=cap)).decide(run.snap)
+    assert capped is not None and capped.action is DecisionAction.escalate and model.calls == 1  # not asked
+    assert capped.reason == (
+        f"token cap reached: the run spent {decided + 1000} model tokens and the next call needs about"
+        f" {estimate} more, over max_tokens_per_run = {cap}"
+    )
+    # The same run had its tool spent nothing: the call fits, and the model is asked.
+    unspent = run.snap.model_copy(update={"tool_tokens": 0, "tool_cost_usd": 0.0, "tokens": decided})
+    asked = llm(llm_db, replace(LLM, max_tokens_per_run=cap)).decide(unspent)
+    assert asked is not None and asked.action is DecisionAction.dispatch and model.calls == 2
+
+
+def test_the_cost_cap_counts_what_the_runs_tools_spent_on_models(llm_db: Settings, model: FakeModel) -> None:
+    run = Run()
+    first = decide(handler(llm_db, LLM), run)
+    _drafted(run, first, (10, 10), 0.5)
+    capped = llm(llm_db, replace(LLM, max_cost_usd_per_run=0.5)).decide(run.snap)
+    assert capped is not None and capped.action is DecisionAction.escalate and model.calls == 1
+    assert capped.reason.startswith(f"cost cap reached: the run spent ${first.cost_usd + 0.5:.6f} on the model")
+
+
+def test_a_command_carries_what_the_runs_cap_leaves_signed(llm_db: Settings, model: FakeModel) -> None:
+    run = Run()
+    h = handler(llm_db, replace(LLM, max_tokens_per_run=100_000, max_cost_usd_per_run=1.0))
+    first = decide(h, run)
+    commands = [codec.decode(v) for _t, v in h.producer.sent]  # type: ignore[attr-defined]
+    (command,) = [c for c in commands if isinstance(c, ToolCommand)]
+    # What is left after this decision's own call (not folded yet: counted as the guard counts it).
+    assert command.budget_tokens == 100_000 - first.prompt_tokens - first.completion_tokens
+    assert command.budget_cost_usd == pytest.approx(1.0 - first.cost_usd)
+    keys = tool_keys(h.keys, command.tool)
+    assert verify(command, keys) is None
+    assert verify(command.model_copy(update={"budget_tokens": 10**9}), keys) is not None
+
+    # A workflow with no cap (and no policy budget) sends none: the tool has no limit.
+    run = Run(run_id="run-uncapped")
+    h = handler(llm_db, LLM)
+    decide(h, run)
+    (free,) = [c for _t, v in h.producer.sent if isinstance(c := codec.decode(v), ToolCommand)]  # type: ignore[attr-defined]
+    assert (free.budget_tokens, free.budget_cost_usd) == (None, None)

@@ -184,6 +184,8 @@ def sample_events() -> list[BaseModel]:
             arguments={"domain": "acme-robotics.io"},
             deadline_at=T0 + timedelta(seconds=120),
             signature="v1:k1:" + "0f" * 32,
+            budget_tokens=5000,
+            budget_cost_usd=0.05,
         ),
         ToolResult(
             event_id="e-4",
@@ -320,8 +322,10 @@ def sample_events() -> list[BaseModel]:
             ],
             decisions=4,
             tool_calls=3,
-            tokens=1200,
-            cost_usd=0.0042,
+            tokens=1620,
+            cost_usd=0.0063,
+            tool_tokens=420,
+            tool_cost_usd=0.0021,
             signature="s1:key-1:" + "0" * 64,
             plan=RunPlan(
                 plan="1. enrich\n2. jira, then email and slack",
@@ -508,7 +512,7 @@ def test_state_snapshot_written_with_the_v3_schema_decodes_without_a_plan_or_gov
     """A snapshot from before the plan was part of the state (v3 and older: no ``plan`` field) still
     decodes with the current reader, with no plan; the current one keeps its plan (v4)."""
     current = next(m for m in SAMPLES if isinstance(m, StateSnapshot))
-    assert current.plan is not None and current.schema_version == 5  # 4: the plan; 5: when steps finished
+    assert current.plan is not None and current.schema_version == 6  # 4: the plan; 5: steps' end; 6: tools' spending
     for old in ("StateSnapshot.v3.avsc", "StateSnapshot.v2.avsc"):
         raw = json.loads((SCHEMA_DIR / "history" / old).read_text())
         assert "plan" not in _avro_field_names(raw)
@@ -539,12 +543,53 @@ def test_state_snapshot_written_with_the_v3_schema_decodes_without_a_plan_or_gov
             "tool_calls",
             "tokens",
             "cost_usd",
+            "tool_tokens",
+            "tool_cost_usd",
             "signature",
         }
         assert decoded.model_dump(exclude=fields_after_v3) == current.model_dump(exclude=fields_after_v3)
         assert (decoded.approvals, decoded.decisions, decoded.tool_calls, decoded.signature) == ([], 0, 0, "")
     again = codec.decode(codec.encode(current))
     assert isinstance(again, StateSnapshot) and again.plan == current.plan
+
+
+def _written_with(old: str, current: BaseModel, **fixed: Any) -> bytes:
+    """``current`` as a writer with the history schema ``old`` would have written it (its fields only)."""
+    raw = json.loads((SCHEMA_DIR / "history" / old).read_text())
+    names = set(_avro_field_names(raw))
+    record = {k: v for k, v in codec._to_record(current).items() if k in names}
+    record.update(fixed)
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(buf, fastavro.parse_schema(raw, _write_hint=False), record)
+    fingerprint = crc64_avro(canonical_form(raw).encode()).to_bytes(8, "little")
+    return b"\xc3\x01" + fingerprint + buf.getvalue()
+
+
+def test_state_snapshot_written_with_the_v5_schema_decodes_with_no_tool_spending() -> None:
+    """A snapshot from before the tools' part of the spending was kept apart (v5) decodes with 0 for it;
+    the run's totals are kept."""
+    current = next(m for m in SAMPLES if isinstance(m, StateSnapshot))
+    assert current.tool_tokens == 420
+    assert "tool_tokens" not in _avro_field_names(
+        json.loads((SCHEMA_DIR / "history" / "StateSnapshot.v5.avsc").read_text())
+    )
+    decoded = codec.decode(_written_with("StateSnapshot.v5.avsc", current, schema_version=5))
+    assert isinstance(decoded, StateSnapshot) and decoded.schema_version == 5
+    assert (decoded.tool_tokens, decoded.tool_cost_usd) == (0, 0.0)
+    assert (decoded.tokens, decoded.cost_usd) == (current.tokens, current.cost_usd)
+    assert decoded.model_dump(exclude={"tool_tokens", "tool_cost_usd", "schema_version"}) == current.model_dump(
+        exclude={"tool_tokens", "tool_cost_usd", "schema_version"}
+    )
+
+
+def test_tool_command_written_with_the_v4_schema_decodes_with_no_budget() -> None:
+    """A command from before commands carried the run's model budget (v4) decodes with none: no cap."""
+    current = next(m for m in SAMPLES if isinstance(m, ToolCommand))
+    assert (current.budget_tokens, current.budget_cost_usd) == (5000, 0.05) and current.schema_version == 5
+    decoded = codec.decode(_written_with("ToolCommand.v4.avsc", current, schema_version=4))
+    assert isinstance(decoded, ToolCommand) and decoded.schema_version == 4
+    assert (decoded.budget_tokens, decoded.budget_cost_usd) == (None, None)
+    assert decoded.signature == current.signature and decoded.arguments == current.arguments
 
 
 # -- decode errors -----------------------------------------------------------------------------------

@@ -224,3 +224,25 @@ def test_a_snapshot_verifies_as_sent_and_not_once_altered_or_unsigned() -> None:
     assert verify_snapshot_bytes(codec.encode(snap), "", keys) == "unsigned"
     other = parse_keys("k2 " + "b" * 40, "test")
     assert "unknown key" in (verify_snapshot_bytes(signed, received.signature, other) or "")
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"budget_tokens": 10_000}, {"budget_tokens": None}, {"budget_cost_usd": 5.0}, {"budget_cost_usd": None}],
+    ids=lambda c: f"{next(iter(c))}={next(iter(c.values()))}",
+)
+def test_the_model_budget_a_command_carries_is_signed(change: dict[str, Any]) -> None:
+    # A model-backed tool trusts the budget on its command: raising or dropping it on the way must fail.
+    signed = sign(command(budget_tokens=500, budget_cost_usd=0.25), KEYS)
+    assert verify(signed, KEYS) is None
+    again = codec.decode(codec.encode(signed))
+    assert isinstance(again, ToolCommand) and (again.budget_tokens, again.budget_cost_usd) == (500, 0.25)
+    assert verify(again, KEYS) is None
+    reason = verify(signed.model_copy(update=change), KEYS)
+    assert reason is not None and "does not match" in reason
+
+
+def test_a_command_with_no_budget_is_signed_as_before() -> None:
+    # No budget (null): the signed bytes are those of a v4 command, so commands signed before still verify.
+    assert signing.signed_bytes(command()) == signing.signed_bytes(command(budget_tokens=None, budget_cost_usd=None))
+    assert signing.signed_bytes(command()) != signing.signed_bytes(command(budget_tokens=0))

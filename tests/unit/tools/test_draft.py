@@ -10,21 +10,24 @@ from datetime import UTC, datetime
 
 import httpx
 import pytest
+from streamagent.processors.decision.llm.context import message_tokens
 from streamagent.tools.draft import Drafted, DraftEmail, DraftInput
 from streamagent.tools.drafting import (
     BODY_MAX_CHARS,
     DRAFT_MARKER,
+    MAX_COMPLETION_TOKENS,
     Draft,
     Facts,
     UnreadableAnswer,
     facts_of,
     messages,
     problems,
+    prompt_tokens,
     read_answer,
 )
 from streamagent.tools.sandbox.model import DRAFTED_SIGNATURE, Answer, FakeModel
 from streamagent.tools.sdk import CallContext
-from streamagent.tools.sdk.tool import ModelUse
+from streamagent.tools.sdk.tool import ModelBudget, ModelUse
 
 from streamagent import codec
 from streamagent.config import Settings
@@ -115,11 +118,12 @@ def model() -> Iterator[FakeModel]:
         yield fake
 
 
-def _draft(settings: Settings) -> tuple[Drafted, ModelUse]:
+def _draft(settings: Settings, budget: ModelBudget | None = None) -> tuple[Drafted, ModelUse]:
     async def go() -> tuple[Drafted, ModelUse]:
         used = ModelUse()
         async with httpx.AsyncClient() as http:
-            out = await DraftEmail(settings).call(ARGS, CallContext(http, "run-1", "cmd-1", 1, used))
+            ctx = CallContext(http, "run-1", "cmd-1", 1, used, budget or ModelBudget())
+            out = await DraftEmail(settings).call(ARGS, ctx)
         return out, used
 
     return asyncio.run(go())
@@ -178,6 +182,42 @@ def test_a_draft_that_fails_falls_back_to_the_template_and_says_why(
     assert used.context["fallback_reason"] == out.fallback_reason and used.context["messages"]
     if answer.status == 200:  # an answer was paid for, even though it was refused
         assert used.prompt_tokens > 0 and used.context["answer"] == answer.content
+
+
+# -- the run's model budget, checked before the call ----------------------------------------------------
+NEED = prompt_tokens(messages(FACTS)) + MAX_COMPLETION_TOKENS  # the prompt and the longest answer allowed
+
+
+def test_the_prompt_is_counted_as_the_model_decider_counts_its_own() -> None:
+    assert prompt_tokens(messages(FACTS)) == message_tokens(messages(FACTS))
+
+
+def test_a_draft_over_the_runs_token_budget_sends_the_template_without_asking_the_model(model: FakeModel) -> None:
+    out, used = _draft(_settings(model), ModelBudget(tokens=NEED - 1))
+    assert len(model.drafts) == 0 and model.calls == 0  # the model was not asked
+    assert out.drafted_by == "template" and out.body == ARGS.template_body
+    assert out.fallback_reason == (
+        f"over the run's model budget: the call needs up to {NEED} tokens and the run may spend {NEED - 1} more"
+        " (the least its max_tokens_per_run and policy budget max_tokens leave)"
+    )
+    assert (used.prompt_tokens, used.completion_tokens, used.cost_usd) == (0, 0, 0.0)  # nothing spent
+    assert used.context["fallback_reason"] == out.fallback_reason and used.context["messages"]
+
+
+def test_a_draft_over_the_runs_cost_budget_sends_the_template_without_asking_the_model(model: FakeModel) -> None:
+    prices = json.dumps({"fake-writer": {"prompt": 1.0, "completion": 2.0}})
+    out, _ = _draft(_settings(model, model_prices=prices), ModelBudget(tokens=NEED, cost_usd=0.001))
+    assert len(model.drafts) == 0 and out.drafted_by == "template"
+    assert out.fallback_reason is not None and out.fallback_reason.startswith("over the run's model budget: the call")
+    assert "max_cost_usd_per_run and policy budget max_cost_usd" in out.fallback_reason
+
+
+def test_a_draft_that_fits_the_budget_asks_the_model_with_its_answer_bounded(model: FakeModel) -> None:
+    out, used = _draft(_settings(model), ModelBudget(tokens=NEED, cost_usd=1.0))
+    assert out.drafted_by == "model" and len(model.drafts) == 1
+    # The answer's bound reserved by the check is the one the endpoint is asked to keep.
+    assert model.drafts[0].body["max_tokens"] == MAX_COMPLETION_TOKENS
+    assert used.prompt_tokens + used.completion_tokens <= NEED
 
 
 # -- the result event ------------------------------------------------------------------------------
