@@ -32,7 +32,7 @@ def env(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[Setting
 def test_topics_create_is_idempotent(env: Settings, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli(["topics", "create"]) == 0
     first = capsys.readouterr().out
-    assert "created 14 topic(s)" in first and env.topic("agent.run.state") in first
+    assert "created 15 topic(s)" in first and env.topic("agent.run.state") in first
     assert env.topic("agent.run.requests") in first  # the intake topic, the one upstream systems write
     assert cli(["topics", "create"]) == 0
     assert "created 0 topic(s): none, all existed" in capsys.readouterr().out

@@ -156,7 +156,7 @@ def test_kill_nine_each_process_mid_flight_resumes_without_repeating(settings: S
                 row = conn.execute(
                     "SELECT count(DISTINCT payload->>'command_id') FROM run_events WHERE type='ToolResult'"
                 ).fetchone()
-                return row is not None and row[0] == 400
+                return row is not None and row[0] == 500  # 100 runs of 5 steps
 
             eventually(distinct_results, timeout=30, what="one result per command projected")
         print(
@@ -205,7 +205,7 @@ def test_permanent_email_error_fails_the_run_and_keeps_partial_results(settings:
         failed = [e for e in timeline if e.type == "RunFailed"]
         assert len(failed) == 1
         results = failed[0].payload["results"]
-        assert set(results) == {"enrich", "jira"} and results["jira"]["key"]
+        assert set(results) == {"enrich", "jira", "draft"} and results["jira"]["key"]
         effects = Counter(e.api for e in SandboxClient(s.sandbox_url).effects())
         assert effects == {"enrich": 1, "jira": 1}
         # The email step was not retried: a permanent error is final. (Results travel on their own
@@ -407,7 +407,7 @@ def test_dlq_replay_puts_letters_back_after_the_fix(settings: Settings) -> None:
 
 def test_a_lost_command_is_redriven_and_the_run_completes(settings: Settings) -> None:
     settings = settings.model_copy(update={"redrive_check_s": 1.0})
-    with Stack(settings, tools=("enrich", "email", "slack")) as stack:
+    with Stack(settings, tools=("enrich", "draft", "email", "slack")) as stack:
         s = stack.settings
         # A jira member that is announced but consumes nothing: the commands are dispatched and lost.
         ghost = Jira.declaration(member_id="ghost", at_ms=now_ms(), started_at_ms=now_ms(), lease_ms=600_000)
