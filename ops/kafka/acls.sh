@@ -10,11 +10,11 @@
 # records that are refused (a flood, not a forgery). Together: a producer can neither reach a topic that is
 # not its own nor forge a record on one that is.
 #
-# usage: BOOTSTRAP=broker:9092 [PREFIX=] [TOOLS="enrich jira email slack"] [CONFIG=admin.properties] ops/kafka/acls.sh
+# usage: BOOTSTRAP=broker:9092 [PREFIX=] [TOOLS="enrich jira draft email slack"] [CONFIG=admin.properties] ops/kafka/acls.sh
 set -euo pipefail
 : "${BOOTSTRAP:?set BOOTSTRAP=host:port of the cluster}"
 PREFIX="${PREFIX:-}"
-TOOLS="${TOOLS:-enrich jira email slack}"
+TOOLS="${TOOLS:-enrich jira draft email slack}"
 ACLS="${KAFKA_ACLS:-kafka-acls.sh}"
 args=(--bootstrap-server "$BOOTSTRAP")
 [ -n "${CONFIG:-}" ] && args+=(--command-config "$CONFIG")
@@ -91,3 +91,12 @@ for principal in intake memory state decision projection operator $(for t in $TO
     allow "User:$principal" Write $(topic agent.dlq)
 done
 allow "User:operator" Read $(topic agent.dlq)
+
+# Every member announces its partitions, lag and work on agent.members (`streamagent status`); operators
+# read it. An operational view, not part of any run: nothing decides on it, so it is not signed. (The
+# state processor's checkpoints, `streamagent.state-runs-checkpoint`, fall under its prefixed grant above:
+# like its changelog, only the state principal may write them.)
+for principal in intake memory state decision projection $(for t in $TOOLS; do echo "tool-$t"; done); do
+    allow "User:$principal" Write $(topic agent.members)
+done
+allow "User:operator" Read $(topic agent.members)
