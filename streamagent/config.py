@@ -404,16 +404,22 @@ class Settings(BaseModel):
         return f"{self.topic_prefix}streamagent.{name}"
 
 
-def parse_tool_urls(text: str) -> dict[str, str]:
-    """``tool_urls``: a JSON object of tool name to an http(s) base URL; raises ValueError saying what is wrong."""
+def json_object(text: str, what: str, shape: str) -> dict[str, Any]:
+    """A setting's JSON object (empty text: an empty one); raises ValueError naming ``what`` and ``shape``."""
     if not text.strip():
         return {}
     try:
-        urls = json.loads(text)
+        value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"tool_urls is not JSON: {exc}") from None
-    if not isinstance(urls, dict):
-        raise ValueError('tool_urls must be a JSON object {"tool": "https://..."}')
+        raise ValueError(f"{what} is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} must be a JSON object {shape}")
+    return value
+
+
+def parse_tool_urls(text: str) -> dict[str, str]:
+    """``tool_urls``: a JSON object of tool name to an http(s) base URL; raises ValueError saying what is wrong."""
+    urls = json_object(text, "tool_urls", '{"tool": "https://..."}')
     for tool, url in urls.items():
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise ValueError(f"tool_urls: the URL of tool {tool!r} must be an http:// or https:// URL, not {url!r}")

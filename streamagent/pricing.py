@@ -7,9 +7,9 @@ unpriced one is better shown as 0 than guessed.
 
 from __future__ import annotations
 
-import json
-
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from streamagent.config import json_object
 
 
 class ModelPrice(BaseModel):
@@ -24,14 +24,7 @@ Prices = dict[str, ModelPrice]
 
 def parse_prices(text: str) -> Prices:
     """The table in ``text`` (empty: no prices); raises ValueError saying what is wrong."""
-    if not text.strip():
-        return {}
-    try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"price table is not JSON: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ValueError('price table must be a JSON object {"model": {"prompt": .., "completion": ..}}')
+    raw = json_object(text, "price table", '{"model": {"prompt": .., "completion": ..}}')
     try:
         return {str(model): ModelPrice.model_validate(price) for model, price in raw.items()}
     except ValidationError as exc:
