@@ -7,13 +7,14 @@ mean "start the embedded component".
 
 from __future__ import annotations
 
-import json
 import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+from streamagent.jsonobject import json_object
 
 ENV_PREFIX = "STREAMAGENT_"
 # The repository's workflows/ (the package is installed editable, like schemas/ in codec.py).
@@ -99,6 +100,9 @@ class Settings(BaseModel):
     # Scale-out: how many members of each group `up` and the stack run (comma-separated group=count:
     # intake, memory, state, decision, projection, tools = every tool, or one tool by its name).
     stack_members: str = Field("", description="Members per group `up` runs, e.g. state=2,decision=2,tools=2,jira=3")
+    # `up` and the stack fork their processes from one that imported the project once (prefork.py): a
+    # start or restart then costs ~30 ms instead of 0.3-1 s of CPU. False: each is a fresh interpreter.
+    stack_prefork: bool = Field(True, description="Start the dev stack's processes from a fork server")
     # Every member announces its partitions and lag on the members topic at each rebalance and this often.
     member_report_s: float = Field(5.0, gt=0, description="How often a member announces its partitions and lag")
     member_silent_reports: int = Field(3, ge=1, description="Missed announcements: then status shows a member gone")
@@ -404,19 +408,6 @@ class Settings(BaseModel):
         return f"{self.topic_prefix}streamagent.{name}"
 
 
-def json_object(text: str, what: str, shape: str) -> dict[str, Any]:
-    """A setting's JSON object (empty text: an empty one); raises ValueError naming ``what`` and ``shape``."""
-    if not text.strip():
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{what} is not JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{what} must be a JSON object {shape}")
-    return value
-
-
 def parse_tool_urls(text: str) -> dict[str, str]:
     """``tool_urls``: a JSON object of tool name to an http(s) base URL; raises ValueError saying what is wrong."""
     urls = json_object(text, "tool_urls", '{"tool": "https://..."}')
@@ -495,6 +486,14 @@ def get_settings() -> Settings:
     if unknown:
         raise SettingsError("; ".join(unknown) + " (docs/operations/configuration.md lists every setting)")
     return _validate(_from_env(environ))
+
+
+def adopt_environ(environ: dict[str, str]) -> None:
+    """Make ``environ`` this process's whole environment and forget the settings read from the one before
+    (a process forked from the dev stack's fork server becomes the process it was asked to be)."""
+    os.environ.clear()
+    os.environ.update(environ)
+    get_settings.cache_clear()
 
 
 def settings_from(environ: dict[str, str]) -> Settings:

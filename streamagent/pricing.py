@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from streamagent.config import json_object
+from streamagent.jsonobject import json_object
 
 
 class ModelPrice(BaseModel):

@@ -852,6 +852,12 @@ def build_app(settings: Settings) -> faust.App:
 def run(settings: Settings) -> None:
     from faust import Worker
 
+    class _Worker(Worker):
+        # faust renames the process ("[Faust:Worker] -init- …") once setproctitle is installed; the stack,
+        # ps and the tests know a process by the command line it was started with, so keep that.
+        def _setproctitle(self, info: str, **_: object) -> None:
+            pass
+
     app = build_app(settings)
-    worker = Worker(app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False)
+    worker = _Worker(app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False)
     worker.execute_from_commandline()

@@ -100,10 +100,11 @@ class Up:
         return self.err_path.read_text()
 
     def children(self) -> dict[str, int]:
-        """Child name -> pid, from the command lines of up's children."""
+        """Child name -> pid, from the command lines of up's children (forked by its fork server, so one
+        level down; a forked process's title is its command line)."""
         found = {}
-        for child in psutil.Process(self.pid).children():
-            argv = child.cmdline()
+        for child in psutil.Process(self.pid).children(recursive=True):
+            argv = " ".join(child.cmdline()).split()
             if "streamagent.console.cli" in argv:
                 rest = argv[argv.index("streamagent.console.cli") + 1 :]
                 found[rest[0] if rest[0] in ("sandbox", "ui") else f"{rest[0]}-{rest[1]}"] = child.pid

@@ -39,6 +39,7 @@ from streamagent.console.devstack.embedded import (
     free_port,
 )
 from streamagent.console.devstack.members import group_of, member_name, parse_members
+from streamagent.console.devstack.prefork import ForkedProcess, ForkError, ForkServer
 from streamagent.console.devstack.stackfile import (
     ADDRESSES,
     LOCK_FILE,
@@ -221,7 +222,7 @@ class Child:
     argv: list[str]
     env: dict[str, str]
     log_path: Path
-    proc: subprocess.Popen[bytes] | None = None
+    proc: subprocess.Popen[bytes] | ForkedProcess | None = None
     restarts: int = 0
     started_at: float = 0.0
     next_start: float = 0.0
@@ -233,6 +234,8 @@ class Child:
     # A static group.instance.id (its name): see Stack._member for the one exception.
     static: bool = True
     _log: IO[bytes] | None = field(default=None, repr=False)
+    # The stack's fork server, if it runs (prefork.py): a start without paying the imports again.
+    forker: ForkServer | None = field(default=None, repr=False)
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -242,7 +245,20 @@ class Child:
         self.env["STREAMAGENT_INSTANCE_ID"] = self.name
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the child
         self.log_offset = self._log.tell()
-        self.proc = subprocess.Popen(
+        self.proc = None
+        if self.forker is not None:
+            try:
+                self.proc = self.forker.spawn(self.argv, self.env, self.log_path, title=" ".join(self.argv))
+            except ForkError as exc:
+                log.warning("fork server: %s; starting %s with exec", exc, self.name, extra={"child": self.name})
+                self.forker = None
+        if self.proc is None:
+            self.proc = self._exec()
+        self.started_at = time.monotonic()
+        log.info("started %s", self.name, extra={"child": self.name, "pid": self.proc.pid})
+
+    def _exec(self) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
             self.argv,
             env=self.env,
             stdin=subprocess.DEVNULL,
@@ -258,8 +274,6 @@ class Child:
             # fast shutdown) are stopped gently instead; see embedded.py.
             preexec_fn=die_with_parent(os.getpid(), signal.SIGKILL),  # prctl only: takes no lock between fork and exec
         )
-        self.started_at = time.monotonic()
-        log.info("started %s", self.name, extra={"child": self.name, "pid": self.proc.pid})
 
     @property
     def pid(self) -> int | None:
@@ -425,6 +439,7 @@ class Stack:
         self._lock = threading.Lock()
         self._file_lock = threading.Lock()
         self.infra_restarts: dict[str, int] = {}
+        self.forker: ForkServer | None = None
         # How long a dead broker or PostgreSQL stays down before the supervisor starts it again (tests
         # hold an outage open with it; 0 restarts at once).
         self.infra_restart_delay_s = infra_restart_delay_s
@@ -460,6 +475,9 @@ class Stack:
         updates.update(command_keys_settings(self.settings.model_copy(update=updates)))
         updates.update(approval_keys_settings(self.settings.model_copy(update=updates)))
         check_policies(self.settings)
+        if self.settings.stack_prefork:
+            # First: it imports what every process needs while the broker and PostgreSQL start.
+            self.forker = ForkServer(data / "logs" / "fork-server.log", child_environ(self.settings)).start()
         if not self.settings.bootstrap_servers:
             self.broker = EmbeddedBroker(
                 data / "broker",
@@ -522,6 +540,7 @@ class Stack:
         self._supervisor.start()
 
     def _add(self, child: Child) -> None:
+        child.forker = self.forker
         self.children[child.name] = child
 
     def _member(self, base: str, index: int) -> Child:
@@ -632,6 +651,8 @@ class Stack:
                     child.proc.send_signal(signal.SIGTERM)
             for child in self.children.values():
                 child.stop()
+        if self.forker is not None:
+            self.forker.close()
         if self.postgres is not None:
             if self.postgres.pid is not None:
                 stopped.append("postgres")
@@ -665,6 +686,7 @@ class Stack:
                 except ProcessLookupError:
                     pass
         for name, pid, sig in (
+            ("fork server", self.forker.pid if self.forker is not None else None, signal.SIGKILL),
             ("broker", self.broker.pid if self.broker is not None else None, signal.SIGKILL),
             ("postgres", self.postgres.pid if self.postgres is not None else None, signal.SIGQUIT),
         ):
