@@ -268,6 +268,11 @@ class Workflow:
         raise KeyError(name)
 
     @property
+    def has_children(self) -> bool:
+        """Whether a step starts a child run (such a workflow is decided by the rules: see the loader)."""
+        return any(s.workflow is not None for s in self.steps)
+
+    @property
     def step_names(self) -> tuple[str, ...]:
         return tuple(s.name for s in self.steps)
 
@@ -464,6 +469,12 @@ class _Loader:
         steps: list[Step] = []
         for index, raw in enumerate(raw_steps):
             steps.append(self.step(raw, index, steps, set(tools)))
+        child = next((s for s in steps if s.workflow is not None), None)
+        if child is not None and decider == "llm":
+            # The model is offered tools, and a child run is none: it could never start the step.
+            raise self.fail(
+                "decider", f"step {child.name!r} starts a child workflow: such a workflow is decided by the rules"
+            )
         return Workflow(
             name=name,
             steps=tuple(steps),

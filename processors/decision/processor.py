@@ -927,7 +927,9 @@ def make_decider(
 
     workflows = load_workflows(settings.workflows_dir)
     rules = RulesDecider(workflows, available, check, memory)
-    by_model = sorted(w.name for w in workflows.values() if (w.decider or settings.decider) == "llm")
+    by_model = sorted(
+        w.name for w in workflows.values() if (w.decider or settings.decider) == "llm" and not w.has_children
+    )
     if not by_model:
         return rules
     if not settings.openai_base_url:

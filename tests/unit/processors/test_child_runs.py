@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from helpers import TEST_COMMAND_KEYS
+from streamagent.processors.decision.choice import ChosenDecider
 from streamagent.processors.decision.processor import DecisionHandler
 from streamagent.processors.decision.rules import RulesDecider
 from streamagent.processors.decision.schema import SCHEMA as DECISION_SCHEMA
@@ -26,6 +27,7 @@ from streamagent.events import (
     DecisionRecorded,
     FailureStatus,
     RunCompleted,
+    RunDeadlineExceeded,
     RunFailed,
     RunRequested,
     StateSnapshot,
@@ -99,6 +101,7 @@ def test_a_step_may_name_a_workflow_instead_of_a_tool(tmp_path: Path) -> None:
         ),
         (PARENT.replace('workflow = "child"', 'workflow = "Child Flow"'), CHILD, "steps.check.workflow", "lowercase"),
         (PARENT.replace('workflow = "child"', 'workflow = "parent"'), CHILD, "steps.check.workflow", "cycle"),
+        (PARENT.replace('tools = ["lookup"]', 'tools = ["lookup"]\ndecider = "llm"'), CHILD, "decider", "by the rules"),
         (
             PARENT,
             CHILD + '\n[[steps]]\nname = "back"\nworkflow = "parent"\n',
@@ -106,7 +109,7 @@ def test_a_step_may_name_a_workflow_instead_of_a_tool(tmp_path: Path) -> None:
             "a cycle of child workflows",
         ),
     ],
-    ids=["both", "neither", "unknown", "bad-name", "self", "cycle"],
+    ids=["both", "neither", "unknown", "bad-name", "self", "llm", "cycle"],
 )
 def test_a_bad_child_step_is_refused_naming_file_and_step(
     tmp_path: Path, parent: str, child: str, where: str, reason: str
@@ -351,3 +354,28 @@ def test_a_parent_that_stops_on_a_failed_branch_ends_without_waiting_and_ends_it
 def _first(snap: StateSnapshot) -> StateSnapshot:
     """The snapshot as a fresh decision processor's first sight of the run (it has recorded nothing for it)."""
     return snap.model_copy(update={"version": 1, "last_decision_id": None})
+
+
+def test_a_parent_past_its_deadline_does_not_wait_for_its_child(fan: dict[str, Workflow]) -> None:
+    run = Run(fan["fan"])
+    _to_children(run)
+    run.result("project")
+    assert not needs_decision(run.snap, run.wf)  # the child's answer is on its way
+    run._apply(RunDeadlineExceeded(event_id="late", run_id=RUN, deadline_at=run.snap.deadline_at))
+    assert needs_decision(run.snap, run.wf)
+    decision = run.decide()
+    assert decision is not None and decision.action is DecisionAction.escalate
+
+
+def test_a_workflow_with_child_steps_is_decided_by_the_rules_whatever_the_default(fan: dict[str, Workflow]) -> None:
+    rules = RulesDecider(fan)
+
+    class Model:
+        name = "llm"
+
+        def decide(self, _snap: StateSnapshot) -> None:
+            raise AssertionError("the model was asked about a workflow with child steps")
+
+    chosen = ChosenDecider("llm", fan, rules, Model())  # type: ignore[arg-type]
+    decision = chosen.decide(Run(fan["fan"]).snap)
+    assert decision is not None and decision.decider == "rules" and decision.step == "look"
