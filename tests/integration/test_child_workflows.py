@@ -136,7 +136,14 @@ def test_a_parent_with_a_child_run_completes_and_both_timelines_link(
     stack: Stack, sandbox: SandboxClient, capsys: pytest.CaptureFixture[str]
 ) -> None:
     s = stack.settings
-    run_ids = produce_requests(s, [request(n) for n in range(3)])
+    run_ids = produce_requests(s, [request(n) for n in range(2)])
+    # As a user would: `submit --workflow onboarding-kyc --wait`.
+    submitted = new_id()
+    flags = {"company-name": "Kestrel 2", "company-domain": "kestrel2.io", "contact-name": "Kim Kay"}
+    flags |= {"contact-email": "kim@kestrel2.io", "requested-by": "child-test", "run-id": submitted}
+    argv = ["submit", "--workflow", PARENT, *(x for k, v in flags.items() for x in (f"--{k}", v)), "--wait"]
+    assert cli(argv) == 0, capsys.readouterr()
+    run_ids.append(submitted)
     kids = eventually(lambda: family_ended(s, run_ids), timeout=120, what="3 parents and their children ended")
     rows = {r.run_id: r for r in ended(s, run_ids) or []}
     assert Counter(r.status for r in rows.values()) == {"completed": 3}, [(r.run_id, r.reason) for r in rows.values()]
