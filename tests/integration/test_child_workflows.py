@@ -126,6 +126,12 @@ def effects_once(sandbox: SandboxClient, run_ids: set[str]) -> Counter[tuple[str
     return Counter((e.run_id, e.api) for e in mine)
 
 
+def busy(timeline: list[queries.TimelineEntry]) -> float:
+    """Seconds from a run's first decision to its last event."""
+    first = next(e.occurred_at for e in timeline if e.type == "DecisionRecorded")
+    return (timeline[-1].occurred_at - first).total_seconds()
+
+
 def show(capsys: pytest.CaptureFixture[str], run_id: str) -> str:
     capsys.readouterr()
     assert cli(["show", run_id]) == 0
@@ -165,6 +171,11 @@ def test_a_parent_with_a_child_run_completes_and_both_timelines_link(
         # `show` prints the link both ways.
         assert f"children:\n  {child.run_id}  step kyc  kyc-check  status=completed" in show(capsys, parent)
         assert f"child of {parent} (step kyc)" in show(capsys, child.run_id)
+    # From the first decision (the stack's first runs wait for its processors to start) to the end.
+    took = sorted(busy(queries.timeline(s, r)) for r in run_ids)
+    kid_took = sorted(busy(queries.timeline(s, c.run_id)) for rows in kids.values() for c in rows)
+    figures = f"parents {', '.join(f'{t:.2f}' for t in took)} s;"
+    figures += f" their KYC children {', '.join(f'{t:.2f}' for t in kid_took)} s"
     capsys.readouterr()
     assert cli(["runs"]) == 0
     listed = capsys.readouterr().out
@@ -174,6 +185,8 @@ def test_a_parent_with_a_child_run_completes_and_both_timelines_link(
     for parent, (child,) in kids.items():
         assert {api: per[(parent, api)] for api in APIS} == dict.fromkeys(APIS, 1)
         assert (per[(child.run_id, "enrich")], per[(child.run_id, "slack")]) == (1, 1)
+    with capsys.disabled():
+        print(f"\n[child runs] 3 onboarding-kyc runs, first decision to end: {figures}")
 
 
 def test_kill_nine_of_the_state_processor_mid_child_changes_nothing(stack: Stack, sandbox: SandboxClient) -> None:
