@@ -37,6 +37,7 @@ from streamagent.events import (
     RunStatus,
     StateSnapshot,
     StepStatus,
+    child_tool,
     entity_ref,
 )
 
@@ -200,6 +201,9 @@ class Step:
     reads: tuple[Read, ...] = ()
     # What its result tells shared memory once it succeeded (the decision processor writes it).
     writes: tuple[Write, ...] = ()
+    # A step that starts a child run of this workflow instead of calling a tool (``workflow = "kyc-check"``);
+    # its ``tool`` is then the reserved ``workflow:<name>`` (streamagent.events.child_tool).
+    workflow: str | None = None
 
     def build(
         self, request: OnboardingRequest, results: Results, run_id: str, memory: Memory = _NO_MEMORY
@@ -262,6 +266,11 @@ class Workflow:
             if step.name == name:
                 return step
         raise KeyError(name)
+
+    @property
+    def has_children(self) -> bool:
+        """Whether a step starts a child run (such a workflow is decided by the rules: see the loader)."""
+        return any(s.workflow is not None for s in self.steps)
 
     @property
     def step_names(self) -> tuple[str, ...]:
@@ -328,7 +337,39 @@ def load_workflows(directories: Path | str) -> dict[str, Workflow]:
             workflows[workflow.name] = workflow
     if not workflows:
         raise WorkflowError(directories, "workflows_dir", "holds no *.toml workflow")
+    check_children(workflows)
     return workflows
+
+
+def check_children(workflows: Mapping[str, Workflow]) -> None:
+    """Every child workflow a step names exists, and no workflow starts itself through its children (a
+    run would start runs without end). Raises ``WorkflowError`` naming the file and the step."""
+    for workflow in workflows.values():
+        for step in workflow.steps:
+            if step.workflow is not None and step.workflow not in workflows:
+                known = ", ".join(sorted(workflows))
+                raise WorkflowError(
+                    workflow.source,
+                    f"steps.{step.name}.workflow",
+                    f"unknown workflow {step.workflow!r} (known: {known})",
+                )
+
+    def visit(name: str, path: tuple[tuple[str, str], ...]) -> None:
+        for step in workflows[name].steps:
+            if step.workflow is None:
+                continue
+            trail = (*path, (name, step.name))
+            if step.workflow == trail[0][0]:
+                first, first_step = trail[0]
+                chain = " -> ".join([*(w for w, _ in trail), step.workflow])
+                raise WorkflowError(
+                    workflows[first].source, f"steps.{first_step}.workflow", f"a cycle of child workflows: {chain}"
+                )
+            if step.workflow not in {w for w, _ in trail}:
+                visit(step.workflow, trail)
+
+    for name in sorted(workflows):
+        visit(name, ())
 
 
 def load_workflow(path: Path) -> Workflow:
@@ -428,6 +469,12 @@ class _Loader:
         steps: list[Step] = []
         for index, raw in enumerate(raw_steps):
             steps.append(self.step(raw, index, steps, set(tools)))
+        child = next((s for s in steps if s.workflow is not None), None)
+        if child is not None and decider == "llm":
+            # The model is offered tools, and a child run is none: it could never start the step.
+            raise self.fail(
+                "decider", f"step {child.name!r} starts a child workflow: such a workflow is decided by the rules"
+            )
         return Workflow(
             name=name,
             steps=tuple(steps),
@@ -446,13 +493,17 @@ class _Loader:
 
     def step(self, raw: dict[str, Any], index: int, earlier: list[Step], tools: set[str]) -> Step:
         where = f"steps[{index}]."
-        allowed = {"name", "tool", "needs", "args", "on_failure", "compensate", "reads", "writes"}
-        self.keys(raw, where, allowed, {"name", "tool"})
+        allowed = {"name", "tool", "workflow", "needs", "args", "on_failure", "compensate", "reads", "writes"}
+        self.keys(raw, where, allowed, {"name"})
         name = self.name(raw["name"], where + "name")
         if name in {s.name for s in earlier}:
             raise self.fail(where + "name", f"step {name!r} is declared twice")
         where = f"steps.{name}."
-        tool = self.tool(raw["tool"], where + "tool", tools)
+        if ("tool" in raw) == ("workflow" in raw):
+            raise self.fail(where + "tool", "a step names exactly one of tool (a call) or workflow (a child run)")
+        # A child workflow's step: whether the workflow exists (and no cycle) is checked once every file is read.
+        child = self.name(raw["workflow"], where + "workflow") if "workflow" in raw else None
+        tool = child_tool(child) if child is not None else self.tool(raw["tool"], where + "tool", tools)
         needs = raw.get("needs", [])
         if not isinstance(needs, list) or not all(isinstance(n, str) for n in needs):
             raise self.fail(where + "needs", "must be a list of step names")
@@ -478,7 +529,7 @@ class _Loader:
                 self.arguments(comp.get("args", {}), where + "compensate.args", {*needs, name}),
             )
         writes = self.writes(raw.get("writes", {}), where + "writes", {*needs, name})
-        return Step(name, tool, args, tuple(needs), on_failure, compensation, reads, writes)
+        return Step(name, tool, args, tuple(needs), on_failure, compensation, reads, writes, child)
 
     def writes(self, raw: Any, where: str, visible: set[str]) -> tuple[Write, ...]:
         if not isinstance(raw, dict):

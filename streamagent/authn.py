@@ -58,6 +58,7 @@ from streamagent.events import (
     RunFailed,
     RunRequested,
     ToolResult,
+    is_child_tool,
 )
 from streamagent.signing import CommandKey, CommandKeyError, CommandKeys, load_keys, parse_keys
 
@@ -299,7 +300,8 @@ class Authenticator:
         return role
 
 
-# Which role writes each event type (a tool's results and an operator's answers are checked by name).
+# Which role writes each event type (a tool's results and an operator's answers are checked by name; a
+# child run's request is the decision processor's, and a child workflow step's result the state's).
 _WRITERS: dict[type[Event], str] = {
     RunRequested: INTAKE,
     DecisionRecorded: DECISION,
@@ -327,6 +329,13 @@ def permitted(role: str, event: Event | MemoryWrite | EntityVersion) -> str | No
                 else f"MemoryWrite signed as {role}: only intake or decision writes it"
             )
         return None if role == MEMORY else f"EntityVersion signed as {role}: only memory writes it"
+    if isinstance(event, RunRequested) and event.is_child:
+        # A child run is started by its parent's decision, never by an upstream system: intake's key
+        # cannot start one (nor make a run look like a child and answer for its parent's step).
+        return None if role == DECISION else f"a child run's RunRequested signed as {role}: only decision writes it"
+    if isinstance(event, ToolResult) and is_child_tool(event.tool):
+        # A child workflow's step is answered by the state processor, which folded the child's end.
+        return None if role == STATE else f"a result of child workflow {event.tool!r} signed as {role}, not {STATE}"
     if isinstance(event, ToolResult):
         wanted = tool_role(event.tool)
         return None if role == wanted else f"a result of tool {event.tool!r} signed as {role}, not {wanted}"

@@ -36,6 +36,30 @@ def command_id(run_id: str, step: str, operation: str = "execute") -> str:
     return stable_id(run_id, step, operation)
 
 
+# The tool name of a step that starts a child workflow instead of calling a tool: ``workflow:<name>``. No
+# tool has a ':' in its name, so no tool can be commanded, or answer, as one (streamagent.authn).
+CHILD_TOOL_PREFIX = "workflow:"
+
+
+def child_tool(workflow: str) -> str:
+    return CHILD_TOOL_PREFIX + workflow
+
+
+def is_child_tool(tool: str | None) -> bool:
+    return tool is not None and tool.startswith(CHILD_TOOL_PREFIX)
+
+
+def child_run_id(parent_run_id: str, step: str, command: str) -> str:
+    """The run id of the child a parent's step starts: the same for every dispatch and redelivery of that
+    step's command, so the child is requested once however often it is started."""
+    return stable_id(parent_run_id, step, command, "child")
+
+
+def ended_by_parent_id(run_id: str) -> str:
+    """The event id of the ending a parent that ended sends its still running child run."""
+    return stable_id(run_id, "ended-by-parent")
+
+
 def requested_event_id(run_id: str) -> str:
     """The event id of a run's request on the run log (intake writes it): one per run, however often the
     same upstream request arrives, so the fold and the projection take copies of it once."""
@@ -76,7 +100,8 @@ class Event(BaseModel):
 class RunRequested(Event):
     SCHEMA_NAME = "io.streamagent.events.RunRequested"
 
-    schema_version: int = 3
+    # 4: the parent link of a child run (schemas/history/RunRequested.v3.avsc and older decode with none).
+    schema_version: int = 4
     company_name: str = Field(min_length=1, max_length=200)
     company_domain: str = Field(min_length=3, max_length=253)
     contact_name: str = Field(min_length=1, max_length=200)
@@ -86,6 +111,15 @@ class RunRequested(Event):
     deadline_s: float | None = Field(default=None, gt=0)
     labels: dict[str, str] = Field(default_factory=dict)
     workflow: str = Field(default=DEFAULT_WORKFLOW, min_length=1, max_length=100)
+    # A child run (a parent's step that names a workflow): which run, step and command it answers. Only
+    # the decision processor writes a request with these (streamagent.authn); intake's never carry them.
+    parent_run_id: str | None = None
+    parent_step: str | None = None
+    parent_command_id: str | None = None
+
+    @property
+    def is_child(self) -> bool:
+        return self.parent_run_id is not None
 
     @field_validator("company_domain")
     @classmethod
@@ -215,7 +249,8 @@ class ToolResult(Event):
     JSON_FIELDS = ("output", "model_context")
 
     # 2: what a model-backed tool spent and asked (schemas/history/ToolResult.v1.avsc decodes with none).
-    schema_version: int = 2
+    # 3: the tool calls a child run made (history/ToolResult.v2.avsc and older decode with 0).
+    schema_version: int = 3
     command_id: str
     tool: str
     step: str
@@ -234,6 +269,9 @@ class ToolResult(Event):
     completion_tokens: int = Field(0, ge=0)
     cost_usd: float = Field(0.0, ge=0)
     model_context: dict[str, Any] = Field(default_factory=dict)
+    # The result of a child workflow's step (tool ``workflow:<name>``) stands for the child's commands:
+    # they join the parent's count of tool calls, for its budgets.
+    tool_calls: int = Field(0, ge=0)
 
 
 class RunCompleted(Event):
@@ -429,6 +467,10 @@ class OnboardingRequest(BaseModel):
     requested_by: str
     labels: dict[str, str] = Field(default_factory=dict)
     workflow: str = DEFAULT_WORKFLOW
+    # A child run's parent (StateSnapshot v7): the run, its step and that step's command.
+    parent_run_id: str | None = None
+    parent_step: str | None = None
+    parent_command_id: str | None = None
 
 
 class RunPlan(BaseModel):
@@ -491,7 +533,8 @@ class StateSnapshot(BaseModel):
     # 4: the plan and governance (schemas/history/StateSnapshot.v3.avsc and older decode with neither).
     # 5: when each step finished (history/StateSnapshot.v4.avsc and older decode with none).
     # 6: the tools' part of the spending (history/StateSnapshot.v5.avsc and older decode with 0).
-    schema_version: int = 6
+    # 7: a child run's parent link in its request (history/StateSnapshot.v6.avsc and older decode with none).
+    schema_version: int = 7
     # Governance: approval requests and what the run has spent, for the guard's budgets.
     approvals: list[ApprovalState] = Field(default_factory=list)
     decisions: int = 0  # decisions taken (recorded and applied)

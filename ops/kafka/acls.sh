@@ -54,6 +54,8 @@ allow "User:state" Read $(topic agent.tool.results)
 allow "User:state" Read $(group state)
 allow "User:state" Write $(topic agent.run.state)
 allow "User:state" Write $(topic agent.run.events)
+# A child run's end is its parent step's result (child workflows): the state processor writes it there.
+allow "User:state" Write $(topic agent.tool.results)
 allow "User:state" All --topic "${PREFIX}streamagent.state-" --resource-pattern-type prefixed  # faust's changelog
 
 # Decision processor: reads snapshots and the tool registry; writes decisions and every command topic.

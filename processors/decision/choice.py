@@ -27,12 +27,15 @@ class ChosenDecider:
         self.costly = True
         self.workflows = workflows
         self.by_name = {rules.name: rules, llm.name: llm}
+        self.rules = rules.name
         # The handler wakes waiting runs with the deciders' view of the catalogue.
         self.available = getattr(rules, "available", every_tool_available)
 
     def decide(self, snapshot: StateSnapshot) -> Decision | None:
         workflow = self.workflows.get(snapshot.request.workflow)
         which = (workflow.decider if workflow is not None else None) or self.name
+        if workflow is not None and workflow.has_children:
+            which = self.rules  # a child step is no tool the model could call (processors/workflow.py)
         decision = self.by_name[which].decide(snapshot)
         # Recorded per decision: with per-workflow choice, one processor's decisions have two authors.
         return replace(decision, decider=decision.decider or which) if decision is not None else None

@@ -22,7 +22,7 @@ from streamagent.processors.guard.judge import Verdict
 from streamagent.processors.guard.stage import GuardStage
 from streamagent.processors.workflow import ToolAvailability
 
-from streamagent.events import DecisionAction, StateSnapshot
+from streamagent.events import DecisionAction, StateSnapshot, is_child_tool
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,8 @@ class CatalogueInputs:
 
 def catalogue_inputs(entry_of: EntryOf) -> CatalogueInputs:
     def available(name: str) -> bool:
-        return entry_of(name) is not None
+        # A child workflow's step starts a run, not a tool: nothing in the catalogue to wait for.
+        return is_child_tool(name) or entry_of(name) is not None
 
     def declared_approval(name: str) -> bool:
         entry = entry_of(name)

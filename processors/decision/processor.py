@@ -41,6 +41,7 @@ from typing import Any
 
 from confluent_kafka import Producer
 from streamagent.processors.decision.arguments import ArgumentCheck, no_check
+from streamagent.processors.decision.child import child_endings, child_request
 from streamagent.processors.decision.choice import ChosenDecider, EntryOf
 from streamagent.processors.decision.decider import Decider, Decision
 from streamagent.processors.decision.gating import catalogue_inputs, decide
@@ -71,9 +72,11 @@ from streamagent.events import (
     ParallelDispatch,
     RunCompleted,
     RunFailed,
+    RunRequested,
     StateSnapshot,
     ToolCommand,
     command_id,
+    is_child_tool,
     now,
     stable_id,
 )
@@ -158,12 +161,15 @@ def dispatch_step(
     verdict: Verdict | None = None,
     guard: GuardStage | None = None,
     budget: Left | None = None,
-) -> tuple[str, ToolCommand]:
+) -> tuple[str, ToolCommand | RunRequested]:
     """How one step of a decision is started, the one place that knows it: a signed command to the step's
-    tool (each step of a fan-out comes through here). A step that starts a child run instead of a tool
-    call would be started here too."""
+    tool (each step of a fan-out comes through here), or, for a step that names a workflow, the child
+    run's request on the run log (processors/decision/child.py; signed as this processor when produced)."""
     assert decision.step is not None and decision.tool is not None
     operation = "compensate" if decision.action is DecisionAction.compensate else "execute"
+    if operation == "execute" and is_child_tool(decision.tool):
+        request = child_request(settings, snap, decision.step, decision.tool, decision.arguments, decision_id)
+        return settings.topic(RUN_EVENTS), request
     cid = command_id(snap.run_id, decision.step, operation)
     # An undo runs after the run's deadline by definition; it gets its own.
     limit = now() + timedelta(seconds=settings.command_deadline_s)
@@ -463,13 +469,18 @@ class DecisionHandler:
             more.append((at, codec.encode(command)))
             parallel.append(
                 ParallelDispatch(
-                    step=command.step,
-                    tool=command.tool,
-                    command_id=command.command_id,
+                    step=further.step or "",
+                    tool=further.tool or "",
+                    command_id=_command_of(command) or "",
                     arguments=further.arguments,
                     memory=further.memory,
                 )
             )
+        if isinstance(event, RunFailed):
+            # A parent that ends ends its live children with it (sent with the ending, from the record).
+            workflows = getattr(self.decider, "workflows", None) or {}
+            ends = child_endings(snap, workflows.get(snap.request.workflow), decision_id, event.status, event.reason)
+            more += [(self.settings.topic(RUN_EVENTS), codec.encode(end)) for end in ends]
         record = DecisionRecorded(
             event_id=decision_id,
             run_id=snap.run_id,
@@ -479,7 +490,7 @@ class DecisionHandler:
             action=decision.action,
             step=decision.step,
             tool=decision.tool,
-            command_id=getattr(event, "command_id", None),
+            command_id=_command_of(event),
             arguments=decision.arguments,
             reason=decision.reason,
             decider=decision.decider or self.decider.name,
@@ -494,7 +505,7 @@ class DecisionHandler:
             parallel=parallel,
         )
         encoded = codec.encode(event) if event is not None else None
-        emission = Emission(record, topic, encoded, isinstance(event, ToolCommand), more=tuple(more))
+        emission = Emission(record, topic, encoded, isinstance(event, ToolCommand | RunRequested), more=tuple(more))
         new.append((snap, emission, partition))
         if snap.run_id not in self._undo:
             self._undo[snap.run_id] = RunMemory(memory.version, memory.decision_id, memory.emission)
@@ -831,13 +842,19 @@ class DecisionHandler:
         for i, (_, e) in enumerate(resends):
             assert e.topic is not None and e.follow_up is not None
             pending.append(((len(emissions) + i, e.record.command_id or ""), e.record.run_id, e.topic, e.follow_up))
+        events = self.settings.topic(RUN_EVENTS)
         for key, run_id, topic, value in pending:
-            self.producer.produce(topic, key=run_id.encode(), value=value, on_delivery=_landed(landed, key))
+            headers = None
+            if topic == events:
+                # A child run's request: keyed by the child's run id, signed as this processor's.
+                run_id, headers = _run_of(value), self.signer.headers(value)
+            self.producer.produce(
+                topic, key=run_id.encode(), value=value, headers=headers, on_delivery=_landed(landed, key)
+            )
         if pending:
             remaining = self.producer.flush(30)
             if remaining:
                 raise DependencyUnavailable("kafka", f"{remaining} command(s) not acknowledged; the batch is retried")
-        events = self.settings.topic(RUN_EVENTS)
         for index, emission in enumerate(emissions):
             value = emission.encoded or codec.encode(emission.record)
             if emission.more:
@@ -851,6 +868,11 @@ class DecisionHandler:
                 self.producer.produce(
                     emission.topic, key=key, value=emission.follow_up, headers=self.signer.headers(emission.follow_up)
                 )
+                # A parent's ending: the endings of its live children, each keyed by its own run.
+                for topic, value in emission.more:
+                    self.producer.produce(
+                        topic, key=_run_of(value).encode(), value=value, headers=self.signer.headers(value)
+                    )
         for i, (snap, emission) in enumerate(resends):
             partition, offset = landed[(len(emissions) + i, emission.record.command_id or "")]
             step = snap.step(emission.record.step or "")
@@ -868,6 +890,18 @@ class DecisionHandler:
             RESENT_COMMANDS.labels(resent.tool).inc()
             value = codec.encode(resent)
             self.producer.produce(events, key=snap.run_id.encode(), value=value, headers=self.signer.headers(value))
+
+
+def _command_of(event: Event | None) -> str | None:
+    """The parent's command id a follow-up carries: a tool command's, or a child run's request's."""
+    if isinstance(event, RunRequested):
+        return event.parent_command_id
+    return getattr(event, "command_id", None)
+
+
+def _run_of(value: bytes) -> str:
+    """The run a follow-up on the run log belongs to (a child's request or ending): its record key."""
+    return codec.decode(value).run_id
 
 
 def _landed(landed: dict[tuple[int, str], tuple[int, int]], key: tuple[int, str]) -> Callable[[Any, Any], None]:
@@ -893,7 +927,9 @@ def make_decider(
 
     workflows = load_workflows(settings.workflows_dir)
     rules = RulesDecider(workflows, available, check, memory)
-    by_model = sorted(w.name for w in workflows.values() if (w.decider or settings.decider) == "llm")
+    by_model = sorted(
+        w.name for w in workflows.values() if (w.decider or settings.decider) == "llm" and not w.has_children
+    )
     if not by_model:
         return rules
     if not settings.openai_base_url:

@@ -68,7 +68,10 @@ class RulesDecider:
         ready = workflow.ready(snapshot)
         # A step that fails for good ends the run, once nothing else of a fan-out still runs or may
         # start (``on_branch_failure``: the other branches finish, or nothing further starts).
-        if failed is not None and (workflow.max_parallel <= 1 or not (flying or ready)):
+        # A child run is not waited for when a branch failed and the workflow stops: the run ends, and the
+        # decision processor ends the child with it.
+        awaited = [s for s in flying if not (workflow.on_branch_failure == "stop" and workflow.step(s.name).workflow)]
+        if failed is not None and (workflow.max_parallel <= 1 or not (awaited or ready)):
             step = workflow.step(failed.name)
             action = DecisionAction.escalate if step.on_failure == "escalate" else DecisionAction.fail
             return Decision(action, f"step {step.name} failed: {failed.error}", step=step.name, context=context)

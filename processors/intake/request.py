@@ -39,6 +39,7 @@ MAX_LABEL_VALUE_CHARS = 1000
 MAX_CLOCK_SKEW = timedelta(minutes=5)
 _JSON_ONLY = {"idempotency_key"}
 _FIELDS = set(RunRequested.model_fields) | _JSON_ONLY
+_PARENT_FIELDS = ("parent_run_id", "parent_step", "parent_command_id")
 
 
 def _describe(exc: ValidationError) -> str:
@@ -106,6 +107,11 @@ def admit(fields: dict[str, Any], workflows: Collection[str], position: tuple[st
             f"labels: at most {MAX_LABELS}, keys of at most {MAX_LABEL_KEY_CHARS} characters, values of at most"
             f" {MAX_LABEL_VALUE_CHARS}",
         )
+    linked = sorted(f for f in _PARENT_FIELDS if data.get(f) is not None)
+    if linked:
+        # Only a parent's step starts a child run (the decision processor signs it): an upstream request
+        # that says it is one would otherwise answer for another run's step.
+        raise Rejected("invalid-request", f"{', '.join(linked)}: a child run is started by its parent's step only")
     try:
         request = RunRequested.model_validate(data)
     except ValidationError as exc:

@@ -94,6 +94,11 @@ def _read(memory: dict[str, int]) -> str:
 def summarize(event: Event) -> tuple[str | None, str]:
     """(step, one-line summary) for the timeline."""
     match event:
+        case RunRequested() if event.is_child:
+            return None, (
+                f"child run of {event.parent_run_id} (step {event.parent_step}): {event.workflow} of"
+                f" {event.company_name} ({event.company_domain})"
+            )
         case RunRequested():
             return None, (
                 f"{event.requested_by} requested {event.workflow} of {event.company_name} ({event.company_domain}),"
@@ -447,10 +452,12 @@ class ProjectionHandler:
             cur.execute(
                 "UPDATE runs r SET company_name=u.company_name, company_domain=u.company_domain,"
                 " contact_email=u.contact_email, requested_by=u.requested_by, workflow=u.workflow,"
-                " workflow_steps=u.workflow_steps, created_at=u.created_at"
+                " workflow_steps=u.workflow_steps, created_at=u.created_at, parent_run_id=u.parent_run_id,"
+                " parent_step=u.parent_step"
                 " FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::int[],"
-                " %s::timestamptz[]) AS u(run_id, company_name, company_domain, contact_email, requested_by,"
-                " workflow, workflow_steps, created_at) WHERE r.run_id = u.run_id",
+                " %s::timestamptz[], %s::text[], %s::text[]) AS u(run_id, company_name, company_domain,"
+                " contact_email, requested_by, workflow, workflow_steps, created_at, parent_run_id, parent_step)"
+                " WHERE r.run_id = u.run_id",
                 [
                     [e.run_id for e in requested],
                     [e.company_name for e in requested],
@@ -460,6 +467,8 @@ class ProjectionHandler:
                     [e.workflow for e in requested],
                     [self.steps_of.get(e.workflow) for e in requested],
                     [e.occurred_at for e in requested],
+                    [e.parent_run_id for e in requested],
+                    [e.parent_step for e in requested],
                 ],
             )
         self._recount(cur, *self.recounted(events))

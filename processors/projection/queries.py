@@ -29,6 +29,9 @@ class RunRow(BaseModel):
     model_decisions: int = 0
     # Decisions whose tokens were counted locally (the endpoint reported no usage): the totals are estimates.
     estimated_decisions: int = 0
+    # A child run's parent: the run and the step that started it (None for a run an upstream asked for).
+    parent_run_id: str | None = None
+    parent_step: str | None = None
 
     @property
     def tokens(self) -> int:
@@ -159,6 +162,15 @@ def runs_by_id(settings: Settings, run_ids: list[str]) -> dict[str, RunRow]:
     with db.connect(settings) as conn:
         rows = conn.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id = ANY(%s)", (run_ids,)).fetchall()
     return {r.run_id: r for r in map(_run_row, rows)}
+
+
+def children(settings: Settings, run_id: str) -> list[RunRow]:
+    """The child runs ``run_id``'s steps started, oldest first."""
+    with db.connect(settings) as conn:
+        rows = conn.execute(
+            f"SELECT {_RUN_COLUMNS} FROM runs WHERE parent_run_id = %s ORDER BY created_at, run_id", (run_id,)
+        ).fetchall()
+    return [_run_row(row) for row in rows]
 
 
 def timeline(settings: Settings, run_id: str) -> list[TimelineEntry]:

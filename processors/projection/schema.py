@@ -95,6 +95,10 @@ SCHEMA = Schema(
         # Quality signals of shared memory: commands refused as stale-memory, changes after an effect.
         "ALTER TABLE runs ADD COLUMN IF NOT EXISTS stale_memory int NOT NULL DEFAULT 0",
         "ALTER TABLE runs ADD COLUMN IF NOT EXISTS memory_after_effect int NOT NULL DEFAULT 0",
+        # Child workflows: the run and step a child run was started by (`show` lists a parent's children).
+        "ALTER TABLE runs ADD COLUMN IF NOT EXISTS parent_run_id text",
+        "ALTER TABLE runs ADD COLUMN IF NOT EXISTS parent_step text",
+        "CREATE INDEX IF NOT EXISTS runs_parent ON runs (parent_run_id) WHERE parent_run_id IS NOT NULL",
         # Shared memory: every version of every entity, as the memory processor published it
         # (`streamagent memory get` reads the last, `memory history` all of them).
         """

@@ -30,7 +30,8 @@ from confluent_kafka import Producer
 from streamagent.processors.state.checkpoint import CheckpointedStore, checkpoint_topic, last_records, records_at
 from streamagent.processors.state.checkpoint import decode as decode_checkpoint
 from streamagent.processors.state.checkpoint import encode as encode_checkpoint
-from streamagent.processors.state.fold import RunState, apply, in_flight, needs_decision
+from streamagent.processors.state.children import parent_result
+from streamagent.processors.state.fold import RunState, apply, in_flight, loss_checked, needs_decision
 from streamagent.processors.state.store import FaustTableStore, RunStore, maybe_active
 from streamagent.processors.state.watch import APPROVAL, DEADLINE, REDRIVE, RETAIN, Admission, DueQueue
 from streamagent.processors.workflow import UnknownWorkflow, Workflow, Workflows, load_workflows, lookup
@@ -45,7 +46,9 @@ from streamagent.events import (
     ApprovalStatus,
     CommandLost,
     Event,
+    RunCompleted,
     RunDeadlineExceeded,
+    RunFailed,
     RunRequested,
     RunStatus,
     StateSnapshot,
@@ -267,6 +270,12 @@ class StateWorker:
         elif isinstance(event, RunRequested):
             workflow = self.workflow(event.workflow)
         outcome = apply(before, event, self.settings.run_deadline_s, workflow)
+        if isinstance(event, RunCompleted | RunFailed):
+            # A child run's end answers its parent's step; again when the ending is redelivered (a crash
+            # before this batch was acknowledged), and the parent takes it once (processors/state/children.py).
+            answer = parent_result(outcome.state, event)
+            if answer is not None:
+                self._emit(answer, self.results_topic)
         if not outcome.changed:
             return
         after, wants = outcome.state, outcome.publish
@@ -369,7 +378,8 @@ class StateWorker:
             self.queue.schedule(partition, run_id, APPROVAL, min(pending))
         else:
             self.queue.cancel(run_id, APPROVAL)
-        flights = in_flight(snap) if state.admitted else []
+        # A running child run is not checked for loss: it answers when it ends, however long it takes.
+        flights = loss_checked(snap, self.workflows.get(snap.request.workflow)) if state.admitted else []
         if flights:
             self.queue.schedule(partition, run_id, REDRIVE, min(self._check_at(step) for step in flights))
         else:
@@ -471,7 +481,7 @@ class StateWorker:
                             )
                         )
             elif state.admitted:
-                for step in in_flight(snap):
+                for step in loss_checked(snap, self.workflows.get(snap.request.workflow)):
                     self._run_of[step.command_id or ""] = run_id
                     checks.append((partition, state, step))
         if checks:
@@ -593,10 +603,10 @@ class StateWorker:
             self._admin = admin(self.settings)
         return self._admin
 
-    def _emit(self, event: Event) -> None:
+    def _emit(self, event: Event, topic: str | None = None) -> None:
         value = codec.encode(event)
         headers = self.signer.headers(value) if self.signer is not None else None
-        self.producer.produce(self.events_topic, key=event.run_id.encode(), value=value, headers=headers)
+        self.producer.produce(topic or self.events_topic, key=event.run_id.encode(), value=value, headers=headers)
 
 
 def _observe_step(before: StateSnapshot, result: ToolResult) -> None:

@@ -88,6 +88,27 @@ def in_flight(snap: StateSnapshot) -> list[StepState]:
     return [s for s in snap.steps if s.status in _IN_FLIGHT and not (s.status is StepStatus.compensating and s.error)]
 
 
+def is_child_step(workflow: Workflow | None, step: StepState) -> bool:
+    """A step whose "command" started a child run (not an undo: an undo calls a tool)."""
+    if workflow is None or step.status is not StepStatus.dispatched:
+        return False
+    declared = next((s for s in workflow.steps if s.name == step.name), None)
+    return declared is not None and declared.workflow is not None
+
+
+def loss_checked(snap: StateSnapshot, workflow: Workflow | None) -> list[StepState]:
+    """The in-flight steps whose command may be found lost. Not a running child run: it may take long,
+    it answers when it ends, and its request, if lost, is the same run when started again."""
+    return [s for s in in_flight(snap) if not is_child_step(workflow, s)]
+
+
+def _must_end(snap: StateSnapshot, workflow: Workflow) -> bool:
+    """A running run that ends whatever its child runs still do: past its deadline, or a branch failed in
+    a workflow that stops on a branch failure. Its children are ended with it (the decision processor)."""
+    stops = workflow.on_branch_failure == "stop" and any(s.status is StepStatus.failed for s in snap.steps)
+    return snap.status is RunStatus.running and (snap.deadline_exceeded or stops)
+
+
 def needs_decision(snap: StateSnapshot, workflow: Workflow | None = None) -> bool:
     """Whether the decider has something to decide on this state.
 
@@ -101,7 +122,15 @@ def needs_decision(snap: StateSnapshot, workflow: Workflow | None = None) -> boo
     if any(s.command_id is not None and s.decision_id is None for s in snap.steps):
         return False
     workflow = workflow or default_workflows().get(snap.request.workflow)
-    if in_flight(snap):
+    flying = in_flight(snap)
+    if (
+        flying
+        and workflow is not None
+        and all(is_child_step(workflow, s) for s in flying)
+        and _must_end(snap, workflow)
+    ):
+        return True  # a child run is not waited for by a run that must end: the child is ended with it
+    if flying:
         return (
             snap.status is RunStatus.running
             and workflow is not None
@@ -182,6 +211,9 @@ def _start(event: RunRequested, default_deadline_s: float, workflow: Workflow) -
         requested_by=event.requested_by,
         labels=event.labels,
         workflow=workflow.name,
+        parent_run_id=event.parent_run_id,
+        parent_step=event.parent_step,
+        parent_command_id=event.parent_command_id,
     )
     deadline = event.occurred_at + timedelta(seconds=event.deadline_s or default_deadline_s)
     snap = StateSnapshot(
@@ -433,12 +465,15 @@ def _check_result(snap: StateSnapshot, event: ToolResult, workflow: Workflow | N
 def _tool_spent(snap: StateSnapshot, before: StateSnapshot, event: ToolResult) -> StateSnapshot:
     """A model-backed tool's tokens and cost join the run's spending (the guard's budgets), once: a
     result that changed nothing (delivered again) was counted when it first arrived. They are also kept
-    apart (``tool_tokens``): the model decider's caps add them to its ledger, which has decisions only."""
-    if snap is before or not (event.prompt_tokens or event.completion_tokens or event.cost_usd):
+    apart (``tool_tokens``): the model decider's caps add them to its ledger, which has decisions only.
+    A child workflow's step answers with the child's whole spending: its tokens, cost and tool calls."""
+    if snap is before or not (event.prompt_tokens or event.completion_tokens or event.cost_usd or event.tool_calls):
         return snap
     tokens = event.prompt_tokens + event.completion_tokens
     return snap.model_copy(
         update={
+            # A child run's commands count as the parent's tool calls (its budgets see them).
+            "tool_calls": snap.tool_calls + event.tool_calls,
             "tokens": snap.tokens + tokens,
             "cost_usd": snap.cost_usd + event.cost_usd,
             "tool_tokens": snap.tool_tokens + tokens,

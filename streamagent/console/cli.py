@@ -453,6 +453,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     if row is None:
         raise CliError(f"no run {args.run_id}")
     entries = queries.timeline(settings, run_id)
+    children = queries.children(settings, run_id)
     from streamagent.console.timeline import plan_of
 
     if args.json:
@@ -460,6 +461,7 @@ def cmd_show(args: argparse.Namespace) -> int:
             json.dumps(
                 {
                     "run": row.model_dump(mode="json"),
+                    "children": [c.model_dump(mode="json") for c in children],
                     "plan": plan.model_dump(mode="json") if (plan := plan_of(entries)) is not None else None,
                     "timeline": [e.model_dump(mode="json") for e in entries],
                 },
@@ -470,7 +472,14 @@ def cmd_show(args: argparse.Namespace) -> int:
     from streamagent.console.tables import steps_per_workflow
     from streamagent.console.timeline import print_timeline
 
-    print_timeline(row, entries, steps_per_workflow(settings), context=args.context or args.full, full=args.full)
+    print_timeline(
+        row,
+        entries,
+        steps_per_workflow(settings),
+        context=args.context or args.full,
+        full=args.full,
+        children=children,
+    )
     return 0
 
 

@@ -75,6 +75,8 @@ def print_runs_table(rows: Sequence[RunRow], steps_of: Mapping[str, int]) -> Non
         print(line)
         if r.status == "running" and r.reason:
             print(f"{'':<38}{r.reason}")  # what the run waits for, e.g. "waiting for tool crm"
+        if r.parent_run_id:
+            print(f"{'':<38}↳ child of {r.parent_run_id} (step {r.parent_step})")
 
 
 def approval_line(row: ApprovalRow) -> str:

@@ -164,6 +164,15 @@ def totals_line(row: RunRow) -> str:
     )
 
 
+def family_lines(row: RunRow, children: Sequence[RunRow]) -> list[str]:
+    """A child run's parent, and a parent's children with their status (child workflows)."""
+    lines = [f"child of {row.parent_run_id} (step {row.parent_step})"] if row.parent_run_id else []
+    if children:
+        lines.append("children:")
+        lines += [f"  {c.run_id}  step {c.parent_step}  {c.workflow or '?'}  status={c.status}" for c in children]
+    return lines
+
+
 def print_timeline(
     row: RunRow,
     entries: Sequence[TimelineEntry],
@@ -171,11 +180,14 @@ def print_timeline(
     *,
     context: bool = False,
     full: bool = False,
+    children: Sequence[RunRow] = (),
 ) -> None:
     total = steps_of.get(row.workflow or "", "?")
     print(f"run {row.run_id}  {row.company_name or '?'}  status={row.status}  steps done={row.steps_done}/{total}")
     if row.reason:
         print(f"reason: {row.reason}")
+    for line in family_lines(row, children):
+        print(line)
     plan = plan_of(entries)
     if plan is not None:
         print("\n".join(plan_lines(plan, full)))

@@ -25,14 +25,14 @@ from psycopg import conninfo, sql
 
 from streamagent import codec, db, dlq
 from streamagent.config import Settings
-from streamagent.events import RunRequested, StateSnapshot
+from streamagent.events import RunRequested, StateSnapshot, ToolResult, is_child_tool
 from streamagent.processors.projection.schema import SCHEMA
 from streamagent.processors.state.app import StateWorker
 from streamagent.processors.state.fold import RunState
 from streamagent.processors.workflow import load_workflows
 from streamagent.runtime import Batch, Incoming
 from streamagent.signing import load_keys
-from streamagent.topics import DEAD_LETTERS
+from streamagent.topics import DEAD_LETTERS, TOOL_RESULTS
 
 from .bulk import BulkProjection
 from .source import SEEK_SLACK_MS, Read, batches, fold_order, read
@@ -338,13 +338,23 @@ def _fold(
     for snap in worker.published:
         out.snapshots.setdefault(snap.run_id, {})[snap.version] = snap
     letters_topic = settings.topic(DEAD_LETTERS)
+    results_topic = settings.topic(TOOL_RESULTS)
     for topic, _key, _value, headers in captured.records:
         if topic == letters_topic:
             h = {k: (v or b"").decode(errors="replace") for k, v in headers or []}
             source = f"{h.get(dlq.H_TOPIC, '?')}[{h.get(dlq.H_PARTITION, '?')}]@{h.get(dlq.H_OFFSET, '?')}"
             out.letters.append(Letter("state", source, h.get(dlq.H_REASON, "?"), h.get(dlq.H_ERROR, "")))
+        elif topic == results_topic and _is_child_answer(_value):
+            # A child run's end answers its parent's step (processors/state/children.py): live, that answer
+            # was produced then and is in the log, folded into the parent from there; it is not re-sent.
+            continue
         else:  # the worker's timer would emit events; the fold alone never does
             raise AssertionError(f"the fold produced to {topic}")
+
+
+def _is_child_answer(value: bytes | None) -> bool:
+    event = codec.decode(value) if value else None
+    return isinstance(event, ToolResult) and is_child_tool(event.tool)
 
 
 def _timed(fn: Callable[..., None], *args: Any) -> float:

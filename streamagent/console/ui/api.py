@@ -226,11 +226,17 @@ def timeline_entry(entry: TimelineEntry, start: datetime | None) -> dict[str, An
 
 
 def run_view(
-    row: RunRow, entries: Sequence[TimelineEntry], steps_of: Mapping[str, int], workflow_steps: Sequence[str]
+    row: RunRow,
+    entries: Sequence[TimelineEntry],
+    steps_of: Mapping[str, int],
+    workflow_steps: Sequence[str],
+    children: Sequence[RunRow] = (),
 ) -> dict[str, Any]:
     start = entries[0].occurred_at if entries else None
     return {
         "run": run_summary(row, steps_of),
+        # The child runs its steps started (the run's own parent link is in ``run``).
+        "children": [run_summary(c, steps_of) for c in children],
         "steps": step_progress(workflow_steps, entries),
         "timeline": [timeline_entry(e, start) for e in entries],
         "at": datetime.now(UTC).isoformat(),
@@ -281,7 +287,9 @@ class Source:
             raise ApiError(404, f"no run {run_id}")
         workflows = self._workflows()
         steps_of = {name: len(steps) for name, steps in workflows.items()}
-        return run_view(row, queries.timeline(self.settings, run_id), steps_of, workflows.get(row.workflow or "", []))
+        entries = queries.timeline(self.settings, run_id)
+        children = queries.children(self.settings, run_id)
+        return run_view(row, entries, steps_of, workflows.get(row.workflow or "", []), children)
 
     def dead_letters(self) -> dict[str, Any]:
         if not self.settings.bootstrap_servers:

@@ -72,7 +72,8 @@ def test_cli_submit_refuses_an_unknown_workflow_in_one_line_before_producing(
     assert out == ""  # no run id: nothing was produced (the broker is unroutable; producing would hang)
     assert err.strip().count("\n") == 0
     assert "nothing was submitted" in err
-    assert "unknown workflow 'no-such-flow' (known: onboarding, onboarding-parallel, onboarding-with-crm)" in err
+    known = "kyc-check, onboarding, onboarding-kyc, onboarding-parallel, onboarding-with-crm"
+    assert f"unknown workflow 'no-such-flow' (known: {known})" in err
 
 
 @pytest.mark.timeout(20)

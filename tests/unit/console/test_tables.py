@@ -49,3 +49,19 @@ def test_steps_are_counted_against_each_runs_own_workflow(capsys: pytest.Capture
 
 def test_a_broken_workflows_folder_leaves_the_table_printable(tmp_path: object) -> None:
     assert steps_per_workflow(Settings(workflows_dir=tmp_path)) == {}
+
+
+def test_a_child_run_is_marked_with_its_parent_and_show_lists_a_parent_s_children(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from streamagent.console.timeline import family_lines
+
+    child = row("c1", "kyc-check", "completed", 2).model_copy(update={"parent_run_id": "r1", "parent_step": "kyc"})
+    print_runs_table([row("r1", "onboarding-kyc", "completed", 6), child], {})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2].startswith("c1") and lines[3].strip() == "↳ child of r1 (step kyc)"
+    assert family_lines(child, []) == ["child of r1 (step kyc)"]
+    assert family_lines(row("r1", "onboarding-kyc", "completed", 6), [child]) == [
+        "children:",
+        "  c1  step kyc  kyc-check  status=completed",
+    ]

@@ -192,3 +192,17 @@ def test_a_database_that_cannot_be_reached_is_a_503_saying_so() -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_the_run_page_links_a_child_to_its_parent_and_a_parent_to_its_children() -> None:
+    child = row("completed", run_id="c1", workflow="kyc-check", parent_run_id="r1", parent_step="kyc")
+    view = run_view(row(), [entry(0, "RunRequested")], {"kyc-check": 2}, ["enrich", "kyc"], [child])
+    (shown,) = view["children"]
+    assert (shown["run_id"], shown["parent_step"], shown["status"], shown["steps_total"]) == (
+        "c1",
+        "kyc",
+        "completed",
+        2,
+    )
+    own = run_view(child, [], {}, [])
+    assert (own["run"]["parent_run_id"], own["run"]["parent_step"], own["children"]) == ("r1", "kyc", [])

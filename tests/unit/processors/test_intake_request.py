@@ -69,8 +69,20 @@ def test_the_run_id_comes_from_the_request_its_idempotency_key_or_its_position()
         (_fields(idempotency_key=""), "invalid-request", "idempotency_key"),
         (_fields(labels={f"k{i}": "v" for i in range(1001)}), "invalid-request", "labels"),
         (_fields(occurred_at=(now() + timedelta(hours=1)).isoformat()), "invalid-request", "occurred_at"),
+        (_fields(parent_run_id="r0", parent_step="kyc"), "invalid-request", "parent_run_id, parent_step: a child"),
     ],
-    ids=["email", "domain", "name", "unknown-field", "workflow", "run-id", "idempotency-key", "labels", "future"],
+    ids=[
+        "email",
+        "domain",
+        "name",
+        "unknown-field",
+        "workflow",
+        "run-id",
+        "idempotency-key",
+        "labels",
+        "future",
+        "child",
+    ],
 )
 def test_a_bad_request_is_refused_naming_the_field(fields: dict[str, Any], reason: str, names: str) -> None:
     with pytest.raises(Rejected) as refused:

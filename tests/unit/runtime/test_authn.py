@@ -108,6 +108,36 @@ def test_a_tool_key_cannot_answer_for_another_tool_nor_approve_nor_end_a_run() -
         CORE.verify(_result("email"), value, [(authn.HEADER, forged)])
 
 
+def _child_request() -> RunRequested:
+    return RunRequested.model_validate(
+        {**_request(), "parent_run_id": "p1", "parent_step": "kyc", "parent_command_id": "c1"}
+    )
+
+
+def test_only_the_decision_processor_starts_a_child_run_and_only_the_state_processor_answers_for_it() -> None:
+    """A RunRequested with a parent is the decision processor's (intake's key cannot forge a child), and a
+    child workflow step's result (tool ``workflow:<name>``) the state processor's (no tool can answer it)."""
+    child = _child_request()
+    value, headers = _signed("decision", child)
+    assert CORE.verify(child, value, headers) == "decision"
+    for role in ("intake", "state", "tool:jira"):
+        value, headers = _signed(role, child)
+        with pytest.raises(Unauthenticated, match="child run's RunRequested signed as"):
+            CORE.verify(child, value, headers)
+    # A request without a parent stays intake's.
+    plain = RunRequested.model_validate(_request())
+    value, headers = _signed("decision", plain)
+    with pytest.raises(Unauthenticated, match="only intake writes it"):
+        CORE.verify(plain, value, headers)
+    answer = _result("workflow:kyc-check")
+    value, headers = _signed("state", answer)
+    assert CORE.verify(answer, value, headers) == "state"
+    for role in ("decision", "tool:jira", "intake"):
+        value, headers = _signed(role, answer)
+        with pytest.raises(Unauthenticated, match="child workflow 'workflow:kyc-check' signed as"):
+            CORE.verify(answer, value, headers)
+
+
 def test_an_approval_records_the_identity_of_its_key() -> None:
     value, headers = _signed("operator:grace", _approval("mallory"))
     with pytest.raises(Unauthenticated, match="says by 'mallory' but is signed by operator 'grace'"):

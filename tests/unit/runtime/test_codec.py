@@ -512,7 +512,7 @@ def test_state_snapshot_written_with_the_v3_schema_decodes_without_a_plan_or_gov
     """A snapshot from before the plan was part of the state (v3 and older: no ``plan`` field) still
     decodes with the current reader, with no plan; the current one keeps its plan (v4)."""
     current = next(m for m in SAMPLES if isinstance(m, StateSnapshot))
-    assert current.plan is not None and current.schema_version == 6  # 4: the plan; 5: steps' end; 6: tools' spending
+    assert current.plan is not None and current.schema_version == 7  # 4: plan; 5: steps' end; 6: tools; 7: parent
     for old in ("StateSnapshot.v3.avsc", "StateSnapshot.v2.avsc"):
         raw = json.loads((SCHEMA_DIR / "history" / old).read_text())
         assert "plan" not in _avro_field_names(raw)
@@ -590,6 +590,28 @@ def test_tool_command_written_with_the_v4_schema_decodes_with_no_budget() -> Non
     assert isinstance(decoded, ToolCommand) and decoded.schema_version == 4
     assert (decoded.budget_tokens, decoded.budget_cost_usd) == (None, None)
     assert decoded.signature == current.signature and decoded.arguments == current.arguments
+
+
+def test_child_run_fields_round_trip_and_older_versions_decode_without_them() -> None:
+    """A child run's request (RunRequested v4) and snapshot (v7) carry the parent link; a request of v3, a
+    snapshot of v6 and a result of v2 (no child tool calls) still decode, with no link and 0 calls."""
+    request = next(m for m in SAMPLES if isinstance(m, RunRequested))
+    child = request.model_copy(update={"parent_run_id": "p-1", "parent_step": "kyc", "parent_command_id": "c-9"})
+    again = codec.decode(codec.encode(child))
+    assert isinstance(again, RunRequested) and again.is_child and again.parent_command_id == "c-9"
+    old = codec.decode(_written_with("RunRequested.v3.avsc", child, schema_version=3))
+    assert isinstance(old, RunRequested) and not old.is_child and old.schema_version == 3
+    snap = next(m for m in SAMPLES if isinstance(m, StateSnapshot))
+    linked = snap.model_copy(update={"request": snap.request.model_copy(update={"parent_run_id": "p-1"})})
+    again_snap = codec.decode(codec.encode(linked))
+    assert isinstance(again_snap, StateSnapshot) and again_snap.request.parent_run_id == "p-1"
+    old_snap = codec.decode(_written_with("StateSnapshot.v6.avsc", linked, schema_version=6))
+    assert isinstance(old_snap, StateSnapshot) and old_snap.request.parent_run_id is None
+    result = next(m for m in SAMPLES if isinstance(m, ToolResult)).model_copy(update={"tool_calls": 3})
+    again_result = codec.decode(codec.encode(result))
+    assert isinstance(again_result, ToolResult) and again_result.tool_calls == 3
+    old_result = codec.decode(_written_with("ToolResult.v2.avsc", result, schema_version=2))
+    assert isinstance(old_result, ToolResult) and old_result.tool_calls == 0
 
 
 # -- decode errors -----------------------------------------------------------------------------------

@@ -97,7 +97,14 @@ function renderRuns(data) {
         onclick: () => (location.hash = `#/runs/${encodeURIComponent(run.run_id)}`),
       },
       el("td", { class: "status" }, badge(run.status)),
-      el("td", {}, run.company_name || "?", run.workflow && run.workflow !== "onboarding" ? ` · ${run.workflow}` : ""),
+      el(
+        "td",
+        {},
+        run.company_name || "?",
+        run.workflow && run.workflow !== "onboarding" ? ` · ${run.workflow}` : "",
+        // A child run (a parent's step started it): marked, with its parent in the tooltip.
+        run.parent_run_id ? el("span", { class: "child", title: `child of ${run.parent_run_id} (step ${run.parent_step})` }, " ↳ child") : null,
+      ),
       el("td", {}, `${run.steps_done}/${run.steps_total ?? "?"}`),
       el("td", { title: fmtDate(run.created_at) }, fmtTime(run.created_at)),
       el("td", {}, fmtSeconds(run.duration_s)),
@@ -241,6 +248,14 @@ function renderRun(data) {
       el("span", {}, model),
     ),
     run.reason ? el("div", { class: `reason ${run.status}` }, run.failed_step ? `${run.failed_step}: ` : "", run.reason) : null,
+    // Child workflows: the parent of a child run, and a parent's children, each a link to its page.
+    run.parent_run_id
+      ? el("div", { id: "parent", class: "family" }, "child of ", el("a", { href: `#/runs/${encodeURIComponent(run.parent_run_id)}` }, run.parent_run_id), ` (step ${run.parent_step})`)
+      : null,
+    (data.children || []).length
+      ? el("ul", { id: "children", class: "family" }, data.children.map((c) =>
+          el("li", { dataset: { runId: c.run_id, status: c.status } }, `step ${c.parent_step}: `, el("a", { href: `#/runs/${encodeURIComponent(c.run_id)}` }, c.run_id), ` · ${c.workflow || "?"} `, badge(c.status))))
+      : null,
     el(
       "ul",
       { id: "steps" },
