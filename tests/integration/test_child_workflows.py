@@ -35,6 +35,7 @@ pytestmark = pytest.mark.integration
 
 APIS = ("enrich", "crm", "jira", "email", "slack")
 PARENT = "onboarding-kyc"
+ADMITTED = 4  # the stack's STREAMAGENT_MAX_RUNNING_RUNS
 
 # The welcome mail goes out beside the KYC child (not after it) and escalates when it bounces: the parent
 # ends while its child is still running.
@@ -85,7 +86,9 @@ def stack(module_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -
     for name in ("onboarding", "kyc-check", PARENT):
         shutil.copy(DEFAULT_WORKFLOWS_DIR / f"{name}.toml", flows / f"{name}.toml")
     (flows / "kyc-escalate.toml").write_text(ESCALATING)
-    settings = module_settings.model_copy(update={"workflows_dir": flows, "stack_tools": ",".join(APIS)})
+    # One place per partition in the running-runs bound (4 partitions): a child run is admitted outside it.
+    update = {"workflows_dir": flows, "stack_tools": ",".join(APIS), "max_running_runs": ADMITTED}
+    settings = module_settings.model_copy(update=update)
     with Stack(settings, restart_backoff_s=0.1, max_backoff_s=0.5) as running:
         SandboxClient(running.settings.sandbox_url).wait_ready()
         yield running
@@ -187,6 +190,19 @@ def test_a_parent_with_a_child_run_completes_and_both_timelines_link(
         assert (per[(child.run_id, "enrich")], per[(child.run_id, "slack")]) == (1, 1)
     with capsys.disabled():
         print(f"\n[child runs] 3 onboarding-kyc runs, first decision to end: {figures}")
+
+
+def test_more_parents_than_places_all_complete_their_children_admitted_outside_the_bound(stack: Stack) -> None:
+    """Twice as many parents as the bound has places, each with a KYC child: every place is held by a parent
+    whose child must run for it to end. Children waiting for a place (as before) stalled this until the
+    runs' deadlines; admitted outside the bound, all complete."""
+    s = stack.settings
+    assert s.max_running_runs == ADMITTED
+    run_ids = produce_requests(s, [request(500 + n) for n in range(2 * ADMITTED)])
+    kids = eventually(lambda: family_ended(s, run_ids), timeout=180, what="8 parents and their children ended")
+    rows = ended(s, run_ids) or []
+    assert Counter(r.status for r in rows) == {"completed": 2 * ADMITTED}, [(r.run_id, r.reason) for r in rows]
+    assert all(len(rows) == 1 and rows[0].status == "completed" for rows in kids.values()), kids
 
 
 def test_kill_nine_of_the_state_processor_mid_child_changes_nothing(stack: Stack, sandbox: SandboxClient) -> None:
