@@ -255,6 +255,62 @@ def test_a_parent_that_escalates_ends_its_live_child(stack: Stack, sandbox: Sand
     assert answer.payload["status"] == "failed" and "parent run" in answer.payload["error"]
 
 
+def test_an_operator_cancel_ends_the_parent_and_its_child_and_nothing_starts_after_it(
+    stack: Stack, sandbox: SandboxClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`streamagent cancel` of a parent whose KYC child is filing (a slow Slack call in flight): both end
+    failed "cancelled by ...", the child's call in flight lands, no further step of either starts, the
+    parent's Jira project is undone (compensate_abandoned), and replay rebuilds both identical."""
+    s = stack.settings
+    sandbox.set_faults("slack", FaultSpec(latency_ms=3000))
+    (run_id,) = produce_requests(s, [request(600)])
+
+    def filing() -> queries.RunRow | None:
+        kids = queries.children(s, run_id)
+        timeline = queries.timeline(s, kids[0].run_id) if kids else []
+        sent = any(e.type == "DecisionRecorded" and e.step == "file" for e in timeline)
+        return kids[0] if sent else None
+
+    child = eventually(filing, timeout=60, interval=0.05, what="the child's Slack call in flight")
+    capsys.readouterr()
+    assert cli(["cancel", run_id, "--reason", "the client withdrew"]) == 0, capsys.readouterr()
+    said = capsys.readouterr().out
+    assert f"cancel of run {run_id} requested as" in said and "the client withdrew" in said
+    before = {(e.run_id, e.api, e.op) for e in sandbox.effects() if e.run_id in (run_id, child.run_id)}
+    kids = eventually(lambda: family_ended(s, [run_id]), timeout=60, what="the parent and its child ended")
+    (parent,) = ended(s, [run_id]) or []
+    (ended_child,) = kids[run_id]
+    assert parent.status == "failed" and (parent.reason or "").startswith("cancelled by "), parent
+    assert (parent.reason or "").endswith(": the client withdrew")
+    assert ended_child.status == "failed" and f"parent run {run_id} ended (failed): cancelled by" in (
+        ended_child.reason or ""
+    )
+    # The child's Slack call lands (it was in flight), the parent's Jira project is undone; nothing else.
+    eventually(
+        lambda: (
+            {(e.api, e.op) for e in sandbox.effects(run_id=run_id)} - {(a, o) for r, a, o in before if r == run_id}
+            or None
+        ),
+        timeout=60,
+        what="the parent's undo",
+    )
+    eventually(lambda: sandbox.effects(api="slack", run_id=child.run_id) or None, timeout=30, what="the filing")
+    per = effects_once(sandbox, {run_id, child.run_id})
+    assert per[(run_id, "email")] == per[(run_id, "slack")] == 0  # no step after the cancel
+    after = {(e.api, e.op) for e in sandbox.effects(run_id=run_id)} - {(a, o) for r, a, o in before if r == run_id}
+    assert {api for api, _ in after} == {"jira"}, after  # the undo only
+    shown = show(capsys, run_id)
+    assert "cancel requested: cancelled by" in shown and "the client withdrew" in shown
+    # An ended run, or an unknown one: one line, exit 2.
+    assert cli(["cancel", run_id]) == 2
+    assert "has already ended (failed)" in capsys.readouterr().err
+    assert cli(["cancel", new_id()]) == 2
+    assert "no run" in capsys.readouterr().err
+    assert cli(["replay", "--runs", f"{run_id},{child.run_id}", "--json"]) == 0, capsys.readouterr()
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (figures["runs"], figures["differ"]) == (2, 0), figures
+
+
 def test_replay_rebuilds_parents_and_children_identical(stack: Stack, capsys: pytest.CaptureFixture[str]) -> None:
     s = stack.settings
     run_ids = produce_requests(s, [request(300 + n) for n in range(2)])
