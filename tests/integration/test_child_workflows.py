@@ -26,7 +26,7 @@ from streamagent.config import DEFAULT_WORKFLOWS_DIR, Settings, get_settings, to
 from streamagent.console.cli import main as cli
 from streamagent.console.devstack.stack import Stack
 from streamagent.dlq_ops import read_dead_letters
-from streamagent.events import RunRequested, new_id
+from streamagent.events import RunCancelRequested, RunRequested, new_id
 from streamagent.signing import load_keys
 from streamagent.submit import produce_requests
 from streamagent.topics import RUN_EVENTS
@@ -324,9 +324,9 @@ def test_replay_rebuilds_parents_and_children_identical(stack: Stack, capsys: py
     print(f"\n[child replay] {figures['runs']} runs (parents and children) rebuilt, {figures['differ']} differ")
 
 
-def test_a_forged_child_request_is_dead_lettered_unauthenticated(stack: Stack) -> None:
+def test_a_forged_child_request_or_cancel_is_dead_lettered_unauthenticated(stack: Stack) -> None:
     s = stack.settings
-    forged: list[tuple[RunRequested, list[tuple[str, bytes]] | None]] = []
+    forged: list[tuple[RunRequested | RunCancelRequested, list[tuple[str, bytes]] | None]] = []
     intake = issue(load_keys(s), INTAKE)
     for signer in (None, intake):  # unsigned, and signed by intake (whose requests may not carry a parent)
         child = request(400).model_copy(
@@ -334,6 +334,11 @@ def test_a_forged_child_request_is_dead_lettered_unauthenticated(stack: Stack) -
         )
         value = codec.encode(child)
         forged.append((child, signer.headers(value) if signer is not None else None))
+    # A cancel only an operator's key writes, under its own name: signed as intake, or by another operator.
+    cancel = RunCancelRequested(run_id=new_id(), by="grace", reason="forged")
+    for role in (INTAKE, "operator:mallory"):
+        value = codec.encode(cancel.model_copy(update={"event_id": new_id()}))
+        forged.append((codec.decode(value), issue(load_keys(s), role).headers(value)))  # type: ignore[arg-type]
     producer = Producer({"bootstrap.servers": s.bootstrap_servers, "partitioner": "murmur2_random"})
     for child, headers in forged:
         producer.produce(s.topic(RUN_EVENTS), key=child.run_id.encode(), value=codec.encode(child), headers=headers)
@@ -352,6 +357,6 @@ def test_a_forged_child_request_is_dead_lettered_unauthenticated(stack: Stack) -
             else None
         )
 
-    eventually(refused, timeout=60, interval=0.3, what="both forged child requests refused")
+    eventually(refused, timeout=60, interval=0.3, what="the forged child requests and cancels refused")
     # Neither started a run: nothing of them was folded or projected.
     assert all(queries.run(s, child.run_id) is None for child, _ in forged)
