@@ -306,8 +306,8 @@ class StateWorker:
                 after, wants = after.model_copy(update={"admitted": False}), False
                 self.admission.wait(partition, snap.run_id)
         elif not after.admitted:
-            if snap.deadline_exceeded or snap.status.terminal:
-                # It waited past its deadline: let the decider end it now, out of turn.
+            if snap.deadline_exceeded or snap.status.terminal or snap.cancelled is not None:
+                # It waited past its deadline, or an operator cancelled it: let the decider end it now, out of turn.
                 self.admission.withdraw(partition, snap.run_id)
                 self.admission.admit(partition, snap.run_id)
                 after = after.model_copy(update={"admitted": True})

@@ -20,10 +20,12 @@ from streamagent.config import Settings
 from streamagent.events import (
     Event,
     FailureStatus,
+    RunCancelRequested,
     RunDeadlineExceeded,
     RunFailed,
     RunRequested,
     ToolResult,
+    cancel_event_id,
     child_run_id,
     command_id,
     ended_by_parent_id,
@@ -226,3 +228,16 @@ def test_a_child_run_is_admitted_at_once_outside_the_bound() -> None:
     )
     fold(worker, ended)
     assert (worker.admission.running, worker.admission.queued) == (1, 1)  # nor does its end free p1's place
+
+
+def test_a_run_cancelled_while_it_waits_for_a_place_is_ended_out_of_turn() -> None:
+    store, producer = MemoryStore(), RecordingProducer()
+    worker = StateWorker(Settings(partitions=1, max_running_runs=1), store, producer)  # type: ignore[arg-type]
+    worker.sync_assignment(frozenset({0}))
+    fold(worker, requested(event_id="req-p1", run_id="p1"), requested(event_id="req-p2", run_id="p2"))
+    assert (worker.admission.running, worker.admission.queued) == (1, 1)
+    fold(worker, RunCancelRequested(event_id=cancel_event_id("p2"), run_id="p2", by="grace"))
+    state = store.get("p2")
+    assert state is not None and state.admitted and state.snapshot.cancelled == "cancelled by grace"
+    assert [key for topic, key, _ in producer.sent if topic == worker.snapshots_topic][-1] == b"p2"
+    assert worker.admission.queued == 0
