@@ -203,6 +203,11 @@ def test_more_parents_than_places_all_complete_their_children_admitted_outside_t
     rows = ended(s, run_ids) or []
     assert Counter(r.status for r in rows) == {"completed": 2 * ADMITTED}, [(r.run_id, r.reason) for r in rows]
     assert all(len(rows) == 1 and rows[0].status == "completed" for rows in kids.values()), kids
+    took = max((r.ended_at - r.created_at).total_seconds() for r in rows if r.ended_at and r.created_at)
+    print(
+        f"\n[child admission] {2 * ADMITTED} parents, {ADMITTED} places: all done with their children,"
+        f" slowest {took:.2f} s from request to end"
+    )
 
 
 def test_kill_nine_of_the_state_processor_mid_child_changes_nothing(stack: Stack, sandbox: SandboxClient) -> None:
