@@ -278,7 +278,7 @@ class Workflow:
 
     def undo_pending(self, snapshot: StateSnapshot) -> bool:
         """An abandoned run (escalated after its deadline), one a person stopped (an approval denied, so
-        it failed), or a fan-out with a failed branch, that created something it can undo."""
+        it failed; or cancelled), or a fan-out with a failed branch, that created something it can undo."""
         abandoned = snapshot.status is RunStatus.escalated and snapshot.deadline_exceeded
         denied = snapshot.status is RunStatus.failed and any(
             a.status is ApprovalStatus.denied for a in snapshot.approvals
@@ -290,7 +290,9 @@ class Workflow:
             and self.max_parallel > 1
             and any(s.status is StepStatus.failed for s in snapshot.steps)
         )
-        if not (self.compensate_abandoned and (abandoned or denied or branch_failed)):
+        # An operator cancelled it: undone as a run a person stopped is (``compensate_abandoned``).
+        cancelled = snapshot.status is RunStatus.failed and snapshot.cancelled is not None
+        if not (self.compensate_abandoned and (abandoned or denied or branch_failed or cancelled)):
             return False
         return any(
             s.status is StepStatus.succeeded and self.step(s.name).compensation is not None for s in snapshot.steps

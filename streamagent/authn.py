@@ -53,6 +53,7 @@ from streamagent.events import (
     Event,
     MemoryChanged,
     MemoryWrite,
+    RunCancelRequested,
     RunCompleted,
     RunDeadlineExceeded,
     RunFailed,
@@ -339,9 +340,10 @@ def permitted(role: str, event: Event | MemoryWrite | EntityVersion) -> str | No
     if isinstance(event, ToolResult):
         wanted = tool_role(event.tool)
         return None if role == wanted else f"a result of tool {event.tool!r} signed as {role}, not {wanted}"
-    if isinstance(event, ApprovalGranted | ApprovalDenied):
+    if isinstance(event, ApprovalGranted | ApprovalDenied | RunCancelRequested):
         if not role.startswith(OPERATOR_PREFIX):
-            return f"{event.type} signed as {role}: only an operator's key answers an approval"
+            what = "cancels a run" if isinstance(event, RunCancelRequested) else "answers an approval"
+            return f"{event.type} signed as {role}: only an operator's key {what}"
         identity = role[len(OPERATOR_PREFIX) :]
         if event.by != identity:
             return f"{event.type} says by {event.by!r} but is signed by operator {identity!r}"

@@ -384,6 +384,30 @@ class ApprovalDenied(Event):
     note: str = Field(default="", max_length=2000)
 
 
+# How a cancelled run's reason starts (and its children's, after "parent run ... ended (failed): ").
+CANCELLED = "cancelled by "
+
+
+class RunCancelRequested(Event):
+    """An operator asks to stop a run (``streamagent cancel``). Signed with the operator's key, whose
+    identity ``by`` must be (streamagent.authn); the fold marks the run, the decision processor ends it."""
+
+    SCHEMA_NAME = "io.streamagent.events.RunCancelRequested"
+
+    by: str = Field(min_length=1, max_length=200)
+    reason: str = Field(default="", max_length=2000)
+
+    @property
+    def says(self) -> str:
+        """The run's reason once cancelled."""
+        return f"{CANCELLED}{self.by}" + (f": {self.reason}" if self.reason else "")
+
+
+def cancel_event_id(run_id: str) -> str:
+    """One cancel per run: asking again while it is being cancelled is the same event, folded once."""
+    return stable_id(run_id, "cancel")
+
+
 class ApprovalExpired(Event):
     """Written by the state processor's timer: nobody answered the request before it expired."""
 
@@ -534,7 +558,8 @@ class StateSnapshot(BaseModel):
     # 5: when each step finished (history/StateSnapshot.v4.avsc and older decode with none).
     # 6: the tools' part of the spending (history/StateSnapshot.v5.avsc and older decode with 0).
     # 7: a child run's parent link in its request (history/StateSnapshot.v6.avsc and older decode with none).
-    schema_version: int = 7
+    # 8: ``cancelled`` (history/StateSnapshot.v7.avsc and older decode with none).
+    schema_version: int = 8
     # Governance: approval requests and what the run has spent, for the guard's budgets.
     approvals: list[ApprovalState] = Field(default_factory=list)
     decisions: int = 0  # decisions taken (recorded and applied)
@@ -545,6 +570,9 @@ class StateSnapshot(BaseModel):
     # its decisions only, so its caps add these to it.
     tool_tokens: int = 0
     tool_cost_usd: float = 0.0
+    # An operator cancelled the run (``RunCancelRequested``): who and why, "cancelled by NAME: WHY". The
+    # decision processor ends a running run that has it (failed, with this reason) and its live children.
+    cancelled: str | None = None
     # ``s1:<key id>:<hex>``: the state processor's HMAC over the snapshot; the decision processor
     # decides only on snapshots that verify (a forged one names no run the pipeline knows).
     signature: str = ""
@@ -668,6 +696,7 @@ RUN_EVENTS: tuple[type[Event], ...] = (
     ApprovalGranted,
     ApprovalDenied,
     ApprovalExpired,
+    RunCancelRequested,
 )
 ALL_MODELS: tuple[type[BaseModel], ...] = (
     *RUN_EVENTS,

@@ -17,12 +17,12 @@ from datetime import datetime
 
 from streamagent.processors.decision.arguments import ArgumentCheck, catalogue_check
 from streamagent.processors.decision.choice import EntryOf
-from streamagent.processors.decision.decider import Decider, Decision
+from streamagent.processors.decision.decider import Decider, Decision, context_of
 from streamagent.processors.guard.judge import Verdict
 from streamagent.processors.guard.stage import GuardStage
 from streamagent.processors.workflow import ToolAvailability
 
-from streamagent.events import DecisionAction, StateSnapshot, is_child_tool
+from streamagent.events import DecisionAction, RunStatus, StateSnapshot, is_child_tool
 
 
 @dataclass(frozen=True)
@@ -53,12 +53,20 @@ def decide(
     """The decider's proposal for ``snap`` (None: it waits for the next event), and the guard's verdict
     on it at ``at`` (default: now). ``Verdict.decision`` is what is recorded: the proposal, or the
     wait for approval or the escalation that replaces it."""
-    proposal = decider.decide(snap)
+    proposal = cancelled(snap) or decider.decide(snap)
     if proposal is None:
         return None, None
     if not proposal.parallel:
         return proposal, guard.judge(snap, proposal, at)
     return proposal, judge_fan_out(guard, snap, proposal, at)
+
+
+def cancelled(snap: StateSnapshot) -> Decision | None:
+    """An operator cancelled the running run (``streamagent cancel``): it fails with who and why, whatever
+    its decider would do (the model is not asked); its live children are ended with it by the processor."""
+    if snap.status is not RunStatus.running or snap.cancelled is None:
+        return None
+    return Decision(DecisionAction.fail, snap.cancelled, context=context_of(snap, []))
 
 
 def judge_fan_out(guard: GuardStage, snap: StateSnapshot, proposal: Decision, at: datetime | None) -> Verdict:

@@ -34,6 +34,7 @@ from streamagent.events import (
     EntityVersion,
     Event,
     MemoryChanged,
+    RunCancelRequested,
     RunCompleted,
     RunDeadlineExceeded,
     RunFailed,
@@ -148,6 +149,8 @@ def summarize(event: Event) -> tuple[str | None, str]:
             return None, f"completed: {event.reason}"
         case RunFailed():
             return event.failed_step, f"{event.status.value}: {event.reason}"
+        case RunCancelRequested():
+            return None, "cancel requested: " + event.says
         case RunDeadlineExceeded():
             return None, f"deadline {event.deadline_at.isoformat()} passed"
         case CommandLost():

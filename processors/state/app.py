@@ -30,7 +30,7 @@ from confluent_kafka import Producer
 from streamagent.processors.state.checkpoint import CheckpointedStore, checkpoint_topic, last_records, records_at
 from streamagent.processors.state.checkpoint import decode as decode_checkpoint
 from streamagent.processors.state.checkpoint import encode as encode_checkpoint
-from streamagent.processors.state.children import parent_result
+from streamagent.processors.state.children import parent_result, refusal_result
 from streamagent.processors.state.fold import RunState, apply, in_flight, loss_checked, needs_decision
 from streamagent.processors.state.store import FaustTableStore, RunStore, maybe_active
 from streamagent.processors.state.watch import APPROVAL, DEADLINE, REDRIVE, RETAIN, Admission, DueQueue
@@ -198,7 +198,8 @@ class StateWorker:
             if not state.admitted:
                 waiting.append((snap.created_at, run_id))
             else:
-                self.admission.admit(partition, run_id)
+                if counted(snap):
+                    self.admission.admit(partition, run_id)
                 if snap.request.workflow in self.workflows and needs_decision(
                     snap, self.workflows[snap.request.workflow]
                 ):
@@ -264,12 +265,20 @@ class StateWorker:
         # ``state`` reads this batch's own write first (a run that ended earlier in the batch has left the
         # cache and is not stored yet; folding onto the stored, older state would count its end twice).
         before = self.state(event.run_id)
-        workflow = None  # an event of a run never requested: the fold refuses it
-        if before is not None:
-            workflow = self.workflow(before.snapshot.request.workflow)
-        elif isinstance(event, RunRequested):
-            workflow = self.workflow(event.workflow)
-        outcome = apply(before, event, self.settings.run_deadline_s, workflow)
+        try:
+            workflow = None  # an event of a run never requested: the fold refuses it
+            if before is not None:
+                workflow = self.workflow(before.snapshot.request.workflow)
+            elif isinstance(event, RunRequested):
+                workflow = self.workflow(event.workflow)
+            outcome = apply(before, event, self.settings.run_deadline_s, workflow)
+        except Rejected as exc:
+            # A refused child request (dead-lettered by the caller) fails its parent's step now, as the
+            # child's ending would have: the parent does not wait for its deadline (processors/state/children.py).
+            refused = refusal_result(event, exc.reason, exc.detail) if isinstance(event, RunRequested) else None
+            if refused is not None:
+                self._emit(refused, self.results_topic)
+            raise
         if isinstance(event, RunCompleted | RunFailed):
             # A child run's end answers its parent's step; again when the ending is redelivered (a crash
             # before this batch was acknowledged), and the parent takes it once (processors/state/children.py).
@@ -289,14 +298,16 @@ class StateWorker:
         snap = after.snapshot
         if before is None:
             RUNS.labels(RunStatus.running.value).inc()
-            if self.admission.has_room(partition):
+            if not counted(snap):
+                pass  # a child run: admitted at once, its parent's place covers it (see ``counted``)
+            elif self.admission.has_room(partition):
                 self.admission.admit(partition, snap.run_id)
             else:
                 after, wants = after.model_copy(update={"admitted": False}), False
                 self.admission.wait(partition, snap.run_id)
         elif not after.admitted:
-            if snap.deadline_exceeded or snap.status.terminal:
-                # It waited past its deadline: let the decider end it now, out of turn.
+            if snap.deadline_exceeded or snap.status.terminal or snap.cancelled is not None:
+                # It waited past its deadline, or an operator cancelled it: let the decider end it now, out of turn.
                 self.admission.withdraw(partition, snap.run_id)
                 self.admission.admit(partition, snap.run_id)
                 after = after.model_copy(update={"admitted": True})
@@ -607,6 +618,14 @@ class StateWorker:
         value = codec.encode(event)
         headers = self.signer.headers(value) if self.signer is not None else None
         self.producer.produce(topic or self.events_topic, key=event.run_id.encode(), value=value, headers=headers)
+
+
+def counted(snap: StateSnapshot) -> bool:
+    """Whether the run takes a place in the running-runs bound (``max_running_runs``): every run but a
+    child run. A child's request carries a parent only when the decision processor signed it
+    (streamagent.authn), and its parent holds a place until it ends, which is never before its live children
+    are answered or ended: a child that waited for a place its parent's siblings hold would stall them all."""
+    return snap.request.parent_run_id is None
 
 
 def _observe_step(before: StateSnapshot, result: ToolResult) -> None:

@@ -24,6 +24,7 @@ from streamagent.processors.state.fold import RunState
 from streamagent.events import (
     RunCompleted,
     RunFailed,
+    RunRequested,
     ToolResult,
     ToolStatus,
     child_tool,
@@ -34,6 +35,10 @@ from streamagent.events import (
 # The reason kind a failed child gives its parent's step; a child abandoned at its deadline gives "deadline",
 # which the parent's fold takes as its own deadline (a child's deadline is never later than its parent's).
 CHILD_FAILED = "child-failed"
+
+
+# The reason kind a child request the state processor refused gives its parent's step (see ``refusal_result``).
+CHILD_REFUSED = "child-refused"
 
 
 def _endings(run_id: str) -> set[str]:
@@ -72,4 +77,29 @@ def parent_result(state: RunState, event: RunCompleted | RunFailed) -> ToolResul
         prompt_tokens=snap.tokens,
         cost_usd=snap.cost_usd,
         tool_calls=snap.tool_calls,
+    )
+
+
+def refusal_result(event: RunRequested, reason: str, detail: str) -> ToolResult | None:
+    """The parent step's result when the fold refused the child's request ``event`` (already verified as the
+    decision processor's): a permanent failure naming the reason, at once, instead of a parent that waits for
+    its deadline. None for a request with no parent, and for ``duplicate-run``: that child run exists and
+    answers when it ends. The event id is the one the child's ending would have had, so a redelivered request
+    answers once, and a refused child never ends."""
+    if event.parent_run_id is None or event.parent_step is None or event.parent_command_id is None:
+        return None
+    if reason == "duplicate-run":
+        return None
+    return ToolResult(
+        event_id=stable_id(event.run_id, "child-result"),
+        run_id=event.parent_run_id,
+        causation_id=event.event_id,
+        occurred_at=event.occurred_at,
+        command_id=event.parent_command_id,
+        tool=child_tool(event.workflow),
+        step=event.parent_step,
+        status=ToolStatus.failed,
+        output={"child_run_id": event.run_id},
+        error=f"child run {event.run_id} refused ({reason}): {detail}",
+        error_kind=CHILD_REFUSED,
     )

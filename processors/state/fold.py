@@ -30,6 +30,7 @@ from streamagent.events import (
     MemoryChanged,
     OnboardingRequest,
     ParallelDispatch,
+    RunCancelRequested,
     RunCompleted,
     RunDeadlineExceeded,
     RunFailed,
@@ -121,6 +122,8 @@ def needs_decision(snap: StateSnapshot, workflow: Workflow | None = None) -> boo
     """
     if any(s.command_id is not None and s.decision_id is None for s in snap.steps):
         return False
+    if snap.status is RunStatus.running and snap.cancelled is not None:
+        return True  # an operator cancelled it: it ends now, whatever is in flight (those results only land)
     workflow = workflow or default_workflows().get(snap.request.workflow)
     flying = in_flight(snap)
     if (
@@ -183,6 +186,8 @@ def apply(state: RunState | None, event: Event, default_deadline_s: float, workf
         snap = _end(moved, RunStatus(event.status.value), event.reason)
     elif isinstance(event, MemoryChanged):
         snap = _memory_changed(moved, event)
+    elif isinstance(event, RunCancelRequested):
+        snap = _cancel(moved, event)
     elif isinstance(event, RunDeadlineExceeded):
         snap = moved.model_copy(update={"deadline_exceeded": True}) if moved.status is RunStatus.running else moved
     else:
@@ -521,6 +526,14 @@ def _result(snap: StateSnapshot, event: ToolResult) -> StateSnapshot:
             }
         ),
     )
+
+
+def _cancel(snap: StateSnapshot, event: RunCancelRequested) -> StateSnapshot:
+    """An operator's cancel marks a running run; the decision processor ends it (and its live children).
+    A run that has ended, or is already being cancelled, keeps what it is (the event is on its timeline)."""
+    if snap.status.terminal or snap.cancelled is not None:
+        return snap
+    return snap.model_copy(update={"cancelled": event.says})
 
 
 def _end(snap: StateSnapshot, status: RunStatus, reason: str) -> StateSnapshot:

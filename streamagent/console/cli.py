@@ -14,11 +14,15 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from streamagent import logs
 from streamagent.config import Settings, SettingsError, get_settings
 from streamagent.console.errors import CliError
+
+if TYPE_CHECKING:
+    from streamagent.authn import RoleKeys
+    from streamagent.events import Event
 
 log = logging.getLogger("streamagent")
 
@@ -604,22 +608,13 @@ def cmd_approvals(args: argparse.Namespace) -> int:
 def cmd_answer(args: argparse.Namespace) -> int:
     """``approve`` / ``deny``: the person's answer, as an event on the run's log (the fold takes it in,
     the guard acts on it). Only a pending request can be answered; answering twice changes nothing."""
-    from streamagent import codec
-    from streamagent.authn import operator_keys
     from streamagent.events import ApprovalDenied, ApprovalGranted, stable_id
-    from streamagent.kafka import producer as make_producer
     from streamagent.processors.projection import queries
-    from streamagent.topics import RUN_EVENTS
 
     settings = _settings(("bootstrap_servers", "database_url"))
     # Signed with the operator's key: the approver recorded is that key's identity, and an answer that
     # does not verify is refused by the fold (the step stays held).
-    signer = operator_keys(settings)
-    if args.by is not None and args.by != signer.identity:
-        raise CliError(
-            f"--by {args.by!r}: answers are recorded under the identity of your operator key, {signer.identity!r}"
-            " (another person answers with their own key: STREAMAGENT_OPERATOR_KEYS_FILE)"
-        )
+    signer = _operator(settings, args.by)
     args.run_id = _run_id(settings, args.run_id)
     asked = queries.approvals(settings, pending=False, run_id=args.run_id)
     pending = [r for r in asked if r.step == args.step and r.status == "requested"]
@@ -643,13 +638,64 @@ def cmd_answer(args: argparse.Namespace) -> int:
         by=signer.identity,
         note=args.note or "",
     )
-    producer = make_producer(settings)
-    value = codec.encode(event)
-    producer.produce(settings.topic(RUN_EVENTS), key=args.run_id.encode(), value=value, headers=signer.headers(value))
-    if producer.flush(10):
-        raise CliError(f"the {args.command} of step {args.step} was not acknowledged by the broker; try again")
+    _write_signed(settings, signer, event, f"the {args.command} of step {args.step}")
     verb = "approved" if args.command == "approve" else "denied"
     print(f"{verb} step {args.step} of run {args.run_id} as {signer.identity} ({request.tool}: {request.reason})")
+    return 0
+
+
+def _by_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--by", type=non_empty, help="optional: the identity of your operator key (the one recorded), checked"
+    )
+
+
+def _operator(settings: Settings, by: str | None) -> RoleKeys:
+    """The operator key that signs ``approve``, ``deny`` and ``cancel``; ``--by``, if given, must be its identity."""
+    from streamagent.authn import operator_keys
+
+    signer = operator_keys(settings)
+    if by is not None and by != signer.identity:
+        raise CliError(
+            f"--by {by!r}: what you do is recorded under the identity of your operator key, {signer.identity!r}"
+            " (another person signs with their own key: STREAMAGENT_OPERATOR_KEYS_FILE)"
+        )
+    return signer
+
+
+def _write_signed(settings: Settings, signer: RoleKeys, event: Event, what: str) -> None:
+    """``event`` on the run log, keyed by its run, signed with ``signer``; acknowledged, or a one-line error."""
+    from streamagent import codec
+    from streamagent.kafka import producer as make_producer
+    from streamagent.topics import RUN_EVENTS
+
+    producer = make_producer(settings)
+    value = codec.encode(event)
+    producer.produce(settings.topic(RUN_EVENTS), key=event.run_id.encode(), value=value, headers=signer.headers(value))
+    if producer.flush(10):
+        raise CliError(f"{what} was not acknowledged by the broker; try again")
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    """``cancel RUN``: an operator stops a running run. The fold marks it, the decision processor ends it
+    (failed, "cancelled by NAME: WHY") and its live child runs with it; commands already sent finish."""
+    from streamagent.events import RunCancelRequested, cancel_event_id
+    from streamagent.processors.projection import queries
+
+    settings = _settings(("bootstrap_servers", "database_url"))
+    signer = _operator(settings, args.by)
+    try:
+        run_id = _run_id(settings, args.run_id)
+    except CliError as exc:  # unknown, or an ambiguous prefix: a usage error like an ended run
+        raise CliError(str(exc), code=2) from None
+    row = queries.run(settings, run_id)
+    if row is None:
+        raise CliError(f"no run {run_id}", code=2)
+    if row.status != "running":
+        raise CliError(f"run {run_id} has already ended ({row.status}): nothing to cancel", code=2)
+    event = RunCancelRequested(event_id=cancel_event_id(run_id), run_id=run_id, by=signer.identity, reason=args.reason)
+    _write_signed(settings, signer, event, f"the cancel of run {run_id}")
+    print(f"cancel of run {run_id} requested as {signer.identity}: {event.says} (`streamagent show {run_id[:8]}`)")
     return 0
 
 
@@ -1033,10 +1079,13 @@ def build_parser() -> argparse.ArgumentParser:
         answer = add(verb, cmd_answer, help_)
         answer.add_argument("run_id", type=non_empty, metavar="RUN")
         answer.add_argument("step", type=non_empty, metavar="STEP")
-        answer.add_argument(
-            "--by", type=non_empty, help="optional: the identity of your operator key (the one recorded), checked"
-        )
+        _by_option(answer)
         answer.add_argument("--note", default="", help="why (recorded in the run's log)")
+
+    cancel = add("cancel", cmd_cancel, "Cancel a running run (and its child runs): signed with your operator key")
+    cancel.add_argument("run_id", type=non_empty, metavar="RUN")
+    cancel.add_argument("--reason", default="", help="why (recorded in the run's log and its reason)")
+    _by_option(cancel)
 
     topics = add("topics", lambda a: 2, "Manage the runtime's topics")
     topics_sub = topics.add_subparsers(dest="topics_command", metavar="SUBCOMMAND", required=True)

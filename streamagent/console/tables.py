@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from datetime import timedelta
 
 from streamagent.config import Settings
+from streamagent.events import CANCELLED
 from streamagent.processors.projection.processor import telling_arguments
 from streamagent.processors.projection.queries import ApprovalRow, RunRow
 from streamagent.processors.workflow import WorkflowError, load_workflows
@@ -73,8 +74,9 @@ def print_runs_table(rows: Sequence[RunRow], steps_of: Mapping[str, int]) -> Non
             else:
                 line += f" {'-':>7} {'-':>8}"
         print(line)
-        if r.status == "running" and r.reason:
-            print(f"{'':<38}{r.reason}")  # what the run waits for, e.g. "waiting for tool crm"
+        if r.reason and (r.status == "running" or CANCELLED in r.reason):
+            # What the run waits for ("waiting for tool crm"), or who cancelled it ("cancelled by ada: ...").
+            print(f"{'':<38}{r.reason}")
         if r.parent_run_id:
             print(f"{'':<38}↳ child of {r.parent_run_id} (step {r.parent_step})")
 

@@ -26,7 +26,7 @@ from streamagent.config import DEFAULT_WORKFLOWS_DIR, Settings, get_settings, to
 from streamagent.console.cli import main as cli
 from streamagent.console.devstack.stack import Stack
 from streamagent.dlq_ops import read_dead_letters
-from streamagent.events import RunRequested, new_id
+from streamagent.events import RunCancelRequested, RunRequested, new_id
 from streamagent.signing import load_keys
 from streamagent.submit import produce_requests
 from streamagent.topics import RUN_EVENTS
@@ -35,6 +35,7 @@ pytestmark = pytest.mark.integration
 
 APIS = ("enrich", "crm", "jira", "email", "slack")
 PARENT = "onboarding-kyc"
+ADMITTED = 4  # the stack's STREAMAGENT_MAX_RUNNING_RUNS
 
 # The welcome mail goes out beside the KYC child (not after it) and escalates when it bounces: the parent
 # ends while its child is still running.
@@ -85,7 +86,9 @@ def stack(module_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -
     for name in ("onboarding", "kyc-check", PARENT):
         shutil.copy(DEFAULT_WORKFLOWS_DIR / f"{name}.toml", flows / f"{name}.toml")
     (flows / "kyc-escalate.toml").write_text(ESCALATING)
-    settings = module_settings.model_copy(update={"workflows_dir": flows, "stack_tools": ",".join(APIS)})
+    # One place per partition in the running-runs bound (4 partitions): a child run is admitted outside it.
+    update = {"workflows_dir": flows, "stack_tools": ",".join(APIS), "max_running_runs": ADMITTED}
+    settings = module_settings.model_copy(update=update)
     with Stack(settings, restart_backoff_s=0.1, max_backoff_s=0.5) as running:
         SandboxClient(running.settings.sandbox_url).wait_ready()
         yield running
@@ -189,6 +192,24 @@ def test_a_parent_with_a_child_run_completes_and_both_timelines_link(
         print(f"\n[child runs] 3 onboarding-kyc runs, first decision to end: {figures}")
 
 
+def test_more_parents_than_places_all_complete_their_children_admitted_outside_the_bound(stack: Stack) -> None:
+    """Twice as many parents as the bound has places, each with a KYC child: every place is held by a parent
+    whose child must run for it to end. Children waiting for a place (as before) stalled this until the
+    runs' deadlines; admitted outside the bound, all complete."""
+    s = stack.settings
+    assert s.max_running_runs == ADMITTED
+    run_ids = produce_requests(s, [request(500 + n) for n in range(2 * ADMITTED)])
+    kids = eventually(lambda: family_ended(s, run_ids), timeout=180, what="8 parents and their children ended")
+    rows = ended(s, run_ids) or []
+    assert Counter(r.status for r in rows) == {"completed": 2 * ADMITTED}, [(r.run_id, r.reason) for r in rows]
+    assert all(len(rows) == 1 and rows[0].status == "completed" for rows in kids.values()), kids
+    took = max((r.ended_at - r.created_at).total_seconds() for r in rows if r.ended_at and r.created_at)
+    print(
+        f"\n[child admission] {2 * ADMITTED} parents, {ADMITTED} places: all done with their children,"
+        f" slowest {took:.2f} s from request to end"
+    )
+
+
 def test_kill_nine_of_the_state_processor_mid_child_changes_nothing(stack: Stack, sandbox: SandboxClient) -> None:
     s = stack.settings
     sandbox.set_faults("slack", FaultSpec(latency_ms=1500))  # the child's second step is slow
@@ -239,6 +260,62 @@ def test_a_parent_that_escalates_ends_its_live_child(stack: Stack, sandbox: Sand
     assert answer.payload["status"] == "failed" and "parent run" in answer.payload["error"]
 
 
+def test_an_operator_cancel_ends_the_parent_and_its_child_and_nothing_starts_after_it(
+    stack: Stack, sandbox: SandboxClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`streamagent cancel` of a parent whose KYC child is filing (a slow Slack call in flight): both end
+    failed "cancelled by ...", the child's call in flight lands, no further step of either starts, the
+    parent's Jira project is undone (compensate_abandoned), and replay rebuilds both identical."""
+    s = stack.settings
+    sandbox.set_faults("slack", FaultSpec(latency_ms=3000))
+    (run_id,) = produce_requests(s, [request(600)])
+
+    def filing() -> queries.RunRow | None:
+        kids = queries.children(s, run_id)
+        timeline = queries.timeline(s, kids[0].run_id) if kids else []
+        sent = any(e.type == "DecisionRecorded" and e.step == "file" for e in timeline)
+        return kids[0] if sent else None
+
+    child = eventually(filing, timeout=60, interval=0.05, what="the child's Slack call in flight")
+    capsys.readouterr()
+    assert cli(["cancel", run_id, "--reason", "the client withdrew"]) == 0, capsys.readouterr()
+    said = capsys.readouterr().out
+    assert f"cancel of run {run_id} requested as" in said and "the client withdrew" in said
+    before = {(e.run_id, e.api, e.op) for e in sandbox.effects() if e.run_id in (run_id, child.run_id)}
+    kids = eventually(lambda: family_ended(s, [run_id]), timeout=60, what="the parent and its child ended")
+    (parent,) = ended(s, [run_id]) or []
+    (ended_child,) = kids[run_id]
+    assert parent.status == "failed" and (parent.reason or "").startswith("cancelled by "), parent
+    assert (parent.reason or "").endswith(": the client withdrew")
+    assert ended_child.status == "failed" and f"parent run {run_id} ended (failed): cancelled by" in (
+        ended_child.reason or ""
+    )
+    # The child's Slack call lands (it was in flight), the parent's Jira project is undone; nothing else.
+    eventually(
+        lambda: (
+            {(e.api, e.op) for e in sandbox.effects(run_id=run_id)} - {(a, o) for r, a, o in before if r == run_id}
+            or None
+        ),
+        timeout=60,
+        what="the parent's undo",
+    )
+    eventually(lambda: sandbox.effects(api="slack", run_id=child.run_id) or None, timeout=30, what="the filing")
+    per = effects_once(sandbox, {run_id, child.run_id})
+    assert per[(run_id, "email")] == per[(run_id, "slack")] == 0  # no step after the cancel
+    after = {(e.api, e.op) for e in sandbox.effects(run_id=run_id)} - {(a, o) for r, a, o in before if r == run_id}
+    assert {api for api, _ in after} == {"jira"}, after  # the undo only
+    shown = show(capsys, run_id)
+    assert "cancel requested: cancelled by" in shown and "the client withdrew" in shown
+    # An ended run, or an unknown one: one line, exit 2.
+    assert cli(["cancel", run_id]) == 2
+    assert "has already ended (failed)" in capsys.readouterr().err
+    assert cli(["cancel", new_id()]) == 2
+    assert "no run" in capsys.readouterr().err
+    assert cli(["replay", "--runs", f"{run_id},{child.run_id}", "--json"]) == 0, capsys.readouterr()
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (figures["runs"], figures["differ"]) == (2, 0), figures
+
+
 def test_replay_rebuilds_parents_and_children_identical(stack: Stack, capsys: pytest.CaptureFixture[str]) -> None:
     s = stack.settings
     run_ids = produce_requests(s, [request(300 + n) for n in range(2)])
@@ -252,9 +329,9 @@ def test_replay_rebuilds_parents_and_children_identical(stack: Stack, capsys: py
     print(f"\n[child replay] {figures['runs']} runs (parents and children) rebuilt, {figures['differ']} differ")
 
 
-def test_a_forged_child_request_is_dead_lettered_unauthenticated(stack: Stack) -> None:
+def test_a_forged_child_request_or_cancel_is_dead_lettered_unauthenticated(stack: Stack) -> None:
     s = stack.settings
-    forged: list[tuple[RunRequested, list[tuple[str, bytes]] | None]] = []
+    forged: list[tuple[RunRequested | RunCancelRequested, list[tuple[str, bytes]] | None]] = []
     intake = issue(load_keys(s), INTAKE)
     for signer in (None, intake):  # unsigned, and signed by intake (whose requests may not carry a parent)
         child = request(400).model_copy(
@@ -262,6 +339,11 @@ def test_a_forged_child_request_is_dead_lettered_unauthenticated(stack: Stack) -
         )
         value = codec.encode(child)
         forged.append((child, signer.headers(value) if signer is not None else None))
+    # A cancel only an operator's key writes, under its own name: signed as intake, or by another operator.
+    cancel = RunCancelRequested(run_id=new_id(), by="grace", reason="forged")
+    for role in (INTAKE, "operator:mallory"):
+        value = codec.encode(cancel.model_copy(update={"event_id": new_id()}))
+        forged.append((codec.decode(value), issue(load_keys(s), role).headers(value)))  # type: ignore[arg-type]
     producer = Producer({"bootstrap.servers": s.bootstrap_servers, "partitioner": "murmur2_random"})
     for child, headers in forged:
         producer.produce(s.topic(RUN_EVENTS), key=child.run_id.encode(), value=codec.encode(child), headers=headers)
@@ -280,6 +362,6 @@ def test_a_forged_child_request_is_dead_lettered_unauthenticated(stack: Stack) -
             else None
         )
 
-    eventually(refused, timeout=60, interval=0.3, what="both forged child requests refused")
+    eventually(refused, timeout=60, interval=0.3, what="the forged child requests and cancels refused")
     # Neither started a run: nothing of them was folded or projected.
     assert all(queries.run(s, child.run_id) is None for child, _ in forged)

@@ -65,3 +65,16 @@ def test_a_child_run_is_marked_with_its_parent_and_show_lists_a_parent_s_childre
         "children:",
         "  c1  step kyc  kyc-check  status=completed",
     ]
+
+
+def test_a_cancelled_run_shows_who_cancelled_it_under_its_line(capsys: pytest.CaptureFixture[str]) -> None:
+    print_runs_table(
+        [
+            row("r1", "onboarding", "failed", 2, "cancelled by ada: the client withdrew"),
+            row("r2", "onboarding", "failed", 2, "step crm failed: permanent"),  # other endings stay one line
+        ],
+        {},
+    )
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2].strip() == "cancelled by ada: the client withdrew" and lines[3].startswith("r2")
+    assert len(lines) == 4

@@ -12,11 +12,14 @@ from streamagent.processors.decision.choice import ChosenDecider
 from streamagent.processors.decision.processor import DecisionHandler
 from streamagent.processors.decision.rules import RulesDecider
 from streamagent.processors.decision.schema import SCHEMA as DECISION_SCHEMA
-from streamagent.processors.state.children import parent_result
+from streamagent.processors.state.app import StateWorker
+from streamagent.processors.state.children import parent_result, refusal_result
 from streamagent.processors.state.fold import RunState, apply, loss_checked, needs_decision
-from streamagent.processors.workflow import Workflow, WorkflowError, load_workflows
+from streamagent.processors.state.store import MemoryStore
+from streamagent.processors.workflow import Workflow, WorkflowError, default_workflows, load_workflows
 from test_decision_handler import LandingProducer, _batch
 from test_fan_out_fold import RUN, Run, steps_of
+from test_state_timer import RecordingProducer, child_request, fold, parent_request
 
 from streamagent import codec, db
 from streamagent.authn import Authenticator
@@ -379,3 +382,36 @@ def test_a_workflow_with_child_steps_is_decided_by_the_rules_whatever_the_defaul
     chosen = ChosenDecider("llm", fan, rules, Model())  # type: ignore[arg-type]
     decision = chosen.decide(Run(fan["fan"]).snap)
     assert decision is not None and decision.decider == "rules" and decision.step == "look"
+
+
+def test_a_refused_child_request_fails_its_parent_s_step_at_once() -> None:
+    """A verified child request the fold refuses (here its workflow is unknown to this state processor) is
+    dead-lettered and answers the parent's step with a permanent failure naming the reason: the parent
+    decides on it now instead of waiting for its deadline. A redelivery answers with the same event."""
+    workflows = {name: wf for name, wf in default_workflows().items() if name != "kyc-check"}
+    producer = RecordingProducer()
+    worker = StateWorker(Settings(partitions=1, max_running_runs=0), MemoryStore(), producer, workflows=workflows)  # type: ignore[arg-type]
+    worker.sync_assignment(frozenset({0}))
+    kid = child_request("p1")
+    fold(worker, parent_request("p1"), kid)
+    answers = [codec.decode(v) for topic, _, v in producer.sent if topic == worker.results_topic]
+    assert len(answers) == 1 and isinstance(answers[0], ToolResult)
+    answer = answers[0]
+    assert (answer.run_id, answer.step, answer.tool, answer.status) == (
+        "p1",
+        "kyc",
+        "workflow:kyc-check",
+        ToolStatus.failed,
+    )
+    assert answer.error_kind == "child-refused" and "unknown_workflow" in (answer.error or "")
+    assert worker.state(kid.run_id) is None  # no child run
+    assert any(topic.endswith("dlq") or "dead" in topic for topic, _, _ in producer.sent)
+    fold(worker, answer)
+    parent = worker.state("p1")
+    assert parent is not None and parent.snapshot.step("kyc").status is StepStatus.failed
+    assert "child-refused" in (parent.snapshot.step("kyc").error or "")
+    fold(worker, kid)  # redelivered: the same answer again, which the parent takes once (its event id)
+    again = [codec.decode(v) for topic, _, v in producer.sent if topic == worker.results_topic]
+    assert again[-1] == answer
+    # A request with no parent answers nobody (a forged one never gets here: authentication comes first).
+    assert refusal_result(parent_request("p9"), "unknown_workflow", "x") is None

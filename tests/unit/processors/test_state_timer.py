@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -16,7 +17,20 @@ from test_fold import DEFAULT_DEADLINE_S, T0, full_run, requested
 
 from streamagent import codec
 from streamagent.config import Settings
-from streamagent.events import RunDeadlineExceeded
+from streamagent.events import (
+    Event,
+    FailureStatus,
+    RunCancelRequested,
+    RunDeadlineExceeded,
+    RunFailed,
+    RunRequested,
+    ToolResult,
+    cancel_event_id,
+    child_run_id,
+    command_id,
+    ended_by_parent_id,
+    requested_event_id,
+)
 
 
 class RecordingProducer:
@@ -30,6 +44,36 @@ class RecordingProducer:
 
     def flush(self, _timeout: float = 0) -> int:
         return 0
+
+
+@dataclass
+class Message:
+    topic: str
+    value: bytes
+    partition: int = 0
+    offset: int = 0
+    key: bytes = b"run-1"
+
+
+def fold(worker: StateWorker, *events: Event) -> None:
+    """One batch of ``events`` through the worker, each on its topic (a one-partition stack)."""
+    topic = {True: worker.results_topic, False: worker.events_topic}
+    worker.fold_batch(
+        [Message(topic[isinstance(e, ToolResult)], codec.encode(e), key=e.run_id.encode()) for e in events]
+    )
+
+
+def child_request(parent: str, workflow: str = "kyc-check", step: str = "kyc") -> RunRequested:
+    """The request the decision processor writes for ``parent``'s child step (workflows/onboarding-kyc.toml)."""
+    cid = command_id(parent, step)
+    child = child_run_id(parent, step, cid)
+    base = requested(event_id=requested_event_id(child), run_id=child)
+    update = {"workflow": workflow, "parent_run_id": parent, "parent_step": step, "parent_command_id": cid}
+    return base.model_copy(update=update)
+
+
+def parent_request(run_id: str) -> RunRequested:
+    return requested(event_id=f"req-{run_id}", run_id=run_id).model_copy(update={"workflow": "onboarding-kyc"})
 
 
 def _finished() -> bytes:
@@ -122,16 +166,6 @@ def test_admission_bounds_runs_per_partition_and_admits_in_arrival_order() -> No
 def test_a_run_that_ends_mid_batch_keeps_every_event_of_the_batch() -> None:
     """The deciding "complete" and the RunCompleted after it, in one batch: both are folded (the run
     leaves the cache when it ends, before the batch reaches the store)."""
-    from dataclasses import dataclass
-
-    @dataclass
-    class Message:
-        topic: str
-        value: bytes
-        partition: int = 0
-        offset: int = 0
-        key: bytes = b"run-1"
-
     store, producer = MemoryStore(), RecordingProducer()
     worker = StateWorker(Settings(partitions=4, max_running_runs=0), store, producer)  # type: ignore[arg-type]
     events = full_run()
@@ -165,3 +199,45 @@ def test_release_forgets_every_partition_memory() -> None:
     theirs = {worker.partition(f"live-{i}") for i in range(3)}
     worker.sync_assignment(frozenset(set(range(4)) - theirs))
     assert worker.cache == {} and worker.admission.running == 0 and worker.queue.scheduled("live-0", DEADLINE) is None
+
+
+def test_a_child_run_is_admitted_at_once_outside_the_bound() -> None:
+    """Its parent's place covers it: with every place held by parents, a child still starts at once (it
+    waited behind them before, and the stack stalled until deadlines ended them), and its end frees no place."""
+    store, producer = MemoryStore(), RecordingProducer()
+    worker = StateWorker(Settings(partitions=1, max_running_runs=1), store, producer)  # type: ignore[arg-type]
+    worker.sync_assignment(frozenset({0}))
+    fold(worker, parent_request("p1"), parent_request("p2"))
+    assert (worker.admission.running, worker.admission.queued) == (1, 1)  # p2 waits for p1's place
+    kid = child_request("p1")
+    fold(worker, kid)
+    state = store.get(kid.run_id)
+    assert state is not None and state.admitted
+    assert [key for topic, key, _ in producer.sent if topic == worker.snapshots_topic][-1] == kid.run_id.encode()
+    assert (worker.admission.running, worker.admission.queued) == (1, 1)  # not counted: p2 still waits
+    # Rebuilt from the table (a rebalance), the bound still counts the parents only.
+    worker.release()
+    worker.sync_assignment(frozenset({0}))
+    assert kid.run_id in worker.cache and (worker.admission.running, worker.admission.queued) == (1, 1)
+    ended = RunFailed(
+        event_id=ended_by_parent_id(kid.run_id),
+        run_id=kid.run_id,
+        decision_id="d",
+        status=FailureStatus.failed,
+        reason="test",
+    )
+    fold(worker, ended)
+    assert (worker.admission.running, worker.admission.queued) == (1, 1)  # nor does its end free p1's place
+
+
+def test_a_run_cancelled_while_it_waits_for_a_place_is_ended_out_of_turn() -> None:
+    store, producer = MemoryStore(), RecordingProducer()
+    worker = StateWorker(Settings(partitions=1, max_running_runs=1), store, producer)  # type: ignore[arg-type]
+    worker.sync_assignment(frozenset({0}))
+    fold(worker, requested(event_id="req-p1", run_id="p1"), requested(event_id="req-p2", run_id="p2"))
+    assert (worker.admission.running, worker.admission.queued) == (1, 1)
+    fold(worker, RunCancelRequested(event_id=cancel_event_id("p2"), run_id="p2", by="grace"))
+    state = store.get("p2")
+    assert state is not None and state.admitted and state.snapshot.cancelled == "cancelled by grace"
+    assert [key for topic, key, _ in producer.sent if topic == worker.snapshots_topic][-1] == b"p2"
+    assert worker.admission.queued == 0

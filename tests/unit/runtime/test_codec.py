@@ -32,6 +32,7 @@ from streamagent.events import (
     MemoryChanged,
     MemoryWrite,
     OnboardingRequest,
+    RunCancelRequested,
     RunCompleted,
     RunDeadlineExceeded,
     RunFailed,
@@ -274,6 +275,7 @@ def sample_events() -> list[BaseModel]:
         ApprovalGranted(event_id="e-12", run_id=RUN, request_id="req-1", step="email", by="grace", note="ok"),
         ApprovalDenied(event_id="e-13", run_id=RUN, request_id="req-1", step="email", by="grace"),
         ApprovalExpired(event_id="e-14", run_id=RUN, request_id="req-1", step="email"),
+        RunCancelRequested(event_id="e-15", run_id=RUN, by="grace", reason="the client withdrew"),
         StateSnapshot(
             run_id=RUN,
             version=7,
@@ -512,7 +514,9 @@ def test_state_snapshot_written_with_the_v3_schema_decodes_without_a_plan_or_gov
     """A snapshot from before the plan was part of the state (v3 and older: no ``plan`` field) still
     decodes with the current reader, with no plan; the current one keeps its plan (v4)."""
     current = next(m for m in SAMPLES if isinstance(m, StateSnapshot))
-    assert current.plan is not None and current.schema_version == 7  # 4: plan; 5: steps' end; 6: tools; 7: parent
+    assert (
+        current.plan is not None and current.schema_version == 8
+    )  # 4: plan; 5: steps' end; 6: tools; 7: parent; 8: cancel
     for old in ("StateSnapshot.v3.avsc", "StateSnapshot.v2.avsc"):
         raw = json.loads((SCHEMA_DIR / "history" / old).read_text())
         assert "plan" not in _avro_field_names(raw)
@@ -612,6 +616,16 @@ def test_child_run_fields_round_trip_and_older_versions_decode_without_them() ->
     assert isinstance(again_result, ToolResult) and again_result.tool_calls == 3
     old_result = codec.decode(_written_with("ToolResult.v2.avsc", result, schema_version=2))
     assert isinstance(old_result, ToolResult) and old_result.tool_calls == 0
+
+
+def test_a_cancelled_snapshot_round_trips_and_a_v7_one_decodes_uncancelled() -> None:
+    snap = next(m for m in SAMPLES if isinstance(m, StateSnapshot)).model_copy(
+        update={"cancelled": "cancelled by grace: the client withdrew"}
+    )
+    again = codec.decode(codec.encode(snap))
+    assert isinstance(again, StateSnapshot) and again.cancelled == snap.cancelled
+    old = codec.decode(_written_with("StateSnapshot.v7.avsc", snap, schema_version=7))
+    assert isinstance(old, StateSnapshot) and old.cancelled is None and old.schema_version == 7
 
 
 # -- decode errors -----------------------------------------------------------------------------------
