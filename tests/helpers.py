@@ -12,6 +12,7 @@ from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 from streamagent.processors.projection import queries
 
 from streamagent.config import Settings
+from streamagent.events import RunRequested, new_id
 
 T = TypeVar("T")
 
@@ -126,3 +127,20 @@ def why_not_ended(settings: Settings, run_ids: list[str], logs: list[Path] = (),
             tail = log.read_text(errors="replace").splitlines()[-15:]
             lines += [f"--- {log.name}:", *(f"    {line[:200]}" for line in tail)]
     return "\n".join(lines)
+
+
+def numbered_request(
+    workflow: str, n: int, company: str, contact: str, requested_by: str, contact_email: str | None = None
+) -> RunRequested:
+    """Request ``n`` of a test's series: company "<company> n" at <company>n.io, the contact's mail there."""
+    stem = f"{company.lower()}{n}"
+    return RunRequested(
+        run_id=new_id(),
+        company_name=f"{company} {n}",
+        company_domain=f"{stem}.io",
+        contact_name=contact,
+        contact_email=contact_email or f"{contact.split()[0].lower()}@{stem}.io",
+        goal="onboard",
+        requested_by=requested_by,
+        workflow=workflow,
+    )

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 from confluent_kafka import Producer
-from helpers import ended, eventually
+from helpers import ended, eventually, numbered_request
 from streamagent.processors.projection import queries
 from streamagent.tools.sandbox import FaultSpec, SandboxClient
 
@@ -68,16 +68,7 @@ args.body = "Hello"
 
 
 def request(n: int, workflow: str = PARENT, contact_email: str | None = None) -> RunRequested:
-    return RunRequested(
-        run_id=new_id(),
-        company_name=f"Kestrel {n}",
-        company_domain=f"kestrel{n}.io",
-        contact_name="Kim Kay",
-        contact_email=contact_email or f"kim@kestrel{n}.io",
-        goal="onboard",
-        requested_by="child-test",
-        workflow=workflow,
-    )
+    return numbered_request(workflow, n, "Kestrel", "Kim Kay", "child-test", contact_email)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from helpers import ended, eventually, read_topic
+from helpers import ended, eventually, numbered_request, read_topic
 from streamagent.processors.projection import queries
 from streamagent.processors.workflow import project_key
 from streamagent.tools.sandbox import FaultSpec, SandboxClient
@@ -27,7 +27,7 @@ from streamagent import codec
 from streamagent.config import DEFAULT_WORKFLOWS_DIR, Settings, get_settings, to_env
 from streamagent.console.cli import main as cli
 from streamagent.console.devstack.stack import Stack
-from streamagent.events import DecisionAction, DecisionRecorded, RunRequested, ToolCommand, new_id
+from streamagent.events import DecisionAction, DecisionRecorded, RunRequested, ToolCommand
 from streamagent.submit import produce_requests
 from streamagent.topics import command_topic
 
@@ -81,16 +81,7 @@ BRANCH_OF = {"a1": "a", "a2": "a", "b1": "b", "b2": "b"}
 
 
 def request(workflow: str, n: int, contact_email: str | None = None) -> RunRequested:
-    return RunRequested(
-        run_id=new_id(),
-        company_name=f"Northwind {n}",
-        company_domain=f"northwind{n}.io",
-        contact_name="Zed Zulu",
-        contact_email=contact_email or f"zed@northwind{n}.io",
-        goal="onboard",
-        requested_by="test",
-        workflow=workflow,
-    )
+    return numbered_request(workflow, n, "Northwind", "Zed Zulu", "test", contact_email)
 
 
 @pytest.fixture(scope="module")
