@@ -123,8 +123,16 @@ class _HttpClients:
         timeout = httpx.Timeout(timeout_s or settings.tool_timeout_s)
         limits = httpx.Limits(max_connections=per_shard, max_keepalive_connections=per_shard)
         verify = httpx.create_ssl_context()  # loading the CA bundle once, not once per client
+        base_url = base_url or settings.sandbox_url
+        transport: httpx.AsyncBaseTransport | None = None
+        if settings.tools_instant and base_url == settings.sandbox_url:
+            # The benchmark's instant tools: sandbox calls answered in this process. Imported here: a
+            # tool process otherwise never loads the sandbox (and its HTTP server).
+            from streamagent.tools.sdk.instant import InstantTransport
+
+            transport = InstantTransport()
         self.clients = [
-            httpx.AsyncClient(base_url=base_url or settings.sandbox_url, timeout=timeout, limits=limits, verify=verify)
+            httpx.AsyncClient(base_url=base_url, timeout=timeout, limits=limits, verify=verify, transport=transport)
             for _ in range(shards)
         ]
         self.busy = [0] * shards
