@@ -36,7 +36,7 @@ from streamagent.processors.state.watch import APPROVAL, DEADLINE, REDRIVE, RETA
 from streamagent.processors.workflow import UnknownWorkflow, Workflow, Workflows, load_workflows, lookup
 
 from streamagent import codec, faust_compat, tracing
-from streamagent.authn import STATE, Authenticator, Unauthenticated, header_value, issue
+from streamagent.authn import STATE, TRUSTED_WRITERS, Authenticator, Unauthenticated, header_value, issue
 from streamagent.config import Settings
 from streamagent.dlq import DeadLetterSink
 from streamagent.errors import Rejected, Unprocessable
@@ -252,12 +252,16 @@ class StateWorker:
         self._gauges()
 
     def _fold_one(self, message: Any, dirty: dict[str, tuple[RunState, int]], publish: dict[str, RunState]) -> None:
-        event = self.decode(message)
+        # Who wrote it first: an event of the core's own roles is decoded without validating it again.
+        writer = None
+        if self.authenticator is not None:
+            writer = self.authenticator.verified_writer(message.value, getattr(message, "headers", None))
+        event = self.decode(message, trusted=writer in TRUSTED_WRITERS)
         self.hops.observe(message.topic, event)
         if not isinstance(event, Event) or (message.topic == self.results_topic) != isinstance(event, ToolResult):
             raise Unprocessable("unexpected-event", f"{type(event).__name__} on {message.topic}")
         if self.authenticator is not None:
-            self._authenticate(message, event)
+            self._authenticate(message, event, writer)
         # ``state`` reads this batch's own write first (a run that ended earlier in the batch has left the
         # cache and is not stored yet; folding onto the stored, older state would count its end twice).
         before = self.state(event.run_id)
@@ -306,11 +310,11 @@ class StateWorker:
         else:
             self._schedule(partition, after)
 
-    def _authenticate(self, message: Any, event: Event) -> None:
+    def _authenticate(self, message: Any, event: Event, writer: str | None = None) -> None:
         """Refuse (dead letter ``unauthenticated``, nothing changed) an event no pipeline component wrote."""
         assert self.authenticator is not None
         try:
-            self.authenticator.verify(event, message.value, getattr(message, "headers", None))
+            self.authenticator.verify(event, message.value, getattr(message, "headers", None), writer)
         except Unauthenticated as exc:
             detail = str(exc)
             if isinstance(event, RunRequested) and header_value(getattr(message, "headers", None)) is None:
@@ -327,9 +331,10 @@ class StateWorker:
                 "wrong-partition", f"{event.type} of run {event.run_id} on partition {message.partition}, not {home}"
             )
 
-    def decode(self, message: Any) -> Any:
-        """The message's event (a replay, which decodes each record once for several readers, overrides it)."""
-        return codec.decode(message.value, self.settings.max_event_bytes)
+    def decode(self, message: Any, trusted: bool = False) -> Any:
+        """The message's event (a replay, which decodes each record once for several readers, overrides it).
+        ``trusted``: verified as written by a core role (``authn.TRUSTED_WRITERS``), so not validated again."""
+        return codec.decode(message.value, self.settings.max_event_bytes, trusted=trusted)
 
     def _store(self, state: RunState, partition: int, dirty: dict[str, tuple[RunState, int]]) -> None:
         run_id = state.snapshot.run_id
