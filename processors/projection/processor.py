@@ -394,8 +394,9 @@ class ProjectionHandler:
 
     @staticmethod
     def _payload(event: Event) -> object:
-        """The event as the ``payload`` column's parameter."""
-        return Jsonb(event.model_dump(mode="json"))
+        """The event as the ``payload`` column's parameter: its JSON text, cast to jsonb by the statement.
+        pydantic's serializer writes it in one step, a third of the cost of a dict dumped by ``json``."""
+        return event.model_dump_json()
 
     def _update_quality(self, cur: psycopg.Cursor[Any], events: list[Event]) -> bool:
         """Recompute the quality signals of the batch's runs that have ended (whether a statement was sent)."""
