@@ -48,6 +48,7 @@ from streamagent.tools.sdk.offsets import PartitionOffsets
 from streamagent.tools.sdk.ratelimit import RateLimiter
 from streamagent.tools.sdk.schema import SCHEMA as LEDGER_SCHEMA
 from streamagent.tools.sdk.tool import CallContext, ModelBudget, ModelUse, Tool
+from streamagent.tools.sdk.transport import AiohttpTransport
 
 from streamagent import codec, db, tracing
 from streamagent.approval import load_approval_keys
@@ -116,7 +117,12 @@ class _HttpClients:
     """
 
     def __init__(
-        self, settings: Settings, max_in_flight: int, timeout_s: float | None = None, base_url: str = ""
+        self,
+        settings: Settings,
+        max_in_flight: int,
+        timeout_s: float | None = None,
+        base_url: str = "",
+        httpcore: bool = False,  # httpx's own transport below the clients (bench/http_client.py compares)
     ) -> None:
         shards = max(1, math.ceil(max_in_flight / HTTP_SHARD_CONNECTIONS))
         per_shard = math.ceil(max_in_flight / shards)
@@ -131,8 +137,17 @@ class _HttpClients:
             from streamagent.tools.sdk.instant import InstantTransport
 
             transport = InstantTransport()
+        elif httpcore:
+            transport = None
         self.clients = [
-            httpx.AsyncClient(base_url=base_url, timeout=timeout, limits=limits, verify=verify, transport=transport)
+            httpx.AsyncClient(
+                base_url=base_url,
+                timeout=timeout,
+                limits=limits,
+                verify=verify,
+                # httpx's API for tools, aiohttp's C parser and pool below it (tools/sdk/transport.py).
+                transport=transport if transport or httpcore else AiohttpTransport(per_shard, ssl=verify),
+            )
             for _ in range(shards)
         ]
         self.busy = [0] * shards
