@@ -72,7 +72,7 @@ def _sdk_path(clients: _HttpClients) -> tuple[Post, Callable[[], Awaitable[None]
 
     async def post(i: int) -> dict[str, Any]:
         with clients.lease() as http:
-            ctx = CallContext(http, "bench-http", f"bench-{os.getpid()}-{i}", 1)
+            ctx = CallContext(http, "bench-http", f"bench-{os.getpid()}-{i}", 1, direct=clients.direct(http))
             return body(await ctx.request("POST", PATH, json=MESSAGE))
 
     return post, clients.aclose

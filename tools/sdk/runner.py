@@ -139,18 +139,22 @@ class _HttpClients:
             transport = InstantTransport()
         elif httpcore:
             transport = None
-        self.clients = [
-            httpx.AsyncClient(
-                base_url=base_url,
-                timeout=timeout,
-                limits=limits,
-                verify=verify,
-                # httpx's API for tools, aiohttp's C parser and pool below it (tools/sdk/transport.py).
-                transport=transport if transport or httpcore else AiohttpTransport(per_shard, ssl=verify),
-            )
-            for _ in range(shards)
+        # httpx's API for tools, aiohttp's C parser and pool below it (tools/sdk/transport.py).
+        transports = [
+            transport if transport or httpcore else AiohttpTransport(per_shard, ssl=verify) for _ in range(shards)
         ]
+        self.clients = [
+            httpx.AsyncClient(base_url=base_url, timeout=timeout, limits=limits, verify=verify, transport=t)
+            for t in transports
+        ]
+        # What ``CallContext.request`` may call directly, by client.
+        self._direct = {
+            id(c): t for c, t in zip(self.clients, transports, strict=True) if isinstance(t, AiohttpTransport)
+        }
         self.busy = [0] * shards
+
+    def direct(self, client: httpx.AsyncClient) -> AiohttpTransport | None:
+        return self._direct.get(id(client))
 
     @contextlib.contextmanager
     def lease(self) -> Iterator[httpx.AsyncClient]:
@@ -712,7 +716,9 @@ class ToolRunner:
                     tracing.span(f"tool {self.tool.name}", command.run_id, self._span_attributes(command, attempt)),
                 ):
                     budget = ModelBudget(command.budget_tokens, command.budget_cost_usd)
-                    ctx = CallContext(http, command.run_id, command.command_id, attempt, used, budget)
+                    ctx = CallContext(
+                        http, command.run_id, command.command_id, attempt, used, budget, self._http.direct(http)
+                    )
                     output = await self._call_once(command, ctx)
                 await self.breaker.success()
                 if self.health.is_down("sandbox"):

@@ -30,20 +30,24 @@ def sandbox() -> Iterator[SandboxServer]:
         yield server
 
 
-def _call(base_url: str, timeout_s: float = 5.0, path: str = "/slack/api/chat.postMessage") -> Any:
+def _call(base_url: str, timeout_s: float = 5.0, path: str = "/slack/api/chat.postMessage", direct: bool = True) -> Any:
+    """One ``ctx.request`` as the runner makes it: straight to aiohttp (``direct``), or through httpx's client."""
+
     async def go() -> Any:
         transport = AiohttpTransport(4)
         async with httpx.AsyncClient(base_url=base_url, timeout=httpx.Timeout(timeout_s), transport=transport) as http:
-            ctx = CallContext(http, "run-1", "cmd-1", 1)
+            ctx = CallContext(http, "run-1", "cmd-1", 1, direct=transport if direct else None)
             response = await ctx.request("POST", path, json=MESSAGE)
             return response, body(response)
 
     return asyncio.run(go())
 
 
-def test_a_post_carries_the_sdk_headers_and_reads_the_json_answer(sandbox: SandboxServer) -> None:
-    response, data = _call(sandbox.url)
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "via-httpx"])
+def test_a_post_carries_the_sdk_headers_and_reads_the_json_answer(sandbox: SandboxServer, direct: bool) -> None:
+    response, data = _call(sandbox.url, direct=direct)
     assert isinstance(response, httpx.Response) and response.status_code == 200
+    assert (response.request.method, response.request.url.path) == ("POST", "/slack/api/chat.postMessage")
     assert data["ok"] is True and data["channel"] == "#onboarding"
     [effect] = sandbox.sandbox.effects("slack")
     assert (effect.run_id, effect.idempotency_key, effect.request) == ("run-1", "cmd-1", MESSAGE)
@@ -58,10 +62,13 @@ def test_a_post_carries_the_sdk_headers_and_reads_the_json_answer(sandbox: Sandb
     ],
     ids=["503", "429", "hang"],
 )
-def test_faults_are_classed_as_ctx_request_classes_them(sandbox: SandboxServer, spec: FaultSpec, message: str) -> None:
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "via-httpx"])
+def test_faults_are_classed_as_ctx_request_classes_them(
+    sandbox: SandboxServer, spec: FaultSpec, message: str, direct: bool
+) -> None:
     sandbox.sandbox.faults.set("slack", spec)
     with pytest.raises(RetryableError, match=message) as raised:
-        _call(sandbox.url, timeout_s=0.5)
+        _call(sandbox.url, timeout_s=0.5, direct=direct)
     if spec.rate_429:
         assert raised.value.retry_after == 0.5
 
@@ -94,7 +101,21 @@ def test_a_compressed_answer_reads_as_plain_json() -> None:
     thread.start()
     try:
         response, data = _call(f"http://127.0.0.1:{server.server_address[1]}", path="/x")
+        _, again = _call(f"http://127.0.0.1:{server.server_address[1]}", path="/x", direct=False)
     finally:
         server.shutdown()
-    assert data["ok"] is True and "gzip" in data["encoding"]
+    assert data["ok"] is True and "gzip" in data["encoding"] and again == data
     assert "content-encoding" not in response.headers
+
+
+def test_an_enrich_get_sends_its_query_on_the_direct_path(sandbox: SandboxServer) -> None:
+    async def go() -> Any:
+        transport = AiohttpTransport(2)
+        async with httpx.AsyncClient(base_url=sandbox.url, transport=transport) as http:
+            ctx = CallContext(http, "run-1", "cmd-2", 1, direct=transport)
+            response = await ctx.request("GET", "/enrich/v2/companies/find", params={"domain": "acme-corp.io"})
+            return response, body(response)
+
+    response, data = asyncio.run(go())
+    assert data["domain"] == "acme-corp.io"
+    assert response.request.url.params["domain"] == "acme-corp.io"
