@@ -9,6 +9,11 @@ stack spent (from /proc), and how many tool commands were sent twice.
     .venv/bin/python bench/load.py --bursts 200,1000,5000        # W1: bursts in sequence on one stack
     .venv/bin/python bench/load.py --soak 10x1000                 # W1: ten bursts of 1,000, one stack
     .venv/bin/python bench/load.py --tool-latency-ms 200 --runs 2000   # W2: every API answers after 200 ms
+    .venv/bin/python bench/load.py --runs 300 --instant-tools      # tools answer in-process, no HTTP
+
+Tools call the sandbox over HTTP by default (``"tools": "http"``, what the peers' W3 matches);
+``--instant-tools`` sets STREAMAGENT_TOOLS_INSTANT so each tool answers from the sandbox's API model in
+its own process (``"tools": "instant"``, the loop's own cost, beside the peers' W1).
 
 Each burst prints a human table and then exactly one line of pure JSON (no prefix) with the figures.
 Exit status 0 when every run of every burst completed, else 1.
@@ -86,6 +91,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--tool-latency-ms", type=int, default=0, help="W2: every sandbox API answers after this delay (default 0)"
     )
     parser.add_argument(
+        "--instant-tools",
+        action="store_true",
+        help="tools answer in their own process from the sandbox's API model, without HTTP (STREAMAGENT_TOOLS_INSTANT)",
+    )
+    parser.add_argument(
         "--partitions", type=int, default=Settings().partitions, help="partitions per topic (default: the setting's)"
     )
     parser.add_argument(
@@ -108,6 +118,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.tool_latency_ms < 0:
         parser.error("--tool-latency-ms must not be negative")
+    if args.instant_tools and args.tool_latency_ms:
+        parser.error("--tool-latency-ms delays the sandbox server, which --instant-tools does not call")
     if args.runs is not None and args.runs <= 0:
         parser.error("--runs must be positive")
     args.sizes = args.bursts or args.soak or [args.runs or (2000 if args.tool_latency_ms else 200)]
@@ -434,6 +446,7 @@ def burst(
     prefix = settings.topic_prefix
     result: dict[str, object] = {
         "mode": args.mode,
+        "tools": "instant" if args.instant_tools else "http",
         "burst": size,
         "index": index,
         "completed": completed,
@@ -525,7 +538,8 @@ def print_header(settings: Settings, args: argparse.Namespace) -> None:
         f"settings: partitions {settings.partitions}, fetch_wait_ms {settings.fetch_wait_ms},"
         f" batch_size {settings.batch_size}, linger_ms {settings.linger_ms},"
         f" max_running_runs {settings.max_running_runs},"
-        f" session_timeout_ms {settings.session_timeout_ms}; mode {args.mode}"
+        f" session_timeout_ms {settings.session_timeout_ms}; mode {args.mode},"
+        f" tools {'instant (in-process)' if args.instant_tools else 'http'}"
         f" (tool latency {args.tool_latency_ms} ms), bursts {','.join(map(str, args.sizes))}"
     )
 
@@ -535,7 +549,8 @@ def bench(args: argparse.Namespace, data_dir: Path) -> int:
     # Every other setting comes from the environment (STREAMAGENT_*), so tuning runs need no code change.
     # Free ports: a benchmark must not take (or be refused) the addresses of a `up` running on this machine.
     free = {"broker_port": 0, "sandbox_port": 0}
-    base = get_settings().model_copy(update={"data_dir": data_dir, "partitions": args.partitions, **free})
+    chosen = {"data_dir": data_dir, "partitions": args.partitions, "tools_instant": args.instant_tools}
+    base = get_settings().model_copy(update={**chosen, **free})
     with Stack(base) as stack:
         settings = stack.settings
         print_header(settings, args)

@@ -219,6 +219,10 @@ class Settings(BaseModel):
     run_deadline_s: float = Field(600.0, gt=0, description="Default deadline of a run")
     command_deadline_s: float = Field(120.0, gt=0, description="How long a tool may keep retrying a command")
     tool_timeout_s: float = Field(5.0, gt=0, description="HTTP timeout of one tool call")
+    # bench/load.py --instant-tools: the loop's own cost, set beside peers whose steps cost nothing.
+    tools_instant: bool = Field(
+        False, description="Benchmark only: tools' sandbox calls answered in-process, without HTTP"
+    )
     # MCP servers whose tools `streamagent tool mcp --server NAME` deploys (docs/guides/mcp.md); unset:
     # mcp.toml in the data dir (not in the workflows folder: every *.toml there is read as a workflow).
     # The probe is how soon a server that went away is noticed.

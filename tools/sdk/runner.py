@@ -48,6 +48,7 @@ from streamagent.tools.sdk.offsets import PartitionOffsets
 from streamagent.tools.sdk.ratelimit import RateLimiter
 from streamagent.tools.sdk.schema import SCHEMA as LEDGER_SCHEMA
 from streamagent.tools.sdk.tool import CallContext, ModelBudget, ModelUse, Tool
+from streamagent.tools.sdk.transport import AiohttpTransport
 
 from streamagent import codec, db, tracing
 from streamagent.approval import load_approval_keys
@@ -116,18 +117,44 @@ class _HttpClients:
     """
 
     def __init__(
-        self, settings: Settings, max_in_flight: int, timeout_s: float | None = None, base_url: str = ""
+        self,
+        settings: Settings,
+        max_in_flight: int,
+        timeout_s: float | None = None,
+        base_url: str = "",
+        httpcore: bool = False,  # httpx's own transport below the clients (bench/http_client.py compares)
     ) -> None:
         shards = max(1, math.ceil(max_in_flight / HTTP_SHARD_CONNECTIONS))
         per_shard = math.ceil(max_in_flight / shards)
         timeout = httpx.Timeout(timeout_s or settings.tool_timeout_s)
         limits = httpx.Limits(max_connections=per_shard, max_keepalive_connections=per_shard)
         verify = httpx.create_ssl_context()  # loading the CA bundle once, not once per client
-        self.clients = [
-            httpx.AsyncClient(base_url=base_url or settings.sandbox_url, timeout=timeout, limits=limits, verify=verify)
-            for _ in range(shards)
+        base_url = base_url or settings.sandbox_url
+        transport: httpx.AsyncBaseTransport | None = None
+        if settings.tools_instant and base_url == settings.sandbox_url:
+            # The benchmark's instant tools: sandbox calls answered in this process. Imported here: a
+            # tool process otherwise never loads the sandbox (and its HTTP server).
+            from streamagent.tools.sdk.instant import InstantTransport
+
+            transport = InstantTransport()
+        elif httpcore:
+            transport = None
+        # httpx's API for tools, aiohttp's C parser and pool below it (tools/sdk/transport.py).
+        transports = [
+            transport if transport or httpcore else AiohttpTransport(per_shard, ssl=verify) for _ in range(shards)
         ]
+        self.clients = [
+            httpx.AsyncClient(base_url=base_url, timeout=timeout, limits=limits, verify=verify, transport=t)
+            for t in transports
+        ]
+        # What ``CallContext.request`` may call directly, by client.
+        self._direct = {
+            id(c): t for c, t in zip(self.clients, transports, strict=True) if isinstance(t, AiohttpTransport)
+        }
         self.busy = [0] * shards
+
+    def direct(self, client: httpx.AsyncClient) -> AiohttpTransport | None:
+        return self._direct.get(id(client))
 
     @contextlib.contextmanager
     def lease(self) -> Iterator[httpx.AsyncClient]:
@@ -689,7 +716,9 @@ class ToolRunner:
                     tracing.span(f"tool {self.tool.name}", command.run_id, self._span_attributes(command, attempt)),
                 ):
                     budget = ModelBudget(command.budget_tokens, command.budget_cost_usd)
-                    ctx = CallContext(http, command.run_id, command.command_id, attempt, used, budget)
+                    ctx = CallContext(
+                        http, command.run_id, command.command_id, attempt, used, budget, self._http.direct(http)
+                    )
                     output = await self._call_once(command, ctx)
                 await self.breaker.success()
                 if self.health.is_down("sandbox"):

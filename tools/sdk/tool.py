@@ -15,6 +15,7 @@ import httpx
 from pydantic import BaseModel, ValidationError
 from streamagent.tools.sdk.errors import PermanentError, RetryableError
 from streamagent.tools.sdk.retry import RetryPolicy
+from streamagent.tools.sdk.transport import DIRECT_KWARGS, AiohttpTransport
 
 from streamagent.catalogue import Announcement
 
@@ -84,6 +85,9 @@ class CallContext:
     model_use: ModelUse = field(default_factory=ModelUse)
     # From the command, read-only: what the run may still spend on models (ModelBudget; no cap by default).
     budget: ModelBudget = field(default_factory=ModelBudget)
+    # The runner's: the aiohttp transport under ``http`` (tools/sdk/transport.py), which ``request`` calls
+    # directly for the usual call, sparing httpx's client its CPU. None (a test's client): through ``http``.
+    direct: AiohttpTransport | None = None
 
     @property
     def headers(self) -> dict[str, str]:
@@ -94,7 +98,10 @@ class CallContext:
     async def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         headers = {**kwargs.pop("headers", {}), **self.headers}  # the SDK's keys win
         try:
-            response = await self.http.request(method, path, headers=headers, **kwargs)
+            if self.direct is not None and kwargs.keys() <= DIRECT_KWARGS:
+                response = await self.direct.send(self.http, method, path, headers, **kwargs)
+            else:
+                response = await self.http.request(method, path, headers=headers, **kwargs)
         except httpx.TimeoutException as exc:
             raise RetryableError(f"{method} {path} timed out: {exc!r}") from exc
         except httpx.TransportError as exc:

@@ -294,11 +294,11 @@ class ReplayWorker(StateWorker):
         self.decoded = decoded
         self.published: list[StateSnapshot] = []
 
-    def decode(self, message: Any) -> Any:
+    def decode(self, message: Any, trusted: bool = False) -> Any:
         got = self.decoded.get((message.topic, message.partition, message.offset))
         if isinstance(got, codec.DecodeError):
             raise got
-        return got if got is not None else super().decode(message)
+        return got if got is not None else super().decode(message, trusted)
 
     def _publish(self, state: RunState) -> None:
         self.published.append(state.snapshot)

@@ -82,6 +82,22 @@ def test_a_record_without_the_header_or_with_a_forged_one_is_refused() -> None:
         CORE.verify(event, value, impostor.headers(value))
 
 
+def test_the_writer_is_read_before_decoding_and_only_the_core_is_trusted() -> None:
+    # The fold and the projection verify the header first, to decode a core component's event without
+    # validating it again (issue 24); a tool's result (what it reports about the world) is always validated.
+    value, headers = _signed("decision", _decision())
+    assert CORE.verified_writer(value, headers) == "decision" and "decision" in authn.TRUSTED_WRITERS
+    assert CORE.verified_writer(value + b"x", headers) is None  # altered: not trusted, and verify says why
+    with pytest.raises(Unauthenticated, match="does not match"):
+        CORE.verify(_decision(), value + b"x", headers, CORE.verified_writer(value + b"x", headers))
+    result, result_headers = _signed("tool:jira", _result("jira"))
+    assert CORE.verified_writer(result, result_headers) == "tool:jira"
+    assert not {"tool:jira", "operator:grace"} & authn.TRUSTED_WRITERS
+    # The role handed over is still checked against what it may write.
+    with pytest.raises(Unauthenticated, match="only decision writes it"):
+        CORE.verify(_decision(), result, result_headers, "tool:jira")
+
+
 def test_an_altered_record_no_longer_verifies() -> None:
     value, headers = _signed("tool:jira", _result())
     altered_event = _result().model_copy(update={"output": {"key": "EVIL"}})

@@ -387,6 +387,48 @@ def test_round_trip_is_equal(event: BaseModel) -> None:
     assert decoded.model_dump() == event.model_dump()
 
 
+def _same_types(a: Any, b: Any, path: str = "") -> list[str]:
+    """Where ``a`` and ``b`` differ in value or in type, recursively (StrEnum == str, so == is not enough)."""
+    if type(a) is not type(b):
+        return [f"{path}: {type(a).__name__} vs {type(b).__name__}"]
+    if isinstance(a, BaseModel):
+        return [
+            d
+            for name in type(a).model_fields
+            for d in _same_types(getattr(a, name), getattr(b, name), f"{path}.{name}")
+        ]
+    if isinstance(a, list | tuple):
+        if len(a) != len(b):
+            return [f"{path}: length"]
+        return [d for i, (x, y) in enumerate(zip(a, b, strict=True)) for d in _same_types(x, y, f"{path}[{i}]")]
+    if isinstance(a, dict):
+        if a.keys() != b.keys():
+            return [f"{path}: keys"]
+        return [d for k in a for d in _same_types(a[k], b[k], f"{path}[{k}]")]
+    return [] if a == b else [f"{path}: {a!r} != {b!r}"]
+
+
+@pytest.mark.parametrize("event", SAMPLES, ids=SAMPLE_IDS)
+def test_trusted_decode_builds_what_validation_builds(event: BaseModel) -> None:
+    # An event verified as a core component's is built without validating it again (issue 24): it must be
+    # the very same model, field by field and type by type, as the validated decode gives.
+    data = codec.encode(event)
+    validated, trusted = codec.decode(data), codec.decode(data, trusted=True)
+    assert _same_types(validated, trusted) == []
+    assert trusted == validated and trusted.model_fields_set == validated.model_fields_set
+    assert trusted.model_dump(mode="json") == validated.model_dump(mode="json")
+
+
+def test_trusted_decode_skips_validation_and_the_default_does_not() -> None:
+    # What the trust boundary means: the bytes of a request too long to be valid are refused unless trusted,
+    # which is why only events verified as the core's own (never intake's requests) are decoded trusted.
+    long_name = _raw("RunRequested", _run_requested_record(company_name="x" * 500))
+    with pytest.raises(codec.DecodeError) as refused:
+        codec.decode(long_name)
+    assert refused.value.reason == "invalid-event"
+    assert codec.decode(long_name, trusted=True).company_name == "x" * 500  # type: ignore[attr-defined]
+
+
 def test_snapshot_round_trip_keeps_step_outputs() -> None:
     snapshot = next(m for m in SAMPLES if isinstance(m, StateSnapshot))
     assert isinstance(snapshot, StateSnapshot)
