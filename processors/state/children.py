@@ -19,9 +19,12 @@ had completed does not turn the step's success into a failure.
 
 from __future__ import annotations
 
+from typing import Any
+
 from streamagent.processors.state.fold import RunState
 
 from streamagent.events import (
+    Event,
     RunCompleted,
     RunFailed,
     RunRequested,
@@ -60,14 +63,10 @@ def parent_result(state: RunState, event: RunCompleted | RunFailed) -> ToolResul
     if not ok:
         error = f"child run {snap.run_id} {event.status.value}: {event.reason}"
         kind = "deadline" if snap.deadline_exceeded else CHILD_FAILED
-    return ToolResult(
-        event_id=stable_id(snap.run_id, "child-result"),
-        run_id=request.parent_run_id,
-        causation_id=event.event_id,
-        occurred_at=event.occurred_at,
-        command_id=request.parent_command_id,
-        tool=child_tool(request.workflow),
-        step=request.parent_step,
+    return _answer(
+        request,
+        snap.run_id,
+        event,
         status=ToolStatus.succeeded if ok else ToolStatus.failed,
         output={"child_run_id": snap.run_id, **event.results} if ok else {"child_run_id": snap.run_id},
         error=error,
@@ -90,16 +89,27 @@ def refusal_result(event: RunRequested, reason: str, detail: str) -> ToolResult 
         return None
     if reason == "duplicate-run":
         return None
-    return ToolResult(
-        event_id=stable_id(event.run_id, "child-result"),
-        run_id=event.parent_run_id,
-        causation_id=event.event_id,
-        occurred_at=event.occurred_at,
-        command_id=event.parent_command_id,
-        tool=child_tool(event.workflow),
-        step=event.parent_step,
+    return _answer(
+        event,
+        event.run_id,
+        event,
         status=ToolStatus.failed,
         output={"child_run_id": event.run_id},
         error=f"child run {event.run_id} refused ({reason}): {detail}",
         error_kind=CHILD_REFUSED,
+    )
+
+
+def _answer(request: RunRequested, child_run_id: str, cause: Event, **outcome: Any) -> ToolResult:
+    """The parent step's result for the child run ``child_run_id`` started by ``request``: one event id per
+    child, whatever the answer, so the parent takes exactly one."""
+    return ToolResult(
+        event_id=stable_id(child_run_id, "child-result"),
+        run_id=request.parent_run_id,
+        causation_id=cause.event_id,
+        occurred_at=cause.occurred_at,
+        command_id=request.parent_command_id,
+        tool=child_tool(request.workflow),
+        step=request.parent_step,
+        **outcome,
     )
