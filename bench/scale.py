@@ -204,7 +204,20 @@ def churn(stack: Stack, members: int, runs: int, args: argparse.Namespace) -> di
         "leave_pause_max_s": round(max(leave), 2) if leave else None,
         "kill_pause_max_s": round(max(kill), 2) if kill else None,
         "pause_samples": {"join": len(join), "leave": len(leave), "kill": len(kill)},
+        # Which group pauses longest (a pause upstream starves the groups after it, so they pause too).
+        "join_pause_max_by_group": by_group(progress, marks["join"], marks["leave"]),
+        "leave_pause_max_by_group": by_group(progress, marks["leave"], marks["kill"]),
     }
+
+
+def by_group(progress: Progress, start: float, end: float) -> dict[str, float]:
+    """The longest pause of each group's partitions between ``start`` and ``end``, in seconds."""
+    out = {}
+    for group in GROUPS:
+        pauses = progress.pauses(start, end, [group])
+        if pauses:
+            out[group] = round(max(pauses), 2)
+    return out
 
 
 def setting(members: int, args: argparse.Namespace, data_dir: Path) -> dict[str, object]:
@@ -266,6 +279,9 @@ def print_table(result: dict[str, object]) -> None:
         "load_avg",
     ):
         print(f"  {key:<28} {result[key]}")
+    for event in ("join", "leave"):
+        groups = result.get(f"{event}_pause_max_by_group") or {}
+        print(f"  {event} pause max by group      " + ", ".join(f"{g} {v}s" for g, v in groups.items()))
 
 
 def bench(args: argparse.Namespace, data_dir: Path) -> int:
