@@ -130,19 +130,16 @@ class _HttpClients:
         limits = httpx.Limits(max_connections=per_shard, max_keepalive_connections=per_shard)
         verify = httpx.create_ssl_context()  # loading the CA bundle once, not once per client
         base_url = base_url or settings.sandbox_url
-        transport: httpx.AsyncBaseTransport | None = None
+        instant: httpx.AsyncBaseTransport | None = None
         if settings.tools_instant and base_url == settings.sandbox_url:
             # The benchmark's instant tools: sandbox calls answered in this process. Imported here: a
             # tool process otherwise never loads the sandbox (and its HTTP server).
             from streamagent.tools.sdk.instant import InstantTransport
 
-            transport = InstantTransport()
-        elif httpcore:
-            transport = None
-        # httpx's API for tools, aiohttp's C parser and pool below it (tools/sdk/transport.py).
-        transports = [
-            transport if transport or httpcore else AiohttpTransport(per_shard, ssl=verify) for _ in range(shards)
-        ]
+            instant = InstantTransport()
+        # httpx's API for tools, aiohttp's C parser and pool below it (tools/sdk/transport.py); httpx's own
+        # transport (None) where ``httpcore`` asks for it, the in-process sandbox for instant tools.
+        transports = [instant or (None if httpcore else AiohttpTransport(per_shard, ssl=verify)) for _ in range(shards)]
         self.clients = [
             httpx.AsyncClient(base_url=base_url, timeout=timeout, limits=limits, verify=verify, transport=t)
             for t in transports

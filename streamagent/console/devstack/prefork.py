@@ -263,7 +263,8 @@ class ForkServer:
     _next_id: int = 0
     _cond: threading.Condition = field(default_factory=threading.Condition)
     _write_lock: threading.Lock = field(default_factory=threading.Lock)
-    _gone: str = ""
+    _gone: str = ""  # the server exited: its children died with it
+    _unusable: str = ""  # it stopped answering: no more requests to it
 
     def start(self) -> ForkServer:
         """Start the server; it imports in the background while the stack starts its broker."""
@@ -310,9 +311,10 @@ class ForkServer:
             raise ForkError(f"only the CLI is forked, not {argv[:3]}")
         with self._cond:
             if not self._cond.wait_for(lambda: self._ready is not None or self._gone, _READY_S):
-                raise ForkError("the fork server did not get ready")
-            if self._gone or (self._ready or {}).get("refused"):
-                raise ForkError(self._gone or str((self._ready or {}).get("refused")))
+                self._unusable = "the fork server did not get ready"
+            why = self._gone or self._unusable or (self._ready or {}).get("refused")
+            if why:
+                raise ForkError(str(why))
             self._next_id += 1
             request_id = self._next_id
         request = {"id": request_id, "argv": argv, "env": env, "log": str(log_path), "title": title}
@@ -325,10 +327,12 @@ class ForkServer:
             raise ForkError(f"the fork server is gone: {exc}") from None
         with self._cond:
             if not self._cond.wait_for(lambda: request_id in self._replies or self._gone, _REPLY_S):
-                raise ForkError("the fork server did not answer")
+                # Given up on for good: every later start goes to exec at once, not after another wait. (Not
+                # ``_gone``: a slow server's children may live, and must not be reported dead.)
+                self._unusable = "the fork server did not answer"
             reply = self._replies.pop(request_id, None)
         if reply is None or "pid" not in reply:
-            raise ForkError((reply or {}).get("error") or self._gone or "no reply")
+            raise ForkError((reply or {}).get("error") or self._gone or self._unusable or "no reply")
         return ForkedProcess(int(reply["pid"]), self)
 
     def returncode(self, pid: int) -> int | None:

@@ -249,9 +249,8 @@ class Child:
         if self.forker is not None:
             try:
                 self.proc = self.forker.spawn(self.argv, self.env, self.log_path, title=" ".join(self.argv))
-            except ForkError as exc:
+            except ForkError as exc:  # the server remembers it is unusable: later starts fail over at once
                 log.warning("fork server: %s; starting %s with exec", exc, self.name, extra={"child": self.name})
-                self.forker = None
         if self.proc is None:
             self.proc = self._exec()
         self.started_at = time.monotonic()
