@@ -1,7 +1,10 @@
-"""Two adjustments faust-streaming needs to run correctly on the embedded broker.
+"""Adjustments faust-streaming needs to run correctly.
 
-Both are applied by ``apply(settings)`` before the faust app starts, and both are harmless on
-Apache Kafka (they only change a wait time and how the end of a changelog is measured).
+Two for the embedded broker, applied by ``apply(settings)`` before the faust app starts, and
+harmless on Apache Kafka (they only change a wait time and how the end of a changelog is measured).
+One for any broker, ``commit_from``: the group commits what the application says it has processed,
+not what faust's acknowledgement bookkeeping concludes (which passes records it skipped around a
+rebalance; see ``processors/state/offsets.py``).
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import asyncio
 import logging
 import ssl
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from confluent_kafka import Consumer, TopicPartition
@@ -133,3 +136,33 @@ def apply(settings: Settings) -> None:
     thread_cls._highwaters = _highwaters
     thread_cls._streamagent_patched = True
     log.debug("faust patched for the embedded broker")
+
+
+def commit_from(app: Any, offsets: Callable[[tuple[str, int]], int | None]) -> None:
+    """Make ``app``'s consumer commit, per partition, the offset ``offsets`` gives (None: nothing yet).
+
+    faust commits the end of the first run of consecutive acknowledged offsets, counting as
+    acknowledged the offsets it took for holes in the log; around a rebalance it takes records it
+    skipped for holes, so its commit passes records nobody processed (faust-streaming issues 312,
+    606). The application's own account is committed instead, through faust's commit path (the
+    timer, a revoke, a stop; only partitions owned, only forward). faust's acknowledgement lists are
+    emptied on the way, so they do not grow.
+    """
+    from faust.transport import consumer as base
+
+    cls: Any = base.Consumer
+    if not getattr(cls, "_streamagent_commit_from", False):
+        original = cls._new_offset
+
+        def _new_offset(self: Any, tp: Any) -> int | None:
+            source = getattr(self.app, "_streamagent_offsets", None)
+            if source is None:
+                return original(self, tp)
+            self._acked[tp].clear()
+            self._acked_index[tp].clear()
+            self._gap.pop(tp, None)
+            return source((tp.topic, tp.partition))
+
+        cls._new_offset = _new_offset
+        cls._streamagent_commit_from = True
+    app._streamagent_offsets = offsets

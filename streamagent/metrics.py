@@ -39,6 +39,10 @@ INTAKE_REQUESTS = Counter(
     "streamagent_intake_requests_total", "Upstream requests read by intake, by outcome", ["outcome"]
 )
 SNAPSHOTS = Counter("streamagent_snapshots_total", "Snapshots published for the decision layer")
+SKIPPED_RECORDS = Counter(
+    "streamagent_state_skipped_records_total",
+    "Records faust skipped (around a rebalance) that the state processor read from the broker itself",
+)
 RUNS_ADMITTED = Gauge("streamagent_runs_admitted", "Runs in flight on this state worker (admitted, not yet over)")
 RUNS_WAITING = Gauge("streamagent_runs_waiting", "Requested runs waiting for room under max_running_runs")
 DECISIONS = Counter(

@@ -32,6 +32,7 @@ from streamagent.processors.state.checkpoint import decode as decode_checkpoint
 from streamagent.processors.state.checkpoint import encode as encode_checkpoint
 from streamagent.processors.state.children import parent_result, refusal_result
 from streamagent.processors.state.fold import RunState, apply, in_flight, loss_checked, needs_decision
+from streamagent.processors.state.offsets import FoldOffsets, read_range
 from streamagent.processors.state.store import FaustTableStore, RunStore, maybe_active
 from streamagent.processors.state.watch import APPROVAL, DEADLINE, REDRIVE, RETAIN, Admission, DueQueue
 from streamagent.processors.workflow import UnknownWorkflow, Workflow, Workflows, load_workflows, lookup
@@ -68,6 +69,7 @@ from streamagent.metrics import (
     RUNS,
     RUNS_ADMITTED,
     RUNS_WAITING,
+    SKIPPED_RECORDS,
     SNAPSHOTS,
     STEP_SECONDS,
     HopTimer,
@@ -79,6 +81,9 @@ from streamagent.topics import RUN_EVENTS, RUN_REQUESTS, RUN_STATE, TOOL_RESULTS
 log = logging.getLogger(__name__)
 PROCESSOR = "state"
 HOMES_KEPT = 100_000  # run ids whose home partition is remembered (about 10 MB)
+# A partition whose end lies beyond the fold with nothing delivered for this long is read by the
+# processor itself (``offsets.FoldOffsets.stalled``): several fetch waits, so a busy partition never is.
+STALL_S = 3.0
 
 
 @dataclass
@@ -825,6 +830,7 @@ def build_app(settings: Settings) -> faust.App:
     store = FaustTableStore(table, producer, changelog)
     worker = StateWorker(settings, store, producer, keys=load_keys(settings))
     events_topic = settings.topic(RUN_EVENTS)
+    fold_topics = {events_topic, settings.topic(TOOL_RESULTS)}
     members = MemberAnnouncer(settings, producer, PROCESSOR)  # `streamagent status`: partitions, lag, work
     checkpoints = Checkpoints(settings, worker, store, changelog)
     table._data = checkpoints.table_store(app, table)
@@ -835,6 +841,7 @@ def build_app(settings: Settings) -> faust.App:
         # table once recovery of the new assignment completes. A revoke is also where faust would
         # commit: our batches are settled (flushed) before they are acked, so nothing is pending.
         worker.release()
+        offsets.forget()
 
     async def settle() -> None:
         """Everything this batch caused is acknowledged before faust may commit its offsets."""
@@ -860,6 +867,38 @@ def build_app(settings: Settings) -> faust.App:
             )
             data.loaded_runs = data.recovered_records = 0
 
+    # The fold's own account of its offsets, which the group commits (processors/state/offsets.py).
+    offsets = FoldOffsets(worker.positions)
+    faust_compat.commit_from(app, offsets.commit_offset)
+
+    def start_of(tp: tuple[str, int]) -> int | None:
+        """Where the fold resumes a partition it has not folded since its assignment: the group's commit
+        (where faust seeked), or further if this member settled more of it before a rebalance kept it here."""
+        committed = app.consumer._committed_offset.get(tp)
+        settled = offsets.settled.get(tp)
+        known = [o for o in (committed, settled) if o is not None]
+        return max(known) if known else None
+
+    async def fold_in_order(messages: list[Any]) -> None:
+        """Fold the messages in offset order, first reading from the broker any records faust skipped."""
+        holes = offsets.holes(messages, start_of)
+        if holes:
+            filled = await _blocking(read_range, settings, holes)
+            SKIPPED_RECORDS.inc(len(filled))
+            log.warning(
+                "faust skipped %d record(s); folding them from the broker: %s",
+                len(filled),
+                ", ".join(f"{t}[{p}] {a}..{b - 1}" for (t, p), (a, b) in sorted(holes.items())),
+            )
+            # Each partition's skipped records, then the delivered ones: offset order per partition.
+            messages = sorted([*filled, *messages], key=lambda m: (m.topic, m.partition, m.offset))
+        taken = offsets.take(messages, start_of)
+        worker.fold_batch(taken)
+        folded = dict(offsets.folded)  # what this batch brings; folds that start meanwhile settle on their own
+        members.processed += len(taken)
+        await settle()
+        offsets.settle(folded)
+
     @app.agent(events)
     async def fold(stream: Any) -> None:
         # Gather for up to one fetch wait: under load that joins several fetches into one batch (one
@@ -867,9 +906,23 @@ def build_app(settings: Settings) -> faust.App:
         # window cost ~20% more CPU per run at 1,000 runs).
         async for batch in stream.take_events(settings.batch_size, within=settings.fetch_wait_ms / 1000):
             sync()
-            worker.fold_batch([event.message for event in batch])
-            members.processed += len(batch)
-            await settle()
+            await fold_in_order([event.message for event in batch])
+
+    async def fold_stalled_tails() -> None:
+        """Records faust skipped at the end of a partition have no later record to reveal them: a
+        partition whose end lies beyond the fold, with nothing delivered for a while, is read here."""
+        ends = {
+            (tp.topic, tp.partition): end
+            for tp in app.consumer.assignment()
+            if tp.topic in fold_topics and (end := app.consumer.highwater(tp)) is not None
+        }
+        stalled = offsets.stalled(ends, STALL_S)
+        if stalled:
+            filled = await _blocking(read_range, settings, stalled)
+            if filled:
+                SKIPPED_RECORDS.inc(len(filled))
+                log.warning("faust delivered nothing of %d record(s) at partition ends; folding them", len(filled))
+                await fold_in_order(sorted(filled, key=lambda m: (m.topic, m.partition, m.offset)))
 
     @app.timer(interval=0.5)
     async def watch() -> None:
@@ -885,6 +938,7 @@ def build_app(settings: Settings) -> faust.App:
             except Exception as exc:
                 log.debug("lag not reported: %r", exc)
         await worker.tick()
+        await fold_stalled_tails()
         if checkpoints.due(time.time()):
             await _blocking(checkpoints.write)
 
