@@ -209,3 +209,46 @@ def test_a_hole_in_the_journal_moves_later_batches_down_and_their_commits_with_t
         finally:
             restarted.stop()
     assert [e.base_offset for e in scan(journal)[0] if isinstance(e, Records)] == [0, 3]
+
+
+def test_a_topic_the_broker_created_on_first_use_and_a_deleted_one_do_not_stop_a_restart(tmp_path: Path) -> None:
+    # No CreateTopics for "durable.auto": the broker makes it on the first produce (a tool's command topic
+    # did this). "durable.gone" is created, read by a group, then deleted: its group offset outlives it.
+    broker = EmbeddedBroker(tmp_path / "broker", storage="journal").start()
+    bootstrap = broker.bootstrap_servers
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    for future in admin.create_topics([NewTopic("durable.gone", 1, 1)]).values():
+        future.result()
+    p = Producer({"bootstrap.servers": bootstrap})
+    for i in range(20):
+        p.produce("durable.auto", value=f"a{i}".encode(), partition=i % 4)
+        p.produce("durable.gone", value=f"g{i}".encode())
+    assert p.flush(10) == 0
+    auto = {"durable.auto": 4}
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "auto-group", "enable.auto.commit": False})
+    c.assign([TopicPartition("durable.auto", n, 2) for n in range(4)] + [TopicPartition("durable.gone", 0, 7)])
+    c.commit(offsets=c.assignment(), asynchronous=False)
+    c.close()
+    for future in admin.delete_topics(["durable.gone"]).values():
+        future.result()
+
+    _kill_hard(broker)
+    restarted = EmbeddedBroker(tmp_path / "broker", storage="journal", port=broker.port).start()
+    try:
+        assert _committed(restarted.bootstrap_servers, "auto-group", auto) == {("durable.auto", n): 2 for n in range(4)}
+        reader = Consumer(
+            {"bootstrap.servers": restarted.bootstrap_servers, "group.id": "r", "enable.partition.eof": True}
+        )
+        reader.assign([TopicPartition("durable.auto", n, 0) for n in range(4)])
+        values, ends = set(), 0
+        while ends < 4:
+            msg = reader.poll(5)
+            assert msg is not None, "no end reached"
+            if msg.error():
+                ends += 1
+            else:
+                values.add(msg.value())
+        reader.close()
+        assert values == {f"a{i}".encode() for i in range(20)}
+    finally:
+        restarted.stop()

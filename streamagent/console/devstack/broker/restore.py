@@ -28,6 +28,7 @@ from streamagent.console.devstack.broker.journal import Admin, Entry, Offset, Re
 log = logging.getLogger(__name__)
 
 _WINDOW = 64  # produce requests in flight on the restore connection
+_AUTO_CREATED_PARTITIONS = 4  # what the embedded broker gives a topic it creates on first use (BROKER-NOTES)
 _CLIENT_ID = "streamagent-journal-restore"
 
 
@@ -91,21 +92,27 @@ def restore(entries: list[Entry], host: str, port: int) -> RestoreReport:
         # Between two administration requests, records are replayed per partition in offset order
         # (the journal holds them in the order the broker's answers arrived, which can differ).
         segment: list[Records] = []
+        ensured: set[str] = set()  # topics known to exist since the last deletion of them
+        deleted: set[str] = set()  # topics deleted and not written since: their group offsets are gone too
         for entry in entries:
             if isinstance(entry, Records):
                 segment.append(entry)
+                deleted.discard(entry.topic)
             elif isinstance(entry, Admin):
-                _replay_records(conn, segment, report)
+                _replay_records(conn, segment, report, ensured)
                 segment = []
                 _replay_admin(conn, entry)
                 if entry.api_key == wire.DELETE_TOPICS:
                     gone = set(wire.parse_delete_topics_request(entry.body, entry.api_version))
                     report.ends = {k: v for k, v in report.ends.items() if k[0] not in gone}
                     report.placed = {k: v for k, v in report.placed.items() if k[0] not in gone}
+                    ensured -= gone
+                    deleted |= gone
                 report.rewritten.append(entry)
                 report.admin_requests += 1
-        _replay_records(conn, segment, report)
-        report.offsets = _replay_offsets(conn, [e for e in entries if isinstance(e, Offset)], report)
+        _replay_records(conn, segment, report, ensured)
+        offsets = [e for e in entries if isinstance(e, Offset) and e.topic not in deleted]
+        report.offsets = _replay_offsets(conn, offsets, report)
     finally:
         conn.close()
     report.seconds = time.monotonic() - started
@@ -137,7 +144,26 @@ def _replay_admin(conn: _Connection, entry: Admin) -> None:
     conn.receive()  # an error (say, topic exists) is the answer it got the first time too
 
 
-def _replay_records(conn: _Connection, batches: list[Records], report: RestoreReport) -> None:
+def _ensure_topics(conn: _Connection, batches: list[Records], ensured: set[str]) -> None:
+    """Create the topics these batches go to, unless created already (the answer is then "exists").
+
+    A topic the broker created by itself, on a client's first produce or metadata request, has no
+    CreateTopics in the journal; producing to it on an empty broker would be refused, and committing a
+    group offset for it too, so the broker would never start again (found 2026-12-07 with a tool's
+    command topic). It gets the partitions the broker gives an auto-created topic, or as many as its
+    records name."""
+    wanted: dict[str, int] = {}
+    for b in batches:
+        if b.topic not in ensured:
+            wanted[b.topic] = max(wanted.get(b.topic, _AUTO_CREATED_PARTITIONS), b.partition + 1)
+    if wanted:
+        conn.send(wire.CREATE_TOPICS, 4, wire.encode_create_topics_request(wanted))
+        conn.receive()  # "already exists" for the topics the journal created itself: as wanted
+        ensured.update(wanted)
+
+
+def _replay_records(conn: _Connection, batches: list[Records], report: RestoreReport, ensured: set[str]) -> None:
+    _ensure_topics(conn, batches, ensured)
     by_partition: dict[tuple[str, int], list[Records]] = defaultdict(list)
     for b in batches:
         by_partition[(b.topic, b.partition)].append(b)

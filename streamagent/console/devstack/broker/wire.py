@@ -310,6 +310,14 @@ def encode_offset_commit_request(group: str, offsets: list[CommittedOffset]) -> 
     return body
 
 
+def encode_create_topics_request(topics: dict[str, int], timeout_ms: int = 10_000) -> bytes:
+    """A CreateTopics v4 body: each topic with its partition count, replication 1, no configs."""
+    body = struct.pack(">i", len(topics))
+    for name, partitions in topics.items():
+        body += string(name) + struct.pack(">ihii", partitions, 1, 0, 0)
+    return body + struct.pack(">ib", timeout_ms, 0)
+
+
 def parse_delete_topics_request(body: memoryview | bytes, version: int) -> list[str]:
     compact = flexible(DELETE_TOPICS, version)
     r = Reader(body)
