@@ -7,11 +7,13 @@ For each setting of ``--members`` it starts an embedded stack with that many mem
    with no member joining or leaving;
 2. a churn burst of ``--runs`` runs, during which a member joins every group, then one member of every
    group leaves (SIGTERM), then a state, a decision and a tool (jira) member are killed with kill -9 (the
-   supervisor starts each again). The pause of each event is the time a partition made no progress:
-   every group's committed offsets are polled (``--sample-s``) and, per (group, partition) that made
-   progress after the event, the longest stretch without a commit advance from the event to the next
-   event is taken; ``*_pause_p99_s`` is the p99 of those over every group's run-path partitions (the
-   partitions that did not move pause little, so the p99 is the moved partitions' pause).
+   supervisor starts each again). Every group's committed offsets and every run-path partition's end
+   are sampled (``--sample-s``). The pause of each event, per (group, partition), is the longest
+   stretch from the event to the next one during which work waited (the partition's end lay beyond
+   the group's commit) and the commit did not advance; ``*_pause_p99_s`` is the p99 of those over
+   every group's run-path partitions. ``*_gap_p99_s`` is the older, coarser figure: the longest stretch
+   without a commit advance, work waiting or not, so it also counts a group starved by the one before
+   it (a decision member idle because the state group is rebalancing).
 
 Both bursts count duplicate effects (a (run, api) the sandbox performed more than once). Per setting it
 prints a human table and then one line of pure JSON:
@@ -31,18 +33,18 @@ import signal
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from itertools import pairwise
 from pathlib import Path
 
 import psycopg
-from confluent_kafka import KafkaException
+from confluent_kafka import OFFSET_END, Consumer, KafkaException, TopicPartition
 from streamagent.tools.sandbox.client import SandboxClient
 
 from streamagent.config import Settings, get_settings
 from streamagent.console.demo import sample_requests
 from streamagent.console.devstack.stack import Stack
-from streamagent.kafka import admin, group_offsets
+from streamagent.kafka import admin, client_config, group_offsets
 from streamagent.members import read_members
 from streamagent.submit import produce_requests
 from streamagent.topics import COMMANDS_PREFIX, RUN_EVENTS, RUN_REQUESTS, RUN_STATE, TOOL_RESULTS
@@ -83,24 +85,59 @@ def run_path(topic: str, prefix: str) -> bool:
     return name in (RUN_REQUESTS, RUN_EVENTS, TOOL_RESULTS, RUN_STATE) or name.startswith(COMMANDS_PREFIX)
 
 
+class Ends:
+    """The end of every run-path partition, as carried in fetch responses (ListOffsets is wrong on the
+    embedded broker, BROKER-NOTES): a consumer of no group follows each partition's tail."""
+
+    def __init__(self, settings: Settings, partitions: Iterable[tuple[str, int]]) -> None:
+        self.consumer = Consumer(
+            {
+                **client_config(settings),
+                "group.id": f"{settings.topic_prefix}bench-scale-ends",
+                "enable.auto.commit": False,
+                "fetch.wait.max.ms": 100,
+            }
+        )
+        self.partitions = sorted(set(partitions))
+        self.consumer.assign([TopicPartition(t, p, OFFSET_END) for t, p in self.partitions])
+
+    def read(self) -> dict[tuple[str, int], int]:
+        while self.consumer.consume(num_messages=10_000, timeout=0):
+            pass  # drained: the fetcher keeps the watermarks of the latest fetch response
+        out = {}
+        for topic, partition in self.partitions:
+            _low, high = self.consumer.get_watermark_offsets(TopicPartition(topic, partition), cached=True)
+            if high >= 0:
+                out[(topic, partition)] = high
+        return out
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
 class Progress:
-    """When each group's committed offset of each run-path partition last advanced (sampled)."""
+    """Each group's committed offset of each run-path partition, and that partition's end, sampled."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.client = admin(settings)
         self.partitions: dict[str, list[tuple[str, int]]] = {}
-        self.last: dict[tuple[str, str, int], int] = {}
-        self.advances: dict[tuple[str, str, int], list[float]] = {}
+        # (group, topic, partition) -> samples of (time, committed offset, partition end or None)
+        self.samples: dict[tuple[str, str, int], list[tuple[float, int, int | None]]] = {}
+        self.ends: Ends | None = None
 
     def learn(self) -> None:
         """Which partitions each group reads, from its members' announcements."""
         for m in read_members(self.settings).values():
             parts = {(p.topic, p.partition) for p in m.partitions if run_path(p.topic, self.settings.topic_prefix)}
             self.partitions[m.group] = sorted(set(self.partitions.get(m.group, [])) | parts)
+        if self.ends is not None:
+            self.ends.close()
+        self.ends = Ends(self.settings, [tp for parts in self.partitions.values() for tp in parts])
 
     def sample(self) -> None:
         now = time.monotonic()
+        ends = self.ends.read() if self.ends is not None else {}
         for group, parts in self.partitions.items():
             if not parts:
                 continue
@@ -109,20 +146,32 @@ class Progress:
             except KafkaException:  # the coordinator busy with a rebalance: the next sample says it
                 continue
             for (topic, partition), offset in offsets.items():
-                key = (group, topic, partition)
-                if offset > self.last.get(key, -1):
-                    if key in self.last:
-                        self.advances.setdefault(key, []).append(now)
-                    self.last[key] = offset
+                self.samples.setdefault((group, topic, partition), []).append(
+                    (now, offset, ends.get((topic, partition)))
+                )
 
     def pauses(self, start: float, end: float, groups: Iterable[str] | None = None) -> list[float]:
-        """Per (group, partition) that advanced after ``start``: the longest stretch without an advance
-        from ``start`` until ``end`` (or its last advance before ``end``)."""
+        """Per (group, partition) with work in the window: the longest stretch between ``start`` and
+        ``end`` during which work waited and the commit did not advance."""
         wanted = set(groups) if groups is not None else None
         out = []
-        for (group, _topic, _p), times in self.advances.items():
+        for (group, _topic, _p), samples in self.samples.items():
             if wanted is not None and group not in wanted:
                 continue
+            longest, worked = stall(samples, start, end)
+            if worked:
+                out.append(longest)
+        return out
+
+    def gaps(self, start: float, end: float, groups: Iterable[str] | None = None) -> list[float]:
+        """Per (group, partition) that advanced after ``start``: the longest stretch without an advance
+        from ``start`` until ``end`` (or its last advance before ``end``), work waiting or not."""
+        wanted = set(groups) if groups is not None else None
+        out = []
+        for (group, _topic, _p), samples in self.samples.items():
+            if wanted is not None and group not in wanted:
+                continue
+            times = [t for (_, prev, _e), (t, o, _) in pairwise(samples) if o > prev]  # the advances
             after = [t for t in times if start < t <= end]
             if not after:
                 continue  # no work on this partition in the window: no pause to speak of
@@ -130,6 +179,32 @@ class Progress:
             edges = [max(before[-1], start) if before else start, *after]
             out.append(max(b - a for a, b in pairwise(edges)))
         return out
+
+
+def stall(samples: Sequence[tuple[float, int, int | None]], start: float, end: float) -> tuple[float, bool]:
+    """The longest stretch in ``[start, end]`` with work waiting (end of the partition beyond the commit)
+    and no commit advance, and whether work waited at all. A stretch ends when the commit advances (a
+    new one starts there if work still waits) or when nothing is left to do."""
+    longest, worked = 0.0, False
+    since: float | None = None
+    previous: int | None = None
+    last = start
+    for t, committed, top in samples:
+        if t > end:
+            break
+        if t >= start:
+            last = t
+            if since is not None and previous is not None and committed > previous:
+                longest, since = max(longest, t - since), None
+            if top is not None and committed < top:
+                worked = True
+                since = t if since is None else since
+            elif since is not None:
+                longest, since = max(longest, t - since), None
+        previous = committed
+    if since is not None:
+        longest = max(longest, last - since)
+    return longest, worked
 
 
 def ended(conn: psycopg.Connection, run_ids: list[str]) -> Counter[str]:
@@ -189,34 +264,35 @@ def churn(stack: Stack, members: int, runs: int, args: argparse.Namespace) -> di
     counts, _ = wait(s, run_ids, max(1.0, deadline - time.monotonic()), on_tick=[progress.sample])
     hold(1.0)
     end = time.monotonic()
-    join = progress.pauses(marks["join"], marks["leave"])
-    leave = progress.pauses(marks["leave"], marks["kill"])
-    kill = progress.pauses(marks["kill"], end, KILLED)
+    if progress.ends is not None:
+        progress.ends.close()
+    windows = {"join": (marks["join"], marks["leave"], None), "leave": (marks["leave"], marks["kill"], None)}
+    windows["kill"] = (marks["kill"], end, KILLED)
     p99 = lambda xs: round(percentile(xs, 0.99), 2) if xs else None  # noqa: E731
-    return {
+    out: dict[str, object] = {
         "churn_runs": runs,
         "churn_completed": counts.get("completed", 0),
         "churn_duplicate_effects": duplicates(s, run_ids),
-        "join_pause_p99_s": p99(join),
-        "leave_pause_p99_s": p99(leave),
-        "kill_pause_p99_s": p99(kill),
-        "join_pause_max_s": round(max(join), 2) if join else None,
-        "leave_pause_max_s": round(max(leave), 2) if leave else None,
-        "kill_pause_max_s": round(max(kill), 2) if kill else None,
-        "pause_samples": {"join": len(join), "leave": len(leave), "kill": len(kill)},
-        # Which group pauses longest (a pause upstream starves the groups after it, so they pause too).
-        "join_pause_max_by_group": by_group(progress, marks["join"], marks["leave"]),
-        "leave_pause_max_by_group": by_group(progress, marks["leave"], marks["kill"]),
     }
+    for event, (a, b, groups) in windows.items():
+        pauses, gaps = progress.pauses(a, b, groups), progress.gaps(a, b, groups)
+        out[f"{event}_pause_p99_s"] = p99(pauses)
+        out[f"{event}_pause_max_s"] = round(max(pauses), 2) if pauses else None
+        out[f"{event}_gap_p99_s"] = p99(gaps)
+        out[f"{event}_pause_samples"] = len(pauses)
+        # Which group pauses longest.
+        out[f"{event}_pause_max_by_group"] = by_group(progress.pauses, a, b)
+        out[f"{event}_gap_max_by_group"] = by_group(progress.gaps, a, b)
+    return out
 
 
-def by_group(progress: Progress, start: float, end: float) -> dict[str, float]:
-    """The longest pause of each group's partitions between ``start`` and ``end``, in seconds."""
+def by_group(measure: Callable[..., list[float]], start: float, end: float) -> dict[str, float]:
+    """The longest pause (or gap) of each group's partitions between ``start`` and ``end``, in seconds."""
     out = {}
     for group in GROUPS:
-        pauses = progress.pauses(start, end, [group])
-        if pauses:
-            out[group] = round(max(pauses), 2)
+        found = measure(start, end, [group])
+        if found:
+            out[group] = round(max(found), 2)
     return out
 
 
@@ -276,12 +352,16 @@ def print_table(result: dict[str, object]) -> None:
         "join_pause_max_s",
         "leave_pause_max_s",
         "kill_pause_max_s",
+        "join_gap_p99_s",
+        "leave_gap_p99_s",
+        "kill_gap_p99_s",
         "load_avg",
     ):
         print(f"  {key:<28} {result[key]}")
-    for event in ("join", "leave"):
-        groups = result.get(f"{event}_pause_max_by_group") or {}
-        print(f"  {event} pause max by group      " + ", ".join(f"{g} {v}s" for g, v in groups.items()))
+    for event in ("join", "leave", "kill"):
+        for kind in ("pause", "gap"):
+            groups = result.get(f"{event}_{kind}_max_by_group") or {}
+            print(f"  {event} {kind} max by group".ljust(31) + ", ".join(f"{g} {v}s" for g, v in groups.items()))
 
 
 def bench(args: argparse.Namespace, data_dir: Path) -> int:
