@@ -5,15 +5,17 @@ For each setting of ``--members`` it starts an embedded stack with that many mem
 
 1. a clean burst of ``--runs`` runs: runs/s and the stack's CPU per run (from /proc, as bench/load.py),
    with no member joining or leaving;
-2. a churn burst of ``--runs`` runs, during which a member joins every group, then one member of every
-   group leaves (SIGTERM), then a state, a decision and a tool (jira) member are killed with kill -9 (the
-   supervisor starts each again). Every group's committed offsets and every run-path partition's end
-   are sampled (``--sample-s``). The pause of each event, per (group, partition), is the longest
-   stretch from the event to the next one during which work waited (the partition's end lay beyond
-   the group's commit) and the commit did not advance; ``*_pause_p99_s`` is the p99 of those over
-   every group's run-path partitions. ``*_gap_p99_s`` is the older, coarser figure: the longest stretch
-   without a commit advance, work waiting or not, so it also counts a group starved by the one before
-   it (a decision member idle because the state group is rebalancing).
+2. churn under a steady load (``--churn-load`` times the clean burst's runs/s, so queues stay short and
+   a pause is the rebalance's, not a backlog's), during which a member joins every group, then one
+   member of every group leaves (SIGTERM), then a state, a decision and a tool (jira) member are killed
+   with kill -9 (the supervisor starts each again), ``--settle-s`` apart. Every group's committed
+   offsets and every run-path partition's end are sampled (``--sample-s``). The pause of each event,
+   per (group, partition), is the longest stretch from the event to the next one during which work
+   waited (the partition's end lay beyond the group's commit) and the commit did not advance;
+   ``*_pause_p99_s`` is the p99 of those over every group's run-path partitions. ``*_gap_p99_s`` is
+   the older, coarser figure: the longest stretch without a commit advance, work waiting or not, so
+   it also counts a group starved by the one before it (a decision member idle because the state
+   group is rebalancing).
 
 Both bursts count duplicate effects (a (run, api) the sandbox performed more than once). Per setting it
 prints a human table and then one line of pure JSON:
@@ -31,6 +33,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -73,6 +76,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, help="seconds a burst may take (default 120 + 0.5 s per run)")
     parser.add_argument("--sample-s", type=float, default=0.25, help="how often committed offsets are read")
     parser.add_argument("--settle-s", type=float, default=20.0, help="seconds between churn events (default 20)")
+    parser.add_argument(
+        "--churn-load", type=float, default=0.6, help="churn request rate, a share of the clean burst's runs/s"
+    )
     parser.add_argument("--data-dir", type=Path, help="new or empty dir for the stacks' files; default: temp")
     args = parser.parse_args(argv)
     if args.runs <= 0:
@@ -234,12 +240,40 @@ def duplicates(settings: Settings, run_ids: list[str]) -> int:
     return sum(n - 1 for n in per.values() if n > 1)
 
 
-def churn(stack: Stack, members: int, runs: int, args: argparse.Namespace) -> dict[str, object]:
+class SteadyLoad:
+    """Requests at a steady rate from a background thread, so every churn event happens under load."""
+
+    def __init__(self, settings: Settings, rate: float) -> None:
+        self.settings, self.rate = settings, rate
+        self.run_ids: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+    def _produce(self) -> None:
+        started, sent = time.monotonic(), 0
+        while not self._stop.is_set():
+            due = int((time.monotonic() - started) * self.rate) - sent
+            if due > 0:
+                self.run_ids += produce_requests(
+                    self.settings, sample_requests(due, requested_by=f"bench-churn-{sent}")
+                )
+                sent += due
+            self._stop.wait(0.1)  # a tenth of a second's requests per send
+
+
+def churn(stack: Stack, members: int, rate: float, args: argparse.Namespace) -> dict[str, object]:
     s = stack.settings
     progress = Progress(s)
     progress.learn()
-    run_ids = produce_requests(s, sample_requests(runs, requested_by="bench-churn"))
-    deadline = time.monotonic() + (args.timeout or 120 + 0.5 * runs)
+    load = SteadyLoad(s, rate)
+    load.start()
     marks: dict[str, float] = {}
 
     def hold(seconds: float) -> None:
@@ -248,7 +282,7 @@ def churn(stack: Stack, members: int, runs: int, args: argparse.Namespace) -> di
             progress.sample()
             time.sleep(args.sample_s)  # the sampling interval
 
-    hold(args.settle_s / 2)  # the burst under way, partitions progressing
+    hold(args.settle_s / 2)  # the load under way, partitions progressing
     marks["join"] = time.monotonic()
     for group in GROUPS:
         stack.add_member(BASES[group])
@@ -261,16 +295,21 @@ def churn(stack: Stack, members: int, runs: int, args: argparse.Namespace) -> di
     marks["kill"] = time.monotonic()
     for group in KILLED:
         stack.kill(BASES[group] if members == 1 else f"{BASES[group]}-2")
+    hold(args.settle_s)
+    load.stop()
+    run_ids = load.run_ids
+    deadline = time.monotonic() + (args.timeout or 120 + 0.5 * len(run_ids))
     counts, _ = wait(s, run_ids, max(1.0, deadline - time.monotonic()), on_tick=[progress.sample])
     hold(1.0)
-    end = time.monotonic()
+    end = marks["kill"] + args.settle_s
     if progress.ends is not None:
         progress.ends.close()
     windows = {"join": (marks["join"], marks["leave"], None), "leave": (marks["leave"], marks["kill"], None)}
     windows["kill"] = (marks["kill"], end, KILLED)
     p99 = lambda xs: round(percentile(xs, 0.99), 2) if xs else None  # noqa: E731
     out: dict[str, object] = {
-        "churn_runs": runs,
+        "churn_runs": len(run_ids),
+        "churn_rate_runs_per_s": round(rate, 1),
         "churn_completed": counts.get("completed", 0),
         "churn_duplicate_effects": duplicates(s, run_ids),
     }
@@ -332,7 +371,9 @@ def setting(members: int, args: argparse.Namespace, data_dir: Path) -> dict[str,
             "session_timeout_ms": s.session_timeout_ms,
             "load_avg": round(os.getloadavg()[0], 2),
         }
-        result.update(churn(stack, members, args.runs, args))
+        # The churn load: a share of what this setting just carried, so queues stay short and a pause is
+        # the rebalance's, not a backlog's.
+        result.update(churn(stack, members, args.churn_load * float(result["runs_per_s"]), args))
     return result
 
 
@@ -370,7 +411,7 @@ def bench(args: argparse.Namespace, data_dir: Path) -> int:
         result = setting(members, args, data_dir)
         print_table(result)
         print(json.dumps(result), flush=True)
-        ok = ok and result["completed"] == args.runs and result["churn_completed"] == args.runs
+        ok = ok and result["completed"] == args.runs and result["churn_completed"] == result["churn_runs"]
         ok = ok and not result["duplicate_effects"] and not result["churn_duplicate_effects"]
     print("OK" if ok else "FAILED: a run did not complete, or an effect was repeated")
     return 0 if ok else 1

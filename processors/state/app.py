@@ -699,6 +699,7 @@ class Checkpoints:
             options=table.options,
         )
         self.data.partition_of = self.worker.partition
+        self.data.written = self.store.written  # one dict: what this process wrote is what the store holds
         if self.settings.state_checkpoint_interval_s > 0:
             self.data.loader = self.load
         return self.data
