@@ -575,6 +575,26 @@ class Stack:
         self._write_stack_file()
         return child
 
+    def _membership_outlives_s(self, child: Child) -> float:
+        """How long a member that died without leaving its group (kill -9, a crash) stays in it: its
+        session timeout, if it was a dynamic member and others of its group are alive; else 0.
+
+        Its successor waits that long before it starts. Joining earlier starts a rebalance that cannot
+        finish before the dead member's session expires, and on the embedded broker every rebalance is
+        eager: the survivors would stop for all of it (kill -9 of one of two jira members paused both
+        12.3 s, `bench/scale.py` 2026-12-07). Joining at the expiry joins the rebalance that the expiry
+        starts, so the survivors stop for one join only. A static member (the only one of its group)
+        and a member of a group with nobody else left start again at once."""
+        if child.static:
+            return 0.0
+        head, _, tail = child.name.rpartition("-")
+        base = head if tail.isdigit() else child.name
+        alive = [c for c in self.children.values() if c is not child and group_of(c.name, {base}) == base and c.alive()]
+        if not alive:
+            return 0.0
+        state = base == "processor-state" and self.settings.state_session_timeout_ms
+        return (state or self.settings.session_timeout_ms) / 1000
+
     def members_of(self, base: str) -> list[str]:
         """The member processes of one group now (``processor-decision``: processor-decision, -2, ...)."""
         with self._lock:
@@ -806,6 +826,8 @@ class Stack:
             if not stopped:
                 child.crashes.append(describe_exit(code))
             delay = min(self.max_backoff_s, self.restart_backoff_s * 2**child.restarts)
+            if not stopped:
+                delay = max(delay, self._membership_outlives_s(child))
             child.next_start = now + delay
             child.last_exit = code
             child.last_error = last_error_line(child.log_path, child.log_offset)

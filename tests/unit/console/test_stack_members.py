@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -103,3 +104,41 @@ def test_status_keeps_the_last_announcement_per_member_and_shows_silent_ones_gon
     assert [m["member"] for m in gone] == ["processor-decision-3"] and gone[0]["partitions"] == []
     table = render([row])
     assert "processor-decision-2" in table and "run.state 2,3" in table and "gone (60s)" in table
+
+
+class _Proc:
+    def __init__(self, alive: bool) -> None:
+        self.alive = alive
+
+    def poll(self) -> int | None:
+        return None if self.alive else -9
+
+
+def test_a_killed_member_waits_out_its_session_only_while_others_of_its_group_work(tmp_path: Path) -> None:
+    from streamagent.console.devstack.stack import Child, Stack
+
+    def child(name: str, alive: bool, static: bool = False) -> Child:
+        c = Child(name, ["x"], {}, tmp_path / f"{name}.log", static=static)
+        c.proc = _Proc(alive)  # type: ignore[assignment]
+        return c
+
+    stack = Stack.__new__(Stack)
+    stack.settings = settings_from(
+        {"STREAMAGENT_SESSION_TIMEOUT_MS": "6000", "STREAMAGENT_STATE_SESSION_TIMEOUT_MS": "2000"}
+    )
+    stack.children = {
+        c.name: c
+        for c in (
+            child("tool-jira", True),
+            child("tool-jira-2", False),
+            child("processor-state", True),
+            child("processor-state-2", False),
+            child("processor-decision", False, static=True),
+            child("tool-email-2", False),
+        )
+    }
+    outlives = stack._membership_outlives_s
+    assert outlives(stack.children["tool-jira-2"]) == 6.0  # its session: a survivor would stop for all of it
+    assert outlives(stack.children["processor-state-2"]) == 2.0  # the state group's own session
+    assert outlives(stack.children["processor-decision"]) == 0.0  # static, alone: back at once
+    assert outlives(stack.children["tool-email-2"]) == 0.0  # nobody else of its group to stop
