@@ -84,6 +84,8 @@ HOMES_KEPT = 100_000  # run ids whose home partition is remembered (about 10 MB)
 # A partition whose end lies beyond the fold with nothing delivered for this long is read by the
 # processor itself (``offsets.FoldOffsets.stalled``): several fetch waits, so a busy partition never is.
 STALL_S = 3.0
+# The largest checkpoint record written: under the producer's message.max.bytes (16 MB, streamagent.kafka).
+CHECKPOINT_MAX_BYTES = 15 * 1024 * 1024
 
 
 @dataclass
@@ -735,6 +737,17 @@ class Checkpoints:
             if offset < 0 or self.written.get(p) == offset:
                 continue
             value = encode_checkpoint(offset, ends_on, runs[p])
+            if len(value) > CHECKPOINT_MAX_BYTES:
+                # Too big for one record (many runs within retention): skipped, never fatal. Recovery then
+                # reads the changelog from this partition's previous checkpoint, or whole.
+                log.warning(
+                    "state checkpoint of partition %d not written: %d bytes (%d runs), over %d",
+                    p,
+                    len(value),
+                    len(runs[p]),
+                    CHECKPOINT_MAX_BYTES,
+                )
+                continue
             self.worker.producer.produce(self.topic, key=str(p).encode(), value=value, partition=p)
             self.written[p] = offset
             count += 1
@@ -774,7 +787,8 @@ def _create_topic(settings: Settings, topic: str) -> None:
         topic,
         num_partitions=settings.partitions,
         replication_factor=settings.replication_factor,
-        config={"cleanup.policy": "compact"},
+        # As large as a checkpoint may be (Apache Kafka's default is 1 MB).
+        config={"cleanup.policy": "compact", "max.message.bytes": str(CHECKPOINT_MAX_BYTES + 64 * 1024)},
     )
     for future in client.create_topics([spec], operation_timeout=10).values():
         try:
@@ -941,7 +955,10 @@ def build_app(settings: Settings) -> faust.App:
         await worker.tick()
         await fold_stalled_tails()
         if checkpoints.due(time.time()):
-            await _blocking(checkpoints.write)
+            try:  # a checkpoint only shortens a later recovery: never worth stopping the timer for
+                await _blocking(checkpoints.write)
+            except Exception as exc:
+                log.warning("state checkpoints not written: %r", exc)
 
     app.worker_state = worker  # type: ignore[attr-defined]
     return app
