@@ -25,7 +25,9 @@ class _Producer:
         return 0
 
 
-def test_an_oversized_checkpoint_is_skipped_and_named(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+def test_an_oversized_checkpoint_is_skipped_and_named(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     monkeypatch.setattr(state_app, "CHECKPOINT_MAX_BYTES", 2_000)
     producer = _Producer()
     worker = SimpleNamespace(
