@@ -134,12 +134,12 @@ def test_state_processor_restarted_ten_times_under_load_raises_no_false_command_
         tps = [(t, p) for t in (s.topic(RUN_EVENTS), s.topic(TOOL_RESULTS)) for p in range(s.partitions)]
         ends = true_highwaters(s, tps)
         group = s.group("state")
-        eventually(
-            lambda: (lag := {tp: ends[tp] - group_offsets(admin(s), group, tps).get(tp, 0) for tp in tps})
-            and all(v == 0 for v in lag.values()),
-            timeout=30,
-            what="the state group's commits at the end of the log",
-        )
+
+        def at_the_end() -> bool:
+            committed = group_offsets(admin(s), group, tps)
+            return all(committed.get(tp, 0) == ends[tp] for tp in tps)
+
+        eventually(at_the_end, timeout=30, what="the state group's commits at the end of the log")
         assert lost == [], f"no command was lost, yet {len(lost)} were declared lost"
         # The target is 5 s from start to progress: 2.4-3.0 s at load 4-6, far more on a saturated
         # machine (docs/operations/state-recovery.md). A timing is a benchmark's to report: this bound only
