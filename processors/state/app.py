@@ -26,13 +26,13 @@ from typing import Any
 
 import faust
 from aiokafka.partitioner import DefaultPartitioner
-from confluent_kafka import Producer
+from confluent_kafka import KafkaException, Producer
 from streamagent.processors.state.checkpoint import CheckpointedStore, checkpoint_topic, last_records, records_at
 from streamagent.processors.state.checkpoint import decode as decode_checkpoint
 from streamagent.processors.state.checkpoint import encode as encode_checkpoint
 from streamagent.processors.state.children import parent_result, refusal_result
 from streamagent.processors.state.fold import RunState, apply, in_flight, loss_checked, needs_decision
-from streamagent.processors.state.offsets import FoldOffsets, read_range
+from streamagent.processors.state.offsets import FoldOffsets, Skipped, read_range
 from streamagent.processors.state.store import FaustTableStore, RunStore, maybe_active
 from streamagent.processors.state.watch import APPROVAL, DEADLINE, REDRIVE, RETAIN, Admission, DueQueue
 from streamagent.processors.workflow import UnknownWorkflow, Workflow, Workflows, load_workflows, lookup
@@ -896,18 +896,25 @@ def build_app(settings: Settings) -> faust.App:
 
     async def fold_in_order(messages: list[Any]) -> None:
         """Fold the messages in offset order, first reading from the broker any records faust skipped."""
-        holes = offsets.holes(messages, start_of)
-        if holes:
-            filled = await _blocking(read_range, settings, holes)
-            SKIPPED_RECORDS.inc(len(filled))
-            log.warning(
-                "faust skipped %d record(s); folding them from the broker: %s",
-                len(filled),
-                ", ".join(f"{t}[{p}] {a}..{b - 1}" for (t, p), (a, b) in sorted(holes.items())),
-            )
-            # Each partition's skipped records, then the delivered ones: offset order per partition.
-            messages = sorted([*filled, *messages], key=lambda m: (m.topic, m.partition, m.offset))
-        taken = offsets.take(messages, start_of)
+        try:
+            holes = offsets.holes(messages, start_of)
+            if holes:
+                filled = await _blocking(read_range, settings, holes)
+                SKIPPED_RECORDS.inc(len(filled))
+                log.warning(
+                    "faust skipped %d record(s); folding them from the broker: %s",
+                    len(filled),
+                    ", ".join(f"{t}[{p}] {a}..{b - 1}" for (t, p), (a, b) in sorted(holes.items())),
+                )
+                # Each partition's skipped records, then the delivered ones: offset order per partition.
+                messages = sorted([*filled, *messages], key=lambda m: (m.topic, m.partition, m.offset))
+            taken = offsets.take(messages, start_of)
+        except (Skipped, TimeoutError, KafkaException) as exc:
+            # The skipped records could not be read (the broker is slow), or a rebalance moved the
+            # partition meanwhile: nothing of this batch is folded, so nothing of it is committed, and
+            # the next record delivered (or the stalled-tail check) finds the hole again.
+            log.warning("a batch was not folded; its records will be read again: %s", exc)
+            return
         worker.fold_batch(taken)
         folded = dict(offsets.folded)  # what this batch brings; folds that start meanwhile settle on their own
         members.processed += len(taken)
@@ -932,12 +939,17 @@ def build_app(settings: Settings) -> faust.App:
             if tp.topic in fold_topics and (end := app.consumer.highwater(tp)) is not None
         }
         stalled = offsets.stalled(ends, STALL_S)
-        if stalled:
+        if not stalled:
+            return
+        try:
             filled = await _blocking(read_range, settings, stalled)
-            if filled:
-                SKIPPED_RECORDS.inc(len(filled))
-                log.warning("faust delivered nothing of %d record(s) at partition ends; folding them", len(filled))
-                await fold_in_order(sorted(filled, key=lambda m: (m.topic, m.partition, m.offset)))
+        except (TimeoutError, KafkaException) as exc:  # the broker is slow: the next tick looks again
+            log.warning("stalled partition ends not read: %s", exc)
+            return
+        if filled:
+            SKIPPED_RECORDS.inc(len(filled))
+            log.warning("faust delivered nothing of %d record(s) at partition ends; folding them", len(filled))
+            await fold_in_order(sorted(filled, key=lambda m: (m.topic, m.partition, m.offset)))
 
     @app.timer(interval=0.5)
     async def watch() -> None:
