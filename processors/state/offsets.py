@@ -81,20 +81,25 @@ class FoldOffsets:
         A partition first seen since its assignment starts where the group committed (``start_of``;
         None: never committed, it starts with its first record). Raises ``Skipped`` if a record is
         missing before one of them (``holes`` then ``read_range`` should have filled it)."""
-        now = time.monotonic()
+        expect: dict[TP, int | None] = {}
         out = []
         for message in messages:
             tp = (message.topic, message.partition)
-            start = self.folded.get(tp)
-            if start is None:
-                start = start_of(tp)
+            if tp not in expect:
+                expect[tp] = self.folded[tp] if tp in self.folded else start_of(tp)
+            start = expect[tp]
             if start is not None and message.offset < start:
                 continue  # folded already: delivered again after a seek
             if start is not None and message.offset > start:
-                raise Skipped(tp, start, message.offset)
-            self.folded[tp] = message.offset + 1
-            self.seen_at[tp] = now
+                raise Skipped(tp, start, message.offset)  # nothing of the batch was taken
+            expect[tp] = message.offset + 1
             out.append(message)
+        # All or nothing: a batch refused above leaves the account as it was.
+        now = time.monotonic()
+        for tp, offset in expect.items():
+            if offset is not None and offset > self.folded.get(tp, -1):
+                self.folded[tp] = offset
+                self.seen_at[tp] = now
         return out
 
     def settle(self, folded: dict[TP, int]) -> None:
