@@ -44,6 +44,10 @@ class SandboxClient:
         params = {k: v for k, v in (("api", api), ("run_id", run_id)) if v is not None}
         return [Effect.model_validate(item) for item in self._request("GET", "/effects", params=params)]
 
+    def requests(self, api: str, run_id: str) -> int:
+        """How many requests ``api`` received for ``run_id``, injected faults included."""
+        return int(self._request("GET", "/requests", params={"api": api, "run_id": run_id})["requests"])
+
     def stats(self) -> dict[str, Any]:
         return self._request("GET", "/stats")
 

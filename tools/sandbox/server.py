@@ -12,6 +12,7 @@ import logging
 import signal
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -86,6 +87,9 @@ class Sandbox:
         self._effects: list[Effect] = []
         self._replays: dict[tuple[str, str, str], ApiResponse] = {}
         self._stats: dict[str, dict[str, Any]] = {api: _empty_stats() for api in API_NAMES}
+        # Requests per (api, run id), faults included: a test can wait until one run's call was refused
+        # rather than until the API as a whole saw some number of calls.
+        self._run_requests: Counter[tuple[str, str]] = Counter()
         for api, spec in (faults or {}).items():
             self.faults.set(api, spec)
 
@@ -104,8 +108,14 @@ class Sandbox:
         with self._lock:
             return {api: {**s, "faults": dict(s["faults"])} for api, s in self._stats.items()}
 
+    def requests(self, api: str, run_id: str) -> int:
+        """How many requests ``api`` received for ``run_id``, refused or not."""
+        with self._lock:
+            return self._run_requests[(api, run_id)]
+
     def reset(self) -> None:
         with self._lock:
+            self._run_requests.clear()
             self._effects.clear()
             self._replays.clear()
             self._stats = {api: _empty_stats() for api in API_NAMES}
@@ -146,6 +156,9 @@ class Sandbox:
     ) -> Reply:
         with self._lock:
             self._stats[api]["requests"] += 1
+            run_id = headers.get(RUN_ID_HEADER)
+            if run_id:
+                self._run_requests[(api, run_id)] += 1
             decision = self.faults.decide(api)
             if decision.kind is not None:
                 self._stats[api]["faults"][decision.kind] += 1
@@ -248,6 +261,15 @@ class Sandbox:
                 raise UnknownApiError(api, API_NAMES)
             effects = self.effects(api, query.get("run_id") or None)
             return Reply(200, [e.model_dump(mode="json") for e in effects], outcome="admin")
+        if route == "/requests":
+            if method != "GET":
+                return _not_allowed()
+            api, run_id = query.get("api", ""), query.get("run_id", "")
+            if api not in API_NAMES:
+                raise UnknownApiError(api, API_NAMES)
+            if not run_id:
+                return _error(400, "requests needs a run_id query parameter")
+            return Reply(200, {"api": api, "run_id": run_id, "requests": self.requests(api, run_id)}, outcome="admin")
         if route == "/stats":
             return Reply(200, self.stats(), outcome="admin") if method == "GET" else _not_allowed()
         if route == "/reset":

@@ -19,6 +19,7 @@ import pytest
 from streamagent.tools.sandbox import FaultSpec, SandboxClient, SandboxServer
 from streamagent.tools.sandbox.apis import company_profile
 from streamagent.tools.sandbox.cli import load_faults, register
+from streamagent.tools.sandbox.client import SandboxError
 
 REPO = Path(__file__).resolve().parents[3]
 PROJECT = "/jira/rest/api/3/project"
@@ -375,6 +376,25 @@ def test_reset_clears_effects_stats_and_faults(http: httpx.Client, client: Sandb
     again = create_project(http, idem="k")
     assert again.status_code == 201
     assert "Idempotent-Replayed" not in again.headers
+
+
+def test_requests_are_counted_per_run_refused_or_not(http: httpx.Client, client: SandboxClient) -> None:
+    def post(key: str, run: str) -> httpx.Response:
+        body = {"key": key, "name": "Acme Inc", "description": "d", "leadAccountEmail": "lead@acme.io"}
+        return http.post(PROJECT, json=body, headers=headers(key, run))
+
+    client.set_faults("jira", FaultSpec(down=True))
+    assert post("AAA", "run-a").status_code >= 500
+    client.clear_faults()
+    assert post("AAA", "run-a").status_code == 201
+    post("BBB", "run-b")
+    assert client.requests("jira", "run-a") == 2  # the refused call counts: it is what a retry test waits for
+    assert client.requests("jira", "run-b") == 1
+    assert client.requests("slack", "run-a") == 0
+    with pytest.raises(SandboxError, match="nope"):
+        client.requests("nope", "run-a")
+    client.reset()
+    assert client.requests("jira", "run-a") == 0
 
 
 def test_health_and_wait_ready_deadline() -> None:
