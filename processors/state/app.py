@@ -907,6 +907,10 @@ def build_app(settings: Settings) -> faust.App:
                     ", ".join(f"{t}[{p}] {a}..{b - 1}" for (t, p), (a, b) in sorted(holes.items())),
                 )
                 # Each partition's skipped records, then the delivered ones: offset order per partition.
+                # Sorting by topic first also folds a batch's run events before its tool results
+                # ("agent.run.events" < "agent.tool.results"): a result filled from the broker must not
+                # be folded before the command event it answers, or replay (which reads events first)
+                # and the live fold would disagree about the run. Keep this order.
                 messages = sorted([*filled, *messages], key=lambda m: (m.topic, m.partition, m.offset))
             taken = offsets.take(messages, start_of)
         except (Skipped, TimeoutError, KafkaException) as exc:

@@ -46,6 +46,7 @@ class Record:
     topic: str
     partition: int
     offset: int
+    key: bytes | None  # the dead-letter path names the record by its key, as for faust's messages
     value: bytes
     headers: list[tuple[str, bytes]] | None
     timestamp: float
@@ -165,7 +166,9 @@ def read_range(settings: Settings, ranges: dict[TP, tuple[int, int]], timeout_s:
                 wanted.pop(tp, None)
                 continue
             got[tp].append(
-                Record(tp[0], tp[1], msg.offset(), msg.value() or b"", msg.headers(), msg.timestamp()[1] / 1000)
+                Record(
+                    tp[0], tp[1], msg.offset(), msg.key(), msg.value() or b"", msg.headers(), msg.timestamp()[1] / 1000
+                )
             )
             if msg.offset() + 1 >= wanted[tp]:
                 wanted.pop(tp)

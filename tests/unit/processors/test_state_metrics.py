@@ -16,6 +16,7 @@ from test_state_timer import RecordingProducer
 from streamagent import codec, tracing
 from streamagent.config import Settings
 from streamagent.events import DecisionRecorded, Event, ToolResult
+from streamagent.topics import DEAD_LETTERS
 
 
 @dataclass
@@ -123,3 +124,14 @@ def test_a_run_ending_mid_batch_is_counted_once() -> None:
     stored = worker.store.get(RUN)
     assert stored is not None and stored.snapshot.status.value == "completed"
     assert stored.snapshot.version == len(messages)  # every event folded once, in order
+
+
+def test_a_record_read_back_from_the_broker_that_cannot_be_decoded_is_dead_lettered_under_its_key() -> None:
+    from streamagent.processors.state.offsets import Record
+
+    worker = _worker()
+    producer = worker.producer
+    poison = Record(worker.events_topic, 0, 7, b"run-poison", b"not an avro event", [("h", b"v")], 0.0)
+    worker.fold_batch([poison])  # a record the fold filled from the broker, as faust's hole reads do
+    letters = [(key, value) for topic, key, value in producer.sent if topic == worker.settings.topic(DEAD_LETTERS)]
+    assert letters and letters[0][0] == b"run-poison"
