@@ -291,7 +291,7 @@ class Workflow:
             and any(s.status is StepStatus.failed for s in snapshot.steps)
         )
         # An operator cancelled it: undone as a run a person stopped is (``compensate_abandoned``).
-        cancelled = snapshot.status is RunStatus.failed and snapshot.cancelled is not None
+        cancelled = snapshot.status is RunStatus.cancelled and snapshot.cancelled is not None
         if not (self.compensate_abandoned and (abandoned or denied or branch_failed or cancelled)):
             return False
         return any(

@@ -286,6 +286,7 @@ class RunCompleted(Event):
 class FailureStatus(StrEnum):
     failed = "failed"
     escalated = "escalated"
+    cancelled = "cancelled"  # an operator's ``streamagent cancel``, or a cancelled parent's child
 
 
 class RunFailed(Event):
@@ -297,6 +298,8 @@ class RunFailed(Event):
     reason: str
     failed_step: str | None = None
     results: dict[str, Any] = Field(default_factory=dict)
+    # 2: ``cancelled`` among the statuses (schemas/history/RunFailed.v1.avsc decodes as before).
+    schema_version: int = 2
 
 
 class RunDeadlineExceeded(Event):
@@ -384,8 +387,14 @@ class ApprovalDenied(Event):
     note: str = Field(default="", max_length=2000)
 
 
-# How a cancelled run's reason starts (and its children's, after "parent run ... ended (failed): ").
+# How a cancelled run's reason starts (and its children's, after "parent run ... ended (cancelled): ").
 CANCELLED = "cancelled by "
+
+
+def is_cancel(snap: StateSnapshot, reason: str | None) -> bool:
+    """Whether a decision to fail ``snap`` with ``reason`` is the operator's cancel (the decision gating
+    takes for a run with ``cancelled``), not a failure decided before the cancel was folded."""
+    return snap.cancelled is not None and reason == snap.cancelled
 
 
 class RunCancelRequested(Event):
@@ -447,6 +456,8 @@ class RunStatus(StrEnum):
     completed = "completed"
     failed = "failed"
     escalated = "escalated"
+    # Ended by an operator (``streamagent cancel``) or with a cancelled parent: not a failure of the run.
+    cancelled = "cancelled"
 
     @property
     def terminal(self) -> bool:
@@ -559,7 +570,8 @@ class StateSnapshot(BaseModel):
     # 6: the tools' part of the spending (history/StateSnapshot.v5.avsc and older decode with 0).
     # 7: a child run's parent link in its request (history/StateSnapshot.v6.avsc and older decode with none).
     # 8: ``cancelled`` (history/StateSnapshot.v7.avsc and older decode with none).
-    schema_version: int = 8
+    # 9: ``cancelled`` among the run statuses (history/StateSnapshot.v8.avsc decodes as before).
+    schema_version: int = 9
     # Governance: approval requests and what the run has spent, for the guard's budgets.
     approvals: list[ApprovalState] = Field(default_factory=list)
     decisions: int = 0  # decisions taken (recorded and applied)
@@ -571,7 +583,7 @@ class StateSnapshot(BaseModel):
     tool_tokens: int = 0
     tool_cost_usd: float = 0.0
     # An operator cancelled the run (``RunCancelRequested``): who and why, "cancelled by NAME: WHY". The
-    # decision processor ends a running run that has it (failed, with this reason) and its live children.
+    # decision processor ends a running run that has it (status cancelled, this reason) and its live children.
     cancelled: str | None = None
     # ``s1:<key id>:<hex>``: the state processor's HMAC over the snapshot; the decision processor
     # decides only on snapshots that verify (a forged one names no run the pipeline knows).

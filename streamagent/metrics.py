@@ -334,7 +334,7 @@ def scrape(port: int, metric: str, labels: dict[str, str] | None = None) -> floa
 QUALITY_DURATION_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 14400.0)
 RUN_OUTCOMES = Counter(
     "streamagent_run_outcomes_total",
-    "Runs ended, by workflow and status (completed|failed|escalated)",
+    "Runs ended, by workflow and status (completed|failed|escalated|cancelled)",
     ["workflow", "status"],
 )
 RUN_DURATION = Histogram(

@@ -9,9 +9,10 @@ request is the parent's, the step's arguments as labels (text) beside the parent
 no later than the parent's. The parent's step is dispatched as a tool step is (same command id), and the
 state processor answers it with a ``ToolResult`` once the child ends (processors/state/children.py).
 
-Ending. A parent that ends not completed (failed, escalated) ends each child run still in flight with a
-``RunFailed`` ("parent run ... ended"), produced with the parent's ending by the same decision; a child
-that has ended meanwhile takes it as a no-op (the fold ignores a second ending).
+Ending. A parent that ends not completed (failed, escalated, cancelled) ends each child run still in flight
+with a ``RunFailed`` ("parent run ... ended"; cancelled when the parent was, failed otherwise), produced
+with the parent's ending by the same decision; a child that has ended meanwhile takes it as a no-op (the
+fold ignores a second ending).
 """
 
 from __future__ import annotations
@@ -94,7 +95,8 @@ def child_endings(
             run_id=run_id,
             causation_id=decision_id,
             decision_id=decision_id,
-            status=FailureStatus.failed,
+            # A cancel reaches the children as one; any other ending fails them.
+            status=FailureStatus.cancelled if status is FailureStatus.cancelled else FailureStatus.failed,
             reason=f"parent run {snap.run_id} ended ({status.value}): {reason}",
             failed_step=None,
         )

@@ -76,6 +76,7 @@ from streamagent.events import (
     StateSnapshot,
     ToolCommand,
     command_id,
+    is_cancel,
     is_child_tool,
     now,
     stable_id,
@@ -139,6 +140,8 @@ def follow_up(
         )
         return settings.topic(RUN_EVENTS), done
     status = FailureStatus.escalated if decision.action is DecisionAction.escalate else FailureStatus.failed
+    if status is FailureStatus.failed and is_cancel(snap, decision.reason):
+        status = FailureStatus.cancelled
     ended = RunFailed(
         event_id=stable_id(snap.run_id, "ended"),
         run_id=snap.run_id,

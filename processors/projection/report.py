@@ -3,7 +3,8 @@
 Pure functions of ``queries.QualityRow`` lists, so the arithmetic is tested without a database.
 Definitions (also in docs/operations/quality-report.md):
 
-- success rate: completed ÷ ended (completed + failed + escalated); running runs are not counted in it.
+- success rate: completed ÷ ended (completed + failed + escalated); running runs are not counted in it,
+  nor cancelled ones (an operator withdrew them: neither a success nor a failure of the workflow).
 - duration percentiles: over ended runs, request to end, interpolated between the closest ranks
   (PostgreSQL's ``percentile_cont``, numpy's default).
 - cost per completed run: the model cost of every ended run ÷ completed runs, so what failed runs
@@ -24,7 +25,7 @@ from datetime import datetime
 from pydantic import BaseModel
 from streamagent.processors.projection.queries import QualityRow
 
-ENDED = ("completed", "failed", "escalated")
+ENDED = ("completed", "failed", "escalated", "cancelled")
 TOP_REASONS = 5
 
 
@@ -74,6 +75,7 @@ class Figures(BaseModel):
     failed: int
     escalated: int
     running: int
+    cancelled: int = 0
     success_rate: float | None  # None: no run has ended
     duration_p50_s: float | None
     duration_p95_s: float | None
@@ -123,8 +125,9 @@ def figures(rows: Iterable[QualityRow]) -> Figures:
         completed=completed,
         failed=statuses["failed"],
         escalated=statuses["escalated"],
+        cancelled=statuses["cancelled"],
         running=len(rows) - len(ended),
-        success_rate=completed / len(ended) if ended else None,
+        success_rate=completed / decided if (decided := len(ended) - statuses["cancelled"]) else None,
         duration_p50_s=percentile(durations, 50),
         duration_p95_s=percentile(durations, 95),
         duration_max_s=max(durations, default=None),

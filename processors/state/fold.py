@@ -43,6 +43,7 @@ from streamagent.events import (
     ToolResult,
     ToolStatus,
     command_id,
+    is_cancel,
     requested_event_id,
 )
 
@@ -311,7 +312,10 @@ def _decision(snap: StateSnapshot, event: DecisionRecorded) -> StateSnapshot:
     if event.action in _ENDINGS:
         # The run ends with the decision, not with the RunCompleted/RunFailed that announces it, so
         # no snapshot in between invites the decider to decide the same ending again.
-        return snap.model_copy(update={"status": _ENDINGS[event.action], "reason": event.reason})
+        status = _ENDINGS[event.action]
+        if status is RunStatus.failed and is_cancel(snap, event.reason):
+            status = RunStatus.cancelled  # the operator's cancel: the decision that ends the run with it
+        return snap.model_copy(update={"status": status, "reason": event.reason})
     if event.action is DecisionAction.wait:
         return snap.model_copy(update={"reason": event.reason})  # what the run waits for, shown while running
     if event.action is not DecisionAction.dispatch or event.step is None:

@@ -100,4 +100,6 @@ def maybe_active(value: bytes) -> bool:
     """A cheap look at a stored run: could it still need anything? (False positives are parsed.)"""
     if any(mark in value for mark in _ACTIVE_MARKS):
         return True
-    return b'"status":"escalated"' in value and b'"deadline_exceeded":true' in value
+    # An abandoned run past its deadline, or one an operator cancelled, may still have undos to send.
+    abandoned = b'"status":"escalated"' in value and b'"deadline_exceeded":true' in value
+    return abandoned or b'"status":"cancelled"' in value

@@ -678,7 +678,8 @@ def _write_signed(settings: Settings, signer: RoleKeys, event: Event, what: str)
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     """``cancel RUN``: an operator stops a running run. The fold marks it, the decision processor ends it
-    (failed, "cancelled by NAME: WHY") and its live child runs with it; commands already sent finish."""
+    (status cancelled, "cancelled by NAME: WHY") and its live child runs with it; commands already sent
+    finish."""
     from streamagent.events import RunCancelRequested, cancel_event_id
     from streamagent.processors.projection import queries
 
@@ -1016,7 +1017,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--full", action="store_true", help="with --context: print messages and answers untrimmed")
 
     runs = add("runs", cmd_runs, "List runs with their status")
-    runs.add_argument("--status", choices=["running", "completed", "failed", "escalated"])
+    runs.add_argument("--status", choices=["running", "completed", "failed", "escalated", "cancelled"])
     runs.add_argument(
         "--limit", type=positive_int, default=1000, help="the newest this many runs, newest first (default 1000)"
     )

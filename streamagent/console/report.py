@@ -41,10 +41,11 @@ def _usd(value: float | None) -> str:
 
 
 def _row(name: str, f: Figures) -> str:
-    ended = f.completed + f.failed + f.escalated
+    ended = f.completed + f.failed + f.escalated + f.cancelled
     calls = f"{f.tool_calls}/{f.min_tool_calls}" if f.min_tool_calls else str(f.tool_calls)
     return (
-        f"{name[:22]:<22} {f.runs:>5} {ended:>5} {f.completed:>5} {f.failed:>5} {f.escalated:>5} {f.running:>5}"
+        f"{name[:22]:<22} {f.runs:>5} {ended:>5} {f.completed:>5} {f.failed:>5} {f.escalated:>5} {f.cancelled:>5}"
+        f" {f.running:>5}"
         f" {_rate(f.success_rate):>7} {_seconds(f.duration_p50_s):>7} {_seconds(f.duration_p95_s):>7}"
         f" {_usd(f.cost_per_completed_usd):>10} {calls:>9} {f.retries:>7} {f.guard_refusals:>7}"
         f" {f.approvals:>5} {_seconds(f.approval_wait_p95_s):>7}"
@@ -74,7 +75,8 @@ def render(report: Report) -> str:
         lines.append("no runs in this window")
         return "\n".join(lines)
     lines.append(
-        f"{'workflow':<22} {'runs':>5} {'ended':>5} {'ok':>5} {'fail':>5} {'esc':>5} {'run':>5}"
+        f"{'workflow':<22} {'runs':>5} {'ended':>5} {'ok':>5} {'fail':>5} {'esc':>5} {'cncl':>5}"
+        f" {'run':>5}"
         f" {'success':>7} {'p50':>7} {'p95':>7} {'cost/ok':>10} {'calls/min':>9} {'retries':>7}"
         f" {'refused':>7} {'appr':>5} {'wait95':>7}"
     )

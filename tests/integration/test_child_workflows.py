@@ -255,7 +255,7 @@ def test_an_operator_cancel_ends_the_parent_and_its_child_and_nothing_starts_aft
     stack: Stack, sandbox: SandboxClient, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`streamagent cancel` of a parent whose KYC child is filing (a slow Slack call in flight): both end
-    failed "cancelled by ...", the child's call in flight lands, no further step of either starts, the
+    cancelled, "cancelled by ...", the child's call in flight lands, no further step of either starts, the
     parent's Jira project is undone (compensate_abandoned), and replay rebuilds both identical."""
     s = stack.settings
     sandbox.set_faults("slack", FaultSpec(latency_ms=3000))
@@ -276,9 +276,10 @@ def test_an_operator_cancel_ends_the_parent_and_its_child_and_nothing_starts_aft
     kids = eventually(lambda: family_ended(s, [run_id]), timeout=60, what="the parent and its child ended")
     (parent,) = ended(s, [run_id]) or []
     (ended_child,) = kids[run_id]
-    assert parent.status == "failed" and (parent.reason or "").startswith("cancelled by "), parent
+    # Cancelled is a status of its own (not failed), for the parent and the child it takes with it.
+    assert parent.status == "cancelled" and (parent.reason or "").startswith("cancelled by "), parent
     assert (parent.reason or "").endswith(": the client withdrew")
-    assert ended_child.status == "failed" and f"parent run {run_id} ended (failed): cancelled by" in (
+    assert ended_child.status == "cancelled" and f"parent run {run_id} ended (cancelled): cancelled by" in (
         ended_child.reason or ""
     )
     # The child's Slack call lands (it was in flight), the parent's Jira project is undone; nothing else.
@@ -299,12 +300,16 @@ def test_an_operator_cancel_ends_the_parent_and_its_child_and_nothing_starts_aft
     assert "cancel requested: cancelled by" in shown and "the client withdrew" in shown
     # An ended run, or an unknown one: one line, exit 2.
     assert cli(["cancel", run_id]) == 2
-    assert "has already ended (failed)" in capsys.readouterr().err
+    assert "has already ended (cancelled)" in capsys.readouterr().err
     assert cli(["cancel", new_id()]) == 2
     assert "no run" in capsys.readouterr().err
     assert cli(["replay", "--runs", f"{run_id},{child.run_id}", "--json"]) == 0, capsys.readouterr()
     figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (figures["runs"], figures["differ"]) == (2, 0), figures
+    # Listed and counted under their own status.
+    assert cli(["runs", "--status", "cancelled", "--json"]) == 0
+    listed = {row["run_id"] for row in json.loads(capsys.readouterr().out)}
+    assert {run_id, child.run_id} <= listed
 
 
 def test_replay_rebuilds_parents_and_children_identical(stack: Stack, capsys: pytest.CaptureFixture[str]) -> None:

@@ -24,8 +24,8 @@ from streamagent.processors.projection import queries
 from streamagent.processors.projection.queries import RunRow, TimelineEntry
 from streamagent.processors.workflow import WorkflowError, load_workflows
 
-Status = Literal["running", "completed", "failed", "escalated"]
-STATUSES: tuple[str, ...] = ("running", "completed", "failed", "escalated")
+Status = Literal["running", "completed", "failed", "escalated", "cancelled"]
+STATUSES: tuple[str, ...] = ("running", "completed", "failed", "escalated", "cancelled")
 # Reading the dead-letter topic means reading it whole; a page that refreshes every second reuses the
 # last read for this long instead of re-reading the topic on every refresh.
 DLQ_CACHE_S = 5.0

@@ -61,8 +61,15 @@ def test_the_filters_are_validated_and_an_empty_box_means_no_filter() -> None:
 def test_runs_carry_their_step_total_and_every_status_is_counted() -> None:
     view = runs_view([row(steps_done=2)], {"completed": 3, "paused": 1}, {"onboarding": 4})
     assert view["runs"][0]["steps_total"] == 4 and view["runs"][0]["steps_done"] == 2
-    # the four known statuses always (zero or not), then any other the table holds
-    assert view["counts"] == {"running": 0, "completed": 3, "failed": 0, "escalated": 0, "paused": 1}
+    # the five known statuses always (zero or not), then any other the table holds
+    assert view["counts"] == {
+        "running": 0,
+        "completed": 3,
+        "failed": 0,
+        "escalated": 0,
+        "cancelled": 0,
+        "paused": 1,
+    }
 
 
 def test_a_timeline_shows_steps_decisions_and_any_event_type_generically() -> None:

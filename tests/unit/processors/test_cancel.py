@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from streamagent.processors.decision.decider import Decision
 from streamagent.processors.decision.gating import cancelled
 from streamagent.processors.decision.processor import DecisionHandler
 from streamagent.processors.decision.rules import RulesDecider
@@ -72,9 +73,10 @@ def test_the_decision_processor_ends_the_cancelled_run_and_its_live_child(
     handler(_batch([_first(run.snap)]))
     ends = [codec.decode(v) for _, _, v, _ in producer.records if isinstance(codec.decode(v), RunFailed)]
     child = child_run_id(RUN, "check", command_id(RUN, "check"))
-    assert [(e.run_id, e.status.value) for e in ends] == [(RUN, "failed"), (child, "failed")]
+    # A status of its own, for the run and the child it takes with it.
+    assert [(e.run_id, e.status.value) for e in ends] == [(RUN, "cancelled"), (child, "cancelled")]
     assert ends[0].reason == "cancelled by grace: the client withdrew"
-    assert ends[1].reason == f"parent run {RUN} ended (failed): cancelled by grace: the client withdrew"
+    assert ends[1].reason == f"parent run {RUN} ended (cancelled): cancelled by grace: the client withdrew"
 
 
 def test_results_in_flight_only_land_and_the_stopped_run_is_undone(fan: dict[str, Workflow]) -> None:
@@ -84,9 +86,9 @@ def test_results_in_flight_only_land_and_the_stopped_run_is_undone(fan: dict[str
     decision = cancelled(run.snap)
     assert decision is not None
     run.record(decision)
-    assert run.snap.status is RunStatus.failed
+    assert run.snap.status is RunStatus.cancelled
     run.result("project")  # the jira command sent before the cancel finishes
-    assert run.status("project") is StepStatus.succeeded and run.snap.status is RunStatus.failed
+    assert run.status("project") is StepStatus.succeeded and run.snap.status is RunStatus.cancelled
     assert cancelled(run.snap) is None  # ended: no second ending
     late = cancel(by="alan").model_copy(update={"event_id": "late"})
     assert apply(run.state, late, 600.0, run.wf).state.snapshot.cancelled == run.snap.cancelled  # kept as it is
@@ -106,3 +108,12 @@ def test_only_an_operator_s_key_cancels_a_run_under_its_own_name() -> None:
         core.verify(event, value, issue(PIPELINE, "intake").headers(value))
     with pytest.raises(Unauthenticated, match="says by 'grace' but is signed by operator 'mallory'"):
         core.verify(event, value, issue(PIPELINE, "operator:mallory").headers(value))
+
+
+def test_a_failure_decided_before_the_cancel_was_folded_stays_a_failure(fan: dict[str, Workflow]) -> None:
+    run = Run(fan["fan"])
+    _to_children(run)
+    run._apply(cancel())
+    # Decided on a snapshot from before the cancel: its reason is the failure's, not the cancel's.
+    run.record(Decision(DecisionAction.fail, "step project failed: jira refused the key"))
+    assert run.snap.status is RunStatus.failed and run.snap.reason.startswith("step project failed")

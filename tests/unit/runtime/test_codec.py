@@ -557,8 +557,8 @@ def test_state_snapshot_written_with_the_v3_schema_decodes_without_a_plan_or_gov
     decodes with the current reader, with no plan; the current one keeps its plan (v4)."""
     current = next(m for m in SAMPLES if isinstance(m, StateSnapshot))
     assert (
-        current.plan is not None and current.schema_version == 8
-    )  # 4: plan; 5: steps' end; 6: tools; 7: parent; 8: cancel
+        current.plan is not None and current.schema_version == 9
+    )  # 4: plan; 5: steps' end; 6: tools; 7: parent; 8: cancel; 9: the cancelled status
     for old in ("StateSnapshot.v3.avsc", "StateSnapshot.v2.avsc"):
         raw = json.loads((SCHEMA_DIR / "history" / old).read_text())
         assert "plan" not in _avro_field_names(raw)
@@ -668,6 +668,25 @@ def test_a_cancelled_snapshot_round_trips_and_a_v7_one_decodes_uncancelled() -> 
     assert isinstance(again, StateSnapshot) and again.cancelled == snap.cancelled
     old = codec.decode(_written_with("StateSnapshot.v7.avsc", snap, schema_version=7))
     assert isinstance(old, StateSnapshot) and old.cancelled is None and old.schema_version == 7
+
+
+def test_cancelled_ends_round_trip_and_the_v8_snapshot_and_v1_ending_still_decode() -> None:
+    snap = next(m for m in SAMPLES if isinstance(m, StateSnapshot)).model_copy(
+        update={"status": RunStatus.cancelled, "cancelled": "cancelled by grace"}
+    )
+    again = codec.decode(codec.encode(snap))
+    assert isinstance(again, StateSnapshot) and again.status is RunStatus.cancelled
+    failed = snap.model_copy(update={"status": RunStatus.failed})
+    old = codec.decode(_written_with("StateSnapshot.v8.avsc", failed, schema_version=8))
+    assert isinstance(old, StateSnapshot) and old.status is RunStatus.failed and old.schema_version == 8
+    ended = RunFailed(
+        event_id="e", run_id="r", decision_id="d", status=FailureStatus.cancelled, reason="cancelled by grace"
+    )
+    back = codec.decode(codec.encode(ended))
+    assert isinstance(back, RunFailed) and back.status is FailureStatus.cancelled and back.schema_version == 2
+    was = ended.model_copy(update={"status": FailureStatus.failed})
+    v1 = codec.decode(_written_with("RunFailed.v1.avsc", was, schema_version=1))
+    assert isinstance(v1, RunFailed) and v1.status is FailureStatus.failed and v1.schema_version == 1
 
 
 # -- decode errors -----------------------------------------------------------------------------------
