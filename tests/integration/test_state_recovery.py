@@ -129,3 +129,42 @@ def test_a_member_that_keeps_partitions_through_a_rebalance_does_not_read_them_a
         per = Counter((e.run_id, e.api) for e in SandboxClient(s.sandbox_url).effects())
         assert {k: n for k, n in per.items() if n > 1} == {}, "an effect was repeated"
         print(f"\n[state recovery] a kept member after a join: read {read} of {records} changelog records")
+
+
+def test_partitions_that_move_are_handed_off_in_a_checkpoint_not_read_from_the_changelog(settings: Settings) -> None:
+    # No periodic checkpoint within the test (an hour apart): whatever a member loads was written when its
+    # partitions moved. Without the hand-off, each move read the partitions' whole changelog.
+    settings = settings.model_copy(update={"state_checkpoint_interval_s": 3600.0, "state_session_timeout_ms": 2000})
+    with Stack(settings, restart_backoff_s=0.1) as stack:
+        s = stack.settings
+        sandbox = SandboxClient(s.sandbox_url)
+        history = produce_requests(s, sample_requests(BATCH))
+        eventually(lambda: ended(s, history), timeout=120, what="history ended")
+        records = len(read_topic(s, changelog_topic(s)))
+        assert records >= BATCH * 4, records  # the bound means something: the history is long
+
+        # A graceful stop (SIGTERM) hands off before the member leaves: its successor loads the runs (the
+        # ended ones stay in the table for the retention hour) and reads only each checkpoint's last record.
+        first = stack.children["processor-state"].log_path
+        loaded, read = _restart_state(stack)
+        assert "state handed off (shutdown)" in first.read_text(errors="replace")
+        assert loaded >= BATCH and read <= s.partitions, (loaded, read, records)
+
+        # A member joins: the first hands off at the revoke, and the joiner loads its share from there.
+        second = stack.add_member("processor-state")
+        loaded, read = eventually(
+            lambda: _recoveries(second.log_path) and _recoveries(second.log_path)[-1],
+            timeout=90,
+            interval=0.1,
+            what="the joiner recovered",
+        )
+        assert "state handed off (rebalance)" in first.read_text(errors="replace")
+        assert loaded >= 1 and read <= s.partitions, (loaded, read, records)
+
+        # Both members carry on: new runs complete, nothing is repeated.
+        live = produce_requests(s, sample_requests(10))
+        rows = eventually(lambda: ended(s, live), timeout=120, what="runs after the hand-offs ended")
+        assert Counter(r.status for r in rows) == {"completed": 10}
+        per = Counter((e.run_id, e.api) for e in sandbox.effects())
+        assert {k: n for k, n in per.items() if n > 1} == {}, "an effect was repeated"
+        print(f"\n[state hand-off] history {records} changelog records; the joiner loaded {loaded}, read {read}")
