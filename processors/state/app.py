@@ -825,6 +825,12 @@ def build_app(settings: Settings) -> faust.App:
         # ids, one), and a restart under the same id still waited the full join and sync (measured
         # 2026-12-07, docs/operations/state-recovery.md). STREAMAGENT_GROUP_INSTANCE_ID is not used here.
         consumer_group_instance_id=None,
+        # No standby replicas: a standby re-reads the whole changelog of each partition it is newly given at
+        # every rebalance, and then every record written there (13,000 records a member at one join in
+        # ``bench/scale.py``, 2026-12-07), for a warm copy that only a kill -9 would use. A partition that
+        # moves on a rebalance or a graceful stop is handed off in a checkpoint instead (``hand_off``); after
+        # a kill its next owner loads the last periodic checkpoint and the changelog since.
+        table_standby_replicas=0,
         key_serializer="json",
         value_serializer="json",
     )
