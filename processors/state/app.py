@@ -209,6 +209,10 @@ class StateWorker:
             state = RunState.model_validate_json(value)
             snap = state.snapshot
             if not self._active(snap):
+                # Parsed (it might have had undos to send) but ended and idle: it leaves the table within
+                # one retention too, or it would stay for good.
+                if self.settings.state_retention_s > 0:
+                    self.queue.schedule(partition, run_id, RETAIN, expire_at)
                 continue
             self.cache[run_id] = state
             if not state.admitted:

@@ -189,6 +189,18 @@ def test_an_ended_run_leaves_the_table_after_its_retention() -> None:
     assert sorted(store.data) == ["live-0", "live-1"]
 
 
+def test_an_ended_run_parsed_at_assignment_leaves_the_table_after_its_retention_too() -> None:
+    # A cancelled run (and an abandoned one) is parsed at assignment, in case it has undos to send; one
+    # with none is as finished as a completed run and must leave the table the same way.
+    store = MemoryStore()
+    store.data["cancelled-0"] = _finished().replace(b'"status":"completed"', b'"status":"cancelled"', 1)
+    worker = StateWorker(Settings(partitions=4, max_running_runs=0), store, RecordingProducer())  # type: ignore[arg-type]
+    worker.sync_assignment(frozenset(range(4)))
+    assert worker.cache == {}
+    asyncio.run(worker.tick(now=time.time() + worker.settings.state_retention_s + 1))
+    assert store.data == {}
+
+
 def test_release_forgets_every_partition_memory() -> None:
     worker, _, _ = _worker(finished=3, running=3)
     worker.positions[("events", 0)] = 7
