@@ -15,9 +15,14 @@ times, ms precision):
   one step at a time takes at least;
 - ``run_duration_p50_s``: request to end, queueing included (a burst queues).
 
+``--max-running-runs N`` bounds the runs in flight (``STREAMAGENT_MAX_RUNNING_RUNS``, default 1000): the
+rest of the burst waits for a place before its first step, as the peers' runs wait for one of their 8 or
+32 workers, so the wait moves from between a run's steps to before its first one.
+
 A human table, then one JSON line per workflow:
 
     .venv/bin/python bench/parallel.py --runs 1000 --latency-ms 200
+    .venv/bin/python bench/parallel.py --runs 1000 --latency-ms 200 --max-running-runs 100
     .venv/bin/python bench/parallel.py --runs 20                        # a small proof that it runs
 
 Exit status 0 when every run of both workflows completed, else 1.
@@ -59,6 +64,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=1000, help="runs of each workflow, submitted at once (1000)")
     parser.add_argument("--latency-ms", type=int, default=200, help="latency of every sandbox API call (200)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for each burst (900)")
+    parser.add_argument(
+        "--max-running-runs",
+        type=int,
+        help="STREAMAGENT_MAX_RUNNING_RUNS for the stack: runs in flight at once, the rest wait their turn"
+        " before their first step (default: the setting's, 1000)",
+    )
     parser.add_argument("--data-dir", type=Path, help="new or empty dir that keeps the stack's files; default temp")
     return parser.parse_args(argv)
 
@@ -147,12 +158,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         flows.mkdir(parents=True, exist_ok=True)
         parallel, sequential = workflows_dir(flows)
         tools = ",".join(dict.fromkeys(s.tool for s in parallel.steps))
+        bound = {} if args.max_running_runs is None else {"max_running_runs": args.max_running_runs}
         settings = Settings(
-            data_dir=data_dir / "stack", workflows_dir=flows, stack_tools=tools, broker_port=0, sandbox_port=0
+            data_dir=data_dir / "stack", workflows_dir=flows, stack_tools=tools, broker_port=0, sandbox_port=0, **bound
         )
         load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
         print(f"machine: nproc {len(os.sched_getaffinity(0))}, python {platform.python_version()}, load {load}")
-        print(f"runs per workflow {args.runs}, latency {args.latency_ms} ms on every API, tools {tools}")
+        print(
+            f"runs per workflow {args.runs}, latency {args.latency_ms} ms on every API, tools {tools},"
+            f" max running runs {settings.max_running_runs}"
+        )
         with Stack(settings) as stack:
             s = stack.settings
             with SandboxClient(s.sandbox_url) as sandbox:
@@ -164,6 +179,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(f"warm-up run of {workflow.name} did not complete", file=sys.stderr)
                     return 1
             results = [measure(s, workflow, args.runs, args.timeout) for workflow in (parallel, sequential)]
+            for r in results:
+                r["max_running_runs"] = s.max_running_runs
         print()
         print(f"{'workflow':<32} {'completed':>10} {'makespan p50':>13} {'longest path':>13} {'sum of steps':>13}")
         for r in results:
