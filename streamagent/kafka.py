@@ -74,6 +74,9 @@ def consumer(settings: Settings, group: str, **overrides: Any) -> Consumer:
         **client_config(settings),
         "logger": CLIENT_LOG,
         "group.id": settings.group(group),
+        # Names the process's consumer in the broker's request logs and quotas (librdkafka's default
+        # is "rdkafka" for every client).
+        "client.id": settings.group(group),
         "enable.auto.commit": False,
         "enable.auto.offset.store": False,
         "auto.offset.reset": "earliest",
@@ -170,6 +173,7 @@ def table_reader(settings: Settings, topic: str, name: str) -> tuple[Consumer, s
         {
             **client_config(settings),
             "group.id": settings.group(name),  # required by the client; never joined
+            "client.id": settings.group(name),
             "enable.auto.commit": False,
             "enable.partition.eof": True,
             "fetch.wait.max.ms": settings.fetch_wait_ms,

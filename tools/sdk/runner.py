@@ -229,6 +229,10 @@ class ToolRunner:
         self.timeout_s = tool.call_timeout(settings.tool_timeout_s)
         # The shared memory table, started with the first command that read memory (most tools never do).
         self._memory: MemoryTable | None = None
+        # One table per process: commands that read memory arrive together, and each that found no
+        # table started its own, a consumer polling for the life of the process (a burst on a fresh
+        # member left a dozen, which cost the embedded broker more than the rest of the tool).
+        self._memory_lock = asyncio.Lock()
         # This member's partitions, lag and work on the members topic (`streamagent status`).
         self.members = MemberAnnouncer(settings, self.producer, self.processor)
 
@@ -295,6 +299,8 @@ class ToolRunner:
         self._stopping = True
         await poller
         await loop.run_in_executor(self._kafka, consumer.close)
+        if self._memory is not None:
+            await loop.run_in_executor(None, self._memory.stop)
         await self.ledger.close()
         log.info("tool stopped", extra={"tool": self.tool.name})
 
@@ -646,10 +652,11 @@ class ToolRunner:
         if not command.memory or command.operation != "execute":
             return []
         loop = asyncio.get_running_loop()
-        if self._memory is None:
-            self._memory = await loop.run_in_executor(
-                None, lambda: MemoryTable(self.settings, f"tool-{self.tool.name}-memory").start()
-            )
+        async with self._memory_lock:
+            if self._memory is None:
+                self._memory = await loop.run_in_executor(
+                    None, lambda: MemoryTable(self.settings, f"tool-{self.tool.name}-memory").start()
+                )
         table = self._memory
         asked = time.monotonic()
         if not await table.caught_up(asked):

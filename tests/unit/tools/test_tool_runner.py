@@ -508,3 +508,26 @@ def test_a_saturated_runner_keeps_its_place_in_its_group(settings: Settings) -> 
     published = [codec.decode(m.value()) for m in read_topic(settings, settings.topic(TOOL_RESULTS))]
     assert sorted(r.command_id for r in published) == sorted(c.command_id for c in commands)  # none twice
     assert Counter(cid for _run, cid, _key, _attempt in tool.calls) == {c.command_id: 1 for c in commands}
+
+
+@pytest.mark.integration
+def test_commands_that_read_memory_together_share_one_memory_table(settings: Settings) -> None:
+    """The first commands that read memory arrive in one batch; each used to start a table of its own when
+    none existed yet: consumers that polled the broker for the life of the process."""
+    create_topics(settings)
+    runner = ToolRunner(settings, Flaky())
+    commands = [_command(f"run-{i}", "s0", i).model_copy(update={"memory": {"contact/acme.io": 0}}) for i in range(8)]
+
+    def tables() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == "tool-enrich-memory"]
+
+    async def go() -> list[list[str]]:
+        return await asyncio.gather(*(runner._memory_changed(c) for c in commands))
+
+    try:
+        assert asyncio.run(go()) == [[]] * len(commands)  # memory holds nothing newer than version 0
+        assert len(tables()) == 1
+    finally:
+        if runner._memory is not None:
+            runner._memory.stop()
+    assert tables() == []
