@@ -81,6 +81,12 @@ PROCESSORS = ("intake", "memory", "state", "decision", "projection")
 CRASH_LOOP_RESTARTS = 3
 
 
+# Seconds the survivors of a group take, once a dead member has left it, to own and work its partitions
+# (see ``Stack._membership_outlives_s``): a faust state member loads a checkpoint and reads the changelog
+# since (2-5 s at a 2,000-run burst), a confluent member fetches and commits a batch.
+_TAKEOVER_S = {"processor-state": 6.0, "": 2.0}
+
+
 class StackStartError(RuntimeError):
     """The stack could not start; the message says which part and why."""
 
@@ -576,26 +582,37 @@ class Stack:
         return child
 
     def _membership_outlives_s(self, child: Child) -> float:
-        """How long a member that died without leaving its group (kill -9, a crash) stays in it: its
-        session timeout, if it was a dynamic member and others of its group are alive; else 0.
+        """How long the successor of a member that died without leaving its group (kill -9, a crash)
+        waits before it starts: until the survivors have taken the dead member's partitions, if it was a
+        dynamic member and others of its group are alive; else 0 (a static member, the only one of its
+        group, takes its partitions straight back; with nobody left there is nobody to wait for).
 
-        Its successor waits that long before it starts. Joining earlier starts a rebalance that cannot
-        finish before the dead member's session expires, and on the embedded broker every rebalance is
-        eager: the survivors would stop for all of it (kill -9 of one of two jira members paused both
-        12.3 s, `bench/scale.py` 2026-12-07). Joining at the expiry joins the rebalance that the expiry
-        starts, so the survivors stop for one join only. A static member (the only one of its group)
-        and a member of a group with nobody else left start again at once.
-
-        Not the faust state processor: it takes seconds from its start to its JoinGroup, so a successor
-        started at the expiry missed that rebalance and caused a second one, each with a recovery (the
-        state group's kill -9 pause was 14.1-14.9 s that way in `bench/scale.py`, 8.2 s started at once);
-        started at once, it is in the rebalance the expiry ends."""
+        What the embedded broker's group coordinator does (Tansu 0.6, ``coordinator/group/
+        administrator.rs``): a member leaves the group only when its session has expired *and* a join,
+        sync or heartbeat of another member comes in; the leader's JoinGroup is answered at once with
+        every member still listed, the dead one included; a follower's rejoin is held for 3 s. So a
+        successor that joins before the expiry starts a rebalance whose leader gives partitions to the
+        dead member again, and the expiry then starts a second one: the moved partitions wait for both
+        (the state group's kill -9 pause was 12.8 s that way, `bench/scale.py` 2026-12-07; jira's
+        12.3 s). The successor therefore starts once the survivors' rebalance is over: the session, one
+        heartbeat for a survivor to notice, and the survivors' own takeover (``_TAKEOVER_S``: a faust
+        state member loads a checkpoint and reads the changelog written since, seconds under load; a
+        confluent member commits within a batch). Its join is then a rebalance of its own, as any join."""
         head, _, tail = child.name.rpartition("-")
         base = head if tail.isdigit() else child.name
-        if child.static or base == "processor-state":
+        if child.static:
             return 0.0
         alive = [c for c in self.children.values() if c is not child and group_of(c.name, {base}) == base and c.alive()]
-        return self.settings.session_timeout_ms / 1000 if alive else 0.0
+        if not alive:
+            return 0.0
+        s = self.settings
+        session_ms = (
+            (s.state_session_timeout_ms or s.session_timeout_ms) if base == "processor-state" else s.session_timeout_ms
+        )
+        heartbeat_ms = (
+            min(s.heartbeat_interval_ms, session_ms // 3) if base == "processor-state" else s.heartbeat_interval_ms
+        )
+        return (session_ms + heartbeat_ms) / 1000 + _TAKEOVER_S.get(base, _TAKEOVER_S[""])
 
     def members_of(self, base: str) -> list[str]:
         """The member processes of one group now (``processor-decision``: processor-decision, -2, ...)."""

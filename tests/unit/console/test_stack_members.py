@@ -114,7 +114,9 @@ class _Proc:
         return None if self.alive else -9
 
 
-def test_a_killed_member_waits_out_its_session_only_while_others_of_its_group_work(tmp_path: Path) -> None:
+def test_a_killed_member_waits_for_its_takeover_only_while_others_of_its_group_work(
+    tmp_path: Path,
+) -> None:
     from streamagent.console.devstack.stack import Child, Stack
 
     def child(name: str, alive: bool, static: bool = False) -> Child:
@@ -138,7 +140,10 @@ def test_a_killed_member_waits_out_its_session_only_while_others_of_its_group_wo
         )
     }
     outlives = stack._membership_outlives_s
-    assert outlives(stack.children["tool-jira-2"]) == 6.0  # its session: a survivor would stop for all of it
-    assert outlives(stack.children["processor-state-2"]) == 0.0  # faust: in the rebalance the expiry ends
+    # Its session, a survivor's heartbeat, and the survivors' takeover: joining earlier, the successor
+    # would start a rebalance whose leader gives the dead member partitions again.
+    assert outlives(stack.children["tool-jira-2"]) == 6.0 + 1.0 + 2.0
+    # The state group's own session (a heartbeat a third of it), and a faust takeover's recovery.
+    assert outlives(stack.children["processor-state-2"]) == pytest.approx(2.0 + 0.666 + 6.0)
     assert outlives(stack.children["processor-decision"]) == 0.0  # static, alone: back at once
     assert outlives(stack.children["tool-email-2"]) == 0.0  # nobody else of its group to stop
