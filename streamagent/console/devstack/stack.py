@@ -587,17 +587,17 @@ class Stack:
         dynamic member and others of its group are alive; else 0 (a static member, the only one of its
         group, takes its partitions straight back; with nobody left there is nobody to wait for).
 
-        What the embedded broker's group coordinator does (Tansu 0.6, ``coordinator/group/
-        administrator.rs``): a member leaves the group only when its session has expired *and* a join,
-        sync or heartbeat of another member comes in; the leader's JoinGroup is answered at once with
-        every member still listed, the dead one included; a follower's rejoin is held for 3 s. So a
-        successor that joins before the expiry starts a rebalance whose leader gives partitions to the
-        dead member again, and the expiry then starts a second one: the moved partitions wait for both
-        (the state group's kill -9 pause was 12.8 s that way, `bench/scale.py` 2026-12-07; jira's
-        12.3 s). The successor therefore starts once the survivors' rebalance is over: the session, one
-        heartbeat for a survivor to notice, and the survivors' own takeover (``_TAKEOVER_S``: a faust
-        state member loads a checkpoint and reads the changelog written since, seconds under load; a
-        confluent member commits within a batch). Its join is then a rebalance of its own, as any join."""
+        A dead member leaves its group only once its session has expired; until then a rebalance lists
+        it (the embedded broker's coordinator drops a member when a join, sync or heartbeat of another
+        finds its session over, Tansu's ``missed_heartbeat``), so its partitions cannot move. A successor
+        that joins earlier starts a rebalance that leaves them where they are, and the expiry then
+        starts a second one: the moved partitions wait for both (the state group's kill -9 pause was
+        12.8 s that way in a `bench/scale.py` run, 2026-12-07, with the faust member restarted at once;
+        jira's 12.3 s, restarted at once). So the successor starts once the survivors' rebalance is
+        over: the session, one heartbeat for a survivor to notice, and the survivors' own takeover
+        (``_TAKEOVER_S``: a faust state member loads a checkpoint and reads the changelog written since,
+        seconds under load; a confluent member commits within a batch). Its join is then a rebalance of
+        its own, as any join."""
         head, _, tail = child.name.rpartition("-")
         base = head if tail.isdigit() else child.name
         if child.static:
