@@ -81,10 +81,13 @@ PROCESSORS = ("intake", "memory", "state", "decision", "projection")
 CRASH_LOOP_RESTARTS = 3
 
 
-# Seconds the survivors of a group take, once a dead member has left it, to own and work its partitions
-# (see ``Stack._membership_outlives_s``): a faust state member loads a checkpoint and reads the changelog
-# since (2-5 s at a 2,000-run burst), a confluent member fetches and commits a batch.
-_TAKEOVER_S = {"processor-state": 6.0, "": 2.0}
+# Seconds after a dead member's expiry before its successor starts (see ``Stack._membership_outlives_s``).
+# A faust state survivor loads a checkpoint and reads the changelog written since (2-5 s at a 2,000-run
+# burst), and a faust successor's join would restart that. A confluent successor joins within the
+# survivors' rebalance instead: when the dead member had led its group, the embedded coordinator gave the
+# survivor back only its own partitions at the expiry, and the dead member's waited for the next join
+# (jira's kill pause 12.1-13.3 s in three bench/scale.py runs with the successor 2 s later).
+_TAKEOVER_S = {"processor-state": 6.0, "": 0.5}
 
 
 class StackStartError(RuntimeError):
@@ -593,11 +596,10 @@ class Stack:
         that joins earlier starts a rebalance that leaves them where they are, and the expiry then
         starts a second one: the moved partitions wait for both (the state group's kill -9 pause was
         12.8 s that way in a `bench/scale.py` run, 2026-12-07, with the faust member restarted at once;
-        jira's 12.3 s, restarted at once). So the successor starts once the survivors' rebalance is
-        over: the session, one heartbeat for a survivor to notice, and the survivors' own takeover
-        (``_TAKEOVER_S``: a faust state member loads a checkpoint and reads the changelog written since,
-        seconds under load; a confluent member commits within a batch). Its join is then a rebalance of
-        its own, as any join."""
+        jira's 12.3 s, restarted at once). So the successor starts after the session and one heartbeat
+        (a survivor has noticed the expiry by then), and ``_TAKEOVER_S`` more: a confluent successor
+        joins within the survivors' rebalance (half a second), a faust state successor after the
+        survivors' recovery (6 s), which its join would otherwise start over."""
         head, _, tail = child.name.rpartition("-")
         base = head if tail.isdigit() else child.name
         if child.static:

@@ -140,10 +140,10 @@ def test_a_killed_member_waits_for_its_takeover_only_while_others_of_its_group_w
         )
     }
     outlives = stack._membership_outlives_s
-    # Its session, a survivor's heartbeat, and the survivors' takeover: joining earlier, the successor
-    # would start a rebalance whose leader gives the dead member partitions again.
-    assert outlives(stack.children["tool-jira-2"]) == 6.0 + 1.0 + 2.0
-    # The state group's own session (a heartbeat a third of it), and a faust takeover's recovery.
-    assert outlives(stack.children["processor-state-2"]) == pytest.approx(2.0 + 0.666 + 6.0)
+    # Its session, a survivor's heartbeat (500 ms), and half a second: joining before the expiry, the
+    # successor would start a rebalance that still lists the dead member; it joins the survivors' own.
+    assert outlives(stack.children["tool-jira-2"]) == 6.0 + 0.5 + 0.5
+    # The state group's own session, its heartbeat (at most a third of it), and a faust takeover's recovery.
+    assert outlives(stack.children["processor-state-2"]) == pytest.approx(2.0 + 0.5 + 6.0)
     assert outlives(stack.children["processor-decision"]) == 0.0  # static, alone: back at once
     assert outlives(stack.children["tool-email-2"]) == 0.0  # nobody else of its group to stop
