@@ -84,8 +84,8 @@ CRASH_LOOP_RESTARTS = 3
 # Seconds after a dead member's expiry before its successor starts (see ``Stack._membership_outlives_s``).
 # A faust state survivor loads a checkpoint and reads the changelog written since (2-5 s at a 2,000-run
 # burst), and a faust successor's join would restart that. A confluent successor joins within the
-# survivors' rebalance instead: when the dead member had led its group, the embedded coordinator gave the
-# survivor back only its own partitions at the expiry, and the dead member's waited for the next join
+# survivors' rebalance instead: when the dead member had (we think) led its group, the embedded coordinator
+# gave the survivor back only its own partitions at the expiry, and the dead member's waited for the next join
 # (jira's kill pause 12.1-13.3 s in three bench/scale.py runs with the successor 2 s later).
 _TAKEOVER_S = {"processor-state": 6.0, "": 0.5}
 
