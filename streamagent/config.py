@@ -405,6 +405,17 @@ class Settings(BaseModel):
         return self.member_report_s * self.member_silent_reports
 
     @property
+    def state_session_ms(self) -> int:
+        """The state group's session timeout: its own if set, else the common one."""
+        return self.state_session_timeout_ms or self.session_timeout_ms
+
+    @property
+    def state_heartbeat_ms(self) -> int:
+        """The state group's heartbeat: at most a third of its session, as Kafka advises, so a shortened
+        state session keeps its heartbeats."""
+        return min(self.heartbeat_interval_ms, self.state_session_ms // 3)
+
+    @property
     def registry_lease_s(self) -> float:
         """How long a tool member's announcement stays valid without a fresh one."""
         return self.registry_heartbeat_s * self.registry_lease_heartbeats

@@ -804,7 +804,6 @@ def _create_topic(settings: Settings, topic: str) -> None:
 
 def build_app(settings: Settings) -> faust.App:
     faust_compat.apply(settings)
-    session_ms = settings.state_session_timeout_ms or settings.session_timeout_ms
     brokers = ";".join(f"kafka://{s.strip()}" for s in settings.bootstrap_servers.split(","))
     app = faust.App(
         settings.group(PROCESSOR),
@@ -815,9 +814,8 @@ def build_app(settings: Settings) -> faust.App:
         broker_credentials=faust_compat.broker_credentials(settings),
         web_enabled=False,
         consumer_auto_offset_reset="earliest",
-        broker_session_timeout=session_ms / 1000,
-        # At most a third of the session, as Kafka advises: a shortened state session keeps its heartbeats.
-        broker_heartbeat_interval=min(settings.heartbeat_interval_ms, session_ms // 3) / 1000,
+        broker_session_timeout=settings.state_session_ms / 1000,
+        broker_heartbeat_interval=settings.state_heartbeat_ms / 1000,
         broker_commit_interval=0.5,
         producer_linger=settings.linger_ms / 1000,
         producer_max_request_size=16 * 1024 * 1024,

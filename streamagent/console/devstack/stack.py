@@ -608,13 +608,9 @@ class Stack:
         if not alive:
             return 0.0
         s = self.settings
-        session_ms = (
-            (s.state_session_timeout_ms or s.session_timeout_ms) if base == "processor-state" else s.session_timeout_ms
-        )
-        heartbeat_ms = (
-            min(s.heartbeat_interval_ms, session_ms // 3) if base == "processor-state" else s.heartbeat_interval_ms
-        )
-        return (session_ms + heartbeat_ms) / 1000 + _TAKEOVER_S.get(base, _TAKEOVER_S[""])
+        if base == "processor-state":
+            return (s.state_session_ms + s.state_heartbeat_ms) / 1000 + _TAKEOVER_S[base]
+        return (s.session_timeout_ms + s.heartbeat_interval_ms) / 1000 + _TAKEOVER_S[""]
 
     def members_of(self, base: str) -> list[str]:
         """The member processes of one group now (``processor-decision``: processor-decision, -2, ...)."""
